@@ -1,0 +1,31 @@
+"""Entropy and log-normaliser of ``softmax(logits / T)`` per row."""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import check_finite, use_triton
+
+
+def entropy_torch(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference. logits ``[R, V]`` fp32/bf16/fp16 -> (entropy ``[R]`` fp32 in nats, logsumexp ``[R]`` fp32).
+
+    ``logsumexp`` is that of ``logits / temperature``; ``-inf`` logits are masked tokens.
+    """
+    x = logits.float() / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    p = torch.exp(x - lse[:, None])
+    plogp = torch.where(p > 0, p * (x - lse[:, None]), torch.zeros_like(p))
+    return -plogp.sum(-1), lse
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and logsumexp per row (see ``entropy_torch``); Triton on CUDA tensors."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
+    check_finite(logits)
+    if use_triton(logits):
+        from ._entropy_triton import entropy_triton
+
+        return entropy_triton(logits, temperature)
+    return entropy_torch(logits, temperature)

@@ -1,0 +1,35 @@
+"""Sampling one token per row: temperature, top-k, top-p, seeded, by an exponential race."""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import check_finite, use_triton
+from ._rng import uniform_grid_torch
+from .truncation import truncate_logits
+
+
+def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0) -> torch.Tensor:
+    """Reference. logits ``[R, V]`` -> tokens ``[R]`` int64, one draw per row from the truncated
+    ``softmax(logits / temperature)`` (``kernels.truncation``).
+
+    The draw is ``argmax_v x_v - log E_v`` with ``E_v = -log u(seed, r * V + v)`` (Exp(1) noise from the shared
+    counter-based generator), which picks ``v`` with probability ``softmax(x)_v`` and needs no normalisation.
+    """
+    x = truncate_logits(logits, temperature, top_k, top_p)
+    u = uniform_grid_torch(seed, x.shape[0], x.shape[1], device=x.device)
+    return torch.argmax(x - torch.log(-torch.log(u)), dim=-1)
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0) -> torch.Tensor:
+    """One token per row (see ``sample_torch``); Triton on CUDA tensors."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
+    check_finite(logits)
+    if use_triton(logits):
+        from ._sample_triton import sample_triton
+
+        return sample_triton(logits, temperature, top_k, top_p, seed)
+    return sample_torch(logits, temperature, top_k, top_p, seed)

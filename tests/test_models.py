@@ -1,0 +1,112 @@
+"""Cache correctness: prefill + extend + rollback / tree keep / compaction equal a full recompute."""
+
+import pytest
+import torch
+
+from fastalign.models import CausalLM, InputError, RewardModel
+from fastalign.testing import ARCHITECTURES, tiny_causal_lm, tiny_reward_model
+
+
+def full_logits(model, row):
+    with torch.no_grad():
+        return model(torch.tensor([row])).logits[0].float()
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefill_extend_rollback_tree_match_full_recompute(arch):
+    model = tiny_causal_lm(arch)
+    lm = CausalLM(model)
+    rows = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # ragged: left padding
+    last = lm.prefill(rows)
+    for b, r in enumerate(rows):
+        assert_close(last[b], full_logits(model, r)[-1])
+
+    new = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+    logits = lm.extend(new)
+    rows = [r + new[b].tolist() for b, r in enumerate(rows)]
+    for b, r in enumerate(rows):
+        assert_close(logits[b], full_logits(model, r)[-3:])
+
+    lm.rollback(torch.tensor([1, 3, 0]))  # per-row rollback
+    rows = [rows[0][:-1], rows[1][:-3], rows[2]]
+    assert lm.lengths.tolist() == [len(r) for r in rows]
+    new = torch.tensor([[20, 21], [22, 23], [24, 25]])
+    logits = lm.extend(new)
+    rows = [r + new[b].tolist() for b, r in enumerate(rows)]
+    for b, r in enumerate(rows):
+        assert_close(logits[b], full_logits(model, r)[-2:])
+
+    # a tree block: two chains 0->1 and 2->3 hanging off the prefix
+    parents = torch.tensor([[-1, 0, -1, 2]] * 3)
+    toks = torch.tensor([[30, 31, 32, 33]] * 3)
+    logits = lm.extend(toks, parents=parents)
+    for b in range(3):
+        for path in ([0, 1], [2, 3]):
+            assert_close(logits[b, path], full_logits(model, rows[b] + toks[b, path].tolist())[-2:])
+
+    # keep a different path per row (nothing at all in row 2), then continue
+    lm.keep_new(torch.tensor([[0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool))
+    rows = [rows[0] + [32, 33], rows[1] + [30], rows[2]]
+    assert lm.lengths.tolist() == [len(r) for r in rows]
+    for compact in (False, True):
+        if compact:
+            lm.rollback(1)
+            rows = [r[:-1] for r in rows]
+            lm.compact()
+            assert lm.live.shape[1] == max(len(r) for r in rows)
+        logits = lm.extend(torch.tensor([[40], [41], [42]]))
+        rows = [r + [40 + b] for b, r in enumerate(rows)]
+        for b, r in enumerate(rows):
+            assert_close(logits[b, -1], full_logits(model, r)[-1])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_expand_and_select_rows(arch):
+    model = tiny_causal_lm(arch)
+    lm = CausalLM(model)
+    rows = [[1, 2, 3], [4, 5]]
+    lm.prefill(rows)
+    lm.expand(3)
+    assert lm.batch_size == 6
+    new = torch.arange(6)[:, None] + 10
+    logits = lm.extend(new)
+    for i in range(6):
+        assert_close(logits[i, 0], full_logits(model, rows[i // 3] + [10 + i])[-1])
+    lm.select_rows([5, 0])
+    logits = lm.extend(torch.tensor([[1], [2]]))
+    assert_close(logits[0, 0], full_logits(model, rows[1] + [15, 1])[-1])
+    assert_close(logits[1, 0], full_logits(model, rows[0] + [10, 2])[-1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_cached_prefix_equals_full_scoring(arch):
+    rm = RewardModel(tiny_reward_model(arch))
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    torch.testing.assert_close(rm.prefill(prompts, [[8], []]), rm.score(prompts, [[8], []]))
+    tokens_before = rm.counters.tokens
+    scores = rm.score_branches([[[9, 10], [11], []], [[12, 13, 14]]])
+    assert rm.counters.tokens - tokens_before == 6  # only the new tokens were processed
+    torch.testing.assert_close(scores[0], rm.score([prompts[0]] * 3, [[8, 9, 10], [8, 11], [8]]))
+    torch.testing.assert_close(scores[1], rm.score([prompts[1]], [[12, 13, 14]]))
+    torch.testing.assert_close(rm.append([[9], [12, 13]]), rm.score(prompts, [[8, 9], [12, 13]]))
+    rm.select_rows([1, 1, 0])
+    scores = rm.score_branches([[[1]], [[2]], [[3]]])
+    torch.testing.assert_close(torch.cat(scores), rm.score([prompts[1], prompts[1], prompts[0]],
+                                                           [[12, 13, 1], [12, 13, 2], [8, 9, 3]]))
+
+
+def test_callable_reward_and_bad_input():
+    rm = RewardModel(lambda p, r: torch.tensor([float(sum(x)) for x in r]))
+    rm.prefill([[1], [2]], [[3], []])
+    assert [s.tolist() for s in rm.score_branches([[[1, 1], []], [[5]]])] == [[5.0, 3.0], [5.0]]
+    lm = CausalLM(tiny_causal_lm("llama", context=16))
+    with pytest.raises(InputError, match="empty"):
+        lm.prefill([[1, 2], []])
+    with pytest.raises(InputError, match="context length"):
+        lm.prefill([list(range(1, 17))], max_new_tokens=4)
+    with pytest.raises(InputError, match="no prompts"):
+        lm.prefill([])
