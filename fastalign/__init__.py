@@ -1,0 +1,8 @@
+"""fastalign: fast, exact test-time alignment decoding for Hugging Face causal LMs."""
+
+from .api import DecodeOutput, Engine, decode
+from .models import CausalLM, InputError, RewardModel
+from .native import native_available
+
+__all__ = ["decode", "Engine", "DecodeOutput", "CausalLM", "RewardModel", "InputError", "native_available"]
+__version__ = "0.1.0"

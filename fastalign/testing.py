@@ -19,11 +19,15 @@ ARCHITECTURES = ("llama", "gpt2", "opt")
 
 def tiny_causal_lm(arch: str = "llama", vocab_size: int = 64, seed: int = 0, hidden: int = 32,
                    layers: int = 2, heads: int = 4, context: int = 128, eos_token_id: int | None = None,
-                   dtype=torch.float32):
-    """A tiny causal LM of the given architecture with random weights (deterministic in ``seed``)."""
+                   init_range: float = 0.02, dtype=torch.float32):
+    """A tiny causal LM of the given architecture with random weights (deterministic in ``seed``).
+
+    A larger ``init_range`` gives peakier next-token distributions (useful for distribution tests).
+    """
     torch.manual_seed(seed)
     eos = vocab_size - 1 if eos_token_id is None else eos_token_id
-    common = dict(vocab_size=vocab_size, eos_token_id=eos, bos_token_id=0, pad_token_id=0)
+    common = dict(vocab_size=vocab_size, eos_token_id=eos, bos_token_id=0, pad_token_id=0,
+                  initializer_range=init_range)
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
@@ -58,3 +62,60 @@ def tiny_reward_model(arch: str = "llama", vocab_size: int = 64, seed: int = 1, 
     else:
         raise ValueError(f"unknown reward architecture {arch!r}")
     return model.eval()
+
+
+# ------------------------------------------------------------------ exact laws of tiny models
+def next_token_probs(model, tokens: list[int], temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """The truncated tempered next-token distribution of ``model`` after ``tokens`` (full recompute). [V] fp64."""
+    from fastalign.kernels import truncate_logits
+
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0, -1].float()
+    return torch.softmax(truncate_logits(logits, temperature, top_k, top_p).double(), dim=-1)
+
+
+def enumerate_law(next_probs, prompt: list[int], max_new_tokens: int, eos_ids) -> dict[tuple, float]:
+    """Exact law of responses under per-token distributions ``next_probs(prefix) -> [V]``.
+
+    A response ends at an EOS token (kept) or at ``max_new_tokens`` tokens. Returns {response: probability}.
+    """
+    law: dict[tuple, float] = {}
+
+    def walk(response: tuple, prob: float):
+        probs = next_probs(list(prompt) + list(response))
+        for tok in torch.nonzero(probs > 0).flatten().tolist():
+            p = prob * float(probs[tok])
+            y = response + (tok,)
+            if tok in eos_ids or len(y) == max_new_tokens:
+                law[y] = law.get(y, 0.0) + p
+            else:
+                walk(y, p)
+
+    walk((), 1.0)
+    return law
+
+
+def empirical_law(sequences) -> dict[tuple, float]:
+    """Frequencies of the given responses. {response: frequency}."""
+    law: dict[tuple, float] = {}
+    for s in sequences:
+        law[tuple(s)] = law.get(tuple(s), 0.0) + 1.0 / len(sequences)
+    return law
+
+
+def total_variation(p: dict, q: dict) -> float:
+    """Total-variation distance between two laws given as {outcome: probability}."""
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def tiny_tokenizer(vocab_size: int = 64):
+    """A word-level tokenizer over the words ``w0 .. w{V-1}`` (``w{V-1}`` is EOS), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0",
+                                   eos_token=f"w{vocab_size - 1}")

@@ -1,0 +1,95 @@
+"""Shared machinery of the methods: the decoding context, randomness, and batched ancestral sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import kernels
+from ..models import CausalLM, RewardModel
+
+
+class Randomness:
+    """All randomness of one decode, reproducible from ``seed``.
+
+    Uniforms (acceptance tests) come from one CPU ``torch.Generator``; kernels that draw tokens get a fresh
+    integer seed from the same generator for the shared counter-based RNG (``kernels._rng``). Results
+    therefore depend only on the seed, not on the device.
+    """
+
+    def __init__(self, seed: int | None):
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+
+    def kernel_seed(self) -> int:
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+
+    def uniform(self, *shape: int, device=None) -> torch.Tensor:
+        """fp32 uniforms in [0, 1) of the given shape."""
+        return torch.rand(shape, generator=self.generator).to(device)
+
+    def categorical(self, probs: torch.Tensor) -> torch.Tensor:
+        """One index per row of ``probs [R, N]`` (rows need not be normalised)."""
+        return torch.multinomial(probs.float().cpu(), 1, generator=self.generator)[:, 0]
+
+
+@dataclass
+class Context:
+    """What a method gets: the wrapped models (None when not given), sampling settings and randomness."""
+
+    target: CausalLM | None
+    draft: CausalLM | None
+    ref: CausalLM | None
+    reward: RewardModel | None
+    tokenizer: object | None
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    rng: Randomness
+    stats: dict = field(default_factory=dict)  # method-specific counters, merged into out.stats
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``logits [R, V]`` from the truncated tempered distribution.  [R] int64."""
+        return kernels.sample(logits, self.temperature, self.top_k, self.top_p, seed=self.rng.kernel_seed())
+
+    def eos_mask(self, tokens: torch.Tensor, lm: CausalLM | None = None) -> torch.Tensor:
+        """True where ``tokens`` is an end-of-sequence token of ``lm`` (the target by default)."""
+        eos = (lm or self.target).eos_token_ids
+        return torch.isin(tokens, torch.tensor(sorted(eos), dtype=tokens.dtype, device=tokens.device))
+
+
+@dataclass
+class MethodResult:
+    sequences: list[list[int]]
+    extra: dict = field(default_factory=dict)
+
+
+def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
+                         budgets: list[int] | int) -> list[list[int]]:
+    """Batched ancestral sampling from the rows' cached prefixes.
+
+    ``next_logits [R, V]`` are the logits after each row's cached prefix; row ``r`` gets at most
+    ``budgets[r]`` tokens and stops after an EOS token (kept). Finished rows ride along as padding (dead
+    slots, not counted). On return the cache of each row holds its prefix plus its continuation except
+    the last token.
+    """
+    R = next_logits.shape[0]
+    budgets = [budgets] * R if isinstance(budgets, int) else list(budgets)
+    out: list[list[int]] = [[] for _ in range(R)]
+    active = torch.tensor([b > 0 for b in budgets], device=next_logits.device)
+    budget_t = torch.tensor(budgets, device=next_logits.device)
+    logits = next_logits
+    while True:
+        tokens = ctx.sample(logits)
+        for r in torch.nonzero(active).flatten().tolist():
+            out[r].append(int(tokens[r]))
+        lengths = torch.tensor([len(o) for o in out], device=logits.device)
+        active = active & ~ctx.eos_mask(tokens, lm) & (lengths < budget_t)
+        if not active.any():
+            return out
+        logits = lm.extend(tokens[:, None], live=active[:, None])[:, -1]

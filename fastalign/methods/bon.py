@@ -1,0 +1,40 @@
+"""``bon`` and ``soft_bon``: N samples per prompt, then pick by reward.
+
+``bon`` returns the highest-reward sample (the first one among equal rewards); ``soft_bon`` returns sample
+``i`` with probability ``softmax(r / lam)_i``. The N samples of a prompt share its prefilled KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Context, MethodResult, sample_continuations
+
+REQUIRES = ("target", "reward")
+
+
+def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[list[list[int]], torch.Tensor]:
+    """``n`` samples per prompt (rows ``b*n .. b*n+n-1`` belong to prompt ``b``) and their rewards ``[B, n]``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
+    ctx.target.expand(n)
+    samples = sample_continuations(ctx, ctx.target, logits.repeat_interleave(n, 0), ctx.max_new_tokens)
+    rewards = ctx.reward.score([p for p in prompts for _ in range(n)], samples)
+    return samples, rewards.view(len(prompts), n)
+
+
+def run(ctx: Context, prompts: list[list[int]], n: int = 16) -> MethodResult:
+    samples, rewards = draw_candidates(ctx, prompts, n)
+    best = rewards.argmax(1)
+    chosen = [samples[b * n + int(i)] for b, i in enumerate(best)]
+    return MethodResult(chosen, {"rewards": rewards, "chosen_index": best})
+
+
+def run_soft(ctx: Context, prompts: list[list[int]], n: int = 16, lam: float = 1.0) -> MethodResult:
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    samples, rewards = draw_candidates(ctx, prompts, n)
+    pick = ctx.rng.categorical(torch.softmax(rewards / lam, dim=1))
+    chosen = [samples[b * n + int(i)] for b, i in enumerate(pick)]
+    return MethodResult(chosen, {"rewards": rewards, "chosen_index": pick})
