@@ -111,7 +111,9 @@ class CachedModel:
             parents = parents.to(self.device)
             block = native.tree_attention_mask(parents)
             positions = past + native.tree_depths(parents)
-        if self.context_length is not None and int((positions * new_live).max()) >= self.context_length:
+        # positions never exceed the slot count, so the exact (syncing) check is needed only near the limit
+        near_limit = self.context_length is not None and self.live.shape[1] + T > self.context_length
+        if near_limit and int((positions * new_live).max()) >= self.context_length:
             raise InputError(
                 f"sequence longer than the model's context length ({self.context_length} positions)"
             )
