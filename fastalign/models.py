@@ -93,7 +93,9 @@ class CachedModel:
         """Write ``tokens [B, T]`` after the live slots of each row and return the model output.
 
         ``parents [B, T]`` (optional) makes the block a tree (see ``fastalign.native``); ``live [B, T]``
-        marks padding in the block (not attended to, not counted, dead afterwards).
+        marks padding in the block (not attended to, not counted, dead afterwards). ``parents [B, P + T]``
+        continues a tree grown over several calls: its first ``P`` nodes are the last ``P`` slots already
+        written (e.g. the previous levels of a draft tree), which the new nodes see only along their ancestry.
         """
         tokens = tokens.to(self.device)
         B, T = tokens.shape
@@ -104,20 +106,30 @@ class CachedModel:
             raise InputError(f"batch of {B} rows given to a cache of {self.batch_size} rows")
         new_live = torch.ones(B, T, dtype=torch.bool, device=self.device) if live is None else live.to(self.device)
         past = self.live.sum(1, keepdim=True)
+        seen = self.live[:, None, :].expand(B, T, -1)  # cached slots each new token attends to
         if parents is None:
             block = torch.tril(torch.ones(T, T, dtype=torch.bool, device=self.device)).expand(B, T, T)
             positions = past + (new_live.cumsum(1) - 1).clamp(min=0)
         else:
             parents = parents.to(self.device)
-            block = native.tree_attention_mask(parents)
-            positions = past + native.tree_depths(parents)
+            P = parents.shape[1] - T  # earlier nodes of the same tree: the last P cached slots
+            if P < 0 or P > self.live.shape[1]:
+                raise ValueError(f"parents has {parents.shape[1]} nodes for {T} new tokens and "
+                                 f"{self.live.shape[1]} cached slots")
+            tree = native.tree_attention_mask(parents)[:, P:]  # [B, T, P + T]
+            block = tree[:, :, P:]
+            if P:
+                S = self.live.shape[1]
+                seen = torch.cat([seen[:, :, : S - P], seen[:, :, S - P:] & tree[:, :, :P]], dim=2)
+                past = self.live[:, : S - P].sum(1, keepdim=True)
+            positions = past + native.tree_depths(parents)[:, P:]
         # positions never exceed the slot count, so the exact (syncing) check is needed only near the limit
         near_limit = self.context_length is not None and self.live.shape[1] + T > self.context_length
         if near_limit and int((positions * new_live).max()) >= self.context_length:
             raise InputError(
                 f"sequence longer than the model's context length ({self.context_length} positions)"
             )
-        visible = torch.cat([self.live[:, None, :].expand(B, T, -1), block & new_live[:, None, :]], dim=2)
+        visible = torch.cat([seen, block & new_live[:, None, :]], dim=2)
         visible[:, :, -T:] |= torch.eye(T, dtype=torch.bool, device=self.device)  # no query sees nothing
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
@@ -249,7 +261,8 @@ class CausalLM(CachedModel):
                live: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``tokens [B, T]`` (a chain, or a tree given ``parents``); returns logits ``[B, T, V]`` fp32.
 
-        ``logits[:, t]`` is the next-token distribution after token ``t`` (and its ancestors).
+        ``logits[:, t]`` is the next-token distribution after token ``t`` (and its ancestors). A tree may be
+        grown over several calls: ``parents [B, P + T]`` then also covers its ``P`` nodes written before.
         """
         if tokens.dim() == 1:
             tokens = tokens[:, None]

@@ -110,3 +110,29 @@ def test_callable_reward_and_bad_input():
         lm.prefill([list(range(1, 17))], max_new_tokens=4)
     with pytest.raises(InputError, match="no prompts"):
         lm.prefill([])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tree_grown_over_several_calls_matches_full_recompute(arch):
+    model = tiny_causal_lm(arch)
+    lm = CausalLM(model)
+    rows = [[1, 2, 3], [4, 5]]
+    lm.prefill(rows)
+    lm.extend(torch.tensor([[6], [7]]), live=torch.tensor([[True], [False]]))  # dead slot before the tree
+    rows = [rows[0] + [6], rows[1]]
+    level1 = torch.tensor([[10, 11], [12, 13]])  # two roots
+    lm.extend(level1, parents=torch.tensor([[-1, -1]] * 2))
+    # level 2: two children under root 1, one under root 0; parents index the whole tree so far
+    parents = torch.tensor([[-1, -1, 1, 1, 0]] * 2)
+    level2 = torch.tensor([[20, 21, 22], [23, 24, 25]])
+    logits = lm.extend(level2, parents=parents)
+    for b in range(2):
+        for j, root in enumerate([1, 1, 0]):
+            path = [level1[b, root].item(), level2[b, j].item()]
+            assert_close(logits[b, j], full_logits(model, rows[b] + path)[-1])
+    lm.keep_new(torch.tensor([[0, 1, 0, 1, 0], [1, 0, 0, 0, 1]], dtype=torch.bool))  # one path per row
+    rows = [rows[0] + [11, 21], rows[1] + [12, 25]]
+    assert lm.lengths.tolist() == [len(r) for r in rows]
+    logits = lm.extend(torch.tensor([[30], [31]]))
+    for b, r in enumerate(rows):
+        assert_close(logits[b, -1], full_logits(model, r + [30 + b])[-1])
