@@ -283,8 +283,9 @@ class RewardModel:
 
     ``score`` scores whole (prompt, response) pairs. The cached interface keeps a prefix per row:
     ``prefill(prefixes)`` then ``score_branches(branches)`` scores each row's candidate continuations on top
-    of the cached prefix (one forward over a tree of branches, only the new tokens are processed) and
-    ``append(tokens)`` extends the prefixes with accepted tokens. With a callable reward, or when the reward
+    of the cached prefix (one forward over a tree of branches, only the new tokens are processed);
+    ``keep_branches(choices)`` then extends the prefixes with chosen candidates without recomputing them, and
+    ``append(tokens)`` extends them with any tokens. With a callable reward, or when the reward
     model has its own tokenizer (re-tokenisation through text), the same interface scores the full texts.
     """
 
@@ -308,6 +309,7 @@ class RewardModel:
         self.prefixes: list[list[int]] = []
         self.prompt_lengths: list[int] = []
         self._prefix_score: torch.Tensor | None = None
+        self._scored = None  # the last score_branches block, until keep_branches or another call
 
     @property
     def cached(self) -> bool:
@@ -342,6 +344,7 @@ class RewardModel:
     def prefill(self, prompts: list[list[int]], prefixes: list[list[int]] | None = None) -> torch.Tensor:
         """Cache ``prompt + prefix`` per row; returns the reward of each ``[B]`` (of the prompt alone if empty)."""
         prefixes = prefixes or [[] for _ in prompts]
+        self._scored = None
         self.prompts = [list(p) for p in prompts]
         self.prefixes = [list(p) + list(s) for p, s in zip(prompts, prefixes)]
         self.prompt_lengths = [len(p) for p in prompts]
@@ -356,8 +359,10 @@ class RewardModel:
     @torch.no_grad()
     def score_branches(self, branches: list[list[list[int]]]) -> list[torch.Tensor]:
         """``branches[b]`` is a list of candidate continuations of row ``b``'s prefix; returns, per row, the
-        reward of ``prompt + prefix + candidate`` for each candidate (``[M_b]`` fp32). The cache is unchanged.
+        reward of ``prompt + prefix + candidate`` for each candidate (``[M_b]`` fp32). The prefixes are unchanged
+        (the block stays in the cache as dead slots, for ``keep_branches`` to revive one candidate per row).
         """
+        self._forget_scored()
         if not self.cached:
             prompts, responses, owner = [], [], []
             for b, cands in enumerate(branches):
@@ -366,10 +371,12 @@ class RewardModel:
                     responses.append(self.prefixes[b][self.prompt_lengths[b]:] + list(c))
                     owner.append(b)
             flat = self.score(prompts, responses) if prompts else torch.zeros(0)
-            return [flat[[i for i, o in enumerate(owner) if o == b]] for b in range(len(branches))]
+            out = [flat[[i for i, o in enumerate(owner) if o == b]] for b in range(len(branches))]
+            self._scored = (branches, None, 0, out)
+            return out
         tokens, parents, live, ends = pack_branches(branches, device=self.lm.device)
         hidden = self.lm._run(tokens, parents, live).last_hidden_state  # [B, T, H]
-        self.lm.keep_new(torch.zeros_like(live))
+        self.lm.live[:, -tokens.shape[1]:] = False  # dead until keep_branches revives a chosen candidate
         scores = self._read(hidden).cpu()  # [B, T]
         out = []
         for b, cands in enumerate(branches):
@@ -377,11 +384,43 @@ class RewardModel:
             for m, c in enumerate(cands):
                 row.append(scores[b, ends[b][m]] if len(c) else self._prefix_score[b])
             out.append(torch.stack(row) if row else torch.zeros(0))
+        self._scored = (branches, ends, tokens.shape[1], out)
         return out
+
+    @torch.no_grad()
+    def keep_branches(self, choices: list[int | None]) -> torch.Tensor:
+        """Right after ``score_branches``: extend row ``b``'s prefix by its candidate ``choices[b]`` (``None``:
+        by nothing), keeping the slots already computed for it; returns the new prefix rewards ``[B]``."""
+        if self._scored is None:
+            raise RuntimeError("keep_branches must directly follow score_branches")
+        branches, ends, T, scores = self._scored
+        self._scored = None
+        self._prefix_score = self._prefix_score.clone()
+        keep = torch.zeros(len(branches), T, dtype=torch.bool)
+        for b, c in enumerate(choices):
+            if c is None or len(branches[b][c]) == 0:
+                continue
+            self.prefixes[b] = self.prefixes[b] + list(branches[b][c])
+            self._prefix_score[b] = scores[b][c]
+            if self.cached:
+                end = ends[b][c]
+                keep[b, end - len(branches[b][c]) + 1: end + 1] = True  # a candidate is a contiguous chain
+        if self.cached:
+            self.lm.live[:, -T:] = keep.to(self.lm.device)
+            self.lm._tidy()
+        return self._prefix_score
+
+    def _forget_scored(self) -> None:
+        """Drop the dead block of an unused ``score_branches`` call."""
+        if self._scored is not None:
+            self._scored = None
+            if self.cached:
+                self.lm._tidy()
 
     @torch.no_grad()
     def append(self, segments: list[list[int]]) -> torch.Tensor:
         """Extend each row's prefix by its accepted segment; returns the new prefix rewards ``[B]``."""
+        self._forget_scored()
         for b, s in enumerate(segments):
             self.prefixes[b] = self.prefixes[b] + list(s)
         if not self.cached:
@@ -401,6 +440,7 @@ class RewardModel:
 
     def select_rows(self, rows: list[int]) -> None:
         """Keep only the given rows (repeats allowed), like ``CachedModel.select_rows``."""
+        self._forget_scored()
         self.prompts = [self.prompts[r] for r in rows]
         self.prefixes = [list(self.prefixes[r]) for r in rows]
         self.prompt_lengths = [self.prompt_lengths[r] for r in rows]

@@ -99,6 +99,26 @@ def test_reward_cached_prefix_equals_full_scoring(arch):
                                                            [[12, 13, 1], [12, 13, 2], [8, 9, 3]]))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_keep_branches_reuses_scored_slots(arch):
+    rm = RewardModel(tiny_reward_model(arch))
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
+    rm.prefill(prompts)
+    rm.score_branches([[[9, 10], [11]], [[12], [13, 14, 15]], [[2]]])
+    tokens_before = rm.counters.tokens
+    kept = rm.keep_branches([0, 1, None])
+    assert rm.counters.tokens == tokens_before  # nothing recomputed
+    torch.testing.assert_close(kept, rm.score(prompts, [[9, 10], [13, 14, 15], []]))
+    rm.score_branches([[[3]], [[4]], [[5]]])
+    rm.score_branches([[[6], [7, 8]], [[9]], []])  # an unused block is dropped
+    torch.testing.assert_close(rm.keep_branches([1, 0, None]), rm.score(prompts, [[9, 10, 7, 8], [13, 14, 15, 9], []]))
+    torch.testing.assert_close(torch.cat(rm.score_branches([[[1]], [[1]], [[1]]])),
+                               rm.score(prompts, [[9, 10, 7, 8, 1], [13, 14, 15, 9, 1], [1]]))
+    rm.append([[1], [], []])
+    with pytest.raises(RuntimeError, match="directly follow"):
+        rm.keep_branches([0, 0, 0])
+
+
 def test_callable_reward_and_bad_input():
     rm = RewardModel(lambda p, r: torch.tensor([float(sum(x)) for x in r]))
     rm.prefill([[1], [2]], [[3], []])
