@@ -1,11 +1,261 @@
-from setuptools import setup
+"""Build of fastalign: the Python packages plus the optional native extension ``fastalign._C``.
+
+Intended install (torch first, so that no isolated build env pulls a multi-GB CUDA torch)::
+
+    pip install torch==2.13.0
+    pip install setuptools wheel pybind11 cmake ninja
+    pip install --no-build-isolation .        # or -e .
+
+``fastalign._C`` is compiled with CMake (CMakeLists.txt, sources in csrc/).  It links neither libtorch
+nor libpython (NumPy arrays and raw pointers cross the boundary), so it does not need torch to compile;
+torch is only asked whether it is a CUDA build.  If anything about the native build fails, the package
+still installs (with a warning; ``pip install -v`` shows it) and runs on the pure-PyTorch fallback.
+
+Environment switches:
+    FASTALIGN_NO_NATIVE=1       do not build fastalign._C at all
+    FASTALIGN_REQUIRE_NATIVE=1  make a failed native build an error instead of a warning
+    FASTALIGN_CUDA=1 / 0        force the CUDA sources on / off (default: on when a CUDA toolkit is found
+                                AND the installed torch is a CUDA build)
+    FASTALIGN_CUDA_ARCHS        CMake CUDA architectures, e.g. "80-real;90" (default: TORCH_CUDA_ARCH_LIST
+                                when set, else "all-major")
+    FASTALIGN_DEBUG=1           Debug build of the extension
+    CUDA_HOME / CUDA_PATH       where to look for nvcc (else PATH, /usr/local/cuda)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool | None:
+    """True / False for a set environment switch, None when unset or empty."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    return value not in ("0", "false", "no", "off")
+
+
+def _log(msg: str) -> None:
+    print(f"[fastalign build] {msg}", file=sys.stderr, flush=True)
+
+
+def _warn(msg: str) -> None:
+    # pip shows stderr of a successful build only with -v; also leave a mark in the build log
+    _log(f"WARNING: {msg}")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+def _find_cmake() -> str | None:
+    exe = shutil.which("cmake")
+    if exe:
+        return exe
+    try:  # the `cmake` PyPI package
+        import cmake  # type: ignore
+
+        exe = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+        return exe if os.path.exists(exe) or os.path.exists(exe + ".exe") else None
+    except Exception:
+        return None
+
+
+def _find_ninja() -> str | None:
+    exe = shutil.which("ninja")
+    if exe:
+        return exe
+    try:  # the `ninja` PyPI package
+        import ninja  # type: ignore
+
+        exe = os.path.join(ninja.BIN_DIR, "ninja")
+        return exe if os.path.exists(exe) or os.path.exists(exe + ".exe") else None
+    except Exception:
+        return None
+
+
+def _pybind11_include() -> str | None:
+    try:
+        import pybind11
+
+        return pybind11.get_include()
+    except Exception:
+        pass
+    try:  # torch bundles the pybind11 headers
+        import torch
+
+        inc = os.path.join(os.path.dirname(torch.__file__), "include")
+        if os.path.exists(os.path.join(inc, "pybind11", "pybind11.h")):
+            return inc
+    except Exception:
+        pass
+    return None
+
+
+def _find_nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"):
+        home = os.environ.get(var)
+        if home:
+            exe = os.path.join(home, "bin", "nvcc")
+            if os.path.exists(exe) or os.path.exists(exe + ".exe"):
+                return exe
+    exe = shutil.which("nvcc")
+    if exe:
+        return exe
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda/bin/nvcc"
+    return None
+
+
+def _torch_cuda() -> str | None:
+    """The CUDA version torch was built with, None for a CPU build or when torch is not importable."""
+    try:
+        import torch
+
+        return torch.version.cuda
+    except Exception:
+        return None
+
+
+def _cuda_archs() -> str:
+    archs = os.environ.get("FASTALIGN_CUDA_ARCHS", "").strip()
+    if archs:
+        return archs
+    torch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    out = []
+    for item in re.split(r"[;\s,]+", torch_list):
+        m = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", item, flags=re.IGNORECASE)
+        if m:
+            arch = f"{m.group(1)}{m.group(2)}{m.group(3).lower()}"
+            out.append(arch if m.group(4) else f"{arch}-real")
+    return ";".join(out) if out else "all-major"
+
+
+class CMakeBuild(build_ext):
+    """Builds CMakeExtensions with CMake; a failure only warns (unless FASTALIGN_REQUIRE_NATIVE=1)."""
+
+    def run(self) -> None:
+        for ext in list(self.extensions):
+            if not isinstance(ext, CMakeExtension):
+                continue
+            try:
+                self._build_cmake(ext)
+            except Exception as exc:  # noqa: BLE001 - any failure falls back to pure Python
+                if _flag("FASTALIGN_REQUIRE_NATIVE"):
+                    raise
+                _warn(
+                    f"building the native extension {ext.name} failed ({exc}); installing without it. "
+                    "fastalign works on its pure-PyTorch fallback (fastalign.native.native_available() "
+                    "is False). Set FASTALIGN_REQUIRE_NATIVE=1 to make this an error."
+                )
+                self.extensions.remove(ext)
+        others = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
+        if others:
+            saved, self.extensions = self.extensions, others
+            try:
+                super().run()
+            finally:
+                self.extensions = saved
+
+    def _build_cmake(self, ext: CMakeExtension) -> None:
+        cmake = _find_cmake()
+        if cmake is None:
+            raise RuntimeError("cmake not found (pip install cmake)")
+        pybind11_inc = _pybind11_include()
+        if pybind11_inc is None:
+            raise RuntimeError("pybind11 headers not found (pip install pybind11)")
+
+        out_path = os.path.abspath(self.get_ext_fullpath(ext.name))
+        out_dir, out_name = os.path.split(out_path)
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(build_dir, exist_ok=True)
+
+        args = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DFASTALIGN_PYBIND11_INCLUDE={pybind11_inc}",
+            f"-DFASTALIGN_OUTPUT_DIR={out_dir}",
+            f"-DFASTALIGN_OUTPUT_NAME={out_name}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if _flag('FASTALIGN_DEBUG') else 'Release'}",
+        ]
+        ninja = _find_ninja()
+        cache = os.path.join(build_dir, "CMakeCache.txt")
+        if os.path.exists(cache):  # a generator cannot change within one build dir
+            with open(cache, encoding="utf-8", errors="replace") as f:
+                ninja_cached = "CMAKE_GENERATOR:INTERNAL=Ninja" in f.read()
+            if ninja_cached != bool(ninja):
+                shutil.rmtree(build_dir)
+                os.makedirs(build_dir)
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+
+        want_cuda = _flag("FASTALIGN_CUDA")
+        nvcc = _find_nvcc()
+        torch_cuda = _torch_cuda()
+        if want_cuda is None:
+            use_cuda = bool(nvcc and torch_cuda)
+            if nvcc and not torch_cuda:
+                _log(f"nvcc found ({nvcc}) but torch is not a CUDA build (or not importable): CUDA sources skipped")
+        else:
+            use_cuda = want_cuda
+            if use_cuda and not nvcc:
+                raise RuntimeError("FASTALIGN_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        cuda_args = ["-DFASTALIGN_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     f"-DCMAKE_CUDA_ARCHITECTURES={_cuda_archs()}"] if use_cuda else []
+
+        try:
+            self._cmake(cmake, build_dir, args + (cuda_args or ["-DFASTALIGN_WITH_CUDA=OFF"]))
+        except Exception as exc:
+            if not use_cuda or want_cuda:
+                raise
+            _warn(f"CUDA build of {ext.name} failed ({exc}); retrying with the CPU sources only")
+            shutil.rmtree(build_dir)
+            os.makedirs(build_dir)
+            self._cmake(cmake, build_dir, args + ["-DFASTALIGN_WITH_CUDA=OFF"])
+        if not os.path.exists(out_path):
+            raise RuntimeError(f"CMake finished but {out_path} was not produced")
+        _log(f"built {out_path} ({'CPU + CUDA' if use_cuda else 'CPU'})")
+
+    def _cmake(self, cmake: str, build_dir: str, args: list[str]) -> None:
+        _log("cmake " + " ".join(args))
+        subprocess.run([cmake, "-S", ROOT, "-B", build_dir, *args], check=True)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(self.parallel or os.cpu_count() or 1)
+        subprocess.run([cmake, "--build", build_dir, "--parallel", jobs], check=True)
+
+
+def _ext_modules() -> list[Extension]:
+    if _flag("FASTALIGN_NO_NATIVE"):
+        _log("FASTALIGN_NO_NATIVE set: skipping the native extension")
+        return []
+    return [CMakeExtension("fastalign._C")]
+
+
+_kernel_subpackages = ["fastalign.kernels." + p for p in find_packages(os.path.join(ROOT, "kernels"))]
 
 setup(
     name="fastalign",
     version="0.1.0",
-    packages=["fastalign", "fastalign.methods", "fastalign.kernels"],
+    description="Fast test-time alignment methods for LLMs",
+    packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels"] + _kernel_subpackages,
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels"},
+    package_data={"fastalign": ["data/*", "data/**/*"]},
+    include_package_data=True,
+    exclude_package_data={"fastalign": ["*.so", "*.pyd"]},
+    ext_modules=_ext_modules(),
+    cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.56", "numpy", "tqdm"],
     extras_require={"test": ["pytest"], "flash": ["flash-attn"]},
+    entry_points={"console_scripts": ["fastalign=fastalign.cli:main"]},
+    zip_safe=False,
 )

@@ -7,17 +7,53 @@ means the node hangs directly off the accepted prefix, and a parent always prece
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Sequence
+
 import torch
 
+_ABI_VERSION = 1  # must match FASTALIGN_C_ABI_VERSION in csrc/module.cpp
+
+_C_IMPORT_ERROR: str | None = None
 try:  # the optional C++/CUDA extension
     from fastalign import _C  # type: ignore[attr-defined]
-except Exception:  # pragma: no cover - depends on the build
-    _C = None
+
+    if getattr(_C, "ABI_VERSION", None) != _ABI_VERSION:
+        _C_IMPORT_ERROR = (
+            f"fastalign._C is a stale build (ABI {getattr(_C, 'ABI_VERSION', None)}, expected {_ABI_VERSION}); "
+            "rebuild it with `pip install --no-build-isolation -e .`"
+        )
+        warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
+        _C = None
+except ImportError as exc:  # not built: the normal pure-Python install
+    _C, _C_IMPORT_ERROR = None, f"fastalign._C not importable: {exc}"
+except Exception as exc:  # pragma: no cover - a broken build
+    _C, _C_IMPORT_ERROR = None, f"fastalign._C failed to load: {exc!r}"
+    warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
+
+_cuda_gather_broken: str | None = None  # set when the CUDA path failed once (e.g. driver too old)
 
 
 def native_available() -> bool:
-    """True when the compiled extension ``fastalign._C`` is in use, False on the pure-Python fallback."""
-    return _C is not None
+    """True when the compiled extension ``fastalign._C`` is in use, False on the pure-Python fallback.
+
+    ``FASTALIGN_NATIVE=0`` in the environment forces the fallback (read at each call).
+    """
+    return _C is not None and os.environ.get("FASTALIGN_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def native_info() -> dict:
+    """What the native layer is doing and why: for bug reports and ``fastalign`` diagnostics."""
+    return {
+        "available": native_available(),
+        "built": _C is not None,
+        "cuda": bool(_C is not None and getattr(_C, "has_cuda", False)),
+        "cuda_version": getattr(_C, "cuda_version", 0) if _C is not None else 0,
+        "cuda_gather_disabled": _cuda_gather_broken,
+        "import_error": _C_IMPORT_ERROR,
+        "forced_off": _C is not None and not native_available(),
+    }
 
 
 def _check_parents(parents: torch.Tensor) -> None:
@@ -75,20 +111,108 @@ def gather_slots_torch(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, index[:, None, :, None].expand(B, H, index.shape[1], D))
 
 
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def _native_tree(fn_name: str, parents: torch.Tensor) -> torch.Tensor:
+    """Runs a ``_C`` tree function on the host (trees are tiny) and returns the result on parents' device."""
+    p = parents.detach()
+    if not (p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool):
+        p = p.to(torch.int64)  # other dtypes are passed through so that _C rejects them by name
+    out = torch.from_numpy(getattr(_C, fn_name)(p.cpu().contiguous().numpy()))
+    return out if parents.device.type == "cpu" else out.to(parents.device)
+
+
 def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
+    """``mask[b, i, j]`` is True when node ``j`` is node ``i`` or one of its ancestors.  [B, T, T] bool."""
+    if native_available():
+        return _native_tree("tree_attention_mask", parents)
     _check_parents(parents)
     return tree_attention_mask_torch(parents)
 
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    """Depth of each node (0 for nodes hanging off the prefix).  [B, T] int64."""
+    if native_available():
+        return _native_tree("tree_depths", parents)
     _check_parents(parents)
     return tree_depths_torch(parents)
 
 
 def retrieve_paths(parents: torch.Tensor) -> torch.Tensor:
+    """Root-to-leaf paths, one per leaf in node order: ``[B, max_leaves, max_depth + 1]``, -1 padded."""
+    if native_available():
+        return _native_tree("retrieve_paths", parents)
     _check_parents(parents)
     return retrieve_paths_torch(parents)
 
 
+def _native_gather_ok(xs: Sequence[torch.Tensor], index: torch.Tensor) -> bool:
+    """Whether ``_C`` can gather these tensors; anything unusual goes to torch.gather (and its errors)."""
+    if not native_available() or not isinstance(index, torch.Tensor) or not xs:
+        return False
+    if index.dim() != 2 or index.dtype != torch.int64:
+        return False
+    dev = index.device
+    if dev.type == "cuda":
+        if not getattr(_C, "has_cuda", False) or _cuda_gather_broken is not None:
+            return False
+    elif dev.type != "cpu":
+        return False
+    grad = torch.is_grad_enabled()
+    for x in xs:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.device != dev or x.shape[0] != index.shape[0]:
+            return False
+        if (grad and x.requires_grad) or x.is_complex() or x.layout != torch.strided:
+            return False
+        if x.shape[3] > 1 and x.stride(3) != 1:
+            return False
+    return True
+
+
+def _gather_native(xs: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    global _cuda_gather_broken
+    index = index.contiguous()
+    B, S2 = index.shape
+    outs, descs = [], []
+    for x in xs:
+        _, H, S, D = x.shape
+        es = x.element_size()
+        out = torch.empty((B, H, S2, D), dtype=x.dtype, device=x.device)
+        outs.append(out)
+        descs.append((x.data_ptr(), out.data_ptr(), H, S, D * es, x.stride(0) * es, x.stride(1) * es, x.stride(2) * es))
+    if index.device.type == "cpu":
+        _C._gather_slots_cpu(descs, index.data_ptr(), B, S2, torch.get_num_threads())
+        return outs
+    # CUDA: check the indices here (the kernel writes zeros for bad ones rather than reading out of bounds)
+    sizes = [x.shape[2] for x in xs if x.shape[1] and x.shape[3]]
+    if sizes and index.numel() and bool(((index < 0) | (index >= min(sizes))).any()):
+        raise IndexError(f"gather_slots: index out of range for a cache of {min(sizes)} slots")
+    try:
+        with torch.cuda.device(index.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            _C._gather_slots_cuda(descs, index.data_ptr(), B, S2, index.device.index or 0, stream)
+    except RuntimeError as exc:  # e.g. the driver is older than the toolkit the extension was built with
+        _cuda_gather_broken = str(exc)
+        warnings.warn(f"{exc}; fastalign falls back to torch.gather for CUDA tensors", RuntimeWarning, stacklevel=3)
+        return [gather_slots_torch(x, index) for x in xs]
+    return outs
+
+
 def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather KV slots: ``x [B, H, S, D]``, ``index [B, S']`` (int64) -> ``[B, H, S', D]`` (a new tensor)."""
+    if _native_gather_ok((x,), index):
+        return _gather_native((x,), index)[0]
     return gather_slots_torch(x, index)
+
+
+def gather_slots_many(xs: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`gather_slots` of several tensors (e.g. every layer's keys and values) with one shared index.
+
+    The tensors may differ in heads, slots, head size and dtype but share the batch size and device; the
+    native path does them all in one call (one CUDA launch per 32 tensors).
+    """
+    xs = list(xs)
+    if _native_gather_ok(xs, index):
+        return _gather_native(xs, index)
+    return [gather_slots_torch(x, index) for x in xs]

@@ -1,0 +1,19 @@
+// fastalign._C: optional native layer (see fastalign/native.py for the Python fallbacks).
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace fastalign {
+void register_tree(py::module_& m);
+void register_compact(py::module_& m);
+}  // namespace fastalign
+
+// Bumped whenever a signature below changes; fastalign.native refuses a stale build.
+#define FASTALIGN_C_ABI_VERSION 1
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastalign native extension: tree topology and KV-cache slot compaction";
+  m.attr("ABI_VERSION") = FASTALIGN_C_ABI_VERSION;
+  fastalign::register_tree(m);
+  fastalign::register_compact(m);
+}
