@@ -1,0 +1,453 @@
+"""Evaluation harness: methods x budgets on a prompt set, scored by a gold reward.
+
+    records = evaluate(prompts, grid, engine, gold, max_new_tokens=64, seed=0)
+    rows = summarize(records)            # one row per (method, budget)
+    write_results(records, rows, "eval_out")   # results.jsonl, summary.md, summary.json, reward_vs_compute.png
+
+A *grid* is a list of ``(method, options)`` pairs; ``parse_grid("bon:n=2,4,8")`` expands a compact spec.
+Prompts are decoded in batches of ``batch_size`` (one ``decode`` call each), so per-prompt costs are the
+batch's costs shared equally between its rows: exact at ``batch_size=1``, an average otherwise.
+
+Metrics per (method, budget): mean gold reward (with its standard error), win rate against the baseline
+method (``sample``; per prompt 1 for a higher gold reward, 1/2 for a tie), forward calls and tokens processed
+per model, compute tokens (all models' tokens together: target + draft + ref + reward), wall time, and
+generated tokens per target forward pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .api import MODEL_ROLES, Engine
+from .cli import parse_value
+from .models import InputError, RewardModel
+
+# ------------------------------------------------------------------------------------------- prompts
+# dataset aliases: name -> (hub id, config, split, prompt field, answer field, prompt template)
+DATASETS = {
+    "hh-rlhf": ("Dahoas/full-hh-rlhf", None, "test", "prompt", None, "{}"),  # used by CARDS and SSS
+    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer", "Question: {}\nAnswer:"),  # QAlign
+}
+
+
+def read_prompt_file(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:
+    """Records ``{"prompt": str, ...}`` from a JSONL file (a ``prompt_field`` per line; other fields kept,
+    e.g. ``answer``) or from a text file (one prompt per non-empty line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return parse_prompt_lines(lines, prompt_field, jsonl=path.suffix in (".jsonl", ".json") or None, where=str(path))
+
+
+def parse_prompt_lines(lines: list[str], prompt_field: str = "prompt", jsonl: bool | None = None,
+                       where: str = "input") -> list[dict]:
+    """Prompt records from lines of text or JSONL (``jsonl=None``: JSONL when the first line is an object)."""
+    lines = [line for line in lines if line.strip()]
+    if jsonl is None:
+        jsonl = bool(lines) and lines[0].lstrip().startswith("{")
+    if not jsonl:
+        return [{"prompt": line} for line in lines]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
+            raise InputError(f"{where}, line {n}: expected an object with a string {prompt_field!r} field")
+        records.append({**record, "prompt": record[prompt_field]})
+    return records
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_hf_prompts(name: str, config: str | None = None, split: str = "test", prompt_field: str = "prompt",
+                    answer_field: str | None = None, template: str = "{}", limit: int | None = None) -> list[dict]:
+    """Prompt records from a Hugging Face dataset (needs the optional package ``datasets``).
+
+    Fails with a clear ``InputError`` when ``datasets`` is missing, the Hub cannot be reached (checked first
+    with a 10 s timeout, so an offline machine never hangs) or, offline (``HF_HUB_OFFLINE=1``), when the
+    dataset is not in the local cache.
+    """
+    hint = "pass a JSONL file of prompts instead (one {\"prompt\": ...} object per line)"
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"loading the dataset {name!r} needs the optional package `datasets` "
+                         f"(pip install datasets), or {hint}") from None
+    if not _offline():
+        from huggingface_hub import HfApi
+
+        try:
+            HfApi().dataset_info(name, timeout=10)
+        except Exception as e:  # connection refused, DNS failure, timeout, gated or unknown dataset
+            raise InputError(f"cannot reach the dataset {name!r} on the Hugging Face Hub ({type(e).__name__}: {e}); "
+                             f"offline? set HF_HUB_OFFLINE=1 to use a cached copy, or {hint}") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise InputError(f"could not load the dataset {name!r} (split {split!r}): {type(e).__name__}: {e}; "
+                         f"{hint}") from None
+    if prompt_field not in ds.column_names:
+        raise InputError(f"dataset {name!r} has no field {prompt_field!r}; fields: {ds.column_names}")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    records = []
+    for row in ds:
+        record = {"prompt": template.format(row[prompt_field])}
+        if answer_field is not None:
+            record["answer"] = row[answer_field]
+        records.append(record)
+    return records
+
+
+def load_prompts(source: str, limit: int | None = None, split: str | None = None,
+                 prompt_field: str | None = None, world=None) -> list[dict]:
+    """Prompt records from ``source``: ``"toy"`` (the toy world's prompts), a ``.jsonl``/``.txt`` file, a
+    dataset alias (``"hh-rlhf"``, ``"gsm8k"``) or ``"hf:NAME[:CONFIG]"`` (any Hub dataset)."""
+    if source == "toy":
+        world = world if world is not None else load_toy_world()
+        records = [{"prompt": p} for p in world.prompts]
+    elif Path(source).is_file():
+        records = read_prompt_file(source, prompt_field or "prompt")
+    elif source in DATASETS:
+        name, config, default_split, field, answer, template = DATASETS[source]
+        return load_hf_prompts(name, config, split or default_split, prompt_field or field, answer, template, limit)
+    elif source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        return load_hf_prompts(name, config or None, split or "test", prompt_field or "prompt", limit=limit)
+    else:
+        raise InputError(f"unknown prompt source {source!r}: expected 'toy', a .jsonl/.txt file, "
+                         f"one of {sorted(DATASETS)} or 'hf:NAME[:CONFIG]'")
+    if not records:
+        raise InputError(f"no prompts in {source!r}")
+    return records[:limit] if limit is not None else records
+
+
+def load_toy_world():
+    """The built-in toy world (``fastalign.toyworld``), with a clear error where it is not available."""
+    try:
+        from .toyworld import load_toy_world as load
+    except ImportError as e:
+        raise InputError(f"the toy world (fastalign.toyworld) is not available: {e}") from None
+    return load()
+
+
+# ---------------------------------------------------------------------------------------- gold reward
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text`` (thousands separators removed), e.g. a GSM8K answer; None if there is none."""
+    found = _NUMBER.findall(text or "")
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+@dataclass
+class GoldReward:
+    """The reward that judges the outputs (not the one a method optimises).
+
+    ``fn(prompt_ids, response_ids, prompt_texts, completion_texts, records) -> sequence of N floats``; build
+    one with ``GoldReward.from_spec`` or from a reward accepted by ``fastalign.decode`` (``from_reward``).
+    """
+
+    fn: object
+    name: str
+
+    def __call__(self, prompt_ids, response_ids, prompt_texts, completion_texts, records) -> list[float]:
+        scores = self.fn(prompt_ids, response_ids, prompt_texts, completion_texts, records)
+        scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()]
+        if len(scores) != len(response_ids):
+            raise InputError(f"gold reward {self.name!r} returned {len(scores)} scores for {len(response_ids)} responses")
+        return scores
+
+    @classmethod
+    def from_reward(cls, reward, name: str = "reward", tokenizer=None, policy_tokenizer=None) -> GoldReward:
+        """From an HF sequence-classification model or a token-id callable ``reward(prompts, responses)``."""
+        rm = reward if isinstance(reward, RewardModel) else RewardModel(reward, tokenizer, policy_tokenizer)
+        return cls(lambda p, r, pt, ct, rec: rm.score(p, r), name)
+
+    @classmethod
+    def from_text_fn(cls, fn, name: str) -> GoldReward:
+        """From ``fn(prompts: list[str], completions: list[str]) -> N floats``."""
+        return cls(lambda p, r, pt, ct, rec: fn(pt, ct), name)
+
+    @classmethod
+    def from_spec(cls, spec: str, policy_tokenizer=None, world=None, trust_remote_code: bool = False,
+                  device=None, dtype=None) -> GoldReward:
+        """``"toy"``: the toy world's gold reward; ``"last_number"``: 1 if the completion's last number equals
+        the record's ``answer`` (GSM8K style), else 0; ``"module:function"``: a Python function called on texts
+        ``(prompts, completions)``; anything else: an HF reward model name or path."""
+        if spec == "toy":
+            world = world if world is not None else load_toy_world()
+            return cls.from_reward(world.gold_reward, "toy", policy_tokenizer=policy_tokenizer)
+        if spec == "last_number":
+            def match(p, r, pt, ct, records):
+                if any("answer" not in rec for rec in records):
+                    raise InputError("the 'last_number' gold reward needs an 'answer' field in every prompt record")
+                return [float(last_number(c) is not None and last_number(c) == last_number(str(rec["answer"])))
+                        for c, rec in zip(ct, records)]
+            return cls(match, spec)
+        module, _, function = spec.partition(":")
+        if function and re.fullmatch(r"[A-Za-z_][\w.]*", module):
+            try:
+                fn = getattr(importlib.import_module(module), function)
+            except (ImportError, AttributeError) as e:
+                raise InputError(f"cannot load the gold reward function {spec!r}: {e}") from None
+            return cls.from_text_fn(fn, spec)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+        if device is not None:
+            model = model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        return cls.from_reward(model, spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
+
+
+# --------------------------------------------------------------------------------------------- grid
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """Split at ``sep`` outside parentheses and brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_grid(spec: str) -> list[tuple[str, dict]]:
+    """``"METHOD[:key=v1,v2;key2=w1,w2]"`` -> one ``(method, options)`` per combination of values.
+
+    Values are parsed like ``--opt`` values (int, float, bool, tuple, str); a tuple value is written in
+    parentheses: ``"sss:tree=sampled;branching=(2,2),(4,2)"``.
+    """
+    method, _, rest = spec.partition(":")
+    method = method.strip()
+    if not method:
+        raise InputError(f"grid entry {spec!r} has no method name")
+    axes = []
+    for item in _split_top_level(rest, ";"):
+        key, eq, values = item.partition("=")
+        if not eq or not key.strip():
+            raise InputError(f"grid entry {spec!r}: expected key=value[,value...], got {item!r}")
+        axes.append([(key.strip(), parse_value(v)) for v in _split_top_level(values, ",")])
+    return [(method, dict(combo)) for combo in itertools.product(*axes)]
+
+
+def budget_label(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+# ------------------------------------------------------------------------------------------- running
+COUNTERS = [f"{role}_{kind}" for role in MODEL_ROLES for kind in ("calls", "tokens")]
+
+
+def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: GoldReward,
+             max_new_tokens: int = 64, seed: int = 0, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, batch_size: int = 16, progress: bool | None = None) -> list[dict]:
+    """Decode every prompt record with every ``(method, options)`` of ``grid`` and score it with ``gold``.
+
+    ``engine`` is a ``fastalign.Engine`` or a function ``method -> Engine`` (when methods need different
+    models). Batch ``k`` of every method uses the seed ``seed + k`` (common random numbers). Returns one record
+    per (method, budget, prompt); see the module docstring for the fields.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    engine_for = engine if callable(engine) and not isinstance(engine, Engine) else (lambda method: engine)
+    batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+    records = []
+    with tqdm(total=len(grid) * len(prompts), desc="eval", unit="prompt",
+              disable=None if progress is None else not progress) as bar:
+        for method, options in grid:
+            eng = engine_for(method)
+            label = budget_label(options)
+            bar.set_postfix_str(f"{method} {label}")
+            start = 0
+            for k, batch in enumerate(batches):
+                prompt_ids = eng._encode([r["prompt"] for r in batch])
+                out = eng.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed + k, **options)
+                texts = out.texts or [None] * len(batch)
+                scores = gold(prompt_ids, out.sequences, [r["prompt"] for r in batch],
+                              [t if t is not None else "" for t in texts], batch)
+                stats = {key: v for key, v in out.stats.items() if isinstance(v, (int, float))}
+                rows = len(batch)
+                compute = sum(stats.get(f"{role}_tokens", 0) for role in MODEL_ROLES)
+                for i, (record, seq, text, score) in enumerate(zip(batch, out.sequences, texts, scores)):
+                    records.append({
+                        "method": method, "budget": label, "options": {k2: _jsonable(v) for k2, v in options.items()},
+                        "prompt_index": start + i, "prompt": record["prompt"], "completion": text,
+                        "tokens": list(seq), "gold_reward": score, "generated_tokens": len(seq),
+                        **{c: stats.get(c, 0) / rows for c in COUNTERS},
+                        "compute_tokens": compute / rows, "wall_time_s": stats["wall_time_s"] / rows,
+                        "tokens_per_target_call": len(seq) / stats["target_calls"] if stats.get("target_calls") else None,
+                        "batch_rows": rows, "batch_stats": stats,
+                    })
+                start += rows
+                bar.update(rows)
+    return records
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def win_rates(records: list[dict], baseline: str = "sample") -> dict[tuple[str, str], float | None]:
+    """Per (method, budget): the mean over prompts of 1 (gold reward above the baseline's on the same prompt),
+    1/2 (tie) or 0. The baseline is the first budget of method ``baseline``; None where it was not run."""
+    base: dict[int, float] = {}
+    first_budget = next((r["budget"] for r in records if r["method"] == baseline), None)
+    for r in records:
+        if r["method"] == baseline and r["budget"] == first_budget:
+            base[r["prompt_index"]] = r["gold_reward"]
+    outcomes: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        b = base.get(r["prompt_index"])
+        if b is None:
+            continue
+        outcome = 1.0 if r["gold_reward"] > b else 0.5 if r["gold_reward"] == b else 0.0
+        outcomes.setdefault((r["method"], r["budget"]), []).append(outcome)
+    keys = dict.fromkeys((r["method"], r["budget"]) for r in records)
+    return {key: (sum(outcomes[key]) / len(outcomes[key]) if key in outcomes else None) for key in keys}
+
+
+def summarize(records: list[dict], baseline: str = "sample") -> list[dict]:
+    """One row per (method, budget), in the order first seen: means per prompt of the record fields."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    wins = win_rates(records, baseline)
+    rows = []
+    for (method, budget), rs in groups.items():
+        n = len(rs)
+        rewards = [r["gold_reward"] for r in rs]
+        mean = sum(rewards) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / (n - 1)) if n > 1 else 0.0
+        per_call = [r["tokens_per_target_call"] for r in rs if r["tokens_per_target_call"] is not None]
+        row = {"method": method, "budget": budget, "options": rs[0]["options"], "prompts": n,
+               "gold_reward": mean, "gold_reward_stderr": std / math.sqrt(n), "win_rate": wins[(method, budget)]}
+        for key in COUNTERS + ["compute_tokens", "wall_time_s", "generated_tokens"]:
+            row[key] = sum(r[key] for r in rs) / n
+        row["tokens_per_target_call"] = sum(per_call) / len(per_call) if per_call else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 or value == 0 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The summary as a Markdown table (per-prompt means)."""
+    used = [role for role in MODEL_ROLES if any(r[f"{role}_calls"] for r in rows)]
+    head = (["method", "budget", "prompts", "gold reward", "± s.e.", "win rate vs sample"]
+            + [f"{role} calls" for role in used] + [f"{role} tokens" for role in used]
+            + ["compute tokens", "wall time (s)", "tokens / target call"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ([r["method"], r["budget"], r["prompts"], r["gold_reward"], r["gold_reward_stderr"], r["win_rate"]]
+                 + [r[f"{role}_calls"] for role in used] + [r[f"{role}_tokens"] for role in used]
+                 + [r["compute_tokens"], r["wall_time_s"], r["tokens_per_target_call"]])
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str = "gold reward vs compute") -> None:
+    """PNG: mean gold reward (y) against compute tokens per prompt (left) and wall time per prompt (right),
+    one curve per method through its budgets (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("the reward-versus-compute plot needs matplotlib (pip install matplotlib)") from None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, (key, label) in zip(axes, [("compute_tokens", "tokens processed per prompt (target + draft + ref + reward)"),
+                                       ("wall_time_s", "wall time per prompt (s)")]):
+        for method in methods:
+            pts = sorted((r[key], r["gold_reward"], r["gold_reward_stderr"]) for r in rows if r["method"] == method)
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean gold reward")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(records: list[dict], rows: list[dict], out_dir: str | os.PathLike, plot: bool = True,
+                  header: str = "") -> dict[str, Path]:
+    """Write ``results.jsonl`` (one line per record), ``summary.json``, ``summary.md`` and, when ``plot`` and
+    matplotlib is installed, ``reward_vs_compute.png`` into ``out_dir``. Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.jsonl", "summary_json": out / "summary.json", "summary": out / "summary.md"}
+    write_jsonl(paths["results"], records)
+    paths["summary_json"].write_text(json.dumps(rows, indent=1) + "\n")
+    paths["summary"].write_text(header + summary_table(rows))
+    if plot:
+        paths["plot"] = out / "reward_vs_compute.png"
+        plot_reward_vs_compute(rows, paths["plot"])
+    return paths
+
+
+def write_jsonl(path, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def default_grid(engine_for, methods=None) -> list[tuple[str, dict]]:
+    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has:
+    sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
+    from .methods import get_method
+
+    grid = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], ("soft_bon", {"n": 4}), ("args", {}),
+            ("rs", {}), ("cards", {}), ("sd", {}), ("sss", {}), *[("qalign", {"steps": s}) for s in (2, 4, 8)]]
+    chosen = []
+    for method, options in grid:
+        if methods is not None and method not in methods:
+            continue
+        try:
+            module, _ = get_method(method)
+        except (ImportError, AttributeError):
+            continue  # not implemented in this installation
+        if all(getattr(engine_for(method), role) is not None for role in module.REQUIRES):
+            chosen.append((method, options))
+    return chosen

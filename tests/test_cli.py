@@ -1,0 +1,169 @@
+"""The command line: option parsing, generate (arguments, files, stdin, JSONL out), eval, bench, demo."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastalign
+from fastalign import cli
+from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+
+V = 16
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny target and reward model saved as HF folders (loaded by path, offline)."""
+    root = tmp_path_factory.mktemp("models")
+    tok = tiny_tokenizer(V)
+    tiny_causal_lm(vocab_size=V, init_range=0.2).save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    tiny_reward_model(vocab_size=V).save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    return root / "lm", root / "rm"
+
+
+def read_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("text, value", [
+    ("8", 8), ("-3", -3), ("0.5", 0.5), ("1e-3", 1e-3), ("true", True), ("False", False), ("none", None),
+    ("2,2", (2, 2)), ("(4, 2)", (4, 2)), ("[1,2,3]", (1, 2, 3)), ("sampled", "sampled"), ("soft", "soft"),
+    ("'quoted'", "quoted"), ("a,b", ("a", "b")), ("weighted_majority", "weighted_majority"),
+])
+def test_parse_value(text, value):
+    assert cli.parse_value(text) == value and type(cli.parse_value(text)) is type(value)
+
+
+def test_parse_options_and_errors():
+    assert cli.parse_options(["n=8", "tree=sampled", "branching=2,2", "max-rejections=3"]) == {
+        "n": 8, "tree": "sampled", "branching": (2, 2), "max_rejections": 3}
+    with pytest.raises(ValueError, match="key=value"):
+        cli.parse_options(["n8"])
+
+
+def test_help_of_every_command(capsys):
+    for argv in ([], ["generate"], ["eval"], ["demo"], ["bench"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*argv, "--help"])
+        assert exit_.value.code == 0
+    assert "--prompts-file" in capsys.readouterr().out
+
+
+def test_generate_jsonl_matches_decode(model_dirs, tmp_path):
+    lm, rm = model_dirs
+    out = tmp_path / "out.jsonl"
+    rc = cli.main(["generate", "--target", str(lm), "--reward", str(rm), "--method", "bon", "--opt", "n=3",
+                   "--max-new-tokens", "4", "--seed", "5", "-o", str(out), "w1 w2", "w3"])
+    assert rc == 0
+    lines = read_lines(out.read_text())
+    expected = fastalign.decode(["w1 w2", "w3"], method="bon", target=str(lm), reward=str(rm), max_new_tokens=4,
+                                seed=5, n=3)
+    assert [ln["prompt"] for ln in lines] == ["w1 w2", "w3"]
+    assert [ln["tokens"] for ln in lines] == expected.sequences
+    assert [ln["completion"] for ln in lines] == expected.texts
+    assert all(ln["method"] == "bon" and ln["options"] == {"n": 3} for ln in lines)
+    assert lines[0]["stats"]["reward_calls"] == 1 and lines[0]["stats"]["generated_tokens"] == sum(
+        len(s) for s in expected.sequences)
+
+
+def test_generate_prompts_from_files_and_stdin(model_dirs, tmp_path, capsys, monkeypatch):
+    lm, _ = model_dirs
+    txt = tmp_path / "p.txt"
+    txt.write_text("w1 w2\n\nw3\n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "w1 w2", "id": 1}) + "\n" + json.dumps({"prompt": "w3"}) + "\n")
+    common = ["generate", "--target", str(lm), "--max-new-tokens", "3", "--seed", "0"]
+    outputs = []
+    for source in (["--prompts-file", str(txt)], ["--prompts-file", str(jsonl)], ["w1 w2", "w3"]):
+        assert cli.main(common + source) == 0
+        outputs.append(read_lines(capsys.readouterr().out))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w1 w2\nw3\n"))
+    assert cli.main(common) == 0
+    outputs.append(read_lines(capsys.readouterr().out))
+    decoded = [[(ln["prompt"], ln["completion"], ln["tokens"]) for ln in o] for o in outputs]
+    assert all(d == decoded[0] for d in decoded) and len(decoded[0]) == 2
+    # batches of one prompt: batch k uses seed + k
+    assert cli.main(common + ["--batch-size", "1", "w3", "w3"]) == 0
+    one, two = read_lines(capsys.readouterr().out)
+    alone = fastalign.decode(["w3"], target=str(lm), max_new_tokens=3, seed=1)
+    assert two["tokens"] == alone.sequences[0]
+
+
+def test_generate_errors_name_the_problem(model_dirs, tmp_path, capsys, monkeypatch):
+    lm, _ = model_dirs
+    assert cli.main(["generate", "--target", str(lm), "--opt", "n=3", "w1"]) == 2
+    assert "method 'sample' has no option 'n'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w1"}\n{"text": "w2"}\n')
+    assert cli.main(["generate", "--target", str(lm), "--prompts-file", str(bad)]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert cli.main(["generate", "--target", str(lm), "--method", "bon", "w1"]) == 2
+    assert "needs a reward model" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert cli.main(["generate", "--target", str(lm)]) == 2
+    assert "no prompts" in capsys.readouterr().err
+
+
+def test_python_m_fastalign_generate_subprocess(model_dirs):
+    lm, _ = model_dirs
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-m", "fastalign", "generate", "--target", str(lm),
+                          "--max-new-tokens", "3", "--seed", "0", "w1 w2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (line,) = read_lines(run.stdout)
+    assert line["prompt"] == "w1 w2" and 1 <= len(line["tokens"]) <= 3
+
+
+def test_eval_command_writes_results_summary_and_plot(model_dirs, tmp_path, capsys):
+    lm, rm = model_dirs
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["w1 w2", "w3", "w4 w5 w6"]))
+    out_dir = tmp_path / "eval"
+    rc = cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", str(prompts),
+                   "--gold", "test_evaluate:count_w1", "--grid", "bon:n=2,4", "--max-new-tokens", "3",
+                   "--batch-size", "2", "--seed", "0", "--out-dir", str(out_dir), "--no-progress"])
+    assert rc == 0
+    records = [json.loads(x) for x in (out_dir / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["budget"]) for r in records[::3]] == [("sample", "default"), ("bon", "n=2"),
+                                                                   ("bon", "n=4")]  # the baseline is added
+    assert len(records) == 9
+    summary = (out_dir / "summary.md").read_text()
+    assert "| bon | n=4 | 3 |" in summary and "win rate vs sample" in summary
+    assert summary.split("\n")[-2] in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert (out_dir / "reward_vs_compute.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_needs_a_gold_reward_and_prompts(model_dirs, capsys):
+    lm, rm = model_dirs
+    assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", "nowhere.jsonl",
+                     "--gold", "x:y"]) == 2
+    assert "unknown prompt source 'nowhere.jsonl'" in capsys.readouterr().err
+
+
+def test_bench_lists_and_runs_scripts_or_says_where_they_are(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "bench_dir", lambda: None)
+    assert cli.main(["bench"]) == 1
+    assert "bench/ folder of the fastalign repository" in capsys.readouterr().err
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    (folder / "common.py").write_text("")
+    (folder / "echo_args.py").write_text("import sys, pathlib\n"
+                                         "pathlib.Path('ran.txt').write_text(' '.join(sys.argv[1:]))\n")
+    monkeypatch.setattr(cli, "bench_dir", lambda: folder)
+    assert cli.main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "echo_args" in listed and "common" not in listed
+    assert cli.main(["bench", "echo_args", "--", "--quick", "x"]) == 0
+    assert (tmp_path / "ran.txt").read_text() == "--quick x"
+    assert cli.main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""The evaluation harness: grid specs, prompt sources, gold rewards, metrics, outputs, and a run end to end."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.evaluate import (
+    GoldReward,
+    evaluate,
+    last_number,
+    load_prompts,
+    parse_grid,
+    read_jsonl,
+    read_prompt_file,
+    summarize,
+    summary_table,
+    win_rates,
+    write_results,
+)
+from fastalign.models import InputError
+from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+
+V = 16
+
+
+def count_w1(prompts, completions):
+    """A gold reward on texts (used by test_cli through ``--gold test_evaluate:count_w1``)."""
+    return [c.split().count("w1") for c in completions]
+
+
+def record(method, budget, i, reward, **costs):
+    base = {"method": method, "budget": budget, "options": {}, "prompt_index": i, "gold_reward": reward,
+            "generated_tokens": 4, "compute_tokens": 10.0, "wall_time_s": 0.1, "tokens_per_target_call": 1.0}
+    base.update({f"{role}_{kind}": 0 for role in ("target", "draft", "ref", "reward") for kind in ("calls", "tokens")})
+    base.update(costs)
+    return base
+
+
+def test_win_rate_counts_ties_as_half_and_skips_prompts_without_baseline():
+    records = [record("sample", "default", i, r) for i, r in enumerate([1.0, 2.0, 3.0])]
+    records += [record("bon", "n=2", i, r) for i, r in enumerate([2.0, 2.0, 1.0, 9.0])]  # prompt 3: no baseline
+    records += [record("bon", "n=4", i, r) for i, r in enumerate([5.0, 5.0, 5.0])]
+    wins = win_rates(records)
+    assert wins[("sample", "default")] == 0.5
+    assert wins[("bon", "n=2")] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert wins[("bon", "n=4")] == 1.0
+    assert win_rates(records, baseline="missing")[("bon", "n=2")] is None
+
+
+def test_summary_means_stderr_and_table():
+    records = [record("sample", "default", i, r, target_calls=c, target_tokens=10 * c)
+               for i, (r, c) in enumerate([(1.0, 2), (3.0, 4)])]
+    (row,) = summarize(records)
+    assert row["gold_reward"] == 2.0 and row["prompts"] == 2
+    assert row["gold_reward_stderr"] == pytest.approx(math.sqrt(2.0) / math.sqrt(2))
+    assert row["target_calls"] == 3 and row["target_tokens"] == 30 and row["win_rate"] == 0.5
+    table = summary_table([row])
+    assert table.splitlines()[0].startswith("| method | budget | prompts | gold reward")
+    assert "| sample | default | 2 | 2 |" in table and "target calls" in table and "draft calls" not in table
+
+
+def test_parse_grid():
+    assert parse_grid("bon:n=2,4,8") == [("bon", {"n": 2}), ("bon", {"n": 4}), ("bon", {"n": 8})]
+    assert parse_grid("sample") == [("sample", {})]
+    assert parse_grid("sss:tree=sampled;branching=(2,2),(4,2)") == [
+        ("sss", {"tree": "sampled", "branching": (2, 2)}), ("sss", {"tree": "sampled", "branching": (4, 2)})]
+    assert len(parse_grid("cards:reward_threshold=1,2;alpha=0.3,0.5,0.7")) == 6
+    for bad in (":n=2", "bon:n", "bon:=3"):
+        with pytest.raises(InputError):
+            parse_grid(bad)
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "a.txt").write_text("first prompt\n\n second \n")
+    assert read_prompt_file(tmp_path / "a.txt") == [{"prompt": "first prompt"}, {"prompt": " second "}]
+    (tmp_path / "b.jsonl").write_text('{"question": "2+2?", "answer": "#### 4"}\n')
+    assert load_prompts(str(tmp_path / "b.jsonl"), prompt_field="question") == [
+        {"question": "2+2?", "answer": "#### 4", "prompt": "2+2?"}]
+    (tmp_path / "c.jsonl").write_text('{"prompt": "x"}\nnot json\n')
+    with pytest.raises(InputError, match="line 2: not valid JSON"):
+        read_prompt_file(tmp_path / "c.jsonl")
+    with pytest.raises(InputError, match="not found"):
+        read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_hub_datasets_fail_clearly_offline():
+    start = time.perf_counter()
+    for source in ("hh-rlhf", "gsm8k", "hf:some/dataset"):
+        with pytest.raises(InputError, match="datasets|offline|cache|reach"):
+            load_prompts(source, limit=4)
+    assert time.perf_counter() - start < 60
+
+
+def test_last_number_gold_reward():
+    assert last_number("so 3 + 4 = 7.") == "7" and last_number("1,234 apples") == "1234" and last_number("no") is None
+    gold = GoldReward.from_spec("last_number")
+    records = [{"prompt": "q", "answer": "... #### 7"}, {"prompt": "q", "answer": "#### 8"}, {"prompt": "q", "answer": "9"}]
+    assert gold(None, [[1], [1], [1]], None, ["it is 7", "it is 7", "none"], records) == [1.0, 0.0, 0.0]
+    with pytest.raises(InputError, match="answer"):
+        gold(None, [[1]], None, ["7"], [{"prompt": "q"}])
+
+
+def test_gold_reward_from_function_spec_and_reward_model():
+    gold = GoldReward.from_spec("test_evaluate:count_w1")
+    assert gold(None, [[1], [1]], None, ["w1 w1 w2", "w3"], [{}, {}]) == [2.0, 0.0]
+    with pytest.raises(InputError, match="cannot load"):
+        GoldReward.from_spec("test_evaluate:nothing_here")
+    rm = tiny_reward_model(vocab_size=V)
+    gold = GoldReward.from_reward(rm)
+    expected = fastalign.RewardModel(rm).score([[1, 2]], [[3]])
+    assert gold([[1, 2]], [[3]], None, [""], [{}]) == pytest.approx(expected.tolist())
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return fastalign.Engine(target=tiny_causal_lm(vocab_size=V, init_range=0.2), reward=tiny_reward_model(vocab_size=V),
+                            tokenizer=tiny_tokenizer(V))
+
+
+def test_evaluate_records_costs_and_reproducibility(engine, tmp_path):
+    prompts = [{"prompt": p} for p in ["w1 w2", "w3", "w4 w5 w6"]]
+    gold = GoldReward.from_text_fn(count_w1, "count_w1")
+    grid = [("sample", {}), ("bon", {"n": 2}), ("bon", {"n": 4})]
+    records = evaluate(prompts, grid, engine, gold, max_new_tokens=4, seed=3, batch_size=2, progress=False)
+    assert len(records) == 9 and [r["prompt_index"] for r in records[:3]] == [0, 1, 2]
+    # batch k uses seed + k: the second batch (prompt 2) alone, seed 4
+    again = engine.decode(["w4 w5 w6"], method="bon", max_new_tokens=4, seed=4, n=4)
+    assert records[8]["tokens"] == again.sequences[0] and records[8]["completion"] == again.texts[0]
+    for r in records:
+        assert r["gold_reward"] == r["completion"].split().count("w1")
+        stats = r["batch_stats"]
+        assert r["target_calls"] == stats["target_calls"] / r["batch_rows"]
+        assert r["compute_tokens"] == (stats["target_tokens"] + stats["reward_tokens"]) / r["batch_rows"]
+        assert r["tokens_per_target_call"] == len(r["tokens"]) / stats["target_calls"]
+    rows = summarize(records)
+    assert [(r["method"], r["budget"]) for r in rows] == [("sample", "default"), ("bon", "n=2"), ("bon", "n=4")]
+    assert rows[2]["reward_tokens"] > rows[1]["reward_tokens"] > 0 == rows[0]["reward_tokens"]
+    paths = write_results(records, rows, tmp_path / "out", plot=False)
+    assert read_jsonl(paths["results"]) == json.loads(json.dumps(records))  # JSONL round trip
+    assert json.loads(paths["summary_json"].read_text())[1]["budget"] == "n=2"
+
+
+def test_reward_vs_compute_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [record("sample", "default", i, float(i)) for i in range(3)]
+    records += [record(m, f"n={n}", i, float(i + n), compute_tokens=10.0 * n, wall_time_s=0.1 * n)
+                for m in ("bon", "soft_bon") for n in (2, 4, 8) for i in range(3)]
+    paths = write_results(records, summarize(records), tmp_path, plot=True)
+    png = paths["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_eval_on_the_toy_world(tmp_path):
+    pytest.importorskip("fastalign.toyworld")
+    from fastalign.cli import main
+
+    rc = main(["eval", "--toy", "--limit", "2", "--grid", "sample", "--grid", "bon:n=2", "--max-new-tokens", "4",
+               "--seed", "0", "--out-dir", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    records = read_jsonl(tmp_path / "results.jsonl")
+    assert len(records) == 4 and all(isinstance(r["gold_reward"], float) for r in records)
+    assert "| bon | n=2 | 2 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_evaluate_rejects_bad_batch_size(engine):
+    with pytest.raises(InputError, match="batch_size"):
+        evaluate([{"prompt": "w1"}], [("sample", {})], engine, GoldReward.from_text_fn(count_w1, "c"), batch_size=0)
+
+
+def test_gold_reward_length_is_checked():
+    gold = GoldReward(lambda *a: torch.zeros(1), "short")
+    with pytest.raises(InputError, match="1 scores for 2"):
+        gold(None, [[1], [2]], None, ["", ""], [{}, {}])
