@@ -151,7 +151,9 @@ def _threshold_kernel(
     tau_k = tl.full((), float("-inf"), tl.float32)
     if HAS_K:
         # fewer finite entries than k: the k-th largest is -inf and everything is kept
-        if n_fin >= top_k:
+        if top_k == 1:
+            tau_k = m  # greedy: the row maximum, no search
+        elif n_fin >= top_k:
             lo = _unkey(_key(min_f) - 1)
             tau_k = _search(row_ptr, V, temperature, lo, m, top_k.to(tl.float32), tau_k, m, False, BLOCK)
     tau = tau_k

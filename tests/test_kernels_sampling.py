@@ -1,0 +1,242 @@
+"""The ``entropy`` and ``sample`` Triton kernels (run by the interpreter on CPU) against their references.
+
+Shapes are small on purpose: the interpreter runs every program in Python.
+"""
+
+import math
+
+import pytest
+import torch
+
+from fastalign.kernels import entropy, entropy_torch, sample, sample_torch, truncate_logits
+from fastalign.kernels._entropy_triton import entropy_triton
+from fastalign.kernels._sample_triton import sample_triton, truncation_threshold
+
+NEG_INF = float("-inf")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTALIGN_KERNELS", "triton")
+
+
+def masked_rows(R, V, dtype=torch.float32, scale=3.0):
+    """Random logits with the edge cases DESIGN section 3 names: masked entries, all-but-one masked."""
+    x = torch.randn(R, V) * scale
+    if R > 1:
+        x[1, torch.rand(V) < 0.5] = NEG_INF  # scattered mask
+    if R > 2:
+        keep = int(torch.randint(V, ()))
+        x[2] = NEG_INF
+        x[2, keep] = 1.5  # all but one masked
+    return x.to(dtype)
+
+
+def kept_mask(logits, temperature, top_k, top_p):
+    """Finite entries of the reference truncation."""
+    return truncate_logits(logits, temperature, top_k, top_p) > NEG_INF
+
+
+def triton_kept_mask(logits, temperature, top_k, top_p):
+    tau = truncation_threshold(logits.contiguous(), temperature, top_k, top_p)
+    x = logits.float() / temperature
+    keep = x > NEG_INF
+    return keep if tau is None else keep & (x >= tau[:, None])
+
+
+# ---------------------------------------------------------------- entropy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,V,chunk", [(4, 300, None), (3, 300, 64), (2, 2500, None), (2, 1100, 1024), (1, 37, 5)])
+def test_entropy_matches_reference(dtype, R, V, chunk):
+    x = masked_rows(R, V, dtype)
+    for temperature in (1.0, 0.7):
+        h, lse = entropy_triton(x, temperature, chunk_size=chunk)
+        h_ref, lse_ref = entropy_torch(x, temperature)
+        assert h.dtype == lse.dtype == torch.float32 and h.shape == lse.shape == (R,)
+        torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-5)
+    if R > 2:  # the all-but-one-masked row is a point mass
+        assert h[2].item() == pytest.approx(0.0, abs=1e-6)
+        assert lse[2].item() == pytest.approx(1.5 / 0.7, rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_entropy_single_token_and_uniform_rows(chunk):
+    h, lse = entropy_triton(torch.tensor([[0.3], [-2.0]]), chunk_size=chunk)
+    torch.testing.assert_close(h, torch.zeros(2))
+    torch.testing.assert_close(lse, torch.tensor([0.3, -2.0]))
+    V = 50
+    x = torch.full((2, V), 4.0)
+    x[1, 25:] = NEG_INF  # a fully masked chunk in the split path
+    h, lse = entropy_triton(x, chunk_size=10 if chunk else None)
+    torch.testing.assert_close(h, torch.tensor([math.log(V), math.log(25)]))
+    torch.testing.assert_close(lse, torch.tensor([4.0 + math.log(V), 4.0 + math.log(25)]))
+
+
+def test_entropy_large_logits_stay_accurate():
+    # entropy is computed relative to the running max: no cancellation of lse - E[x] at |x| ~ 1e4
+    # (the reference itself loses ~1e-3 there, so compare with it on the exactly shifted logits)
+    x = torch.randn(3, 400) + 1e4
+    shifted = x - 1e4  # exact (Sterbenz)
+    h_ref, lse_ref = entropy_torch(shifted)
+    for chunk in (None, 128):
+        h, lse = entropy_triton(x, chunk_size=chunk)
+        torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, lse_ref + 1e4, rtol=1e-7, atol=2e-3)
+
+
+def test_entropy_dispatch_and_errors(triton_backend):
+    x = torch.randn(2, 64)
+    h, lse = entropy(x, 0.9)
+    h_t, lse_t = entropy_triton(x, 0.9)
+    assert torch.equal(h, h_t) and torch.equal(lse, lse_t)
+    x_t = torch.randn(64, 2).t()  # non-contiguous
+    torch.testing.assert_close(entropy(x_t)[0], entropy_torch(x_t)[0])
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[1, 3] = bad
+        with pytest.raises(ValueError):
+            entropy(y)
+    with pytest.raises(ValueError, match="entirely -inf"):
+        entropy(torch.full((1, 4), NEG_INF))
+
+
+# ---------------------------------------------------------------- sample: exact thresholds
+
+@pytest.mark.parametrize("dtype,top_k,top_p,temperature", [
+    (torch.float32, 5, None, 1.0), (torch.bfloat16, 5, None, 0.6), (torch.float16, 1, None, 1.0),
+    (torch.float32, 2, None, 0.8), (torch.float32, None, 0.9, 0.6), (torch.bfloat16, None, 0.3, 1.0),
+    (torch.float16, None, 0.9, 1.3), (torch.float32, 8, 0.7, 1.0), (torch.bfloat16, 8, 0.7, 0.7),
+])
+def test_threshold_keeps_exactly_the_reference_set(dtype, top_k, top_p, temperature):
+    x = masked_rows(4, 200, dtype)
+    assert torch.equal(triton_kept_mask(x, temperature, top_k, top_p), kept_mask(x, temperature, top_k, top_p))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, None), (6, None), (None, 0.5), (None, 0.75), (4, 0.6)])
+def test_threshold_ties_at_the_boundary_are_kept(top_k, top_p):
+    # few distinct values: the k-th value and the top-p boundary fall inside tie groups
+    x = torch.randint(0, 4, (4, 40)).float().to(torch.bfloat16)
+    x[0, :] = 1.0  # every entry tied
+    x[1, ::3] = NEG_INF
+    ref = kept_mask(x, 1.0, top_k, top_p)
+    got = triton_kept_mask(x, 1.0, top_k, top_p)
+    assert torch.equal(got, ref)
+    assert ref[0].all()  # a fully tied row keeps everything
+    if top_k is not None and top_p is None:
+        assert (ref.sum(1) >= top_k).all() and (ref.sum(1) > top_k).any()  # ties really were kept
+
+
+def test_threshold_extreme_values_and_signed_zero():
+    # exercises the integer-image pivots (huge ranges) and -0.0 == +0.0 ties
+    row = torch.tensor([-3e38, -1e20, -1e-30, 1e-40, 0.0, -0.0, 0.0, 5.0, 1e30, 2e30, -7.0, 1e-40])
+    x = torch.stack([row, -row])
+    for k in (2, 4, 6, 7, 9, 11):  # boundaries on 1e-40 ties, on the +-0 ties, among huge values
+        assert torch.equal(triton_kept_mask(x, 1.0, k, None), kept_mask(x, 1.0, k, None)), k
+
+
+def test_threshold_edge_cases():
+    x = masked_rows(3, 30)
+    x[0, 10:] = NEG_INF  # 10 finite entries, k larger: everything finite is kept
+    for top_k, top_p in [(12, None), (30, None), (100, None), (None, 1.0), (None, None)]:
+        assert torch.equal(triton_kept_mask(x, 1.0, top_k, top_p), kept_mask(x, 1.0, top_k, top_p))
+    assert truncation_threshold(x, 1.0, 30, 1.0) is None  # k >= V and p = 1: nothing to truncate
+
+
+# ---------------------------------------------------------------- sample: token for token
+
+
+@pytest.mark.parametrize("dtype,top_k,top_p,temperature,seed,chunk", [
+    (torch.float32, None, None, 1.0, 0, None), (torch.bfloat16, None, None, 0.7, 1, 128),
+    (torch.float16, None, None, 1.5, 2**40 + 3, 100), (torch.float32, 7, None, 0.7, 2, 128),
+    (torch.bfloat16, 7, None, 1.0, 3, None), (torch.float32, None, 0.8, 1.3, 4, 64),
+    (torch.float16, None, 0.8, 1.0, 5, None), (torch.float32, 20, 0.9, 0.8, 6, 128),
+    (torch.bfloat16, 20, 0.9, 1.0, 7, None),
+])
+def test_sample_matches_reference_token_for_token(dtype, top_k, top_p, temperature, seed, chunk):
+    x = masked_rows(4, 300, dtype)
+    ref = sample_torch(x, temperature, top_k, top_p, seed)
+    got = sample_triton(x, temperature, top_k, top_p, seed, chunk_size=chunk)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, ref)
+    assert ref[2] == int(torch.argmax(x[2].float()))  # all but one masked
+
+
+def test_sample_many_seeds_split_vocab():
+    x = torch.randn(2, 1100)
+    x[1, 500:] = NEG_INF  # the last chunk is fully masked
+    for seed in range(6):
+        ref = sample_torch(x, 1.0, None, None, seed)
+        assert torch.equal(sample_triton(x, 1.0, None, None, seed, chunk_size=300), ref)
+        assert torch.equal(sample_triton(x, 1.0, None, None, seed), ref)
+
+
+def test_sample_single_token_rows_and_greedy_ties():
+    assert sample_triton(torch.tensor([[0.5], [-3.0]]), 0.8, None, 0.5, seed=3).tolist() == [0, 0]
+    # top_k=1 keeps every tie of the maximum: the draw is uniform among them, token for token
+    x = torch.zeros(3, 20)
+    x[:, [4, 9, 17]] = 2.0
+    for seed in range(6):
+        got = sample_triton(x, 1.0, 1, None, seed, chunk_size=8)
+        assert torch.equal(got, sample_torch(x, 1.0, 1, None, seed))
+        assert set(got.tolist()) <= {4, 9, 17}
+
+
+def test_sample_dispatch_and_errors(triton_backend):
+    x = torch.randn(3, 50)
+    assert torch.equal(sample(x, 0.9, 5, 0.9, seed=7), sample_torch(x, 0.9, 5, 0.9, seed=7))
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[0, 1] = bad
+        with pytest.raises(ValueError):
+            sample(y, seed=0)
+    with pytest.raises(ValueError, match="entirely -inf"):
+        sample(torch.full((1, 4), NEG_INF))
+    for kwargs in (dict(temperature=0.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            sample_triton(x, **kwargs)
+        with pytest.raises(ValueError):
+            sample_torch(x, **kwargs)
+
+
+# ---------------------------------------------------------------- sample: the law of the draws
+
+
+def empirical(tokens, V):
+    return torch.bincount(tokens, minlength=V).double() / tokens.numel()
+
+
+def assert_law(freq, probs, n):
+    """Every token within 5 standard errors of its probability; dropped tokens never drawn."""
+    probs = probs.double()
+    tol = 5 * torch.sqrt(probs * (1 - probs) / n) + 1e-9
+    assert ((freq - probs).abs() <= tol).all(), (freq, probs)
+    assert (freq[probs == 0] == 0).all()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 4, None), (1.3, None, 0.8), (1.0, 5, 0.6)])
+def test_sample_reference_follows_truncated_softmax(temperature, top_k, top_p):
+    # distinct rows draw independent noise (index r * V + v), so one call with N copies of a row = N draws
+    V, N = 12, 40000
+    row = torch.randn(1, V) * 1.5
+    row[0, 3] = NEG_INF
+    probs = torch.softmax(truncate_logits(row, temperature, top_k, top_p), -1)[0]
+    freq = empirical(sample_torch(row.expand(N, V), temperature, top_k, top_p, seed=11), V)
+    assert_law(freq, probs, N)
+    # and across seeds for a fixed row
+    seeds = torch.stack([sample_torch(row, temperature, top_k, top_p, seed=s) for s in range(1000)]).flatten()
+    assert_law(empirical(seeds, V), probs, 1000)
+
+
+def test_sample_triton_follows_truncated_softmax():
+    # small (each row is one interpreted program): the exact kept sets and token-for-token equality
+    # with the reference are tested above; this checks the kernel's own draws against the law
+    V, N = 6, 160
+    row = torch.tensor([[1.0, 0.5, NEG_INF, 0.0, -1.0, 1.0]])
+    probs = torch.softmax(row, -1)[0]
+    assert_law(empirical(sample_triton(row.expand(N, V), 1.0, None, None, seed=5), V), probs, N)
+    probs = torch.softmax(truncate_logits(row, 1.0, 2, None), -1)[0]  # keeps the tie at 1.0
+    assert_law(empirical(sample_triton(row.expand(40, V), 1.0, 2, None, seed=6), V), probs, 40)
