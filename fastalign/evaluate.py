@@ -385,6 +385,7 @@ def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         raise InputError("the reward-versus-compute plot needs matplotlib (pip install matplotlib)") from None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -392,10 +393,16 @@ def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str
     for ax, (key, label) in zip(axes, [("compute_tokens", "tokens processed per prompt (target + draft + ref + reward)"),
                                        ("wall_time_s", "wall time per prompt (s)")]):
         for method in methods:
-            pts = sorted((r[key], r["gold_reward"], r["gold_reward_stderr"]) for r in rows if r["method"] == method)
-            xs, ys, es = zip(*pts)
+            pts = sorted((r[key], r["gold_reward"], r["gold_reward_stderr"], r["budget"])
+                         for r in rows if r["method"] == method)
+            xs, ys, es, budgets = zip(*pts)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+            for x, y, budget in zip(xs, ys, budgets):
+                if budget != "default":
+                    ax.annotate(budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean gold reward")
