@@ -19,11 +19,18 @@ def entropy_torch(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch
     return -plogp.sum(-1), lse
 
 
-def entropy(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy and logsumexp per row (see ``entropy_torch``); Triton on CUDA tensors."""
+def entropy(logits: torch.Tensor, temperature: float = 1.0, *,
+            validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and logsumexp per row (see ``entropy_torch``); Triton on CUDA tensors.
+
+    ``validate=True`` rejects NaN / +inf logits and all-masked rows (``check_finite``: a host sync and a few
+    extra passes over the logits, more than the kernel itself reads); ``validate=False`` skips that for hot
+    loops whose logits are known finite (non-finite logits then give unspecified values).
+    """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
-    check_finite(logits)
+    if validate:
+        check_finite(logits)
     if use_triton(logits):
         from ._entropy_triton import entropy_triton
 

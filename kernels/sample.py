@@ -23,11 +23,17 @@ def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0) -> torch.Tensor:
-    """One token per row (see ``sample_torch``); Triton on CUDA tensors."""
+           top_p: float | None = None, seed: int = 0, *, validate: bool = True) -> torch.Tensor:
+    """One token per row (see ``sample_torch``); Triton on CUDA tensors.
+
+    ``validate=True`` rejects NaN / +inf logits and all-masked rows (``check_finite``: a host sync and a few
+    extra passes over the logits); ``validate=False`` skips that for hot loops whose logits are known finite
+    (non-finite logits then give unspecified tokens).
+    """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
-    check_finite(logits)
+    if validate:
+        check_finite(logits)
     if use_triton(logits):
         from ._sample_triton import sample_triton
 

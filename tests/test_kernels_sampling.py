@@ -102,6 +102,8 @@ def test_entropy_dispatch_and_errors(triton_backend):
             entropy(y)
     with pytest.raises(ValueError, match="entirely -inf"):
         entropy(torch.full((1, 4), NEG_INF))
+    h_nv, lse_nv = entropy(x, 0.9, validate=False)  # skips the checks only
+    assert torch.equal(h_nv, h) and torch.equal(lse_nv, lse)
 
 
 # ---------------------------------------------------------------- sample: exact thresholds
@@ -188,6 +190,7 @@ def test_sample_single_token_rows_and_greedy_ties():
 def test_sample_dispatch_and_errors(triton_backend):
     x = torch.randn(3, 50)
     assert torch.equal(sample(x, 0.9, 5, 0.9, seed=7), sample_torch(x, 0.9, 5, 0.9, seed=7))
+    assert torch.equal(sample(x, 0.9, 5, 0.9, seed=7, validate=False), sample_torch(x, 0.9, 5, 0.9, seed=7))
     for bad in (float("nan"), float("inf")):
         y = x.clone()
         y[0, 1] = bad
