@@ -137,13 +137,14 @@ def load_prompts(source: str, limit: int | None = None, split: str | None = None
     return records[:limit] if limit is not None else records
 
 
-def load_toy_world():
+def load_toy_world(device=None):
     """The built-in toy world (``fastalign.toyworld``), with a clear error where it is not available."""
+    from .toyworld import load_toy_world as load
+
     try:
-        from .toyworld import load_toy_world as load
-    except ImportError as e:
-        raise InputError(f"the toy world (fastalign.toyworld) is not available: {e}") from None
-    return load()
+        return load(device)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------- gold reward

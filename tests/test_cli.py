@@ -167,3 +167,14 @@ def test_bench_lists_and_runs_scripts_or_says_where_they_are(tmp_path, monkeypat
     assert (tmp_path / "ran.txt").read_text() == "--quick x"
     assert cli.main(["bench", "nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_demo_and_generate_on_the_toy_world(capsys):
+    pytest.importorskip("fastalign.toyworld")
+    assert cli.main(["demo", "--methods", "sample", "bon", "--num-prompts", "2", "--max-new-tokens", "4"]) == 0
+    shown = capsys.readouterr().out
+    assert "| sample |" in shown and "| bon |" in shown
+    assert cli.main(["generate", "--toy", "--method", "sss", "--max-new-tokens", "4", "--seed", "0",
+                     "review : the pasta"]) == 0
+    (line,) = read_lines(capsys.readouterr().out)
+    assert line["prompt"] == "review : the pasta" and 1 <= len(line["tokens"]) <= 4 and line["stats"]["ref_calls"] > 0
