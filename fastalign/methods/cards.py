@@ -1,0 +1,251 @@
+"""``cards``: CARDS (cascade reward sampling), segment-level rejection sampling with entropy-cut segments.
+
+Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment ends with EOS (DESIGN 1.1):
+
+1. **Propose** a segment from the accepted prefix. At each step take the target's next-token logits ``l``: if the
+   segment has at least ``min_segment_tokens`` tokens and ``H(softmax(l)) >= entropy_threshold`` (temperature 1,
+   full vocabulary, nats; the fused ``kernels.entropy``), the segment ends *before* this token and ``l`` becomes
+   the first step of the next segment (never recomputed). Otherwise sample a token with ``ctx.sample``
+   (``DEFAULTS``: T = 0.7, top-k 40). A segment ends after ``max_segment_tokens`` tokens, at EOS, or when the
+   response reaches ``max_new_tokens``.
+2. **Score** ``r = R(x + prefix + segment)``: the reward model processes only the segment, on top of its
+   cached prefix (``RewardModel.score_branches``).
+3. **Accept** against ``tau(L)`` (``threshold_schedule``, ``L`` = response length with the segment): soft
+   (default) ``u < min(1, exp((r - tau) / accept_beta))``, hard ``r >= tau``. An accepted segment stays in both
+   caches (``keep_branches``: the reward model does not process it again).
+4. **Reject**: roll the target back to the prefix and propose again. After ``max_rejections`` rejections in a
+   row, one more segment is scored and the best of the streak is accepted (``rs.Streak``).
+
+``reward_threshold`` is ``r_star``: a number, or ``"auto"`` (``rs.calibrate_reward_threshold``: mean + std of the
+rewards of 8 plain samples of each prompt). Prompts of a batch proceed independently: in a round, every prompt
+that is not done proposes, and each accepts or rejects on its own. ``parallel_candidates=M`` gives each prompt
+``M`` cache rows that propose ``M`` segments at once from the shared prefix; all are scored in one reward call
+and judged in order exactly as ``M`` sequential proposals would be (the first that is accepted wins; later
+ones are discarded), so the output law does not depend on ``M``. The accepted row's cache is then copied to its
+siblings (``CausalLM.select_rows``: a gather, no recompute).
+
+Cost: the target processes each accepted token once, plus every rejected segment's tokens; the reward model
+processes every proposed segment once. The one recompute: a forced acceptance of a segment from an earlier
+round (rolled back since) feeds its tokens to both models again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from .base import Context, MethodResult
+from .rs import Streak, calibrate_reward_threshold, check_acceptance_options, passes
+
+REQUIRES = ("target", "reward")
+DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS paper/code: top-k 40 of softmax(l / 0.7)
+
+
+def threshold_schedule(r_prompt: torch.Tensor, r_star: torch.Tensor, alpha: float, generated: torch.Tensor,
+                       max_new_tokens: int) -> torch.Tensor:
+    """``tau(L) = min(r_star, r0 + L (r_star - r0) / max_new_tokens)`` with ``r0 = (1 - alpha) R(x) + alpha r_star``.
+
+    ``r_prompt`` is ``R(x)``, the reward of the prompt alone; ``generated`` is ``L``, the response length with
+    the candidate segment. All tensor arguments broadcast; returns fp32.
+    """
+    r_prompt, r_star = torch.as_tensor(r_prompt, dtype=torch.float32), torch.as_tensor(r_star, dtype=torch.float32)
+    r0 = (1 - alpha) * r_prompt + alpha * r_star
+    return torch.minimum(r_star, r0 + generated * (r_star - r0) / max_new_tokens)
+
+
+@dataclass
+class Frontier:
+    """Per target row, how to get the next-token logits after its cached tokens: ``logits [R, V]`` fp32 where
+    ``ready [R]``, else first feed ``pending [R]`` (a sampled token not yet in the cache)."""
+
+    logits: torch.Tensor
+    ready: torch.Tensor
+    pending: torch.Tensor
+
+    def clone(self) -> "Frontier":
+        return Frontier(self.logits.clone(), self.ready.clone(), self.pending.clone())
+
+    def take(self, rows: torch.Tensor, other: "Frontier") -> None:
+        """Copy ``other``'s state of the given rows."""
+        self.logits[rows], self.ready[rows], self.pending[rows] = other.logits[rows], other.ready[rows], other.pending[rows]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.logits, self.ready, self.pending = self.logits[rows], self.ready[rows], self.pending[rows]
+
+
+@dataclass
+class Candidate:
+    tokens: list[int]
+    cut: bool  # ended at an entropy cut: the logits after it are known and all its tokens are cached
+    row: int  # the target row that proposed it
+    round: int  # the proposal round (its tokens are in the cache only during that round)
+
+
+def propose(ctx: Context, prefix: Frontier, proposing: torch.Tensor, budgets: torch.Tensor,
+            entropy_threshold: float, min_tokens: int):
+    """One segment per proposing row (``proposing [R]`` bool, at most ``budgets [R]`` tokens each), batched.
+
+    Returns the segments, ``cut [R]`` (ended at an entropy cut), ``fed [R]`` (segment tokens now in the target
+    cache, to roll back on rejection) and the rows' frontier after their segment. A prefix token still pending
+    is fed on the first step and becomes part of ``prefix`` for good.
+    """
+    R = proposing.shape[0]
+    device = prefix.logits.device
+    work = prefix.clone()
+    segments: list[list[int]] = [[] for _ in range(R)]
+    length = torch.zeros(R, dtype=torch.long, device=device)
+    fed = torch.zeros(R, dtype=torch.long, device=device)
+    cut = torch.zeros(R, dtype=torch.bool, device=device)
+    open_ = proposing.clone()
+    while open_.any():
+        need = open_ & ~work.ready
+        if need.any():
+            logits = ctx.target.extend(work.pending[:, None], live=need[:, None])[:, 0]
+            work.logits[need] = logits[need]
+            work.ready |= need
+            first = need & (length == 0)  # the prefix's last token: cached for good
+            prefix.logits[first], prefix.ready[first] = logits[first], True
+            fed += (need & (length > 0)).long()
+        check = open_ & (length >= min_tokens)
+        if check.any():
+            entropy, _ = kernels.entropy(work.logits[check])
+            stop = torch.zeros_like(open_)
+            stop[check] = entropy >= entropy_threshold
+            cut |= stop
+            open_ &= ~stop
+        rows = torch.nonzero(open_).flatten()
+        if rows.numel() == 0:
+            break
+        tokens = ctx.sample(work.logits[rows])
+        work.pending[rows], work.ready[rows] = tokens, False
+        length[rows] += 1
+        for r, t in zip(rows.tolist(), tokens.tolist()):
+            segments[r].append(t)
+        open_[rows] = ~ctx.eos_mask(tokens) & (length[rows] < budgets[rows])
+    return segments, cut, fed, work
+
+
+def check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_tokens, parallel_candidates) -> None:
+    if not (isinstance(entropy_threshold, (int, float)) and math.isfinite(entropy_threshold)):
+        raise ValueError(f"entropy_threshold must be a finite number, got {entropy_threshold!r}")
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not (isinstance(min_segment_tokens, int) and min_segment_tokens >= 1):
+        raise ValueError(f"min_segment_tokens must be an integer >= 1, got {min_segment_tokens!r}")
+    if not (isinstance(max_segment_tokens, int) and max_segment_tokens >= min_segment_tokens):
+        raise ValueError(f"max_segment_tokens must be an integer >= min_segment_tokens ({min_segment_tokens}), "
+                         f"got {max_segment_tokens!r}")
+    if not (isinstance(parallel_candidates, int) and parallel_candidates >= 1):
+        raise ValueError(f"parallel_candidates must be an integer >= 1, got {parallel_candidates!r}")
+
+
+def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
+        reward_threshold: float | str = "auto", alpha: float = 0.5, accept_beta: float = 0.7, mode: str = "soft",
+        min_segment_tokens: int = 4, max_segment_tokens: int = 64, max_rejections: int = 20,
+        parallel_candidates: int = 1) -> MethodResult:
+    check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_tokens, parallel_candidates)
+    check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
+    B, M = len(prompts), parallel_candidates
+    R = B * M
+    target, reward = ctx.target, ctx.reward
+    logits = target.prefill(prompts, ctx.max_new_tokens)
+    r_prompt = reward.prefill(prompts)
+    r_star = (calibrate_reward_threshold(ctx, prompts, logits) if reward_threshold == "auto"
+              else torch.full((B,), float(reward_threshold)))
+    target.expand(M)
+    device = logits.device
+    prefix = Frontier(logits.repeat_interleave(M, 0), torch.ones(R, dtype=torch.bool, device=device),
+                      torch.zeros(R, dtype=torch.long, device=device))
+
+    responses: list[list[int]] = [[] for _ in range(B)]
+    segment_lengths: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    streaks = [Streak() for _ in range(B)]
+    stats = {"segments_proposed": 0, "segments_accepted": 0, "rejections": 0, "forced_acceptances": 0}
+    eos = target.eos_token_ids
+    round_ = 0
+    while not all(done):
+        round_ += 1
+        open_prompts = [b for b in range(B) if not done[b]]
+        proposing = torch.tensor([not done[r // M] for r in range(R)], device=device)
+        budgets = torch.tensor([min(max_segment_tokens, ctx.max_new_tokens - len(responses[r // M]))
+                                for r in range(R)], device=device)
+        segments, cut, fed, work = propose(ctx, prefix, proposing, budgets, entropy_threshold, min_segment_tokens)
+        stats["segments_proposed"] += len(open_prompts) * M
+
+        # score all candidates in one reward call, then judge each prompt's candidates in order
+        scores = reward.score_branches([segments[b * M:(b + 1) * M] if not done[b] else [] for b in range(B)])
+        rewards = torch.stack([scores[b] for b in open_prompts])  # [P, M]
+        generated = torch.tensor([[len(responses[b]) + len(segments[b * M + m]) for m in range(M)]
+                                  for b in open_prompts])
+        tau = threshold_schedule(r_prompt[open_prompts, None], r_star[open_prompts, None], alpha, generated,
+                                 ctx.max_new_tokens)
+        uniforms = ctx.rng.uniform(len(open_prompts), M) if mode == "soft" else None
+        ok = passes(rewards, tau, uniforms, mode, accept_beta).tolist()
+        accepted: dict[int, Candidate] = {}
+        for i, b in enumerate(open_prompts):
+            for m in range(M):
+                r = b * M + m
+                cand = Candidate(segments[r], bool(cut[r]), r, round_)
+                choice, forced = streaks[b].judge(float(rewards[i, m]), ok[i][m], cand, max_rejections)
+                if choice is None:
+                    stats["rejections"] += 1
+                    continue
+                accepted[b] = choice
+                stats["forced_acceptances"] += forced
+                break
+
+        # target: keep the accepted segments, roll everything else back to the prefix
+        fresh = {b: c for b, c in accepted.items() if c.round == round_}
+        stale = {b: c for b, c in accepted.items() if c.round != round_}
+        fresh_rows = torch.tensor([c.row for c in fresh.values()], dtype=torch.long, device=device)
+        fed[fresh_rows] = 0
+        target.rollback(fed)
+        prefix.take(fresh_rows, work)
+        source = {b: c.row for b, c in fresh.items()}
+        if stale:
+            refeed_best(ctx, prefix, {b * M: c for b, c in stale.items()})
+            source.update({b: b * M for b in stale})
+        if M > 1 and source:
+            rows = torch.arange(R, device=device)
+            for b, j in source.items():
+                rows[b * M:(b + 1) * M] = j
+            target.select_rows(rows)
+            prefix.select_rows(rows)
+
+        # reward model: fresh segments stay where they were scored, stale ones are fed again
+        reward.keep_branches([fresh[b].row - b * M if b in fresh else None for b in range(B)])
+        if stale:
+            reward.append([stale[b].tokens if b in stale else [] for b in range(B)])
+
+        for b, c in accepted.items():
+            responses[b] += c.tokens
+            segment_lengths[b].append(len(c.tokens))
+            done[b] = c.tokens[-1] in eos or len(responses[b]) >= ctx.max_new_tokens
+            streaks[b] = Streak()
+        stats["segments_accepted"] += len(accepted)
+    ctx.stats.update(stats)
+    return MethodResult(responses, {"reward_threshold": r_star, "segment_lengths": segment_lengths})
+
+
+def refeed_best(ctx: Context, prefix: Frontier, best: dict[int, Candidate]) -> None:
+    """Write earlier-round candidates (``best``: target row -> candidate) after their row's prefix again and
+    set the rows' frontier to the candidate's end (the last token stays pending unless it ended at a cut)."""
+    R = prefix.ready.shape[0]
+    feed = {r: c.tokens if c.cut else c.tokens[:-1] for r, c in best.items()}
+    T = max(len(t) for t in feed.values())
+    if T:
+        tokens = torch.zeros(R, T, dtype=torch.long, device=prefix.logits.device)
+        live = torch.zeros(R, T, dtype=torch.bool, device=prefix.logits.device)
+        for r, t in feed.items():
+            tokens[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+            live[r, :len(t)] = True
+        logits = ctx.target.extend(tokens, live=live)
+    for r, c in best.items():
+        if c.cut:
+            prefix.logits[r], prefix.ready[r] = logits[r, len(c.tokens) - 1], True
+        else:
+            prefix.pending[r], prefix.ready[r] = c.tokens[-1], False

@@ -1,0 +1,121 @@
+"""``rs``: item-level rejection sampling of whole responses against a reward threshold ``r_star``.
+
+Each prompt draws a response from the target, scores it, and accepts it (soft, the default, as in the CARDS
+code) when ``u < min(1, exp((r - r_star) / accept_beta))``, or (hard) when ``r >= r_star``; otherwise it draws
+again from the same cached prompt. After ``max_rejections`` rejections in a row one more response is drawn
+and the best of all of them is accepted (the forced acceptance of the CARDS code). Prompts of a batch proceed
+independently: rows that accepted ride along while the others draw again.
+
+This module also holds what ``cards`` shares with it: the acceptance test, the forced-acceptance rule
+(``Streak``) and the ``reward_threshold="auto"`` calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Context, MethodResult, sample_continuations
+
+REQUIRES = ("target", "reward")
+DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS code's sampling settings (T = 0.7, top-k 40)
+
+AUTO_SAMPLES = 8  # plain samples per prompt that calibrate reward_threshold="auto"
+MODES = ("soft", "hard")
+
+
+def check_acceptance_options(reward_threshold, accept_beta: float, mode: str, max_rejections: int) -> None:
+    if not (reward_threshold == "auto" or (isinstance(reward_threshold, (int, float))
+                                           and math.isfinite(reward_threshold))):
+        raise ValueError(f"reward_threshold must be a finite number or 'auto', got {reward_threshold!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not accept_beta > 0:
+        raise ValueError(f"accept_beta must be > 0, got {accept_beta}")
+    if not (isinstance(max_rejections, int) and max_rejections >= 0):
+        raise ValueError(f"max_rejections must be an integer >= 0, got {max_rejections!r}")
+
+
+def calibrate_reward_threshold(ctx: Context, prompts: list[list[int]], prompt_logits: torch.Tensor) -> torch.Tensor:
+    """``reward_threshold="auto"``: per prompt, ``r_star = mean + std`` (unbiased std) of the rewards of
+    ``AUTO_SAMPLES`` (8) plain samples of up to ``max_new_tokens`` tokens drawn with the decode's sampling
+    settings.  Returns ``[B]`` fp32.
+
+    Needs the target cache to hold exactly the prompts (``prompt_logits [B, V]`` after them) and the reward
+    cache the prompts; both are left as they were. A sampled response beats ``r_star`` with probability
+    about 16% when its rewards are roughly normal, so acceptance is selective but not hopeless.
+    """
+    B, n = len(prompts), AUTO_SAMPLES
+    ctx.target.expand(n)
+    samples = sample_continuations(ctx, ctx.target, prompt_logits.repeat_interleave(n, 0), ctx.max_new_tokens)
+    ctx.target.select_rows(torch.arange(B) * n)
+    ctx.target.rollback(torch.tensor([len(samples[b * n]) - 1 for b in range(B)]))
+    rewards = torch.stack(ctx.reward.score_branches([samples[b * n:(b + 1) * n] for b in range(B)]))  # [B, n]
+    return rewards.mean(1) + rewards.std(1)
+
+
+def passes(rewards: torch.Tensor, thresholds: torch.Tensor, uniforms: torch.Tensor | None, mode: str,
+           accept_beta: float) -> torch.Tensor:
+    """The acceptance test, elementwise: hard ``r >= tau``, soft ``u < min(1, exp((r - tau) / accept_beta))``."""
+    if mode == "hard":
+        return rewards >= thresholds
+    return uniforms < torch.exp((rewards - thresholds) / accept_beta).clamp(max=1.0)
+
+
+@dataclass
+class Streak:
+    """One prompt's rejections in a row since its last acceptance, and the best candidate seen in them."""
+
+    rejections: int = 0
+    best_reward: float = -math.inf
+    best: object = None
+
+    def judge(self, reward: float, passed: bool, candidate, max_rejections: int):
+        """One candidate of the sequential rule: returns ``(accepted candidate or None, forced)``.
+
+        After ``max_rejections`` rejections in a row the candidate is scored and the best seen (this one
+        included; the first among equals) is accepted whatever the test says.
+        """
+        if reward > self.best_reward:
+            self.best_reward, self.best = reward, candidate
+        if self.rejections >= max_rejections:
+            return self.best, True
+        if passed:
+            return candidate, False
+        self.rejections += 1
+        return None, False
+
+
+def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = "auto", accept_beta: float = 0.7,
+        mode: str = "soft", max_rejections: int = 20) -> MethodResult:
+    check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
+    B = len(prompts)
+    logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
+    ctx.reward.prefill(prompts)
+    r_star = (calibrate_reward_threshold(ctx, prompts, logits) if reward_threshold == "auto"
+              else torch.full((B,), float(reward_threshold)))
+
+    chosen: list[list[int] | None] = [None] * B
+    streaks = [Streak() for _ in range(B)]
+    stats = {"responses_proposed": 0, "rejections": 0, "forced_acceptances": 0}
+    while any(c is None for c in chosen):
+        open_rows = [b for b in range(B) if chosen[b] is None]
+        budgets = [ctx.max_new_tokens if chosen[b] is None else 0 for b in range(B)]
+        responses = sample_continuations(ctx, ctx.target, logits, budgets)
+        ctx.target.rollback(torch.tensor([max(len(r) - 1, 0) for r in responses]))  # back to the prompt
+        rewards = ctx.reward.score_branches([[r] if chosen[b] is None else [] for b, r in enumerate(responses)])
+        uniforms = ctx.rng.uniform(B) if mode == "soft" else None
+        ok = passes(torch.stack([rewards[b][0] for b in open_rows]), r_star[open_rows],
+                    None if uniforms is None else uniforms[open_rows], mode, accept_beta)
+        for b, passed in zip(open_rows, ok.tolist()):
+            stats["responses_proposed"] += 1
+            accepted, forced = streaks[b].judge(float(rewards[b][0]), passed, responses[b], max_rejections)
+            if accepted is None:
+                stats["rejections"] += 1
+            else:
+                chosen[b] = accepted
+                stats["forced_acceptances"] += forced
+    ctx.stats.update(stats)
+    return MethodResult(chosen, {"reward_threshold": r_star})

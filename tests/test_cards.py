@@ -1,0 +1,324 @@
+"""``cards``, ``rs`` and ``args``: exact laws on a tiny model, segmentation, caching, forced acceptance, errors."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+import fastalign
+from fastalign.methods.cards import threshold_schedule
+from fastalign.models import RewardModel
+from fastalign.testing import (
+    empirical_law,
+    enumerate_law,
+    next_token_probs,
+    tiny_causal_lm,
+    tiny_reward_model,
+    total_variation,
+)
+
+V, EOS, T, TOP_K = 6, 5, 0.8, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_causal_lm(vocab_size=V, hidden=16, init_range=0.25)
+
+
+def twos_reward(prompts, responses):
+    """Count of token 2, plus an injective tie-break below 0.1 (the response read as a base-7 fraction)."""
+    return torch.tensor([sum(t == 2 for t in r) + 0.1 * sum((t + 1) * 7.0 ** -(i + 1) for i, t in enumerate(r))
+                         for r in responses], dtype=torch.float32)
+
+
+def reward_of(response) -> float:
+    return float(twos_reward(None, [list(response)])[0])
+
+
+# ------------------------------------------------------------------ exact laws
+def accepted_law(proposals: dict, rewards: dict, thresholds: dict, mode: str, beta: float, max_rejections: int):
+    """Law of the candidate accepted by the sequential rule with forced acceptance, for i.i.d. proposals.
+
+    Attempts 1..m (m = max_rejections) accept candidate s with probability a(s); if all m are rejected, attempt
+    m+1 is forced: the best of the m rejected draws (law rho) and one fresh draw (law p). Rewards are injective.
+    """
+    a = {s: float(rewards[s] >= thresholds[s]) if mode == "hard"
+         else min(1.0, math.exp((rewards[s] - thresholds[s]) / beta)) for s in proposals}
+    q = sum(p * a[s] for s, p in proposals.items())
+    m, streak = max_rejections, sum((1 - q) ** i for i in range(max_rejections))
+    rho = {s: p * (1 - a[s]) / (1 - q) for s, p in proposals.items()} if q < 1 else None
+
+    def cdf(law, r, strict):
+        return sum(p for s, p in law.items() if (rewards[s] < r if strict else rewards[s] <= r))
+
+    law = {}
+    for s, p in proposals.items():
+        law[s] = p * a[s] * streak
+        if q < 1:
+            r = rewards[s]
+            best = cdf(rho, r, False) ** m * cdf(proposals, r, False) - cdf(rho, r, True) ** m * cdf(proposals, r, True)
+            law[s] += (1 - q) ** m * best
+    return law
+
+
+@functools.lru_cache(maxsize=None)
+def logits_after(model, tokens: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([list(tokens)])).logits[0, -1].float()
+
+
+def cards_law(model, prompt, max_new, threshold, min_seg, max_seg, r_star, alpha, mode, beta, max_rejections):
+    """Exact law of cards' responses: segment proposals enumerated, then ``accepted_law`` per segment."""
+    r_prompt = reward_of([])
+
+    def proposals(response):
+        law = {}
+
+        def walk(seg, prob):
+            tokens = tuple(prompt) + response + seg
+            if len(seg) >= min_seg:
+                entropy, _ = fastalign.kernels.entropy(logits_after(model, tokens)[None])
+                if float(entropy) >= threshold:
+                    law[seg] = law.get(seg, 0.0) + prob
+                    return
+            probs = next_token_probs(model, list(tokens), T, TOP_K)
+            for tok in torch.nonzero(probs > 0).flatten().tolist():
+                s, p = seg + (tok,), prob * float(probs[tok])
+                if tok == EOS or len(s) == max_seg or len(response) + len(s) == max_new:
+                    law[s] = law.get(s, 0.0) + p
+                else:
+                    walk(s, p)
+
+        walk((), 1.0)
+        return law
+
+    out = {}
+
+    def grow(response, prob):
+        props = proposals(response)
+        rewards = {s: reward_of(response + s) for s in props}
+        thresholds = {s: float(threshold_schedule(r_prompt, r_star, alpha, torch.tensor(len(response + s)), max_new))
+                      for s in props}
+        for s, p in accepted_law(props, rewards, thresholds, mode, beta, max_rejections).items():
+            y = response + s
+            if y[-1] == EOS or len(y) == max_new:
+                out[y] = out.get(y, 0.0) + prob * p
+            else:
+                grow(y, prob * p)
+
+    grow((), 1.0)
+    return out
+
+
+CARDS = dict(entropy_threshold=1.5, min_segment_tokens=1, max_segment_tokens=2, reward_threshold=1.0, alpha=0.5,
+             accept_beta=0.7, max_rejections=2)
+
+
+def cards_exact(model, prompt, mode, max_new=3):
+    return cards_law(model, prompt, max_new, CARDS["entropy_threshold"], CARDS["min_segment_tokens"],
+                     CARDS["max_segment_tokens"], CARDS["reward_threshold"], CARDS["alpha"], mode,
+                     CARDS["accept_beta"], CARDS["max_rejections"])
+
+
+def plain_law(model, prompt, max_new=3):
+    return enumerate_law(lambda t: next_token_probs(model, t, T, TOP_K), prompt, max_new, {EOS})
+
+
+def test_cards_hard_follows_exact_law_in_a_mixed_batch(model):
+    prompts, draws = [[1, 2], [3, 1, 4]], 3000
+    out = fastalign.decode(prompts * draws, method="cards", target=model, reward=twos_reward, max_new_tokens=3,
+                           temperature=T, top_k=TOP_K, seed=0, mode="hard", **CARDS)
+    for i, prompt in enumerate(prompts):
+        exact = cards_exact(model, prompt, "hard")
+        assert abs(sum(exact.values()) - 1) < 1e-9
+        assert total_variation(empirical_law(out.sequences[i::2]), exact) < 0.05
+        assert total_variation(exact, plain_law(model, prompt)) > 0.2  # the check can tell the laws apart
+    assert out.stats["forced_acceptances"] > 0 and out.stats["rejections"] > 0
+
+
+def test_cards_soft_with_parallel_candidates_follows_the_same_law(model):
+    prompt, draws = [1, 2], 3000
+    out = fastalign.decode([prompt] * draws, method="cards", target=model, reward=twos_reward, max_new_tokens=3,
+                           temperature=T, top_k=TOP_K, seed=1, mode="soft", parallel_candidates=3, **CARDS)
+    exact = cards_exact(model, prompt, "soft")
+    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(exact, cards_exact(model, prompt, "hard")) > 0.1
+    assert total_variation(exact, plain_law(model, prompt)) > 0.1
+    st = out.stats
+    assert st["segments_proposed"] % 3 == 0 and st["segments_proposed"] > st["segments_accepted"] + st["rejections"]
+
+
+def test_rs_follows_exact_law_with_forced_acceptance(model):
+    prompt, draws, r_star = [3, 1, 4], 3000, 1.0
+    out = fastalign.decode([prompt] * draws, method="rs", target=model, reward=twos_reward, max_new_tokens=3,
+                           temperature=T, top_k=TOP_K, seed=2, mode="hard", reward_threshold=r_star,
+                           max_rejections=2)
+    p = plain_law(model, prompt)
+    rewards = {y: reward_of(y) for y in p}
+    exact = accepted_law(p, rewards, {y: r_star for y in p}, "hard", 0.7, 2)
+    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(exact, p) > 0.2
+    st = out.stats
+    assert st["responses_proposed"] == draws + st["rejections"] and 0 < st["forced_acceptances"] < draws
+
+
+def test_args_sampled_follows_exact_law(model):
+    prompt, draws, w, k = [1, 2], 3000, 2.0, 3
+
+    def step_probs(tokens):  # softmax(log p_T(v) + w r) over the top-k of the logits
+        logits = logits_after(model, tuple(tokens))
+        top = torch.topk(logits, k).indices
+        response = tokens[len(prompt):]
+        score = torch.log_softmax(logits.double() / T, -1)[top] + w * torch.tensor(
+            [reward_of(response + [int(v)]) for v in top], dtype=torch.float64)
+        probs = torch.zeros(V, dtype=torch.float64)
+        probs[top] = torch.softmax(score, -1)
+        return probs
+
+    exact = enumerate_law(step_probs, prompt, 3, {EOS})
+    out = fastalign.decode([prompt] * draws, method="args", target=model, reward=twos_reward, max_new_tokens=3,
+                           temperature=T, seed=3, mode="sampled", k=k, w=w)
+    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(exact, plain_law(model, prompt)) > 0.2
+    assert out.stats["reward_calls"] == 1 + 3  # the prompts, then one call per token for every row at once
+
+
+# ------------------------------------------------------------------ schedule, segmentation, forced acceptance
+def test_threshold_schedule_by_hand():
+    # r0 = 0.5 * 2 + 0.5 * 8 = 5; tau(L) = min(8, 5 + L * 3 / 12)
+    taus = threshold_schedule(torch.tensor(2.0), torch.tensor(8.0), 0.5, torch.tensor([0, 4, 6, 12, 20]), 12)
+    torch.testing.assert_close(taus, torch.tensor([5.0, 6.0, 6.5, 8.0, 8.0]))
+    # alpha = 1 starts at r_star; alpha = 0 at R(x); per-prompt tensors broadcast
+    torch.testing.assert_close(threshold_schedule(torch.tensor([1.0, -3.0]), torch.tensor([4.0, 1.0]), 0.0,
+                                                  torch.tensor([[0], [5]]), 10),
+                               torch.tensor([[1.0, -3.0], [2.5, -1.0]]))
+    assert float(threshold_schedule(-1.0, 3.0, 1.0, torch.tensor(0), 10)) == 3.0
+
+
+def full_entropy(model, tokens) -> float:
+    return float(fastalign.kernels.entropy(logits_after(model, tuple(tokens))[None])[0])
+
+
+@pytest.mark.parametrize("threshold,min_seg,max_seg", [(1.45, 2, 4), (0.0, 3, 5), (1e9, 2, 3)])
+def test_segment_boundaries_and_boundary_logits_reused(model, threshold, min_seg, max_seg):
+    prompts, max_new = [[1, 2], [3, 1, 4], [2]], 10
+    out = fastalign.decode(prompts, method="cards", target=model, reward=twos_reward, max_new_tokens=max_new,
+                           seed=4, mode="hard", reward_threshold=-100.0, entropy_threshold=threshold,
+                           min_segment_tokens=min_seg, max_segment_tokens=max_seg)
+    for prompt, response, lengths in zip(prompts, out.sequences, out.extra["segment_lengths"]):
+        assert sum(lengths) == len(response) and 1 <= len(response) <= max_new
+        assert EOS not in response[:-1] and (response[-1] == EOS or len(response) == max_new)
+        start = 0
+        for j, n in enumerate(lengths):
+            last = j == len(lengths) - 1
+            assert n <= max_seg and (n >= min_seg or last)
+            for i in range(start + min_seg, start + n):  # no cut was due inside the segment
+                assert full_entropy(model, prompt + response[:i]) < threshold
+            if not last and n < max_seg:  # ended by an entropy cut
+                assert full_entropy(model, prompt + response[:start + n]) >= threshold
+            start += n
+    if threshold == 0.0:
+        assert all(n == min_seg for ls in out.extra["segment_lengths"] for n in ls[:-1])
+    if threshold == 1e9:
+        assert all(n == max_seg for ls in out.extra["segment_lengths"] for n in ls[:-1])
+    st = out.stats
+    assert st["segments_accepted"] == st["segments_proposed"] == sum(map(len, out.extra["segment_lengths"]))
+    # every token is fed to the target once, when the next step needs its logits; a boundary's logits are reused
+    assert st["target_tokens"] == sum(map(len, prompts)) + sum(len(r) - 1 for r in out.sequences)
+
+
+def test_forced_acceptance_with_a_reward_that_never_passes(model):
+    out = fastalign.decode([[1, 2], [3, 1, 4]], method="cards", target=model, reward=twos_reward, max_new_tokens=8,
+                           seed=5, mode="hard", reward_threshold=1e6, max_rejections=3, min_segment_tokens=2,
+                           entropy_threshold=1.45, parallel_candidates=2)
+    st = out.stats
+    accepted = st["segments_accepted"]
+    assert st["forced_acceptances"] == accepted == sum(map(len, out.extra["segment_lengths"]))
+    assert st["rejections"] == 3 * accepted
+    assert st["segments_proposed"] == 2 * accepted * 2  # two rounds of two candidates per segment
+    for r in out.sequences:
+        assert 1 <= len(r) <= 8 and (r[-1] == EOS or len(r) == 8)
+
+
+# ------------------------------------------------------------------ caching
+def test_cards_with_cached_reward_equals_full_rescoring(model):
+    """The cached reward model (segments scored on top of its cache) decides exactly as full rescoring does."""
+    rm = tiny_reward_model(vocab_size=V)
+    full = RewardModel(rm)
+
+    def rescore(prompts, responses):
+        return full.score(prompts, responses)
+
+    options = dict(method="cards", target=model, max_new_tokens=8, seed=6, entropy_threshold=1.45,
+                   min_segment_tokens=2, max_segment_tokens=4, max_rejections=2, parallel_candidates=2)
+    cached = fastalign.decode([[1, 2], [3, 1, 4]], reward=rm, **options)
+    plain = fastalign.decode([[1, 2], [3, 1, 4]], reward=rescore, **options)
+    assert cached.sequences == plain.sequences
+    assert cached.stats["rejections"] == plain.stats["rejections"] > 0
+    torch.testing.assert_close(cached.extra["reward_threshold"], plain.extra["reward_threshold"])
+    # the cached reward model processes each proposed segment once (plus the prompts and auto-calibration)
+    assert cached.stats["reward_tokens"] < plain.stats["reward_tokens"]
+
+
+def test_args_greedy_matches_a_full_recompute_reference(model):
+    rm = tiny_reward_model(vocab_size=V)
+    full = RewardModel(rm)
+    prompts, k, w, max_new = [[1, 2], [3, 1, 4, 4]], 4, 1.5, 6
+    out = fastalign.decode(prompts, method="args", target=model, reward=rm, max_new_tokens=max_new, k=k, w=w)
+    for prompt, response in zip(prompts, out.sequences):
+        ref = []
+        while len(ref) < max_new and (not ref or ref[-1] != EOS):
+            logits = logits_after(model, tuple(prompt + ref))
+            logp, top = torch.topk(torch.log_softmax(logits, -1), k)
+            rewards = full.score([prompt] * k, [ref + [int(v)] for v in top])
+            ref.append(int(top[torch.argmax(logp + w * rewards)]))
+        assert response == ref
+    assert out.stats["reward_calls"] == 1 + max(map(len, out.sequences))
+
+
+# ------------------------------------------------------------------ reward, auto threshold, errors
+def test_cards_raises_the_mean_reward_over_sampling():
+    model = tiny_causal_lm(vocab_size=8, hidden=16, init_range=0.1, seed=3)
+
+    def count_twos(prompts, responses):
+        return torch.tensor([float(sum(t == 2 for t in r)) for r in responses])
+
+    prompts = [[1, 3]] * 64
+    options = dict(target=model, reward=count_twos, max_new_tokens=12, seed=7)
+    plain = fastalign.decode(prompts, method="sample", temperature=0.7, top_k=40, **options)
+    aligned = fastalign.decode(prompts, method="cards", reward_threshold=4.0, entropy_threshold=2.0, **options)
+    mean = lambda seqs: count_twos(None, seqs).mean().item()  # noqa: E731
+    assert mean(aligned.sequences) > mean(plain.sequences) + 1.0
+
+
+def test_auto_threshold_is_mean_plus_std_of_plain_samples(model):
+    prompts = [[1, 2], [3, 1, 4]]
+    out = fastalign.decode(prompts, method="rs", target=model, reward=twos_reward, max_new_tokens=4, top_k=1,
+                           temperature=1.0, seed=8)
+    greedy = fastalign.decode(prompts, method="sample", target=model, max_new_tokens=4, top_k=1, temperature=1.0)
+    # top-1 samples are all equal: std 0, r_star = their reward
+    torch.testing.assert_close(out.extra["reward_threshold"], twos_reward(prompts, greedy.sequences))
+    assert out.sequences == greedy.sequences
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("cards", dict(alpha=1.5), "alpha"),
+    ("cards", dict(alpha=-0.1), "alpha"),
+    ("cards", dict(mode="medium"), "mode"),
+    ("cards", dict(min_segment_tokens=0), "min_segment_tokens"),
+    ("cards", dict(min_segment_tokens=4, max_segment_tokens=3), "max_segment_tokens"),
+    ("cards", dict(parallel_candidates=0), "parallel_candidates"),
+    ("cards", dict(reward_threshold="high"), "reward_threshold"),
+    ("cards", dict(accept_beta=0.0), "accept_beta"),
+    ("cards", dict(max_rejections=-1), "max_rejections"),
+    ("cards", dict(entropy_threshold=float("nan")), "entropy_threshold"),
+    ("rs", dict(mode="greedy"), "mode"),
+    ("rs", dict(reward_threshold=float("inf")), "reward_threshold"),
+    ("args", dict(k=0), "k must"),
+    ("args", dict(mode="soft"), "mode"),
+    ("args", dict(top_k=5), "pass k="),
+])
+def test_bad_options(model, method, options, message):
+    with pytest.raises(ValueError, match=message):
+        fastalign.decode([[1, 2]], method=method, target=model, reward=twos_reward, max_new_tokens=2, **options)
