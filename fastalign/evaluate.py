@@ -441,7 +441,7 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def default_grid(engine_for, methods=None) -> list[tuple[str, dict]]:
+def default_grid(engine_for) -> list[tuple[str, dict]]:
     """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has:
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
     from .methods import get_method
@@ -450,8 +450,6 @@ def default_grid(engine_for, methods=None) -> list[tuple[str, dict]]:
             ("rs", {}), ("cards", {}), ("sd", {}), ("sss", {}), *[("qalign", {"steps": s}) for s in (2, 4, 8)]]
     chosen = []
     for method, options in grid:
-        if methods is not None and method not in methods:
-            continue
         try:
             module, _ = get_method(method)
         except (ImportError, AttributeError):

@@ -175,3 +175,12 @@ def test_gold_reward_length_is_checked():
     gold = GoldReward(lambda *a: torch.zeros(1), "short")
     with pytest.raises(InputError, match="1 scores for 2"):
         gold(None, [[1], [2]], None, ["", ""], [{}, {}])
+
+
+def test_default_grid_keeps_the_methods_the_models_allow(engine):
+    from fastalign.evaluate import default_grid
+
+    grid = default_grid(lambda method: engine)  # a target and a reward model, no draft
+    methods = [m for m, _ in grid]
+    assert methods[0] == "sample" and ("bon", {"n": 8}) in grid
+    assert "sd" not in methods and "sss" not in methods
