@@ -1,0 +1,226 @@
+"""Chain verification for speculative sampling: SD, reward-shifted SSS (exact and paper), one launch per batch.
+
+Definitions (DESIGN section 1.2). Per row ``b`` and position ``i`` (``0 <= i <= K``) every distribution is
+``softmax(truncate_logits(l, temperature, top_k, top_p))`` (``kernels.truncation``):
+
+* ``p_i``   from ``target_logits[b, i]``: the target's next-token distribution after the prefix and ``x_1..x_i``
+  (position 0 = after the last accepted prefix token; position ``K`` = the bonus position);
+* ``q_r,i`` from ``draft_logits[b, i]``: the (aligned) draft's distribution at the same place; ``x_{i+1} =
+  draft_tokens[b, i]`` was drawn from it;
+* ``q_i``   from ``ref_logits[b, i]``: the reference draft (the draft before alignment), sss only.
+
+**Layout.** ``target_logits [B, K+1, V]`` and ``ref_logits [B, K+1, V]`` (the target and the reference are fed
+``x_0..x_K`` in one pass). ``draft_logits`` is ``[B, K, V]`` (what drafting ``x_1..x_K`` produced) or
+``[B, K+1, V]`` (the draft also fed ``x_K``): position ``K`` of the draft is only read to form ``pi`` at the
+bonus position, so it is **required** exactly when the reward tilt is active (an sss mode with ``ref_logits``
+given and ``lam != 0``) and ``bonus=True``; in every other case a ``[B, K, V]`` draft suffices (an extra
+position is ignored). Logits may be fp32, bf16 or fp16; all math is fp32.
+
+**Reward-shifted target** (sss modes, computed in log space, no probability tensor divided)::
+
+    d(v)      = clip(log q_r(v) - log q(v), -M, M)       M = max_log_ratio, or no clip when None
+    log pi(v) = log p(v) + lam * d(v) - logZ,   logZ = logsumexp_v(log p(v) + lam * d(v))
+
+Tokens with ``p(v) = 0`` keep ``pi(v) = 0``. Where one side of the ratio is zero (a masked / truncated token of
+only one of the two drafts) the log-ratio would be infinite: it is taken as ``+R`` when ``q(v) = 0 < q_r(v)``
+and ``-R`` when ``q_r(v) = 0 < q(v)``, with ``R = max_log_ratio`` when given, else ``R = 20`` (``RATIO_INF``, a
+factor ``e^20``: effectively the limit, but ``pi`` stays a proper distribution with no inf/NaN). Where both
+are zero ``d = 0`` (no tilt). ``ref_logits=None`` or ``lam == 0`` give ``pi = p`` exactly (the tilt is skipped,
+so ``sss_exact`` is then token for token ``sd``).
+
+**Modes.** ``t`` is the distribution the acceptance test uses: ``p`` for ``sd`` and ``sss_paper``, ``pi`` for
+``sss_exact``. Position ``i < n`` (``n = num_valid[b]``, default ``K``) accepts ``x_{i+1}`` iff
+``u_i * q_r,i(x) <= t_i(x)`` and ``t_i(x) > 0`` (no division: a zero draft probability means "accept iff the
+target allows it"; a token outside ``[0, V)`` has probability 0 and is rejected). ``accepted[b]`` = the
+number of accepted tokens before the first rejection (or ``n``). ``j = accepted[b]``; the emitted token
+``next_token[b]`` is drawn at position ``j``:
+
+* ``sd`` / ``sss_exact``: ``j < n`` (a rejection): from ``normalize((t_j - q_r,j)+)``; if that residual is all
+  zero (only possible when ``t_j == q_r,j``, up to rounding) from ``t_j``. ``j == n``: the bonus, from ``t_j``.
+  The emitted tokens follow ``t`` exactly (``p`` for sd, ``pi`` for sss exact).
+* ``sss_paper`` (the rule of the published SSS code): test against ``p``, and emit from ``pi_j`` itself, at a
+  rejection and at the bonus alike. This does **not** follow ``pi`` exactly (see the law test in
+  ``tests/test_verify_kernels.py`` for a measured total-variation gap). With ``ref=None`` / ``lam=0`` it is
+  not SD either (it emits from ``p``, not from the residual): pass ``mode="sd"`` for SD.
+* ``bonus=False``: when all ``n`` drafted tokens are accepted no token is emitted: ``next_token[b] = -1``
+  (the published paper code's behaviour; valid in every mode).
+
+``num_valid [B]`` (optional, values in ``[0, K]``): row ``b`` only drafted ``num_valid[b]`` tokens (e.g. rows
+near ``max_new_tokens`` or rows with an adaptive K); positions ``>= num_valid[b]`` are ignored and the bonus is
+drawn at position ``num_valid[b]`` (so ``target_logits[b, num_valid[b]]`` must be the right logits).
+
+**Randomness.** ``uniforms [B, K]`` fp32 in (0, 1) for the acceptance tests. The single draw per row is an
+exponential race ``argmax_v log w(v) - log(-log u(seed, b * V + v))`` over the unnormalised weight ``w``
+(residual or distribution) with ``u`` the shared counter-based generator (``kernels._rng``): Triton and
+reference agree token for token.
+
+**Truncation.** With ``top_k`` / ``top_p`` the public function applies ``truncate_logits`` to the three
+tensors first (materialising fp32 truncated logits) and the kernel then only applies the temperature; without
+them the kernel reads the raw logits directly.
+
+**Triton** (``_spec_verify_triton``): the vocabulary is split into chunks so that few rows still fill the GPU.
+Launch 1, grid ``(B*(K+1), chunks)``: per (row, position, chunk) partial logsumexps of target, draft, ref and
+the two partial sums that give ``logZ`` (one read of each logits tensor; with ``max_log_ratio`` a second
+partial pass computes the clipped ``logZ``). Launch 2, grid ``(B, chunks)``: every program combines its row's
+partials (tiny), gathers the drafted tokens' logits, runs the acceptance tests, finds the first rejection
+``j`` and races its vocabulary chunk at position ``j`` only (residual and fallback race at once). Launch 3,
+grid ``(B,)``: combines the partial argmaxes. The logits are read about ``1 + 1/(K+1)`` times.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import check_finite, use_triton
+from ._rng import uniform_grid_torch
+from .truncation import truncate_logits
+
+MODES = ("sd", "sss_exact", "sss_paper")
+RATIO_INF = 20.0  # log-ratio used where exactly one of q_r, q is zero (unless max_log_ratio is given)
+
+
+def _log_ratio_torch(lqr: torch.Tensor, lq: torch.Tensor, max_log_ratio: float | None) -> torch.Tensor:
+    r_inf = RATIO_INF if max_log_ratio is None else float(max_log_ratio)
+    fd = lqr > float("-inf")
+    fr = lq > float("-inf")
+    d = torch.where(fd & fr, lqr - lq,
+                    torch.where(fd, torch.full_like(lqr, r_inf),
+                                torch.where(fr, torch.full_like(lqr, -r_inf), torch.zeros_like(lqr))))
+    if max_log_ratio is not None:
+        d = d.clamp(-float(max_log_ratio), float(max_log_ratio))
+    return d
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    return x - torch.logsumexp(x, dim=-1, keepdim=True)
+
+
+def _tilted(lp: torch.Tensor, lqr: torch.Tensor, lq: torch.Tensor, lam: float,
+            max_log_ratio: float | None) -> torch.Tensor:
+    """log pi = log p + lam * d - logZ (all ``[..., V]``)."""
+    s = lp + lam * _log_ratio_torch(lqr, lq, max_log_ratio)
+    return s - torch.logsumexp(s, dim=-1, keepdim=True)
+
+
+def _gumbel(seed: int, B: int, V: int, device) -> torch.Tensor:
+    """``-log(-log u(seed, b * V + v))``: the race noise, one row per batch row."""
+    u = uniform_grid_torch(seed, B, V, device=device)
+    return -torch.log(-torch.log(u))
+
+
+def _tilt_active(mode: str, ref_logits, lam: float) -> bool:
+    return mode != "sd" and ref_logits is not None and float(lam) != 0.0
+
+
+def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
+              bonus, num_valid):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if target_logits.dim() != 3:
+        raise ValueError(f"target_logits must be [B, K+1, V], got {tuple(target_logits.shape)}")
+    B, K1, V = target_logits.shape
+    K = K1 - 1
+    if K < 1:
+        raise ValueError("target_logits needs K+1 >= 2 positions")
+    if draft_logits.dim() != 3 or draft_logits.shape[0] != B or draft_logits.shape[2] != V \
+            or draft_logits.shape[1] not in (K, K1):
+        raise ValueError(f"draft_logits must be [B, K, V] or [B, K+1, V] = [{B}, {K}|{K1}, {V}], "
+                         f"got {tuple(draft_logits.shape)}")
+    if ref_logits is not None and tuple(ref_logits.shape) != (B, K1, V):
+        raise ValueError(f"ref_logits must be [B, K+1, V] = {(B, K1, V)}, got {tuple(ref_logits.shape)}")
+    if _tilt_active(mode, ref_logits, lam) and bonus and draft_logits.shape[1] != K1:
+        raise ValueError("the reward tilt at the bonus position needs the draft's logits there: pass "
+                         "draft_logits [B, K+1, V] (or bonus=False)")
+    if tuple(draft_tokens.shape) != (B, K):
+        raise ValueError(f"draft_tokens must be [B, K] = {(B, K)}, got {tuple(draft_tokens.shape)}")
+    if tuple(uniforms.shape) != (B, K):
+        raise ValueError(f"uniforms must be [B, K] = {(B, K)}, got {tuple(uniforms.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if num_valid is not None and tuple(num_valid.shape) != (B,):
+        raise ValueError(f"num_valid must be [B], got {tuple(num_valid.shape)}")
+
+
+def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mode: str = "sd",
+                      lam: float = 1.0, temperature: float = 1.0, uniforms=None, seed: int = 0, *,
+                      top_k: int | None = None, top_p: float | None = None,
+                      max_log_ratio: float | None = None, bonus: bool = True, num_valid=None,
+                      validate: bool = True):
+    """Reference (vectorised over the batch) of ``spec_verify``: same signature, same tokens."""
+    if validate:
+        _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
+                  bonus, num_valid)
+    B, K1, V = target_logits.shape
+    K = K1 - 1
+    Kd = draft_logits.shape[1]
+    dev = target_logits.device
+    tilt = _tilt_active(mode, ref_logits, lam)
+
+    lp = _log_softmax(truncate_logits(target_logits, temperature, top_k, top_p))           # [B, K1, V]
+    lqr = _log_softmax(truncate_logits(draft_logits, temperature, top_k, top_p))          # [B, Kd, V]
+    if Kd == K:  # position K of the draft is never read in this case (validated): pad with anything finite
+        lqr = torch.cat([lqr, lp[:, K:]], dim=1)
+    if tilt:
+        lq = _log_softmax(truncate_logits(ref_logits, temperature, top_k, top_p))
+        lpi = _tilted(lp, lqr, lq, float(lam), max_log_ratio)
+    else:
+        lpi = lp
+    lt = lpi if mode == "sss_exact" else lp   # acceptance / residual target
+    le = lpi                                  # what sss_paper emits from
+
+    n = torch.full((B,), K, dtype=torch.int64, device=dev) if num_valid is None \
+        else num_valid.to(device=dev, dtype=torch.int64).clamp(0, K)
+    tok = draft_tokens.to(device=dev, dtype=torch.int64)
+    in_range = (tok >= 0) & (tok < V)
+    tokc = tok.clamp(0, V - 1).unsqueeze(-1)
+    t_tok = torch.exp(lt[:, :K].gather(-1, tokc).squeeze(-1))
+    t_tok = torch.where(in_range, t_tok, torch.zeros_like(t_tok))
+    qr_tok = torch.exp(lqr[:, :K].gather(-1, tokc).squeeze(-1))
+    ok = (uniforms.to(device=dev, dtype=torch.float32) * qr_tok <= t_tok) & (t_tok > 0)
+    pos = torch.arange(K, device=dev)
+    rej = (~ok) & (pos[None, :] < n[:, None])
+    j = torch.where(rej, pos[None, :].expand(B, K), n[:, None].expand(B, K)).amin(dim=1)
+    j = torch.minimum(j, n)
+
+    rows = torch.arange(B, device=dev)
+    g = _gumbel(seed, B, V, dev)
+    lt_j = lt[rows, j]
+    key_t = (le[rows, j] if mode == "sss_paper" else lt_j) + g
+    w = torch.clamp(torch.exp(lt_j) - torch.exp(lqr[rows, j]), min=0.0)
+    key_res = torch.log(w) + g
+    need_res = (j < n) & (mode != "sss_paper")
+    res_tok = key_res.argmax(-1)
+    degenerate = key_res.amax(-1) == float("-inf")
+    next_token = torch.where(need_res & ~degenerate, res_tok, key_t.argmax(-1))
+    if not bonus:
+        next_token = torch.where(j == n, torch.full_like(next_token, -1), next_token)
+    return j, next_token
+
+
+def spec_verify(target_logits, draft_logits, ref_logits, draft_tokens, mode: str = "sd",
+                lam: float = 1.0, temperature: float = 1.0, uniforms=None, seed: int = 0, *,
+                top_k: int | None = None, top_p: float | None = None,
+                max_log_ratio: float | None = None, bonus: bool = True, num_valid=None,
+                validate: bool = True):
+    """Verify a drafted chain: returns ``(accepted [B] int64, next_token [B] int64)`` (module docstring).
+
+    ``validate=True`` checks shapes and that no logits are NaN / +inf (``check_finite``: a host sync and a few
+    extra passes over the logits); ``validate=False`` skips it (shapes are still assumed right; non-finite
+    logits then give unspecified tokens).
+    """
+    if validate:
+        _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
+                  bonus, num_valid)
+        check_finite(target_logits, "target_logits")
+        check_finite(draft_logits, "draft_logits")
+        if ref_logits is not None and _tilt_active(mode, ref_logits, lam):
+            check_finite(ref_logits, "ref_logits")
+    if use_triton(target_logits):
+        from ._spec_verify_triton import spec_verify_triton
+
+        return spec_verify_triton(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam,
+                                  temperature, uniforms, seed, top_k=top_k, top_p=top_p,
+                                  max_log_ratio=max_log_ratio, bonus=bonus, num_valid=num_valid)
+    return spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature,
+                             uniforms, seed, top_k=top_k, top_p=top_p, max_log_ratio=max_log_ratio,
+                             bonus=bonus, num_valid=num_valid, validate=False)
