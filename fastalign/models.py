@@ -364,14 +364,13 @@ class RewardModel:
         """
         self._forget_scored()
         if not self.cached:
-            prompts, responses, owner = [], [], []
+            prompts, responses = [], []
             for b, cands in enumerate(branches):
                 for c in cands:
                     prompts.append(self.prompts[b])
                     responses.append(self.prefixes[b][self.prompt_lengths[b]:] + list(c))
-                    owner.append(b)
             flat = self.score(prompts, responses) if prompts else torch.zeros(0)
-            out = [flat[[i for i, o in enumerate(owner) if o == b]] for b in range(len(branches))]
+            out = list(torch.split(flat, [len(cands) for cands in branches]))
             self._scored = (branches, None, 0, out)
             return out
         tokens, parents, live, ends = pack_branches(branches, device=self.lm.device)
