@@ -32,6 +32,7 @@ import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -159,6 +160,9 @@ class CMakeBuild(build_ext):
                     "is False). Set FASTALIGN_REQUIRE_NATIVE=1 to make this an error."
                 )
                 self.extensions.remove(ext)
+                stale = os.path.abspath(self.get_ext_fullpath(ext.name))
+                if os.path.exists(stale):  # never ship an old build next to a failed one
+                    os.remove(stale)
         others = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
         if others:
             saved, self.extensions = self.extensions, others
@@ -233,9 +237,26 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", build_dir, "--parallel", jobs], check=True)
 
 
+class BuildPy(build_py):
+    """Drops ``fastalign/_C*`` left in build/lib by an earlier build, so that a wheel built with
+    FASTALIGN_NO_NATIVE=1 (or after a failed native build) never carries a stale extension."""
+
+    def run(self) -> None:
+        pkg_dir = os.path.join(self.build_lib, "fastalign")
+        if os.path.isdir(pkg_dir):
+            for name in os.listdir(pkg_dir):
+                if name.startswith("_C.") and name.endswith((".so", ".pyd", ".dylib")):
+                    os.remove(os.path.join(pkg_dir, name))
+        super().run()
+
+
 def _ext_modules() -> list[Extension]:
     if _flag("FASTALIGN_NO_NATIVE"):
         _log("FASTALIGN_NO_NATIVE set: skipping the native extension")
+        in_tree = [n for n in os.listdir(os.path.join(ROOT, "fastalign")) if n.startswith("_C.")]
+        if in_tree:
+            _warn(f"fastalign/{in_tree[0]} from an earlier in-place build is still in the source tree; an "
+                  "editable install will import it (delete it to run on the pure-PyTorch fallback)")
         return []
     return [CMakeExtension("fastalign._C")]
 
@@ -252,7 +273,7 @@ setup(
     include_package_data=True,
     exclude_package_data={"fastalign": ["*.so", "*.pyd"]},
     ext_modules=_ext_modules(),
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=4.56", "numpy", "tqdm"],
     extras_require={"test": ["pytest"], "flash": ["flash-attn"]},

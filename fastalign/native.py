@@ -7,6 +7,7 @@ means the node hangs directly off the accepted prefix, and a parent always prece
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from typing import Sequence
@@ -27,7 +28,12 @@ try:  # the optional C++/CUDA extension
         warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
         _C = None
 except ImportError as exc:  # not built: the normal pure-Python install
-    _C, _C_IMPORT_ERROR = None, f"fastalign._C not importable: {exc}"
+    _C = None
+    if importlib.util.find_spec("fastalign._C") is None:
+        _C_IMPORT_ERROR = "fastalign._C is not built (installed without the native extension)"
+    else:  # pragma: no cover - present but unloadable
+        _C_IMPORT_ERROR = f"fastalign._C failed to load: {exc}"
+        warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
 except Exception as exc:  # pragma: no cover - a broken build
     _C, _C_IMPORT_ERROR = None, f"fastalign._C failed to load: {exc!r}"
     warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
