@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, find_namespace_packages, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
@@ -262,16 +262,20 @@ def _ext_modules() -> list[Extension]:
 
 
 _kernel_subpackages = ["fastalign.kernels." + p for p in find_packages(os.path.join(ROOT, "kernels"))]
+# Shipped data (tiny models, manifests) under fastalign/data/: every directory there is a data-only
+# namespace package whose files are all package data (this keeps setuptools from warning about them).
+_data_packages = find_namespace_packages(ROOT, include=["fastalign.data", "fastalign.data.*"], exclude=["*.__pycache__"])
 
 setup(
     name="fastalign",
     version="0.1.0",
     description="Fast test-time alignment methods for LLMs",
-    packages=find_packages(include=["fastalign", "fastalign.*"]) + ["fastalign.kernels"] + _kernel_subpackages,
+    packages=sorted(set(find_packages(ROOT, include=["fastalign", "fastalign.*"]) + _data_packages))
+    + ["fastalign.kernels"] + _kernel_subpackages,
     package_dir={"fastalign": "fastalign", "fastalign.kernels": "kernels"},
-    package_data={"fastalign": ["data/*", "data/**/*"]},
+    package_data={pkg: ["*"] for pkg in _data_packages},
     include_package_data=True,
-    exclude_package_data={"fastalign": ["*.so", "*.pyd"]},
+    exclude_package_data={"": ["*.so", "*.pyd", "*.pyc"]},
     ext_modules=_ext_modules(),
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     python_requires=">=3.10",
