@@ -10,6 +10,7 @@ import torch
 from .methods import get_method
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
+from .remote import RemoteLM
 
 MODEL_ROLES = ("target", "draft", "ref", "reward")
 
@@ -23,7 +24,7 @@ class DecodeOutput:
 
 
 def _load_causal_lm(spec, trust_remote_code: bool, device, dtype):
-    if isinstance(spec, CausalLM):
+    if isinstance(spec, (CausalLM, RemoteLM)):
         return spec
     if isinstance(spec, str):
         from transformers import AutoModelForCausalLM
@@ -107,6 +108,8 @@ class Engine:
         for role in module.REQUIRES:
             if getattr(self, role) is None:
                 raise InputError(f"method {method!r} needs a {role} model (pass {role}=...)")
+        if isinstance(self.target, RemoteLM) and not getattr(module, "REMOTE_TARGET", False):
+            raise InputError(f"method {method!r} needs a local target; a RemoteLM target works with qalign")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         defaults = getattr(module, "DEFAULTS", {})

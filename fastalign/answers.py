@@ -1,0 +1,55 @@
+"""Answer extractors for the voting rules of sampling methods (e.g. ``qalign``'s ``select="majority"``).
+
+An extractor maps a response text to a hashable answer, ``None`` when the text holds none. The built-in
+ones follow the QAlign evaluation code (``qalign/utils/math.py``): the last number (GSM8K), the content of
+the last ``\\boxed{...}`` (MATH), the last stand-alone option letter A-E (multiple choice).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+_NUMBER = re.compile(r"[-+]?\d*\.\d+|[-+]?\d+")
+_OPTION = re.compile(r"\b([A-E])\b")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text`` (thousands separators removed, a trailing ``.0`` kept as written)."""
+    numbers = _NUMBER.findall(re.sub(r"(\d),(\d{3})", r"\1\2", text))
+    return numbers[-1].lstrip("+") if numbers else None
+
+
+def boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (nested braces allowed), spaces removed; None if absent."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j].replace(" ", "")
+    return None  # unbalanced: the box was cut off
+
+
+def option_letter(text: str) -> str | None:
+    """The last stand-alone capital letter A-E (``"(C)"``, ``"answer: C"``); None if there is none."""
+    letters = _OPTION.findall(text)
+    return letters[-1] if letters else None
+
+
+EXTRACTORS: dict[str, Callable[[str], object]] = {
+    "last_number": last_number,
+    "boxed": boxed,
+    "option": option_letter,
+}
+
+
+def get_extractor(answer_fn) -> Callable:
+    """A callable extractor from a name in ``EXTRACTORS`` or a user callable (returned as is)."""
+    if callable(answer_fn):
+        return answer_fn
+    if answer_fn in EXTRACTORS:
+        return EXTRACTORS[answer_fn]
+    raise ValueError(f"answer_fn must be a callable or one of {sorted(EXTRACTORS)}, got {answer_fn!r}")

@@ -1,0 +1,303 @@
+"""``qalign``: QAlign, Metropolis-Hastings over whole responses (DESIGN.md section 1.3).
+
+Target law over complete responses ``y`` (EOS kept when there is one, so ``|y| >= 1``)::
+
+    P(y) ∝ p(y | x) * exp(r(x, y) / beta)
+
+where ``p`` is the target as it samples: the product of its per-token distributions at the decode's
+temperature / top-k / top-p. At a temperature ``T != 1`` that is the tempered (truncated) model times the
+reward factor, not the whole-sequence law ``p(y)^(1/T)``; the default ``T = 1`` is the model itself.
+
+Chain step (QAlign / QUEST): pick ``i`` uniformly in ``{0, ..., |y| - 1}``, keep ``y[:i]``, sample a new
+suffix until EOS or until the response has ``max_new_tokens`` tokens, and accept the proposal ``y'`` with
+probability ``min(1, exp((r(y') - r(y)) / beta) * |y| / |y'|)``. The model factors cancel and ``|y| / |y'|``
+is the ratio of the index probabilities of the reverse and forward moves (``i < |y'|`` always holds, so
+the reverse move exists); the rule keeps ``P`` invariant exactly. The log-ratio is clipped to +-20,
+which only matters when two rewards differ by more than ``20 * beta``.
+
+Caching (local target). The prompts are prefilled once and expanded to ``prompts x chains`` rows; their
+next-token logits are kept (``[R, V]``): a proposal at ``i = 0`` starts from them. After a proposal the
+cache of a row holds ``prompt + y'[:-1]`` (a sampled last token is never fed). Before the next proposal
+at index ``i`` the row must hold ``prompt + y[:i]`` and give the logits after it, so it is rolled back to
+the longest prefix of its cached tokens that agrees with ``y[:i]``, at most ``i - 1`` tokens, and the
+missing tokens ``y[k:i]`` are fed (one batched ``extend`` for all rows). After an accepted proposal, or a
+rejected one when the new index is not past the old one, that is a single token (``y[i-1]``, whose
+logits were not kept: keeping ``[R, |y|, V]`` logits would cost more than one batched token); after a
+rejected proposal and a later index it is the tokens of ``y`` between the two indices; the rejected
+suffix itself is dropped by the rollback, without any copy. The prompt is never fed again.
+The reward model caches the prompts likewise (``RewardModel.prefill`` once, rows expanded to the chains)
+and scores each step's whole proposals on top of them (``score_branches``): only response tokens.
+
+Remote target. ``target`` may be a ``fastalign.remote.RemoteLM``: every row's proposal is then one
+``/v1/completions`` request (``prompt + y[:i]`` as token ids, ``max_tokens = max_new_tokens - i``, a
+seed); prefix reuse is the server's business (vLLM's automatic prefix caching).
+
+Randomness. Every generation round draws one seed from the decode's generator and samples its tokens
+from ``Randomness(seed)``: locally one stream for the whole batch, remotely one request seed per row
+(``remote.row_seed(seed, row)``, equal to ``seed`` for row 0). A single chain of a single prompt thus draws
+the same tokens locally and against a fastalign server (which samples a request with ``Randomness(seed)``).
+
+Final answer (``select``), following the QAlign evaluation code (``qalign/utils/pred.py``): the voting
+rules pool the states the chains *visit*: the state after each step ``burn_in..steps`` of every chain (a
+rejected step repeats the current state; step 0 is the initial sample), as QAlign's
+``join_instances_and_repeat_accepts`` does (it uses ``burnin=0``, the default here). Rules:
+
+* ``"last"``: the final state of the prompt's first chain (every chain's is in ``extra["final_states"]``);
+* ``"majority"``: the most frequent answer among the pooled states (ties: the answer reached first);
+* ``"weighted_majority"``: the answer with the largest total weight ``softmax(r / beta)`` over the pooled
+  states (QAlign's weighted vote);
+* ``"best_reward"``: the pooled state with the highest reward;
+* ``"mbr"``: minimum Bayes risk: the pooled state with the highest mean ``similarity`` to the pool:
+  ``"rouge1"`` (default; unigram F1 over token ids, QAlign's ``rouge`` metric), ``"answer"`` (1 when the
+  answers agree) or a callable ``similarity(tokens_a, tokens_b) -> float``.
+
+The voting rules return the most recently visited state with the winning answer. States whose answer is
+``None`` (nothing extracted) do not vote unless no state has an answer. ``answer_fn`` is a name of
+``fastalign.answers.EXTRACTORS`` (``"last_number"``, ``"boxed"``, ``"option"``; they read the decoded text
+and need a tokenizer) or a callable given the decoded text when a tokenizer is known, else the token list.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import torch
+
+from ..answers import get_extractor
+from ..models import InputError, right_pad
+from ..remote import RemoteLM
+from .base import Context, MethodResult, Randomness, sample_continuations
+
+REQUIRES = ("target", "reward")
+REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM
+SELECT_RULES = ("last", "majority", "weighted_majority", "best_reward", "mbr")
+MAX_LOG_RATIO = 20.0
+
+
+def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 8, chains: int = 1,
+        select: str = "last", answer_fn=None, burn_in: int = 0, similarity="rouge1") -> MethodResult:
+    """QAlign chains for every prompt. Rows ``b * chains + c`` are chain ``c`` of prompt ``b``.
+
+    Returns the selected response per prompt; ``extra["state_path"][b][c]`` is chain ``c``'s trajectory, a
+    list of ``steps + 1`` entries ``{"step", "index", "proposal", "reward", "accepted", "accept_prob"}``
+    (entry 0 is the initial sample: index None, accepted True).
+    """
+    answer = _check_options(ctx, beta, steps, chains, select, answer_fn, burn_in, similarity)
+    R = len(prompts) * chains
+    rows = torch.arange(len(prompts)).repeat_interleave(chains).tolist()
+    proposer = RemoteProposer(ctx.target) if isinstance(ctx.target, RemoteLM) else CachedProposer(ctx.target)
+
+    states = proposer.start(ctx, prompts, chains, ctx.rng.kernel_seed())
+    ctx.reward.prefill(prompts)
+    ctx.reward.select_rows(rows)
+    rewards = score(ctx, states)
+    paths = [[_entry(0, None, y, float(r), True, 1.0)] for y, r in zip(states, rewards)]
+    accepted_total = 0
+    for step in range(1, steps + 1):
+        lengths = torch.tensor([len(y) for y in states], dtype=torch.float64)
+        index = torch.minimum((ctx.rng.uniform(R).double() * lengths).long(), lengths.long() - 1).tolist()
+        proposals = proposer.propose(ctx, states, index, ctx.rng.kernel_seed())
+        new_rewards = score(ctx, proposals)
+        new_lengths = torch.tensor([len(y) for y in proposals], dtype=torch.float64)
+        log_ratio = ((new_rewards.double() - rewards.double()) / beta + lengths.log() - new_lengths.log())
+        accept_prob = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp().clamp(max=1.0)
+        accept = (ctx.rng.uniform(R).double() < accept_prob).tolist()
+        for r in range(R):
+            paths[r].append(_entry(step, index[r], proposals[r], float(new_rewards[r]), accept[r],
+                                   float(accept_prob[r])))
+            if accept[r]:
+                states[r] = proposals[r]
+        rewards = torch.where(torch.tensor(accept), new_rewards, rewards)
+        accepted_total += sum(accept)
+
+    state_path = [paths[b * chains:(b + 1) * chains] for b in range(len(prompts))]
+    chosen = [select_state(p, select, answer, beta, burn_in, similarity) for p in state_path]
+    ctx.stats["qalign_proposals"] = R * steps
+    ctx.stats["qalign_accepted"] = accepted_total
+    extra = {
+        "state_path": state_path,
+        "final_states": [states[b * chains:(b + 1) * chains] for b in range(len(prompts))],
+        "final_rewards": rewards.view(len(prompts), chains),
+        "acceptance_rate": accepted_total / (R * steps) if steps else float("nan"),
+    }
+    return MethodResult(chosen, extra)
+
+
+def score(ctx: Context, responses: list[list[int]]) -> torch.Tensor:
+    """Rewards ``[R]`` fp32 of each row's whole response, on top of the row's cached prompt."""
+    return torch.stack([s[0] for s in ctx.reward.score_branches([[y] for y in responses])])
+
+
+def _entry(step, index, proposal, reward, accepted, accept_prob) -> dict:
+    return {"step": step, "index": index, "proposal": list(proposal), "reward": reward,
+            "accepted": bool(accepted), "accept_prob": accept_prob}
+
+
+# ----------------------------------------------------------------------------------------- proposals
+class CachedProposer:
+    """Proposals from a local ``CausalLM`` whose cache keeps each row's prompt (see the module docstring)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def start(self, ctx: Context, prompts, chains: int, seed: int) -> list[list[int]]:
+        """One ancestral sample per row (``prompts x chains`` rows), from one prefill of the prompts."""
+        logits = self.lm.prefill(prompts, ctx.max_new_tokens)
+        self.lm.expand(chains)
+        self.prompt_logits = logits.repeat_interleave(chains, 0)  # [R, V]: where an i = 0 proposal starts
+        samples = sample_continuations(_round(ctx, seed), self.lm, self.prompt_logits, ctx.max_new_tokens)
+        self.cached = [y[:-1] for y in samples]  # response tokens in each row's cache
+        return samples
+
+    def propose(self, ctx: Context, states, index: list[int], seed: int) -> list[list[int]]:
+        """``states[r][:index[r]]`` plus a fresh suffix, per row."""
+        keep = [min(_common_prefix(c, y[:i]), max(i - 1, 0)) for c, y, i in zip(self.cached, states, index)]
+        self.lm.rollback(torch.tensor([len(c) - k for c, k in zip(self.cached, keep)], device=self.lm.device))
+        feed = [y[k:i] for y, k, i in zip(states, keep, index)]
+        logits = self.prompt_logits
+        if any(feed):
+            tokens, live = right_pad(feed, device=self.lm.device)
+            fed = self.lm.extend(tokens, live=live)  # [R, T, V]
+            last = fed[torch.arange(len(feed), device=fed.device), (live.sum(1) - 1).clamp(min=0)]
+            logits = torch.where(live.any(1)[:, None], last, self.prompt_logits)
+        ctx.stats["qalign_refed_tokens"] = ctx.stats.get("qalign_refed_tokens", 0) + sum(map(len, feed))
+        budgets = [ctx.max_new_tokens - i for i in index]
+        suffixes = sample_continuations(_round(ctx, seed), self.lm, logits, budgets)
+        proposals = [y[:i] + s for y, i, s in zip(states, index, suffixes)]
+        self.cached = [y[:-1] for y in proposals]
+        return proposals
+
+
+class RemoteProposer:
+    """Proposals from a ``RemoteLM``: one completion request per row with the row's prompt and kept prefix."""
+
+    def __init__(self, lm: RemoteLM):
+        self.lm = lm
+
+    def start(self, ctx: Context, prompts, chains: int, seed: int) -> list[list[int]]:
+        self.row_prompts = [list(p) for p in prompts for _ in range(chains)]
+        return self.lm.complete(self.row_prompts, [ctx.max_new_tokens] * len(self.row_prompts),
+                                ctx.temperature, ctx.top_k, ctx.top_p, seed)
+
+    def propose(self, ctx: Context, states, index: list[int], seed: int) -> list[list[int]]:
+        suffixes = self.lm.complete([p + y[:i] for p, y, i in zip(self.row_prompts, states, index)],
+                                    [ctx.max_new_tokens - i for i in index],
+                                    ctx.temperature, ctx.top_k, ctx.top_p, seed)
+        return [y[:i] + s for y, i, s in zip(states, index, suffixes)]
+
+
+def _round(ctx: Context, seed: int) -> Context:
+    """The context whose token draws come from ``Randomness(seed)`` (one stream per generation round)."""
+    return replace(ctx, rng=Randomness(seed))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------- selection
+def visited_states(path: list[dict]) -> list[tuple[list[int], float]]:
+    """The chain's state (tokens, reward) after each step ``0..steps`` of its ``state_path``."""
+    out, current = [], None
+    for entry in path:
+        if entry["accepted"]:
+            current = (entry["proposal"], entry["reward"])
+        out.append(current)
+    return out
+
+
+def select_state(chains: list[list[dict]], rule: str, answer=None, beta: float = 1.0, burn_in: int = 0,
+                 similarity="rouge1") -> list[int]:
+    """The response chosen by ``rule`` from one prompt's chain trajectories (see the module docstring).
+
+    ``answer(tokens) -> hashable | None`` extracts the answer of a response (voting rules, ``"answer"`` MBR).
+    """
+    visited = [visited_states(p) for p in chains]
+    if rule == "last":
+        return list(visited[0][-1][0])
+    pool = [v[t] for t in range(burn_in, len(visited[0])) for v in visited]  # step-major, as QAlign pools
+    if rule == "best_reward":
+        return list(max(pool, key=lambda s: s[1])[0])
+    if rule == "mbr":
+        return list(_mbr([s[0] for s in pool], similarity, answer))
+    answers = [answer(s[0]) for s in pool]
+    voters = [k for k, a in enumerate(answers) if a is not None] or list(range(len(pool)))
+    if rule == "majority":
+        weights = [1.0] * len(pool)
+    else:  # weighted_majority
+        weights = torch.softmax(torch.tensor([pool[k][1] for k in range(len(pool))], dtype=torch.float64) / beta,
+                                0).tolist()
+    totals: dict = {}
+    for k in voters:
+        totals[answers[k]] = totals.get(answers[k], 0.0) + weights[k]
+    winner = max(totals, key=totals.get)  # the first answer reached wins a tie
+    return list(next(pool[k][0] for k in reversed(voters) if answers[k] == winner))
+
+
+def rouge1(a: list[int], b: list[int]) -> float:
+    """Unigram F1 between two token-id sequences (multiset overlap)."""
+    overlap = sum((Counter(a) & Counter(b)).values())
+    return 2.0 * overlap / (len(a) + len(b)) if overlap else 0.0
+
+
+def _mbr(states: list[list[int]], similarity, answer) -> list[int]:
+    """The state maximising the mean similarity to the pool; pooled repeats are weighted, not recomputed."""
+    if similarity == "rouge1":
+        sim = rouge1
+    elif similarity == "answer":
+        def sim(a, b):
+            x = answer(a)
+            return float(x is not None and x == answer(b))
+    else:
+        sim = similarity
+    counts = Counter(tuple(s) for s in states)
+    unique = list(counts)  # first-visit order
+    gains = [sum(counts[v] * sim(list(u), list(v)) for v in unique) for u in unique]
+    return list(unique[max(range(len(unique)), key=gains.__getitem__)])
+
+
+def _check_options(ctx, beta, steps, chains, select, answer_fn, burn_in, similarity):
+    """Validate the options; returns the answer extractor over token lists (None when not needed)."""
+    if not beta > 0:
+        raise InputError(f"beta must be > 0, got {beta}")
+    if not isinstance(steps, int) or steps < 0:
+        raise InputError(f"steps must be a non-negative integer, got {steps!r}")
+    if not isinstance(chains, int) or chains < 1:
+        raise InputError(f"chains must be a positive integer, got {chains!r}")
+    if select not in SELECT_RULES:
+        raise InputError(f"select must be one of {SELECT_RULES}, got {select!r}")
+    if not isinstance(burn_in, int) or not 0 <= burn_in <= steps:
+        raise InputError(f"burn_in must be an integer in [0, steps={steps}], got {burn_in!r}")
+    if not (similarity in ("rouge1", "answer") or callable(similarity)):
+        raise InputError(f"similarity must be 'rouge1', 'answer' or a callable, got {similarity!r}")
+    needs_answer = select in ("majority", "weighted_majority") or (select == "mbr" and similarity == "answer")
+    if answer_fn is None:
+        if needs_answer:
+            raise InputError(f"select={select!r} votes over answers: pass answer_fn (a callable or one of "
+                             "'last_number', 'boxed', 'option')")
+        return None
+    try:
+        extract = get_extractor(answer_fn)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    tokenizer = ctx.tokenizer
+    if tokenizer is None:
+        if isinstance(answer_fn, str):
+            raise InputError(f"answer_fn={answer_fn!r} reads text: pass a tokenizer (or a callable over tokens)")
+        return lambda tokens: extract(list(tokens))
+    cache: dict = {}
+
+    def answer(tokens):
+        key = tuple(tokens)
+        if key not in cache:
+            cache[key] = extract(tokenizer.decode(list(tokens), skip_special_tokens=True))
+        return cache[key]
+
+    return answer
+

@@ -1,0 +1,321 @@
+"""qalign: the chains' law against the exact MCMC law, state paths, caching, selection rules, remote backends."""
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import fastalign
+import fastalign.serve
+from fastalign.answers import boxed, last_number, option_letter
+from fastalign.methods.qalign import rouge1, select_state
+from fastalign.models import RewardModel
+from fastalign.remote import RemoteError, RemoteLM, RemoteReward
+from fastalign.testing import (
+    empirical_law,
+    enumerate_law,
+    next_token_probs,
+    tiny_causal_lm,
+    tiny_reward_model,
+    tiny_tokenizer,
+    total_variation,
+)
+
+V, EOS = 6, 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Big batches of a tiny model: with 2 threads on a shared, loaded CPU, matmuls spin for 100x longer.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_causal_lm(vocab_size=V, hidden=16, init_range=0.25)
+
+
+def last_token_reward(y) -> float:
+    """Rewards ending in token 1, penalises ending in 3 (the empty response, a prompt's own score, is 0)."""
+    return 1.5 * (tuple(y[-1:]) == (1,)) - 1.0 * (tuple(y[-1:]) == (3,))
+
+
+def reward_fn(prompts, responses):
+    return torch.tensor([last_token_reward(y) for y in responses])
+
+
+def exact_laws(model, prompt, max_new_tokens, beta, steps):
+    """(p, target, law after ``steps`` steps) of the QAlign chain, from its exact transition matrix."""
+    cache = {}
+
+    def probs(prefix):
+        if prefix not in cache:
+            cache[prefix] = next_token_probs(model, list(prompt) + list(prefix))
+        return cache[prefix]
+
+    p = enumerate_law(lambda t: probs(tuple(t[len(prompt):])), prompt, max_new_tokens, {EOS})
+    ys = sorted(p)
+    K = torch.zeros(len(ys), len(ys), dtype=torch.float64)
+    for a, y in enumerate(ys):
+        for i in range(len(y)):  # index i with probability 1/|y|, then a fresh suffix after y[:i]
+            for b, z in enumerate(ys):
+                if len(z) <= i or z[:i] != y[:i]:
+                    continue
+                q = math.prod(float(probs(z[:j])[z[j]]) for j in range(i, len(z))) / len(y)
+                log_ratio = (last_token_reward(z) - last_token_reward(y)) / beta + math.log(len(y) / len(z))
+                accept = min(1.0, math.exp(max(-20.0, min(20.0, log_ratio))))
+                K[a, b] += q * accept
+                K[a, a] += q * (1 - accept)
+    mu = torch.tensor([p[y] for y in ys], dtype=torch.float64)
+    weights = mu * torch.tensor([math.exp(last_token_reward(y) / beta) for y in ys], dtype=torch.float64)
+    target = dict(zip(ys, (weights / weights.sum()).tolist()))
+    for _ in range(steps):
+        mu = mu @ K
+    return p, target, dict(zip(ys, mu.tolist()))
+
+
+def check_response(y, max_new_tokens):
+    assert 1 <= len(y) <= max_new_tokens and EOS not in y[:-1]
+    assert y[-1] == EOS or len(y) == max_new_tokens
+
+
+def replay(path, max_new_tokens, beta):
+    """Check one chain's state path step by step; returns its final state."""
+    first = path[0]
+    assert first["step"] == 0 and first["index"] is None and first["accepted"]
+    current, reward = first["proposal"], first["reward"]
+    check_response(current, max_new_tokens)
+    for t, entry in enumerate(path[1:], 1):
+        i, y = entry["index"], entry["proposal"]
+        assert entry["step"] == t and 0 <= i < len(current) and y[:i] == current[:i] and len(y) > i
+        check_response(y, max_new_tokens)
+        log_ratio = (entry["reward"] - reward) / beta + math.log(len(current) / len(y))
+        assert entry["accept_prob"] == pytest.approx(min(1.0, math.exp(max(-20, min(20, log_ratio)))), rel=1e-6)
+        assert entry["accepted"] or entry["accept_prob"] < 1
+        if entry["accepted"]:
+            current, reward = y, entry["reward"]
+    return current
+
+
+# ------------------------------------------------------------------------------------------ laws
+def test_chains_follow_the_reward_tilted_law_in_a_mixed_batch(model):
+    prompts, copies, chains, steps = [[1, 2], [3, 1, 4]], 750, 4, 12
+    out = fastalign.decode(prompts * copies, method="qalign", target=model, reward=reward_fn, max_new_tokens=2,
+                           steps=steps, chains=chains, seed=0)
+    finals = out.extra["final_states"]
+    for k, prompt in enumerate(prompts):
+        p, target, after = exact_laws(model, prompt, 2, 1.0, steps)
+        seen = empirical_law([y for b in range(k, len(finals), len(prompts)) for y in finals[b]])
+        assert total_variation(seen, after) < 0.06  # 3000 chains per prompt
+        assert total_variation(after, target) < 0.01  # 12 steps mix this chain (exactly computed)
+        assert total_variation(seen, p) > 0.15 and total_variation(target, p) > 0.2  # p fails clearly
+    assert 0.3 < out.extra["acceptance_rate"] < 1
+
+
+def test_single_token_responses_always_regenerate_from_the_prompt(model):
+    prompt, copies, steps = [2, 3], 1500, 12
+    out = fastalign.decode([prompt] * copies, method="qalign", target=model, reward=reward_fn, max_new_tokens=1,
+                           steps=steps, seed=1)
+    for path in out.extra["state_path"]:
+        assert all(len(e["proposal"]) == 1 for e in path[0]) and all(e["index"] == 0 for e in path[0][1:])
+    p, target, after = exact_laws(model, prompt, 1, 1.0, steps)
+    seen = empirical_law(out.sequences)
+    assert total_variation(seen, after) < 0.06 and total_variation(after, target) < 0.02
+    assert total_variation(seen, p) > 0.15
+    assert out.stats["qalign_refed_tokens"] == 0  # an i = 0 proposal starts from the kept prompt logits
+
+
+# ------------------------------------------------------------------------- state path and caching
+def test_state_path_replays_and_the_caches_process_each_prompt_once(model):
+    rm = tiny_reward_model(vocab_size=V, hidden=16)
+    prompts, chains, steps, beta = [[1, 2, 3, 4], [2], [4, 4, 1]], 3, 10, 0.5
+    out = fastalign.decode(prompts, method="qalign", target=model, reward=rm, max_new_tokens=3, steps=steps,
+                           chains=chains, beta=beta, seed=4)
+    path = out.extra["state_path"]
+    assert len(path) == 3 and all(len(p) == chains and all(len(c) == steps + 1 for c in p) for p in path)
+    full = RewardModel(rm)
+    entries = [(b, e) for b, p in enumerate(path) for c in p for e in c]
+    scored = full.score([prompts[b] for b, _ in entries], [e["proposal"] for _, e in entries])
+    assert torch.allclose(scored, torch.tensor([e["reward"] for _, e in entries]), atol=1e-5)  # prefix cache
+    for b, p in enumerate(path):
+        for c, chain in enumerate(p):
+            final = replay(chain, 3, beta)
+            assert out.extra["final_states"][b][c] == final
+            assert out.extra["final_rewards"][b, c] == pytest.approx(
+                next(e["reward"] for e in reversed(chain) if e["accepted"]))
+        assert out.sequences[b] == out.extra["final_states"][b][0]  # select="last"
+    # target: each prompt once, then only sampled tokens (the last one of a response is never fed) and
+    # the tokens re-fed to restore y[:i] after a proposal
+    sampled = sum(len(e["proposal"]) - (e["index"] or 0) - 1 for _, e in entries)
+    stats = out.stats
+    assert stats["target_tokens"] == sum(map(len, prompts)) + sampled + stats["qalign_refed_tokens"]
+    proposals_from_later = sum(e["index"] > 0 for _, e in entries if e["index"] is not None)
+    assert proposals_from_later <= stats["qalign_refed_tokens"] < sum((e["index"] or 0) for _, e in entries)
+    # reward: each prompt once, then the whole responses
+    assert stats["reward_tokens"] == sum(map(len, prompts)) + sum(len(e["proposal"]) for _, e in entries)
+    assert stats["qalign_proposals"] == 9 * steps
+    assert stats["qalign_accepted"] == sum(e["accepted"] for _, e in entries if e["index"] is not None)
+
+
+def test_chains_one_and_seeds(model):
+    kwargs = dict(method="qalign", target=model, reward=reward_fn, max_new_tokens=3, steps=5)
+    a = fastalign.decode([[1, 2], [3]], seed=9, **kwargs)
+    b = fastalign.decode([[1, 2], [3]], seed=9, **kwargs)
+    assert a.sequences == b.sequences and a.extra["state_path"] == b.extra["state_path"]
+    assert a.sequences == [a.extra["final_states"][0][0], a.extra["final_states"][1][0]]
+    zero = fastalign.decode([[1, 2]], seed=9, **{**kwargs, "steps": 0})
+    assert len(zero.extra["state_path"][0][0]) == 1 and zero.sequences[0] == zero.extra["state_path"][0][0][0]["proposal"]
+
+
+# ------------------------------------------------------------------------------------ selection
+def entry(step, index, proposal, reward, accepted):
+    return {"step": step, "index": index, "proposal": proposal, "reward": reward, "accepted": accepted,
+            "accept_prob": 1.0}
+
+
+CHAINS = [
+    [entry(0, None, [1, 5], 0.0, True), entry(1, 0, [2, 5], 1.0, True), entry(2, 0, [3, 5], 9.0, False)],
+    [entry(0, None, [2, 5], 1.0, True), entry(1, 0, [4, 5], 3.0, True), entry(2, 0, [2, 0], 1.0, True)],
+]
+
+
+def first_token(tokens):
+    return tokens[0]
+
+
+def test_selection_rules():
+    # visited: chain 0: [1,5] [2,5] [2,5] (the rejected [3,5] is never visited); chain 1: [2,5] [4,5] [2,0]
+    assert select_state(CHAINS, "last") == [2, 5]
+    assert select_state(CHAINS, "best_reward") == [4, 5]
+    assert select_state(CHAINS, "majority", first_token) == [2, 0]  # answer 2 (4 votes), latest such state
+    assert select_state(CHAINS, "weighted_majority", first_token, beta=1.0) == [4, 5]  # e^3 > 4 e^1
+    assert select_state(CHAINS, "weighted_majority", first_token, beta=10.0) == [2, 0]
+    assert select_state(CHAINS, "majority", first_token, burn_in=2) == [2, 0]
+    assert select_state(CHAINS, "majority", lambda t: None if t[0] == 2 else t[0]) == [1, 5]  # ties: first reached
+    assert select_state(CHAINS, "majority", lambda t: None) == [2, 0]  # no answer anywhere: all vote
+    assert select_state(CHAINS, "mbr") == [2, 5]  # rouge1: shares tokens with most of the pool
+    assert select_state(CHAINS, "mbr", first_token, similarity="answer") == [2, 5]
+    assert select_state(CHAINS, "mbr", similarity=lambda a, b: float(a == [1, 5])) == [1, 5]
+    assert rouge1([1, 2, 2], [2, 2, 3]) == pytest.approx(2 * 2 / 6) and rouge1([1], [2]) == 0.0
+
+
+def test_answer_extractors():
+    assert last_number("3 apples and 1,250.5 pears, so 1,234") == "1234"
+    assert last_number("it is -7.") == "-7" and last_number("none") is None
+    assert boxed(r"so \boxed{\frac{1}{2}} and \boxed{x + 1}") == "x+1"
+    assert boxed(r"\boxed{\frac{a}{b}}") == r"\frac{a}{b}" and boxed(r"\boxed{unclosed") is None
+    assert option_letter("Between (B) and C, the answer is (D).") == "D" and option_letter("I think so") is None
+
+
+def test_voting_through_decode_with_a_text_extractor(model):
+    tok = tiny_tokenizer(V)
+    out = fastalign.decode(["w1 w2", "w3"], method="qalign", target=model, reward=reward_fn, tokenizer=tok,
+                           max_new_tokens=3, steps=6, chains=3, select="majority", answer_fn="last_number", seed=5)
+    for b, chains in enumerate(out.extra["state_path"]):
+        visited = []
+        for chain in chains:
+            current = None
+            for e in chain:
+                current = e["proposal"] if e["accepted"] else current
+                visited.append(current)
+        answers = [last_number(tok.decode(y, skip_special_tokens=True)) for y in visited]
+        counts = {a: answers.count(a) for a in answers if a is not None}
+        assert counts[last_number(out.texts[b])] == max(counts.values())
+        assert out.sequences[b] in visited
+
+
+def test_bad_options(model):
+    call = dict(method="qalign", target=model, reward=reward_fn, max_new_tokens=2)
+    for options, message in [({"beta": 0}, "beta"), ({"steps": -1}, "steps"), ({"chains": 0}, "chains"),
+                             ({"select": "best"}, "select"), ({"select": "majority"}, "answer_fn"),
+                             ({"select": "majority", "answer_fn": "last_number"}, "tokenizer"),
+                             ({"select": "majority", "answer_fn": "roman"}, "answer_fn"),
+                             ({"steps": 2, "burn_in": 3}, "burn_in"), ({"similarity": "bleu"}, "similarity")]:
+        with pytest.raises(fastalign.InputError, match=message):
+            fastalign.decode([[1]], **call, **options)
+
+
+# -------------------------------------------------------------------------------------- remote
+@pytest.fixture(scope="module")
+def server(model):
+    server, url = fastalign.serve.start(target=model, reward=reward_fn)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+def test_remote_single_chain_draws_what_local_draws(model, server):
+    kwargs = dict(method="qalign", max_new_tokens=3, steps=8, beta=0.7, seed=11)
+    local = fastalign.decode([[1, 2]], target=model, reward=reward_fn, **kwargs)
+    lm = RemoteLM(server)
+    remote = fastalign.decode([[1, 2]], target=lm, reward=RemoteReward(server), **kwargs)
+    assert remote.extra["state_path"] == local.extra["state_path"] and remote.sequences == local.sequences
+    assert lm.eos_token_ids == {EOS} and remote.stats["target_calls"] == 9  # one request per proposal
+
+
+def test_remote_batch_of_chains_is_valid_and_reproducible(model, server):
+    kwargs = dict(method="qalign", target=RemoteLM(server, max_concurrency=4), reward=RemoteReward(server),
+                  max_new_tokens=3, steps=4, chains=3, seed=12)
+    a = fastalign.decode([[1, 2], [3, 1, 4]], **kwargs)
+    b = fastalign.decode([[1, 2], [3, 1, 4]], **kwargs)
+    assert a.extra["state_path"] == b.extra["state_path"]
+    for b_, chains in enumerate(a.extra["state_path"]):
+        for c, chain in enumerate(chains):
+            assert replay(chain, 3, 1.0) == a.extra["final_states"][b_][c]
+            assert all(e["reward"] == last_token_reward(e["proposal"]) for e in chain)
+
+
+def test_remote_chains_follow_the_law(model, server):
+    prompt, copies, steps = [2, 3], 400, 4
+    out = fastalign.decode([prompt] * copies, method="qalign", target=RemoteLM(server), reward=RemoteReward(server),
+                           max_new_tokens=1, steps=steps, seed=2)
+    p, target, after = exact_laws(model, prompt, 1, 1.0, steps)
+    seen = empirical_law(out.sequences)
+    assert total_variation(seen, after) < 0.1 and total_variation(seen, p) > 0.15
+
+
+def test_remote_errors(model, server):
+    with pytest.raises(fastalign.InputError, match="local target"):
+        fastalign.decode([[1]], method="sample", target=RemoteLM(server))
+    with pytest.raises(RemoteError, match="context length"):
+        RemoteLM(server).complete([[1] * 200], [2])
+    with pytest.raises(RemoteError, match="lists no model"):
+        RemoteLM(server, model="other")
+    with pytest.raises(RemoteError, match="cannot reach"):
+        RemoteReward("http://127.0.0.1:9", timeout=5)([[1]], [[2]])
+
+
+class _VllmStyle(BaseHTTPRequestHandler):
+    """Answers like an older vLLM: token ids only as ``logprobs.tokens``, the EOS token left out."""
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        tokens = [3, 1, 2, 4][: body["max_tokens"]]
+        finish = "stop" if body["max_tokens"] > 2 else "length"
+        choice = {"index": 0, "text": "", "finish_reason": finish,
+                  "logprobs": {"tokens": [f"token_id:{t}" for t in tokens[:2]]}}
+        data = json.dumps({"choices": [choice]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_remote_reads_vllm_token_ids_and_restores_a_dropped_eos():
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _VllmStyle)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        lm = RemoteLM(f"http://127.0.0.1:{stub.server_port}/v1", model="m", eos_token_ids=[EOS])
+        assert lm.complete([[1], [2]], [4, 2]) == [[3, 1, EOS], [3, 1]]
+    finally:
+        stub.shutdown()
+        stub.server_close()
