@@ -10,8 +10,10 @@ batch's costs shared equally between its rows: exact at ``batch_size=1``, an ave
 
 Metrics per (method, budget): mean gold reward (with its standard error), win rate against the baseline
 method (``sample``; per prompt 1 for a higher gold reward, 1/2 for a tie), forward calls and tokens processed
-per model, compute tokens (all models' tokens together: target + draft + ref + reward), wall time, and
-generated tokens per target forward pass.
+per model, compute tokens (all models' tokens together: target + draft + ref + reward), wall time, and for
+speculative methods the accepted tokens per target call they report (``accepted_per_target_call``).
+Before timing, each engine decodes a few tokens once (untimed), so that one-off start-up costs do not land on
+the first method of the grid.
 """
 
 from __future__ import annotations
@@ -276,11 +278,15 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     engine_for = engine if callable(engine) and not isinstance(engine, Engine) else (lambda method: engine)
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+    warm = set()
     records = []
     with tqdm(total=len(grid) * len(prompts), desc="eval", unit="prompt",
               disable=None if progress is None else not progress) as bar:
         for method, options in grid:
             eng = engine_for(method)
+            if id(eng) not in warm:  # untimed warm-up: lazy initialisation, allocator, caches
+                eng.decode([prompts[0]["prompt"]], method="sample", max_new_tokens=2, seed=0)
+                warm.add(id(eng))
             label = budget_label(options)
             bar.set_postfix_str(f"{method} {label}")
             start = 0
@@ -301,7 +307,7 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                         "tokens": list(seq), "gold_reward": score, "generated_tokens": len(seq),
                         **{c: stats.get(c, 0) / rows for c in COUNTERS},
                         "compute_tokens": compute / rows, "wall_time_s": stats["wall_time_s"] / rows,
-                        "tokens_per_target_call": len(seq) / stats["target_calls"] if stats.get("target_calls") else None,
+                        "accepted_per_target_call": stats.get("accepted_per_target_call"),
                         "batch_rows": rows, "batch_stats": stats,
                     })
                 start += rows
@@ -345,12 +351,12 @@ def summarize(records: list[dict], baseline: str = "sample") -> list[dict]:
         rewards = [r["gold_reward"] for r in rs]
         mean = sum(rewards) / n
         std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / (n - 1)) if n > 1 else 0.0
-        per_call = [r["tokens_per_target_call"] for r in rs if r["tokens_per_target_call"] is not None]
+        per_call = [r["accepted_per_target_call"] for r in rs if r["accepted_per_target_call"] is not None]
         row = {"method": method, "budget": budget, "options": rs[0]["options"], "prompts": n,
                "gold_reward": mean, "gold_reward_stderr": std / math.sqrt(n), "win_rate": wins[(method, budget)]}
         for key in COUNTERS + ["compute_tokens", "wall_time_s", "generated_tokens"]:
             row[key] = sum(r[key] for r in rs) / n
-        row["tokens_per_target_call"] = sum(per_call) / len(per_call) if per_call else None
+        row["accepted_per_target_call"] = sum(per_call) / len(per_call) if per_call else None
         rows.append(row)
     return rows
 
@@ -368,19 +374,19 @@ def summary_table(rows: list[dict]) -> str:
     used = [role for role in MODEL_ROLES if any(r[f"{role}_calls"] for r in rows)]
     head = (["method", "budget", "prompts", "gold reward", "± s.e.", "win rate vs sample"]
             + [f"{role} calls" for role in used] + [f"{role} tokens" for role in used]
-            + ["compute tokens", "wall time (s)", "tokens / target call"])
+            + ["compute tokens", "wall time (s)", "accepted tokens / target call"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ([r["method"], r["budget"], r["prompts"], r["gold_reward"], r["gold_reward_stderr"], r["win_rate"]]
                  + [r[f"{role}_calls"] for role in used] + [r[f"{role}_tokens"] for role in used]
-                 + [r["compute_tokens"], r["wall_time_s"], r["tokens_per_target_call"]])
+                 + [r["compute_tokens"], r["wall_time_s"], r["accepted_per_target_call"]])
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str = "gold reward vs compute") -> None:
     """PNG: mean gold reward (y) against compute tokens per prompt (left) and wall time per prompt (right),
-    one curve per method through its budgets (needs matplotlib)."""
+    one curve per method through its budgets in grid order (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -394,8 +400,8 @@ def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str
     for ax, (key, label) in zip(axes, [("compute_tokens", "tokens processed per prompt (target + draft + ref + reward)"),
                                        ("wall_time_s", "wall time per prompt (s)")]):
         for method in methods:
-            pts = sorted((r[key], r["gold_reward"], r["gold_reward_stderr"], r["budget"])
-                         for r in rows if r["method"] == method)
+            pts = [(r[key], r["gold_reward"], r["gold_reward_stderr"], r["budget"])
+                   for r in rows if r["method"] == method]  # in budget order
             xs, ys, es, budgets = zip(*pts)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
             for x, y, budget in zip(xs, ys, budgets):

@@ -34,7 +34,7 @@ def count_w1(prompts, completions):
 
 def record(method, budget, i, reward, **costs):
     base = {"method": method, "budget": budget, "options": {}, "prompt_index": i, "gold_reward": reward,
-            "generated_tokens": 4, "compute_tokens": 10.0, "wall_time_s": 0.1, "tokens_per_target_call": 1.0}
+            "generated_tokens": 4, "compute_tokens": 10.0, "wall_time_s": 0.1, "accepted_per_target_call": None}
     base.update({f"{role}_{kind}": 0 for role in ("target", "draft", "ref", "reward") for kind in ("calls", "tokens")})
     base.update(costs)
     return base
@@ -135,7 +135,7 @@ def test_evaluate_records_costs_and_reproducibility(engine, tmp_path):
         stats = r["batch_stats"]
         assert r["target_calls"] == stats["target_calls"] / r["batch_rows"]
         assert r["compute_tokens"] == (stats["target_tokens"] + stats["reward_tokens"]) / r["batch_rows"]
-        assert r["tokens_per_target_call"] == len(r["tokens"]) / stats["target_calls"]
+        assert r["accepted_per_target_call"] is None  # reported by speculative methods only
     rows = summarize(records)
     assert [(r["method"], r["budget"]) for r in rows] == [("sample", "default"), ("bon", "n=2"), ("bon", "n=4")]
     assert rows[2]["reward_tokens"] > rows[1]["reward_tokens"] > 0 == rows[0]["reward_tokens"]
@@ -158,12 +158,15 @@ def test_eval_on_the_toy_world(tmp_path):
     pytest.importorskip("fastalign.toyworld")
     from fastalign.cli import main
 
-    rc = main(["eval", "--toy", "--limit", "2", "--grid", "sample", "--grid", "bon:n=2", "--max-new-tokens", "4",
-               "--seed", "0", "--out-dir", str(tmp_path), "--no-progress"])
+    rc = main(["eval", "--toy", "--limit", "2", "--grid", "sample", "--grid", "bon:n=2", "--grid", "sd",
+               "--max-new-tokens", "4", "--seed", "0", "--out-dir", str(tmp_path), "--no-progress"])
     assert rc == 0
     records = read_jsonl(tmp_path / "results.jsonl")
-    assert len(records) == 4 and all(isinstance(r["gold_reward"], float) for r in records)
+    assert len(records) == 6 and all(isinstance(r["gold_reward"], float) for r in records)
     assert "| bon | n=2 | 2 |" in (tmp_path / "summary.md").read_text()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert rows["sd"]["accepted_per_target_call"] > 0 and rows["sd"]["draft_calls"] > 0
+    assert rows["sample"]["accepted_per_target_call"] is None
 
 
 def test_evaluate_rejects_bad_batch_size(engine):
