@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-field", help="field holding the prompt")
     e.add_argument("--limit", type=int, help="use the first N prompts")
     e.add_argument("--gold", help="gold reward: an HF reward model, 'module:function' (called on texts: "
-                                  "prompts, completions), 'last_number' (GSM8K answers) or 'toy'")
+                                  "prompts, completions), 'toy', or 'last_number' / 'boxed' / 'option': the "
+                                  "extracted answer equals the record's 'answer' field (GSM8K, MATH, multiple choice)")
     e.add_argument("--grid", action="append", metavar="SPEC",
                    help="METHOD[:key=v1,v2;key2=...], repeatable, e.g. --grid sample --grid 'bon:n=2,4,8' "
                         "(default: every available method at a few budgets)")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .answers import EXTRACTORS
 from .api import MODEL_ROLES, Engine
 from .cli import parse_value
 from .models import InputError, RewardModel
@@ -150,15 +151,6 @@ def load_toy_world(device=None):
 
 
 # ---------------------------------------------------------------------------------------- gold reward
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number(text: str) -> str | None:
-    """The last number in ``text`` (thousands separators removed), e.g. a GSM8K answer; None if there is none."""
-    found = _NUMBER.findall(text or "")
-    return found[-1].replace(",", "").rstrip(".") if found else None
-
-
 @dataclass
 class GoldReward:
     """The reward that judges the outputs (not the one a method optimises).
@@ -191,17 +183,20 @@ class GoldReward:
     @classmethod
     def from_spec(cls, spec: str, policy_tokenizer=None, world=None, trust_remote_code: bool = False,
                   device=None, dtype=None) -> GoldReward:
-        """``"toy"``: the toy world's gold reward; ``"last_number"``: 1 if the completion's last number equals
-        the record's ``answer`` (GSM8K style), else 0; ``"module:function"``: a Python function called on texts
+        """``"toy"``: the toy world's gold reward; ``"last_number"``, ``"boxed"``, ``"option"``: 1 if the answer
+        extracted from the completion (``fastalign.answers``) equals the one extracted from the record's
+        ``answer`` field (GSM8K: ``"... #### 72"``), else 0; ``"module:function"``: a Python function called on texts
         ``(prompts, completions)``; anything else: an HF reward model name or path."""
         if spec == "toy":
             world = world if world is not None else load_toy_world()
             return cls.from_reward(world.gold_reward, "toy", policy_tokenizer=policy_tokenizer)
-        if spec == "last_number":
+        if spec in EXTRACTORS:
+            extract = EXTRACTORS[spec]
+
             def match(p, r, pt, ct, records):
                 if any("answer" not in rec for rec in records):
-                    raise InputError("the 'last_number' gold reward needs an 'answer' field in every prompt record")
-                return [float(last_number(c) is not None and last_number(c) == last_number(str(rec["answer"])))
+                    raise InputError(f"the {spec!r} gold reward needs an 'answer' field in every prompt record")
+                return [float(extract(c) is not None and extract(c) == extract(str(rec["answer"])))
                         for c, rec in zip(ct, records)]
             return cls(match, spec)
         module, _, function = spec.partition(":")

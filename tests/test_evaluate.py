@@ -11,7 +11,6 @@ import fastalign
 from fastalign.evaluate import (
     GoldReward,
     evaluate,
-    last_number,
     load_prompts,
     parse_grid,
     read_jsonl,
@@ -95,8 +94,9 @@ def test_hub_datasets_fail_clearly_offline():
     assert time.perf_counter() - start < 60
 
 
-def test_last_number_gold_reward():
-    assert last_number("so 3 + 4 = 7.") == "7" and last_number("1,234 apples") == "1234" and last_number("no") is None
+def test_answer_match_gold_rewards():
+    gold = GoldReward.from_spec("boxed")
+    assert gold(None, [[1], [1]], None, ["so \\boxed{x^2}", "none"], [{"answer": "\\boxed{x^2}"}] * 2) == [1.0, 0.0]
     gold = GoldReward.from_spec("last_number")
     records = [{"prompt": "q", "answer": "... #### 7"}, {"prompt": "q", "answer": "#### 8"}, {"prompt": "q", "answer": "9"}]
     assert gold(None, [[1], [1], [1]], None, ["it is 7", "it is 7", "none"], records) == [1.0, 0.0, 0.0]
