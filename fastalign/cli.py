@@ -18,7 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROLES = ("target", "draft", "ref", "reward")
+from .api import MODEL_ROLES as ROLES
+from .api import Engine
+from .models import InputError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -84,8 +87,6 @@ def engine_factory(args, world=None):
     """A function ``method -> fastalign.Engine`` for the models named on the command line; roles not named
     come from the toy world when one is given. With the toy world, ``sss`` takes its aligned draft as the
     draft (and the unaligned draft as ``ref``); other methods take the unaligned draft."""
-    from . import Engine
-
     named = {role: getattr(args, role) for role in ROLES}
     common = dict(trust_remote_code=args.trust_remote_code, device=args.device, dtype=_torch_dtype(args.dtype),
                   reward_tokenizer=args.reward_tokenizer)
@@ -357,8 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.bench_args = bench_args
-    from .models import InputError
-
     try:
         return args.func(args)
     except (InputError, ValueError, FileNotFoundError) as e:
