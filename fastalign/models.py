@@ -159,7 +159,8 @@ class CachedModel:
     def keep_new(self, keep: torch.Tensor) -> None:
         """Of the last block written (``keep [B, T]``), keep the flagged slots and drop the rest."""
         T = keep.shape[1]
-        self.live[:, -T:] &= keep.to(self.device)
+        if T:  # (live[:, -0:] would be every slot)
+            self.live[:, -T:] &= keep.to(self.device)
         self._tidy()
 
     def compact(self) -> None:
@@ -168,9 +169,10 @@ class CachedModel:
         self.live = torch.gather(self.live, 1, order)
         first = self.live.shape[1] - int(self.lengths.max()) if self.batch_size else 0
         order, self.live = order[:, first:], self.live[:, first:]
-        for layer in self._layers():
-            layer.keys = native.gather_slots(layer.keys, order)
-            layer.values = native.gather_slots(layer.values, order)
+        layers = self._layers()
+        gathered = native.gather_slots_many([t for layer in layers for t in (layer.keys, layer.values)], order)
+        for i, layer in enumerate(layers):
+            layer.keys, layer.values = gathered[2 * i], gathered[2 * i + 1]
 
     def _tidy(self) -> None:
         """Crop trailing all-dead columns; compact when dead slots dominate."""
