@@ -271,7 +271,7 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
 
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    engine_for = engine if callable(engine) and not isinstance(engine, Engine) else (lambda method: engine)
+    engine_for = (lambda method: engine) if isinstance(engine, Engine) else engine
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     warm = set()
     records = []
@@ -284,7 +284,6 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                 warm.add(id(eng))
             label = budget_label(options)
             bar.set_postfix_str(f"{method} {label}")
-            start = 0
             for k, batch in enumerate(batches):
                 prompt_ids = eng._encode([r["prompt"] for r in batch])
                 out = eng.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -298,14 +297,13 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                 for i, (record, seq, text, score) in enumerate(zip(batch, out.sequences, texts, scores)):
                     records.append({
                         "method": method, "budget": label, "options": {k2: _jsonable(v) for k2, v in options.items()},
-                        "prompt_index": start + i, "prompt": record["prompt"], "completion": text,
+                        "prompt_index": k * batch_size + i, "prompt": record["prompt"], "completion": text,
                         "tokens": list(seq), "gold_reward": score, "generated_tokens": len(seq),
                         **{c: stats.get(c, 0) / rows for c in COUNTERS},
                         "compute_tokens": compute / rows, "wall_time_s": stats["wall_time_s"] / rows,
                         "accepted_per_target_call": stats.get("accepted_per_target_call"),
                         "batch_rows": rows, "batch_stats": stats,
                     })
-                start += rows
                 bar.update(rows)
     return records
 
