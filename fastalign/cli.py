@@ -225,8 +225,8 @@ def cmd_demo(args) -> int:
 
 def bench_dir() -> Path | None:
     """The ``bench/`` folder of a source checkout, or None in an installed package."""
-    path = Path(__file__).resolve().parent.parent / "bench"
-    return path if path.is_dir() else None
+    root = Path(__file__).resolve().parent.parent
+    return root / "bench" if (root / "bench").is_dir() and (root / "setup.py").is_file() else None
 
 
 def bench_scripts(folder: Path) -> list[Path]:
