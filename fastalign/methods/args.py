@@ -5,8 +5,9 @@ Per token, the ``k`` most likely next tokens ``v`` under the target are scored b
 come from ONE reward call over the rows' cached prefixes (``RewardModel.score_branches`` with ``k`` one-token
 branches per row; the chosen token then stays in the reward cache, ``keep_branches``). ``mode="greedy"`` (the
 paper's ARGS-greedy, the default) takes ``argmax s``; ``mode="sampled"`` (ARGS-stochastic) draws ``v`` with
-probability ``softmax(s)_v`` over the candidates, i.e. proportional to ``p(v) exp(w r)``. Defaults are the paper's:
-``k = 10``, ``w = 1.5``, and T = 1 (the paper ranks the raw logits, which differ from ``log p`` by a constant).
+probability ``softmax(s)_v`` over the candidates, i.e. proportional to ``p(v) exp(w r)``. Defaults are the paper's
+HH-RLHF setting: ``k = 10``, ``w = 1.5`` (the repository's README example uses ``w = 1.0``), and T = 1 (the paper
+ranks the raw logits, which differ from ``log p`` by a constant).
 The original code's stochastic variant draws from ``softmax((logit + w r) / tau)``: that is ``temperature=tau``
 with ``w / tau`` here. The candidate set is ``k``; ``top_k`` / ``top_p`` do not apply (passing them is an error).
 """

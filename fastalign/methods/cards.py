@@ -70,7 +70,8 @@ class Frontier:
 
     def take(self, rows: torch.Tensor, other: "Frontier") -> None:
         """Copy ``other``'s state of the given rows."""
-        self.logits[rows], self.ready[rows], self.pending[rows] = other.logits[rows], other.ready[rows], other.pending[rows]
+        self.logits[rows], self.ready[rows] = other.logits[rows], other.ready[rows]
+        self.pending[rows] = other.pending[rows]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.logits, self.ready, self.pending = self.logits[rows], self.ready[rows], self.pending[rows]
@@ -146,6 +147,10 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
         reward_threshold: float | str = "auto", alpha: float = 0.5, accept_beta: float = 0.7, mode: str = "soft",
         min_segment_tokens: int = 4, max_segment_tokens: int = 64, max_rejections: int = 20,
         parallel_candidates: int = 1) -> MethodResult:
+    """CARDS over a batch of prompts (module docstring). Defaults are the CARDS paper's/code's, except
+    ``reward_threshold`` (8.5 there, for a Llama-7B reward model): ``"auto"``, since r_star depends on the
+    reward's scale. ``out.extra``: ``reward_threshold`` (r_star per prompt, ``[B]``) and ``segment_lengths``
+    (the accepted segments' lengths per prompt)."""
     check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_tokens, parallel_candidates)
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B, M = len(prompts), parallel_candidates

@@ -90,6 +90,8 @@ class Streak:
 
 def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = "auto", accept_beta: float = 0.7,
         mode: str = "soft", max_rejections: int = 20) -> MethodResult:
+    """Rejection sampling over a batch of prompts (module docstring); defaults as in the CARDS code, except
+    ``reward_threshold="auto"`` (see ``calibrate_reward_threshold``). ``out.extra["reward_threshold"]``: ``[B]``."""
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B = len(prompts)
     logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
