@@ -63,7 +63,10 @@ def check_options(method: str, options: dict) -> None:
 
     from .methods import get_method
 
-    _, run = get_method(method)
+    try:
+        _, run = get_method(method)
+    except ImportError as e:
+        raise ValueError(f"method {method!r} is not available in this installation ({e})") from None
     params = inspect.signature(run).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return

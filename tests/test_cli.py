@@ -112,6 +112,14 @@ def test_generate_errors_name_the_problem(model_dirs, tmp_path, capsys, monkeypa
     assert "no prompts" in capsys.readouterr().err
 
 
+def test_a_method_missing_from_the_installation_is_named(monkeypatch, capsys):
+    from fastalign.methods import METHODS
+
+    monkeypatch.setitem(METHODS, "future", ("future_method", "run"))
+    assert cli.main(["generate", "--method", "future", "w1"]) == 2
+    assert "method 'future' is not available in this installation" in capsys.readouterr().err
+
+
 def test_python_m_fastalign_generate_subprocess(model_dirs):
     lm, _ = model_dirs
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -169,11 +177,16 @@ def test_bench_lists_and_runs_scripts_or_says_where_they_are(tmp_path, monkeypat
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
 
-def test_demo_and_generate_on_the_toy_world(capsys):
+def test_demo_on_the_toy_world(capsys):
     pytest.importorskip("fastalign.toyworld")
     assert cli.main(["demo", "--methods", "sample", "bon", "--num-prompts", "2", "--max-new-tokens", "4"]) == 0
     shown = capsys.readouterr().out
     assert "| sample |" in shown and "| bon |" in shown
+
+
+def test_generate_sss_on_the_toy_world(capsys):
+    pytest.importorskip("fastalign.toyworld")
+    pytest.importorskip("fastalign.methods.speculative")
     assert cli.main(["generate", "--toy", "--method", "sss", "--max-new-tokens", "4", "--seed", "0",
                      "review : the pasta"]) == 0
     (line,) = read_lines(capsys.readouterr().out)

@@ -158,15 +158,27 @@ def test_eval_on_the_toy_world(tmp_path):
     pytest.importorskip("fastalign.toyworld")
     from fastalign.cli import main
 
-    rc = main(["eval", "--toy", "--limit", "2", "--grid", "sample", "--grid", "bon:n=2", "--grid", "sd",
-               "--max-new-tokens", "4", "--seed", "0", "--out-dir", str(tmp_path), "--no-progress"])
+    rc = main(["eval", "--toy", "--limit", "2", "--grid", "sample", "--grid", "bon:n=2", "--max-new-tokens", "4",
+               "--seed", "0", "--out-dir", str(tmp_path), "--no-progress"])
     assert rc == 0
     records = read_jsonl(tmp_path / "results.jsonl")
-    assert len(records) == 6 and all(isinstance(r["gold_reward"], float) for r in records)
+    assert len(records) == 4 and all(isinstance(r["gold_reward"], float) for r in records)
     assert "| bon | n=2 | 2 |" in (tmp_path / "summary.md").read_text()
+    assert all(r["accepted_per_target_call"] is None for r in json.loads((tmp_path / "summary.json").read_text()))
+
+
+def test_eval_reports_the_acceptance_of_speculative_methods(tmp_path):
+    pytest.importorskip("fastalign.toyworld")
+    pytest.importorskip("fastalign.methods.speculative")
+    from fastalign.cli import main
+
+    rc = main(["eval", "--toy", "--limit", "2", "--grid", "sd", "--grid", "sss", "--max-new-tokens", "4",
+               "--seed", "0", "--out-dir", str(tmp_path), "--no-progress", "--no-plot"])
+    assert rc == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert set(rows) == {"sample", "sd", "sss"} and rows["sample"]["accepted_per_target_call"] is None
     assert rows["sd"]["accepted_per_target_call"] > 0 and rows["sd"]["draft_calls"] > 0
-    assert rows["sample"]["accepted_per_target_call"] is None
+    assert rows["sss"]["ref_calls"] > 0 and rows["sd"]["ref_calls"] == 0  # sss: aligned draft + ref
 
 
 def test_evaluate_rejects_bad_batch_size(engine):
