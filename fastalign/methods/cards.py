@@ -18,7 +18,8 @@ Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment 
 
 ``reward_threshold`` is ``r_star``: a number, or ``"auto"`` (``rs.calibrate_reward_threshold``: mean + std of the
 rewards of 8 plain samples of each prompt). Prompts of a batch proceed independently: in a round, every prompt
-that is not done proposes, and each accepts or rejects on its own. ``parallel_candidates=M`` gives each prompt
+still decoding proposes, and each accepts or rejects on its own; finished prompts leave the batch (their cache
+rows are dropped in both models). ``parallel_candidates=M`` gives each prompt
 ``M`` cache rows that propose ``M`` segments at once from the shared prefix; all are scored in one reward call
 and judged in order exactly as ``M`` sequential proposals would be (the first that is accepted wins; later
 ones are discarded), so the output law does not depend on ``M``. The accepted row's cache is then copied to its
@@ -85,22 +86,21 @@ class Candidate:
     round: int  # the proposal round (its tokens are in the cache only during that round)
 
 
-def propose(ctx: Context, prefix: Frontier, proposing: torch.Tensor, budgets: torch.Tensor,
-            entropy_threshold: float, min_tokens: int):
-    """One segment per proposing row (``proposing [R]`` bool, at most ``budgets [R]`` tokens each), batched.
+def propose(ctx: Context, prefix: Frontier, budgets: torch.Tensor, entropy_threshold: float, min_tokens: int):
+    """One segment per target row (at most ``budgets [R]`` tokens each), batched.
 
     Returns the segments, ``cut [R]`` (ended at an entropy cut), ``fed [R]`` (segment tokens now in the target
     cache, to roll back on rejection) and the rows' frontier after their segment. A prefix token still pending
     is fed on the first step and becomes part of ``prefix`` for good.
     """
-    R = proposing.shape[0]
+    R = budgets.shape[0]
     device = prefix.logits.device
     work = prefix.clone()
     segments: list[list[int]] = [[] for _ in range(R)]
     length = torch.zeros(R, dtype=torch.long, device=device)
     fed = torch.zeros(R, dtype=torch.long, device=device)
     cut = torch.zeros(R, dtype=torch.bool, device=device)
-    open_ = proposing.clone()
+    open_ = torch.ones(R, dtype=torch.bool, device=device)
     while open_.any():
         need = open_ & ~work.ready
         if need.any():
@@ -154,86 +154,92 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
     check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_tokens, parallel_candidates)
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B, M = len(prompts), parallel_candidates
-    R = B * M
     target, reward = ctx.target, ctx.reward
     logits = target.prefill(prompts, ctx.max_new_tokens)
     r_prompt = reward.prefill(prompts)
     r_star = (calibrate_reward_threshold(ctx, prompts, logits) if reward_threshold == "auto"
               else torch.full((B,), float(reward_threshold)))
+    extra = {"reward_threshold": r_star, "segment_lengths": [[] for _ in range(B)]}
     target.expand(M)
     device = logits.device
-    prefix = Frontier(logits.repeat_interleave(M, 0), torch.ones(R, dtype=torch.bool, device=device),
-                      torch.zeros(R, dtype=torch.long, device=device))
+    prefix = Frontier(logits.repeat_interleave(M, 0), torch.ones(B * M, dtype=torch.bool, device=device),
+                      torch.zeros(B * M, dtype=torch.long, device=device))
 
+    # the batch holds the prompts still decoding: batch row i is prompt ids[i], target rows i*M .. i*M+M-1
+    ids = list(range(B))
     responses: list[list[int]] = [[] for _ in range(B)]
-    segment_lengths: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
     streaks = [Streak() for _ in range(B)]
     stats = {"segments_proposed": 0, "segments_accepted": 0, "rejections": 0, "forced_acceptances": 0}
     eos = target.eos_token_ids
     round_ = 0
-    while not all(done):
+    while ids:
         round_ += 1
-        open_prompts = [b for b in range(B) if not done[b]]
-        proposing = torch.tensor([not done[r // M] for r in range(R)], device=device)
-        budgets = torch.tensor([min(max_segment_tokens, ctx.max_new_tokens - len(responses[r // M]))
+        P, R = len(ids), len(ids) * M
+        budgets = torch.tensor([min(max_segment_tokens, ctx.max_new_tokens - len(responses[ids[r // M]]))
                                 for r in range(R)], device=device)
-        segments, cut, fed, work = propose(ctx, prefix, proposing, budgets, entropy_threshold, min_segment_tokens)
-        stats["segments_proposed"] += len(open_prompts) * M
+        segments, cut, fed, work = propose(ctx, prefix, budgets, entropy_threshold, min_segment_tokens)
+        stats["segments_proposed"] += R
 
         # score all candidates in one reward call, then judge each prompt's candidates in order
-        scores = reward.score_branches([segments[b * M:(b + 1) * M] if not done[b] else [] for b in range(B)])
-        rewards = torch.stack([scores[b] for b in open_prompts])  # [P, M]
-        generated = torch.tensor([[len(responses[b]) + len(segments[b * M + m]) for m in range(M)]
-                                  for b in open_prompts])
-        tau = threshold_schedule(r_prompt[open_prompts, None], r_star[open_prompts, None], alpha, generated,
-                                 ctx.max_new_tokens)
-        uniforms = ctx.rng.uniform(len(open_prompts), M) if mode == "soft" else None
+        rewards = torch.stack(reward.score_branches([segments[i * M:(i + 1) * M] for i in range(P)]))  # [P, M]
+        generated = torch.tensor([[len(responses[b]) + len(segments[i * M + m]) for m in range(M)]
+                                  for i, b in enumerate(ids)])
+        tau = threshold_schedule(r_prompt[:, None], r_star[ids, None], alpha, generated, ctx.max_new_tokens)
+        uniforms = ctx.rng.uniform(P, M) if mode == "soft" else None
         ok = passes(rewards, tau, uniforms, mode, accept_beta).tolist()
-        accepted: dict[int, Candidate] = {}
-        for i, b in enumerate(open_prompts):
+        accepted: dict[int, Candidate] = {}  # batch row -> accepted candidate
+        for i in range(P):
             for m in range(M):
-                r = b * M + m
+                r = i * M + m
                 cand = Candidate(segments[r], bool(cut[r]), r, round_)
-                choice, forced = streaks[b].judge(float(rewards[i, m]), ok[i][m], cand, max_rejections)
+                choice, forced = streaks[i].judge(float(rewards[i, m]), ok[i][m], cand, max_rejections)
                 if choice is None:
                     stats["rejections"] += 1
                     continue
-                accepted[b] = choice
+                accepted[i] = choice
                 stats["forced_acceptances"] += forced
                 break
 
         # target: keep the accepted segments, roll everything else back to the prefix
-        fresh = {b: c for b, c in accepted.items() if c.round == round_}
-        stale = {b: c for b, c in accepted.items() if c.round != round_}
+        fresh = {i: c for i, c in accepted.items() if c.round == round_}
+        stale = {i: c for i, c in accepted.items() if c.round != round_}
         fresh_rows = torch.tensor([c.row for c in fresh.values()], dtype=torch.long, device=device)
         fed[fresh_rows] = 0
         target.rollback(fed)
         prefix.take(fresh_rows, work)
-        source = {b: c.row for b, c in fresh.items()}
+        source = {i: c.row for i, c in fresh.items()}  # batch row -> the target row holding its new prefix
         if stale:
-            refeed_best(ctx, prefix, {b * M: c for b, c in stale.items()})
-            source.update({b: b * M for b in stale})
-        if M > 1 and source:
-            rows = torch.arange(R, device=device)
-            for b, j in source.items():
-                rows[b * M:(b + 1) * M] = j
-            target.select_rows(rows)
-            prefix.select_rows(rows)
+            refeed_best(ctx, prefix, {i * M: c for i, c in stale.items()})
+            source.update({i: i * M for i in stale})
 
         # reward model: fresh segments stay where they were scored, stale ones are fed again
-        reward.keep_branches([fresh[b].row - b * M if b in fresh else None for b in range(B)])
+        reward.keep_branches([fresh[i].row - i * M if i in fresh else None for i in range(P)])
         if stale:
-            reward.append([stale[b].tokens if b in stale else [] for b in range(B)])
+            reward.append([stale[i].tokens if i in stale else [] for i in range(P)])
 
-        for b, c in accepted.items():
+        for i, c in accepted.items():
+            b = ids[i]
             responses[b] += c.tokens
-            segment_lengths[b].append(len(c.tokens))
-            done[b] = c.tokens[-1] in eos or len(responses[b]) >= ctx.max_new_tokens
-            streaks[b] = Streak()
+            extra["segment_lengths"][b].append(len(c.tokens))
+            streaks[i] = Streak()
         stats["segments_accepted"] += len(accepted)
+
+        # every row of a prompt takes its accepted row's cache; finished prompts leave the batch
+        keep = [i for i, b in enumerate(ids) if not (responses[b] and (
+            responses[b][-1] in eos or len(responses[b]) >= ctx.max_new_tokens))]
+        rows = torch.arange(R, device=device).view(P, M)
+        for i, j in source.items():
+            rows[i] = j
+        rows = rows[keep].flatten()
+        if len(keep) < P or (M > 1 and source):
+            target.select_rows(rows)
+            prefix.select_rows(rows)
+        if len(keep) < P:
+            reward.select_rows(keep)
+            r_prompt = r_prompt[keep]
+            ids, streaks = [ids[i] for i in keep], [streaks[i] for i in keep]
     ctx.stats.update(stats)
-    return MethodResult(responses, {"reward_threshold": r_star, "segment_lengths": segment_lengths})
+    return MethodResult(responses, extra)
 
 
 def refeed_best(ctx: Context, prefix: Frontier, best: dict[int, Candidate]) -> None:

@@ -4,7 +4,7 @@ Each prompt draws a response from the target, scores it, and accepts it (soft, t
 code) when ``u < min(1, exp((r - r_star) / accept_beta))``, or (hard) when ``r >= r_star``; otherwise it draws
 again from the same cached prompt. After ``max_rejections`` rejections in a row one more response is drawn
 and the best of all of them is accepted (the forced acceptance of the CARDS code). Prompts of a batch proceed
-independently: rows that accepted ride along while the others draw again.
+independently: prompts that accepted leave the batch while the others draw again.
 
 This module also holds what ``cards`` shares with it: the acceptance test, the forced-acceptance rule
 (``Streak``) and the ``reward_threshold="auto"`` calibration.
@@ -100,24 +100,29 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
               else torch.full((B,), float(reward_threshold)))
 
     chosen: list[list[int] | None] = [None] * B
+    ids = list(range(B))  # prompts still drawing: batch row i is prompt ids[i]
     streaks = [Streak() for _ in range(B)]
+    threshold = r_star
     stats = {"responses_proposed": 0, "rejections": 0, "forced_acceptances": 0}
-    while any(c is None for c in chosen):
-        open_rows = [b for b in range(B) if chosen[b] is None]
-        budgets = [ctx.max_new_tokens if chosen[b] is None else 0 for b in range(B)]
-        responses = sample_continuations(ctx, ctx.target, logits, budgets)
-        ctx.target.rollback(torch.tensor([max(len(r) - 1, 0) for r in responses]))  # back to the prompt
-        rewards = ctx.reward.score_branches([[r] if chosen[b] is None else [] for b, r in enumerate(responses)])
-        uniforms = ctx.rng.uniform(B) if mode == "soft" else None
-        ok = passes(torch.stack([rewards[b][0] for b in open_rows]), r_star[open_rows],
-                    None if uniforms is None else uniforms[open_rows], mode, accept_beta)
-        for b, passed in zip(open_rows, ok.tolist()):
-            stats["responses_proposed"] += 1
-            accepted, forced = streaks[b].judge(float(rewards[b][0]), passed, responses[b], max_rejections)
+    while ids:
+        responses = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens)
+        ctx.target.rollback(torch.tensor([len(r) - 1 for r in responses]))  # back to the prompt
+        rewards = torch.cat(ctx.reward.score_branches([[r] for r in responses]))
+        uniforms = ctx.rng.uniform(len(ids)) if mode == "soft" else None
+        ok = passes(rewards, threshold, uniforms, mode, accept_beta).tolist()
+        stats["responses_proposed"] += len(ids)
+        for i, b in enumerate(ids):
+            accepted, forced = streaks[i].judge(float(rewards[i]), ok[i], responses[i], max_rejections)
             if accepted is None:
                 stats["rejections"] += 1
             else:
                 chosen[b] = accepted
                 stats["forced_acceptances"] += forced
+        keep = [i for i, b in enumerate(ids) if chosen[b] is None]  # accepted prompts leave the batch
+        if len(keep) < len(ids):
+            ctx.target.select_rows(keep)
+            ctx.reward.select_rows(keep)
+            logits, threshold = logits[keep], threshold[keep]
+            ids, streaks = [ids[i] for i in keep], [streaks[i] for i in keep]
     ctx.stats.update(stats)
     return MethodResult(chosen, {"reward_threshold": r_star})
