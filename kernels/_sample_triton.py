@@ -24,12 +24,15 @@ Two steps, neither materialises a softmax nor sorts the vocabulary:
    With few rows the vocabulary is split across programs (partial argmax per chunk, then the first
    chunk holding the maximum wins, which keeps the first-index rule).
 
-Exactness against ``sample_torch``: top-k thresholds are identical (an element value, same comparisons).
-The top-p decision compares fp32 sums accumulated in a different order than the reference's ``cumsum``, so
+Exactness against ``sample_torch``: the kernels compute ``x`` bit for bit as torch does on the same device
+(true division on CPU, multiplication by the fp32 reciprocal on CUDA, no FMA contraction), so top-k
+thresholds are identical (an element value, same comparisons). The top-p decision compares fp32 sums
+accumulated in a different order (and with Triton's ``exp``) than the reference's softmax + ``cumsum``, so
 the kept set can differ only when the mass above a token equals ``p`` to within fp32 rounding (or two
-distinct logits round to the same probability at the boundary); the draw can differ only when two
-perturbed scores agree to within the last bit of ``log``. Neither happens for generic inputs; the tests
-compare token for token.
+distinct logits round to the same probability at the boundary). The draw uses libdevice ``logf`` on CUDA
+(what ``torch.log`` calls); under the CPU interpreter numpy's ``log`` may differ from torch's in the last
+bit, so a token can differ only when two perturbed scores agree to within an ulp. None of this happens for
+generic inputs; the tests compare token for token.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from triton.language.extra import libdevice
 
 from ._entropy_triton import BLOCK_V, num_chunks
 from ._rng import uniform_triton
@@ -56,9 +61,28 @@ def _unkey(k):
 
 
 @triton.jit
-def _load_scaled(row_ptr, cols, V, temperature):
-    # true division: bit-identical to the reference's ``logits.float() / T`` on CPU
-    return tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+def _scale(x, scale, CUDA_MATH: tl.constexpr):
+    """``x / T`` computed the way torch computes ``logits.float() / T`` on the same device: on CUDA torch
+    multiplies by the fp32 reciprocal (``scale = 1 / T``), on CPU it divides (``scale = T``)."""
+    if CUDA_MATH:
+        return x * scale
+    else:
+        return x / scale
+
+
+@triton.jit
+def _log(x, CUDA_MATH: tl.constexpr):
+    # on CUDA: libdevice logf, the function torch.log calls (tl.log may lower to an approximation)
+    if CUDA_MATH:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _load_scaled(row_ptr, cols, V, scale, CUDA_MATH: tl.constexpr):
+    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    return _scale(x, scale, CUDA_MATH)
 
 
 @triton.jit
@@ -74,7 +98,8 @@ def _weights(x, valid, tau_k, m, MASS: tl.constexpr):
 
 
 @triton.jit
-def _search(row_ptr, V, temperature, lo, hi, bound, tau_k, m, MASS: tl.constexpr, BLOCK: tl.constexpr):
+def _search(row_ptr, V, scale, lo, hi, bound, tau_k, m,
+            MASS: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr):
     """Smallest candidate value ``e`` with ``F(e) < bound`` (see module doc), given ``tau in (lo, hi]``."""
     offs = tl.arange(0, BLOCK)
     tau = hi
@@ -98,7 +123,7 @@ def _search(row_ptr, V, temperature, lo, hi, bound, tau_k, m, MASS: tl.constexpr
         for off in range(0, V, BLOCK):
             cols = off + offs
             valid = cols < V
-            x = _load_scaled(row_ptr, cols, V, temperature)
+            x = _load_scaled(row_ptr, cols, V, scale, CUDA_MATH)
             cand, w = _weights(x, valid, tau_k, m, MASS)
             ge = cand & (x >= t)
             lt = cand & (x < t)
@@ -128,8 +153,8 @@ def _search(row_ptr, V, temperature, lo, hi, bound, tau_k, m, MASS: tl.constexpr
 
 @triton.jit(do_not_specialize=["top_k"])
 def _threshold_kernel(
-    logits_ptr, stride_r, V, temperature, top_k, top_p, tau_ptr,
-    HAS_K: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr, stride_r, V, scale, top_k, top_p, tau_ptr,
+    HAS_K: tl.constexpr, HAS_P: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per row: ``tau`` (fp32) such that the truncated set is ``x >= tau``."""
     row = tl.program_id(0)
@@ -142,7 +167,7 @@ def _threshold_kernel(
     n_fin = tl.zeros((), tl.int32)
     for off in range(0, V, BLOCK):
         cols = off + offs
-        x = _load_scaled(row_ptr, cols, V, temperature)
+        x = _load_scaled(row_ptr, cols, V, scale, CUDA_MATH)
         fin = x > float("-inf")
         m = tl.maximum(m, tl.max(x, axis=0))
         min_f = tl.minimum(min_f, tl.min(tl.where(fin, x, float("inf")), axis=0))
@@ -155,27 +180,27 @@ def _threshold_kernel(
             tau_k = m  # greedy: the row maximum, no search
         elif n_fin >= top_k:
             lo = _unkey(_key(min_f) - 1)
-            tau_k = _search(row_ptr, V, temperature, lo, m, top_k.to(tl.float32), tau_k, m, False, BLOCK)
+            tau_k = _search(row_ptr, V, scale, lo, m, top_k.to(tl.float32), tau_k, m, False, CUDA_MATH, BLOCK)
     tau = tau_k
     if HAS_P:
         z = tl.zeros((), tl.float32)
         for off in range(0, V, BLOCK):
             cols = off + offs
-            x = _load_scaled(row_ptr, cols, V, temperature)
+            x = _load_scaled(row_ptr, cols, V, scale, CUDA_MATH)
             cand, w = _weights(x, cols < V, tau_k, m, True)
             z += tl.sum(w, axis=0)
         lo = _unkey(_key(tl.maximum(tau_k, min_f)) - 1)
-        tau = _search(row_ptr, V, temperature, lo, m, top_p * z, tau_k, m, True, BLOCK)
+        tau = _search(row_ptr, V, scale, lo, m, top_p * z, tau_k, m, True, CUDA_MATH, BLOCK)
     tl.store(tau_ptr + row, tau)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _draw_kernel(
-    logits_ptr, stride_r, V, temperature, tau_ptr, seed,
+    logits_ptr, stride_r, V, scale, tau_ptr, seed,
     out_ptr,                      # [R] int64 tokens (one chunk per row)
     part_val_ptr, part_idx_ptr,   # [R, n_chunks] fp32 / int64 partial argmax (split vocabulary)
     chunk_size, n_chunks,
-    HAS_TAU: tl.constexpr, SINGLE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_TAU: tl.constexpr, SINGLE: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -192,9 +217,9 @@ def _draw_kernel(
     best_idx = start.to(tl.int64)
     for off in range(start, end, BLOCK):
         cols = off + offs
-        x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32) / temperature
+        x = _load_scaled(row_ptr, cols, end, scale, CUDA_MATH)
         u = uniform_triton(seed, row.to(tl.int64) * V + cols)
-        g = tl.where((x >= tau) & (cols < end), x - tl.log(-tl.log(u)), float("-inf"))
+        g = tl.where((x >= tau) & (cols < end), x - _log(-_log(u, CUDA_MATH), CUDA_MATH), float("-inf"))
         g_max = tl.max(g, axis=0)
         g_idx = tl.min(tl.where(g == g_max, cols, 2147483647), axis=0).to(tl.int64)
         take = g_max > best  # strict: an earlier block keeps a tie (first index, like torch.argmax)
@@ -208,6 +233,14 @@ def _draw_kernel(
         tl.store(part_idx_ptr + row * n_chunks + chunk, best_idx)
 
 
+def _scale_arg(temperature: float, device: torch.device) -> float:
+    """The kernels' ``scale`` argument (see ``_scale``): torch's CUDA ``x / T`` is ``x * (1f / float(T))``."""
+    if device.type == "cuda":
+        one = torch.tensor(1.0, dtype=torch.float32)
+        return float(one / torch.tensor(float(temperature), dtype=torch.float32))
+    return float(temperature)
+
+
 def truncation_threshold(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None) -> torch.Tensor | None:
     """Per-row threshold ``tau [R]`` fp32 with ``truncate_logits`` keeping exactly ``logits / T >= tau``;
@@ -219,8 +252,9 @@ def truncation_threshold(logits: torch.Tensor, temperature: float = 1.0, top_k: 
         return None
     tau = torch.empty(R, device=logits.device, dtype=torch.float32)
     _threshold_kernel[(R,)](
-        logits, logits.stride(0), V, float(temperature), int(top_k) if has_k else 0,
-        float(top_p) if has_p else 1.0, tau, HAS_K=has_k, HAS_P=has_p, BLOCK=BLOCK_V,
+        logits, logits.stride(0), V, _scale_arg(temperature, logits.device), int(top_k) if has_k else 0,
+        float(top_p) if has_p else 1.0, tau, HAS_K=has_k, HAS_P=has_p, CUDA_MATH=logits.is_cuda,
+        BLOCK=BLOCK_V, enable_fp_fusion=False,
     )
     return tau
 
@@ -258,9 +292,10 @@ def sample_triton(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         part_val = torch.empty(R, n_chunks, device=device, dtype=torch.float32)
         part_idx = torch.empty(R, n_chunks, device=device, dtype=torch.int64)
     _draw_kernel[(R, n_chunks)](
-        logits, logits.stride(0), V, float(temperature), tau if tau is not None else out,
+        logits, logits.stride(0), V, _scale_arg(temperature, device), tau if tau is not None else out,
         int(seed) & 0xFFFFFFFF, out, part_val, part_idx, chunk_size, n_chunks,
-        HAS_TAU=tau is not None, SINGLE=single, BLOCK=BLOCK_V,
+        HAS_TAU=tau is not None, SINGLE=single, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK_V,
+        enable_fp_fusion=False,  # no FMA contraction: x and x - log(E) rounded exactly as torch does
     )
     if single:
         return out
