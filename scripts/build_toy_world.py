@@ -1,6 +1,9 @@
 """Build the toy world shipped in ``fastalign/data/toyworld/`` (tokenizer and four models), on the CPU.
 
-    python scripts/build_toy_world.py            # a few minutes on one CPU core; deterministic (fixed seeds, 1 thread)
+    python scripts/build_toy_world.py [--out DIR]
+
+About 2 minutes of CPU time on one thread (one thread and fixed seeds: two builds on the same machine and
+library versions write byte-identical files). Needs no download.
 
 Steps (all Llama-style ``transformers`` models, random init, trained here):
 
@@ -29,7 +32,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -43,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastalign import toyworld  # noqa: E402
 
 CORPUS_SIZE, CORPUS_SEED = 30000, 0
-CONTEXT = 64  # max_position_embeddings; reviews are at most 26 tokens with <s> and </s>
+CONTEXT = 256  # max_position_embeddings (RoPE: nothing learned per position); reviews are at most 26 tokens
+SAMPLE_CAP = 48  # tokens at most per sampled review (every one ends with </s> well before)
 TARGET = dict(hidden=64, layers=3, heads=4, steps=800, lr=3e-3, seed=1)
 DRAFT = dict(hidden=48, layers=2, heads=4, steps=600, lr=3e-3, seed=2)
 REWARD = dict(hidden=48, layers=2, heads=4, steps=500, lr=2e-3, seed=3)
@@ -132,7 +135,7 @@ def sample_reviews(model, num: int, bos: int, eos: int, seed: int, batch: int = 
         tokens = torch.full((n, 1), bos)
         done = torch.zeros(n, dtype=torch.bool)
         cache, step_input = DynamicCache(), tokens
-        while not done.all() and tokens.shape[1] < CONTEXT:
+        while not done.all() and tokens.shape[1] < SAMPLE_CAP:
             logits = model(input_ids=step_input, past_key_values=cache, use_cache=True).logits[:, -1]
             nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
             nxt = torch.where(done, torch.zeros_like(nxt), nxt)
@@ -178,22 +181,27 @@ def main():
     corpus = toyworld.generate_corpus(CORPUS_SIZE, CORPUS_SEED)
     encoded = [tokenizer(text)["input_ids"] + [eos] for text in corpus]
     V = len(tokenizer)
-    log(f"corpus: {len(corpus)} reviews, vocabulary {V}, mean gold {sum(map(toyworld.gold_reward_text, corpus)) / len(corpus):.3f}")
+
+    def gold_of(ids: list[int]) -> float:
+        return toyworld.gold_reward_text(tokenizer.decode(ids, skip_special_tokens=True))
+
+    log(f"corpus: {len(corpus)} reviews, vocabulary {V}, "
+        f"mean gold {sum(map(toyworld.gold_reward_text, corpus)) / len(corpus):.3f}")
     metrics = {}
 
     models = {}
     for name, spec in (("target", TARGET), ("draft", DRAFT)):
         torch.manual_seed(spec["seed"])
         model = LlamaForCausalLM(llama_config(V, spec["hidden"], spec["layers"], spec["heads"]))
-        metrics[f"{name}_train_nll"] = train(model, lm_loss, encoded, spec["steps"], spec["lr"], spec["seed"], name)
+        metrics[f"{name}_train_nll"] = train(model, lm_loss, encoded, spec["steps"], spec["lr"], spec["seed"],
+                                             name)
         models[name] = model
 
     # reward model: least squares on REWARD_SCALE * gold of random prefixes (at least "<s> review :")
     gen = torch.Generator().manual_seed(REWARD["seed"])
     cuts = [int(torch.randint(3, len(ids) + 1, (1,), generator=gen)) for ids in encoded]
     prefixes = [ids[:c] for ids, c in zip(encoded, cuts)]
-    labelled = [(p, toyworld.REWARD_SCALE * toyworld.gold_reward_text(tokenizer.decode(p, skip_special_tokens=True)))
-                for p in prefixes]
+    labelled = [(p, toyworld.REWARD_SCALE * gold_of(p)) for p in prefixes]
     torch.manual_seed(REWARD["seed"])
     reward = LlamaForSequenceClassification(
         llama_config(V, REWARD["hidden"], REWARD["layers"], REWARD["heads"], num_labels=1, pad_token_id=pad))
@@ -204,20 +212,21 @@ def main():
     draft = models["draft"]
     samples = sample_reviews(draft, ALIGN_SAMPLES, bos, eos, ALIGN_SEED)
     r = score_rows(reward, samples)
-    gold = torch.tensor([toyworld.gold_reward_text(tokenizer.decode(s, skip_special_tokens=True)) for s in samples])
+    gold = torch.tensor([gold_of(s) for s in samples])
     weights = torch.softmax(r / ALIGN_BETA, 0)
     metrics["reward_vs_gold_corr_on_draft_samples"] = float(torch.corrcoef(torch.stack([r, gold]))[0, 1])
     metrics["align_effective_sample_size"] = float(1 / (weights**2).sum())
     metrics["ref_mean_gold"] = float(gold.mean())
     metrics["tilted_mean_gold"] = float((weights * gold).sum())  # what the aligned draft aims at
-    picks = torch.multinomial(weights, ALIGN_SAMPLES, replacement=True, generator=torch.Generator().manual_seed(ALIGN_SEED))
+    picks = torch.multinomial(weights, ALIGN_SAMPLES, replacement=True,
+                              generator=torch.Generator().manual_seed(ALIGN_SEED))
     resampled = [samples[i] for i in picks.tolist()]
     aligned = LlamaForCausalLM(draft.config)
     aligned.load_state_dict(draft.state_dict())
-    metrics["aligned_train_nll"] = train(aligned, lm_loss, resampled, ALIGN["steps"], ALIGN["lr"], ALIGN["seed"], "aligned")
+    metrics["aligned_train_nll"] = train(aligned, lm_loss, resampled, ALIGN["steps"], ALIGN["lr"], ALIGN["seed"],
+                                         "aligned")
     check = sample_reviews(aligned, 4096, bos, eos, ALIGN_SEED + 1)
-    metrics["aligned_mean_gold"] = sum(toyworld.gold_reward_text(tokenizer.decode(s, skip_special_tokens=True))
-                                       for s in check) / len(check)
+    metrics["aligned_mean_gold"] = sum(map(gold_of, check)) / len(check)
     log({k: round(v, 4) for k, v in metrics.items()})
 
     if args.out.exists():
@@ -229,9 +238,10 @@ def main():
     manifest = {
         "files": {str(p.relative_to(args.out)): sha256(p) for p in files},
         "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
-        "settings": dict(corpus_size=CORPUS_SIZE, corpus_seed=CORPUS_SEED, context=CONTEXT, batch=BATCH,
-                         target=TARGET, draft=DRAFT, reward=REWARD, align=ALIGN, align_samples=ALIGN_SAMPLES,
-                         align_beta=ALIGN_BETA, align_seed=ALIGN_SEED, reward_scale=toyworld.REWARD_SCALE),
+        "settings": dict(corpus_size=CORPUS_SIZE, corpus_seed=CORPUS_SEED, context=CONTEXT, sample_cap=SAMPLE_CAP,
+                         batch=BATCH, target=TARGET, draft=DRAFT, reward=REWARD, align=ALIGN,
+                         align_samples=ALIGN_SAMPLES, align_beta=ALIGN_BETA, align_seed=ALIGN_SEED,
+                         reward_scale=toyworld.REWARD_SCALE),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "metrics": {k: round(v, 4) for k, v in metrics.items()},
     }
@@ -241,5 +251,4 @@ def main():
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()
