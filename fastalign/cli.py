@@ -222,7 +222,8 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.methods, args.num_prompts, args.max_new_tokens, args.seed, args.device, args.show)
+    run_demo(methods=args.methods, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+             seed=args.seed, device=args.device, show=args.show)
     return 0
 
 
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "method and a table of gold reward, model calls, tokens and time.")
     d.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="demo settings to run: sample bon soft_bon args rs cards sd sss sss_tree qalign (default: all)")
-    d.add_argument("--num-prompts", type=int, default=16)
+    d.add_argument("--num-prompts", type=int, default=32)
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")

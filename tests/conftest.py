@@ -9,6 +9,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Tiny models: one thread is as fast as two and immune to oversubscription on a busy 2-core machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
