@@ -1,0 +1,337 @@
+"""``sd`` and ``sss``: speculative sampling and reward-shifted speculative sampling (DESIGN 1.2), chain or tree.
+
+Every round, per row::
+
+    draft K tokens x_1..x_K from q_r (chain), or a token tree (tree="sampled" | "topk")
+    score them with the target (and the ref, for sss) in ONE forward pass each
+    verify (kernels.spec_verify / kernels.tree_verify): accept a prefix (a root-to-node path) and emit one token
+    keep the accepted tokens in every cache (chain: rollback; tree: keep_new of the path), drop the rest
+
+The distribution a round's tokens follow is ``t = p`` (``sd``) or ``t = pi = normalize(p * (q_r / q) ** lam)``
+(``sss``, ``variant="exact"``), where ``p, q_r, q`` are the target's, the (aligned) draft's and the reference
+draft's distributions after temperature / top-k / top-p truncation (the truncated distributions are used in
+every ratio). ``ref=None`` or ``lam=0`` is SD with the aligned draft (``pi = p``).
+
+``variant="paper"`` is the rule of the published SSS code: accept against ``p`` and emit from ``pi`` (not the
+residual), at full acceptance emit from ``pi`` unless ``bonus_on_full_accept=False`` (the published behaviour:
+emit nothing). It does **not** follow ``pi`` exactly: it accepts the draft's tokens at the rate of SD, so
+when ``q_r`` is close to ``p`` it mostly samples ``p``. Measured by ``test_paper_variant_distance_from_pi``
+(vocabulary 5, 3 new tokens, K=2, lam=1, 4000 draws, exact laws enumerated; ``exact`` is at the noise level,
+<= 0.01, on both):
+
+=====================================================  =================  ============  ===============
+models                                                  TV(p, pi) (exact)  paper, bonus  paper, no bonus
+=====================================================  =================  ============  ===============
+draft = perturbed target (per-token TV(p, q_r) 0.11)    0.32               0.28          0.28
+draft independent of the target (TV(p, q_r) 0.72)       0.92               0.07          0.17
+=====================================================  =================  ============  ===============
+
+Caches. A model's cache holds the prompt and every emitted token except its *tail*: the tokens emitted last
+round that it has not been fed yet (the target and ref: the round's emitted token ``z``; the draft: ``z`` and,
+after a full acceptance, the last draft token if the draft did not feed it). The tail is fed in front of the
+next round's first forward pass, so no token is ever fed twice and no prefix is recomputed. A row whose tail
+is empty (``bonus_on_full_accept=False`` after a full acceptance) keeps the logits of its last position.
+
+Length cap and EOS. Row ``b`` with ``r_b`` tokens left verifies at most ``r_b - 1`` drafted tokens (``r_b``
+without the bonus) through the kernel's ``num_valid``, so a round never emits more than ``r_b`` tokens and the
+law at the cap is exact. Tokens after an EOS are discarded; finished rows leave the batch (``select_rows``).
+
+Defaults. ``num_draft_tokens=4``: the draft length K=4 of Chen et al. 2023 ("Accelerating large language model
+decoding with speculative sampling"). ``branching=(2, 2, 1, 1)`` (trees): depth 4 like the chain, two children
+at the first two levels where a rejection is likeliest (14 nodes); a choice of this library, not from a paper.
+
+``ctx.stats``: ``rounds`` (verification passes), ``draft_tokens_proposed`` (drafted tokens verified, summed
+over rows; tree nodes for trees), ``draft_tokens_accepted``, ``acceptance_rate`` (accepted / proposed),
+``accepted_per_target_call`` (accepted draft tokens per row and verification pass: the mean number of tokens a
+target call saves; each pass also emits one token of its own).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import spec_verify, tree_verify
+from .base import Context, MethodResult
+
+REQUIRES = ("target", "draft")
+NUM_DRAFT_TOKENS = 4
+BRANCHING = (2, 2, 1, 1)
+TREES = (None, "sampled", "topk")
+VARIANTS = ("exact", "paper")
+
+
+class _Stream:
+    """One model's side of the loop (target, draft or ref) over the live rows.
+
+    The cache holds each row's prefix minus ``tail [B, W]`` (left-padded tokens not fed yet, ``tail_live``
+    marks them); ``logits [B, V]`` are the next-token logits of rows whose tail is empty. Within a round,
+    ``round_logits`` collects the logits of the round's positions: position 0 after the prefix, then one
+    per fed draft token (chain) or tree node, in feeding order.
+    """
+
+    def __init__(self, lm, logits: torch.Tensor):
+        self.lm = lm
+        self.logits = logits
+        B, dev = logits.shape[0], logits.device
+        self.tail = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        self.tail_live = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        self.round_logits: list[torch.Tensor] = []
+        self.fed = 0  # draft tokens / tree nodes fed this round
+        self.tail_fed = 0  # width of the tail fed this round (written just before the round's tokens)
+
+    def feed(self, tokens: torch.Tensor | None = None, parents: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``tokens [B, T]`` (plus the tail on the round's first call); returns their logits ``[B, T, V]``
+        (with position 0 in front on the first call).
+
+        ``parents [B, P + T]`` makes the tokens tree nodes: it indexes the round's nodes (``P`` fed before),
+        ``-1`` for a root (hanging off the prefix).
+        """
+        B, dev = self.logits.shape[0], self.logits.device
+        tokens = torch.zeros(B, 0, dtype=torch.long, device=dev) if tokens is None else tokens
+        first = not self.round_logits
+        W = self.tail.shape[1] if first else 0
+        if W:
+            T = tokens.shape[1]
+            block = torch.cat([self.tail, tokens], 1)
+            live = torch.cat([self.tail_live, torch.ones_like(tokens, dtype=torch.bool)], 1)
+            if parents is not None:
+                assert parents.shape[1] == T, "a tail is fed in front of a whole tree only"
+                parents = _chain_then_tree(self.tail_live, parents)
+            out = self.lm.extend(block, parents=parents, live=live)
+            has_tail = self.tail_live[:, -1]
+            head = torch.where(has_tail[:, None], out[:, W - 1], self.logits)
+            new = torch.cat([head[:, None], out[:, W:]], 1)
+        elif tokens.shape[1]:
+            out = self.lm.extend(tokens, parents=parents)
+            new = torch.cat([self.logits[:, None], out], 1) if first else out
+        else:
+            new = self.logits[:, None]
+        self.tail_fed = W if first else self.tail_fed
+        self.tail = self.tail[:, :0]
+        self.tail_live = self.tail_live[:, :0]
+        self.fed += tokens.shape[1]
+        self.round_logits.append(new)
+        return new
+
+    def position_logits(self) -> torch.Tensor:
+        """The round's logits ``[B, 1 + fed, V]``: position 0, then one per fed token / node."""
+        return torch.cat(self.round_logits, 1)
+
+    def advance(self, nodes: torch.Tensor, path: torch.Tensor, accepted: torch.Tensor,
+                next_token: torch.Tensor, tree: bool) -> None:
+        """Keep the accepted path of the round and make its unfed tokens plus ``next_token`` the new tail.
+
+        ``nodes [B, N]``: the round's draft tokens (chain) or tree nodes; ``path [B, D]``: accepted node
+        indices in order, ``-1`` padded; ``accepted [B]``: path lengths; ``next_token [B]``: the emitted token,
+        ``-1`` for none.
+        """
+        B, dev = nodes.shape[0], nodes.device
+        rows = torch.arange(B, device=dev)
+        logits = self.position_logits()
+        kept = (path >= 0) & (path < self.fed)  # accepted nodes already in the cache
+        if tree:
+            in_path = torch.zeros(B, self.fed + 1, dtype=torch.bool, device=dev)
+            in_path.scatter_(1, torch.where(kept, path, self.fed), True)
+            ones = torch.ones(B, self.tail_fed, dtype=torch.bool, device=dev)
+            self.lm.keep_new(torch.cat([ones, in_path[:, : self.fed]], 1))
+        elif self.fed:
+            self.lm.rollback(self.fed - kept.sum(1))
+        # at most one accepted node is unfed: the last one (a draft's last chain token or a leaf)
+        last = path.gather(1, (accepted - 1).clamp(min=0)[:, None])[:, 0]
+        unfed = (accepted > 0) & (last >= self.fed)
+        unfed_token = nodes.gather(1, last.clamp(min=0)[:, None])[:, 0]
+        has_next = next_token >= 0
+        self.tail = torch.stack([unfed_token, torch.where(has_next, next_token, unfed_token)], 1)
+        self.tail_live = torch.stack([unfed & has_next, unfed | has_next], 1)
+        at = torch.where(accepted > 0, last + 1, 0)  # the position after the accepted path
+        self.logits = logits[rows, at.clamp(max=logits.shape[1] - 1)]
+        self.round_logits, self.fed, self.tail_fed = [], 0, 0
+        self._trim()
+
+    def _trim(self) -> None:
+        while self.tail.shape[1] and not self.tail_live[:, 0].any():
+            self.tail, self.tail_live = self.tail[:, 1:], self.tail_live[:, 1:]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.lm.select_rows(rows)
+        self.logits = self.logits[rows]
+        self.tail, self.tail_live = self.tail[rows], self.tail_live[rows]
+        self._trim()
+
+
+def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    """Parents of a block ``tail + nodes``: the (left-padded) tail is a chain, the tree's roots hang off its
+    last token (off the prefix when a row's tail is empty).  ``[B, W + N]``."""
+    B, W = tail_live.shape
+    idx = torch.arange(W, device=parents.device)
+    prev_live = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=parents.device), tail_live[:, :-1]], 1)
+    tail_parents = torch.where(prev_live & tail_live, idx - 1, -1).expand(B, W)
+    root_parent = torch.where(tail_live[:, -1], W - 1, -1)[:, None]
+    return torch.cat([tail_parents, torch.where(parents >= 0, parents + W, root_parent)], 1)
+
+
+def run_sd(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
+           tree: str | None = None, branching: tuple[int, ...] | None = None) -> MethodResult:
+    """Speculative sampling: the output follows the target exactly. ``num_draft_tokens`` is the chain's K;
+    ``tree="sampled" | "topk"`` drafts a tree with ``branching`` children per node at each depth instead."""
+    return _speculate(ctx, prompts, "sd", None, num_draft_tokens, tree, branching,
+                      lam=0.0, max_log_ratio=None, bonus=True)
+
+
+def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
+            tree: str | None = None, branching: tuple[int, ...] | None = None, variant: str = "exact",
+            lam: float = 1.0, max_log_ratio: float | None = None,
+            bonus_on_full_accept: bool = True) -> MethodResult:
+    """Reward-shifted speculative sampling towards ``pi = normalize(p * (q_r / q) ** lam)``.
+
+    ``max_log_ratio`` (default None: no clip) clips ``log q_r - log q`` to ``[-M, M]`` before the tilt, which
+    bounds how far one token's probability can move (``pi / p <= e^(2 lam M)``); where exactly one of ``q_r``,
+    ``q`` is zero (truncated away by top-k / top-p) the log-ratio is taken as ``+-M`` (``+-20`` without a clip).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if max_log_ratio is not None and max_log_ratio <= 0:
+        raise ValueError(f"max_log_ratio must be > 0 (or None), got {max_log_ratio}")
+    tilt = ctx.ref is not None and lam != 0
+    mode = f"sss_{variant}" if tilt else "sd"
+    return _speculate(ctx, prompts, mode, ctx.ref if tilt else None, num_draft_tokens, tree, branching,
+                      lam=float(lam), max_log_ratio=max_log_ratio, bonus=bool(bonus_on_full_accept))
+
+
+def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, lam: float,
+               max_log_ratio, bonus: bool) -> MethodResult:
+    if not isinstance(K, int) or K < 1:
+        raise ValueError(f"num_draft_tokens must be a positive integer, got {K!r}")
+    if tree not in TREES:
+        raise ValueError(f"tree must be one of {TREES}, got {tree!r}")
+    if tree is not None:
+        branching = tuple(BRANCHING if branching is None else branching)
+        if not branching or any(not isinstance(b, int) or b < 1 for b in branching):
+            raise ValueError(f"branching must be a non-empty tuple of positive integers, got {branching!r}")
+        if tree == "topk" and max(branching) > ctx.target.vocab_size:
+            raise ValueError(f"branching {branching} asks for more children than the vocabulary has")
+    elif branching is not None:
+        raise ValueError("branching is an option of tree='sampled' | 'topk'")
+
+    M = ctx.max_new_tokens
+    target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
+    draft = _Stream(ctx.draft, ctx.draft.prefill(prompts, M))
+    streams = [target, draft]
+    if ref is not None:
+        streams.append(_Stream(ref, ref.prefill(prompts, M)))
+    # the draft's logits at the bonus position are needed when pi (not p) is drawn there
+    draft_at_bonus = ref is not None and bonus
+    verify = dict(mode=mode, lam=lam, temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p,
+                  max_log_ratio=max_log_ratio, bonus=bonus)
+
+    dev = ctx.target.device
+    out: list[list[int]] = [[] for _ in prompts]
+    rows = torch.arange(len(prompts), device=dev)  # original index of each live row
+    stats = dict(rounds=0, row_rounds=0, proposed=0, accepted=0)
+    while rows.numel():
+        left = torch.tensor([M - len(out[r]) for r in rows.tolist()], device=dev)
+        # tokens a row may verify: its emitted tokens (accepted + bonus) must fit in what is left
+        num_valid = (left - int(bonus)).clamp(max=K if tree is None else len(branching))
+        depth = max(1, int(num_valid.max()))
+        if tree is None:
+            nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth, num_valid,
+                                                             draft_at_bonus, verify)
+            stats["proposed"] += int(num_valid.sum())
+        else:  # a tree has no per-row depth: tokens past a row's cap are discarded (exact: a prefix of t's law)
+            nodes, accepted, next_token, path = _tree_round(ctx, streams, ref, tree, branching[:depth],
+                                                            draft_at_bonus, verify)
+            stats["proposed"] += nodes.numel()
+        for s in streams:
+            s.advance(nodes, path, accepted, next_token, tree is not None)
+
+        stats["rounds"] += 1
+        stats["row_rounds"] += rows.numel()
+        stats["accepted"] += int(accepted.sum())
+        emitted = torch.cat([nodes.gather(1, path.clamp(min=0)), next_token[:, None]], 1)
+        emitted.scatter_(1, accepted[:, None], next_token[:, None])  # the emitted token follows the path
+        n_emit = accepted + (next_token >= 0).long()
+        done = _append(ctx, out, rows, emitted, n_emit, left)
+        if done.any():
+            keep = torch.nonzero(~done).flatten()
+            rows = rows[keep]
+            if rows.numel():
+                for s in streams:
+                    s.select_rows(keep)
+
+    proposed = stats["proposed"]
+    ctx.stats.update(
+        rounds=stats["rounds"],
+        draft_tokens_proposed=proposed,
+        draft_tokens_accepted=stats["accepted"],
+        acceptance_rate=stats["accepted"] / proposed if proposed else 0.0,
+        accepted_per_target_call=stats["accepted"] / stats["row_rounds"] if stats["row_rounds"] else 0.0,
+    )
+    return MethodResult(out)
+
+
+def _chain_round(ctx: Context, streams, ref, K: int, num_valid: torch.Tensor, draft_at_bonus: bool, verify):
+    """Draft ``K`` tokens, score them, verify. Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]``
+    and the accepted ``path [B, K]`` (node indices, -1 padded)."""
+    target, draft = streams[0], streams[1]
+    q_r = [draft.feed()[:, 0]]  # the tail goes in front of the first draft step
+    tokens = []
+    for i in range(K):
+        tokens.append(ctx.sample(q_r[-1]))
+        if i < K - 1 or draft_at_bonus:
+            q_r.append(draft.feed(tokens[-1][:, None])[:, 0])
+    nodes = torch.stack(tokens, 1)
+    p = target.feed(nodes)
+    q = streams[2].feed(nodes) if ref is not None else None
+    accepted, next_token = spec_verify(
+        p, torch.stack(q_r, 1), q, nodes, uniforms=ctx.rng.uniform(*nodes.shape, device=nodes.device),
+        seed=ctx.rng.kernel_seed(), num_valid=num_valid, **verify)
+    idx = torch.arange(K, device=nodes.device)
+    path = torch.where(idx < accepted[:, None], idx, -1)
+    return nodes, accepted, next_token, path
+
+
+def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...], draft_at_bonus: bool, verify):
+    """Draft a tree level by level (``branching[d]`` children per node at depth ``d``, nodes in level order),
+    score it in one tree-attention pass per model, verify. Returns ``nodes [B, N]``, ``accepted [B]``,
+    ``next_token [B]`` and the accepted ``path [B, depth]`` (node indices, -1 padded)."""
+    target, draft = streams[0], streams[1]
+    frontier = draft.feed()  # [B, n, V]: q_r at the nodes whose children are drawn next (first: the root)
+    B, dev = frontier.shape[0], frontier.device
+    frontier_ids = torch.tensor([-1], device=dev)
+    tokens, parents = [], []
+    for level, b in enumerate(branching):
+        n = frontier.shape[1]
+        if kind == "topk":  # the b most likely tokens (truncation does not change the order)
+            children = frontier.topk(b, dim=-1).indices.flatten(1)
+        else:  # b i.i.d. draws per node
+            children = ctx.sample(frontier.repeat_interleave(b, 1).flatten(0, 1)).view(B, n * b)
+        start = sum(t.shape[1] for t in tokens)
+        tokens.append(children)
+        parents.append(frontier_ids.repeat_interleave(b))
+        frontier_ids = torch.arange(start, start + n * b, device=dev)
+        if level < len(branching) - 1 or draft_at_bonus:  # leaves are fed only for the tilt at the bonus
+            frontier = draft.feed(children, torch.cat(parents).expand(B, -1))
+    nodes, tree_parents = torch.cat(tokens, 1), torch.cat(parents).expand(B, -1)
+    q_r = draft.position_logits()
+    N = nodes.shape[1]
+    if q_r.shape[1] < N + 1:  # unfed leaves: never read (no tilt at the bonus), any finite value will do
+        q_r = torch.cat([q_r, q_r.new_zeros(B, N + 1 - q_r.shape[1], q_r.shape[2])], 1)
+    p = target.feed(nodes, tree_parents)
+    q = streams[2].feed(nodes, tree_parents) if ref is not None else None
+    path, accepted, next_token = tree_verify(
+        p, q_r, q, nodes, tree_parents, uniforms=ctx.rng.uniform(B, N, device=dev), seed=ctx.rng.kernel_seed(),
+        tree_kind=kind, max_depth=len(branching), **verify)
+    return nodes, accepted, next_token, path
+
+
+def _append(ctx: Context, out, rows: torch.Tensor, emitted: torch.Tensor, n_emit: torch.Tensor,
+            left: torch.Tensor) -> torch.Tensor:
+    """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
+    ``left`` tokens the row may still emit; True where a row is finished (EOS or ``max_new_tokens``).  [B]."""
+    idx = torch.arange(emitted.shape[1], device=emitted.device)
+    eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
+    first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
+    count = torch.minimum(torch.minimum(n_emit, first_eos + 1), left)
+    for r, toks, c in zip(rows.tolist(), emitted.tolist(), count.tolist()):
+        out[r].extend(toks[:c])
+    return (first_eos < count) | (count == left)
