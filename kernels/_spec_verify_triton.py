@@ -27,39 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._entropy_triton import sm_count
 from ._rng import uniform_triton
-from .spec_verify import RATIO_INF, _tilt_active
-from .truncation import truncate_logits
+from ._verify_common import (MODE_IDS, _argmax_fold, _clipped_logz, _log_ratio, _logprobs, _norms,
+                             prepare_verify_inputs)
 
 NSTAT = 10
-MODE_IDS = {"sd": 0, "sss_exact": 1, "sss_paper": 2}
-NEG_INF = float("-inf")
-
-
-@triton.jit
-def _acc(m, s, x):
-    """Fold block ``x`` into the running (max, sum exp(x - max)) pair; safe when everything is -inf."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
-    return m_new, s
-
-
-@triton.jit
-def _lse2(m1, s1, m2, s2):
-    m = tl.maximum(m1, m2)
-    safe = tl.where(m == float("-inf"), 0.0, m)
-    return m + tl.log(s1 * tl.exp(m1 - safe) + s2 * tl.exp(m2 - safe))
-
-
-@triton.jit
-def _log_ratio(lqr, lq, r_inf, max_ratio, CLIP: tl.constexpr):
-    fd = lqr > float("-inf")
-    fr = lq > float("-inf")
-    d = tl.where(fd & fr, lqr - lq, tl.where(fd, r_inf, tl.where(fr, -r_inf, 0.0)))
-    if CLIP:
-        d = tl.minimum(tl.maximum(d, -max_ratio), max_ratio)
-    return d
 
 
 @triton.jit
@@ -71,57 +44,10 @@ def _stats_kernel(T, D, R, stats,
     c = tl.program_id(1)
     b = row // K1
     i = row % K1
-    has_d = i < Kd
-    vd = tl.where(has_d, V, 0)
-    t_base = T + b.to(tl.int64) * stb + i * stk
-    d_base = D + b.to(tl.int64) * sdb + i * sdk
-    r_base = R + b.to(tl.int64) * srb + i * srk
-    ninf = float("-inf")
-    m_t = ninf
-    s_t = 0.0
-    m_d = ninf
-    s_d = 0.0
-    m_r = ninf
-    s_r = 0.0
-    m_a = ninf
-    s_a = 0.0
-    m_s = ninf
-    s_s = 0.0
     start = c * chunk
-    for off in range(start, start + chunk, BLOCK):
-        v = off + tl.arange(0, BLOCK)
-        vm = v < V
-        xt = tl.load(t_base + v, mask=vm, other=ninf).to(tl.float32) / temperature
-        xd = tl.load(d_base + v, mask=v < vd, other=ninf).to(tl.float32) / temperature
-        # online (max, sum-exp) per accumulator, written out (nested jit calls are slow in the interpreter)
-        mn = tl.maximum(m_t, tl.max(xt, 0))
-        sf = tl.where(mn == ninf, 0.0, mn)
-        s_t = s_t * tl.exp(m_t - sf) + tl.sum(tl.exp(xt - sf), 0)
-        m_t = mn
-        mn = tl.maximum(m_d, tl.max(xd, 0))
-        sf = tl.where(mn == ninf, 0.0, mn)
-        s_d = s_d * tl.exp(m_d - sf) + tl.sum(tl.exp(xd - sf), 0)
-        m_d = mn
-        if TILT:
-            xr = tl.load(r_base + v, mask=vm, other=ninf).to(tl.float32) / temperature
-            mn = tl.maximum(m_r, tl.max(xr, 0))
-            sf = tl.where(mn == ninf, 0.0, mn)
-            s_r = s_r * tl.exp(m_r - sf) + tl.sum(tl.exp(xr - sf), 0)
-            m_r = mn
-            fd = xd > ninf
-            fr = xr > ninf
-            both = fd & fr
-            ka = tl.where(both, xt + lam * (xd - xr), ninf)
-            o = tl.where(fd, r_inf, tl.where(fr, -r_inf, 0.0))
-            ks = tl.where(both, ninf, xt + lam * o)
-            mn = tl.maximum(m_a, tl.max(ka, 0))
-            sf = tl.where(mn == ninf, 0.0, mn)
-            s_a = s_a * tl.exp(m_a - sf) + tl.sum(tl.exp(ka - sf), 0)
-            m_a = mn
-            mn = tl.maximum(m_s, tl.max(ks, 0))
-            sf = tl.where(mn == ninf, 0.0, mn)
-            s_s = s_s * tl.exp(m_s - sf) + tl.sum(tl.exp(ks - sf), 0)
-            m_s = mn
+    m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = _norms(
+        T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk, R + b.to(tl.int64) * srb + i * srk,
+        start, start + chunk, tl.where(i < Kd, V, 0), V, temperature, lam, r_inf, TILT, TILT, BLOCK)
     out = stats + (row.to(tl.int64) * n_chunks + c) * 10
     tl.store(out + 0, m_t)
     tl.store(out + 1, s_t)
@@ -156,8 +82,6 @@ def _logz_clip_kernel(T, D, R, stats,
     c = tl.program_id(1)
     b = row // K1
     i = row % K1
-    has_d = i < Kd
-    vd = tl.where(has_d, V, 0)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < n_chunks
     rows = row + tl.arange(0, 1)
@@ -165,26 +89,15 @@ def _logz_clip_kernel(T, D, R, stats,
     lse_t = tl.sum(_combine(stats, rows, n_chunks, 0, offs_c, cmask, rmask), 0)
     lse_d = tl.sum(_combine(stats, rows, n_chunks, 2, offs_c, cmask, rmask), 0)
     lse_r = tl.sum(_combine(stats, rows, n_chunks, 4, offs_c, cmask, rmask), 0)
-    t_base = T + b.to(tl.int64) * stb + i * stk
-    d_base = D + b.to(tl.int64) * sdb + i * sdk
-    r_base = R + b.to(tl.int64) * srb + i * srk
-    ninf = float("-inf")
-    m_a = ninf
-    s_a = 0.0
     start = c * chunk
-    for off in range(start, start + chunk, BLOCK):
-        v = off + tl.arange(0, BLOCK)
-        vm = v < V
-        lp = tl.load(t_base + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_t
-        lqr = tl.load(d_base + v, mask=v < vd, other=ninf).to(tl.float32) / temperature - lse_d
-        lq = tl.load(r_base + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_r
-        key = lp + lam * _log_ratio(lqr, lq, r_inf, max_ratio, True)
-        m_a, s_a = _acc(m_a, s_a, tl.where(vm, key, ninf))
+    m_a, s_a = _clipped_logz(T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk,
+                             R + b.to(tl.int64) * srb + i * srk, start, start + chunk, tl.where(i < Kd, V, 0), V,
+                             lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio, BLOCK)
     # every program reads the lse slots of all chunks above, so it may only overwrite slots 6..9 (disjoint)
     out = stats + (row.to(tl.int64) * n_chunks + c) * 10
     tl.store(out + 6, m_a)
     tl.store(out + 7, s_a)
-    tl.store(out + 8, ninf)
+    tl.store(out + 8, float("-inf"))
     tl.store(out + 9, 0.0)
 
 
@@ -272,15 +185,12 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     for off in range(start, start + chunk2, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        lp = tl.load(t_base + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_t_j
-        lqr = tl.load(d_base + v, mask=v < vd, other=ninf).to(tl.float32) / temperature - lse_d_j
-        lt = lp
-        le = lp
-        if TILT:
-            lq = tl.load(r_base + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_r_j
-            le = lp + lam * _log_ratio(lqr, lq, r_inf, max_ratio, CLIP) - logz_j
-            if MODE == 1:
-                lt = le
+        lp, lqr, le = _logprobs(t_base, d_base, r_base, v, vm, v < vd, lse_t_j, lse_d_j, lse_r_j, logz_j,
+                                temperature, lam, r_inf, max_ratio, TILT, CLIP)
+        if MODE == 1:
+            lt = le
+        else:
+            lt = lp
         g = -tl.log(-tl.log(uniform_triton(seed, b.to(tl.int64) * V + v)))
         if MODE == 2:
             key_t = le + g
@@ -288,19 +198,10 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
             key_t = lt + g
         w = tl.maximum(tl.exp(lt) - tl.exp(lqr), 0.0)
         key_r = tl.log(w) + g
-        key_m = tl.where(need_res, key_r, key_t)
-        key_m = tl.where(vm, key_m, ninf)
+        key_m = tl.where(vm, tl.where(need_res, key_r, key_t), ninf)
         key_t = tl.where(vm, key_t, ninf)
-        bm = tl.max(key_m, 0)
-        im = tl.argmax(key_m, 0)
-        take = bm > best_m
-        idx_m = tl.where(take, off + im, idx_m)
-        best_m = tl.where(take, bm, best_m)
-        bt = tl.max(key_t, 0)
-        it = tl.argmax(key_t, 0)
-        take = bt > best_t
-        idx_t = tl.where(take, off + it, idx_t)
-        best_t = tl.where(take, bt, best_t)
+        best_m, idx_m = _argmax_fold(best_m, idx_m, key_m, off)
+        best_t, idx_t = _argmax_fold(best_t, idx_t, key_t, off)
     pk = pkey + (b.to(tl.int64) * n_chunks2 + c) * 2
     pi = pidx + (b.to(tl.int64) * n_chunks2 + c) * 2
     tl.store(pk, best_m)
@@ -341,13 +242,9 @@ def _final_kernel(pkey, pidx, info, acc_ptr, next_ptr, n_chunks2,
     tl.store(next_ptr + b, tok)
 
 
-def _n_programs_target(device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _chunks(V: int, rows: int, block: int, target: int, chunk: int | None):
+    """``(chunk, n_chunks)``: vocabulary chunk (a multiple of ``block``) so that ``rows * n_chunks`` is about
+    ``target`` programs; ``chunk`` forces a width."""
     if chunk is None:
         n_blocks = triton.cdiv(V, block)
         want = max(1, min(n_blocks, triton.cdiv(target, max(rows, 1))))
@@ -368,50 +265,31 @@ def spec_verify_triton(target_logits, draft_logits, ref_logits, draft_tokens, mo
     K = K1 - 1
     Kd = draft_logits.shape[1]
     dev = target_logits.device
-    tilt = _tilt_active(mode, ref_logits, lam)
-    if top_k is not None or top_p is not None:
-        target_logits = truncate_logits(target_logits, temperature, top_k, top_p)
-        draft_logits = truncate_logits(draft_logits, temperature, top_k, top_p)
-        if tilt:
-            ref_logits = truncate_logits(ref_logits, temperature, top_k, top_p)
-        temperature = 1.0
-    tgt = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
-    drf = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
-    ref = tgt
-    if tilt:
-        ref = ref_logits if ref_logits.stride(-1) == 1 else ref_logits.contiguous()
+    x = prepare_verify_inputs(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
+                              max_log_ratio, _block)
     tok = draft_tokens.to(device=dev, dtype=torch.int64).contiguous()
     u = uniforms.to(device=dev, dtype=torch.float32).contiguous()
     nv = tok if num_valid is None else num_valid.to(device=dev, dtype=torch.int64).contiguous()
-
-    block = _block or min(2048 if tgt.element_size() <= 2 else 1024, triton.next_power_of_2(V))
-    block = max(block, 16)
-    target = _n_programs_target(dev)
-    chunk1, c1 = _chunks(V, B * K1, block, target, _chunk)
-    chunk2, c2 = _chunks(V, B, block, target, _chunk2)
-    clip = tilt and max_log_ratio is not None
-    r_inf = float(RATIO_INF if max_log_ratio is None else max_log_ratio)
-    max_ratio = float(max_log_ratio) if max_log_ratio is not None else 0.0
-    lam = float(lam)
-    temperature = float(temperature)
+    target = 4 * sm_count(dev) if dev.type == "cuda" else 1  # the interpreter gains nothing from a split
+    chunk1, c1 = _chunks(V, B * K1, x.block, target, _chunk)
+    chunk2, c2 = _chunks(V, B, x.block, target, _chunk2)
+    logits = (x.tgt, x.drf, x.ref)
 
     stats = torch.empty(B * K1 * c1 * NSTAT, device=dev, dtype=torch.float32)
-    strides = (tgt.stride(0), tgt.stride(1), drf.stride(0), drf.stride(1), ref.stride(0), ref.stride(1))
-    nw = 8 if block >= 2048 else 4
-    _stats_kernel[(B * K1, c1)](tgt, drf, ref, stats, *strides, K1, Kd, V, chunk1, c1, temperature, lam,
-                                r_inf, TILT=tilt, BLOCK=block, num_warps=nw)
+    _stats_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature, x.lam, x.r_inf,
+                                TILT=x.tilt, BLOCK=x.block, num_warps=x.num_warps)
     block_c = max(triton.next_power_of_2(c1), 2)
-    if clip:
-        _logz_clip_kernel[(B * K1, c1)](tgt, drf, ref, stats, *strides, K1, Kd, V, chunk1, c1, temperature,
-                                        lam, r_inf, max_ratio, BLOCK=block, BLOCK_C=block_c, num_warps=nw)
+    if x.clip:
+        _logz_clip_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature, x.lam,
+                                        x.r_inf, x.max_ratio, BLOCK=x.block, BLOCK_C=block_c, num_warps=x.num_warps)
     pkey = torch.empty(B * c2 * 2, device=dev, dtype=torch.float32)
     pidx = torch.empty(B * c2 * 2, device=dev, dtype=torch.int32)
     info = torch.empty(B * 3, device=dev, dtype=torch.int32)
-    _decide_race_kernel[(B, c2)](tgt, drf, ref, tok, u, nv, stats, pkey, pidx, info, *strides,
-                                 K, Kd, V, c1, chunk2, c2, temperature, lam, r_inf, max_ratio, int(seed),
-                                 MODE=MODE_IDS[mode], TILT=tilt, CLIP=clip, HAS_NV=num_valid is not None,
-                                 BLOCK_K1=max(triton.next_power_of_2(K1), 2), BLOCK_C=block_c, BLOCK=block,
-                                 num_warps=nw)
+    _decide_race_kernel[(B, c2)](*logits, tok, u, nv, stats, pkey, pidx, info, *x.strides,
+                                 K, Kd, V, c1, chunk2, c2, x.temperature, x.lam, x.r_inf, x.max_ratio, int(seed),
+                                 MODE=MODE_IDS[mode], TILT=x.tilt, CLIP=x.clip, HAS_NV=num_valid is not None,
+                                 BLOCK_K1=max(triton.next_power_of_2(K1), 2), BLOCK_C=block_c, BLOCK=x.block,
+                                 num_warps=x.num_warps)
     accepted = torch.empty(B, device=dev, dtype=torch.int64)
     next_token = torch.empty(B, device=dev, dtype=torch.int64)
     _final_kernel[(B,)](pkey, pidx, info, accepted, next_token, c2, BONUS=bool(bonus),

@@ -1,0 +1,165 @@
+"""What the Triton ``spec_verify`` and ``tree_verify`` kernels share (definitions in ``kernels.spec_verify``).
+
+Device side, ``@triton.jit`` helpers (inlined when compiled): the online ``(max, sum exp)`` fold, the log-ratio
+with its zero-probability stand-ins, the normalisers of one vocabulary range (and the clipped ``logZ`` pass), the
+per-block ``(log p, log q_r, log pi)``, and the exponential race's running argmax. Host side:
+``prepare_verify_inputs`` (truncation, layout, block size and the tilt's constants).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec_verify import RATIO_INF, _tilt_active
+from .truncation import truncate_logits
+
+MODE_IDS = {"sd": 0, "sss_exact": 1, "sss_paper": 2}
+
+
+@triton.jit
+def _acc(m, s, x):
+    """Fold block ``x`` into the running (max, sum exp(x - max)) pair; safe when everything is -inf."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+    return m_new, s
+
+
+@triton.jit
+def _log_ratio(lqr, lq, r_inf, max_ratio, CLIP: tl.constexpr):
+    """``d = log q_r - log q``, ``+-r_inf`` where exactly one side is zero, 0 where both are; clipped if CLIP."""
+    fd = lqr > float("-inf")
+    fr = lq > float("-inf")
+    d = tl.where(fd & fr, lqr - lq, tl.where(fd, r_inf, tl.where(fr, -r_inf, 0.0)))
+    if CLIP:
+        d = tl.minimum(tl.maximum(d, -max_ratio), max_ratio)
+    return d
+
+
+@triton.jit
+def _norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
+           TILT: tl.constexpr, SEPARABLE_Z: tl.constexpr, BLOCK: tl.constexpr):
+    """Online (max, sum-exp) pairs over the vocabulary range ``[start, end)`` of one position, one read per tensor.
+
+    ``tb`` / ``db`` / ``rb``: the target / draft / ref logits row; the draft reads ``v < vd`` only (``vd = 0``:
+    the draft has no such position). Returns ``(m, s)`` of ``x_t``, ``x_d``, ``x_r`` (with TILT) and, with TILT
+    and SEPARABLE_Z, of the two sums that give the unclipped ``logZ`` without a second pass (``A``: tokens where
+    ``q_r, q > 0``, shifted by ``lam * (lse_r - lse_d)``; ``S``: the others, with the ``+-R`` / 0 stand-ins).
+    """
+    ninf = float("-inf")
+    m_t = ninf
+    s_t = 0.0
+    m_d = ninf
+    s_d = 0.0
+    m_r = ninf
+    s_r = 0.0
+    m_a = ninf
+    s_a = 0.0
+    m_s = ninf
+    s_s = 0.0
+    for off in range(start, end, BLOCK):
+        v = off + tl.arange(0, BLOCK)
+        vm = v < V
+        xt = tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature
+        xd = tl.load(db + v, mask=v < vd, other=ninf).to(tl.float32) / temperature
+        m_t, s_t = _acc(m_t, s_t, xt)
+        m_d, s_d = _acc(m_d, s_d, xd)
+        if TILT:
+            xr = tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature
+            m_r, s_r = _acc(m_r, s_r, xr)
+            if SEPARABLE_Z:
+                fd = xd > ninf
+                fr = xr > ninf
+                both = fd & fr
+                ka = tl.where(both, xt + lam * (xd - xr), ninf)
+                o = tl.where(fd, r_inf, tl.where(fr, -r_inf, 0.0))
+                ks = tl.where(both, ninf, xt + lam * o)
+                m_a, s_a = _acc(m_a, s_a, ka)
+                m_s, s_s = _acc(m_s, s_s, ks)
+    return m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s
+
+
+@triton.jit
+def _logprobs(tb, db, rb, v, vm, dm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf, max_ratio,
+              TILT: tl.constexpr, CLIP: tl.constexpr):
+    """``(log p, log q_r, log pi)`` of the vocabulary block ``v`` at one position (``dm``: the draft's mask)."""
+    ninf = float("-inf")
+    lp = tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_t
+    lqr = tl.load(db + v, mask=dm, other=ninf).to(tl.float32) / temperature - lse_d
+    lpi = lp
+    if TILT:
+        lq = tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_r
+        lpi = lp + lam * _log_ratio(lqr, lq, r_inf, max_ratio, CLIP) - logz
+    return lp, lqr, lpi
+
+
+@triton.jit
+def _clipped_logz(tb, db, rb, start, end, vd, V, lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio,
+                  BLOCK: tl.constexpr):
+    """(max, sum-exp) of ``log p + lam * clip(d)`` over ``[start, end)``: the second pass ``max_log_ratio`` needs."""
+    m_a = float("-inf")
+    s_a = 0.0
+    for off in range(start, end, BLOCK):
+        v = off + tl.arange(0, BLOCK)
+        vm = v < V
+        lp, lqr, key = _logprobs(tb, db, rb, v, vm, v < vd, lse_t, lse_d, lse_r, 0.0, temperature, lam, r_inf,
+                                 max_ratio, True, True)
+        m_a, s_a = _acc(m_a, s_a, tl.where(vm, key, float("-inf")))
+    return m_a, s_a
+
+
+@triton.jit
+def _argmax_fold(best, idx, key, off):
+    """Fold block ``key`` (starting at vocabulary index ``off``) into the running argmax; first maximum wins."""
+    bm = tl.max(key, 0)
+    im = tl.argmax(key, 0)
+    take = bm > best
+    return tl.where(take, bm, best), tl.where(take, off + im, idx)
+
+
+class VerifyInputs(NamedTuple):
+    tgt: torch.Tensor
+    drf: torch.Tensor
+    ref: torch.Tensor  # the target when the tilt is off (never read then)
+    strides: tuple  # (batch, position) strides of tgt, drf, ref
+    temperature: float  # 1.0 once the logits are truncated (they are scaled then)
+    lam: float
+    tilt: bool
+    clip: bool
+    r_inf: float  # the log-ratio where exactly one side is zero
+    max_ratio: float  # the clip (0.0 when unused)
+    block: int
+    num_warps: int
+
+
+def prepare_verify_inputs(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
+                          max_log_ratio, block=None) -> VerifyInputs:
+    """The kernels' view of the logits: top-k / top-p applied here (``truncate_logits``, fp32, already scaled),
+    the vocabulary dimension contiguous, and the vocabulary block (``block`` overrides it, >= 16)."""
+    tilt = _tilt_active(mode, ref_logits, lam)
+    if top_k is not None or top_p is not None:
+        target_logits = truncate_logits(target_logits, temperature, top_k, top_p)
+        draft_logits = truncate_logits(draft_logits, temperature, top_k, top_p)
+        if tilt:
+            ref_logits = truncate_logits(ref_logits, temperature, top_k, top_p)
+        temperature = 1.0
+    tgt = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
+    drf = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
+    ref = tgt
+    if tilt:
+        ref = ref_logits if ref_logits.stride(-1) == 1 else ref_logits.contiguous()
+    V = tgt.shape[-1]
+    block = block or min(2048 if tgt.element_size() <= 2 else 1024, triton.next_power_of_2(V))
+    block = max(block, 16)
+    return VerifyInputs(
+        tgt, drf, ref,
+        strides=(tgt.stride(0), tgt.stride(1), drf.stride(0), drf.stride(1), ref.stride(0), ref.stride(1)),
+        temperature=float(temperature), lam=float(lam), tilt=tilt, clip=tilt and max_log_ratio is not None,
+        r_inf=float(RATIO_INF if max_log_ratio is None else max_log_ratio),
+        max_ratio=float(max_log_ratio) if max_log_ratio is not None else 0.0,
+        block=block, num_warps=8 if block >= 2048 else 4,
+    )
