@@ -80,16 +80,17 @@ def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
     """
     R = next_logits.shape[0]
     budgets = [budgets] * R if isinstance(budgets, int) else list(budgets)
+    eos = (lm or ctx.target).eos_token_ids
     out: list[list[int]] = [[] for _ in range(R)]
-    active = torch.tensor([b > 0 for b in budgets], device=next_logits.device)
-    budget_t = torch.tensor(budgets, device=next_logits.device)
+    active = [b > 0 for b in budgets]
     logits = next_logits
     while True:
         tokens = ctx.sample(logits)
-        for r in torch.nonzero(active).flatten().tolist():
-            out[r].append(int(tokens[r]))
-        lengths = torch.tensor([len(o) for o in out], device=logits.device)
-        active = active & ~ctx.eos_mask(tokens, lm) & (lengths < budget_t)
-        if not active.any():
+        for r, token in enumerate(tokens.tolist()):  # one device-to-host copy per step
+            if active[r]:
+                out[r].append(token)
+                active[r] = token not in eos and len(out[r]) < budgets[r]
+        if not any(active):
             return out
-        logits = lm.extend(tokens[:, None], live=active[:, None])[:, -1]
+        live = torch.tensor(active, device=logits.device)[:, None]
+        logits = lm.extend(tokens[:, None], live=live)[:, -1]
