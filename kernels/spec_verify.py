@@ -112,12 +112,47 @@ def _tilt_active(mode: str, ref_logits, lam: float) -> bool:
     return mode != "sd" and ref_logits is not None and float(lam) != 0.0
 
 
-def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
-              bonus, num_valid):
+def _validate_common(target_logits, ref_logits, mode, temperature, positions: str) -> None:
+    """The checks ``spec_verify`` and ``tree_verify`` share: mode, ``target_logits [B, positions, V]``, ref shaped
+    like the target, temperature."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if target_logits.dim() != 3:
-        raise ValueError(f"target_logits must be [B, K+1, V], got {tuple(target_logits.shape)}")
+        raise ValueError(f"target_logits must be [B, {positions}, V], got {tuple(target_logits.shape)}")
+    if ref_logits is not None and ref_logits.shape != target_logits.shape:
+        raise ValueError(f"ref_logits must be [B, {positions}, V] = {tuple(target_logits.shape)}, "
+                         f"got {tuple(ref_logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam) -> None:
+    """``check_finite`` on every logits tensor the verifier reads (ref only when the tilt is active)."""
+    check_finite(target_logits, "target_logits")
+    check_finite(draft_logits, "draft_logits")
+    if _tilt_active(mode, ref_logits, lam):
+        check_finite(ref_logits, "ref_logits")
+
+
+def _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p, max_log_ratio):
+    """``(log p, log q_r, log pi)``, each ``[B, P, V]`` fp32 with ``P`` the target's positions (references only).
+
+    A draft one position short (``spec_verify`` with no tilt at the bonus, validated) is padded there with
+    ``log p``: that position is never read.
+    """
+    lp = _log_softmax(truncate_logits(target_logits, temperature, top_k, top_p))
+    lqr = _log_softmax(truncate_logits(draft_logits, temperature, top_k, top_p))
+    if lqr.shape[1] < lp.shape[1]:
+        lqr = torch.cat([lqr, lp[:, lqr.shape[1]:]], dim=1)
+    if not _tilt_active(mode, ref_logits, lam):
+        return lp, lqr, lp
+    lq = _log_softmax(truncate_logits(ref_logits, temperature, top_k, top_p))
+    return lp, lqr, _tilted(lp, lqr, lq, float(lam), max_log_ratio)
+
+
+def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
+              bonus, num_valid):
+    _validate_common(target_logits, ref_logits, mode, temperature, "K+1")
     B, K1, V = target_logits.shape
     K = K1 - 1
     if K < 1:
@@ -126,8 +161,6 @@ def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, 
             or draft_logits.shape[1] not in (K, K1):
         raise ValueError(f"draft_logits must be [B, K, V] or [B, K+1, V] = [{B}, {K}|{K1}, {V}], "
                          f"got {tuple(draft_logits.shape)}")
-    if ref_logits is not None and tuple(ref_logits.shape) != (B, K1, V):
-        raise ValueError(f"ref_logits must be [B, K+1, V] = {(B, K1, V)}, got {tuple(ref_logits.shape)}")
     if _tilt_active(mode, ref_logits, lam) and bonus and draft_logits.shape[1] != K1:
         raise ValueError("the reward tilt at the bonus position needs the draft's logits there: pass "
                          "draft_logits [B, K+1, V] (or bonus=False)")
@@ -135,8 +168,6 @@ def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, 
         raise ValueError(f"draft_tokens must be [B, K] = {(B, K)}, got {tuple(draft_tokens.shape)}")
     if tuple(uniforms.shape) != (B, K):
         raise ValueError(f"uniforms must be [B, K] = {(B, K)}, got {tuple(uniforms.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if num_valid is not None and tuple(num_valid.shape) != (B,):
         raise ValueError(f"num_valid must be [B], got {tuple(num_valid.shape)}")
 
@@ -152,19 +183,9 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
                   bonus, num_valid)
     B, K1, V = target_logits.shape
     K = K1 - 1
-    Kd = draft_logits.shape[1]
     dev = target_logits.device
-    tilt = _tilt_active(mode, ref_logits, lam)
-
-    lp = _log_softmax(truncate_logits(target_logits, temperature, top_k, top_p))           # [B, K1, V]
-    lqr = _log_softmax(truncate_logits(draft_logits, temperature, top_k, top_p))          # [B, Kd, V]
-    if Kd == K:  # position K of the draft is never read in this case (validated): pad with anything finite
-        lqr = torch.cat([lqr, lp[:, K:]], dim=1)
-    if tilt:
-        lq = _log_softmax(truncate_logits(ref_logits, temperature, top_k, top_p))
-        lpi = _tilted(lp, lqr, lq, float(lam), max_log_ratio)
-    else:
-        lpi = lp
+    lp, lqr, lpi = _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
+                              max_log_ratio)                                          # [B, K1, V] each
     lt = lpi if mode == "sss_exact" else lp   # acceptance / residual target
     le = lpi                                  # what sss_paper emits from
 
@@ -211,10 +232,7 @@ def spec_verify(target_logits, draft_logits, ref_logits, draft_tokens, mode: str
     if validate:
         _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
                   bonus, num_valid)
-        check_finite(target_logits, "target_logits")
-        check_finite(draft_logits, "draft_logits")
-        if ref_logits is not None and _tilt_active(mode, ref_logits, lam):
-            check_finite(ref_logits, "ref_logits")
+        _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
     if use_triton(target_logits):
         from ._spec_verify_triton import spec_verify_triton
 

@@ -54,32 +54,24 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_finite, use_triton
-from .spec_verify import MODES, _gumbel, _log_softmax, _tilt_active, _tilted
-from .truncation import truncate_logits
+from ._dispatch import use_triton
+from .spec_verify import _check_finite_logits, _gumbel, _log_dists, _validate_common
 
 TREE_KINDS = ("sampled", "topk")
 
 
 def _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature, uniforms,
               tree_kind, max_depth):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _validate_common(target_logits, ref_logits, mode, temperature, "N+1")
     if tree_kind not in TREE_KINDS:
         raise ValueError(f"tree_kind must be one of {TREE_KINDS}, got {tree_kind!r}")
-    if target_logits.dim() != 3:
-        raise ValueError(f"target_logits must be [B, N+1, V], got {tuple(target_logits.shape)}")
     B, N1, V = target_logits.shape
     N = N1 - 1
     if tuple(draft_logits.shape) != (B, N1, V):
         raise ValueError(f"draft_logits must be [B, N+1, V] = {(B, N1, V)}, got {tuple(draft_logits.shape)}")
-    if ref_logits is not None and tuple(ref_logits.shape) != (B, N1, V):
-        raise ValueError(f"ref_logits must be [B, N+1, V] = {(B, N1, V)}, got {tuple(ref_logits.shape)}")
     for name, x in (("tree_tokens", tree_tokens), ("parents", parents), ("uniforms", uniforms)):
         if tuple(x.shape) != (B, N):
             raise ValueError(f"{name} must be [B, N] = {(B, N)}, got {tuple(x.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if max_depth is not None and max_depth < 0:
         raise ValueError("max_depth must be >= 0")
 
@@ -105,14 +97,8 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
     N = N1 - 1
     D = N if max_depth is None else int(max_depth)
     dev = target_logits.device
-    tilt = _tilt_active(mode, ref_logits, lam)
-    lp = _log_softmax(truncate_logits(target_logits, temperature, top_k, top_p))
-    lqr = _log_softmax(truncate_logits(draft_logits, temperature, top_k, top_p))
-    if tilt:
-        lq = _log_softmax(truncate_logits(ref_logits, temperature, top_k, top_p))
-        lpi = _tilted(lp, lqr, lq, float(lam), max_log_ratio)
-    else:
-        lpi = lp
+    lp, lqr, lpi = _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
+                              max_log_ratio)
     lt = lpi if mode == "sss_exact" else lp
     qr = torch.exp(lqr)
     rows = torch.arange(B, device=dev)
@@ -189,10 +175,7 @@ def tree_verify(target_logits, draft_logits, ref_logits, tree_tokens, parents, m
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
                   uniforms, tree_kind, max_depth)
         _check_parents(parents)
-        check_finite(target_logits, "target_logits")
-        check_finite(draft_logits, "draft_logits")
-        if _tilt_active(mode, ref_logits, lam):
-            check_finite(ref_logits, "ref_logits")
+        _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
     if use_triton(target_logits):
         from ._tree_verify_triton import tree_verify_triton
 
