@@ -32,6 +32,8 @@ fastalign, accepted draft tokens per target call and the acceptance rate.
     python bench/bench_speculative.py                     # CPU, tiny models, < 3 min
     python bench/bench_speculative.py --device cuda --target-size 1b --draft-size 100m --dtype bf16 --batch 1,16
 
+(``--draft-size 100m`` keeps 1 of the 1B target's 22 layers: 110M parameters with the shared embeddings.)
+
 Writes ``bench/results/speculative_<device>[_<tag>].json`` and ``.md``. On a CPU a forward pass costs about
 in proportion to the tokens it processes (compute-bound), so scoring K+1 tokens in one target call saves little
 wall time and the draft's calls (its LM head is a large share of a small draft) eat most of it: CPU runs give
@@ -54,7 +56,7 @@ from bench.common import command_line, device_info, device_tag, env_backend, mar
 import fastalign  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TARGET_SIZES = {  # Llama-style shapes; "1b" is TinyLlama-1.1B's (1.17B parameters here, tied embeddings)
+TARGET_SIZES = {  # Llama-style shapes; "1b" is TinyLlama-1.1B's (1.03B parameters here: tied embeddings)
     "tiny": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=4,
                  num_hidden_layers=8, vocab_size=8192),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
