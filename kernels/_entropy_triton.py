@@ -30,6 +30,13 @@ def sm_count(device: torch.device) -> int:
     return 1
 
 
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` checked to be ``[R, V]``, with the vocabulary dimension contiguous (the kernels' row layout)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
 def num_chunks(R: int, V: int, device: torch.device, chunk_size: int | None = None) -> tuple[int, int]:
     """``(n_chunks, chunk_size)``: how a row's vocabulary is split across programs.
 
@@ -44,6 +51,15 @@ def num_chunks(R: int, V: int, device: torch.device, chunk_size: int | None = No
         chunk_size = max(MIN_CHUNK, triton.cdiv(triton.cdiv(V, per_row), BLOCK_V) * BLOCK_V)
     chunk_size = max(1, min(int(chunk_size), V))
     return triton.cdiv(V, chunk_size), chunk_size
+
+
+@triton.jit
+def program_row_chunk(logits_ptr, stride_r, V, chunk_size):
+    """This program's ``(row, chunk)`` of a grid ``(R, n_chunks)``, the row's pointer and the chunk's ``[start, end)``."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    start = chunk * chunk_size
+    return row, chunk, logits_ptr + row.to(tl.int64) * stride_r, start, tl.minimum(start + chunk_size, V)
 
 
 @triton.jit
@@ -69,11 +85,7 @@ def _entropy_chunk_kernel(
     chunk_size, n_chunks,
     SINGLE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_r
-    start = chunk * chunk_size
-    end = tl.minimum(start + chunk_size, V)
+    row, chunk, row_ptr, start, end = program_row_chunk(logits_ptr, stride_r, V, chunk_size)
     offs = tl.arange(0, BLOCK)
 
     m = tl.full((), float("-inf"), tl.float32)
@@ -124,10 +136,7 @@ def entropy_triton(logits: torch.Tensor, temperature: float = 1.0,
     ``chunk_size``: vocabulary entries per program; ``None`` picks it from the row count and the GPU
     (the split path is forced in tests with a small value).
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    logits = as_rows(logits)
     R, V = logits.shape
     device = logits.device
     h = torch.empty(R, device=device, dtype=torch.float32)

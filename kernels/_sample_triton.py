@@ -43,8 +43,9 @@ import triton.language as tl
 
 from triton.language.extra import libdevice
 
-from ._entropy_triton import BLOCK_V, num_chunks
+from ._entropy_triton import BLOCK_V, as_rows, num_chunks, program_row_chunk
 from ._rng import uniform_triton
+from .truncation import check_truncation_args
 
 @triton.jit
 def _key(x):
@@ -202,11 +203,7 @@ def _draw_kernel(
     chunk_size, n_chunks,
     HAS_TAU: tl.constexpr, SINGLE: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_r
-    start = chunk * chunk_size
-    end = tl.minimum(start + chunk_size, V)
+    row, chunk, row_ptr, start, end = program_row_chunk(logits_ptr, stride_r, V, chunk_size)
     offs = tl.arange(0, BLOCK)
     if HAS_TAU:
         tau = tl.load(tau_ptr + row)
@@ -267,17 +264,8 @@ def sample_triton(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     ``sample`` checks). Returns tokens ``[R]`` int64. ``chunk_size``: vocabulary entries per program of
     the draw; ``None`` picks it from the row count and the GPU.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
-    # the same argument errors as the reference (kernels.truncation)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    logits = as_rows(logits)
+    check_truncation_args(temperature, top_k, top_p)  # the reference's argument errors
     R, V = logits.shape
     device = logits.device
     out = torch.empty(R, device=device, dtype=torch.int64)

@@ -16,6 +16,16 @@ from __future__ import annotations
 import torch
 
 
+def check_truncation_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The argument errors of ``truncate_logits`` (also raised by the kernels that truncate without it)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def truncate_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None) -> torch.Tensor:
     """Scaled, truncated logits: ``logits / temperature`` with dropped tokens set to ``-inf``.
@@ -23,25 +33,18 @@ def truncate_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
     logits: ``[..., V]`` any float dtype. Returns fp32 of the same shape. ``temperature`` must be > 0
     (greedy decoding is ``top_k=1``).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+    check_truncation_args(temperature, top_k, top_p)
     x = logits.float() / temperature
     V = x.shape[-1]
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if top_k < V:
-            kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_p < 1.0:
-            probs = torch.softmax(x, dim=-1)
-            sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
-            mass_before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly higher-ranked tokens
-            # the threshold is the smallest kept probability: the last sorted entry that still starts below p
-            n_keep = (mass_before < top_p).sum(-1, keepdim=True).clamp(min=1)
-            threshold = sorted_p.gather(-1, n_keep - 1)
-            x = x.masked_fill(probs < threshold, float("-inf"))
+    if top_k is not None and top_k < V:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs = torch.softmax(x, dim=-1)
+        sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly higher-ranked tokens
+        # the threshold is the smallest kept probability: the last sorted entry that still starts below p
+        n_keep = (mass_before < top_p).sum(-1, keepdim=True).clamp(min=1)
+        threshold = sorted_p.gather(-1, n_keep - 1)
+        x = x.masked_fill(probs < threshold, float("-inf"))
     return x
