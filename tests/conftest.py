@@ -16,3 +16,14 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_device():
+    """Where Triton-vs-reference tests put their tensors: ``"cuda"`` when a GPU runs the compiled kernels
+    (``TRITON_INTERPRET`` not ``1``), ``"cpu"`` under the interpreter; both sides of a comparison run there."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("compiled Triton kernels need a GPU (or run with TRITON_INTERPRET=1)")
+    return "cuda"

@@ -1,4 +1,5 @@
-"""The ``entropy`` and ``sample`` Triton kernels (run by the interpreter on CPU) against their references.
+"""The ``entropy`` and ``sample`` Triton kernels against their references, on ``kernel_device`` (conftest): the
+interpreter on CPU, or the compiled kernels on a GPU (``TRITON_INTERPRET=0``), the references on the same device.
 
 Shapes are small on purpose: the interpreter runs every program in Python.
 """
@@ -21,7 +22,7 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("FASTALIGN_KERNELS", "triton")
 
 
-def masked_rows(R, V, dtype=torch.float32, scale=3.0):
+def masked_rows(R, V, dtype=torch.float32, scale=3.0, device="cpu"):
     """Random logits with the edge cases DESIGN section 3 names: masked entries, all-but-one masked."""
     x = torch.randn(R, V) * scale
     if R > 1:
@@ -30,7 +31,7 @@ def masked_rows(R, V, dtype=torch.float32, scale=3.0):
         keep = int(torch.randint(V, ()))
         x[2] = NEG_INF
         x[2, keep] = 1.5  # all but one masked
-    return x.to(dtype)
+    return x.to(device=device, dtype=dtype)
 
 
 def kept_mask(logits, temperature, top_k, top_p):
@@ -50,8 +51,8 @@ def triton_kept_mask(logits, temperature, top_k, top_p):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("R,V,chunk", [(4, 300, None), (3, 300, 64), (2, 2500, None), (2, 1100, 1024), (1, 37, 5)])
-def test_entropy_matches_reference(dtype, R, V, chunk):
-    x = masked_rows(R, V, dtype)
+def test_entropy_matches_reference(dtype, R, V, chunk, kernel_device):
+    x = masked_rows(R, V, dtype, device=kernel_device)
     for temperature in (1.0, 0.7):
         h, lse = entropy_triton(x, temperature, chunk_size=chunk)
         h_ref, lse_ref = entropy_torch(x, temperature)
@@ -64,22 +65,23 @@ def test_entropy_matches_reference(dtype, R, V, chunk):
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_entropy_single_token_and_uniform_rows(chunk):
-    h, lse = entropy_triton(torch.tensor([[0.3], [-2.0]]), chunk_size=chunk)
-    torch.testing.assert_close(h, torch.zeros(2))
-    torch.testing.assert_close(lse, torch.tensor([0.3, -2.0]))
+def test_entropy_single_token_and_uniform_rows(chunk, kernel_device):
+    dev = kernel_device
+    h, lse = entropy_triton(torch.tensor([[0.3], [-2.0]], device=dev), chunk_size=chunk)
+    torch.testing.assert_close(h, torch.zeros(2, device=dev))
+    torch.testing.assert_close(lse, torch.tensor([0.3, -2.0], device=dev))
     V = 50
-    x = torch.full((2, V), 4.0)
+    x = torch.full((2, V), 4.0, device=dev)
     x[1, 25:] = NEG_INF  # a fully masked chunk in the split path
     h, lse = entropy_triton(x, chunk_size=10 if chunk else None)
-    torch.testing.assert_close(h, torch.tensor([math.log(V), math.log(25)]))
-    torch.testing.assert_close(lse, torch.tensor([4.0 + math.log(V), 4.0 + math.log(25)]))
+    torch.testing.assert_close(h, torch.tensor([math.log(V), math.log(25)], device=dev))
+    torch.testing.assert_close(lse, torch.tensor([4.0 + math.log(V), 4.0 + math.log(25)], device=dev))
 
 
-def test_entropy_large_logits_stay_accurate():
+def test_entropy_large_logits_stay_accurate(kernel_device):
     # entropy is computed relative to the running max: no cancellation of lse - E[x] at |x| ~ 1e4
     # (the reference itself loses ~1e-3 there, so compare with it on the exactly shifted logits)
-    x = torch.randn(3, 400) + 1e4
+    x = (torch.randn(3, 400) + 1e4).to(kernel_device)
     shifted = x - 1e4  # exact (Sterbenz)
     h_ref, lse_ref = entropy_torch(shifted)
     for chunk in (None, 128):
@@ -88,12 +90,12 @@ def test_entropy_large_logits_stay_accurate():
         torch.testing.assert_close(lse, lse_ref + 1e4, rtol=1e-7, atol=2e-3)
 
 
-def test_entropy_dispatch_and_errors(triton_backend):
-    x = torch.randn(2, 64)
+def test_entropy_dispatch_and_errors(triton_backend, kernel_device):
+    x = torch.randn(2, 64).to(kernel_device)
     h, lse = entropy(x, 0.9)
     h_t, lse_t = entropy_triton(x, 0.9)
     assert torch.equal(h, h_t) and torch.equal(lse, lse_t)
-    x_t = torch.randn(64, 2).t()  # non-contiguous
+    x_t = torch.randn(64, 2).to(kernel_device).t()  # non-contiguous
     torch.testing.assert_close(entropy(x_t)[0], entropy_torch(x_t)[0])
     for bad in (float("nan"), float("inf")):
         y = x.clone()
@@ -101,7 +103,7 @@ def test_entropy_dispatch_and_errors(triton_backend):
         with pytest.raises(ValueError):
             entropy(y)
     with pytest.raises(ValueError, match="entirely -inf"):
-        entropy(torch.full((1, 4), NEG_INF))
+        entropy(torch.full((1, 4), NEG_INF, device=kernel_device))
     h_nv, lse_nv = entropy(x, 0.9, validate=False)  # skips the checks only
     assert torch.equal(h_nv, h) and torch.equal(lse_nv, lse)
 
@@ -113,15 +115,15 @@ def test_entropy_dispatch_and_errors(triton_backend):
     (torch.float32, 2, None, 0.8), (torch.float32, None, 0.9, 0.6), (torch.bfloat16, None, 0.3, 1.0),
     (torch.float16, None, 0.9, 1.3), (torch.float32, 8, 0.7, 1.0), (torch.bfloat16, 8, 0.7, 0.7),
 ])
-def test_threshold_keeps_exactly_the_reference_set(dtype, top_k, top_p, temperature):
-    x = masked_rows(4, 200, dtype)
+def test_threshold_keeps_exactly_the_reference_set(dtype, top_k, top_p, temperature, kernel_device):
+    x = masked_rows(4, 200, dtype, device=kernel_device)
     assert torch.equal(triton_kept_mask(x, temperature, top_k, top_p), kept_mask(x, temperature, top_k, top_p))
 
 
 @pytest.mark.parametrize("top_k,top_p", [(3, None), (6, None), (None, 0.5), (None, 0.75), (4, 0.6)])
-def test_threshold_ties_at_the_boundary_are_kept(top_k, top_p):
+def test_threshold_ties_at_the_boundary_are_kept(top_k, top_p, kernel_device):
     # few distinct values: the k-th value and the top-p boundary fall inside tie groups
-    x = torch.randint(0, 4, (4, 40)).float().to(torch.bfloat16)
+    x = torch.randint(0, 4, (4, 40)).float().to(device=kernel_device, dtype=torch.bfloat16)
     x[0, :] = 1.0  # every entry tied
     x[1, ::3] = NEG_INF
     ref = kept_mask(x, 1.0, top_k, top_p)
@@ -132,16 +134,17 @@ def test_threshold_ties_at_the_boundary_are_kept(top_k, top_p):
         assert (ref.sum(1) >= top_k).all() and (ref.sum(1) > top_k).any()  # ties really were kept
 
 
-def test_threshold_extreme_values_and_signed_zero():
+def test_threshold_extreme_values_and_signed_zero(kernel_device):
     # exercises the integer-image pivots (huge ranges) and -0.0 == +0.0 ties
-    row = torch.tensor([-3e38, -1e20, -1e-30, 1e-40, 0.0, -0.0, 0.0, 5.0, 1e30, 2e30, -7.0, 1e-40])
+    row = torch.tensor([-3e38, -1e20, -1e-30, 1e-40, 0.0, -0.0, 0.0, 5.0, 1e30, 2e30, -7.0, 1e-40],
+                       device=kernel_device)
     x = torch.stack([row, -row])
     for k in (2, 4, 6, 7, 9, 11):  # boundaries on 1e-40 ties, on the +-0 ties, among huge values
         assert torch.equal(triton_kept_mask(x, 1.0, k, None), kept_mask(x, 1.0, k, None)), k
 
 
-def test_threshold_edge_cases():
-    x = masked_rows(3, 30)
+def test_threshold_edge_cases(kernel_device):
+    x = masked_rows(3, 30, device=kernel_device)
     x[0, 10:] = NEG_INF  # 10 finite entries, k larger: everything finite is kept
     for top_k, top_p in [(12, None), (30, None), (100, None), (None, 1.0), (None, None)]:
         assert torch.equal(triton_kept_mask(x, 1.0, top_k, top_p), kept_mask(x, 1.0, top_k, top_p))
@@ -158,8 +161,8 @@ def test_threshold_edge_cases():
     (torch.float16, None, 0.8, 1.0, 5, None), (torch.float32, 20, 0.9, 0.8, 6, 128),
     (torch.bfloat16, 20, 0.9, 1.0, 7, None),
 ])
-def test_sample_matches_reference_token_for_token(dtype, top_k, top_p, temperature, seed, chunk):
-    x = masked_rows(4, 300, dtype)
+def test_sample_matches_reference_token_for_token(dtype, top_k, top_p, temperature, seed, chunk, kernel_device):
+    x = masked_rows(4, 300, dtype, device=kernel_device)
     ref = sample_torch(x, temperature, top_k, top_p, seed)
     got = sample_triton(x, temperature, top_k, top_p, seed, chunk_size=chunk)
     assert got.dtype == torch.int64
@@ -167,8 +170,8 @@ def test_sample_matches_reference_token_for_token(dtype, top_k, top_p, temperatu
     assert ref[2] == int(torch.argmax(x[2].float()))  # all but one masked
 
 
-def test_sample_many_seeds_split_vocab():
-    x = torch.randn(2, 1100)
+def test_sample_many_seeds_split_vocab(kernel_device):
+    x = torch.randn(2, 1100).to(kernel_device)
     x[1, 500:] = NEG_INF  # the last chunk is fully masked
     for seed in range(6):
         ref = sample_torch(x, 1.0, None, None, seed)
@@ -176,10 +179,11 @@ def test_sample_many_seeds_split_vocab():
         assert torch.equal(sample_triton(x, 1.0, None, None, seed), ref)
 
 
-def test_sample_single_token_rows_and_greedy_ties():
-    assert sample_triton(torch.tensor([[0.5], [-3.0]]), 0.8, None, 0.5, seed=3).tolist() == [0, 0]
+def test_sample_single_token_rows_and_greedy_ties(kernel_device):
+    one_token = torch.tensor([[0.5], [-3.0]], device=kernel_device)
+    assert sample_triton(one_token, 0.8, None, 0.5, seed=3).tolist() == [0, 0]
     # top_k=1 keeps every tie of the maximum: the draw is uniform among them, token for token
-    x = torch.zeros(3, 20)
+    x = torch.zeros(3, 20, device=kernel_device)
     x[:, [4, 9, 17]] = 2.0
     for seed in range(6):
         got = sample_triton(x, 1.0, 1, None, seed, chunk_size=8)
@@ -187,8 +191,8 @@ def test_sample_single_token_rows_and_greedy_ties():
         assert set(got.tolist()) <= {4, 9, 17}
 
 
-def test_sample_dispatch_and_errors(triton_backend):
-    x = torch.randn(3, 50)
+def test_sample_dispatch_and_errors(triton_backend, kernel_device):
+    x = torch.randn(3, 50).to(kernel_device)
     assert torch.equal(sample(x, 0.9, 5, 0.9, seed=7), sample_torch(x, 0.9, 5, 0.9, seed=7))
     assert torch.equal(sample(x, 0.9, 5, 0.9, seed=7, validate=False), sample_torch(x, 0.9, 5, 0.9, seed=7))
     for bad in (float("nan"), float("inf")):
@@ -197,7 +201,7 @@ def test_sample_dispatch_and_errors(triton_backend):
         with pytest.raises(ValueError):
             sample(y, seed=0)
     with pytest.raises(ValueError, match="entirely -inf"):
-        sample(torch.full((1, 4), NEG_INF))
+        sample(torch.full((1, 4), NEG_INF, device=kernel_device))
     for kwargs in (dict(temperature=0.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             sample_triton(x, **kwargs)
@@ -234,11 +238,11 @@ def test_sample_reference_follows_truncated_softmax(temperature, top_k, top_p):
     assert_law(empirical(seeds, V), probs, 1000)
 
 
-def test_sample_triton_follows_truncated_softmax():
+def test_sample_triton_follows_truncated_softmax(kernel_device):
     # small (each row is one interpreted program): the exact kept sets and token-for-token equality
     # with the reference are tested above; this checks the kernel's own draws against the law
     V, N = 6, 160
-    row = torch.tensor([[1.0, 0.5, NEG_INF, 0.0, -1.0, 1.0]])
+    row = torch.tensor([[1.0, 0.5, NEG_INF, 0.0, -1.0, 1.0]], device=kernel_device)
     probs = torch.softmax(row, -1)[0]
     assert_law(empirical(sample_triton(row.expand(N, V), 1.0, None, None, seed=5), V), probs, N)
     probs = torch.softmax(truncate_logits(row, 1.0, 2, None), -1)[0]  # keeps the tie at 1.0

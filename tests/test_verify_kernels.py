@@ -1,4 +1,7 @@
-"""spec_verify / tree_verify: Triton (interpreter) == reference token for token, and exact-law oracles.
+"""spec_verify / tree_verify: Triton == reference token for token, and exact-law oracles.
+
+The Triton comparisons run on ``kernel_device`` (conftest): the interpreter on CPU, or the compiled kernels on a GPU
+(``TRITON_INTERPRET=0``), the reference on the same device. Inputs are drawn on the CPU, then moved.
 
 The law tests run the (vectorised) references with many independent draws in one batch: every row has its own
 drafted tokens, uniforms and race noise (``u(seed, b * V + v)``), so a batch of ``n`` rows is ``n`` draws.
@@ -19,7 +22,7 @@ warnings.filterwarnings("ignore", category=RuntimeWarning)  # log(0) in the inte
 MODES = ("sd", "sss_exact", "sss_paper")
 
 
-def _chain_inputs(B, K, V, close=0.5, gen=None, draft_positions=None):
+def _chain_inputs(B, K, V, close=0.5, gen=None, draft_positions=None, device="cpu"):
     g = gen or torch.Generator().manual_seed(0)
     tgt = torch.randn(B, K + 1, V, generator=g) * 2
     drf = tgt + close * torch.randn(B, K + 1, V, generator=g)
@@ -29,7 +32,7 @@ def _chain_inputs(B, K, V, close=0.5, gen=None, draft_positions=None):
     u = torch.rand(B, K, generator=g)
     if draft_positions == K:
         drf = drf[:, :K]
-    return tgt, drf, ref, tok, u
+    return tuple(x.to(device) for x in (tgt, drf, ref, tok, u))
 
 
 def _same_chain(args, kwargs, **tri):
@@ -44,9 +47,9 @@ def _same_chain(args, kwargs, **tri):
 
 @pytest.mark.parametrize("B,K,V,chunks", [(3, 3, 48, {}), (2, 4, 64, {"_block": 16, "_chunk": 32, "_chunk2": 16}),
                                           (1, 1, 40, {"_block": 16, "_chunk": 16, "_chunk2": 16})])
-def test_chain_triton_matches_reference_random(B, K, V, chunks):
+def test_chain_triton_matches_reference_random(B, K, V, chunks, kernel_device):
     g = torch.Generator().manual_seed(B * 100 + K * 10 + V)
-    tgt, drf, ref, tok, u = _chain_inputs(B, K, V, gen=g)
+    tgt, drf, ref, tok, u = _chain_inputs(B, K, V, gen=g, device=kernel_device)
     outs = {}
     for mode in MODES:
         outs[mode] = _same_chain((tgt, drf, ref, tok, mode, 1.0, 0.8, u, 11), {}, **chunks)
@@ -54,9 +57,9 @@ def test_chain_triton_matches_reference_random(B, K, V, chunks):
     assert ((acc >= 0) & (acc <= K)).all() and ((outs["sd"][1] >= 0) & (outs["sd"][1] < V)).all()
 
 
-def test_chain_clip_bf16_and_truncation():
+def test_chain_clip_bf16_and_truncation(kernel_device):
     g = torch.Generator().manual_seed(5)
-    tgt, drf, ref, tok, u = _chain_inputs(3, 3, 48, gen=g)
+    tgt, drf, ref, tok, u = _chain_inputs(3, 3, 48, gen=g, device=kernel_device)
     # clipped log-ratio (second partial pass), vocabulary split
     _same_chain((tgt, drf, ref, tok, "sss_exact", 2.0, 1.0, u, 3), {"max_log_ratio": 0.5},
                 _block=16, _chunk=16, _chunk2=32)
@@ -66,15 +69,16 @@ def test_chain_clip_bf16_and_truncation():
     _same_chain((tgt, drf, ref, tok, "sss_paper", 1.0, 1.0, u, 5), {"top_k": 10, "top_p": 0.9})
 
 
-def test_chain_all_accepted_and_none_accepted():
+def test_chain_all_accepted_and_none_accepted(kernel_device):
     B, K, V = 3, 4, 32
     g = torch.Generator().manual_seed(1)
     tgt, _, ref, tok, u = _chain_inputs(B, K, V, gen=g)
     tok = torch.multinomial(torch.softmax(tgt[:, :K].reshape(-1, V), -1), 1, generator=g).view(B, K)
+    tgt, ref, tok, u = (x.to(kernel_device) for x in (tgt, ref, tok, u))
     acc, nxt = _same_chain((tgt, tgt.clone(), None, tok, "sd", 1.0, 1.0, u, 2), {})
     assert (acc == K).all()
     # the bonus follows the race over p at position K
-    gum = -torch.log(-torch.log(uniform_grid_torch(2, B, V)))
+    gum = -torch.log(-torch.log(uniform_grid_torch(2, B, V, device=kernel_device)))
     expect = (torch.log_softmax(tgt[:, K], -1) + gum).argmax(-1)
     assert torch.equal(nxt, expect)
     # none accepted: the target masks every drafted token
@@ -85,7 +89,7 @@ def test_chain_all_accepted_and_none_accepted():
     assert (nxt != tok[:, 0]).all()
 
 
-def test_chain_zero_draft_probability_and_masked_vocabulary():
+def test_chain_zero_draft_probability_and_masked_vocabulary(kernel_device):
     B, K, V = 2, 3, 32
     g = torch.Generator().manual_seed(2)
     tgt, drf, ref, tok, u = _chain_inputs(B, K, V, gen=g)
@@ -98,6 +102,7 @@ def test_chain_zero_draft_probability_and_masked_vocabulary():
     drf[0, 0, tok[0, 0]] = float("-inf")
     drf[1, 0, tok[1, 0]] = float("-inf")
     tgt[1, 0, tok[1, 0]] = float("-inf")
+    tgt, drf, ref, tok, u = (x.to(kernel_device) for x in (tgt, drf, ref, tok, u))
     for mode in MODES:
         acc, nxt = _same_chain((tgt, drf, ref, tok, mode, 1.0, 1.0, u, 9), {})
         assert acc[0] >= 1 and acc[1] == 0
@@ -108,9 +113,9 @@ def test_chain_zero_draft_probability_and_masked_vocabulary():
     _same_chain((tgt, drf, ref2, tok, "sss_exact", 1.5, 1.0, u, 9), {}, _block=16, _chunk=16, _chunk2=16)
 
 
-def test_chain_lam0_and_no_ref_are_sd():
+def test_chain_lam0_and_no_ref_are_sd(kernel_device):
     g = torch.Generator().manual_seed(3)
-    tgt, drf, ref, tok, u = _chain_inputs(3, 3, 40, gen=g)
+    tgt, drf, ref, tok, u = _chain_inputs(3, 3, 40, gen=g, device=kernel_device)
     sd = spec_verify_torch(tgt, drf, ref, tok, "sd", 1.0, 1.0, u, 6)
     for args in ((tgt, drf, ref, tok, "sss_exact", 0.0, 1.0, u, 6), (tgt, drf, None, tok, "sss_exact", 1.0, 1.0, u, 6)):
         out = _same_chain(args, {})
@@ -120,22 +125,23 @@ def test_chain_lam0_and_no_ref_are_sd():
                                spec_verify_torch(tgt, drf, ref, tok, "sd", 1.0, 1.0, u, s)[1]) for s in range(5))
 
 
-def test_chain_paper_bonus_and_num_valid():
+def test_chain_paper_bonus_and_num_valid(kernel_device):
     B, K, V = 3, 3, 32
     g = torch.Generator().manual_seed(4)
     tgt, _, ref, _, u = _chain_inputs(B, K, V, gen=g)
-    drf = tgt.clone()
     tok = torch.multinomial(torch.softmax(tgt[:, :K].reshape(-1, V), -1), 1, generator=g).view(B, K)
+    tgt, ref, tok, u = (x.to(kernel_device) for x in (tgt, ref, tok, u))
+    drf = tgt.clone()
     acc, nxt = _same_chain((tgt, drf, ref, tok, "sss_paper", 1.0, 1.0, u, 1), {"bonus": True})
     assert (acc == K).all() and (nxt >= 0).all()
     acc, nxt = _same_chain((tgt, drf, ref, tok, "sss_paper", 1.0, 1.0, u, 1), {"bonus": False})
     assert (acc == K).all() and (nxt == -1).all()
     # num_valid: stop at n and draw the bonus there; without a tilt a [B, K, V] draft is enough
-    nv = torch.tensor([0, 1, 3])
+    nv = torch.tensor([0, 1, 3], device=kernel_device)
     acc, nxt = _same_chain((tgt, drf[:, :K], None, tok, "sd", 1.0, 1.0, u, 1), {"num_valid": nv})
     assert torch.equal(acc, nv)
-    gum = -torch.log(-torch.log(uniform_grid_torch(1, B, V)))
-    expect = (torch.log_softmax(tgt[torch.arange(B), nv], -1) + gum).argmax(-1)  # bonus at position n
+    gum = -torch.log(-torch.log(uniform_grid_torch(1, B, V, device=kernel_device)))
+    expect = (torch.log_softmax(tgt[torch.arange(B, device=kernel_device), nv], -1) + gum).argmax(-1)  # bonus at n
     assert torch.equal(nxt, expect)
     with pytest.raises(ValueError, match="draft_logits"):
         spec_verify(tgt, drf[:, :K], ref, tok, "sss_exact", 1.0, 1.0, u, 1)
@@ -154,7 +160,7 @@ TREES = [
 ]
 
 
-def _tree_inputs(parents, V, close=0.3, gen=None, kind="sampled"):
+def _tree_inputs(parents, V, close=0.3, gen=None, kind="sampled", device="cpu"):
     g = gen
     B, N = parents.shape
     tgt = torch.randn(B, N + 1, V, generator=g) * 2
@@ -170,14 +176,15 @@ def _tree_inputs(parents, V, close=0.3, gen=None, kind="sampled"):
             else:
                 tok[b, n] = torch.multinomial(q, 1, generator=g)
     u = torch.rand(B, N, generator=g)
-    return tgt, drf, ref, tok, u
+    return tuple(x.to(device) for x in (tgt, drf, ref, tok, u))
 
 
 @pytest.mark.parametrize("kind", ["sampled", "topk"])
-def test_tree_triton_matches_reference(kind):
+def test_tree_triton_matches_reference(kind, kernel_device):
     g = torch.Generator().manual_seed(7)
     parents = torch.tensor(TREES)
-    tgt, drf, ref, tok, u = _tree_inputs(parents, 32, gen=g, kind=kind)
+    tgt, drf, ref, tok, u = _tree_inputs(parents, 32, gen=g, kind=kind, device=kernel_device)
+    parents = parents.to(kernel_device)
     lens = []
     for mode, kw in (("sd", {}), ("sss_exact", {}), ("sss_paper", {"bonus": False}),
                      ("sss_exact", {"max_log_ratio": 0.7})):
@@ -195,10 +202,11 @@ def test_tree_triton_matches_reference(kind):
     assert torch.stack(lens).max() >= 2  # some deep acceptances were exercised
 
 
-def test_tree_all_accepted_bf16_and_chain_equivalence():
+def test_tree_all_accepted_bf16_and_chain_equivalence(kernel_device):
     g = torch.Generator().manual_seed(8)
     parents = torch.tensor([[-1, 0, 1], [-1, 0, 1]])
-    tgt, drf, ref, tok, u = _tree_inputs(parents, 24, gen=g)
+    tgt, drf, ref, tok, u = _tree_inputs(parents, 24, gen=g, device=kernel_device)
+    parents = parents.to(kernel_device)
     # draft == target: the whole chain is accepted, then the bonus (or -1 without)
     a = tree_verify_triton(tgt, tgt, ref, tok, parents, "sd", 1.0, 1.0, u, 3, "sampled", bonus=False)
     assert (a[1] == 3).all() and (a[2] == -1).all()
