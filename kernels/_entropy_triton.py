@@ -55,7 +55,7 @@ def num_chunks(R: int, V: int, device: torch.device, chunk_size: int | None = No
 
 @triton.jit
 def program_row_chunk(logits_ptr, stride_r, V, chunk_size):
-    """This program's ``(row, chunk)`` of a grid ``(R, n_chunks)``, the row's pointer and the chunk's ``[start, end)``."""
+    """This program's ``(row, chunk)`` of the grid ``(R, n_chunks)``, the row's pointer and ``[start, end)``."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     start = chunk * chunk_size
