@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", category=RuntimeWarning)  # log(0) in the inte
 MODES = ("sd", "sss_exact", "sss_paper")
 
 
-def _chain_inputs(B, K, V, close=0.5, gen=None, draft_positions=None, device="cpu"):
+def _chain_inputs(B, K, V, close=0.5, gen=None, draft_positions=None, device="cpu", tokens_from_target=False):
     g = gen or torch.Generator().manual_seed(0)
     tgt = torch.randn(B, K + 1, V, generator=g) * 2
     drf = tgt + close * torch.randn(B, K + 1, V, generator=g)
@@ -30,6 +30,8 @@ def _chain_inputs(B, K, V, close=0.5, gen=None, draft_positions=None, device="cp
     # drafted tokens drawn from the draft so that acceptances happen
     tok = torch.multinomial(torch.softmax(drf[:, :K].reshape(-1, V), -1), 1, generator=g).view(B, K)
     u = torch.rand(B, K, generator=g)
+    if tokens_from_target:  # for tests whose draft is the target itself (everything accepted)
+        tok = torch.multinomial(torch.softmax(tgt[:, :K].reshape(-1, V), -1), 1, generator=g).view(B, K)
     if draft_positions == K:
         drf = drf[:, :K]
     return tuple(x.to(device) for x in (tgt, drf, ref, tok, u))
@@ -72,9 +74,7 @@ def test_chain_clip_bf16_and_truncation(kernel_device):
 def test_chain_all_accepted_and_none_accepted(kernel_device):
     B, K, V = 3, 4, 32
     g = torch.Generator().manual_seed(1)
-    tgt, _, ref, tok, u = _chain_inputs(B, K, V, gen=g)
-    tok = torch.multinomial(torch.softmax(tgt[:, :K].reshape(-1, V), -1), 1, generator=g).view(B, K)
-    tgt, ref, tok, u = (x.to(kernel_device) for x in (tgt, ref, tok, u))
+    tgt, _, ref, tok, u = _chain_inputs(B, K, V, gen=g, device=kernel_device, tokens_from_target=True)
     acc, nxt = _same_chain((tgt, tgt.clone(), None, tok, "sd", 1.0, 1.0, u, 2), {})
     assert (acc == K).all()
     # the bonus follows the race over p at position K
@@ -128,9 +128,7 @@ def test_chain_lam0_and_no_ref_are_sd(kernel_device):
 def test_chain_paper_bonus_and_num_valid(kernel_device):
     B, K, V = 3, 3, 32
     g = torch.Generator().manual_seed(4)
-    tgt, _, ref, _, u = _chain_inputs(B, K, V, gen=g)
-    tok = torch.multinomial(torch.softmax(tgt[:, :K].reshape(-1, V), -1), 1, generator=g).view(B, K)
-    tgt, ref, tok, u = (x.to(kernel_device) for x in (tgt, ref, tok, u))
+    tgt, _, ref, tok, u = _chain_inputs(B, K, V, gen=g, device=kernel_device, tokens_from_target=True)
     drf = tgt.clone()
     acc, nxt = _same_chain((tgt, drf, ref, tok, "sss_paper", 1.0, 1.0, u, 1), {"bonus": True})
     assert (acc == K).all() and (nxt >= 0).all()
