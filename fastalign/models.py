@@ -108,7 +108,7 @@ class CachedModel:
         past = self.live.sum(1, keepdim=True)
         seen = self.live[:, None, :].expand(B, T, -1)  # cached slots each new token attends to
         if parents is None:
-            block = torch.tril(torch.ones(T, T, dtype=torch.bool, device=self.device)).expand(B, T, T)
+            block = None
             positions = past + (new_live.cumsum(1) - 1).clamp(min=0)
         else:
             parents = parents.to(self.device)
@@ -129,13 +129,16 @@ class CachedModel:
             raise InputError(
                 f"sequence longer than the model's context length ({self.context_length} positions)"
             )
-        visible = torch.cat([seen, block & new_live[:, None, :]], dim=2)
-        visible[:, :, -T:] |= torch.eye(T, dtype=torch.bool, device=self.device)  # no query sees nothing
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        if block is None:  # a chain: causal over the live slots, which transformers builds from a 2-D mask
+            mask = torch.cat([self.live, new_live], dim=1).long()
+        else:
+            visible = torch.cat([seen, block & new_live[:, None, :]], dim=2)
+            visible[:, :, -T:] |= torch.eye(T, dtype=torch.bool, device=self.device)  # no query sees nothing
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None]
         out = self._backbone(
             input_ids=tokens,
-            attention_mask=mask[:, None],
+            attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
