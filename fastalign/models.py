@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from . import native
+from .kernels._dispatch import check_finite
 
 
 class InputError(ValueError):
@@ -276,8 +277,7 @@ class CausalLM(CachedModel):
     def _check(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.shape[-1] != self.vocab_size:  # some models pad the output embedding
             logits = logits[..., : self.vocab_size]
-        if torch.isnan(logits).any():
-            raise FloatingPointError("the model produced NaN logits")
+        check_finite(logits, "the model's logits")
         return logits
 
 

@@ -111,6 +111,11 @@ def test_clear_errors(model):
         fastalign.decode([[1]], method="bon", target=model, reward=digits_reward, bogus_option=3)
     with pytest.raises(ValueError, match="NaN"):
         fastalign.kernels.sample(torch.tensor([[0.0, float("nan")]]))
+    broken = tiny_causal_lm(vocab_size=V, hidden=16)
+    with torch.no_grad():
+        broken.lm_head.weight[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="the model's logits contain NaN"):
+        fastalign.decode([[1, 2]], target=broken, max_new_tokens=2)
 
 
 def test_models_load_from_a_path_without_remote_code(tmp_path, model):
