@@ -59,27 +59,14 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
-def _find_cmake() -> str | None:
-    exe = shutil.which("cmake")
+def _find_tool(name: str) -> str | None:
+    """``name`` (cmake or ninja) on PATH, else the binary of its PyPI package."""
+    exe = shutil.which(name)
     if exe:
         return exe
-    try:  # the `cmake` PyPI package
-        import cmake  # type: ignore
-
-        exe = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
-        return exe if os.path.exists(exe) or os.path.exists(exe + ".exe") else None
-    except Exception:
-        return None
-
-
-def _find_ninja() -> str | None:
-    exe = shutil.which("ninja")
-    if exe:
-        return exe
-    try:  # the `ninja` PyPI package
-        import ninja  # type: ignore
-
-        exe = os.path.join(ninja.BIN_DIR, "ninja")
+    try:
+        module = __import__(name)
+        exe = os.path.join(module.CMAKE_BIN_DIR if name == "cmake" else module.BIN_DIR, name)
         return exe if os.path.exists(exe) or os.path.exists(exe + ".exe") else None
     except Exception:
         return None
@@ -172,7 +159,7 @@ class CMakeBuild(build_ext):
                 self.extensions = saved
 
     def _build_cmake(self, ext: CMakeExtension) -> None:
-        cmake = _find_cmake()
+        cmake = _find_tool("cmake")
         if cmake is None:
             raise RuntimeError("cmake not found (pip install cmake)")
         pybind11_inc = _pybind11_include()
@@ -192,7 +179,7 @@ class CMakeBuild(build_ext):
             f"-DFASTALIGN_OUTPUT_NAME={out_name}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if _flag('FASTALIGN_DEBUG') else 'Release'}",
         ]
-        ninja = _find_ninja()
+        ninja = _find_tool("ninja")
         cache = os.path.join(build_dir, "CMakeCache.txt")
         if os.path.exists(cache):  # a generator cannot change within one build dir
             with open(cache, encoding="utf-8", errors="replace") as f:

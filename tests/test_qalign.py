@@ -27,15 +27,6 @@ from fastalign.testing import (
 V, EOS = 6, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Big batches of a tiny model: with 2 threads on a shared, loaded CPU, matmuls spin for 100x longer.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_causal_lm(vocab_size=V, hidden=16, init_range=0.25)

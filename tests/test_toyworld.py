@@ -22,15 +22,6 @@ def world():
     return load_toy_world()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and are many times slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mean_gold(prompts, texts) -> float:
     return sum(gold_reward_text(f"{p} {c}") for p, c in zip(prompts, texts)) / len(texts)
 
