@@ -156,3 +156,39 @@ def test_tree_grown_over_several_calls_matches_full_recompute(arch):
     logits = lm.extend(torch.tensor([[30], [31]]))
     for b, r in enumerate(rows):
         assert_close(logits[b, -1], full_logits(model, r + [30 + b])[-1])
+
+
+def test_reward_with_its_own_tokenizer_scores_re_tokenised_text():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastalign.testing import tiny_tokenizer
+
+    V = 16
+    policy_tok = tiny_tokenizer(V)
+    # the reward's own vocabulary: the same words at other ids (shifted by 4), so token ids must not be reused
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(V)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    reward_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                         bos_token="<s>", eos_token="</s>")
+    model = tiny_reward_model("llama", vocab_size=V + 4)
+    rm = RewardModel(model, tokenizer=reward_tok, policy_tokenizer=policy_tok)
+    assert rm.retokenize and not rm.cached
+    prompts, responses = [[1, 2], [3]], [[5, 6], [7, 8, 9]]
+    expected = RewardModel(model).score([[], []], [[t + 4 for t in p + r] for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(rm.score(prompts, responses), expected)
+    # the cached interface falls back to scoring whole texts, with the same results
+    rm.prefill(prompts, [[5], []])
+    branches = rm.score_branches([[[6], []], [[7, 8, 9]]])
+    torch.testing.assert_close(branches[0][0], expected[0])
+    torch.testing.assert_close(branches[1][0], expected[1])
+    # and through the API: the Engine passes the policy's tokenizer and the reward's own to the wrapper
+    import fastalign
+    from fastalign.testing import tiny_causal_lm
+
+    out = fastalign.decode(["w1 w2"], method="bon", target=tiny_causal_lm(vocab_size=V), tokenizer=policy_tok,
+                           reward=model, reward_tokenizer=reward_tok, max_new_tokens=3, n=4, seed=0)
+    rewards = out.extra["rewards"][0]
+    best = out.sequences[0]
+    torch.testing.assert_close(rewards.max(), rm.score([policy_tok("w1 w2")["input_ids"]], [best])[0])
