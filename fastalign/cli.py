@@ -77,6 +77,17 @@ def check_options(method: str, options: dict) -> None:
                          f"its options: {', '.join(accepted) or 'none'}")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count or a size), with a clear message otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _torch_dtype(name: str | None):
     if name is None or name == "auto":
         return name
@@ -279,12 +290,12 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
     g.add_argument("--temperature", type=float, help="default: the method's (from its paper), else 1.0")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, help="batch k uses seed + k")
-    g.add_argument("--batch-size", type=int, default=16, help="prompts per decode call (default 16)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="prompts per decode call (default 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'hf:NAME[:CONFIG]' (needs the datasets package)")
     e.add_argument("--split", help="dataset split (default: test)")
     e.add_argument("--prompt-field", help="field holding the prompt")
-    e.add_argument("--limit", type=int, help="use the first N prompts")
+    e.add_argument("--limit", type=positive_int, help="use the first N prompts")
     e.add_argument("--gold", help="gold reward: an HF reward model, 'module:function' (called on texts: "
                                   "prompts, completions), 'toy', or 'last_number' / 'boxed' / 'option': the "
                                   "extracted answer equals the record's 'answer' field (GSM8K, MATH, multiple choice)")
@@ -336,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "method and a table of gold reward, model calls, tokens and time.")
     d.add_argument("--methods", nargs="+", metavar="METHOD",
                    help="demo settings to run: sample bon soft_bon args rs cards sd sss sss_tree qalign (default: all)")
-    d.add_argument("--num-prompts", type=int, default=32)
-    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--num-prompts", type=positive_int, default=32)
+    d.add_argument("--max-new-tokens", type=positive_int, default=24)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device")
     d.add_argument("--show", type=int, default=2, help="completions printed per method")

@@ -112,6 +112,15 @@ def test_generate_errors_name_the_problem(model_dirs, tmp_path, capsys, monkeypa
     assert "no prompts" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-new-tokens", "-1"), ("--batch-size", "two")])
+def test_counts_must_be_positive_integers(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--toy", flag, value, "w1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a positive integer, got" in err and value in err
+
+
 def test_a_method_missing_from_the_installation_is_named(monkeypatch, capsys):
     from fastalign.methods import METHODS
 
@@ -151,8 +160,14 @@ def test_eval_command_writes_results_summary_and_plot(model_dirs, tmp_path, caps
     assert (out_dir / "reward_vs_compute.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_needs_a_gold_reward_and_prompts(model_dirs, capsys):
+def test_eval_needs_a_gold_reward_and_prompts(model_dirs, tmp_path, capsys):
     lm, rm = model_dirs
+    assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--gold", "x:y"]) == 2
+    assert "eval needs --prompts" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1\n")
+    assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", str(prompts)]) == 2
+    assert "eval needs --gold" in capsys.readouterr().err
     assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", "nowhere.jsonl",
                      "--gold", "x:y"]) == 2
     assert "unknown prompt source 'nowhere.jsonl'" in capsys.readouterr().err
