@@ -54,8 +54,13 @@ class Context:
     stats: dict = field(default_factory=dict)  # method-specific counters, merged into out.stats
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row of ``logits [R, V]`` from the truncated tempered distribution.  [R] int64."""
-        return kernels.sample(logits, self.temperature, self.top_k, self.top_p, seed=self.rng.kernel_seed())
+        """One token per row of ``logits [R, V]`` from the truncated tempered distribution.  [R] int64.
+
+        ``logits`` come from the model layer, which has already checked them (``check_finite``), so the
+        kernel does not check them again (that would be one more pass and host sync per token).
+        """
+        return kernels.sample(logits, self.temperature, self.top_k, self.top_p, seed=self.rng.kernel_seed(),
+                              validate=False)
 
     def eos_mask(self, tokens: torch.Tensor, lm: CausalLM | None = None) -> torch.Tensor:
         """True where ``tokens`` is an end-of-sequence token of ``lm`` (the target by default)."""
@@ -80,7 +85,7 @@ def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
     """
     R = next_logits.shape[0]
     budgets = [budgets] * R if isinstance(budgets, int) else list(budgets)
-    eos = (lm or ctx.target).eos_token_ids
+    eos = lm.eos_token_ids
     out: list[list[int]] = [[] for _ in range(R)]
     active = [b > 0 for b in budgets]
     logits = next_logits

@@ -112,7 +112,7 @@ def propose(ctx: Context, prefix: Frontier, budgets: torch.Tensor, entropy_thres
             fed += (need & (length > 0)).long()
         check = open_ & (length >= min_tokens)
         if check.any():
-            entropy, _ = kernels.entropy(work.logits[check])
+            entropy, _ = kernels.entropy(work.logits[check], validate=False)  # checked by the model layer
             stop = torch.zeros_like(open_)
             stop[check] = entropy >= entropy_threshold
             cut |= stop

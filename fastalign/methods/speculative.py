@@ -221,8 +221,9 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
         streams.append(_Stream(ref, ref.prefill(prompts, M)))
     # the draft's logits at the bonus position are needed when pi (not p) is drawn there
     draft_at_bonus = ref is not None and bonus
+    # validate=False: the model layer has checked every logits tensor, and the shapes are built here
     verify = dict(mode=mode, lam=lam, temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p,
-                  max_log_ratio=max_log_ratio, bonus=bonus)
+                  max_log_ratio=max_log_ratio, bonus=bonus, validate=False)
 
     dev = ctx.target.device
     out: list[list[int]] = [[] for _ in prompts]
