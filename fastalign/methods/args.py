@@ -35,27 +35,28 @@ def run(ctx: Context, prompts: list[list[int]], k: int = 10, w: float = 1.5, mod
     ctx.reward.prefill(prompts)
     k = min(k, logits.shape[-1])
     responses: list[list[int]] = [[] for _ in range(B)]
-    active = torch.ones(B, dtype=torch.bool, device=logits.device)
+    active = [True] * B  # on the host: the chosen tokens are host values, so no device flags to sync
+    eos = ctx.target.eos_token_ids
     ctx.stats["candidates_scored"] = 0
     for step in range(ctx.max_new_tokens):
         _, logsumexp = kernels.entropy(logits, ctx.temperature, validate=False)  # checked by the model layer
         top_logits, candidates = torch.topk(logits, k, dim=-1)  # [B, k]
-        logp = top_logits / ctx.temperature - logsumexp[:, None]
-        rows = torch.nonzero(active).flatten().tolist()
+        logp = (top_logits / ctx.temperature - logsumexp[:, None]).cpu()
+        rows = [b for b in range(B) if active[b]]
         cands = candidates.tolist()
-        rewards = ctx.reward.score_branches([[[v] for v in cands[b]] if b in rows else [] for b in range(B)])
+        rewards = ctx.reward.score_branches([[[v] for v in cands[b]] if active[b] else [] for b in range(B)])
         ctx.stats["candidates_scored"] += len(rows) * k
-        score = logp[rows].cpu() + w * torch.stack([rewards[b] for b in rows])  # [A, k]
+        score = logp[rows] + w * torch.stack([rewards[b] for b in rows])  # [A, k]
         picks = score.argmax(-1) if mode == "greedy" else ctx.rng.categorical(torch.softmax(score, -1))
         choice: list[int | None] = [None] * B
         for b, i in zip(rows, picks.tolist()):
             choice[b] = i
             responses[b].append(cands[b][i])
+            active[b] = cands[b][i] not in eos
         ctx.reward.keep_branches(choice)
-        tokens = torch.tensor([cands[b][choice[b]] if choice[b] is not None else 0 for b in range(B)],
-                              device=logits.device)
-        active &= ~ctx.eos_mask(tokens)
-        if step + 1 == ctx.max_new_tokens or not active.any():
+        if step + 1 == ctx.max_new_tokens or not any(active):
             break
-        logits = ctx.target.extend(tokens[:, None], live=active[:, None])[:, 0]
+        tokens = torch.tensor([cands[b][c] if c is not None else 0 for b, c in enumerate(choice)],
+                              device=logits.device)
+        logits = ctx.target.extend(tokens[:, None], live=torch.tensor(active, device=logits.device)[:, None])[:, 0]
     return MethodResult(responses)
