@@ -299,6 +299,7 @@ def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import METHODS as DEMO_METHODS
     from .methods import METHODS
 
     parser = argparse.ArgumentParser(prog="fastalign", description="Fast, exact test-time alignment decoding.")
@@ -345,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="every method on the built-in toy world, on the CPU",
                        description="Every method on the built-in toy world (offline): a few completions per "
                                    "method and a table of gold reward, model calls, tokens and time.")
-    d.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="demo settings to run: sample bon soft_bon args rs cards sd sss sss_tree qalign (default: all)")
+    d.add_argument("--methods", nargs="+", metavar="METHOD", choices=DEMO_METHODS,
+                   help=f"demo settings to run: {' '.join(DEMO_METHODS)} (default: all)")
     d.add_argument("--num-prompts", type=positive_int, default=32)
     d.add_argument("--max-new-tokens", type=positive_int, default=24)
     d.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,6 @@ differences come from the alignment alone. ``sd`` uses the unaligned draft (loss
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -134,15 +133,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastalign.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to run (default: all)")
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device")
-    args = parser.parse_args(argv)
-    run_demo(args.methods, args.num_prompts, args.max_new_tokens, args.seed, args.device)
-    return 0
+    """``python -m fastalign.demo ARGS`` is ``fastalign demo ARGS`` (one parser, in ``fastalign.cli``)."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -164,3 +164,13 @@ def test_demo_runs_every_method_on_a_reduced_setting():
 def test_demo_rejects_an_unknown_method():
     with pytest.raises(ValueError, match="unknown demo method"):
         run_demo(methods=["beam"])
+
+
+def test_python_m_fastalign_demo_is_the_demo_command(capsys):
+    from fastalign.demo import main
+
+    assert main(["--methods", "sample", "--num-prompts", "1", "--max-new-tokens", "2"]) == 0
+    assert "| sample |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--methods", "beam"])
+    assert "invalid choice: 'beam'" in capsys.readouterr().err
