@@ -227,17 +227,19 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
 
     dev = ctx.target.device
     out: list[list[int]] = [[] for _ in prompts]
-    rows = torch.arange(len(prompts), device=dev)  # original index of each live row
-    stats = dict(rounds=0, row_rounds=0, proposed=0, accepted=0)
-    while rows.numel():
-        left = torch.tensor([M - len(out[r]) for r in rows.tolist()], device=dev)
+    rows = list(range(len(prompts)))  # original index of each live row (host bookkeeping: no syncs)
+    cap = K if tree is None else len(branching)
+    stats = dict(rounds=0, row_rounds=0, proposed=0)
+    accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
+    while rows:
+        left = [M - len(out[r]) for r in rows]
         # tokens a row may verify: its emitted tokens (accepted + bonus) must fit in what is left
-        num_valid = (left - int(bonus)).clamp(max=K if tree is None else len(branching))
-        depth = max(1, int(num_valid.max()))
+        valid = [min(n - int(bonus), cap) for n in left]
+        depth = max(1, max(valid))
         if tree is None:
-            nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth, num_valid,
-                                                             draft_at_bonus, verify)
-            stats["proposed"] += int(num_valid.sum())
+            nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth,
+                                                             torch.tensor(valid, device=dev), draft_at_bonus, verify)
+            stats["proposed"] += sum(valid)
         else:  # a tree has no per-row depth: tokens past a row's cap are discarded (exact: a prefix of t's law)
             nodes, accepted, next_token, path = _tree_round(ctx, streams, ref, tree, branching[:depth],
                                                             draft_at_bonus, verify)
@@ -246,26 +248,26 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
             s.advance(nodes, path, accepted, next_token, tree is not None)
 
         stats["rounds"] += 1
-        stats["row_rounds"] += rows.numel()
-        stats["accepted"] += int(accepted.sum())
+        stats["row_rounds"] += len(rows)
+        accepted_total += accepted.sum()
         emitted = torch.cat([nodes.gather(1, path.clamp(min=0)), next_token[:, None]], 1)
         emitted.scatter_(1, accepted[:, None], next_token[:, None])  # the emitted token follows the path
         n_emit = accepted + (next_token >= 0).long()
         done = _append(ctx, out, rows, emitted, n_emit, left)
-        if done.any():
-            keep = torch.nonzero(~done).flatten()
-            rows = rows[keep]
-            if rows.numel():
+        if any(done):
+            keep = [i for i, d in enumerate(done) if not d]
+            rows = [rows[i] for i in keep]
+            if rows:
                 for s in streams:
-                    s.select_rows(keep)
+                    s.select_rows(torch.tensor(keep, device=dev))
 
-    proposed = stats["proposed"]
+    proposed, accepted_total = stats["proposed"], int(accepted_total)
     ctx.stats.update(
         rounds=stats["rounds"],
         draft_tokens_proposed=proposed,
-        draft_tokens_accepted=stats["accepted"],
-        acceptance_rate=stats["accepted"] / proposed if proposed else 0.0,
-        accepted_per_target_call=stats["accepted"] / stats["row_rounds"] if stats["row_rounds"] else 0.0,
+        draft_tokens_accepted=accepted_total,
+        acceptance_rate=accepted_total / proposed if proposed else 0.0,
+        accepted_per_target_call=accepted_total / stats["row_rounds"] if stats["row_rounds"] else 0.0,
     )
     return MethodResult(out)
 
@@ -325,14 +327,19 @@ def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...
     return nodes, accepted, next_token, path
 
 
-def _append(ctx: Context, out, rows: torch.Tensor, emitted: torch.Tensor, n_emit: torch.Tensor,
-            left: torch.Tensor) -> torch.Tensor:
+def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
+            left: list[int]) -> list[bool]:
     """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
-    ``left`` tokens the row may still emit; True where a row is finished (EOS or ``max_new_tokens``).  [B]."""
+    ``left`` tokens the row may still emit; True where a row is finished (EOS or ``max_new_tokens``).  One
+    device-to-host copy."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
-    count = torch.minimum(torch.minimum(n_emit, first_eos + 1), left)
-    for r, toks, c in zip(rows.tolist(), emitted.tolist(), count.tolist()):
-        out[r].extend(toks[:c])
-    return (first_eos < count) | (count == left)
+    count = torch.minimum(n_emit, first_eos + 1)
+    ended = first_eos < count
+    table = torch.cat([count[:, None], ended.long()[:, None], emitted], 1).tolist()
+    done = []
+    for r, n, (c, e, *toks) in zip(rows, left, table):
+        out[r].extend(toks[:min(c, n)])
+        done.append((bool(e) and c <= n) or c >= n)
+    return done
