@@ -86,46 +86,56 @@ class Candidate:
     round: int  # the proposal round (its tokens are in the cache only during that round)
 
 
-def propose(ctx: Context, prefix: Frontier, budgets: torch.Tensor, entropy_threshold: float, min_tokens: int):
-    """One segment per target row (at most ``budgets [R]`` tokens each), batched.
+def propose(ctx: Context, prefix: Frontier, budgets: list[int], entropy_threshold: float, min_tokens: int):
+    """One segment per target row (at most ``budgets[r]`` tokens each), batched.
 
     Returns the segments, ``cut [R]`` (ended at an entropy cut), ``fed [R]`` (segment tokens now in the target
     cache, to roll back on rejection) and the rows' frontier after their segment. A prefix token still pending
     is fed on the first step and becomes part of ``prefix`` for good.
     """
-    R = budgets.shape[0]
+    R = len(budgets)
     device = prefix.logits.device
+    eos = ctx.target.eos_token_ids
     work = prefix.clone()
     segments: list[list[int]] = [[] for _ in range(R)]
-    length = torch.zeros(R, dtype=torch.long, device=device)
     fed = torch.zeros(R, dtype=torch.long, device=device)
     cut = torch.zeros(R, dtype=torch.bool, device=device)
+    # the open rows, on the host (the sampled tokens come to the host anyway) and as a device mask; every
+    # open row has ``step`` segment tokens, since a closed row never reopens. Masks are applied with
+    # torch.where: boolean indexing would sync with the host.
+    open_rows = list(range(R))
     open_ = torch.ones(R, dtype=torch.bool, device=device)
-    while open_.any():
-        need = open_ & ~work.ready
-        if need.any():
+    step = 0
+    while open_rows:
+        need = open_ & ~work.ready  # step 0: rows whose prefix ends with a pending token; then every open row
+        if step > 0 or need.any():
             logits = ctx.target.extend(work.pending[:, None], live=need[:, None])[:, 0]
-            work.logits[need] = logits[need]
-            work.ready |= need
-            first = need & (length == 0)  # the prefix's last token: cached for good
-            prefix.logits[first], prefix.ready[first] = logits[first], True
-            fed += (need & (length > 0)).long()
-        check = open_ & (length >= min_tokens)
-        if check.any():
-            entropy, _ = kernels.entropy(work.logits[check], validate=False)  # checked by the model layer
-            stop = torch.zeros_like(open_)
-            stop[check] = entropy >= entropy_threshold
+            work.logits = torch.where(need[:, None], logits, work.logits)
+            work.ready = work.ready | need
+            if step == 0:  # the prefix's last token: cached for good
+                prefix.logits, prefix.ready = work.logits.clone(), work.ready.clone()
+            else:
+                fed += need.long()
+        if step >= min_tokens:
+            entropy, _ = kernels.entropy(work.logits, validate=False)  # checked by the model layer
+            stop = open_ & (entropy >= entropy_threshold)
             cut |= stop
-            open_ &= ~stop
-        rows = torch.nonzero(open_).flatten()
-        if rows.numel() == 0:
-            break
+            stopped = stop.tolist()
+            open_rows = [r for r in open_rows if not stopped[r]]
+            if not open_rows:
+                break
+        rows = torch.tensor(open_rows, device=device)
         tokens = ctx.sample(work.logits[rows])
         work.pending[rows], work.ready[rows] = tokens, False
-        length[rows] += 1
-        for r, t in zip(rows.tolist(), tokens.tolist()):
+        step += 1
+        still_open = []
+        for r, t in zip(open_rows, tokens.tolist()):
             segments[r].append(t)
-        open_[rows] = ~ctx.eos_mask(tokens) & (length[rows] < budgets[rows])
+            if t not in eos and step < budgets[r]:
+                still_open.append(r)
+        open_rows = still_open
+        open_ = torch.zeros(R, dtype=torch.bool, device=device)
+        open_[torch.tensor(open_rows, dtype=torch.long, device=device)] = True
     return segments, cut, fed, work
 
 
@@ -175,8 +185,7 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
     while ids:
         round_ += 1
         P, R = len(ids), len(ids) * M
-        budgets = torch.tensor([min(max_segment_tokens, ctx.max_new_tokens - len(responses[ids[r // M]]))
-                                for r in range(R)], device=device)
+        budgets = [min(max_segment_tokens, ctx.max_new_tokens - len(responses[ids[r // M]])) for r in range(R)]
         segments, cut, fed, work = propose(ctx, prefix, budgets, entropy_threshold, min_segment_tokens)
         stats["segments_proposed"] += R
 
