@@ -29,20 +29,20 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import command_line, device_info, device_tag, env_backend, markdown_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    DTYPES, command_line, device_info, device_tag, env_backend, markdown_table, timed, write_results,
+)
 import fastalign  # noqa: E402
 from fastalign import kernels  # noqa: E402
 from fastalign.methods.base import Randomness  # noqa: E402
 from fastalign.models import CausalLM, ModelCounters, RewardModel  # noqa: E402
 from fastalign.testing import tiny_causal_lm, tiny_reward_model  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COUNTS = ("target_calls", "target_tokens", "reward_calls", "reward_tokens")
 CARDS_DEFAULTS = dict(entropy_threshold=3.0, alpha=0.5, accept_beta=0.7, mode="soft", min_segment_tokens=4,
                       max_segment_tokens=64, max_rejections=20)
@@ -127,11 +127,6 @@ def load_models(args, device, dtype):
     return target, reward, None, None, ids, "random tiny (llama 4x128, vocab 512; reward 2x64)"
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -169,21 +164,15 @@ def main(argv=None):
     def mean_reward(responses):
         return float(engine.reward.score(prompts, responses).mean())
 
-    def timed(fn):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        return out, time.perf_counter() - start
-
     def fastalign_batch():  # all prompts in one call
-        out, wall = timed(lambda: engine.decode(prompts, method="cards", seed=args.seed, **sampling, **opts))
+        out, wall = timed(lambda: engine.decode(prompts, method="cards", seed=args.seed, **sampling, **opts), device)
         return dict(wall_s=wall, **{k: out.stats[k] for k in COUNTS}, responses=out.sequences)
 
     def fastalign_b1():  # one prompt at a time, with the baseline's random streams
         run = dict(wall_s=0.0, **{k: 0 for k in COUNTS}, responses=[])
         for i, p in enumerate(prompts):
-            out, wall = timed(lambda: engine.decode([p], method="cards", seed=args.seed + i, **sampling, **opts))
+            out, wall = timed(lambda: engine.decode([p], method="cards", seed=args.seed + i, **sampling, **opts),
+                              device)
             run["wall_s"] += wall
             for k in COUNTS:
                 run[k] += out.stats[k]
@@ -196,7 +185,7 @@ def main(argv=None):
                                 args.temperature, args.top_k, opts)
         run = dict(wall_s=0.0, responses=[])
         for i, p in enumerate(prompts):
-            response, wall = timed(lambda: baseline.generate(p, r_star, Randomness(args.seed + i)))
+            response, wall = timed(lambda: baseline.generate(p, r_star, Randomness(args.seed + i)), device)
             run["wall_s"] += wall
             run["responses"].append(response)
         return dict(run, target_calls=baseline.counters.calls, target_tokens=baseline.counters.tokens,

@@ -31,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    command_line, device_info, device_tag, env_backend, markdown_table, time_fn, write_results,
+    DTYPES, command_line, device_info, device_tag, env_backend, markdown_table, time_fn, write_results,
 )
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 CPU_GRID = dict(rows=[1, 8], vocab=[4096, 32000], dtypes=["fp32", "bf16"])
 GPU_GRID = dict(rows=[1, 8, 64, 256], vocab=[32000, 128256, 152064], dtypes=["fp32", "bf16"])

@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastalign  # noqa: E402
-from bench.common import command_line, device_info, device_tag, markdown_table, write_results  # noqa: E402
+from bench.common import command_line, device_info, device_tag, markdown_table, timed, write_results  # noqa: E402
 from fastalign.methods.base import Context, Randomness, sample_continuations  # noqa: E402
 from fastalign.models import CausalLM, RewardModel  # noqa: E402
 from fastalign.testing import tiny_causal_lm, tiny_reward_model  # noqa: E402
@@ -62,13 +61,7 @@ def measure(run, lm, rm, device, repeats):
     walls = []
     for _ in range(repeats):
         before = (lm.counters.tokens, rm.counters.tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        walls.append(time.perf_counter() - start)
+        walls.append(timed(run, device)[1])
         tokens = (lm.counters.tokens - before[0], rm.counters.tokens - before[1])
     return min(walls), tokens
 

@@ -45,17 +45,17 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import command_line, device_info, device_tag, env_backend, markdown_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    DTYPES, command_line, device_info, device_tag, env_backend, markdown_table, timed, write_results,
+)
 import fastalign  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_SIZES = {  # Llama-style shapes; "1b" is TinyLlama-1.1B's (1.03B parameters here: tied embeddings)
     "tiny": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=4,
                  num_hidden_layers=8, vocab_size=8192),
@@ -182,11 +182,6 @@ class CallCounter:
         self.tokens += ids.numel() if ids is not None else 0
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_fastalign(engine, prompts, method, options, max_new, seed):
     out = engine.decode(prompts, method=method, max_new_tokens=max_new, seed=seed, **options)
     st = out.stats
@@ -282,11 +277,8 @@ def main(argv=None):
             once(4, args.seed)  # warm-up
             best, row = float("inf"), None
             for r in range(args.repeats):
-                sync(device)
-                t0 = time.perf_counter()
-                row = once(args.max_new_tokens, args.seed + r)
-                sync(device)
-                best = min(best, time.perf_counter() - t0)
+                row, wall = timed(lambda: once(args.max_new_tokens, args.seed + r), device)
+                best = min(best, wall)
             per_prompt = method == "hf_assisted" and B > 1  # one row per target call
             label = name + (" (per prompt)" if per_prompt else "")
             rows_per_call = 1 if per_prompt else B

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (command_line, device_info, device_tag, env_backend, markdown_table,  # noqa: E402
+from bench.common import (DTYPES, command_line, device_info, device_tag, env_backend, markdown_table,  # noqa: E402
                           time_fn, write_results)
 from fastalign.kernels import spec_verify, tree_verify  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------- baselines

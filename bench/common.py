@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 # Peak HBM bandwidth in GB/s (vendor numbers), matched against torch.cuda.get_device_name, most specific first.
 PEAK_GBPS = [
@@ -96,6 +97,17 @@ def time_fn(fn, device: torch.device, warmup: int = 5, iters: int = 20, stat: st
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return min(times) if stat == "min" else statistics.median(times)
+
+
+def timed(fn, device: torch.device):
+    """``(fn(), seconds)``: one call's wall time, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
 
 
 def command_line() -> str:
