@@ -295,8 +295,8 @@ def main(argv=None):
                    calibration=settings, options=vars(args), results=results,
                    fastalign_version=getattr(fastalign, "__version__", None),
                    transformers_version=__import__("transformers").__version__)
-    write_results(stem, payload, to_markdown(payload), args.out_dir)
-    print(f"wrote bench/results/{stem}.json and .md")
+    paths = write_results(stem, payload, to_markdown(payload), args.out_dir)
+    print("wrote", *paths)
 
 
 def to_markdown(payload) -> str:
