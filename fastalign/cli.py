@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="methods x budgets on a prompt set, scored by a gold reward",
-                       description="Evaluate methods and budgets: mean gold reward, win rate against sample, "
+                       description="Evaluate methods and budgets: mean gold reward, win rate against --baseline, "
                                    "calls and tokens per model, wall time. Writes results.jsonl, summary.md, "
                                    "summary.json and reward_vs_compute.png to --out-dir.")
     e.add_argument("--prompts", help="'toy', a .jsonl/.txt file, 'hh-rlhf' (Dahoas/full-hh-rlhf), 'gsm8k' or "

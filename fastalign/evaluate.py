@@ -333,7 +333,8 @@ def win_rates(records: list[dict], baseline: str = "sample") -> dict[tuple[str, 
 
 
 def summarize(records: list[dict], baseline: str = "sample") -> list[dict]:
-    """One row per (method, budget), in the order first seen: means per prompt of the record fields."""
+    """One row per (method, budget), in the order first seen: means per prompt of the record fields, and the
+    win rate against ``baseline`` (named in the row)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], r["budget"]), []).append(r)
@@ -346,7 +347,8 @@ def summarize(records: list[dict], baseline: str = "sample") -> list[dict]:
         std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / (n - 1)) if n > 1 else 0.0
         per_call = [r["accepted_per_target_call"] for r in rs if r["accepted_per_target_call"] is not None]
         row = {"method": method, "budget": budget, "options": rs[0]["options"], "prompts": n,
-               "gold_reward": mean, "gold_reward_stderr": std / math.sqrt(n), "win_rate": wins[(method, budget)]}
+               "gold_reward": mean, "gold_reward_stderr": std / math.sqrt(n), "win_rate": wins[(method, budget)],
+               "baseline": baseline}
         for key in COUNTERS + ["compute_tokens", "wall_time_s", "generated_tokens"]:
             row[key] = sum(r[key] for r in rs) / n
         row["accepted_per_target_call"] = sum(per_call) / len(per_call) if per_call else None
@@ -365,7 +367,8 @@ def _fmt(value, digits: int = 3) -> str:
 def summary_table(rows: list[dict]) -> str:
     """The summary as a Markdown table (per-prompt means)."""
     used = [role for role in MODEL_ROLES if any(r[f"{role}_calls"] for r in rows)]
-    head = (["method", "budget", "prompts", "gold reward", "± s.e.", "win rate vs sample"]
+    baseline = rows[0]["baseline"] if rows else "baseline"
+    head = (["method", "budget", "prompts", "gold reward", "± s.e.", f"win rate vs {baseline}"]
             + [f"{role} calls" for role in used] + [f"{role} tokens" for role in used]
             + ["compute tokens", "wall time (s)", "accepted tokens / target call"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -60,6 +60,9 @@ def test_summary_means_stderr_and_table():
     table = summary_table([row])
     assert table.splitlines()[0].startswith("| method | budget | prompts | gold reward")
     assert "| sample | default | 2 | 2 |" in table and "target calls" in table and "draft calls" not in table
+    assert "win rate vs sample" in table
+    records += [record("bon", "n=2", i, r) for i, r in enumerate([2.0, 2.0])]
+    assert "win rate vs bon |" in summary_table(summarize(records, baseline="bon"))
 
 
 def test_parse_grid():
