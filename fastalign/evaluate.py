@@ -271,6 +271,8 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
 
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts or not grid:
+        raise InputError("evaluate needs at least one prompt record and one (method, options) grid entry")
     engine_for = (lambda method: engine) if isinstance(engine, Engine) else engine
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     warm = set()

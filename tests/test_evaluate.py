@@ -184,9 +184,14 @@ def test_eval_reports_the_acceptance_of_speculative_methods(tmp_path):
     assert rows["sss"]["ref_calls"] > 0 and rows["sd"]["ref_calls"] == 0  # sss: aligned draft + ref
 
 
-def test_evaluate_rejects_bad_batch_size(engine):
+def test_evaluate_rejects_bad_batch_size_and_empty_inputs(engine):
+    gold = GoldReward.from_text_fn(count_w1, "c")
     with pytest.raises(InputError, match="batch_size"):
-        evaluate([{"prompt": "w1"}], [("sample", {})], engine, GoldReward.from_text_fn(count_w1, "c"), batch_size=0)
+        evaluate([{"prompt": "w1"}], [("sample", {})], engine, gold, batch_size=0)
+    with pytest.raises(InputError, match="at least one prompt"):
+        evaluate([], [("sample", {})], engine, gold)
+    with pytest.raises(InputError, match="grid entry"):
+        evaluate([{"prompt": "w1"}], [], engine, gold)
 
 
 def test_gold_reward_length_is_checked():
