@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .answers import EXTRACTORS
-from .api import MODEL_ROLES, Engine
+from .api import MODEL_ROLES, Engine, _load_reward
 from .cli import parse_value
 from .models import InputError, RewardModel
 
@@ -206,13 +206,7 @@ class GoldReward:
             except (ImportError, AttributeError) as e:
                 raise InputError(f"cannot load the gold reward function {spec!r}: {e}") from None
             return cls.from_text_fn(fn, spec)
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        model = AutoModelForSequenceClassification.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=dtype)
-        if device is not None:
-            model = model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-        return cls.from_reward(model, spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
+        return cls.from_reward(_load_reward(spec, None, policy_tokenizer, trust_remote_code, device, dtype), spec)
 
 
 # --------------------------------------------------------------------------------------------- grid

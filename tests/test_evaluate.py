@@ -118,6 +118,17 @@ def test_gold_reward_from_function_spec_and_reward_model():
     assert gold([[1, 2]], [[3]], None, [""], [{}]) == pytest.approx(expected.tolist())
 
 
+
+def test_gold_reward_from_a_reward_model_path(tmp_path):
+    rm, tok = tiny_reward_model(vocab_size=V), tiny_tokenizer(V)
+    rm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    gold = GoldReward.from_spec(str(tmp_path), policy_tokenizer=tok)
+    expected = fastalign.RewardModel(rm, tokenizer=tok, policy_tokenizer=tok).score([[1, 2]], [[3, 4]])
+    assert gold.name == str(tmp_path)
+    assert gold([[1, 2]], [[3, 4]], None, [""], [{}]) == pytest.approx(expected.tolist())
+
+
 @pytest.fixture(scope="module")
 def engine():
     return fastalign.Engine(target=tiny_causal_lm(vocab_size=V, init_range=0.2), reward=tiny_reward_model(vocab_size=V),
