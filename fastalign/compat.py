@@ -125,10 +125,11 @@ class RewardSampling(_SeededCalls):
         ids, out = self._decode(prompt, "cards", seed, max_new_tokens=max_new_token, temperature=beta, top_k=topk,
                                 mode=option, entropy_threshold=entropy_threshold, reward_threshold=reward_threshold,
                                 alpha=alpha, accept_beta=beta, **options)
-        reward = float(self.rm_score(self._full_texts(ids, out)).mean())
+        texts = self._full_texts(ids, out)
+        reward = float(self.rm_score(texts).mean())
         if debug:
             print(out.stats)
-        return self._full_texts(ids, out), (reward, out.stats["target_calls"], out.stats["reward_calls"])
+        return texts, (reward, out.stats["target_calls"], out.stats["reward_calls"])
 
     def sss_generate(self, prompt, beta: float = 0.8, topk: int = 40, max_draft_token: int = 4,
                      max_new_token: int = 128, bonus_token: bool = True, *, lam: float = 1.0,
