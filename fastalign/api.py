@@ -152,7 +152,9 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
            top_p: float | None = None, seed: int | None = None, **options) -> DecodeOutput:
     """Decode ``prompts`` (list of strings, or of token-id lists) with a test-time alignment ``method``.
 
-    ``temperature=None`` takes the method's documented default (1.0 unless its paper says otherwise).
+    ``temperature=None`` takes the method's documented sampling defaults (temperature 1.0 unless its paper
+    says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the
+    given ``temperature`` / ``top_k`` / ``top_p``.
     Method options (``n``, ``num_draft_tokens``, ``tree``, ``beta``, ...) are passed as keywords. Model
     loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``) go to ``Engine``.
     """

@@ -250,6 +250,7 @@ class CausalLM(CachedModel):
         super().__init__(model)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(model)
+        self.eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         self._can_keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @torch.no_grad()

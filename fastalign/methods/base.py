@@ -64,8 +64,7 @@ class Context:
 
     def eos_mask(self, tokens: torch.Tensor, lm: CausalLM | None = None) -> torch.Tensor:
         """True where ``tokens`` is an end-of-sequence token of ``lm`` (the target by default)."""
-        eos = (lm or self.target).eos_token_ids
-        return torch.isin(tokens, torch.tensor(sorted(eos), dtype=tokens.dtype, device=tokens.device))
+        return torch.isin(tokens, (lm or self.target).eos_tensor)
 
 
 @dataclass

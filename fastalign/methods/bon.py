@@ -15,8 +15,8 @@ REQUIRES = ("target", "reward")
 
 def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[list[list[int]], torch.Tensor]:
     """``n`` samples per prompt (rows ``b*n .. b*n+n-1`` belong to prompt ``b``) and their rewards ``[B, n]``."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
     logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
     ctx.target.expand(n)
     samples = sample_continuations(ctx, ctx.target, logits.repeat_interleave(n, 0), ctx.max_new_tokens)
