@@ -133,6 +133,19 @@ def _sample_ops(args):
 # ---------------------------------------------------------------- spec_verify / tree_verify (hook)
 
 
+def _verify_inputs(R, N, V, dtype, device) -> dict:
+    """Target/draft/ref logits ``[R, N+1, V]`` of ``dtype``, draft tokens ``[R, N]`` and uniforms ``[R, N]``."""
+    def logits():
+        return (torch.randn(R, N + 1, V, device=device) * 2).to(dtype)
+
+    return {"t": logits(), "d": logits(), "r": logits(), "tok": torch.randint(V, (R, N), device=device),
+            "u": torch.rand(R, N, device=device)}
+
+
+def _verify_bytes(inp) -> int:
+    return sum(inp[k].numel() * inp[k].element_size() for k in ("t", "d", "r"))
+
+
 def register_verify_ops(args) -> list[BenchOp]:
     """``spec_verify`` / ``tree_verify`` when their modules exist; their baseline is the project's plain
     PyTorch reference (``*_torch``). Rows = batch ``B``; ``K = --draft-tokens`` positions (chain) or a
@@ -145,13 +158,7 @@ def register_verify_ops(args) -> list[BenchOp]:
         spec_verify = None
     if spec_verify is not None:
         def make_chain(R, V, dtype, device, a):
-            return {
-                "t": (torch.randn(R, K + 1, V, device=device) * 2).to(dtype),
-                "d": (torch.randn(R, K + 1, V, device=device) * 2).to(dtype),
-                "r": (torch.randn(R, K + 1, V, device=device) * 2).to(dtype),
-                "tok": torch.randint(V, (R, K), device=device),
-                "u": torch.rand(R, K, device=device),
-            }
+            return _verify_inputs(R, K, V, dtype, device)
 
         def chain_args(i):
             return (i["t"], i["d"], i["r"], i["tok"], "sss_exact", 1.0, 1.0, i["u"], 3)
@@ -163,25 +170,16 @@ def register_verify_ops(args) -> list[BenchOp]:
             checked=lambda i: spec_verify(*chain_args(i)),
             baseline=lambda i: spec_verify_torch(*chain_args(i), validate=False),
             baseline_name="spec_verify_torch (reference)",
-            bytes_read=lambda i: sum(i[k].numel() * i[k].element_size() for k in ("t", "d", "r")),
+            bytes_read=_verify_bytes,
         ))
     try:
         from fastalign.kernels.tree_verify import tree_verify, tree_verify_torch
     except ImportError:
         tree_verify = None
     if tree_verify is not None:
-        def make_tree(R, V, dtype, device, a):
-            N = K
-            parents = torch.tensor([(n - 1) // 2 if n else -1 for n in range(N)], device=device)
-            parents = torch.where(parents >= 0, parents, -1).expand(R, N).contiguous()
-            return {
-                "t": (torch.randn(R, N + 1, V, device=device) * 2).to(dtype),
-                "d": (torch.randn(R, N + 1, V, device=device) * 2).to(dtype),
-                "r": (torch.randn(R, N + 1, V, device=device) * 2).to(dtype),
-                "tok": torch.randint(V, (R, N), device=device),
-                "par": parents,
-                "u": torch.rand(R, N, device=device),
-            }
+        def make_tree(R, V, dtype, device, a):  # a complete binary tree of K nodes
+            parents = torch.tensor([(n - 1) // 2 if n else -1 for n in range(K)], device=device)
+            return {**_verify_inputs(R, K, V, dtype, device), "par": parents.expand(R, K).contiguous()}
 
         def tree_args(i):
             return (i["t"], i["d"], i["r"], i["tok"], i["par"], "sss_exact", 1.0, 1.0, i["u"], 3)
@@ -193,7 +191,7 @@ def register_verify_ops(args) -> list[BenchOp]:
             checked=lambda i: tree_verify(*tree_args(i)),
             baseline=lambda i: tree_verify_torch(*tree_args(i), validate=False),
             baseline_name="tree_verify_torch (reference)",
-            bytes_read=lambda i: sum(i[k].numel() * i[k].element_size() for k in ("t", "d", "r")),
+            bytes_read=_verify_bytes,
         ))
     return ops
 
