@@ -90,7 +90,8 @@ class Engine:
                     f"vocabularies differ: the {role} has {lm.vocab_size} tokens, the target {self.target.vocab_size}"
                 )
 
-    def _encode(self, prompts) -> list[list[int]]:
+    def encode(self, prompts) -> list[list[int]]:
+        """Prompts as token-id lists: strings through the tokenizer, id lists as they are."""
         if isinstance(prompts, str):
             raise InputError("prompts must be a list of strings or of token-id lists, not a single string")
         prompts = list(prompts)
@@ -118,7 +119,7 @@ class Engine:
             top_k = defaults.get("top_k") if top_k is None else top_k
         if temperature <= 0:
             raise InputError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
-        prompt_ids = self._encode(prompts)
+        prompt_ids = self.encode(prompts)
         if not prompt_ids:
             raise InputError("no prompts given")
         for i, p in enumerate(prompt_ids):

@@ -110,7 +110,7 @@ class RewardSampling(_SeededCalls):
 
     def _decode(self, prompt, method: str, seed, **kwargs) -> tuple[list[list[int]], DecodeOutput]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = self.engine._encode(prompts)
+        ids = self.engine.encode(prompts)
         self.last_output = self.engine.decode(ids, method=method, seed=self.next_seed(seed), **kwargs)
         return ids, self.last_output
 
@@ -149,7 +149,7 @@ class RewardSampling(_SeededCalls):
         if self.engine.reward is None:
             raise InputError("rm_score needs a reward model (rm_dir=...)")
         texts = [text] if isinstance(text, str) else list(text)
-        ids = self.engine._encode(texts)
+        ids = self.engine.encode(texts)
         return self.engine.reward.score(ids, [[] for _ in ids])
 
 

@@ -281,7 +281,7 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
             label = budget_label(options)
             bar.set_postfix_str(f"{method} {label}")
             for k, batch in enumerate(batches):
-                prompt_ids = eng._encode([r["prompt"] for r in batch])
+                prompt_ids = eng.encode([r["prompt"] for r in batch])
                 out = eng.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed + k, **options)
                 texts = out.texts or [None] * len(batch)
