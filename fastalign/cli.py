@@ -12,7 +12,6 @@ Models are loaded inside the commands; ``--help`` loads none.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import subprocess
 import sys
@@ -20,32 +19,13 @@ from pathlib import Path
 
 from .api import MODEL_ROLES as ROLES
 from .api import Engine
+from .evaluate import parse_value
 from .models import InputError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # ------------------------------------------------------------------------------------------- parsing
-def parse_value(text: str):
-    """A method option value from the command line: int, float, bool (true/false), None (none), a tuple
-    (``2,2`` or ``(2,2)`` or ``[2,2]``) or, failing those, the string itself."""
-    text = text.strip()
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if "," in text:
-            return tuple(parse_value(part) for part in text.split(","))
-        return text
-    if isinstance(value, list):
-        return tuple(value)
-    return value if isinstance(value, (int, float, tuple, str)) else text
-
-
 def parse_options(pairs: list[str]) -> dict:
     """``["n=8", "tree=sampled"]`` -> ``{"n": 8, "tree": "sampled"}``."""
     options = {}

@@ -18,6 +18,7 @@ the first method of the grid.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import itertools
 import json
@@ -31,7 +32,6 @@ import torch
 
 from .answers import EXTRACTORS
 from .api import MODEL_ROLES, Engine, _load_reward
-from .cli import parse_value
 from .models import InputError, RewardModel
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -40,6 +40,26 @@ DATASETS = {
     "hh-rlhf": ("Dahoas/full-hh-rlhf", None, "test", "prompt", None, "{}"),  # used by CARDS and SSS
     "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer", "Question: {}\nAnswer:"),  # QAlign
 }
+
+
+def parse_value(text: str):
+    """A method option value from the command line: int, float, bool (true/false), None (none), a tuple
+    (``2,2`` or ``(2,2)`` or ``[2,2]``) or, failing those, the string itself."""
+    text = text.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if "," in text:
+            return tuple(parse_value(part) for part in text.split(","))
+        return text
+    if isinstance(value, list):
+        return tuple(value)
+    return value if isinstance(value, (int, float, tuple, str)) else text
 
 
 def read_prompt_file(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:
