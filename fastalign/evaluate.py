@@ -189,6 +189,10 @@ class GoldReward:
         scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()]
         if len(scores) != len(response_ids):
             raise InputError(f"gold reward {self.name!r} returned {len(scores)} scores for {len(response_ids)} responses")
+        bad = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
+        if bad is not None:  # a NaN would silently poison the means and win rates
+            raise InputError(f"gold reward {self.name!r} is {scores[bad]} for the prompt {prompt_texts[bad]!r}; "
+                             "gold rewards must be finite numbers")
         return scores
 
     @classmethod

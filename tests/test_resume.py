@@ -1,7 +1,6 @@
 """No work is lost: ``fastalign eval`` writes each record as it finishes and resumes; ``generate -o`` resumes;
 the command line reports bad input in one line (no traceback)."""
 
-import json
 
 import pytest
 

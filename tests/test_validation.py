@@ -4,7 +4,6 @@ One test per hang and per silent wrong answer that was found by probing the API 
 run under ``within`` (a SIGALRM deadline), so a regression fails instead of stalling the suite.
 """
 
-import math
 import signal
 import threading
 from contextlib import contextmanager
@@ -44,10 +43,6 @@ def within(seconds: float):
 def constant_reward(values):
     """A reward callable giving ``values[i % len(values)]`` to the i-th response of every call."""
     return lambda prompts, responses: torch.tensor([values[i % len(values)] for i in range(len(responses))])
-
-
-def raises(match, **kwargs):
-    return pytest.raises(fastalign.InputError, match=match)
 
 
 # -------------------------------------------------------------------------------------- prompts
@@ -268,3 +263,11 @@ def test_engine_shared_by_threads_gives_each_call_its_own_tokens(models):
     for t in threads:
         t.join(120)
     assert not errors and results == alone + alone
+
+
+def test_a_nan_gold_reward_is_an_error_not_a_poisoned_mean():
+    from fastalign.evaluate import GoldReward
+
+    gold = GoldReward.from_text_fn(lambda prompts, completions: [1.0, NAN], "flaky")
+    with pytest.raises(fastalign.InputError, match="gold reward 'flaky' is nan for the prompt 'b'"):
+        gold([[1], [2]], [[3], [4]], ["a", "b"], ["x", "y"], [{}, {}])
