@@ -513,7 +513,8 @@ def read_complete_jsonl(path) -> list[dict]:
 
 
 def default_grid(engine_for) -> list[tuple[str, dict]]:
-    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has:
+    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has (``sss``
+    also needs ``ref``):
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
     from .methods import get_method
 
@@ -525,6 +526,7 @@ def default_grid(engine_for) -> list[tuple[str, dict]]:
             module, _ = get_method(method)
         except (ImportError, AttributeError):
             continue  # not implemented in this installation
-        if all(getattr(engine_for(method), role) is not None for role in module.REQUIRES):
+        needs = module.REQUIRES + (("ref",) if method == "sss" else ())  # sss without ref is an error
+        if all(getattr(engine_for(method), role) is not None for role in needs):
             chosen.append((method, options))
     return chosen

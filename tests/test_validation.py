@@ -271,3 +271,13 @@ def test_a_nan_gold_reward_is_an_error_not_a_poisoned_mean():
     gold = GoldReward.from_text_fn(lambda prompts, completions: [1.0, NAN], "flaky")
     with pytest.raises(fastalign.InputError, match="gold reward 'flaky' is nan for the prompt 'b'"):
         gold([[1], [2]], [[3], [4]], ["a", "b"], ["x", "y"], [{}, {}])
+
+
+def test_the_default_eval_grid_has_sss_only_with_a_ref(models):
+    from fastalign.evaluate import default_grid
+
+    without_ref = fastalign.Engine(target=models["target"], draft=models["draft"])
+    methods = [m for m, _ in default_grid(lambda method: without_ref)]
+    assert "sd" in methods and "sss" not in methods
+    with_ref = fastalign.Engine(target=models["target"], draft=models["draft"], ref=models["ref"])
+    assert "sss" in [m for m, _ in default_grid(lambda method: with_ref)]
