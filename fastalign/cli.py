@@ -218,7 +218,7 @@ def cmd_eval(args) -> int:
     settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
                 "models": {role: getattr(args, role) for role in ROLES}, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed or 0, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "batch_size": args.batch_size}
+                "batch_size": args.batch_size, "dtype": args.dtype}
     done, results_path = _start_eval_run(out_dir, settings, args.resume)
     with open(results_path, "a", encoding="utf-8") as sink:
         def append(record):  # each record as its batch finishes: the file is valid JSONL after any interrupt

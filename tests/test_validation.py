@@ -281,3 +281,8 @@ def test_the_default_eval_grid_has_sss_only_with_a_ref(models):
     assert "sd" in methods and "sss" not in methods
     with_ref = fastalign.Engine(target=models["target"], draft=models["draft"], ref=models["ref"])
     assert "sss" in [m for m, _ in default_grid(lambda method: with_ref)]
+
+
+def test_a_reward_model_with_a_smaller_vocabulary_is_named(models):
+    with pytest.raises(fastalign.InputError, match="the reward model embeds 6 token ids, the target emits up to 8"):
+        fastalign.Engine(target=models["target"], reward=tiny_reward_model(vocab_size=6, hidden=16))
