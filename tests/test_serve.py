@@ -205,3 +205,58 @@ def test_reward_server_checks_the_reward_models_vocabulary():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 20), st.integers(), st.floats(),
+                        st.text(max_size=4))
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+                        max_leaves=10)
+
+
+def test_fuzzed_requests_get_200_or_a_4xx_json_error(server):
+    """Random JSON bodies (and fields of the right names with random values): never a dropped connection,
+    never a 5xx."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = _json_values()
+    ids = st.lists(st.integers(0, V - 1), min_size=1, max_size=4)
+    good_fields = {
+        "/v1/completions": {"prompt": st.one_of(ids, st.lists(ids, min_size=1, max_size=3)),
+                            "max_tokens": st.integers(0, 4), "temperature": st.floats(0, 2),
+                            "top_k": st.integers(-1, 10), "top_p": st.floats(0.1, 1), "seed": st.integers(0, 99),
+                            "logprobs": st.integers(0, 1), "return_tokens_as_token_ids": st.booleans()},
+        "/reward": {"prompts": st.lists(ids, min_size=2, max_size=2),
+                    "responses": st.lists(st.lists(st.integers(0, V - 1), max_size=3), min_size=2, max_size=2)},
+    }
+
+    @st.composite
+    def requests(draw):
+        """A good request, or one with a field made odd (or dropped), or any JSON value at all."""
+        path = draw(st.sampled_from(sorted(good_fields)))
+        fields = good_fields[path]
+        body = {name: draw(strategy) for name, strategy in fields.items() if draw(st.booleans()) or name in
+                ("prompt", "prompts", "responses", "max_tokens")}
+        odd = draw(st.sampled_from(["none", "field", "drop", "body"]))
+        if odd == "field":
+            body[draw(st.sampled_from(sorted(fields)))] = draw(values)
+        elif odd == "drop":
+            body.pop(draw(st.sampled_from(sorted(body))), None)
+        elif odd == "body":
+            body = draw(values)
+        return path, body
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(call=requests())
+    def check(call):
+        path, body = call
+        status, payload = request(server, "POST", path, body)
+        assert status == 200 or (400 <= status < 500 and payload["error"]["code"] == status), (body, payload)
+
+    check()
