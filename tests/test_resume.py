@@ -34,7 +34,8 @@ def model_dirs(tmp_path_factory):
 
 def one_line_error(capsys, *parts):
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' progress bar
+    # (transformers draws a "Loading weights" progress bar while loading a model)
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(lines) == 1 and lines[0].startswith("fastalign ") and "Traceback" not in err, err
     for part in parts:
         assert part in err, err
