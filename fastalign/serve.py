@@ -44,11 +44,11 @@ from .api import Engine
 from .methods.base import Context, Randomness, sample_continuations
 from .models import InputError
 from .validation import (
+    SEED_LIMIT,
     check_context_lengths,
     check_float,
     check_int,
     check_prompts,
-    check_seed,
     check_token_rows,
 )
 
@@ -115,7 +115,7 @@ class _Models:
         top_p = None if top_p is None or top_p >= 1.0 else top_p
         if temperature == 0:
             temperature, top_k = 1.0, 1
-        seed = check_seed(body.get("seed"))
+        seed = check_int("seed", body.get("seed"), 0, SEED_LIMIT - 1, optional=True)  # one seed per request
         check_context_lengths({"target": self.target}, prompts, max_tokens)
         choices, used = [], 0
         for i, p in enumerate(prompts):

@@ -71,7 +71,8 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
 
 def check_float(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
                 optional: bool = False, hint: str = ""):
-    """``value`` as a finite ``float`` in the interval ``(low | [low, high]`` (``None`` allowed when ``optional``)."""
+    """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` when ``low_open``; ``None`` allowed
+    when ``optional``)."""
     if value is None and optional:
         return None
     if not is_real(value) or not math.isfinite(value):
