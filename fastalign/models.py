@@ -386,8 +386,10 @@ class RewardModel:
             row = []
             for m, c in enumerate(cands):
                 row.append(scores[b, ends[b][m]] if len(c) else self._prefix_score[b])
-            out.append(check_rewards(torch.stack(row), [self.prompts[b]] * len(row), "the reward model's score")
-                       if row else torch.zeros(0))
+            out.append(torch.stack(row) if row else torch.zeros(0))
+        if out:
+            check_rewards(torch.cat(out), [self.prompts[b] for b, cands in enumerate(branches) for _ in cands],
+                          "the reward model's score")
         self._scored = (branches, ends, tokens.shape[1], out)
         return out
 
