@@ -114,6 +114,15 @@ def _is_id_sequence(p) -> bool:
     return isinstance(p, (list, tuple)) or (torch.is_tensor(p) and p.dim() == 1) or type(p).__name__ == "ndarray"
 
 
+def _token_id(t, where: str, vocab_size: int | None, model: str) -> int:
+    if not is_int(t):
+        raise InputError(f"{where}: token ids must be integers, got {_show(t)}")
+    if t < 0 or (vocab_size is not None and t >= vocab_size):
+        allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise InputError(f"{where}: token id {t} is outside the vocabulary of the {model} (ids {allowed})")
+    return int(t)
+
+
 def _token_ids(i: int, p, vocab_size: int | None, model: str, label: str = "prompt",
                allow_empty: bool = False) -> list[int]:
     if torch.is_tensor(p) or type(p).__name__ == "ndarray":
@@ -122,16 +131,10 @@ def _token_ids(i: int, p, vocab_size: int | None, model: str, label: str = "prom
         if not integral:
             raise InputError(f"{label} {i}: token ids must be integers, got an array of {p.dtype}")
         p = p.tolist()
-    ids = []
-    for j, t in enumerate(p):
-        if not is_int(t):
-            raise InputError(f"{label} {i}, position {j}: token ids must be integers, got {_show(t)}")
-        t = int(t)
-        if t < 0 or (vocab_size is not None and t >= vocab_size):
-            allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
-            raise InputError(f"{label} {i}, position {j}: token id {t} is outside the vocabulary of the {model} "
-                             f"(ids {allowed})")
-        ids.append(t)
+    if set(map(type, p)) <= {int} and (not p or min(p) >= 0 and (vocab_size is None or max(p) < vocab_size)):
+        ids = list(p)  # the common case, at C speed: plain ints, all in range
+    else:
+        ids = [_token_id(t, f"{label} {i}, position {j}", vocab_size, model) for j, t in enumerate(p)]
     if not ids and not allow_empty:
         raise InputError(f"{label} {i} is empty")
     return ids
