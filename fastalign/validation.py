@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 from contextlib import contextmanager
 
 import torch
@@ -301,8 +302,13 @@ def loading(role: str, spec):
     except (OSError, ValueError, ImportError) as e:
         if not isinstance(spec, str):
             raise
-        lines = str(e).strip().splitlines()
-        raise InputError(f"cannot load the {role} {spec!r}: {lines[0] if lines else type(e).__name__}") from None
+        path_like = spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1  # a Hub id has one /
+        if path_like and not os.path.exists(os.path.expanduser(spec)):
+            reason = "no such file or folder"
+        else:
+            lines = str(e).strip().splitlines()
+            reason = lines[0] if lines else type(e).__name__
+        raise InputError(f"cannot load the {role} {spec!r}: {reason}") from None
 
 
 # ------------------------------------------------------------------------------------------- rewards
