@@ -21,7 +21,7 @@ from .api import MODEL_ROLES as ROLES
 from .api import Engine
 from .evaluate import parse_value
 from .models import InputError
-from .validation import check_dtype, check_method_options
+from .validation import check_device, check_dtype, check_method_options
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         args.bench_args = bench_args
     try:
+        check_device(getattr(args, "device", None))  # before the toy world or any model moves there
         return args.func(args)
     except (InputError, ValueError, OSError) as e:  # bad input, missing or unwritable files: one line
         print(f"fastalign {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -58,6 +58,9 @@ def test_cli_errors_are_one_line(model_dirs, tmp_path, capsys):
     one_line_error(capsys, "method 'sample' has no option 'top_k'; its options: none")
     assert cli.main(["generate", "--target", str(lm), "--top-k", "0", "w1"]) == 2
     one_line_error(capsys, "top_k must be an integer >= 1, got 0")
+    for command in (["generate", "--toy"], ["demo"]):
+        assert cli.main([*command, "--device", "nonsense"]) == 2
+        one_line_error(capsys, "device must be a torch device such as 'cpu'")
     assert cli.main(["generate", "--target", str(lm), "--resume", "w1"]) == 2
     one_line_error(capsys, "--resume continues an --output FILE")
 
