@@ -118,7 +118,8 @@ def calls(draw):
     options = {name: draw(GOOD_OPTIONS.get(name, values)) for name in chosen}
     kwargs = {name: draw(strategy) for name, strategy in GOOD_SAMPLING.items()}
     call_prompts = draw(good_prompts)
-    odd = draw(st.sampled_from(["none", "none", "none", "prompts", "sampling", "option", "unknown option"]))
+    odd = draw(st.sampled_from(["none", "none", "none", "prompts", "sampling", "option", "unknown option",
+                                "loading"]))
     if odd == "prompts":
         call_prompts = draw(prompts)
     elif odd == "sampling":
@@ -128,6 +129,9 @@ def calls(draw):
         options[draw(st.sampled_from(names))] = draw(values)
     elif odd == "unknown option":
         options["not_an_option"] = 1
+    elif odd == "loading":  # Engine arguments, through fastalign.decode
+        options["device"] = draw(st.sampled_from([None, "cpu", "nonsense", "cuda:7", 3, ""]))
+        options["dtype"] = draw(st.sampled_from([None, "auto", "fp32", "float32", "fp17", 5, "int8"]))
     return method, call_prompts, kwargs, options
 
 
@@ -150,7 +154,12 @@ def test_decode_returns_valid_output_or_a_value_error(engine, call):
     method, prompts, kwargs, options = call
     try:
         with within(SECONDS_PER_CALL):
-            out = engine.decode(prompts, method=method, **kwargs, **options)
+            if "device" in options:
+                models = dict(target=engine.target.model, draft=engine.draft.model, ref=engine.ref.model,
+                              reward=engine.reward.lm.model, tokenizer=engine.tokenizer)
+                out = fastalign.decode(prompts, method=method, **models, **kwargs, **options)
+            else:
+                out = engine.decode(prompts, method=method, **kwargs, **options)
     except ValueError:  # InputError included: bad input, named
         return
     assert is_valid(out, len(prompts), kwargs["max_new_tokens"], engine.target.vocab_size,
