@@ -80,8 +80,8 @@ def warn_unknown_tokens(tokenizer, texts: list[str], ids: list[list[int]], share
     if bad:
         i, unknown, total = bad[0]
         warnings.warn(f"{len(bad)} of {len(ids)} prompts are mostly unknown tokens for this tokenizer; prompt {i} "
-                      f"({texts[i][:60]!r}) is {unknown} unknown token(s) out of {total}: the model sees almost nothing of it",
-                      stacklevel=3)
+                      f"({texts[i][:60]!r}) is {unknown} unknown token(s) out of {total}: the model sees almost "
+                      "nothing of it", stacklevel=3)
 
 
 class Engine:

@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "tokens per model, wall time. Writes results.jsonl, summary.md, summary.json and "
                             "reward_vs_compute.png to --out-dir.")
     e.add_argument("--prompts", help="'toy', a .jsonl/.txt file, 'hh-rlhf' (Dahoas/full-hh-rlhf), 'gsm8k' or "
-                                     "'hf:NAME[:CONFIG]' (needs the datasets package) (default: 'toy' with the toy world)")
+                                     "'hf:NAME[:CONFIG]' (needs the datasets package) "
+                                     "(default: 'toy' with the toy world)")
     e.add_argument("--split", help="dataset split (default: test)")
     e.add_argument("--prompt-field", help="field holding the prompt (default: the dataset's, else 'prompt')")
     e.add_argument("--limit", type=positive_int, help="use the first N prompts (default: all)")

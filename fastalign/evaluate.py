@@ -330,7 +330,8 @@ class ProgressLines:
         import sys
         import time
 
-        self.total, self.done, self.every, self.file, self.clock = total, 0, every, file or sys.stderr, time.perf_counter
+        self.total, self.done, self.every, self.file = total, 0, every, file or sys.stderr
+        self.clock = time.perf_counter
         self.start = self.last = self.clock()
         self.what = ""
 

@@ -156,8 +156,8 @@ def check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_toke
 
 
 def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
-        reward_threshold: float | str = "auto", alpha: float = 0.5, accept_beta: float | str = "auto", mode: str = "soft",
-        min_segment_tokens: int = 4, max_segment_tokens: int = 64, max_rejections: int = 20,
+        reward_threshold: float | str = "auto", alpha: float = 0.5, accept_beta: float | str = "auto",
+        mode: str = "soft", min_segment_tokens: int = 4, max_segment_tokens: int = 64, max_rejections: int = 20,
         parallel_candidates: int = 1) -> MethodResult:
     """CARDS over a batch of prompts (module docstring). Defaults are the CARDS paper's/code's, except
     ``reward_threshold`` (8.5 there, for a Llama-7B reward model) and ``accept_beta`` (0.7 there): ``"auto"``,
