@@ -1,6 +1,6 @@
 """``cards``: CARDS (cascade reward sampling), segment-level rejection sampling with entropy-cut segments.
 
-Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment ends with EOS (DESIGN 1.1):
+Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment ends with EOS (docs/design.md 1.1):
 
 1. **Propose** a segment from the accepted prefix. At each step take the target's next-token logits ``l``: if the
    segment has at least ``min_segment_tokens`` tokens and ``H(softmax(l)) >= entropy_threshold`` (temperature 1,
