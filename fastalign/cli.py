@@ -137,18 +137,6 @@ def _read_generate_prompts(args) -> list[str]:
     return [r["prompt"] for r in records]
 
 
-def options_in_effect(method: str, options: dict) -> dict:
-    """The method's options with their defaults filled in (what a decode call with ``options`` uses)."""
-    import inspect
-
-    from .methods import get_method
-
-    _, run = get_method(method)
-    params = inspect.signature(run).parameters.values()
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    return {**defaults, **options}
-
-
 def per_prompt_values(extra: dict, rows: int) -> list[dict]:
     """From a decode's ``out.extra``, the values that are one number or one list of numbers per prompt
     (e.g. ``bon``'s rewards, ``cards``' reward_threshold); others (trajectories) are left out."""
@@ -172,7 +160,7 @@ def cmd_generate(args) -> int:
 
     from .api import sampling_settings
     from .evaluate import _jsonable
-    from .methods import get_method
+    from .methods import get_method, options_in_effect
 
     options = parse_options(args.opt)
     check_options(args.method, options)
