@@ -50,7 +50,7 @@ fi
 if [ -n "$EXTRAS" ] && installed_with ""; then
   # only the extra is missing: install its requirements as setup.py declares them, without rebuilding fastalign
   echo "scripts/setup.sh: adding the [$EXTRAS] extra to $VENV"
-  "$VENV/bin/python" - "$EXTRAS" <<'PY' | xargs "$VENV/bin/python" -m pip install -q
+  "$VENV/bin/python" - "$EXTRAS" <<'PY' | xargs -r "$VENV/bin/python" -m pip install -q
 import importlib.metadata, sys
 from pip._vendor.packaging.requirements import Requirement
 for line in importlib.metadata.requires("fastalign") or []:
