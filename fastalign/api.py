@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from . import chat as chat_prompts
+from . import loading, rewards
 from .methods import get_method
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
@@ -23,30 +26,46 @@ class DecodeOutput:
     extra: dict = field(default_factory=dict)  # method-specific outputs (e.g. qalign's state_path)
 
 
-def _load_causal_lm(spec, trust_remote_code: bool, device, dtype):
-    if isinstance(spec, (CausalLM, RemoteLM)):
-        return spec
-    if isinstance(spec, str):
-        from transformers import AutoModelForCausalLM
-
-        spec = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+def _placed(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """``module`` moved to ``device`` and cast to ``dtype`` where given (in place, as ``nn.Module.to`` does)."""
+    if isinstance(dtype, torch.dtype):  # "auto" or None: keep the dtype the model has
+        module = module.to(dtype=dtype)
     if device is not None:
-        spec = spec.to(device)
-    return CausalLM(spec)
+        module = module.to(device)
+    return module
+
+
+def _load_causal_lm(spec, trust_remote_code: bool, device, dtype):
+    """A ``CausalLM`` from an HF name, a local folder, a ``.gguf`` file, an HF model or a ``CausalLM``;
+    ``device`` and ``dtype`` apply to all of them (a remote model stays as it is)."""
+    if isinstance(spec, RemoteLM):
+        return spec
+    if isinstance(spec, CausalLM):
+        if (device is None or torch.device(device) == spec.device) and \
+                (not isinstance(dtype, torch.dtype) or dtype == spec.dtype):
+            return spec
+        spec = spec.model
+    if isinstance(spec, (str, os.PathLike)):
+        spec = loading.load_causal_lm(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+    return CausalLM(_placed(spec, device, dtype))
 
 
 def _load_tokenizer(spec, trust_remote_code: bool):
-    if spec is None or not isinstance(spec, str):
-        return spec
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    return loading.load_tokenizer(spec, trust_remote_code=trust_remote_code)
 
 
 def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype):
+    """A ``RewardModel`` from a reward model (name, path or object), a token-id callable, or a text reward named
+    by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.rewards``)."""
     if isinstance(spec, RewardModel):
-        return spec
+        if not spec.is_model or (device is None and not isinstance(dtype, torch.dtype)):
+            return spec
+        return RewardModel(_placed(spec.lm.model, device, dtype), spec.tokenizer, spec.policy_tokenizer)
     if isinstance(spec, str):
+        fn = rewards.text_reward_function(spec)
+        if fn is not None:
+            return RewardModel(rewards.TextReward(fn, policy_tokenizer, name=spec))
+    if isinstance(spec, (str, os.PathLike)):
         from transformers import AutoModelForSequenceClassification
 
         if tokenizer is None:
@@ -55,27 +74,36 @@ def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, dev
             spec, trust_remote_code=trust_remote_code, dtype=dtype
         )
     if isinstance(spec, torch.nn.Module):
-        if device is not None:
-            spec = spec.to(device)
+        spec = _placed(spec, device, dtype)
     elif not callable(spec):
-        raise InputError("reward must be a model, a name/path, or a callable reward(prompts, responses)")
+        raise InputError("reward must be a model, a name/path, a built-in reward name "
+                         f"({', '.join(rewards.TEXT_REWARDS)}), 'module:function', or a callable "
+                         "reward(prompts, responses)")
     return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
 
 
 class Engine:
     """Holds loaded models for repeated ``decode`` calls.
 
-    Models may be HF model objects or names/paths (loaded with ``trust_remote_code=False`` unless asked).
-    ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists.
+    Models may be HF model objects, names or local folders, or ``.gguf`` files (dequantised on loading; the
+    tokenizer then comes from the same file), loaded with ``trust_remote_code=False`` unless asked.
+    ``device`` and ``dtype`` apply to every local model, objects included (moved and cast in place).
+    ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists, or a text
+    reward by name: ``"vader"`` or ``"module:function"`` (``fastalign.rewards``).
     ``reward_tokenizer`` is the reward model's own tokenizer, when it differs from the policy's.
+    ``chat=True`` renders plain string prompts with the tokenizer's chat template (conversations, lists of
+    ``{"role", "content"}`` messages, always are). When the tokenizer has a chat template, its end-of-turn
+    token ends a response like EOS (``fastalign.chat``).
     """
 
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
-                 reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None):
+                 reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
+                 chat: bool = False):
         load = dict(trust_remote_code=trust_remote_code, device=device, dtype=dtype)
-        if tokenizer is None and isinstance(target, str):
+        if tokenizer is None and isinstance(target, (str, os.PathLike)):
             tokenizer = target
         self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
+        self.chat = chat
         self.target = _load_causal_lm(target, **load) if target is not None else None
         self.draft = _load_causal_lm(draft, **load) if draft is not None else None
         self.ref = _load_causal_lm(ref, **load) if ref is not None else None
@@ -89,12 +117,22 @@ class Engine:
                 raise InputError(
                     f"vocabularies differ: the {role} has {lm.vocab_size} tokens, the target {self.target.vocab_size}"
                 )
+        end_of_turn = chat_prompts.end_of_turn_ids(self.tokenizer)
+        for lm in (self.target, self.draft, self.ref):
+            if isinstance(lm, CausalLM) and end_of_turn:
+                lm.add_stop_tokens(end_of_turn)
 
-    def encode(self, prompts) -> list[list[int]]:
-        """Prompts as token-id lists: strings through the tokenizer, id lists as they are."""
+    def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
+        """Prompts as token-id lists: conversations (lists of ``{"role", "content"}`` messages) through the chat
+        template, strings through the chat template (``chat``, default: the engine's) or the tokenizer, id
+        lists as they are."""
         if isinstance(prompts, str):
             raise InputError("prompts must be a list of strings or of token-id lists, not a single string")
         prompts = list(prompts)
+        chat = self.chat if chat is None else chat
+        if prompts and (any(chat_prompts.is_conversation(p) for p in prompts)
+                        or (chat and all(isinstance(p, str) for p in prompts))):
+            return chat_prompts.render(self.tokenizer, prompts)
         if prompts and all(isinstance(p, str) for p in prompts):
             if self.tokenizer is None:
                 raise InputError("text prompts need a tokenizer (pass tokenizer=...) or pass token ids")
@@ -103,7 +141,7 @@ class Engine:
 
     def decode(self, prompts, method: str = "sample", max_new_tokens: int = 128, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               **options) -> DecodeOutput:
+               chat: bool | None = None, **options) -> DecodeOutput:
         """Decode ``prompts`` with ``method``; see ``fastalign.decode``."""
         module, run = get_method(method)
         for role in module.REQUIRES:
@@ -119,7 +157,7 @@ class Engine:
             top_k = defaults.get("top_k") if top_k is None else top_k
         if temperature <= 0:
             raise InputError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
-        prompt_ids = self.encode(prompts)
+        prompt_ids = self.encode(prompts, chat=chat)
         if not prompt_ids:
             raise InputError("no prompts given")
         for i, p in enumerate(prompt_ids):
@@ -150,8 +188,11 @@ class Engine:
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,
            max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
-           top_p: float | None = None, seed: int | None = None, **options) -> DecodeOutput:
-    """Decode ``prompts`` (list of strings, or of token-id lists) with a test-time alignment ``method``.
+           top_p: float | None = None, seed: int | None = None, chat: bool = False, **options) -> DecodeOutput:
+    """Decode ``prompts`` (list of strings, of chat conversations or of token-id lists) with a test-time
+    alignment ``method``. Conversations (lists of ``{"role", "content"}`` messages), and strings with
+    ``chat=True``, are rendered with the tokenizer's chat template and its generation prompt; a response then
+    ends at the template's end-of-turn token as at EOS. Models may be ``.gguf`` files (see ``Engine``).
 
     ``temperature=None`` takes the method's documented sampling defaults (temperature 1.0 unless its paper
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the
@@ -163,4 +204,4 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
     engine_options = {k: options.pop(k) for k in engine_keys if k in options}
     engine = Engine(target=target, draft=draft, ref=ref, reward=reward, tokenizer=tokenizer, **engine_options)
     return engine.decode(prompts, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k, top_p=top_p, seed=seed, **options)
+                         top_k=top_k, top_p=top_p, seed=seed, chat=chat, **options)
