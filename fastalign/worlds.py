@@ -205,3 +205,21 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
                      settings=dict(SMOLLM2_SETTINGS), sampling={"temperature": 0.7},
                      unavailable=dict(UNAVAILABLE["smollm2"]), grid=list(SMOLLM2_GRID))
     raise InputError(f"unknown world {name!r}; worlds: {', '.join(NAMES)}")
+
+
+def prepare(gemma: bool = True) -> list[Path]:
+    """Convert the real models' GGUF files into cached HF folders (what ``scripts/setup.sh`` runs once)."""
+    from .loading import convert_gguf
+
+    paths = [smollm2_gguf_path()] + ([gemma3_gguf_path()] if gemma else [])
+    return [convert_gguf(p) for p in paths]
+
+
+if __name__ == "__main__":  # python -m fastalign.worlds [--no-gemma]
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for folder in prepare(gemma="--no-gemma" not in sys.argv[1:]):
+        print(f"converted model ready: {folder}")
