@@ -129,8 +129,8 @@ def _run_method(label, world, engines, prompts, prompt_ids, max_new_tokens, seed
         "time_s": elapsed,
         "texts": texts,
     }
-    print(f"{label:>9}  gold {row['gold']:+.3f}  {elapsed:6.2f} s  | " + "  | ".join(texts[:show]),
-          file=file, flush=True)
+    shown = [" ".join(t.split()) for t in texts[:show]]  # one line per method, whatever the texts hold
+    print(f"{label:>9}  gold {row['gold']:+.3f}  {elapsed:6.2f} s  | " + "  | ".join(shown), file=file, flush=True)
     return row
 
 

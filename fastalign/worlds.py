@@ -77,15 +77,16 @@ TOY_SETTINGS = {  # tuned to the toy world (see fastalign.demo)
     "sss_tree": ("sss", {"tree": "sampled", "branching": (2, 2, 1), "lam": 1.0}),
     "qalign": ("qalign", {"beta": 1.0, "steps": 8}),
 }
-# VADER lies in [-1, 1]: soft_bon's lam and qalign's beta are in those units; cards keeps the paper's entropy
-# cut (3 nats after 4 tokens), which suits a real 49k vocabulary.
+# VADER lies in [-1, 1], so soft_bon's lam, the soft acceptance's accept_beta (rs, cards; 0.7 in the CARDS
+# code, for a reward model with a wider scale) and qalign's beta are scaled to it; cards keeps the paper's
+# entropy cut (3 nats after 4 tokens), which suits a real 49k vocabulary.
 SMOLLM2_SETTINGS = {
     "sample": ("sample", {}),
     "bon": ("bon", {"n": 8}),
     "soft_bon": ("soft_bon", {"n": 8, "lam": 0.1}),
     "args": ("args", {"k": 10, "w": 5.0, "mode": "sampled"}),
-    "rs": ("rs", {"reward_threshold": "auto", "max_rejections": 8}),
-    "cards": ("cards", {"reward_threshold": "auto", "max_rejections": 8}),
+    "rs": ("rs", {"reward_threshold": "auto", "accept_beta": 0.1, "max_rejections": 8}),
+    "cards": ("cards", {"reward_threshold": "auto", "accept_beta": 0.1, "max_rejections": 8}),
     "qalign": ("qalign", {"beta": 0.2, "steps": 8}),
 }
 # eval's default grid on smollm2: reward against compute through a few budgets

@@ -78,9 +78,9 @@ def test_greedy_equals_generate_in_a_left_padded_batch(engine):
 
 
 # reduced budgets of the world's settings, so that each method takes seconds
-METHODS = {"sample": {}, "bon": {"n": 4}, "soft_bon": {"n": 4, "lam": 0.1},
-           "args": SMOLLM2_SETTINGS["args"][1], "rs": {"reward_threshold": "auto", "max_rejections": 3},
-           "cards": {"reward_threshold": "auto", "max_rejections": 3}, "qalign": {"beta": 0.2, "steps": 4}}
+METHODS = {"sample": {}, "bon": {"n": 4}, "soft_bon": {"n": 4, "lam": 0.1}, "args": SMOLLM2_SETTINGS["args"][1],
+           "rs": {**SMOLLM2_SETTINGS["rs"][1], "max_rejections": 2},
+           "cards": {**SMOLLM2_SETTINGS["cards"][1], "max_rejections": 2}, "qalign": {"beta": 0.2, "steps": 4}}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
