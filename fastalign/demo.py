@@ -63,8 +63,8 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     if num_prompts < 1 or max_new_tokens < 1:
         raise ValueError("num_prompts and max_new_tokens must be positive")
     loaded = load_world(world, device=device, dtype=dtype)
+    skipped = list(loaded.unavailable) if methods is None else [m for m in methods if m not in loaded.settings]
     methods = list(loaded.settings if methods is None else methods)
-    skipped = [m for m in methods if m not in loaded.settings]
     methods = [m for m in methods if m in loaded.settings]
     prompts = [loaded.prompts[i % len(loaded.prompts)] for i in range(num_prompts)]
     engines = {"default": loaded.engine(), "sss": loaded.engine("sss")}
@@ -92,7 +92,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
           f"sampling {_sampling_text(loaded.sampling)}. " + WORLD_NOTES[world] + " target/draft/ref/reward: "
           "forward passes (reward: calls) per model; time ×: relative to sample.", file=file)
     for label in skipped:
-        method = SETTINGS[label][0]
+        method = SETTINGS[label][0] if label in SETTINGS else label
         reason = loaded.unavailable.get(method, f"not set up for the {world} world")
         print(f"not run: {label}: {reason}", file=file)
     return rows

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.real
 
 # chat prompts of different lengths (the batch is left-padded by up to ~20 tokens)
 GREEDY_PROMPTS = [
+    "Hi!",
     "Write a one-sentence review of a coffee shop.",
-    "Hi! Tell me about your weekend.",
+    "Tell me about your weekend.",
     "Complain about the weather in a long paragraph with many details, please, in the voice of an old pirate "
     "who has sailed every sea.",
 ]
