@@ -271,7 +271,8 @@ setup(
     # torch bring it anyway. The test suite runs the Triton code under its CPU interpreter, so `test` has it.
     install_requires=["torch>=2.4", "transformers>=5.24,<6", "numpy", "tqdm"],
     extras_require={"test": ["pytest", "matplotlib", "hypothesis", "triton>=3.0; platform_system == 'Linux'"],
-                    "eval": ["matplotlib", "datasets"], "flash": ["flash-attn"]},
+                    "eval": ["matplotlib", "datasets"], "flash": ["flash-attn"],
+                    "real": ["gguf", "accelerate", "vaderSentiment"]},  # GGUF models, the VADER reward
     entry_points={"console_scripts": ["fastalign=fastalign.cli:main"]},
     zip_safe=False,
 )

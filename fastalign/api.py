@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import chat as chat_prompts
+from . import loading, rewards
 from . import validation as check
 from .methods import get_method
 from .methods.base import Context, Randomness
@@ -27,30 +30,46 @@ class DecodeOutput:
     extra: dict = field(default_factory=dict)  # method-specific outputs (e.g. qalign's state_path)
 
 
-def _load_causal_lm(spec, trust_remote_code: bool, device, dtype):
-    if isinstance(spec, (CausalLM, RemoteLM)):
-        return spec
-    if isinstance(spec, str):
-        from transformers import AutoModelForCausalLM
-
-        spec = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+def _placed(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """``module`` moved to ``device`` and cast to ``dtype`` where given (in place, as ``nn.Module.to`` does)."""
+    if isinstance(dtype, torch.dtype):  # "auto" or None: keep the dtype the model has
+        module = module.to(dtype=dtype)
     if device is not None:
-        spec = spec.to(device)
-    return CausalLM(spec)
+        module = module.to(device)
+    return module
+
+
+def _load_causal_lm(spec, trust_remote_code: bool, device, dtype):
+    """A ``CausalLM`` from an HF name, a local folder, a ``.gguf`` file, an HF model or a ``CausalLM``;
+    ``device`` and ``dtype`` apply to all of them (a remote model stays as it is)."""
+    if isinstance(spec, RemoteLM):
+        return spec
+    if isinstance(spec, CausalLM):
+        if (device is None or torch.device(device) == spec.device) and \
+                (not isinstance(dtype, torch.dtype) or dtype == spec.dtype):
+            return spec
+        spec = spec.model
+    if isinstance(spec, (str, os.PathLike)):
+        spec = loading.load_causal_lm(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+    return CausalLM(_placed(spec, device, dtype))
 
 
 def _load_tokenizer(spec, trust_remote_code: bool):
-    if spec is None or not isinstance(spec, str):
-        return spec
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    return loading.load_tokenizer(spec, trust_remote_code=trust_remote_code)
 
 
 def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype):
+    """A ``RewardModel`` from a reward model (name, path or object), a token-id callable, or a text reward named
+    by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.rewards``)."""
     if isinstance(spec, RewardModel):
-        return spec
+        if not spec.is_model or (device is None and not isinstance(dtype, torch.dtype)):
+            return spec
+        return RewardModel(_placed(spec.lm.model, device, dtype), spec.tokenizer, spec.policy_tokenizer)
     if isinstance(spec, str):
+        fn = rewards.text_reward_function(spec)
+        if fn is not None:
+            return RewardModel(rewards.TextReward(fn, policy_tokenizer, name=spec))
+    if isinstance(spec, (str, os.PathLike)):
         from transformers import AutoModelForSequenceClassification
 
         if tokenizer is None:
@@ -59,10 +78,11 @@ def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, dev
             spec, trust_remote_code=trust_remote_code, dtype=dtype
         )
     if isinstance(spec, torch.nn.Module):
-        if device is not None:
-            spec = spec.to(device)
+        spec = _placed(spec, device, dtype)
     elif not callable(spec):
-        raise InputError("reward must be a model, a name/path, or a callable reward(prompts, responses)")
+        raise InputError("reward must be a model, a name/path, a built-in reward name "
+                         f"({', '.join(rewards.TEXT_REWARDS)}), 'module:function', or a callable "
+                         "reward(prompts, responses)")
     return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
 
 
@@ -90,9 +110,15 @@ def warn_unknown_tokens(tokenizer, texts: list[str], ids: list[list[int]], share
 class Engine:
     """Holds loaded models for repeated ``decode`` calls.
 
-    Models may be HF model objects or names/paths (loaded with ``trust_remote_code=False`` unless asked).
-    ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists.
+    Models may be HF model objects, names or local folders, or ``.gguf`` files (dequantised on loading; the
+    tokenizer then comes from the same file), loaded with ``trust_remote_code=False`` unless asked.
+    ``device`` and ``dtype`` apply to every local model, objects included (moved and cast in place).
+    ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists, or a text
+    reward by name: ``"vader"`` or ``"module:function"`` (``fastalign.rewards``).
     ``reward_tokenizer`` is the reward model's own tokenizer, when it differs from the policy's.
+    ``chat=True`` renders plain string prompts with the tokenizer's chat template (conversations, lists of
+    ``{"role", "content"}`` messages, always are). When the tokenizer has a chat template, its end-of-turn
+    token ends a response like EOS (``fastalign.chat``).
 
     One engine may be shared by several threads: its models hold per-call state (KV caches), so ``decode``
     calls are serialised by a lock (each call runs alone and gets exactly the tokens it would get alone);
@@ -100,12 +126,14 @@ class Engine:
     """
 
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
-                 reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None):
+                 reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
+                 chat: bool = False):
         load = dict(trust_remote_code=trust_remote_code, device=check.check_device(device),
                     dtype=check.check_dtype(dtype))
         self._lock = threading.Lock()
+        self.chat = chat
         tokenizer_role = "tokenizer"
-        if tokenizer is None and isinstance(target, str):
+        if tokenizer is None and isinstance(target, (str, os.PathLike)):
             tokenizer, tokenizer_role = target, "target"
         with check.loading(tokenizer_role, tokenizer):
             self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
@@ -128,28 +156,41 @@ class Engine:
             if embedded < self.target.vocab_size:  # the target's ids would index past the reward's embedding
                 raise InputError(f"vocabularies differ: the reward model embeds {embedded} token ids, the target "
                                  f"emits up to {self.target.vocab_size}; pass reward_tokenizer=... to re-tokenise")
+        end_of_turn = chat_prompts.end_of_turn_ids(self.tokenizer)
+        for lm in (self.target, self.draft, self.ref):
+            if isinstance(lm, CausalLM) and end_of_turn:
+                lm.add_stop_tokens(end_of_turn)
 
-    def encode(self, prompts) -> list[list[int]]:
-        """Prompts as token-id lists (strings through the tokenizer), checked against the target's vocabulary."""
-        ids = check.check_prompts(prompts, self.tokenizer, getattr(self.target, "vocab_size", None))
+    def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
+        """Prompts as token-id lists, checked against the target's vocabulary: conversations (lists of
+        ``{"role", "content"}`` messages) through the chat template, strings through the chat template
+        (``chat``, default: the engine's) or the tokenizer, id lists as they are."""
+        chat = self.chat if chat is None else chat
+        vocab_size = getattr(self.target, "vocab_size", None)
+        if isinstance(prompts, (list, tuple)) and prompts and (
+                any(chat_prompts.is_conversation(p) for p in prompts)
+                or (chat and all(isinstance(p, str) for p in prompts))):
+            return check.check_prompts(chat_prompts.render(self.tokenizer, list(prompts)), None, vocab_size)
+        ids = check.check_prompts(prompts, self.tokenizer, vocab_size)
         if self.tokenizer is not None and isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
             warn_unknown_tokens(self.tokenizer, list(prompts), ids)
         return ids
 
     def decode(self, prompts, method: str = "sample", max_new_tokens: int = 128, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               **options) -> DecodeOutput:
+               chat: bool | None = None, **options) -> DecodeOutput:
         """Decode ``prompts`` with ``method``; see ``fastalign.decode``. Thread-safe (calls are serialised)."""
         with self._lock:
             try:
-                return self._decode(prompts, method, max_new_tokens, temperature, top_k, top_p, seed, options)
+                return self._decode(prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat, options)
             except NonFiniteReward as e:  # name the prompt by its index in this call
                 index = next((i for i, p in enumerate(self._prompt_ids) if p == e.prompt), None)
                 if index is None:
                     raise
                 raise InputError(f"prompt {index}: {e}") from None
 
-    def _decode(self, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, options) -> DecodeOutput:
+    def _decode(self, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                options) -> DecodeOutput:
         self._prompt_ids = []
         module, run = get_method(method)
         check.check_method_options(method, run, options)
@@ -161,7 +202,7 @@ class Engine:
         check.check_int("max_new_tokens", max_new_tokens, minimum=1)
         temperature, top_k, top_p = sampling_settings(module, temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)
-        prompt_ids = self._prompt_ids = self.encode(prompts)
+        prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)
         check.check_seed(seed, len(prompt_ids))
         models = {role: getattr(self, role) for role in MODEL_ROLES if getattr(self, role) is not None}
         used = {role: m for role, m in models.items() if (role in module.REQUIRES or role == "ref" and method == "sss")
@@ -200,8 +241,11 @@ def sampling_settings(module, temperature: float | None, top_k: int | None, top_
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,
            max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
-           top_p: float | None = None, seed: int | None = None, **options) -> DecodeOutput:
-    """Decode ``prompts`` (list of strings, or of token-id lists) with a test-time alignment ``method``.
+           top_p: float | None = None, seed: int | None = None, chat: bool = False, **options) -> DecodeOutput:
+    """Decode ``prompts`` (list of strings, of chat conversations or of token-id lists) with a test-time
+    alignment ``method``. Conversations (lists of ``{"role", "content"}`` messages), and strings with
+    ``chat=True``, are rendered with the tokenizer's chat template and its generation prompt; a response then
+    ends at the template's end-of-turn token as at EOS. Models may be ``.gguf`` files (see ``Engine``).
 
     ``temperature=None`` takes the method's documented sampling defaults (temperature 1.0 unless its paper
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the
@@ -213,4 +257,4 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
     engine_options = {k: options.pop(k) for k in engine_keys if k in options}
     engine = Engine(target=target, draft=draft, ref=ref, reward=reward, tokenizer=tokenizer, **engine_options)
     return engine.decode(prompts, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k, top_p=top_p, seed=seed, **options)
+                         top_k=top_k, top_p=top_p, seed=seed, chat=chat, **options)

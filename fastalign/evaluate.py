@@ -19,12 +19,10 @@ the first method of the grid.
 from __future__ import annotations
 
 import ast
-import importlib
 import itertools
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,9 @@ import torch
 from .answers import EXTRACTORS
 from .api import MODEL_ROLES, Engine, _load_reward
 from .models import InputError, RewardModel
+from .rewards import text_reward_function
+from .worlds import NAMES as WORLD_NAMES
+from .worlds import world_prompts
 
 # ------------------------------------------------------------------------------------------- prompts
 # dataset aliases: name -> (hub id, config, split, prompt field, answer field, prompt template)
@@ -141,11 +142,11 @@ def load_hf_prompts(name: str, config: str | None = None, split: str = "test", p
 
 def load_prompts(source: str, limit: int | None = None, split: str | None = None,
                  prompt_field: str | None = None, world=None) -> list[dict]:
-    """Prompt records from ``source``: ``"toy"`` (the toy world's prompts), a ``.jsonl``/``.txt`` file, a
+    """Prompt records from ``source``: a world's name (``"toy"``, ``"smollm2"``: its prompts), a ``.jsonl``/``.txt`` file, a
     dataset alias (``"hh-rlhf"``, ``"gsm8k"``) or ``"hf:NAME[:CONFIG]"`` (any Hub dataset)."""
-    if source == "toy":
-        world = world if world is not None else load_toy_world()
-        records = [{"prompt": p} for p in world.prompts]
+    if source in WORLD_NAMES:
+        same = world is not None and getattr(world, "name", "toy") == source
+        records = [{"prompt": p} for p in (world.prompts if same else world_prompts(source))]
     elif Path(source).is_file():
         records = read_prompt_file(source, prompt_field or "prompt")
     elif source in DATASETS:
@@ -155,7 +156,7 @@ def load_prompts(source: str, limit: int | None = None, split: str | None = None
         name, _, config = source[3:].partition(":")
         return load_hf_prompts(name, config or None, split or "test", prompt_field or "prompt", limit=limit)
     else:
-        raise InputError(f"unknown prompt source {source!r}: expected 'toy', a .jsonl/.txt file, "
+        raise InputError(f"unknown prompt source {source!r}: expected a world ({', '.join(WORLD_NAMES)}), a .jsonl/.txt file, "
                          f"one of {sorted(DATASETS)} or 'hf:NAME[:CONFIG]'")
     if not records:
         raise InputError(f"no prompts in {source!r}")
@@ -211,8 +212,9 @@ class GoldReward:
                   device=None, dtype=None) -> GoldReward:
         """``"toy"``: the toy world's gold reward; ``"last_number"``, ``"boxed"``, ``"option"``: 1 if the answer
         extracted from the completion (``fastalign.answers``) equals the one extracted from the record's
-        ``answer`` field (GSM8K: ``"... #### 72"``), else 0; ``"module:function"``: a Python function called on texts
-        ``(prompts, completions)``; anything else: an HF reward model name or path."""
+        ``answer`` field (GSM8K: ``"... #### 72"``), else 0; ``"vader"``: the VADER sentiment of the completion
+        (``fastalign.rewards``); ``"module:function"``: a Python function called on texts ``(prompts, completions)``;
+        anything else: an HF reward model name or path."""
         if spec == "toy":
             world = world if world is not None else load_toy_world()
             return cls.from_reward(world.gold_reward, "toy", policy_tokenizer=policy_tokenizer)
@@ -225,12 +227,8 @@ class GoldReward:
                 return [float(extract(c) is not None and extract(c) == extract(str(rec["answer"])))
                         for c, rec in zip(ct, records)]
             return cls(match, spec)
-        module, _, function = spec.partition(":")
-        if function and re.fullmatch(r"[A-Za-z_][\w.]*", module):
-            try:
-                fn = getattr(importlib.import_module(module), function)
-            except (ImportError, AttributeError) as e:
-                raise InputError(f"cannot load the gold reward function {spec!r}: {e}") from None
+        fn = text_reward_function(spec)
+        if fn is not None:
             return cls.from_text_fn(fn, spec)
         return cls.from_reward(_load_reward(spec, None, policy_tokenizer, trust_remote_code, device, dtype), spec)
 

@@ -250,6 +250,11 @@ class CausalLM(CachedModel):
         self.eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         self._can_keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
 
+    def add_stop_tokens(self, ids) -> None:
+        """Make ``ids`` end a response like EOS (e.g. a chat template's end-of-turn token)."""
+        self.eos_token_ids = self.eos_token_ids | {int(i) for i in ids}
+        self.eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
+
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], max_new_tokens: int = 0) -> torch.Tensor:
         """Start a new cache holding the (ragged) prompts; returns next-token logits ``[B, V]`` fp32."""

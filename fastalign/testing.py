@@ -119,3 +119,19 @@ def tiny_tokenizer(vocab_size: int = 64):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0",
                                    eos_token=f"w{vocab_size - 1}")
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int, stop_ids) -> list[list[int]]:
+    """Greedy responses of Hugging Face ``generate`` for token-id prompts, as one left-padded batch; each response
+    is cut after its first token in ``stop_ids`` (kept), like fastalign's sequences."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(tokens.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=sorted(stop_ids))
+    responses = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        responses.append(row[:end])
+    return responses

