@@ -11,6 +11,7 @@ from .methods import get_method
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
 from .remote import RemoteLM
+from .static_cache import StaticCausalLM, StaticOptions
 
 MODEL_ROLES = ("target", "draft", "ref", "reward")
 
@@ -23,16 +24,19 @@ class DecodeOutput:
     extra: dict = field(default_factory=dict)  # method-specific outputs (e.g. qalign's state_path)
 
 
-def _load_causal_lm(spec, trust_remote_code: bool, device, dtype):
-    if isinstance(spec, (CausalLM, RemoteLM)):
+def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: StaticOptions | None):
+    if isinstance(spec, RemoteLM) or (isinstance(spec, CausalLM) and
+                                      isinstance(spec, StaticCausalLM) == (static is not None)):
         return spec
+    if isinstance(spec, CausalLM):  # a wrapper of the other kind: rewrap its model
+        spec = spec.model
     if isinstance(spec, str):
         from transformers import AutoModelForCausalLM
 
         spec = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=trust_remote_code, dtype=dtype)
     if device is not None:
         spec = spec.to(device)
-    return CausalLM(spec)
+    return StaticCausalLM(spec, static) if static is not None else CausalLM(spec)
 
 
 def _load_tokenizer(spec, trust_remote_code: bool):
@@ -43,7 +47,8 @@ def _load_tokenizer(spec, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
 
 
-def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype):
+def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype,
+                 static: StaticOptions | None):
     if isinstance(spec, RewardModel):
         return spec
     if isinstance(spec, str):
@@ -59,7 +64,7 @@ def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, dev
             spec = spec.to(device)
     elif not callable(spec):
         raise InputError("reward must be a model, a name/path, or a callable reward(prompts, responses)")
-    return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
+    return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, static=static)
 
 
 class Engine:
@@ -68,11 +73,23 @@ class Engine:
     Models may be HF model objects or names/paths (loaded with ``trust_remote_code=False`` unless asked).
     ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists.
     ``reward_tokenizer`` is the reward model's own tokenizer, when it differs from the policy's.
+
+    ``compile=True`` runs the models on the compiled path (``fastalign.static_cache``): a preallocated static
+    KV cache and fixed-shape steps compiled with ``torch.compile`` once per shape bucket (the first calls of
+    each shape pay the compilation, tens of seconds on a CPU); outputs are those of the eager path (the
+    default and the reference). ``static_cache=True`` without ``compile`` runs the static cache uncompiled
+    (for tests and debugging). CPU threads are the caller's setting (``torch.set_num_threads``); see the
+    README ("CPU threads") for the measured defaults of the CLI and benchmarks.
     """
 
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
-                 reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None):
-        load = dict(trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+                 reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
+                 compile: bool = False, static_cache: bool | None = None):
+        static = bool(compile) if static_cache is None else bool(static_cache)
+        if compile and not static:
+            raise InputError("compile=True runs on the static cache; it cannot be combined with static_cache=False")
+        self.static = StaticOptions(compile=bool(compile)) if static else None
+        load = dict(trust_remote_code=trust_remote_code, device=device, dtype=dtype, static=self.static)
         if tokenizer is None and isinstance(target, str):
             tokenizer = target
         self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
@@ -157,9 +174,10 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the
     given ``temperature`` / ``top_k`` / ``top_p``.
     Method options (``n``, ``num_draft_tokens``, ``tree``, ``beta``, ...) are passed as keywords. Model
-    loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``) go to ``Engine``.
+    loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``, ``compile``,
+    ``static_cache``) go to ``Engine``.
     """
-    engine_keys = ("trust_remote_code", "device", "dtype", "reward_tokenizer")
+    engine_keys = ("trust_remote_code", "device", "dtype", "reward_tokenizer", "compile", "static_cache")
     engine_options = {k: options.pop(k) for k in engine_keys if k in options}
     engine = Engine(target=target, draft=draft, ref=ref, reward=reward, tokenizer=tokenizer, **engine_options)
     return engine.decode(prompts, method=method, max_new_tokens=max_new_tokens, temperature=temperature,

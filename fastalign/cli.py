@@ -22,6 +22,10 @@ from .api import Engine
 from .evaluate import parse_value
 from .models import InputError
 
+# torch's default (one thread per core) made toy-world decoding 15-36x slower when another process was busy on
+# the same cores; one thread loses little when the machine is idle (README, "CPU threads").
+DEFAULT_THREADS = 1
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -83,7 +87,7 @@ def engine_factory(args, world=None):
     draft (and the unaligned draft as ``ref``); other methods take the unaligned draft."""
     named = {role: getattr(args, role) for role in ROLES}
     common = dict(trust_remote_code=args.trust_remote_code, device=args.device, dtype=_torch_dtype(args.dtype),
-                  reward_tokenizer=args.reward_tokenizer)
+                  reward_tokenizer=args.reward_tokenizer, compile=getattr(args, "compile", False))
     engines = {}
 
     def roles_for(method):
@@ -266,6 +270,10 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true", help="allow models' custom code (off by default)")
     g.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype when loading by name")
+    g.add_argument("--compile", action="store_true",
+                   help="compiled path: static KV cache and torch.compile'd steps (first calls compile, slow)")
+    g.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                   help=f"CPU threads of torch (default {DEFAULT_THREADS}; see README, CPU threads)")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -354,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.bench_args = bench_args
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (InputError, ValueError, FileNotFoundError) as e:
