@@ -154,6 +154,7 @@ class _StaticStorage:
         self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self.cache = None
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()  # (R, Tb, Tq, S) compiled so far
+        self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self._compiled_step = None
         if options.compile:
             _configure_dynamo()
@@ -251,9 +252,6 @@ class _StaticStorage:
         positions, block, ancestry = self._layout(new_live, parents)
 
         # the step's inputs, padded to R rows and `width` columns (padding: dead, sees only itself)
-        if block is None:
-            block = torch.ones(B, T, T, dtype=torch.bool, device=dev).tril_() & new_live[:, None, :]
-            block |= torch.eye(T, dtype=torch.bool, device=dev)
         seen = self._live_buf[:, None, :]
         if ancestry is not None:
             P = ancestry.shape[2]
@@ -261,9 +259,16 @@ class _StaticStorage:
             seen[:B, :T, start - P: start] &= ancestry
         if (R, width) != (B, T):
             tokens, positions = _pad(tokens, R, width), _pad(positions, R, width)
-            padded = torch.eye(width, dtype=torch.bool, device=dev).repeat(R, 1, 1)
-            padded[:B, :T, :T] = block
-            block = padded
+        if block is None and (T == 1 or live is None):  # a chain without padding: a constant
+            block = self._causal_block(R, width, B, T)
+        else:
+            if block is None:
+                block = torch.ones(B, T, T, dtype=torch.bool, device=dev).tril_() & new_live[:, None, :]
+                block |= torch.eye(T, dtype=torch.bool, device=dev)
+            if (R, width) != (B, T):
+                padded = torch.eye(width, dtype=torch.bool, device=dev).repeat(R, 1, 1)
+                padded[:B, :T, :T] = block
+                block = padded
         columns = torch.arange(start, start + width, device=dev)
         self.cache.write.columns = columns
         if compiled:
@@ -281,6 +286,17 @@ class _StaticStorage:
         self.counters.tokens += int(new_live.sum())
         out = out[:B, :T] if out.shape[1] >= T else out[:B]  # (logits_to_keep may have cut the block)
         return SimpleNamespace(logits=out, last_hidden_state=out)
+
+    def _causal_block(self, R: int, width: int, B: int, T: int) -> torch.Tensor:
+        """``[R, width, width]``: causal over the first ``T`` columns of the first ``B`` rows, padding sees only
+        itself (cached: decode steps use the same one every time)."""
+        key = (R, width, B, T)
+        block = self._blocks.get(key)
+        if block is None:
+            block = torch.eye(width, dtype=torch.bool, device=self.device).repeat(R, 1, 1)
+            block[:B, :T, :T] = torch.ones(T, T, dtype=torch.bool, device=self.device).tril_()
+            self._blocks[key] = block
+        return block
 
     # ---------------------------------------------------------------- cache surgery
     def _tidy(self) -> None:
