@@ -24,7 +24,7 @@ class DecodeOutput:
     extra: dict = field(default_factory=dict)  # method-specific outputs (e.g. qalign's state_path)
 
 
-def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: StaticOptions | None):
+def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: StaticOptions | None = None):
     if isinstance(spec, RemoteLM) or (isinstance(spec, CausalLM) and
                                       isinstance(spec, StaticCausalLM) == (static is not None)):
         return spec
@@ -48,7 +48,7 @@ def _load_tokenizer(spec, trust_remote_code: bool):
 
 
 def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype,
-                 static: StaticOptions | None):
+                 static: StaticOptions | None = None):
     if isinstance(spec, RewardModel):
         return spec
     if isinstance(spec, str):
