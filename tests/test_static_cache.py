@@ -154,3 +154,15 @@ def test_compiled_engine_decodes_what_eager_decodes(world):
     eager = fastalign.Engine(target=world.target, tokenizer=world.tokenizer)
     assert compiled.decode(prompts, **kw).sequences == eager.decode(prompts, **kw).sequences
     assert compiled.target.compiled_shapes  # the decode steps ran compiled
+
+
+def test_cli_compile_and_threads_flags(world):
+    from fastalign.cli import DEFAULT_THREADS, build_parser, engine_factory
+
+    args = build_parser().parse_args(["generate", "--toy", "--compile", "--threads", "2", "hello"])
+    assert args.compile and args.threads == 2
+    engine = engine_factory(args, world)("sample")
+    assert isinstance(engine.target, StaticCausalLM) and engine.target.options.compile
+    args = build_parser().parse_args(["generate", "--toy", "hello"])
+    assert not args.compile and args.threads == DEFAULT_THREADS == 1
+    assert type(engine_factory(args, world)("sample").target) is CausalLM
