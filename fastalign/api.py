@@ -17,6 +17,7 @@ from .methods import get_method
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
 from .remote import RemoteLM
+from .static_cache import StaticCausalLM, StaticOptions
 from .validation import NonFiniteReward
 
 MODEL_ROLES = ("target", "draft", "ref", "reward")
@@ -39,32 +40,36 @@ def _placed(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     return module
 
 
-def _load_causal_lm(spec, trust_remote_code: bool, device, dtype):
-    """A ``CausalLM`` from an HF name, a local folder, a ``.gguf`` file, an HF model or a ``CausalLM``;
-    ``device`` and ``dtype`` apply to all of them (a remote model stays as it is)."""
+def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: StaticOptions | None = None):
+    """A ``CausalLM`` (a ``StaticCausalLM`` given ``static``) from an HF name, a local folder, a ``.gguf`` file,
+    an HF model or a ``CausalLM``; ``device`` and ``dtype`` apply to all of them (a remote model stays as it is)."""
     if isinstance(spec, RemoteLM):
         return spec
     if isinstance(spec, CausalLM):
-        if (device is None or torch.device(device) == spec.device) and \
+        same_kind = isinstance(spec, StaticCausalLM) == (static is not None)
+        if same_kind and (device is None or torch.device(device) == spec.device) and \
                 (not isinstance(dtype, torch.dtype) or dtype == spec.dtype):
             return spec
-        spec = spec.model
+        spec = spec.model  # another layout, device or dtype: rewrap its model
     if isinstance(spec, (str, os.PathLike)):
         spec = loading.load_causal_lm(spec, trust_remote_code=trust_remote_code, dtype=dtype)
-    return CausalLM(_placed(spec, device, dtype))
+    spec = _placed(spec, device, dtype)
+    return StaticCausalLM(spec, static) if static is not None else CausalLM(spec)
 
 
 def _load_tokenizer(spec, trust_remote_code: bool):
     return loading.load_tokenizer(spec, trust_remote_code=trust_remote_code)
 
 
-def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype):
+def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype,
+                 static: StaticOptions | None = None):
     """A ``RewardModel`` from a reward model (name, path or object), a token-id callable, or a text reward named
-    by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.rewards``)."""
+    by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.rewards``); ``static``
+    keeps a reward model's cached prefixes in a static cache."""
     if isinstance(spec, RewardModel):
         if not spec.is_model or (device is None and not isinstance(dtype, torch.dtype)):
             return spec
-        return RewardModel(_placed(spec.lm.model, device, dtype), spec.tokenizer, spec.policy_tokenizer)
+        return RewardModel(_placed(spec.lm.model, device, dtype), spec.tokenizer, spec.policy_tokenizer, static=static)
     if isinstance(spec, str):
         fn = rewards.text_reward_function(spec)
         if fn is not None:
@@ -83,7 +88,7 @@ def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, dev
         raise InputError("reward must be a model, a name/path, a built-in reward name "
                          f"({', '.join(rewards.TEXT_REWARDS)}), 'module:function', or a callable "
                          "reward(prompts, responses)")
-    return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
+    return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, static=static)
 
 
 def warn_unknown_tokens(tokenizer, texts: list[str], ids: list[list[int]], share: float = 0.5) -> None:
@@ -120,6 +125,13 @@ class Engine:
     ``{"role", "content"}`` messages, always are). When the tokenizer has a chat template, its end-of-turn
     token ends a response like EOS (``fastalign.chat``).
 
+    ``compile=True`` runs the models on the compiled path (``fastalign.static_cache``): a preallocated static
+    KV cache and fixed-shape steps compiled with ``torch.compile`` once per shape bucket (the first calls of
+    each shape pay the compilation, tens of seconds on a CPU); outputs are those of the eager path (the
+    default and the reference). ``static_cache=True`` without ``compile`` runs the static cache uncompiled
+    (for tests and debugging). CPU threads are the caller's setting (``torch.set_num_threads``); see the
+    README ("CPU threads") for the measured defaults of the CLI and benchmarks.
+
     One engine may be shared by several threads: its models hold per-call state (KV caches), so ``decode``
     calls are serialised by a lock (each call runs alone and gets exactly the tokens it would get alone);
     for parallel decoding use one engine per thread.
@@ -127,9 +139,13 @@ class Engine:
 
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
                  reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
-                 chat: bool = False):
+                 chat: bool = False, compile: bool = False, static_cache: bool | None = None):
+        static = bool(compile) if static_cache is None else bool(static_cache)
+        if compile and not static:
+            raise InputError("compile=True runs on the static cache; it cannot be combined with static_cache=False")
+        self.static = StaticOptions(compile=bool(compile)) if static else None
         load = dict(trust_remote_code=trust_remote_code, device=check.check_device(device),
-                    dtype=check.check_dtype(dtype))
+                    dtype=check.check_dtype(dtype), static=self.static)
         self._lock = threading.Lock()
         self.chat = chat
         tokenizer_role = "tokenizer"
@@ -251,9 +267,10 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the
     given ``temperature`` / ``top_k`` / ``top_p``.
     Method options (``n``, ``num_draft_tokens``, ``tree``, ``beta``, ...) are passed as keywords. Model
-    loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``) go to ``Engine``.
+    loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``, ``compile``,
+    ``static_cache``) go to ``Engine``.
     """
-    engine_keys = ("trust_remote_code", "device", "dtype", "reward_tokenizer")
+    engine_keys = ("trust_remote_code", "device", "dtype", "reward_tokenizer", "compile", "static_cache")
     engine_options = {k: options.pop(k) for k in engine_keys if k in options}
     engine = Engine(target=target, draft=draft, ref=ref, reward=reward, tokenizer=tokenizer, **engine_options)
     return engine.decode(prompts, method=method, max_new_tokens=max_new_tokens, temperature=temperature,

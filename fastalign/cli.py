@@ -26,6 +26,9 @@ from .worlds import NAMES as WORLDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
+# torch's default (one thread per core) made toy-world decoding 15-36x slower when another process was busy on
+# the same cores; one thread loses little when the machine is idle (README, "CPU threads").
+DEFAULT_THREADS = 1
 
 
 def parse_value(text: str):
@@ -87,7 +90,7 @@ def engine_factory(args, world=None):
 
     named = {role: getattr(args, role) for role in ROLES}
     common = dict(trust_remote_code=args.trust_remote_code, device=args.device, dtype=_torch_dtype(args.dtype),
-                  reward_tokenizer=args.reward_tokenizer,
+                  reward_tokenizer=args.reward_tokenizer, compile=getattr(args, "compile", False),
                   chat=args.chat or bool(getattr(world, "chat", False) and args.target is None))
     engines = {}
 
@@ -427,6 +430,10 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
     g.add_argument("--dtype", choices=DTYPES, help="weights dtype (every model, the world's too; default: the "
                                                    "checkpoint's)")
+    g.add_argument("--compile", action="store_true",
+                   help="compiled path: static KV cache and torch.compile'd steps (first calls compile, slow)")
+    g.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                   help="CPU threads of torch (see README, CPU threads)")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -536,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         args.bench_args = bench_args
     from .validation import InputError, check_device
 
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     with warnings.catch_warnings():  # warnings as one line each ("fastalign generate: warning: ...")
         warnings.showwarning = lambda message, *_, **__: print(f"fastalign {args.command}: warning: {message}",
                                                                 file=sys.stderr)

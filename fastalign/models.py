@@ -46,6 +46,12 @@ def _context_length(config) -> int | None:
     return None
 
 
+def cache_argument(model) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` (transformers >= 5.x, which warns on
+    the older name) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass
 class ModelCounters:
     """What a model has cost: forward calls and tokens it processed (live tokens only)."""
@@ -65,6 +71,7 @@ class CachedModel:
         self.device, self.dtype = param.device, param.dtype
         self.context_length = _context_length(model.config)
         self.counters = ModelCounters()
+        self._cache_arg = cache_argument(self._backbone)
         self.cache: DynamicCache | None = None
         self.live = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
 
@@ -85,6 +92,37 @@ class CachedModel:
     def _layers(self):
         return self.cache.layers if self.cache is not None else []
 
+    def _layout(self, new_live: torch.Tensor, parents: torch.Tensor | None):
+        """Where a block of ``T`` new tokens sits: ``positions [B, T]``, and for a tree ``block [B, T, T]`` (which
+        new tokens each new token sees: its ancestors and itself, padding excluded) and ``ancestry [B, T, P]``
+        (which of the tree's ``P`` earlier nodes, the last ``P`` live-or-dead slots, it sees; None when ``P = 0``).
+        A chain gets ``block = ancestry = None``. Checks the context length."""
+        B, T = new_live.shape
+        block = ancestry = None
+        if parents is None:
+            past = self.live.sum(1, keepdim=True)
+            positions = past + (new_live.cumsum(1) - 1).clamp(min=0)
+        else:
+            parents = parents.to(self.device)
+            S = self.live.shape[1]
+            P = parents.shape[1] - T  # earlier nodes of the same tree: the last P cached slots
+            if P < 0 or P > S:
+                raise ValueError(f"parents has {parents.shape[1]} nodes for {T} new tokens and {S} cached slots")
+            tree = native.tree_attention_mask(parents)[:, P:]  # [B, T, P + T]
+            block = tree[:, :, P:] & new_live[:, None, :]
+            block |= torch.eye(T, dtype=torch.bool, device=self.device)  # no query sees nothing
+            if P:
+                ancestry = tree[:, :, :P]
+            past = self.live[:, : S - P].sum(1, keepdim=True)
+            positions = past + native.tree_depths(parents)[:, P:]
+        # positions never exceed the slot count, so the exact (syncing) check is needed only near the limit
+        near_limit = self.context_length is not None and self.live.shape[1] + T > self.context_length
+        if near_limit and int((positions * new_live).max()) >= self.context_length:
+            raise InputError(
+                f"sequence longer than the model's context length ({self.context_length} positions)"
+            )
+        return positions, block, ancestry
+
     # --------------------------------------------------------------- forward
     @torch.no_grad()
     def _run(self, tokens: torch.Tensor, parents: torch.Tensor | None, live: torch.Tensor | None, **kwargs):
@@ -103,45 +141,19 @@ class CachedModel:
         if B != self.batch_size:
             raise InputError(f"batch of {B} rows given to a cache of {self.batch_size} rows")
         new_live = torch.ones(B, T, dtype=torch.bool, device=self.device) if live is None else live.to(self.device)
-        past = self.live.sum(1, keepdim=True)
-        seen = self.live[:, None, :].expand(B, T, -1)  # cached slots each new token attends to
-        if parents is None:
-            block = None
-            positions = past + (new_live.cumsum(1) - 1).clamp(min=0)
-        else:
-            parents = parents.to(self.device)
-            P = parents.shape[1] - T  # earlier nodes of the same tree: the last P cached slots
-            if P < 0 or P > self.live.shape[1]:
-                raise ValueError(f"parents has {parents.shape[1]} nodes for {T} new tokens and "
-                                 f"{self.live.shape[1]} cached slots")
-            tree = native.tree_attention_mask(parents)[:, P:]  # [B, T, P + T]
-            block = tree[:, :, P:]
-            if P:
-                S = self.live.shape[1]
-                seen = torch.cat([seen[:, :, : S - P], seen[:, :, S - P:] & tree[:, :, :P]], dim=2)
-                past = self.live[:, : S - P].sum(1, keepdim=True)
-            positions = past + native.tree_depths(parents)[:, P:]
-        # positions never exceed the slot count, so the exact (syncing) check is needed only near the limit
-        near_limit = self.context_length is not None and self.live.shape[1] + T > self.context_length
-        if near_limit and int((positions * new_live).max()) >= self.context_length:
-            raise InputError(
-                f"sequence longer than the model's context length ({self.context_length} positions)"
-            )
+        positions, block, ancestry = self._layout(new_live, parents)
         if block is None:  # a chain: causal over the live slots, which transformers builds from a 2-D mask
             mask = torch.cat([self.live, new_live], dim=1).long()
         else:
-            visible = torch.cat([seen, block & new_live[:, None, :]], dim=2)
-            visible[:, :, -T:] |= torch.eye(T, dtype=torch.bool, device=self.device)  # no query sees nothing
+            seen = self.live[:, None, :].expand(B, T, -1)  # cached slots each new token attends to
+            if ancestry is not None:  # the tree's earlier nodes (the last P slots): only along the ancestry
+                P = ancestry.shape[2]
+                seen = torch.cat([seen[:, :, : seen.shape[2] - P], seen[:, :, seen.shape[2] - P:] & ancestry], 2)
+            visible = torch.cat([seen, block], dim=2)
             mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
             mask = mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None]
-        out = self._backbone(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **kwargs,
-        )
+        out = self._backbone(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                             **{self._cache_arg: self.cache}, use_cache=True, **kwargs)
         self.live = torch.cat([self.live, new_live], dim=1)
         self.counters.calls += 1
         self.counters.tokens += int(new_live.sum())
@@ -295,9 +307,10 @@ class RewardModel:
     ``keep_branches(choices)`` then extends the prefixes with chosen candidates without recomputing them, and
     ``append(tokens)`` extends them with any tokens. With a callable reward, or when the reward
     model has its own tokenizer (re-tokenisation through text), the same interface scores the full texts.
+    ``static`` (a ``static_cache.StaticOptions``) keeps the cached prefixes in a static cache (compiled path).
     """
 
-    def __init__(self, reward, tokenizer=None, policy_tokenizer=None):
+    def __init__(self, reward, tokenizer=None, policy_tokenizer=None, static=None):
         self.is_model = isinstance(reward, torch.nn.Module)
         self.counters = ModelCounters()
         self.fn = None if self.is_model else reward
@@ -311,7 +324,12 @@ class RewardModel:
             if head is None:
                 raise InputError("reward model has neither a `score` nor a `classifier` head")
             self.head = head
-            self.lm = CachedModel(reward, backbone=reward.base_model)
+            if static is None:
+                self.lm = CachedModel(reward, backbone=reward.base_model)
+            else:
+                from .static_cache import StaticCachedModel
+
+                self.lm = StaticCachedModel(reward, backbone=reward.base_model, options=static)
             self.context_length = self.lm.context_length
             self.counters = self.lm.counters
         self.prefixes: list[list[int]] = []

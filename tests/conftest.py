@@ -38,3 +38,20 @@ def kernel_device():
     if not torch.cuda.is_available():
         pytest.skip("compiled Triton kernels need a GPU (or run with TRITON_INTERPRET=1)")
     return "cuda"
+
+
+@pytest.fixture(params=["eager", "static"])
+def both_layers(request, monkeypatch):
+    """Run a test on both model layers: the eager reference and the static cache (``Engine(static_cache=True)``,
+    uncompiled: the same cache logic and steps as ``compile=True`` without the compilation time)."""
+    if request.param == "static":
+        from fastalign.api import Engine
+
+        eager_init = Engine.__init__
+
+        def static_init(self, *args, **kwargs):
+            kwargs.setdefault("static_cache", True)
+            eager_init(self, *args, **kwargs)
+
+        monkeypatch.setattr(Engine, "__init__", static_init)
+    return request.param

@@ -31,6 +31,7 @@ def digits_reward(prompts, responses):
     return torch.tensor([float(sum((t + 1) * 7**i for i, t in enumerate(r))) for r in responses])
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_sample_follows_exact_law_in_a_mixed_batch(model):
     prompts = [[1, 2], [3, 1, 4]]
     draws = 3000
@@ -44,6 +45,7 @@ def test_sample_follows_exact_law_in_a_mixed_batch(model):
         assert total_variation(exact, untruncated) > 0.1  # the check can tell the laws apart
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_bon_follows_the_best_of_n_order_statistic(model):
     prompt, n, draws = [2, 3], 4, 4000
     p = enumerate_law(lambda t: next_token_probs(model, t), prompt, 2, {EOS})
@@ -59,6 +61,7 @@ def test_bon_follows_the_best_of_n_order_statistic(model):
     assert out.stats["reward_calls"] == 1 and out.stats["target_calls"] == 2
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_soft_bon_law(model):
     prompt, n, lam, draws = [2, 3], 2, 8.0, 4000
     p = enumerate_law(lambda t: next_token_probs(model, t), prompt, 2, {EOS})

@@ -128,6 +128,7 @@ def plain_law(model, prompt, max_new=3):
     return enumerate_law(lambda t: next_token_probs(model, t, T, TOP_K), prompt, max_new, {EOS})
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_cards_hard_follows_exact_law_in_a_mixed_batch(model):
     prompts, draws = [[1, 2], [3, 1, 4]], 3000
     out = fastalign.decode(prompts * draws, method="cards", target=model, reward=weights_reward, max_new_tokens=3,
@@ -144,6 +145,7 @@ def test_cards_hard_follows_exact_law_in_a_mixed_batch(model):
     assert out.stats["forced_acceptances"] > 0 and out.stats["rejections"] > 0
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_cards_soft_with_parallel_candidates_follows_the_same_law(model):
     prompt, draws = [1, 2], 3000
     out = fastalign.decode([prompt] * draws, method="cards", target=model, reward=weights_reward, max_new_tokens=3,
@@ -155,6 +157,7 @@ def test_cards_soft_with_parallel_candidates_follows_the_same_law(model):
     assert st["segments_proposed"] % 3 == 0 and st["segments_proposed"] > st["segments_accepted"] + st["rejections"]
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_rs_follows_exact_law_with_forced_acceptance(model):
     prompt, draws, r_star = [3, 1, 4], 3000, 1.0
     out = fastalign.decode([prompt] * draws, method="rs", target=model, reward=weights_reward, max_new_tokens=3,
@@ -170,6 +173,7 @@ def test_rs_follows_exact_law_with_forced_acceptance(model):
     assert st["responses_proposed"] == draws + st["rejections"] and 0 < st["forced_acceptances"] < draws
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_args_sampled_follows_exact_law(model):
     prompt, draws, w, k = [1, 2], 3000, 2.0, 3
 

@@ -4,7 +4,20 @@ import pytest
 import torch
 
 from fastalign.models import CausalLM, InputError, RewardModel
+from fastalign.static_cache import StaticCausalLM, StaticOptions
 from fastalign.testing import ARCHITECTURES, tiny_causal_lm, tiny_reward_model
+
+UNCOMPILED = StaticOptions(compile=False)  # the static cache's logic and steps, without compilation time
+
+
+@pytest.fixture(params=["eager", "static"])
+def layer(request):
+    """The model layer under test: the eager reference or the static cache (``fastalign.static_cache``)."""
+    return request.param
+
+
+def wrap(model, layer):
+    return CausalLM(model) if layer == "eager" else StaticCausalLM(model, UNCOMPILED)
 
 
 def full_logits(model, row):
@@ -17,9 +30,9 @@ def assert_close(a, b):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_prefill_extend_rollback_tree_match_full_recompute(arch):
+def test_prefill_extend_rollback_tree_match_full_recompute(arch, layer):
     model = tiny_causal_lm(arch)
-    lm = CausalLM(model)
+    lm = wrap(model, layer)
     rows = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # ragged: left padding
     last = lm.prefill(rows)
     for b, r in enumerate(rows):
@@ -65,9 +78,9 @@ def test_prefill_extend_rollback_tree_match_full_recompute(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_expand_and_select_rows(arch):
+def test_expand_and_select_rows(arch, layer):
     model = tiny_causal_lm(arch)
-    lm = CausalLM(model)
+    lm = wrap(model, layer)
     rows = [[1, 2, 3], [4, 5]]
     lm.prefill(rows)
     lm.expand(3)
@@ -83,8 +96,8 @@ def test_expand_and_select_rows(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_reward_cached_prefix_equals_full_scoring(arch):
-    rm = RewardModel(tiny_reward_model(arch))
+def test_reward_cached_prefix_equals_full_scoring(arch, layer):
+    rm = RewardModel(tiny_reward_model(arch), static=None if layer == "eager" else UNCOMPILED)
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     torch.testing.assert_close(rm.prefill(prompts, [[8], []]), rm.score(prompts, [[8], []]))
     tokens_before = rm.counters.tokens
@@ -100,8 +113,8 @@ def test_reward_cached_prefix_equals_full_scoring(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_reward_keep_branches_reuses_scored_slots(arch):
-    rm = RewardModel(tiny_reward_model(arch))
+def test_reward_keep_branches_reuses_scored_slots(arch, layer):
+    rm = RewardModel(tiny_reward_model(arch), static=None if layer == "eager" else UNCOMPILED)
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
     rm.prefill(prompts)
     rm.score_branches([[[9, 10], [11]], [[12], [13, 14, 15]], [[2]]])
@@ -133,9 +146,9 @@ def test_callable_reward_and_bad_input():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_tree_grown_over_several_calls_matches_full_recompute(arch):
+def test_tree_grown_over_several_calls_matches_full_recompute(arch, layer):
     model = tiny_causal_lm(arch)
-    lm = CausalLM(model)
+    lm = wrap(model, layer)
     rows = [[1, 2, 3], [4, 5]]
     lm.prefill(rows)
     lm.extend(torch.tensor([[6], [7]]), live=torch.tensor([[True], [False]]))  # dead slot before the tree

@@ -95,6 +95,7 @@ def replay(path, max_new_tokens, beta):
 
 
 # ------------------------------------------------------------------------------------------ laws
+@pytest.mark.usefixtures("both_layers")
 def test_chains_follow_the_reward_tilted_law_in_a_mixed_batch(model):
     prompts, copies, chains, steps = [[1, 2], [3, 1, 4]], 750, 4, 12
     out = fastalign.decode(prompts * copies, method="qalign", target=model, reward=reward_fn, max_new_tokens=2,
@@ -123,6 +124,7 @@ def test_single_token_responses_always_regenerate_from_the_prompt(model):
 
 
 # ------------------------------------------------------------------------- state path and caching
+@pytest.mark.usefixtures("both_layers")
 def test_state_path_replays_and_the_caches_process_each_prompt_once(model):
     rm = tiny_reward_model(vocab_size=V, hidden=16)
     prompts, chains, steps, beta = [[1, 2, 3, 4], [2], [4, 4, 1]], 3, 10, 0.5

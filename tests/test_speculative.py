@@ -68,6 +68,7 @@ def decode(models, method, n=DRAWS, prompts=(PROMPT,), seed=0, **kw):
 
 
 # ---------------------------------------------------------------------------------------------- exact laws
+@pytest.mark.usefixtures("both_layers")
 @pytest.mark.parametrize("K, M", [(1, 3), (3, 4)])
 def test_sd_chain_follows_the_target(models, K, M):
     out = decode(models, "sd", num_draft_tokens=K, max_new_tokens=M)
@@ -82,6 +83,7 @@ def test_sd_chain_follows_the_target(models, K, M):
     (3, 4, {}),
     (2, 3, dict(temperature=0.8, top_k=4, top_p=0.9, lam=0.7, max_log_ratio=2.0)),
 ])
+@pytest.mark.usefixtures("both_layers")
 def test_sss_exact_chain_follows_pi(models, K, M, sampling):
     out = decode(models, "sss", num_draft_tokens=K, max_new_tokens=M, **sampling)
     truncation = {k: sampling[k] for k in ("temperature", "top_k", "top_p") if k in sampling}
@@ -91,6 +93,7 @@ def test_sss_exact_chain_follows_pi(models, K, M, sampling):
     assert total_variation(exact, p_law(models[0], PROMPT, M, **truncation)) > 3 * TV_MAX  # p fails clearly
 
 
+@pytest.mark.usefixtures("both_layers")
 @pytest.mark.parametrize("method", ["sd", "sss"])
 @pytest.mark.parametrize("tree", ["sampled", "topk"])
 def test_tree_follows_the_exact_law(models, method, tree):
@@ -102,6 +105,7 @@ def test_tree_follows_the_exact_law(models, method, tree):
     assert total_variation(exact, wrong) > 3 * TV_MAX
 
 
+@pytest.mark.usefixtures("both_layers")
 def test_a_batch_of_different_prompts_gives_each_its_own_law(models):
     prompts = [[1, 2], [3], [2, 0, 1, 3]]  # ragged: left padding in every cache
     out = decode(models, "sss", n=2000, prompts=prompts, num_draft_tokens=2, max_new_tokens=3)
@@ -157,6 +161,7 @@ def test_stats_with_a_draft_equal_to_the_target(models):
     dict(method="sss", tree="sampled", branching=(2, 1, 1)),
     dict(method="sd", tree="topk", branching=(3,)),
 ])
+@pytest.mark.usefixtures("both_layers")
 def test_max_new_tokens_and_eos(models, options):
     target, draft, ref = models
     M = 6

@@ -1,0 +1,236 @@
+"""Engine speed: the eager model layer vs the compiled one (``Engine(compile=True)``) vs ``transformers``'
+``generate`` (eager, and with its own static cache and ``torch.compile``), side by side in one run.
+
+Worlds:
+
+* ``toy``: the shipped toy world (``fastalign.toyworld``: a 3-layer 64-wide target, a 2-layer 48-wide draft,
+  its aligned draft and reward model);
+* ``100m``: random Llama-style models from ``bench_speculative.build_models``: a ~91M-parameter target
+  (12 layers, 768 wide, vocabulary 8192) and a ~13M draft (its embeddings, first layer and norm), the ref a
+  noisy copy of the draft; calibrated (``bench_speculative.calibrate``) so that the draft's entropy is 2 nats
+  and the per-token SD acceptance ``--acceptance`` (0.8); ``cards`` and ``qalign`` use a rule reward (a
+  callable: the share of even token ids), so only the target's calls are timed there.
+
+EOS is disabled everywhere (every run emits exactly ``--max-new-tokens`` tokens per prompt: equal work), and
+sampling is at temperature 1 over the full vocabulary (``top_k=0`` for ``generate``), except ``cards`` (its
+defaults, T = 0.7, top-k 40).
+
+Timing: every case is first run once per variant to compile (its wall time minus the steady-state time is
+reported as the compile time: ``torch.compile`` compiles each new shape on first use), then ``--repeats`` rounds
+run the variants interleaved (eager, compiled, generate, ...) and the minimum wall time per variant is kept:
+on a shared machine scheduling only adds time. The machine's load average is recorded before and after.
+
+    python bench/bench_engine.py                        # both worlds, all cases (CPU: ~30 min, mostly compiling)
+    python bench/bench_engine.py --worlds toy --cases sample_b1,sd_chain
+
+Writes ``bench/results/engine_<device>[_<tag>].json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import command_line, device_info, device_tag, markdown_table, write_results  # noqa: E402
+import fastalign  # noqa: E402
+
+CASES = {  # name: (method, options, batch)
+    "sample_b1": ("sample", {}, 1),
+    "sample_b16": ("sample", {}, 16),
+    "sd_chain": ("sd", {"num_draft_tokens": 4}, 1),
+    "sd_tree": ("sd", {"tree": "sampled"}, 1),
+    "sss_chain": ("sss", {"num_draft_tokens": 4}, 1),
+    "sss_tree": ("sss", {"tree": "sampled"}, 1),
+    "cards": ("cards", {"reward_threshold": 0.0}, 1),
+    "qalign": ("qalign", {"steps": 4}, 1),
+}
+GENERATE_CASES = ("sample_b1", "sample_b16")  # where generate does the same work
+
+
+def even_share(prompts, responses):
+    """A rule reward for the random models: the share of even token ids in the response."""
+    return torch.tensor([sum(t % 2 == 0 for t in r) / max(1, len(r)) for r in responses])
+
+
+# ------------------------------------------------------------------------------------------- worlds
+def toy_world(args):
+    from fastalign.toyworld import load_toy_world
+
+    w = load_toy_world()
+    for m in (w.target, w.draft, w.aligned_draft):
+        m.generation_config.eos_token_id = None
+    prompts = [p for p in w.tokenizer(w.prompts)["input_ids"]]
+    models = dict(target=w.target, draft=w.draft, sss_draft=w.aligned_draft, ref=w.ref, reward=w.reward)
+    return models, prompts, {}
+
+
+def random_world(args):
+    from bench.bench_speculative import TARGET_SIZES, build_models, calibrate
+
+    TARGET_SIZES.setdefault("100m", dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12,
+                                         num_key_value_heads=4, num_hidden_layers=12, vocab_size=8192))
+    target, draft, extra = build_models("100m", "10m", torch.device("cpu"), torch.float32, args.seed)
+    calib = argparse.Namespace(seed=args.seed, entropy=2.0, acceptance=args.acceptance, ref_tv=0.25)
+    ref, settings = calibrate(target, draft, extra, calib, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(1, target.config.vocab_size, (16, 16), generator=gen).tolist()
+    settings.update(target_params=sum(p.numel() for p in target.parameters()),
+                    draft_params=sum(p.numel() for p in draft.parameters()))
+    models = dict(target=target, draft=draft, sss_draft=draft, ref=ref, reward=even_share)
+    return models, prompts, settings
+
+
+def engines(models, compile_):
+    """The engines of one layer kind: one for sss (aligned draft + ref), one for everything else."""
+    def no_eos(engine):
+        for lm in (engine.target, engine.draft, engine.ref):
+            if lm is not None:
+                lm.eos_token_ids = set()
+                lm.eos_tensor = lm.eos_tensor[:0]
+        return engine
+
+    plain = no_eos(fastalign.Engine(target=models["target"], draft=models["draft"], reward=models["reward"],
+                                    compile=compile_))
+    sss = no_eos(fastalign.Engine(target=models["target"], draft=models["sss_draft"], ref=models["ref"],
+                                  compile=compile_))
+    sss.target = plain.target  # one compiled target per world
+    return {"plain": plain, "sss": sss}
+
+
+# ------------------------------------------------------------------------------------------- runs
+def fastalign_run(engs, method, options, prompts, max_new, seed):
+    engine = engs["sss" if method == "sss" else "plain"]
+    kw = {} if method == "cards" else dict(temperature=1.0)
+    out = engine.decode(prompts, method=method, max_new_tokens=max_new, seed=seed, **kw, **options)
+    st = out.stats
+    extra = {k: st[k] for k in ("acceptance_rate", "accepted_per_target_call") if k in st}
+    return dict(tokens=st["generated_tokens"], target_calls=st["target_calls"], **extra)
+
+
+def generate_run(model, prompts, max_new, seed, static: bool):
+    from transformers import CompileConfig
+
+    ids = torch.tensor(prompts)
+    torch.manual_seed(seed)
+    kw = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new, min_new_tokens=max_new,
+              pad_token_id=0, attention_mask=torch.ones_like(ids))
+    if static:
+        cfg = CompileConfig(dynamic=False)
+        cfg._compile_all_devices = True  # generate compiles on GPUs only unless told
+        kw.update(cache_implementation="static", compile_config=cfg)
+    out = model.generate(ids, **kw)
+    return dict(tokens=(out.shape[1] - ids.shape[1]) * ids.shape[0])
+
+
+def run_case(name, world_models, engs, prompts, args):
+    method, options, batch = CASES[name]
+    rows = (prompts * batch)[:batch]
+    variants = {
+        "eager": lambda seed: fastalign_run(engs["eager"], method, options, rows, args.max_new_tokens, seed),
+        "compiled": lambda seed: fastalign_run(engs["compiled"], method, options, rows, args.max_new_tokens, seed),
+    }
+    if name in GENERATE_CASES:
+        target = world_models["target"]
+        variants["generate"] = lambda seed: generate_run(target, rows, args.max_new_tokens, seed, False)
+        variants["generate_static_compiled"] = lambda seed: generate_run(target, rows, args.max_new_tokens, seed,
+                                                                         True)
+    first, times, info = {}, {k: [] for k in variants}, {}
+    for k, fn in variants.items():  # first calls: compilation of new shapes
+        t = time.perf_counter()
+        info[k] = fn(args.seed)
+        first[k] = time.perf_counter() - t
+    for r in range(args.repeats):
+        for k, fn in variants.items():
+            t = time.perf_counter()
+            info[k] = fn(args.seed + 1 + r)
+            times[k].append(time.perf_counter() - t)
+    out = {}
+    for k in variants:
+        best = min(times[k])
+        out[k] = dict(wall_s=best, tokens=info[k]["tokens"], tokens_per_s=info[k]["tokens"] / best,
+                      first_call_s=first[k], compile_s=max(0.0, first[k] - best), all_wall_s=times[k],
+                      **{x: v for x, v in info[k].items() if x != "tokens"})
+    print(f"  {name}: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s (compile {v['compile_s']:.0f} s)"
+                                   for k, v in out.items()), flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worlds", default="toy,100m")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--acceptance", type=float, default=0.8, help="per-token SD acceptance of the 100m draft")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; README, CPU threads)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--tag", help="suffix of the result files: engine_<device>_<tag>")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = device_info(torch.device("cpu"))
+    info["cpu_count"] = os.cpu_count()
+    payload = dict(command=command_line(), device=info, threads=args.threads, max_new_tokens=args.max_new_tokens,
+                   repeats=args.repeats, load_before=os.getloadavg(), worlds={})
+    for world in args.worlds.split(","):
+        print(f"{world}:", flush=True)
+        models, prompts, settings = (toy_world if world == "toy" else random_world)(args)
+        engs = {"eager": engines(models, False), "compiled": engines(models, True)}
+        results = {}
+        for name in args.cases.split(","):
+            results[name] = run_case(name, models, engs, prompts, args)
+        compiled_shapes = {role: sorted(getattr(engs["compiled"][kind], role).compiled_shapes)
+                           for kind, role in (("plain", "target"), ("plain", "draft"), ("sss", "draft"),
+                                              ("sss", "ref"))}
+        payload["worlds"][world] = dict(settings=settings, cases=results, compiled_shapes=compiled_shapes)
+    payload["load_after"] = os.getloadavg()
+    stem = f"engine_{device_tag(info)}" + (f"_{args.tag}" if args.tag else "")
+    paths = write_results(stem, payload, to_markdown(payload), args.out_dir)
+    print("wrote", *paths)
+
+
+def to_markdown(payload) -> str:
+    dev = payload["device"]
+    lines = [f"# Engine speed: eager vs compiled vs transformers generate ({dev['name']}, "
+             f"{payload['threads']} thread(s), {dev['cpu_count']} CPUs)\n",
+             f"`{payload['command']}`\n",
+             f"torch {dev['torch']}; {payload['max_new_tokens']} new tokens per prompt, EOS disabled; minimum of "
+             f"{payload['repeats']} interleaved repeats. Load average before / after: "
+             f"{', '.join(f'{x:.1f}' for x in payload['load_before'])} / "
+             f"{', '.join(f'{x:.1f}' for x in payload['load_after'])}.\n"]
+    for world, res in payload["worlds"].items():
+        lines.append(f"\n## {world}\n")
+        if res["settings"]:
+            s = res["settings"]
+            lines.append(f"target {s['target_params'] / 1e6:.0f}M, draft {s['draft_params'] / 1e6:.0f}M "
+                         f"parameters; calibrated SD acceptance {s['sd_acceptance']:.2f}.\n")
+        rows = []
+        for name, r in res["cases"].items():
+            e, c = r["eager"], r["compiled"]
+            ref_sample = res["cases"].get("sample_b1", {}).get("compiled")
+            row = [name, f"{e['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}",
+                   f"{c['tokens_per_s'] / e['tokens_per_s']:.2f}x"]
+            g, gs = r.get("generate"), r.get("generate_static_compiled")
+            row += [f"{g['tokens_per_s']:.1f}" if g else "", f"{gs['tokens_per_s']:.1f}" if gs else "",
+                    f"{c['tokens_per_s'] / g['tokens_per_s']:.2f}x" if g else "",
+                    f"{c['tokens_per_s'] / gs['tokens_per_s']:.2f}x" if gs else ""]
+            row.append(f"{c['tokens_per_s'] / ref_sample['tokens_per_s']:.2f}x"
+                       if ref_sample and name.startswith(("sd", "sss")) else "")
+            row.append(f"{c['acceptance_rate']:.2f}" if "acceptance_rate" in c else "")
+            row.append(f"{c['compile_s']:.0f}" + (f" / {gs['compile_s']:.0f}" if gs else ""))
+            rows.append(row)
+        lines.append(markdown_table(
+            ["case", "eager tok/s", "compiled tok/s", "compiled / eager", "generate tok/s",
+             "generate static+compile tok/s", "compiled / generate", "compiled / generate static+compile",
+             "compiled / compiled sample_b1", "acceptance", "compile s (ours / generate's)"], rows))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

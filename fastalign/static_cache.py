@@ -1,0 +1,370 @@
+"""Layer 3, compiled: a preallocated static KV cache and fixed-shape model steps compiled with ``torch.compile``.
+
+``StaticCausalLM`` and ``StaticCachedModel`` have the interface and the meaning of ``models.CausalLM`` and
+``models.CachedModel`` (the eager reference): the methods run on either unchanged. What differs is storage:
+
+* per layer, keys and values ``[R, H, S, D]`` allocated once: ``R`` is the batch rounded up to a bucket
+  (``BATCH_BUCKETS``; rows past the batch are padding), ``S`` a maximum length;
+* every block is written at one column range ``[end, end + T)`` shared by all rows; rows differ only by
+  their live masks (``_live [R, S]``), so ``live`` (the view ``_live[:B, :end]``) means exactly what it
+  means in the eager cache, and ``rollback`` / ``keep_new`` are the same mask updates (inherited);
+* cropping trailing dead columns moves ``end`` back (no copy); ``compact`` gathers the live slots within
+  the same buffers and runs only when a block would not fit; ``select_rows`` gathers rows in place.
+
+A step is one forward over the whole cache with an additive mask ``[R, 1, Tb, S]`` built inside the step
+from the live mask and the block's own visibility (causal, or a tree). Its shapes depend only on ``(R, Tb,
+S)``: a block of ``T`` tokens is padded to the width bucket ``Tb`` (``WIDTH_BUCKETS``: 1, 2, 4, 8, 16; the
+padding is dead, beyond ``end``) and compiled once per shape with ``torch.compile(dynamic=False)``, then
+reused by every later call of that shape (decode steps, speculative verify blocks, tree blocks, reward
+branch blocks). Wider blocks (a prefill) run the same step uncompiled. With ``compile=False`` the same
+code runs without ``torch.compile``: that is how the tests check the static cache quickly.
+
+The KV write is the gpt-fast recipe: ``index_copy_`` of the block into the preallocated tensors, through a
+``transformers`` ``Cache`` subclass (``SlotCache``), so any HF causal LM that takes an explicit 4-D mask and
+position ids works unchanged (Llama-, GPT-2- and OPT-style models are tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import native
+from .models import CachedModel, CausalLM, InputError
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # beyond 64 rows: multiples of 64
+WIDTH_BUCKETS = (1, 2, 4, 8, 16)  # wider blocks run uncompiled at their own width
+LENGTH_STEP = 128  # the cache length S is a multiple of this
+RECOMPILE_LIMIT = 256  # shapes x models share one compiled function: torch's default limit (8) is too low
+
+
+def batch_bucket(rows: int) -> int:
+    for b in BATCH_BUCKETS:
+        if rows <= b:
+            return b
+    return -(-rows // 64) * 64
+
+
+def width_bucket(width: int) -> int | None:
+    """The compiled width for a block of ``width`` tokens, or None (run uncompiled)."""
+    return next((w for w in WIDTH_BUCKETS if width <= w), None)
+
+
+def _round_length(n: int) -> int:
+    return max(LENGTH_STEP, -(-n // LENGTH_STEP) * LENGTH_STEP)
+
+
+# --------------------------------------------------------------------------- the transformers Cache
+class _Write:
+    """Where the current block goes: ``columns [Tb]``, shared by the layers of one cache."""
+
+    columns: torch.Tensor
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's preallocated keys and values ``[R, H, S, D]``; ``update`` writes the block at the shared
+    columns (``index_copy_``) and returns the whole buffers (attention is masked by the 4-D mask)."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, write: _Write, rows: int, length: int):
+        super().__init__()
+        self.write, self.rows, self.length = write, rows, length
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        H, D, Dv = key_states.shape[1], key_states.shape[3], value_states.shape[3]
+        kw = dict(dtype=key_states.dtype, device=key_states.device)
+        self.keys = torch.zeros(self.rows, H, self.length, D, **kw)
+        self.values = torch.zeros(self.rows, H, self.length, Dv, **kw)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys.index_copy_(2, self.write.columns, key_states)
+        self.values.index_copy_(2, self.write.columns, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # positions are always given explicitly
+
+    def get_max_length(self) -> int:
+        return self.length
+
+
+class SlotCache(Cache):
+    """A ``transformers`` cache of ``SlotLayer`` s (created as the model asks for them, on the first call)."""
+
+    def __init__(self, rows: int, length: int):
+        self.write = _Write()
+        super().__init__(layer_class_to_replicate=functools.partial(SlotLayer, self.write, rows, length))
+        self.rows, self.length = rows, length
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.layers) and all(layer.is_initialized for layer in self.layers)
+
+
+# --------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class StaticOptions:
+    """How the static path runs.
+
+    ``compile``: compile the fixed-shape steps with ``torch.compile`` (False: run the same steps as they are,
+    e.g. in tests). ``mode``: torch.compile's mode (None: its default; on a GPU ``"reduce-overhead"`` adds
+    CUDA graphs). ``cpp_wrapper``: inductor's C++ wrapper on the CPU (less Python per call).
+    ``skip_guards``: once a shape is compiled, call it with torch's ``skip_guard_eval_unsafe`` stance, so a
+    step evaluates only the guards that tell this model's compiled shapes apart. Safe here because every
+    model has its own compiled function (its own code object) and the shape key ``(R, Tb, Tq, S)`` is all that
+    varies between its calls (no grad, no keyword arguments, fixed dtypes); a new shape is always compiled
+    under full guards first.
+    """
+
+    compile: bool = True
+    mode: str | None = None
+    cpp_wrapper: bool = True
+    skip_guards: bool = True
+
+
+def _configure_dynamo() -> None:
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+
+
+# --------------------------------------------------------------------------- the model wrappers
+class _StaticStorage:
+    """The static-cache storage of a ``CachedModel`` (mixed in before it; see the module docstring)."""
+
+    def _init_static(self, options: StaticOptions) -> None:
+        self.options = options
+        self.reserve = 0  # columns to allocate beyond a prefill (set by CausalLM.prefill: max_new_tokens)
+        self.rows = 0
+        self.end = 0
+        self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.cache = None
+        self.compiled_shapes: set[tuple[int, int, int, int]] = set()  # (R, Tb, Tq, S) compiled so far
+        self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self._compiled_step = None
+        if options.compile:
+            _configure_dynamo()
+            # a code object of its own: torch's compile cache (and its guards) is per code object
+            step = types.FunctionType(_StaticStorage._step.__code__.replace(), globals(), "_step")
+            inductor = {"cpp_wrapper": True} if options.cpp_wrapper and self.device.type == "cpu" else None
+            self._compiled_step = torch.compile(step, dynamic=False, mode=options.mode, options=inductor)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def live(self) -> torch.Tensor:
+        """``[B, end]`` view of the live mask: the same meaning as the eager cache's ``live``."""
+        return self._live_buf[: self.rows, : self.end]
+
+    @live.setter
+    def live(self, value: torch.Tensor) -> None:
+        if getattr(self, "_live_buf", None) is None:  # CachedModel.__init__, before _init_static
+            return
+        B, width = value.shape
+        if B != self.rows or width > self.end:
+            raise RuntimeError("the static cache's live mask is only ever narrowed in place")
+        self._live_buf[:B, :width] = value
+        self._live_buf[:, width: self.end] = False
+        self.end = width
+
+    def reset(self) -> None:
+        self.rows, self.end = 0, 0
+        if getattr(self, "_live_buf", None) is not None:
+            self._live_buf.zero_()
+
+    def _layers(self):
+        return self.cache.layers if self.cache is not None else []
+
+    # ---------------------------------------------------------------- allocation
+    def _allocate(self, rows: int, length: int) -> None:
+        """Fresh buffers for ``rows`` rows (a bucket) and ``length`` columns; keys/values appear on the first call."""
+        self.cache = SlotCache(rows, length)
+        self._live_buf = torch.zeros(rows, length, dtype=torch.bool, device=self.device)
+
+    def _resize(self, rows: int, length: int, row_index: torch.Tensor | None = None) -> None:
+        """New buffers of ``rows x length`` holding the current rows (or ``row_index`` of them) at the same columns."""
+        old, old_live = self.cache, self._live_buf
+        index = torch.arange(self.rows, device=self.device) if row_index is None else row_index
+        self.cache = SlotCache(rows, length)
+        n, w = index.shape[0], min(self.end, length)
+        for layer in old.layers:
+            new = SlotLayer(self.cache.write, rows, length)
+            new.lazy_initialization(layer.keys[:1], layer.values[:1])
+            new.keys[:n, :, :w] = layer.keys[index, :, :w]
+            new.values[:n, :, :w] = layer.values[index, :, :w]
+            self.cache.layers.append(new)
+        self._live_buf = torch.zeros(rows, length, dtype=torch.bool, device=self.device)
+        self._live_buf[:n, :w] = old_live[index, :w]
+
+    def _make_room(self, B: int, width: int) -> None:
+        """Buffers for a block of ``width`` columns over ``B`` rows: allocate, compact or grow as needed."""
+        if self.rows == 0:  # a fresh batch (prefill)
+            length = _round_length(width + self.reserve + 2 * WIDTH_BUCKETS[-1])
+            if self.cache is None or self.cache.rows != batch_bucket(B) or self.cache.length < length:
+                self._allocate(batch_bucket(B), length)
+            self.rows = B
+            return
+        if B != self.rows:
+            raise InputError(f"batch of {B} rows given to a cache of {self.rows} rows")
+        if self.end + width <= self.cache.length:
+            return
+        self.compact()
+        if self.end + width > self.cache.length:
+            self._resize(self.cache.rows, _round_length(2 * (self.end + width)))
+
+    # ---------------------------------------------------------------- forward
+    def _step(self, tokens, positions, seen, block, columns, **kwargs):
+        """One forward of ``tokens [R, Tb]`` written at ``columns [Tb]``: query ``t`` of row ``b`` sees the cached
+        slots ``seen [R, 1 or Tb, S]`` and the block's tokens ``block [R, Tb, Tb]``. Returns logits or hidden states."""
+        R, Tb = tokens.shape
+        visible = seen.expand(R, Tb, seen.shape[2]).index_copy(2, columns, block)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+        mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None]
+        out = self._backbone(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                             **{self._cache_arg: self.cache}, use_cache=True, **kwargs)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    @torch.no_grad()
+    def _run(self, tokens: torch.Tensor, parents: torch.Tensor | None, live: torch.Tensor | None, **kwargs):
+        """``CachedModel._run`` over the static cache (same arguments, same meaning)."""
+        tokens = tokens.to(self.device)
+        B, T = tokens.shape
+        Tb = width_bucket(T) if not kwargs else None
+        compiled = Tb is not None and self.options.compile and self.rows > 0 and self.cache.initialized
+        width = Tb if compiled else T
+        self._make_room(B, width)
+        R, S, start = self.cache.rows, self.cache.length, self.end
+        dev = self.device
+        new_live = torch.ones(B, T, dtype=torch.bool, device=dev) if live is None else live.to(dev)
+        positions, block, ancestry = self._layout(new_live, parents)
+
+        # the step's inputs, padded to R rows and `width` columns (padding: dead, sees only itself)
+        seen = self._live_buf[:, None, :]
+        if ancestry is not None:
+            P = ancestry.shape[2]
+            seen = seen.expand(R, width, S).clone()
+            seen[:B, :T, start - P: start] &= ancestry
+        if (R, width) != (B, T):
+            tokens, positions = _pad(tokens, R, width), _pad(positions, R, width)
+        if block is None and (T == 1 or live is None):  # a chain without padding: a constant
+            block = self._causal_block(R, width, B, T)
+        else:
+            if block is None:
+                block = torch.ones(B, T, T, dtype=torch.bool, device=dev).tril_() & new_live[:, None, :]
+                block |= torch.eye(T, dtype=torch.bool, device=dev)
+            if (R, width) != (B, T):
+                padded = torch.eye(width, dtype=torch.bool, device=dev).repeat(R, 1, 1)
+                padded[:B, :T, :T] = block
+                block = padded
+        columns = torch.arange(start, start + width, device=dev)
+        self.cache.write.columns = columns
+        if compiled:
+            shape = (R, width, seen.shape[1], S)
+            known = shape in self.compiled_shapes and self.options.skip_guards
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=known):
+                out = self._compiled_step(self, tokens, positions, seen, block, columns)
+            self.compiled_shapes.add(shape)
+        else:
+            out = self._step(tokens, positions, seen, block, columns, **kwargs)
+
+        self._live_buf[:B, start: start + T] = new_live
+        self.end = start + T
+        self.counters.calls += 1
+        self.counters.tokens += int(new_live.sum())
+        out = out[:B, :T] if out.shape[1] >= T else out[:B]  # (logits_to_keep may have cut the block)
+        return SimpleNamespace(logits=out, last_hidden_state=out)
+
+    def _causal_block(self, R: int, width: int, B: int, T: int) -> torch.Tensor:
+        """``[R, width, width]``: causal over the first ``T`` columns of the first ``B`` rows, padding sees only
+        itself (cached: decode steps use the same one every time)."""
+        key = (R, width, B, T)
+        block = self._blocks.get(key)
+        if block is None:
+            block = torch.eye(width, dtype=torch.bool, device=self.device).repeat(R, 1, 1)
+            block[:B, :T, :T] = torch.ones(T, T, dtype=torch.bool, device=self.device).tril_()
+            self._blocks[key] = block
+        return block
+
+    # ---------------------------------------------------------------- cache surgery
+    def _tidy(self) -> None:
+        """Crop trailing all-dead columns (``end`` moves back; nothing is copied)."""
+        alive_cols = self.live.any(0).nonzero()
+        self.end = int(alive_cols.max()) + 1 if alive_cols.numel() else 0
+
+    def compact(self) -> None:
+        """Move each row's live slots to the right end of ``[0, max length)`` (order kept), in the same buffers."""
+        if self.rows == 0 or self.end == 0:
+            return
+        live = self.live
+        order = torch.argsort(live.to(torch.int8), dim=1, stable=True)
+        width = int(live.sum(1).max())
+        order = order[:, self.end - width:]
+        gathered = native.gather_slots_many(
+            [t[: self.rows, :, : self.end] for layer in self._layers() for t in (layer.keys, layer.values)], order)
+        for i, layer in enumerate(self._layers()):
+            layer.keys[: self.rows, :, :width] = gathered[2 * i]
+            layer.values[: self.rows, :, :width] = gathered[2 * i + 1]
+        new_live = torch.gather(live, 1, order)
+        self._live_buf[:, : self.end] = False
+        self._live_buf[: self.rows, :width] = new_live
+        self.end = width
+
+    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only the given rows, in the given order (repeats allowed); the buffers change size only when the
+        batch moves to another bucket."""
+        rows = torch.as_tensor(rows, device=self.device, dtype=torch.long)
+        n = rows.shape[0]
+        if n == 0:  # every row has finished
+            self.reset()
+            return
+        if batch_bucket(n) != self.cache.rows:
+            self._resize(batch_bucket(n), self.cache.length, rows)
+        else:
+            w = self.end
+            for layer in self._layers():
+                layer.keys[:n, :, :w] = layer.keys[rows, :, :w]
+                layer.values[:n, :, :w] = layer.values[rows, :, :w]
+            live = self._live_buf[rows]
+            self._live_buf.zero_()
+            self._live_buf[:n] = live
+        self.rows = n
+
+
+def _pad(x: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """``x [B, T]`` zero-padded to ``[rows, width]``."""
+    out = x.new_zeros(rows, width)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+class StaticCachedModel(_StaticStorage, CachedModel):
+    """``CachedModel`` over a static cache (e.g. a reward model's backbone)."""
+
+    def __init__(self, model, backbone=None, options: StaticOptions = StaticOptions()):
+        CachedModel.__init__(self, model, backbone)
+        self._init_static(options)
+
+
+class StaticCausalLM(_StaticStorage, CausalLM):
+    """``CausalLM`` over a static cache with compiled fixed-shape steps (module docstring)."""
+
+    def __init__(self, model, options: StaticOptions = StaticOptions()):
+        CausalLM.__init__(self, model)
+        self._init_static(options)
+
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int = 0) -> torch.Tensor:
+        self.reserve = max_new_tokens
+        return CausalLM.prefill(self, prompts, max_new_tokens)

@@ -1,0 +1,168 @@
+"""The compiled path (``fastalign.static_cache``): the same outputs as the eager reference.
+
+Most tests run the static cache uncompiled (``static_cache=True``: the same cache logic and fixed-shape steps,
+without torch.compile's tens of seconds per shape); ``test_compiled_*`` compile for real. The cache-equality
+and exact-law tests of the other files also run on both layers (fixtures ``layer`` and ``both_layers``).
+"""
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import static_cache
+from fastalign.models import CausalLM, InputError
+from fastalign.static_cache import StaticCausalLM, StaticOptions, batch_bucket, width_bucket
+from fastalign.testing import tiny_causal_lm
+
+UNCOMPILED = StaticOptions(compile=False)
+
+
+@pytest.fixture(scope="module")
+def world():
+    from fastalign.toyworld import load_toy_world
+
+    return load_toy_world()
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_buckets():
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 16, 17, 64, 65, 130)] == [1, 2, 4, 8, 16, 32, 64, 128, 192]
+    assert [width_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17)] == [1, 2, 4, 8, 16, 16, None]
+
+
+CASES = [
+    ("sample", {}),
+    ("bon", {"n": 3}),
+    ("soft_bon", {"n": 3}),
+    ("args", {}),
+    ("rs", {"reward_threshold": -1.0}),
+    ("cards", {"reward_threshold": 1.0, "max_segment_tokens": 6}),
+    ("cards", {"reward_threshold": 1.0, "parallel_candidates": 3}),
+    ("sd", {"num_draft_tokens": 3}),
+    ("sd", {"tree": "topk", "branching": (2, 2, 1)}),
+    ("sss", {"num_draft_tokens": 4}),
+    ("sss", {"tree": "sampled"}),
+    ("sss", {"variant": "paper", "bonus_on_full_accept": False}),
+    ("qalign", {"steps": 3, "chains": 2}),
+]
+
+
+@pytest.mark.parametrize("method,options", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_every_method_gives_the_eager_output(world, method, options):
+    """Same seed, same prompts (ragged, a batch of 5 that shrinks across row buckets as prompts finish)."""
+    prompts = [p for p in world.prompts[:5]]
+    roles = dict(target=world.target, draft=world.aligned_draft if method == "sss" else world.draft,
+                 ref=world.ref if method == "sss" else None, reward=world.reward, tokenizer=world.tokenizer)
+    outs = {}
+    for static in (False, True):
+        engine = fastalign.Engine(**roles, static_cache=static)
+        outs[static] = engine.decode(prompts, method=method, max_new_tokens=20, seed=3, **options)
+    assert outs[True].sequences == outs[False].sequences
+    for key in ("target_calls", "target_tokens", "draft_calls", "draft_tokens", "reward_calls", "reward_tokens"):
+        assert outs[True].stats[key] == outs[False].stats[key], key
+
+
+def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
+    """A small cache (16 columns) forces compaction and growth; select_rows moves between row buckets."""
+    monkeypatch.setattr(static_cache, "LENGTH_STEP", 16)
+    model = tiny_causal_lm("llama", context=256)
+    lms = [CausalLM(model), StaticCausalLM(model, UNCOMPILED)]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]]
+    outs = [lm.prefill(prompts) for lm in lms]
+    assert_close(outs[1], outs[0])
+    initial_length, compactions = lms[1].cache.length, []
+    compact = lms[1].compact
+    monkeypatch.setattr(lms[1], "compact", lambda: compactions.append(1) or compact())
+    for step in range(60):
+        B = lms[0].batch_size
+        kind = step % 5
+        fed = None  # which outputs are of live tokens (padding positions carry no meaning)
+        if kind == 0:  # a tree block, keep one path per row
+            parents = torch.tensor([[-1, 0, -1, 2, 3]] * B)
+            toks = torch.randint(1, 60, (B, 5), generator=gen)
+            outs = [lm.extend(toks, parents=parents) for lm in lms]
+            keep = torch.randint(0, 2, (B, 5), generator=gen).bool()
+            for lm in lms:
+                lm.keep_new(keep)
+        elif kind == 1:  # a padded chain, then a per-row rollback
+            toks = torch.randint(1, 60, (B, 3), generator=gen)
+            fed = torch.rand(B, 3, generator=gen) > 0.3
+            outs = [lm.extend(toks, live=fed) for lm in lms]
+            n = torch.minimum(torch.randint(0, 3, (B,), generator=gen), lms[0].lengths)
+            for lm in lms:
+                lm.rollback(n)
+        elif kind == 2:  # rows change: drop some, repeat some (row buckets 8 -> 4 -> 2 -> ...)
+            rows = torch.randperm(B, generator=gen)[: max(1, B - 2)]
+            if step % 10 == 2:
+                rows = torch.cat([rows, rows[:3]])
+            for lm in lms:
+                lm.select_rows(rows)
+            outs = [lm.extend(torch.full((len(rows), 1), 5)) for lm in lms]
+        else:  # single tokens
+            toks = torch.randint(1, 60, (B, 1), generator=gen)
+            outs = [lm.extend(toks) for lm in lms]
+        assert lms[1].lengths.tolist() == lms[0].lengths.tolist()
+        got, want = (outs[1], outs[0]) if fed is None else (outs[1][fed], outs[0][fed])
+        assert_close(got, want)
+    assert lms[1].cache.length > initial_length and compactions  # it compacted, and grew
+    lms[1].compact()
+    assert lms[1].live.shape[1] == int(lms[1].lengths.max())
+    assert_close(lms[1].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)),
+                 lms[0].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)))
+
+
+def test_engine_options_and_errors(world):
+    engine = fastalign.Engine(target=world.target, compile=True)
+    assert isinstance(engine.target, StaticCausalLM) and engine.target.options.compile
+    assert isinstance(fastalign.Engine(target=world.target, static_cache=True).target, StaticCausalLM)
+    assert type(fastalign.Engine(target=world.target).target) is CausalLM
+    with pytest.raises(InputError, match="static cache"):
+        fastalign.Engine(target=world.target, compile=True, static_cache=False)
+    lm = StaticCausalLM(tiny_causal_lm("llama", context=16), UNCOMPILED)
+    with pytest.raises(InputError, match="context length"):
+        lm.prefill([list(range(1, 17))], max_new_tokens=4)
+    lm.prefill([[1, 2]])
+    with pytest.raises(InputError, match="rows"):
+        lm.extend(torch.ones(2, 1, dtype=torch.long))
+
+
+def test_compiled_steps_match_the_eager_cache():
+    """torch.compile for real: a decode step (width 1) and a verify block (width 3 -> bucket 4) over 3 rows
+    (bucket 4), reused across calls and across a new prefill, equal the eager cache's logits."""
+    model = tiny_causal_lm("llama")
+    eager, compiled = CausalLM(model), StaticCausalLM(model, StaticOptions(compile=True))
+    for prompts in ([[1, 2, 3], [4, 5], [6]], [[7], [8, 9], [10, 11, 12]]):
+        assert_close(compiled.prefill(prompts, 16), eager.prefill(prompts, 16))
+        for step in range(4):
+            toks = torch.tensor([[step + 1], [step + 2], [step + 3]])
+            assert_close(compiled.extend(toks), eager.extend(toks))
+            block = toks + torch.tensor([[0, 1, 2]])
+            assert_close(compiled.extend(block), eager.extend(block))
+            for lm in (compiled, eager):
+                lm.rollback(torch.tensor([3, 1, 2]))
+    assert compiled.compiled_shapes == {(4, 1, 1, 128), (4, 4, 1, 128)}
+
+
+def test_compiled_engine_decodes_what_eager_decodes(world):
+    prompts = world.prompts[:2]
+    kw = dict(method="sample", max_new_tokens=12, seed=5)
+    compiled = fastalign.Engine(target=world.target, tokenizer=world.tokenizer, compile=True)
+    eager = fastalign.Engine(target=world.target, tokenizer=world.tokenizer)
+    assert compiled.decode(prompts, **kw).sequences == eager.decode(prompts, **kw).sequences
+    assert compiled.target.compiled_shapes  # the decode steps ran compiled
+
+
+def test_cli_compile_and_threads_flags(world):
+    from fastalign.cli import DEFAULT_THREADS, build_parser, engine_factory
+
+    args = build_parser().parse_args(["generate", "--toy", "--compile", "--threads", "2", "hello"])
+    assert args.compile and args.threads == 2
+    engine = engine_factory(args, world)("sample")
+    assert isinstance(engine.target, StaticCausalLM) and engine.target.options.compile
+    args = build_parser().parse_args(["generate", "--toy", "hello"])
+    assert not args.compile and args.threads == DEFAULT_THREADS == 1
+    assert type(engine_factory(args, world)("sample").target) is CausalLM
