@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .methods import get_method
+from .methods import get_method, remote_target_methods
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
 from .remote import RemoteLM
@@ -85,7 +85,8 @@ class Engine:
         )
         for role in ("draft", "ref"):
             lm = getattr(self, role)
-            if lm is not None and self.target is not None and lm.vocab_size != self.target.vocab_size:
+            if (isinstance(lm, CausalLM) and isinstance(self.target, CausalLM)
+                    and lm.vocab_size != self.target.vocab_size):
                 raise InputError(
                     f"vocabularies differ: the {role} has {lm.vocab_size} tokens, the target {self.target.vocab_size}"
                 )
@@ -110,7 +111,11 @@ class Engine:
             if getattr(self, role) is None:
                 raise InputError(f"method {method!r} needs a {role} model (pass {role}=...)")
         if isinstance(self.target, RemoteLM) and not getattr(module, "REMOTE_TARGET", False):
-            raise InputError(f"method {method!r} needs a local target; a RemoteLM target works with qalign")
+            raise InputError(f"method {method!r} needs per-token logits, so a local target (a model or a path); "
+                             f"a RemoteLM target works with {', '.join(remote_target_methods())}")
+        for role in ("draft", "ref"):
+            if isinstance(getattr(self, role), RemoteLM):
+                raise InputError(f"the {role} must be a local model (a model or a path), not a RemoteLM")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         defaults = getattr(module, "DEFAULTS", {})

@@ -1,9 +1,6 @@
 """qalign: the chains' law against the exact MCMC law, state paths, caching, selection rules, remote backends."""
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -272,41 +269,12 @@ def test_remote_chains_follow_the_law(model, server):
 
 
 def test_remote_errors(model, server):
-    with pytest.raises(fastalign.InputError, match="local target"):
-        fastalign.decode([[1]], method="sample", target=RemoteLM(server))
+    for method in ("cards", "sd", "args"):
+        with pytest.raises(fastalign.InputError, match="per-token logits, so a local target"):
+            fastalign.decode([[1]], method=method, target=RemoteLM(server), draft=model, reward=reward_fn)
     with pytest.raises(RemoteError, match="context length"):
         RemoteLM(server).complete([[1] * 200], [2])
     with pytest.raises(RemoteError, match="lists no model"):
         RemoteLM(server, model="other")
     with pytest.raises(RemoteError, match="cannot reach"):
         RemoteReward("http://127.0.0.1:9", timeout=5)([[1]], [[2]])
-
-
-class _VllmStyle(BaseHTTPRequestHandler):
-    """Answers like an older vLLM: token ids only as ``logprobs.tokens``, the EOS token left out."""
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        tokens = [3, 1, 2, 4][: body["max_tokens"]]
-        finish = "stop" if body["max_tokens"] > 2 else "length"
-        choice = {"index": 0, "text": "", "finish_reason": finish,
-                  "logprobs": {"tokens": [f"token_id:{t}" for t in tokens[:2]]}}
-        data = json.dumps({"choices": [choice]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_remote_reads_vllm_token_ids_and_restores_a_dropped_eos():
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), _VllmStyle)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        lm = RemoteLM(f"http://127.0.0.1:{stub.server_port}/v1", model="m", eos_token_ids=[EOS])
-        assert lm.complete([[1], [2]], [4, 2]) == [[3, 1, EOS], [3, 1]]
-    finally:
-        stub.shutdown()
-        stub.server_close()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import Context, MethodResult
+from .base import Context, MethodResult, ResponseSampler
 from .rs import Streak, calibrate_reward_threshold, check_acceptance_options, passes
 
 REQUIRES = ("target", "reward")
@@ -167,7 +167,7 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
     target, reward = ctx.target, ctx.reward
     logits = target.prefill(prompts, ctx.max_new_tokens)
     r_prompt = reward.prefill(prompts)
-    r_star = (calibrate_reward_threshold(ctx, prompts, logits) if reward_threshold == "auto"
+    r_star = (calibrate_reward_threshold(ctx, ResponseSampler(ctx, prompts, logits)) if reward_threshold == "auto"
               else torch.full((B,), float(reward_threshold)))
     extra = {"reward_threshold": r_star, "segment_lengths": [[] for _ in range(B)]}
     target.expand(M)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Context, MethodResult, sample_continuations
+from .base import Context, MethodResult, ResponseSampler
 
 REQUIRES = ("target", "reward")
+REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM
 DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS code's sampling settings (T = 0.7, top-k 40)
 
 AUTO_SAMPLES = 8  # plain samples per prompt that calibrate reward_threshold="auto"
@@ -38,20 +39,17 @@ def check_acceptance_options(reward_threshold, accept_beta: float, mode: str, ma
         raise ValueError(f"max_rejections must be an integer >= 0, got {max_rejections!r}")
 
 
-def calibrate_reward_threshold(ctx: Context, prompts: list[list[int]], prompt_logits: torch.Tensor) -> torch.Tensor:
+def calibrate_reward_threshold(ctx: Context, sampler: ResponseSampler) -> torch.Tensor:
     """``reward_threshold="auto"``: per prompt, ``r_star = mean + std`` (unbiased std) of the rewards of
     ``AUTO_SAMPLES`` (8) plain samples of up to ``max_new_tokens`` tokens drawn with the decode's sampling
     settings.  Returns ``[B]`` fp32.
 
-    Needs the target cache to hold exactly the prompts (``prompt_logits [B, V]`` after them) and the reward
-    cache the prompts; both are left as they were. A sampled response beats ``r_star`` with probability
-    about 16% when its rewards are roughly normal, so acceptance is selective but not hopeless.
+    Needs the reward cache to hold the sampler's prompts; the sampler and the reward cache are left as they
+    were. A sampled response beats ``r_star`` with probability about 16% when its rewards are roughly normal,
+    so acceptance is selective but not hopeless.
     """
-    B, n = len(prompts), AUTO_SAMPLES
-    ctx.target.expand(n)
-    samples = sample_continuations(ctx, ctx.target, prompt_logits.repeat_interleave(n, 0), ctx.max_new_tokens)
-    ctx.target.select_rows(torch.arange(B) * n)
-    ctx.target.rollback(torch.tensor([len(samples[b * n]) - 1 for b in range(B)]))
+    B, n = len(sampler.prompts), AUTO_SAMPLES
+    samples = sampler.draw(n)
     rewards = torch.stack(ctx.reward.score_branches([samples[b * n:(b + 1) * n] for b in range(B)]))  # [B, n]
     return rewards.mean(1) + rewards.std(1)
 
@@ -94,9 +92,9 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
     ``reward_threshold="auto"`` (see ``calibrate_reward_threshold``). ``out.extra["reward_threshold"]``: ``[B]``."""
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B = len(prompts)
-    logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
+    sampler = ResponseSampler(ctx, prompts)
     ctx.reward.prefill(prompts)
-    r_star = (calibrate_reward_threshold(ctx, prompts, logits) if reward_threshold == "auto"
+    r_star = (calibrate_reward_threshold(ctx, sampler) if reward_threshold == "auto"
               else torch.full((B,), float(reward_threshold)))
 
     chosen: list[list[int] | None] = [None] * B
@@ -105,8 +103,7 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
     threshold = r_star
     stats = {"responses_proposed": 0, "rejections": 0, "forced_acceptances": 0}
     while ids:
-        responses = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens)
-        ctx.target.rollback(torch.tensor([len(r) - 1 for r in responses]))  # back to the prompt
+        responses = sampler.draw()
         rewards = torch.cat(ctx.reward.score_branches([[r] for r in responses]))
         uniforms = ctx.rng.uniform(len(ids)) if mode == "soft" else None
         ok = passes(rewards, threshold, uniforms, mode, accept_beta).tolist()
@@ -120,9 +117,9 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
                 stats["forced_acceptances"] += forced
         keep = [i for i, b in enumerate(ids) if chosen[b] is None]  # accepted prompts leave the batch
         if len(keep) < len(ids):
-            ctx.target.select_rows(keep)
+            sampler.keep(keep)
             ctx.reward.select_rows(keep)
-            logits, threshold = logits[keep], threshold[keep]
+            threshold = threshold[keep]
             ids, streaks = [ids[i] for i in keep], [streaks[i] for i in keep]
     ctx.stats.update(stats)
     return MethodResult(chosen, {"reward_threshold": r_star})
