@@ -13,6 +13,11 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: integration tests against a real vLLM server (tests/integration); "
+                                       "select with -m vllm, deselect with -m 'not vllm'")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ from fastalign.testing import (
     empirical_law,
     enumerate_law,
     next_token_probs,
+    qalign_exact_laws,
     tiny_causal_lm,
     tiny_reward_model,
     tiny_tokenizer,
@@ -40,32 +41,8 @@ def reward_fn(prompts, responses):
 
 def exact_laws(model, prompt, max_new_tokens, beta, steps):
     """(p, target, law after ``steps`` steps) of the QAlign chain, from its exact transition matrix."""
-    cache = {}
-
-    def probs(prefix):
-        if prefix not in cache:
-            cache[prefix] = next_token_probs(model, list(prompt) + list(prefix))
-        return cache[prefix]
-
-    p = enumerate_law(lambda t: probs(tuple(t[len(prompt):])), prompt, max_new_tokens, {EOS})
-    ys = sorted(p)
-    K = torch.zeros(len(ys), len(ys), dtype=torch.float64)
-    for a, y in enumerate(ys):
-        for i in range(len(y)):  # index i with probability 1/|y|, then a fresh suffix after y[:i]
-            for b, z in enumerate(ys):
-                if len(z) <= i or z[:i] != y[:i]:
-                    continue
-                q = math.prod(float(probs(z[:j])[z[j]]) for j in range(i, len(z))) / len(y)
-                log_ratio = (last_token_reward(z) - last_token_reward(y)) / beta + math.log(len(y) / len(z))
-                accept = min(1.0, math.exp(max(-20.0, min(20.0, log_ratio))))
-                K[a, b] += q * accept
-                K[a, a] += q * (1 - accept)
-    mu = torch.tensor([p[y] for y in ys], dtype=torch.float64)
-    weights = mu * torch.tensor([math.exp(last_token_reward(y) / beta) for y in ys], dtype=torch.float64)
-    target = dict(zip(ys, (weights / weights.sum()).tolist()))
-    for _ in range(steps):
-        mu = mu @ K
-    return p, target, dict(zip(ys, mu.tolist()))
+    return qalign_exact_laws(lambda prefix: next_token_probs(model, list(prompt) + list(prefix)), prompt,
+                             max_new_tokens, {EOS}, last_token_reward, beta, steps)
 
 
 def check_response(y, max_new_tokens):
