@@ -261,6 +261,10 @@ class RemoteLM:
         if len(budgets) != len(prompts) or not (isinstance(n, int) and n >= 1):
             raise InputError(f"complete needs one budget per prompt and n >= 1, got {len(prompts)} prompts, "
                              f"{len(budgets)} budgets, n={n!r}")
+        for b, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            if self.context_length and len(prompt) + budget > self.context_length:
+                raise InputError(f"prompt {b} has {len(prompt)} tokens; with {budget} new tokens it exceeds the "
+                                 f"context length of {self.model!r} on the server ({self.context_length})")
         per_request = n if self.samples_per_request is None else self.samples_per_request
         jobs = [(b, j, min(per_request, n - j)) for b in range(len(prompts)) for j in range(0, n, per_request)]
 

@@ -249,7 +249,7 @@ def test_remote_errors(model, server):
     for method in ("cards", "sd", "args"):
         with pytest.raises(fastalign.InputError, match="per-token logits, so a local target"):
             fastalign.decode([[1]], method=method, target=RemoteLM(server), draft=model, reward=reward_fn)
-    with pytest.raises(RemoteError, match="context length"):
+    with pytest.raises(fastalign.InputError, match="prompt 0 has 200 tokens.*context length of 'fastalign'"):
         RemoteLM(server).complete([[1] * 200], [2])
     with pytest.raises(RemoteError, match="lists no model"):
         RemoteLM(server, model="other")
