@@ -1,7 +1,8 @@
 """``bon`` and ``soft_bon``: N samples per prompt, then pick by reward.
 
 ``bon`` returns the highest-reward sample (the first one among equal rewards); ``soft_bon`` returns sample
-``i`` with probability ``softmax(r / lam)_i``. The N samples of a prompt share its prefilled KV cache.
+``i`` with probability ``softmax(r / lam)_i``. The N samples of a prompt share its prefilled KV cache (with a
+remote target: one request for the N samples of a prompt).
 """
 
 from __future__ import annotations

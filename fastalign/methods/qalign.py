@@ -30,7 +30,8 @@ and scores each step's whole proposals on top of them (``score_branches``): only
 
 Remote target. ``target`` may be a ``fastalign.remote.RemoteLM``: every row's proposal is then one
 ``/v1/completions`` request (``prompt + y[:i]`` as token ids, ``max_tokens = max_new_tokens - i``, a
-seed); prefix reuse is the server's business (vLLM's automatic prefix caching).
+seed); prefix reuse is the server's business (vLLM's automatic prefix caching). When a server fails for
+good after the initial samples, the ``RemoteError`` carries the steps completed (``partial``).
 
 Randomness. Every generation round draws one seed from the decode's generator and samples its tokens
 from ``Randomness(seed)``: locally one stream for the whole batch, remotely one request seed per row
