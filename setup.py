@@ -267,7 +267,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "numpy", "tqdm"],
-    extras_require={"test": ["pytest", "matplotlib"], "eval": ["matplotlib", "datasets"], "flash": ["flash-attn"]},
+    extras_require={"test": ["pytest", "matplotlib", "hypothesis"], "eval": ["matplotlib", "datasets"], "flash": ["flash-attn"]},
     entry_points={"console_scripts": ["fastalign=fastalign.cli:main"]},
     zip_safe=False,
 )

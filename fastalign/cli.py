@@ -21,8 +21,9 @@ from .api import MODEL_ROLES as ROLES
 from .api import Engine
 from .evaluate import parse_value
 from .models import InputError
+from .validation import check_device, check_dtype, check_method_options
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -38,23 +39,14 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def check_options(method: str, options: dict) -> None:
-    """A clear error for an option that ``method`` does not take (before any model runs)."""
-    import inspect
-
+    """A clear error for an option that ``method`` does not take or a bad value (before any model runs)."""
     from .methods import get_method
 
     try:
         _, run = get_method(method)
     except ImportError as e:
         raise ValueError(f"method {method!r} is not available in this installation ({e})") from None
-    params = inspect.signature(run).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [name for name in params if name not in ("ctx", "prompts")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"method {method!r} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(accepted) or 'none'}")
+    check_method_options(method, run, options)
 
 
 def positive_int(text: str) -> int:
@@ -69,11 +61,7 @@ def positive_int(text: str) -> int:
 
 
 def _torch_dtype(name: str | None):
-    if name is None or name == "auto":
-        return name
-    import torch
-
-    return getattr(torch, name)
+    return check_dtype(name)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -128,6 +116,33 @@ def _read_generate_prompts(args) -> list[str]:
     return [r["prompt"] for r in records]
 
 
+def _check_output_file(path: str | None, flag: str) -> None:
+    if path is not None and Path(path).is_dir():
+        raise InputError(f"{flag} {path!r} is a directory; give a file path")
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise InputError(f"{flag} {path!r}: the folder {str(Path(path).parent)!r} does not exist")
+
+
+def _resume_generate(args, prompts: list[str], options: dict) -> int:
+    """``generate -o FILE --resume``: keep the whole batches of FILE that this run would write (the same
+    prompts in order, method and options) and return the first batch to decode; a partly written batch is
+    decoded again, so that batch ``k`` still uses seed + k. Lines of another run are an error."""
+    from .evaluate import _jsonable, read_complete_jsonl, write_jsonl
+
+    previous = read_complete_jsonl(args.output)
+    wanted = {key: _jsonable(v) for key, v in options.items()}
+    if len(previous) > len(prompts):
+        raise InputError(f"--resume: {args.output} has {len(previous)} lines for {len(prompts)} prompts; "
+                         "it is not an earlier part of this run")
+    for n, (line, prompt) in enumerate(zip(previous, prompts), 1):
+        if line.get("prompt") != prompt or line.get("method") != args.method or line.get("options") != wanted:
+            raise InputError(f"--resume: line {n} of {args.output} is not this run's (its prompt, method or options "
+                             "differ); write to another file or drop --resume")
+    done_batches = len(previous) // args.batch_size
+    write_jsonl(args.output, previous[: done_batches * args.batch_size])
+    return done_batches
+
+
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
@@ -135,14 +150,20 @@ def cmd_generate(args) -> int:
 
     options = parse_options(args.opt)
     check_options(args.method, options)
+    _check_output_file(args.output, "--output")
+    if args.resume and not args.output:
+        raise InputError("--resume continues an --output FILE: give one")
     prompts = _read_generate_prompts(args)
+    first = _resume_generate(args, prompts, options) if args.resume else 0
     world = _toy_world(args)
     engine = engine_factory(args, world)(args.method)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
         for k, start in enumerate(tqdm(batches, desc="generate", unit="batch",
                                        disable=True if len(batches) == 1 else None)):
+            if k < first:
+                continue
             batch = prompts[start: start + args.batch_size]
             seed = None if args.seed is None else args.seed + k
             result = engine.decode(batch, method=args.method, max_new_tokens=args.max_new_tokens,
@@ -150,10 +171,11 @@ def cmd_generate(args) -> int:
                                    **options)
             stats = {key: v for key, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
             texts = result.texts or [None] * len(batch)
-            for prompt, text, seq in zip(batch, texts, result.sequences):
-                line = {"prompt": prompt, "completion": text, "tokens": list(seq), "method": args.method,
-                        "options": {key: _jsonable(v) for key, v in options.items()}, "stats": stats}
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            lines = [json.dumps({"prompt": prompt, "completion": text, "tokens": list(seq), "method": args.method,
+                                 "options": {key: _jsonable(v) for key, v in options.items()}, "stats": stats},
+                                ensure_ascii=False) + "\n"
+                     for prompt, text, seq in zip(batch, texts, result.sequences)]
+            out.write("".join(lines))  # one write per batch: an interrupt leaves whole lines
             out.flush()
     finally:
         if out is not sys.stdout:
@@ -175,6 +197,9 @@ def cmd_eval(args) -> int:
 
     world = _toy_world(args)
     engine_for = engine_factory(args, world)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {args.out_dir!r} is a file; give a folder")
     source = args.prompts or ("toy" if world is not None else None)
     if source is None:
         raise ValueError("eval needs --prompts (a .jsonl/.txt file, 'hh-rlhf', 'gsm8k' or 'hf:NAME') "
@@ -190,9 +215,24 @@ def cmd_eval(args) -> int:
         check_options(method, options)
     if not any(method == args.baseline for method, _ in grid):
         grid.insert(0, (args.baseline, {}))  # the win rate needs the baseline
-    results = evaluate(records, grid, engine_for, gold, max_new_tokens=args.max_new_tokens, seed=args.seed or 0,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       batch_size=args.batch_size, progress=None if not args.no_progress else False)
+    settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
+                "models": {role: getattr(args, role) for role in ROLES}, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed or 0, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "batch_size": args.batch_size, "dtype": args.dtype}
+    done, results_path = _start_eval_run(out_dir, settings, args.resume)
+    with open(results_path, "a", encoding="utf-8") as sink:
+        def append(record):  # each record as its batch finishes: the file is valid JSONL after any interrupt
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+
+        try:
+            results = evaluate(records, grid, engine_for, gold, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed or 0, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, batch_size=args.batch_size,
+                               progress=None if not args.no_progress else False, done=done, on_record=append)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"the records finished so far are in {results_path}; rerun the same command "
+                                    "with --resume to continue") from None
     rows = summarize(results, args.baseline)
     header = (f"# fastalign eval\n\nprompts: {source} ({len(records)}), gold reward: {gold.name}, "
               f"max_new_tokens: {args.max_new_tokens}, seed: {args.seed or 0}, batch size: {args.batch_size}\n\n"
@@ -208,6 +248,32 @@ def cmd_eval(args) -> int:
     print(summary_table(rows), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+EVAL_OUTPUTS = ("summary.md", "summary.json", "reward_vs_compute.png")
+
+
+def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[dict], Path]:
+    """Prepare ``out_dir`` for a run: returns the records to keep (``--resume``: those of an earlier run with
+    the same settings, up to an interrupted last line) and the results file, which then holds exactly them.
+    The summary and plot of an earlier run are removed first, so they never pass for this run's."""
+    from .evaluate import read_complete_jsonl, write_jsonl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, run_file = out_dir / "results.jsonl", out_dir / "run.json"
+    done = []
+    if resume and results.is_file():
+        earlier = json.loads(run_file.read_text()) if run_file.is_file() else None
+        if earlier != settings:
+            changed = sorted(k for k in settings if earlier is None or earlier.get(k) != settings[k])
+            raise InputError(f"--resume: {out_dir} holds a run with other settings (differs in: "
+                             f"{', '.join(changed)}); use another --out-dir, or drop --resume to start over")
+        done = read_complete_jsonl(results)
+    for name in EVAL_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+    run_file.write_text(json.dumps(settings, indent=1) + "\n")
+    write_jsonl(results, done)
+    return done, results
 
 
 def cmd_demo(args) -> int:
@@ -296,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL with a prompt field")
     g.add_argument("--prompt-field", default="prompt", help="JSONL field holding the prompt (default: prompt)")
     g.add_argument("--output", "-o", help="JSONL output file (default: stdout)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep the whole batches already in --output, decode the rest")
     _model_arguments(g)
     _sampling_arguments(g, 128)
     g.set_defaults(func=cmd_generate)
@@ -319,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", default="eval_out")
     e.add_argument("--no-plot", action="store_true")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out-dir (same settings): skip the (method, budget, "
+                        "prompt) records already in results.jsonl")
     _model_arguments(e)
     _sampling_arguments(e, 64)
     e.set_defaults(func=cmd_eval)
@@ -355,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         args.bench_args = bench_args
     try:
+        check_device(getattr(args, "device", None))  # before the toy world or any model moves there
         return args.func(args)
-    except (InputError, ValueError, FileNotFoundError) as e:
-        print(f"fastalign {args.command}: error: {e}", file=sys.stderr)
+    except (InputError, ValueError, OSError) as e:  # bad input, missing or unwritable files: one line
+        print(f"fastalign {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"fastalign {args.command}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130

@@ -49,6 +49,8 @@ def parse_value(text: str):
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
+    if lowered in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+        return float(lowered)  # a number (that the option checks then refuse as not finite), not a string
     if lowered in ("none", "null"):
         return None
     try:
@@ -187,6 +189,10 @@ class GoldReward:
         scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()]
         if len(scores) != len(response_ids):
             raise InputError(f"gold reward {self.name!r} returned {len(scores)} scores for {len(response_ids)} responses")
+        bad = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
+        if bad is not None:  # a NaN would silently poison the means and win rates
+            raise InputError(f"gold reward {self.name!r} is {scores[bad]} for the prompt {prompt_texts[bad]!r}; "
+                             "gold rewards must be finite numbers")
         return scores
 
     @classmethod
@@ -258,9 +264,10 @@ def parse_grid(spec: str) -> list[tuple[str, dict]]:
     axes = []
     for item in _split_top_level(rest, ";"):
         key, eq, values = item.partition("=")
-        if not eq or not key.strip():
+        values = _split_top_level(values, ",")
+        if not eq or not key.strip() or not values:
             raise InputError(f"grid entry {spec!r}: expected key=value[,value...], got {item!r}")
-        axes.append([(key.strip(), parse_value(v)) for v in _split_top_level(values, ",")])
+        axes.append([(key.strip(), parse_value(v)) for v in values])
     return [(method, dict(combo)) for combo in itertools.product(*axes)]
 
 
@@ -272,14 +279,25 @@ def budget_label(options: dict) -> str:
 COUNTERS = [f"{role}_{kind}" for role in MODEL_ROLES for kind in ("calls", "tokens")]
 
 
+def record_key(record: dict) -> tuple[str, str, int]:
+    """What identifies a record of an evaluation: (method, budget, prompt index)."""
+    return record["method"], record["budget"], record["prompt_index"]
+
+
 def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: GoldReward,
              max_new_tokens: int = 64, seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, batch_size: int = 16, progress: bool | None = None) -> list[dict]:
+             top_p: float | None = None, batch_size: int = 16, progress: bool | None = None,
+             done: list[dict] | None = None, on_record=None) -> list[dict]:
     """Decode every prompt record with every ``(method, options)`` of ``grid`` and score it with ``gold``.
 
     ``engine`` is a ``fastalign.Engine`` or a function ``method -> Engine`` (when methods need different
     models). Batch ``k`` of every method uses the seed ``seed + k`` (common random numbers). Returns one record
     per (method, budget, prompt); see the module docstring for the fields.
+
+    Resuming: ``done`` holds records of an earlier, interrupted run of the same evaluation; a batch whose
+    records are all there is not decoded again (batches, not prompts, are the unit, so that every decode sees
+    the seed and batch it would have seen in one uninterrupted run). ``on_record(record)`` is called for each
+    new record as soon as its batch is scored (e.g. to append it to a file).
     """
     from tqdm.auto import tqdm
 
@@ -289,18 +307,29 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
         raise InputError("evaluate needs at least one prompt record and one (method, options) grid entry")
     engine_for = (lambda method: engine) if isinstance(engine, Engine) else engine
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+    previous = {record_key(r): r for r in done or []}
+    for key, r in previous.items():
+        index = key[2]
+        if not (isinstance(index, int) and 0 <= index < len(prompts)) or r.get("prompt") != prompts[index]["prompt"]:
+            raise InputError(f"the earlier record of {key} is not for prompt {index} of these prompts: "
+                             "it belongs to another run")
     warm = set()
     records = []
     with tqdm(total=len(grid) * len(prompts), desc="eval", unit="prompt",
               disable=None if progress is None else not progress) as bar:
         for method, options in grid:
-            eng = engine_for(method)
-            if id(eng) not in warm:  # untimed warm-up: lazy initialisation, allocator, caches
-                eng.decode([prompts[0]["prompt"]], method="sample", max_new_tokens=2, seed=0)
-                warm.add(id(eng))
             label = budget_label(options)
+            keys = [[(method, label, k * batch_size + i) for i in range(len(b))] for k, b in enumerate(batches)]
+            eng = engine_for(method)
+            if id(eng) not in warm and not all(key in previous for ks in keys for key in ks):
+                eng.decode([prompts[0]["prompt"]], method="sample", max_new_tokens=2, seed=0)  # untimed warm-up
+                warm.add(id(eng))
             bar.set_postfix_str(f"{method} {label}")
             for k, batch in enumerate(batches):
+                if all(key in previous for key in keys[k]):
+                    records += [previous[key] for key in keys[k]]
+                    bar.update(len(batch))
+                    continue
                 prompt_ids = eng.encode([r["prompt"] for r in batch])
                 out = eng.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed + k, **options)
@@ -320,6 +349,8 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                         "accepted_per_target_call": stats.get("accepted_per_target_call"),
                         "batch_rows": rows, "batch_stats": stats,
                     })
+                    if on_record is not None:
+                        on_record(records[-1])
                 bar.update(rows)
     return records
 
@@ -459,8 +490,31 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_complete_jsonl(path) -> list[dict]:
+    """The records of a JSONL file up to its first incomplete or invalid line (what an interrupted writer
+    left); ``[]`` when the file does not exist."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(record, dict):
+                break
+            records.append(record)
+    return records
+
+
 def default_grid(engine_for) -> list[tuple[str, dict]]:
-    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has:
+    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has (``sss``
+    also needs ``ref``):
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
     from .methods import get_method
 
@@ -472,6 +526,7 @@ def default_grid(engine_for) -> list[tuple[str, dict]]:
             module, _ = get_method(method)
         except (ImportError, AttributeError):
             continue  # not implemented in this installation
-        if all(getattr(engine_for(method), role) is not None for role in module.REQUIRES):
+        needs = module.REQUIRES + (("ref",) if method == "sss" else ())  # sss without ref is an error
+        if all(getattr(engine_for(method), role) is not None for role in needs):
             chosen.append((method, options))
     return chosen

@@ -107,7 +107,7 @@ def test_clear_errors(model):
         fastalign.decode(["hello"], target=model)
     with pytest.raises(ValueError, match="unknown method"):
         fastalign.decode([[1]], method="nope", target=model)
-    with pytest.raises(TypeError):
+    with pytest.raises(fastalign.InputError, match="no option 'bogus_option'; its options: n"):
         fastalign.decode([[1]], method="bon", target=model, reward=digits_reward, bogus_option=3)
     with pytest.raises(ValueError, match="NaN"):
         fastalign.kernels.sample(torch.tensor([[0.0, float("nan")]]))

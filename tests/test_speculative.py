@@ -176,7 +176,7 @@ def test_lam_zero_and_no_ref_are_sd(models):
     target, draft, ref = models
     kw = dict(target=target, draft=draft, max_new_tokens=5, seed=11, num_draft_tokens=3)
     sd = fastalign.decode([[1, 2], [3]] * 4, method="sd", **kw)
-    no_ref = fastalign.decode([[1, 2], [3]] * 4, method="sss", **kw)
+    no_ref = fastalign.decode([[1, 2], [3]] * 4, method="sss", allow_no_ref=True, **kw)
     lam0 = fastalign.decode([[1, 2], [3]] * 4, method="sss", ref=ref, lam=0.0, **kw)
     assert sd.sequences == no_ref.sequences == lam0.sequences
     assert lam0.stats["ref_calls"] == 0

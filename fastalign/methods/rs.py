@@ -76,7 +76,7 @@ class Streak:
         After ``max_rejections`` rejections in a row the candidate is scored and the best seen (this one
         included; the first among equals) is accepted whatever the test says.
         """
-        if reward > self.best_reward:
+        if self.best is None or reward > self.best_reward:  # the first candidate always counts as a best
             self.best_reward, self.best = reward, candidate
         if self.rejections >= max_rejections:
             return self.best, True

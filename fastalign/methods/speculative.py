@@ -10,7 +10,7 @@ Every round, per row::
 The distribution a round's tokens follow is ``t = p`` (``sd``) or ``t = pi = normalize(p * (q_r / q) ** lam)``
 (``sss``, ``variant="exact"``), where ``p, q_r, q`` are the target's, the (aligned) draft's and the reference
 draft's distributions after temperature / top-k / top-p truncation (the truncated distributions are used in
-every ratio). ``ref=None`` or ``lam=0`` is SD with the aligned draft (``pi = p``).
+every ratio). ``lam=0`` is SD with the aligned draft (``pi = p``); so is ``ref=None``, with ``allow_no_ref=True``.
 
 ``variant="paper"`` is the rule of the published SSS code: accept against ``p`` and emit from ``pi`` (not the
 residual), at full acceptance emit from ``pi`` unless ``bonus_on_full_accept=False`` (the published behaviour:
@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import spec_verify, tree_verify
+from ..validation import InputError
 from .base import Context, MethodResult
 
 REQUIRES = ("target", "draft")
@@ -181,8 +182,11 @@ def run_sd(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_D
 def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
             tree: str | None = None, branching: tuple[int, ...] | None = None, variant: str = "exact",
             lam: float = 1.0, max_log_ratio: float | None = None,
-            bonus_on_full_accept: bool = True) -> MethodResult:
+            bonus_on_full_accept: bool = True, allow_no_ref: bool = False) -> MethodResult:
     """Reward-shifted speculative sampling towards ``pi = normalize(p * (q_r / q) ** lam)``.
+
+    ``sss`` needs ``ref`` (the draft before alignment); without it there is no reward tilt, and it runs SD with
+    the aligned draft only when asked, ``allow_no_ref=True`` (a baseline of its own), never silently.
 
     ``max_log_ratio`` (default None: no clip) clips ``log q_r - log q`` to ``[-M, M]`` before the tilt, which
     bounds how far one token's probability can move (``pi / p <= e^(2 lam M)``); where exactly one of ``q_r``,
@@ -192,6 +196,9 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if max_log_ratio is not None and max_log_ratio <= 0:
         raise ValueError(f"max_log_ratio must be > 0 (or None), got {max_log_ratio}")
+    if ctx.ref is None and not allow_no_ref:
+        raise InputError("sss needs ref=... (the draft before alignment) for its reward tilt; pass "
+                         "allow_no_ref=True to run SD with the aligned draft instead")
     tilt = ctx.ref is not None and lam != 0
     mode = f"sss_{variant}" if tilt else "sd"
     return _speculate(ctx, prompts, mode, ctx.ref if tilt else None, num_draft_tokens, tree, branching,
