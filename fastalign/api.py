@@ -102,7 +102,7 @@ class Engine:
                 raise InputError(
                     f"vocabularies differ: the {role} has {lm.vocab_size} tokens, the target {self.target.vocab_size}"
                 )
-        if self.reward is not None and self.reward.cached and self.target is not None:
+        if self.reward is not None and self.reward.cached and isinstance(self.target, CausalLM):
             embedded = self.reward.lm.model.get_input_embeddings().num_embeddings
             if embedded < self.target.vocab_size:  # the target's ids would index past the reward's embedding
                 raise InputError(f"vocabularies differ: the reward model embeds {embedded} token ids, the target "

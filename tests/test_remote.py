@@ -13,7 +13,8 @@ import torch
 import fastalign
 import fastalign.serve
 from fastalign.remote import RemoteError, RemoteLM, RemoteReward, row_seed
-from fastalign.testing import tiny_causal_lm
+from fastalign.models import RewardModel
+from fastalign.testing import tiny_causal_lm, tiny_reward_model
 
 V, EOS = 6, 5
 
@@ -144,6 +145,13 @@ def test_bon_candidates_are_the_seeded_samples_of_each_prompt(server, model):
         for j in range(3):
             alone = lm.complete([prompt], [3], seed=row_seed(seed, b) + j)[0]
             assert out.extra["rewards"][b, j] == last_token_reward(alone)
+
+
+def test_a_remote_target_with_a_local_reward_model(server):
+    rm = tiny_reward_model(vocab_size=V, hidden=16)
+    out = fastalign.decode([[1, 2], [3]], method="bon", target=RemoteLM(server), reward=rm, n=3, max_new_tokens=3,
+                           seed=2)
+    assert torch.allclose(out.extra["rewards"].max(1).values, RewardModel(rm).score([[1, 2], [3]], out.sequences))
 
 
 def test_sample_law_through_the_server_is_the_models(server, model):
