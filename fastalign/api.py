@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,27 @@ def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, dev
     return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
 
 
+def warn_unknown_tokens(tokenizer, texts: list[str], ids: list[list[int]], share: float = 0.5) -> None:
+    """Warn when a tokenizer turns a prompt mostly (more than ``share`` of its tokens, special tokens aside)
+    into its unknown token, e.g. English under the toy world's word-level tokenizer: the model would see
+    almost nothing of the prompt. One warning per call, naming the first such prompt."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) - {unk}
+    bad = []
+    for i, row in enumerate(ids):
+        words = [t for t in row if t not in special]
+        unknown = sum(t == unk for t in words)
+        if words and unknown > share * len(words):
+            bad.append((i, unknown, len(words)))
+    if bad:
+        i, unknown, total = bad[0]
+        warnings.warn(f"{len(bad)} of {len(ids)} prompts are mostly unknown tokens for this tokenizer; prompt {i} "
+                      f"({texts[i][:60]!r}) is {unknown} unknown token(s) out of {total}: the model sees almost "
+                      "nothing of it", stacklevel=3)
+
+
 class Engine:
     """Holds loaded models for repeated ``decode`` calls.
 
@@ -110,7 +132,10 @@ class Engine:
 
     def encode(self, prompts) -> list[list[int]]:
         """Prompts as token-id lists (strings through the tokenizer), checked against the target's vocabulary."""
-        return check.check_prompts(prompts, self.tokenizer, getattr(self.target, "vocab_size", None))
+        ids = check.check_prompts(prompts, self.tokenizer, getattr(self.target, "vocab_size", None))
+        if self.tokenizer is not None and isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
+            warn_unknown_tokens(self.tokenizer, list(prompts), ids)
+        return ids
 
     def decode(self, prompts, method: str = "sample", max_new_tokens: int = 128, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -139,10 +164,7 @@ class Engine:
             if isinstance(getattr(self, role), RemoteLM):
                 raise InputError(f"the {role} must be a local model (a model or a path), not a RemoteLM")
         check.check_int("max_new_tokens", max_new_tokens, minimum=1)
-        defaults = getattr(module, "DEFAULTS", {})
-        if temperature is None:
-            temperature = defaults.get("temperature", 1.0)
-            top_k = defaults.get("top_k") if top_k is None else top_k
+        temperature, top_k, top_p = sampling_settings(module, temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts)
         check.check_seed(seed, len(prompt_ids))
@@ -169,6 +191,16 @@ class Engine:
         if self.tokenizer is not None:
             texts = self.tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
         return DecodeOutput(result.sequences, texts, stats, result.extra)
+
+
+def sampling_settings(module, temperature: float | None, top_k: int | None, top_p: float | None):
+    """``(temperature, top_k, top_p)`` a decode uses: as given, or with ``temperature=None`` the method
+    module's ``DEFAULTS`` (its paper's temperature, 1.0 otherwise, and its top-k unless one is given)."""
+    if temperature is None:
+        defaults = getattr(module, "DEFAULTS", {})
+        temperature = defaults.get("temperature", 1.0)
+        top_k = defaults.get("top_k") if top_k is None else top_k
+    return temperature, top_k, top_p
 
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,

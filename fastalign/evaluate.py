@@ -292,15 +292,14 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
 
     ``engine`` is a ``fastalign.Engine`` or a function ``method -> Engine`` (when methods need different
     models). Batch ``k`` of every method uses the seed ``seed + k`` (common random numbers). Returns one record
-    per (method, budget, prompt); see the module docstring for the fields.
+    per (method, budget, prompt); see the module docstring for the fields. ``progress``: None shows a bar on a
+    terminal and periodic lines otherwise (``ProgressLines``), True a bar, False nothing.
 
     Resuming: ``done`` holds records of an earlier, interrupted run of the same evaluation; a batch whose
     records are all there is not decoded again (batches, not prompts, are the unit, so that every decode sees
     the seed and batch it would have seen in one uninterrupted run). ``on_record(record)`` is called for each
     new record as soon as its batch is scored (e.g. to append it to a file).
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts or not grid:
@@ -315,8 +314,7 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                              "it belongs to another run")
     warm = set()
     records = []
-    with tqdm(total=len(grid) * len(prompts), desc="eval", unit="prompt",
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(len(grid) * len(prompts), progress) as bar:
         for method, options in grid:
             label = budget_label(options)
             keys = [[(method, label, k * batch_size + i) for i in range(len(b))] for k, b in enumerate(batches)]
@@ -353,6 +351,53 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                         on_record(records[-1])
                 bar.update(rows)
     return records
+
+
+class ProgressLines:
+    """Progress as plain lines on stderr, for a log file or CI where a progress bar would not show: one line
+    when a (method, budget) starts and one at least every ``every`` seconds in between."""
+
+    def __init__(self, total: int, every: float = 30.0, file=None):
+        import sys
+        import time
+
+        self.total, self.done, self.every, self.file = total, 0, every, file or sys.stderr
+        self.clock = time.perf_counter
+        self.start = self.last = self.clock()
+        self.what = ""
+
+    def _line(self) -> None:
+        print(f"eval: {self.done}/{self.total} decodes ({100 * self.done / max(self.total, 1):.0f}%), {self.what}, "
+              f"{self.clock() - self.start:.0f} s", file=self.file, flush=True)
+        self.last = self.clock()
+
+    def set_postfix_str(self, what: str) -> None:
+        self.what = what
+        self._line()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.clock() - self.last >= self.every:
+            self._line()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.what = "finished"
+            self._line()
+
+
+def progress_bar(total: int, progress: bool | None):
+    """``progress=None``: a tqdm bar on a terminal, else ``ProgressLines``; True: a bar; False: nothing."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if progress is None and not sys.stderr.isatty():
+        return ProgressLines(total)
+    return tqdm(total=total, desc="eval", unit="prompt", disable=progress is False)
 
 
 def _jsonable(value):
@@ -427,39 +472,96 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget_labels(rows: list[dict]) -> tuple[str, list[str]]:
+    """A method's legend entry and one point label per budget: the options that vary across its budgets
+    are named in the legend and their values label the points; options common to all go in the legend."""
+    options = [r["options"] for r in rows]
+    keys = list(dict.fromkeys(k for o in options for k in o))
+    varying = [k for k in keys if len({json.dumps(o.get(k)) for o in options}) > 1]
+    fixed = [f"{k}={options[0][k]}" for k in keys if k not in varying and k in options[0]]
+    legend = rows[0]["method"] + (f" ({', '.join(varying + fixed)})" if varying or fixed else "")
+    labels = [",".join(str(o.get(k, "-")) for k in varying) for o in options]
+    return legend, labels
+
+
+def _log_ticks(ax) -> None:
+    """Readable log-axis ticks: 1-2-5 steps labelled with plain numbers (1 and 10 only over wide ranges)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = ax.get_xlim()
+    subs = (1.0, 2.0, 5.0) if math.log10(hi / lo) <= 3 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _place_labels(fig, ax, points: list[tuple[float, float, str, str]]) -> None:
+    """Label points without overlaps: each label takes the first of a few offsets around its point whose box
+    does not overlap a label placed before it (points are labelled in order of x)."""
+    offsets = [(5, 4, "left", "bottom"), (5, -4, "left", "top"), (-5, 4, "right", "bottom"),
+               (-5, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top")]
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for x, y, text, color in sorted(points, key=lambda p: p[0]):
+        for dx, dy, ha, va in offsets:
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                                fontsize=7, color=color)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            label.remove()
+        else:  # every spot is taken: the first one, over another label, rather than none
+            dx, dy, ha, va = offsets[0]
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=7,
+                        color=color)
+
+
 def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str = "gold reward vs compute") -> None:
-    """PNG: mean gold reward (y) against compute tokens per prompt (left) and wall time per prompt (right),
-    one curve per method through its budgets in grid order (needs matplotlib)."""
+    """PNG: mean gold reward (y, with error bars of one standard error of the mean over prompts) against
+    compute tokens per prompt (left) and wall time per prompt (right), both on log axes; one curve per method
+    through its budgets in grid order, each point labelled with the value of the option that varies (named
+    in the legend). Needs matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         raise InputError("the reward-versus-compute plot needs matplotlib (pip install matplotlib)") from None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xph<>"
+    prompts = sorted({r["prompts"] for r in rows})
     for ax, (key, label) in zip(axes, [("compute_tokens", "tokens processed per prompt (target + draft + ref + reward)"),
                                        ("wall_time_s", "wall time per prompt (s)")]):
-        for method in methods:
-            pts = [(r[key], r["gold_reward"], r["gold_reward_stderr"], r["budget"])
-                   for r in rows if r["method"] == method]  # in budget order
-            xs, ys, es, budgets = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
-            for x, y, budget in zip(xs, ys, budgets):
-                if budget != "default":
-                    ax.annotate(budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        points = []
+        for m, method in enumerate(methods):
+            pts = [r for r in rows if r["method"] == method]  # in budget order
+            legend, labels = _budget_labels(pts)
+            color, marker = colors[m % len(colors)], markers[m % len(markers)]
+            xs, ys = [r[key] for r in pts], [r["gold_reward"] for r in pts]
+            ax.errorbar(xs, ys, yerr=[r["gold_reward_stderr"] for r in pts], marker=marker, markersize=5, capsize=3,
+                        linewidth=1.2, color=color, label=legend)
+            points += [(x, y, text, color) for x, y, text in zip(xs, ys, labels) if text]
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.08)
+        _log_ticks(ax)
         ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean gold reward")
-    axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        ax.grid(alpha=0.3, which="major")
+        ax.grid(alpha=0.1, which="minor")
+        fig.canvas.draw()  # label boxes are measured in the laid-out figure
+        _place_labels(fig, ax, points)
+    n = prompts[0] if len(prompts) == 1 else f"{prompts[0]}-{prompts[-1]}"
+    axes[0].set_ylabel("mean gold reward (± 1 s.e.)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8, frameon=False)
+    fig.suptitle(f"{title}\n{n} prompts per point; error bars: ± one standard error of the mean over prompts",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(names) - 1) // 7), 1, 1))
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 

@@ -1,6 +1,6 @@
 """Chain verification for speculative sampling: SD, reward-shifted SSS (exact and paper), one launch per batch.
 
-Definitions (DESIGN section 1.2). Per row ``b`` and position ``i`` (``0 <= i <= K``) every distribution is
+Definitions (docs/design.md section 1.2). Per row ``b`` and position ``i`` (``0 <= i <= K``) every distribution is
 ``softmax(truncate_logits(l, temperature, top_k, top_p))`` (``kernels.truncation``):
 
 * ``p_i``   from ``target_logits[b, i]``: the target's next-token distribution after the prefix and ``x_1..x_i``

@@ -32,6 +32,15 @@ def get_method(name: str):
     return module, getattr(module, function)
 
 
+def options_in_effect(name: str, options: dict) -> dict:
+    """The method's options with their defaults filled in: what a decode call given ``options`` uses."""
+    import inspect
+
+    params = inspect.signature(get_method(name)[1]).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}
+
+
 def remote_target_methods() -> list[str]:
     """The methods that take a ``fastalign.remote.RemoteLM`` target (they need whole responses only)."""
     return [name for name in METHODS if getattr(get_method(name)[0], "REMOTE_TARGET", False)]

@@ -1,4 +1,4 @@
-"""``sd`` and ``sss``: speculative sampling and reward-shifted speculative sampling (DESIGN 1.2), chain or tree.
+"""``sd`` and ``sss``: speculative sampling and reward-shifted speculative sampling (docs/design.md 1.2), chain or tree.
 
 Every round, per row::
 
