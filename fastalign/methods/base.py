@@ -8,6 +8,7 @@ import torch
 
 from .. import kernels
 from ..models import CausalLM, RewardModel
+from ..remote import RemoteLM
 
 
 class Randomness:
@@ -98,3 +99,44 @@ def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
             return out
         live = torch.tensor(active, device=logits.device)[:, None]
         logits = lm.extend(tokens[:, None], live=live)[:, -1]
+
+
+class ResponseSampler:
+    """Whole responses to a fixed batch of prompts, drawn again and again (``sample``, ``bon``, ``rs``).
+
+    A local target prefills the prompts once (``logits``: the next-token logits after them, or pass those of
+    a cache that already holds exactly the prompts) and every draw starts from the cached prompts. A remote
+    target (``fastalign.remote.RemoteLM``) gets one request per prompt for its ``n`` samples, seeded from
+    ``ctx.rng``; the server's sampling follows the same law.
+    """
+
+    def __init__(self, ctx: Context, prompts: list[list[int]], logits: torch.Tensor | None = None):
+        self.ctx, self.prompts = ctx, [list(p) for p in prompts]
+        self.remote = isinstance(ctx.target, RemoteLM)
+        if not self.remote and logits is None:
+            logits = ctx.target.prefill(self.prompts, ctx.max_new_tokens)
+        self.logits = logits
+
+    def draw(self, n: int = 1, rewind: bool = True) -> list[list[int]]:
+        """``n`` responses per prompt (rows ``b*n .. b*n+n-1`` belong to prompt ``b``). ``rewind``: leave the
+        local cache holding the prompts again, for another draw (else it holds row ``b*n+j``'s response)."""
+        ctx, lm, B = self.ctx, self.ctx.target, len(self.prompts)
+        if self.remote:
+            return lm.complete(self.prompts, [ctx.max_new_tokens] * B, ctx.temperature, ctx.top_k, ctx.top_p,
+                               seed=ctx.rng.kernel_seed(), n=n)
+        if n > 1:
+            lm.expand(n)
+        responses = sample_continuations(ctx, lm, self.logits.repeat_interleave(n, 0) if n > 1 else self.logits,
+                                         ctx.max_new_tokens)
+        if rewind:
+            if n > 1:
+                lm.select_rows(torch.arange(B) * n)
+            lm.rollback(torch.tensor([len(responses[b * n]) - 1 for b in range(B)]))
+        return responses
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the prompts ``rows`` (indices into the current batch), in that order."""
+        self.prompts = [self.prompts[i] for i in rows]
+        if not self.remote:
+            self.ctx.target.select_rows(rows)
+            self.logits = self.logits[rows]

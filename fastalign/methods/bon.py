@@ -1,25 +1,25 @@
 """``bon`` and ``soft_bon``: N samples per prompt, then pick by reward.
 
 ``bon`` returns the highest-reward sample (the first one among equal rewards); ``soft_bon`` returns sample
-``i`` with probability ``softmax(r / lam)_i``. The N samples of a prompt share its prefilled KV cache.
+``i`` with probability ``softmax(r / lam)_i``. The N samples of a prompt share its prefilled KV cache (with a
+remote target: one request for the N samples of a prompt).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Context, MethodResult, sample_continuations
+from .base import Context, MethodResult, ResponseSampler
 
 REQUIRES = ("target", "reward")
+REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM (one request of n samples per prompt)
 
 
 def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[list[list[int]], torch.Tensor]:
     """``n`` samples per prompt (rows ``b*n .. b*n+n-1`` belong to prompt ``b``) and their rewards ``[B, n]``."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
-    ctx.target.expand(n)
-    samples = sample_continuations(ctx, ctx.target, logits.repeat_interleave(n, 0), ctx.max_new_tokens)
+    samples = ResponseSampler(ctx, prompts).draw(n, rewind=False)
     rewards = ctx.reward.score([p for p in prompts for _ in range(n)], samples)
     return samples, rewards.view(len(prompts), n)
 

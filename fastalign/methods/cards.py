@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import Context, MethodResult
+from .base import Context, MethodResult, ResponseSampler
 from .rs import Streak, acceptance_settings, check_acceptance_options, passes
 
 REQUIRES = ("target", "reward")
@@ -170,7 +170,8 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
     target, reward = ctx.target, ctx.reward
     logits = target.prefill(prompts, ctx.max_new_tokens)
     r_prompt = reward.prefill(prompts)
-    r_star, beta = acceptance_settings(ctx, prompts, logits, reward_threshold, accept_beta)
+    r_star, beta = acceptance_settings(ctx, ResponseSampler(ctx, prompts, logits), reward_threshold,
+                                     accept_beta)
     extra = {"reward_threshold": r_star, "accept_beta": beta, "segment_lengths": [[] for _ in range(B)]}
     target.expand(M)
     device = logits.device

@@ -30,7 +30,8 @@ and scores each step's whole proposals on top of them (``score_branches``): only
 
 Remote target. ``target`` may be a ``fastalign.remote.RemoteLM``: every row's proposal is then one
 ``/v1/completions`` request (``prompt + y[:i]`` as token ids, ``max_tokens = max_new_tokens - i``, a
-seed); prefix reuse is the server's business (vLLM's automatic prefix caching).
+seed); prefix reuse is the server's business (vLLM's automatic prefix caching). When a server fails for
+good after the initial samples, the ``RemoteError`` carries the steps completed (``partial``).
 
 Randomness. Every generation round draws one seed from the decode's generator and samples its tokens
 from ``Randomness(seed)``: locally one stream for the whole batch, remotely one request seed per row
@@ -66,7 +67,7 @@ import torch
 
 from ..answers import get_extractor
 from ..models import InputError, right_pad
-from ..remote import RemoteLM
+from ..remote import RemoteError, RemoteLM
 from .base import Context, MethodResult, Randomness, sample_continuations
 
 REQUIRES = ("target", "reward")
@@ -81,7 +82,9 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
 
     Returns the selected response per prompt; ``extra["state_path"][b][c]`` is chain ``c``'s trajectory, a
     list of ``steps + 1`` entries ``{"step", "index", "proposal", "reward", "accepted", "accept_prob"}``
-    (entry 0 is the initial sample: index None, accepted True).
+    (entry 0 is the initial sample: index None, accepted True). When a remote server fails after the
+    initial samples, the ``RemoteError`` carries the steps completed as ``partial`` (the same result, with
+    ``extra["completed_steps"]`` < ``steps``).
     """
     answer = _check_options(ctx, beta, steps, chains, select, answer_fn, burn_in, similarity)
     R = len(prompts) * chains
@@ -93,12 +96,31 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
     ctx.reward.select_rows(rows)
     rewards = score(ctx, states)
     paths = [[_entry(0, None, y, float(r), True, 1.0)] for y, r in zip(states, rewards)]
-    accepted_total = 0
+    accepted_total, done = 0, 0
+
+    def result() -> MethodResult:  # of the steps done so far
+        state_path = [paths[b * chains:(b + 1) * chains] for b in range(len(prompts))]
+        chosen = [select_state(p, select, answer, beta, min(burn_in, done), similarity) for p in state_path]
+        ctx.stats["qalign_proposals"] = R * done
+        ctx.stats["qalign_accepted"] = accepted_total
+        extra = {
+            "state_path": state_path,
+            "final_states": [states[b * chains:(b + 1) * chains] for b in range(len(prompts))],
+            "final_rewards": rewards.view(len(prompts), chains),
+            "acceptance_rate": accepted_total / (R * done) if done else float("nan"),
+            "completed_steps": done,
+        }
+        return MethodResult(chosen, extra)
+
     for step in range(1, steps + 1):
         lengths = torch.tensor([len(y) for y in states], dtype=torch.float64)
         index = torch.minimum((ctx.rng.uniform(R).double() * lengths).long(), lengths.long() - 1).tolist()
-        proposals = proposer.propose(ctx, states, index, ctx.rng.kernel_seed())
-        new_rewards = score(ctx, proposals)
+        try:
+            proposals = proposer.propose(ctx, states, index, ctx.rng.kernel_seed())
+            new_rewards = score(ctx, proposals)
+        except RemoteError as e:
+            e.partial = result()
+            raise
         new_lengths = torch.tensor([len(y) for y in proposals], dtype=torch.float64)
         log_ratio = ((new_rewards.double() - rewards.double()) / beta + lengths.log() - new_lengths.log())
         accept_prob = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp().clamp(max=1.0)
@@ -110,18 +132,8 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
                 states[r] = proposals[r]
         rewards = torch.where(torch.tensor(accept), new_rewards, rewards)
         accepted_total += sum(accept)
-
-    state_path = [paths[b * chains:(b + 1) * chains] for b in range(len(prompts))]
-    chosen = [select_state(p, select, answer, beta, burn_in, similarity) for p in state_path]
-    ctx.stats["qalign_proposals"] = R * steps
-    ctx.stats["qalign_accepted"] = accepted_total
-    extra = {
-        "state_path": state_path,
-        "final_states": [states[b * chains:(b + 1) * chains] for b in range(len(prompts))],
-        "final_rewards": rewards.view(len(prompts), chains),
-        "acceptance_rate": accepted_total / (R * steps) if steps else float("nan"),
-    }
-    return MethodResult(chosen, extra)
+        done = step
+    return result()
 
 
 def score(ctx: Context, responses: list[list[int]]) -> torch.Tensor:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Context, MethodResult, sample_continuations
+from .base import Context, MethodResult, ResponseSampler
 
 REQUIRES = ("target", "reward")
+REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM
 DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS code's sampling settings (T = 0.7, top-k 40)
 
 AUTO_SAMPLES = 8  # plain samples per prompt that calibrate reward_threshold="auto"
@@ -44,7 +45,7 @@ def check_acceptance_options(reward_threshold, accept_beta: float, mode: str, ma
         raise ValueError(f"max_rejections must be an integer >= 0, got {max_rejections!r}")
 
 
-def acceptance_settings(ctx: Context, prompts: list[list[int]], prompt_logits: torch.Tensor, reward_threshold,
+def acceptance_settings(ctx: Context, sampler: ResponseSampler, reward_threshold,
                         accept_beta) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r_star, accept_beta)`` per prompt (``[B]`` fp32 each), resolving ``"auto"``.
 
@@ -55,9 +56,9 @@ def acceptance_settings(ctx: Context, prompts: list[list[int]], prompt_logits: t
     drawn and ``accept_beta="auto"`` is the CARDS code's 0.7. A number for ``accept_beta`` is used as given.
     A zero std (every sample scored alike) makes the soft test the hard one, ``r >= tau``.
     """
-    B = len(prompts)
+    B = len(sampler.prompts)
     if reward_threshold == "auto":
-        r_star, std = calibrate_reward_threshold(ctx, prompts, prompt_logits, return_std=True)
+        r_star, std = calibrate_reward_threshold(ctx, sampler, return_std=True)
         beta = AUTO_BETA_PER_STD * std
     else:
         r_star, beta = torch.full((B,), float(reward_threshold)), torch.full((B,), CARDS_ACCEPT_BETA)
@@ -66,21 +67,17 @@ def acceptance_settings(ctx: Context, prompts: list[list[int]], prompt_logits: t
     return r_star, beta.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def calibrate_reward_threshold(ctx: Context, prompts: list[list[int]], prompt_logits: torch.Tensor,
-                               return_std: bool = False):
+def calibrate_reward_threshold(ctx: Context, sampler: ResponseSampler, return_std: bool = False):
     """``reward_threshold="auto"``: per prompt, ``r_star = mean + std`` (unbiased std) of the rewards of
     ``AUTO_SAMPLES`` (8) plain samples of up to ``max_new_tokens`` tokens drawn with the decode's sampling
     settings.  Returns ``[B]`` fp32 (and the std ``[B]`` with ``return_std``).
 
-    Needs the target cache to hold exactly the prompts (``prompt_logits [B, V]`` after them) and the reward
-    cache the prompts; both are left as they were. A sampled response beats ``r_star`` with probability
-    about 16% when its rewards are roughly normal, so acceptance is selective but not hopeless.
+    Needs the reward cache to hold the sampler's prompts; the sampler and the reward cache are left as they
+    were. A sampled response beats ``r_star`` with probability about 16% when its rewards are roughly normal,
+    so acceptance is selective but not hopeless.
     """
-    B, n = len(prompts), AUTO_SAMPLES
-    ctx.target.expand(n)
-    samples = sample_continuations(ctx, ctx.target, prompt_logits.repeat_interleave(n, 0), ctx.max_new_tokens)
-    ctx.target.select_rows(torch.arange(B) * n)
-    ctx.target.rollback(torch.tensor([len(samples[b * n]) - 1 for b in range(B)]))
+    B, n = len(sampler.prompts), AUTO_SAMPLES
+    samples = sampler.draw(n)
     rewards = torch.stack(ctx.reward.score_branches([samples[b * n:(b + 1) * n] for b in range(B)]))  # [B, n]
     std = rewards.std(1)
     return (rewards.mean(1) + std, std) if return_std else rewards.mean(1) + std
@@ -125,9 +122,9 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
     ``out.extra``: ``reward_threshold`` and ``accept_beta`` (per prompt, ``[B]``)."""
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B = len(prompts)
-    logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
+    sampler = ResponseSampler(ctx, prompts)
     ctx.reward.prefill(prompts)
-    r_star, beta = acceptance_settings(ctx, prompts, logits, reward_threshold, accept_beta)
+    r_star, beta = acceptance_settings(ctx, sampler, reward_threshold, accept_beta)
 
     chosen: list[list[int] | None] = [None] * B
     ids = list(range(B))  # prompts still drawing: batch row i is prompt ids[i]
@@ -135,8 +132,7 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
     threshold, scale = r_star, beta
     stats = {"responses_proposed": 0, "rejections": 0, "forced_acceptances": 0}
     while ids:
-        responses = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens)
-        ctx.target.rollback(torch.tensor([len(r) - 1 for r in responses]))  # back to the prompt
+        responses = sampler.draw()
         rewards = torch.cat(ctx.reward.score_branches([[r] for r in responses]))
         uniforms = ctx.rng.uniform(len(ids)) if mode == "soft" else None
         ok = passes(rewards, threshold, uniforms, mode, scale).tolist()
@@ -150,9 +146,9 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
                 stats["forced_acceptances"] += forced
         keep = [i for i, b in enumerate(ids) if chosen[b] is None]  # accepted prompts leave the batch
         if len(keep) < len(ids):
-            ctx.target.select_rows(keep)
+            sampler.keep(keep)
             ctx.reward.select_rows(keep)
-            logits, threshold, scale = logits[keep], threshold[keep], scale[keep]
+            threshold, scale = threshold[keep], scale[keep]
             ids, streaks = [ids[i] for i in keep], [streaks[i] for i in keep]
     ctx.stats.update(stats)
     return MethodResult(chosen, {"reward_threshold": r_star, "accept_beta": beta})

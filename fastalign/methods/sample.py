@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Context, MethodResult, sample_continuations
+from .base import Context, MethodResult, ResponseSampler
 
 REQUIRES = ("target",)
+REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM
 
 
 def run(ctx: Context, prompts: list[list[int]]) -> MethodResult:
-    logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
-    return MethodResult(sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens))
+    return MethodResult(ResponseSampler(ctx, prompts).draw(rewind=False))
