@@ -102,7 +102,7 @@ class Engine:
         return [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
 
     def decode(self, prompts, method: str = "sample", max_new_tokens: int = 128, temperature: float | None = None,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
                **options) -> DecodeOutput:
         """Decode ``prompts`` with ``method``; see ``fastalign.decode``."""
         module, run = get_method(method)
@@ -128,8 +128,12 @@ class Engine:
 
         models = {role: getattr(self, role) for role in MODEL_ROLES if getattr(self, role) is not None}
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
+        try:
+            rng = Randomness(seed, len(prompt_ids))
+        except ValueError as e:
+            raise InputError(str(e)) from None
         ctx = Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
-                      float(temperature), top_k, top_p, Randomness(seed))
+                      float(temperature), top_k, top_p, rng)
         start = time.perf_counter()
         result = run(ctx, prompt_ids, **options)
         wall = time.perf_counter() - start
@@ -150,8 +154,12 @@ class Engine:
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,
            max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
-           top_p: float | None = None, seed: int | None = None, **options) -> DecodeOutput:
+           top_p: float | None = None, seed: int | list[int] | None = None, **options) -> DecodeOutput:
     """Decode ``prompts`` (list of strings, or of token-id lists) with a test-time alignment ``method``.
+
+    ``seed``: one int per prompt (a list), or an int (prompt ``i`` then gets a seed derived from it and ``i``),
+    or None (fresh entropy). A prompt's output depends only on its own seed, prompt and models, never on its
+    row or on the other prompts of the batch (DESIGN 1.4).
 
     ``temperature=None`` takes the method's documented sampling defaults (temperature 1.0 unless its paper
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the

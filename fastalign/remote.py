@@ -96,14 +96,17 @@ class RemoteLM:
         self.eos_token_ids = {int(eos_token_ids)} if isinstance(eos_token_ids, int) else set(map(int, eos_token_ids))
 
     def complete(self, prompts: list[list[int]], budgets: list[int], temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[list[int]]:
-        """One sampled continuation per prompt (token ids), at most ``budgets[r]`` tokens, EOS kept."""
+                 top_k: int | None = None, top_p: float | None = None, seed=0) -> list[list[int]]:
+        """One sampled continuation per prompt (token ids), at most ``budgets[r]`` tokens, EOS kept.
+
+        ``seed``: one request seed per prompt (a list), or an int (prompt ``r`` gets ``row_seed(seed, r)``)."""
         rows = list(range(len(prompts)))
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [row_seed(seed, r) for r in rows]
         if len(rows) <= 1:
-            return [self._complete_one(prompts[r], budgets[r], temperature, top_k, top_p, row_seed(seed, r)) for r in rows]
+            return [self._complete_one(prompts[r], budgets[r], temperature, top_k, top_p, seeds[r]) for r in rows]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(rows))) as pool:
             return list(pool.map(lambda r: self._complete_one(prompts[r], budgets[r], temperature, top_k, top_p,
-                                                              row_seed(seed, r)), rows))
+                                                              seeds[r]), rows))
 
     def _complete_one(self, prompt, max_tokens, temperature, top_k, top_p, seed) -> list[int]:
         payload = {"model": self.model, "prompt": [int(t) for t in prompt], "max_tokens": int(max_tokens),

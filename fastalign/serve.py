@@ -71,7 +71,7 @@ class _Models:
             rng = Randomness(None if seed is None else int(seed))
             ctx = Context(self.target, None, None, None, self.tokenizer, max_tokens, temperature, top_k, top_p, rng)
             with self.lock:
-                tokens = sample_continuations(ctx, self.target, self.target.prefill([p], max_tokens), max_tokens)[0]
+                tokens = sample_continuations(ctx, self.target, self.target.prefill([p], max_tokens), max_tokens, [0])[0]
             finish = "stop" if tokens[-1] in self.target.eos_token_ids else "length"
             choice = {"index": i, "token_ids": tokens, "finish_reason": finish, "logprobs": None,
                       "text": self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""}

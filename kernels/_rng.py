@@ -31,7 +31,7 @@ ROUNDS = 10
 UNIFORM_BITS = 23
 
 # purposes: the third field of a counter (8 bits)
-PURPOSES = ("token", "accept", "race", "draft", "pick", "index", "mh")
+PURPOSES = ("token", "accept", "race", "draft", "pick", "index", "mh", "request")
 
 
 def mix64(x: int) -> int:

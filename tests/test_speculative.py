@@ -146,9 +146,10 @@ def test_stats_with_a_draft_equal_to_the_target(models):
     assert st["draft_tokens_proposed"] == st["draft_tokens_accepted"] == 2 * 6
     assert st["acceptance_rate"] == 1.0 and st["accepted_per_target_call"] == 2.0
     assert st["generated_tokens"] == 18
-    # draft: prefill, 2 steps, tail + 2 steps, tail; the target never sees a token twice
+    # draft: prefill, 2 steps, tail + 2 steps, tail; the target never sees a token twice, nor a token past a
+    # row's own draft length (the last round verifies no draft token)
     assert st["draft_calls"] == 1 + 2 + 3 + 1
-    assert st["target_tokens"] == 3 + 2 * (3 + (1 + 3) + (1 + 1))
+    assert st["target_tokens"] == 3 + 2 * (3 + (1 + 3) + (1 + 0))  # the last round feeds no dead draft token
 
 
 @pytest.mark.parametrize("options", [

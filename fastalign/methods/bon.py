@@ -19,7 +19,9 @@ def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[lis
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
     ctx.target.expand(n)
-    samples = sample_continuations(ctx, ctx.target, logits.repeat_interleave(n, 0), ctx.max_new_tokens)
+    rows = [b for b in range(len(prompts)) for _ in range(n)]  # prompt b's samples are its sub-streams 0..n-1
+    samples = sample_continuations(ctx, ctx.target, logits.repeat_interleave(n, 0), ctx.max_new_tokens, rows,
+                                   [j for _ in prompts for j in range(n)])
     rewards = ctx.reward.score([p for p in prompts for _ in range(n)], samples)
     return samples, rewards.view(len(prompts), n)
 
@@ -35,6 +37,6 @@ def run_soft(ctx: Context, prompts: list[list[int]], n: int = 16, lam: float = 1
     if lam <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     samples, rewards = draw_candidates(ctx, prompts, n)
-    pick = ctx.rng.categorical(torch.softmax(rewards / lam, dim=1))
+    pick = ctx.rng.categorical(torch.softmax(rewards / lam, dim=1), range(len(prompts)), "pick")
     chosen = [samples[b * n + int(i)] for b, i in enumerate(pick)]
     return MethodResult(chosen, {"rewards": rewards, "chosen_index": pick})

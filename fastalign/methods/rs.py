@@ -49,7 +49,8 @@ def calibrate_reward_threshold(ctx: Context, prompts: list[list[int]], prompt_lo
     """
     B, n = len(prompts), AUTO_SAMPLES
     ctx.target.expand(n)
-    samples = sample_continuations(ctx, ctx.target, prompt_logits.repeat_interleave(n, 0), ctx.max_new_tokens)
+    samples = sample_continuations(ctx, ctx.target, prompt_logits.repeat_interleave(n, 0), ctx.max_new_tokens,
+                                   [b for b in range(B) for _ in range(n)], [j for _ in range(B) for j in range(n)])
     ctx.target.select_rows(torch.arange(B) * n)
     ctx.target.rollback(torch.tensor([len(samples[b * n]) - 1 for b in range(B)]))
     rewards = torch.stack(ctx.reward.score_branches([samples[b * n:(b + 1) * n] for b in range(B)]))  # [B, n]
@@ -105,10 +106,10 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
     threshold = r_star
     stats = {"responses_proposed": 0, "rejections": 0, "forced_acceptances": 0}
     while ids:
-        responses = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens)
+        responses = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens, ids)
         ctx.target.rollback(torch.tensor([len(r) - 1 for r in responses]))  # back to the prompt
         rewards = torch.cat(ctx.reward.score_branches([[r] for r in responses]))
-        uniforms = ctx.rng.uniform(len(ids)) if mode == "soft" else None
+        uniforms = ctx.rng.uniform(ids, 1, "accept")[:, 0] if mode == "soft" else None
         ok = passes(rewards, threshold, uniforms, mode, accept_beta).tolist()
         stats["responses_proposed"] += len(ids)
         for i, b in enumerate(ids):

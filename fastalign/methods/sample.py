@@ -9,4 +9,4 @@ REQUIRES = ("target",)
 
 def run(ctx: Context, prompts: list[list[int]]) -> MethodResult:
     logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
-    return MethodResult(sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens))
+    return MethodResult(sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens, range(len(prompts))))
