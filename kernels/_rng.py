@@ -1,8 +1,9 @@
 """Counter-based random numbers shared bit for bit by the Triton kernels and their PyTorch references.
 
 The generator is Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): a
-keyed bijection of a 128-bit counter, the generator of cuRAND, JAX and ``tl.rand``. Word 0 of
-``philox(key, (col, ctr_lo, ctr_hi, 0))`` is the random number of element ``col`` of a stream:
+keyed bijection of a 128-bit counter, the generator of cuRAND, JAX and ``tl.rand``. Word ``col % 4`` of
+``philox(key, (col // 4, ctr_lo, ctr_hi, 0))`` is the random number of element ``col`` of a stream (one
+Philox evaluation serves four consecutive elements, as ``curand_uniform4`` does):
 
 * ``key`` (64 bits) belongs to a prompt (``prompt_key``: mixed from the prompt's seed), so prompts never share
   noise and a prompt's noise does not depend on its row or on the other prompts of the batch;
@@ -11,9 +12,9 @@ keyed bijection of a 128-bit counter, the generator of cuRAND, JAX and ``tl.rand
   draws of one prompt use distinct counters and, Philox being a bijection, distinct bits;
 * ``col`` is the element index (a vocabulary entry, a drafted position).
 
-A kernel takes its randomness as ``seed``: an int (every row ``r`` uses ``key = mix64(seed)``,
-``ctr = r``), or an int64 tensor ``[R, 2]`` of per-row ``(key, ctr)`` pairs (``Randomness`` in
-``fastalign.methods.base`` builds them).
+A kernel takes its randomness as ``seed``: an int (row ``r`` uses the key of a prompt with that seed and the
+counter ``counter(r >> 24, "kernel", r & 0xFFFFFF)``, a purpose no decode uses), or an int64 tensor
+``[R, 2]`` of per-row ``(key, ctr)`` pairs (``Randomness`` in ``fastalign.methods.base`` builds them).
 
 Uniforms are ``(bits >> 9) + 0.5`` times ``2**-23``: 23 random bits, every value exact in fp32, the smallest
 ``2**-24`` and the largest ``1 - 2**-24``, so ``-log(u)`` and ``-log(-log(u))`` are always finite.
@@ -31,7 +32,7 @@ ROUNDS = 10
 UNIFORM_BITS = 23
 
 # purposes: the third field of a counter (8 bits)
-PURPOSES = ("token", "accept", "race", "draft", "pick", "index", "mh", "request")
+PURPOSES = ("token", "accept", "race", "draft", "pick", "index", "mh", "request", "kernel")
 
 
 def mix64(x: int) -> int:
@@ -76,20 +77,20 @@ def streams_tensor(seed, rows: int, device=None) -> torch.Tensor:
     key = as_signed64(prompt_key(int(seed)))
     out = torch.empty(rows, 2, dtype=torch.int64, device=device)
     out[:, 0] = key
-    out[:, 1] = torch.arange(rows, device=device)
+    r = torch.arange(rows, device=device, dtype=torch.int64)
+    out[:, 1] = ((r >> 24) << 32) | (PURPOSES.index("kernel") << 24) | (r & 0xFFFFFF)
     return out
 
 
 # ------------------------------------------------------------------------------------------ torch twin
 def _mulhilo(a: int, b: torch.Tensor):
-    """``(hi, lo)`` 32-bit words of ``a * b`` for a 32-bit constant ``a`` and 32-bit values ``b`` (int64)."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    p_lo = a * b_lo             # < 2**48
-    p_hi = a * b_hi             # < 2**48
-    mid = p_hi + (p_lo >> 16)   # < 2**49
-    hi = mid >> 16
-    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
-    return hi, lo
+    """``(hi, lo)`` 32-bit words of ``a * b`` for a 32-bit constant ``a`` and 32-bit values ``b`` (int64).
+
+    The product (< 2**64) is computed in int64, which wraps modulo 2**64 (two's complement), so its bit pattern
+    is the exact unsigned product; the shift + mask reads the high word whatever the sign.
+    """
+    p = b * a
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def philox_torch(c0, c1, c2, c3, k0, k1, rounds: int = ROUNDS):
@@ -110,20 +111,23 @@ def bits_to_uniform_torch(bits: torch.Tensor) -> torch.Tensor:
     return ((bits >> (32 - UNIFORM_BITS)).to(torch.float32) + 0.5) * (1.0 / 2**UNIFORM_BITS)
 
 
-def stream_bits_torch(streams: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Word 0 of Philox for rows ``streams [R, 2]`` (key, ctr) and element indices ``cols [C]``: ``[R, C]``."""
+def stream_bits_torch(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The 32-bit numbers (int64) of elements ``0 .. n_cols - 1`` of the rows' streams ``[R, 2]`` (key, ctr):
+    ``[R, n_cols]``."""
+    if n_cols >= 2**34:
+        raise ValueError(f"a stream has 2**34 elements, asked for {n_cols}")
     key = streams[:, 0:1]
     ctr = streams[:, 1:2]
-    c0 = cols.to(torch.int64)[None, :] & MASK32
+    c0 = torch.arange((n_cols + 3) // 4, device=streams.device, dtype=torch.int64)[None, :]
     zero = torch.zeros((), dtype=torch.int64, device=streams.device)
-    out, _, _, _ = philox_torch(c0, ctr & MASK32, (ctr >> 32) & MASK32, zero, key & MASK32, (key >> 32) & MASK32)
-    return out
+    words = philox_torch(c0, ctr & MASK32, (ctr >> 32) & MASK32, zero, key & MASK32, (key >> 32) & MASK32)
+    R = streams.shape[0]
+    return torch.stack(torch.broadcast_tensors(*words), dim=-1).view(R, -1)[:, :n_cols]
 
 
 def uniform_streams_torch(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
     """fp32 uniforms ``[R, n_cols]``: element ``(r, c)`` of stream ``streams[r]``."""
-    cols = torch.arange(n_cols, device=streams.device)
-    return bits_to_uniform_torch(stream_bits_torch(streams, cols))
+    return bits_to_uniform_torch(stream_bits_torch(streams, n_cols))
 
 
 def uniform_grid_torch(seed, n_rows: int, n_cols: int, device=None) -> torch.Tensor:
@@ -159,9 +163,17 @@ try:  # the Triton twin; absent when triton is not installed
         k1 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
         c1 = (ctr & 0xFFFFFFFF).to(tl.uint32)
         c2 = ((ctr >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        c0 = (cols.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+        c = cols.to(tl.int64)
+        c0 = ((c >> 2) & 0xFFFFFFFF).to(tl.uint32)
+        word = c & 3
         zero = tl.zeros_like(c0)
-        b, _, _, _ = philox_triton(c0, c1 + zero, c2 + zero, zero, k0 + zero, k1 + zero)
+        w0, w1, w2, w3 = philox_triton(c0, c1 + zero, c2 + zero, zero, k0 + zero, k1 + zero)
+        b = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+        return bits_to_uniform_triton(b)
+
+    @triton.jit
+    def bits_to_uniform_triton(b):
+        """uint32 random bits -> fp32 uniforms strictly inside (0, 1) (``bits_to_uniform_torch``)."""
         return ((b >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 except ImportError:  # pragma: no cover - triton is a dependency, but keep the references importable

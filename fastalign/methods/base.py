@@ -77,7 +77,7 @@ class Randomness:
 
     def request_seeds(self, prompts, purpose: str, subs=0) -> list[int]:
         """One seed in ``[0, 2**31 - 1)`` per row (e.g. a remote request's seed), from the rows' streams."""
-        bits = stream_bits_torch(self.streams(prompts, purpose, subs), torch.arange(1))[:, 0]
+        bits = stream_bits_torch(self.streams(prompts, purpose, subs), 1)[:, 0]
         return [int(b) % (2**31 - 1) for b in bits]
 
 
