@@ -21,6 +21,7 @@ from .api import MODEL_ROLES as ROLES
 from .api import Engine
 from .evaluate import parse_value
 from .models import InputError
+from .methods.base import prompt_seeds
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -141,10 +142,11 @@ def cmd_generate(args) -> int:
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
-        for k, start in enumerate(tqdm(batches, desc="generate", unit="batch",
-                                       disable=True if len(batches) == 1 else None)):
+        # prompt i's seed is derived from --seed and i alone, so the batch size does not change any output
+        seeds = None if args.seed is None else prompt_seeds(args.seed, len(prompts))
+        for start in tqdm(batches, desc="generate", unit="batch", disable=True if len(batches) == 1 else None):
             batch = prompts[start: start + args.batch_size]
-            seed = None if args.seed is None else args.seed + k
+            seed = None if seeds is None else seeds[start: start + args.batch_size]
             result = engine.decode(batch, method=args.method, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                                    **options)
@@ -274,7 +276,8 @@ def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     g.add_argument("--temperature", type=float, help="default: the method's (from its paper), else 1.0")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, help="batch k uses seed + k")
+    g.add_argument("--seed", type=int, help="prompt i gets a seed derived from it and i (outputs do not depend on "
+                                            "--batch-size)")
     g.add_argument("--batch-size", type=positive_int, default=16, help="prompts per decode call (default 16)")
 
 
