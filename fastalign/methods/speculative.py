@@ -24,8 +24,8 @@ when ``q_r`` is close to ``p`` it mostly samples ``p``. Measured by ``test_paper
 =====================================================  =================  ============  ===============
 models                                                  TV(p, pi) (exact)  paper, bonus  paper, no bonus
 =====================================================  =================  ============  ===============
-draft = perturbed target (per-token TV(p, q_r) 0.11)    0.32               0.28          0.28
-draft independent of the target (TV(p, q_r) 0.72)       0.92               0.07          0.17
+draft = perturbed target (per-token TV(p, q_r) 0.11)    0.32               0.29          0.29
+draft independent of the target (TV(p, q_r) 0.72)       0.92               0.06          0.17
 =====================================================  =================  ============  ===============
 
 Caches. A model's cache holds the prompt and every emitted token except its *tail*: the tokens emitted last
