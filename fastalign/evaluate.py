@@ -33,6 +33,7 @@ import torch
 from .answers import EXTRACTORS
 from .api import MODEL_ROLES, Engine, _load_reward
 from .models import InputError, RewardModel
+from .methods.base import prompt_seeds
 
 # ------------------------------------------------------------------------------------------- prompts
 # dataset aliases: name -> (hub id, config, split, prompt field, answer field, prompt template)
@@ -278,7 +279,8 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
     """Decode every prompt record with every ``(method, options)`` of ``grid`` and score it with ``gold``.
 
     ``engine`` is a ``fastalign.Engine`` or a function ``method -> Engine`` (when methods need different
-    models). Batch ``k`` of every method uses the seed ``seed + k`` (common random numbers). Returns one record
+    models). Prompt ``i`` gets the same seed, derived from ``seed`` and ``i``, in every method (common random
+numbers), whatever the batch size (``methods.base.prompt_seeds``). Returns one record
     per (method, budget, prompt); see the module docstring for the fields.
     """
     from tqdm.auto import tqdm
@@ -288,7 +290,9 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
     if not prompts or not grid:
         raise InputError("evaluate needs at least one prompt record and one (method, options) grid entry")
     engine_for = (lambda method: engine) if isinstance(engine, Engine) else engine
-    batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+    starts = range(0, len(prompts), batch_size)
+    batches = [prompts[i: i + batch_size] for i in starts]
+    seeds = prompt_seeds(seed, len(prompts))
     warm = set()
     records = []
     with tqdm(total=len(grid) * len(prompts), desc="eval", unit="prompt",
@@ -300,10 +304,10 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                 warm.add(id(eng))
             label = budget_label(options)
             bar.set_postfix_str(f"{method} {label}")
-            for k, batch in enumerate(batches):
+            for start, batch in zip(starts, batches):
                 prompt_ids = eng.encode([r["prompt"] for r in batch])
                 out = eng.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, seed=seed + k, **options)
+                                 top_k=top_k, top_p=top_p, seed=seeds[start: start + len(batch)], **options)
                 texts = out.texts or [None] * len(batch)
                 scores = gold(prompt_ids, out.sequences, [r["prompt"] for r in batch],
                               [t if t is not None else "" for t in texts], batch)
@@ -313,7 +317,7 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                 for i, (record, seq, text, score) in enumerate(zip(batch, out.sequences, texts, scores)):
                     records.append({
                         "method": method, "budget": label, "options": {k2: _jsonable(v) for k2, v in options.items()},
-                        "prompt_index": k * batch_size + i, "prompt": record["prompt"], "completion": text,
+                        "prompt_index": start + i, "prompt": record["prompt"], "completion": text,
                         "tokens": list(seq), "gold_reward": score, "generated_tokens": len(seq),
                         **{c: stats.get(c, 0) / rows for c in COUNTERS},
                         "compute_tokens": compute / rows, "wall_time_s": stats["wall_time_s"] / rows,
