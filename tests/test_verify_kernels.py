@@ -4,7 +4,8 @@ The Triton comparisons run on ``kernel_device`` (conftest): the interpreter on C
 (``TRITON_INTERPRET=0``), the reference on the same device. Inputs are drawn on the CPU, then moved.
 
 The law tests run the (vectorised) references with many independent draws in one batch: every row has its own
-drafted tokens, uniforms and race noise (row ``b``'s own stream of the generator), so a batch of ``n`` rows is ``n`` draws.
+drafted tokens, uniforms and race noise (row ``b``'s own stream of the generator), so a batch of ``n`` rows is
+``n`` draws.
 """
 
 import warnings
