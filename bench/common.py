@@ -45,7 +45,7 @@ def device_info(device: torch.device) -> dict:
         import triton
 
         info["triton"] = triton.__version__
-    except Exception:  # pragma: no cover - triton is a dependency
+    except Exception:  # triton is optional (the `test` extra)
         info["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

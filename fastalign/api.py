@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from . import validation as check
 from .methods import get_method
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
 from .remote import RemoteLM
+from .validation import NonFiniteReward
 
 MODEL_ROLES = ("target", "draft", "ref", "reward")
 
@@ -62,71 +66,107 @@ def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, dev
     return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer)
 
 
+def warn_unknown_tokens(tokenizer, texts: list[str], ids: list[list[int]], share: float = 0.5) -> None:
+    """Warn when a tokenizer turns a prompt mostly (more than ``share`` of its tokens, special tokens aside)
+    into its unknown token, e.g. English under the toy world's word-level tokenizer: the model would see
+    almost nothing of the prompt. One warning per call, naming the first such prompt."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) - {unk}
+    bad = []
+    for i, row in enumerate(ids):
+        words = [t for t in row if t not in special]
+        unknown = sum(t == unk for t in words)
+        if words and unknown > share * len(words):
+            bad.append((i, unknown, len(words)))
+    if bad:
+        i, unknown, total = bad[0]
+        warnings.warn(f"{len(bad)} of {len(ids)} prompts are mostly unknown tokens for this tokenizer; prompt {i} "
+                      f"({texts[i][:60]!r}) is {unknown} unknown token(s) out of {total}: the model sees almost "
+                      "nothing of it", stacklevel=3)
+
+
 class Engine:
     """Holds loaded models for repeated ``decode`` calls.
 
     Models may be HF model objects or names/paths (loaded with ``trust_remote_code=False`` unless asked).
     ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists.
     ``reward_tokenizer`` is the reward model's own tokenizer, when it differs from the policy's.
+
+    One engine may be shared by several threads: its models hold per-call state (KV caches), so ``decode``
+    calls are serialised by a lock (each call runs alone and gets exactly the tokens it would get alone);
+    for parallel decoding use one engine per thread.
     """
 
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
                  reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None):
-        load = dict(trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        load = dict(trust_remote_code=trust_remote_code, device=check.check_device(device),
+                    dtype=check.check_dtype(dtype))
+        self._lock = threading.Lock()
+        tokenizer_role = "tokenizer"
         if tokenizer is None and isinstance(target, str):
-            tokenizer = target
-        self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
-        self.target = _load_causal_lm(target, **load) if target is not None else None
-        self.draft = _load_causal_lm(draft, **load) if draft is not None else None
-        self.ref = _load_causal_lm(ref, **load) if ref is not None else None
-        self.reward = (
-            _load_reward(reward, _load_tokenizer(reward_tokenizer, trust_remote_code), self.tokenizer, **load)
-            if reward is not None else None
-        )
+            tokenizer, tokenizer_role = target, "target"
+        with check.loading(tokenizer_role, tokenizer):
+            self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
+        for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
+            with check.loading(role, spec):
+                setattr(self, role, _load_causal_lm(spec, **load) if spec is not None else None)
+        with check.loading("reward", reward):
+            self.reward = (
+                _load_reward(reward, _load_tokenizer(reward_tokenizer, trust_remote_code), self.tokenizer, **load)
+                if reward is not None else None
+            )
         for role in ("draft", "ref"):
             lm = getattr(self, role)
             if lm is not None and self.target is not None and lm.vocab_size != self.target.vocab_size:
                 raise InputError(
                     f"vocabularies differ: the {role} has {lm.vocab_size} tokens, the target {self.target.vocab_size}"
                 )
+        if self.reward is not None and self.reward.cached and self.target is not None:
+            embedded = self.reward.lm.model.get_input_embeddings().num_embeddings
+            if embedded < self.target.vocab_size:  # the target's ids would index past the reward's embedding
+                raise InputError(f"vocabularies differ: the reward model embeds {embedded} token ids, the target "
+                                 f"emits up to {self.target.vocab_size}; pass reward_tokenizer=... to re-tokenise")
 
     def encode(self, prompts) -> list[list[int]]:
-        """Prompts as token-id lists: strings through the tokenizer, id lists as they are."""
-        if isinstance(prompts, str):
-            raise InputError("prompts must be a list of strings or of token-id lists, not a single string")
-        prompts = list(prompts)
-        if prompts and all(isinstance(p, str) for p in prompts):
-            if self.tokenizer is None:
-                raise InputError("text prompts need a tokenizer (pass tokenizer=...) or pass token ids")
-            return [self.tokenizer(p)["input_ids"] for p in prompts]
-        return [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
+        """Prompts as token-id lists (strings through the tokenizer), checked against the target's vocabulary."""
+        ids = check.check_prompts(prompts, self.tokenizer, getattr(self.target, "vocab_size", None))
+        if self.tokenizer is not None and isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
+            warn_unknown_tokens(self.tokenizer, list(prompts), ids)
+        return ids
 
     def decode(self, prompts, method: str = "sample", max_new_tokens: int = 128, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
                **options) -> DecodeOutput:
-        """Decode ``prompts`` with ``method``; see ``fastalign.decode``."""
+        """Decode ``prompts`` with ``method``; see ``fastalign.decode``. Thread-safe (calls are serialised)."""
+        with self._lock:
+            try:
+                return self._decode(prompts, method, max_new_tokens, temperature, top_k, top_p, seed, options)
+            except NonFiniteReward as e:  # name the prompt by its index in this call
+                index = next((i for i, p in enumerate(self._prompt_ids) if p == e.prompt), None)
+                if index is None:
+                    raise
+                raise InputError(f"prompt {index}: {e}") from None
+
+    def _decode(self, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, options) -> DecodeOutput:
+        self._prompt_ids = []
         module, run = get_method(method)
+        check.check_method_options(method, run, options)
         for role in module.REQUIRES:
             if getattr(self, role) is None:
                 raise InputError(f"method {method!r} needs a {role} model (pass {role}=...)")
         if isinstance(self.target, RemoteLM) and not getattr(module, "REMOTE_TARGET", False):
             raise InputError(f"method {method!r} needs a local target; a RemoteLM target works with qalign")
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        defaults = getattr(module, "DEFAULTS", {})
-        if temperature is None:
-            temperature = defaults.get("temperature", 1.0)
-            top_k = defaults.get("top_k") if top_k is None else top_k
-        if temperature <= 0:
-            raise InputError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
-        prompt_ids = self.encode(prompts)
-        if not prompt_ids:
-            raise InputError("no prompts given")
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise InputError(f"prompt {i} is empty")
-
+        check.check_int("max_new_tokens", max_new_tokens, minimum=1)
+        temperature, top_k, top_p = sampling_settings(module, temperature, top_k, top_p)
+        check.check_sampling(temperature, top_k, top_p)
+        prompt_ids = self._prompt_ids = self.encode(prompts)
+        check.check_seed(seed, len(prompt_ids))
         models = {role: getattr(self, role) for role in MODEL_ROLES if getattr(self, role) is not None}
+        used = {role: m for role, m in models.items() if (role in module.REQUIRES or role == "ref" and method == "sss")
+                and not getattr(m, "retokenize", False)}  # a re-tokenising reward counts other tokens
+        check.check_context_lengths(used, prompt_ids, max_new_tokens)
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
         try:
             rng = Randomness(seed, len(prompt_ids))
@@ -150,6 +190,16 @@ class Engine:
         if self.tokenizer is not None:
             texts = self.tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
         return DecodeOutput(result.sequences, texts, stats, result.extra)
+
+
+def sampling_settings(module, temperature: float | None, top_k: int | None, top_p: float | None):
+    """``(temperature, top_k, top_p)`` a decode uses: as given, or with ``temperature=None`` the method
+    module's ``DEFAULTS`` (its paper's temperature, 1.0 otherwise, and its top-k unless one is given)."""
+    if temperature is None:
+        defaults = getattr(module, "DEFAULTS", {})
+        temperature = defaults.get("temperature", 1.0)
+        top_k = defaults.get("top_k") if top_k is None else top_k
+    return temperature, top_k, top_p
 
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,

@@ -6,7 +6,8 @@
     fastalign demo
     fastalign bench --list
 
-Models are loaded inside the commands; ``--help`` loads none.
+Models are loaded inside the commands; ``--help`` loads none, and imports neither torch nor transformers
+(the library is imported inside the commands), so that it answers at once.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import argparse
 import json
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
-from .api import MODEL_ROLES as ROLES
-from .api import Engine
-from .evaluate import parse_value
-from .models import InputError
-from .methods.base import prompt_seeds
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+def parse_value(text: str):
+    """``fastalign.evaluate.parse_value`` (imported when used: it pulls in torch)."""
+    from .evaluate import parse_value
+
+    return parse_value(text)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -39,23 +44,16 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def check_options(method: str, options: dict) -> None:
-    """A clear error for an option that ``method`` does not take (before any model runs)."""
-    import inspect
-
+    """A clear error for an option that ``method`` does not take or a bad value (before any model runs)."""
     from .methods import get_method
 
     try:
         _, run = get_method(method)
     except ImportError as e:
         raise ValueError(f"method {method!r} is not available in this installation ({e})") from None
-    params = inspect.signature(run).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [name for name in params if name not in ("ctx", "prompts")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"method {method!r} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options: {', '.join(accepted) or 'none'}")
+    from .validation import check_method_options
+
+    check_method_options(method, run, options)
 
 
 def positive_int(text: str) -> int:
@@ -70,11 +68,9 @@ def positive_int(text: str) -> int:
 
 
 def _torch_dtype(name: str | None):
-    if name is None or name == "auto":
-        return name
-    import torch
+    from .validation import check_dtype
 
-    return getattr(torch, name)
+    return check_dtype(name)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -82,6 +78,9 @@ def engine_factory(args, world=None):
     """A function ``method -> fastalign.Engine`` for the models named on the command line; roles not named
     come from the toy world when one is given. With the toy world, ``sss`` takes its aligned draft as the
     draft (and the unaligned draft as ``ref``); other methods take the unaligned draft."""
+    from .api import MODEL_ROLES as ROLES
+    from .api import Engine
+
     named = {role: getattr(args, role) for role in ROLES}
     common = dict(trust_remote_code=args.trust_remote_code, device=args.device, dtype=_torch_dtype(args.dtype),
                   reward_tokenizer=args.reward_tokenizer)
@@ -129,41 +128,112 @@ def _read_generate_prompts(args) -> list[str]:
     return [r["prompt"] for r in records]
 
 
+def _check_output_file(path: str | None, flag: str) -> None:
+    from .validation import InputError
+
+    if path is not None and Path(path).is_dir():
+        raise InputError(f"{flag} {path!r} is a directory; give a file path")
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise InputError(f"{flag} {path!r}: the folder {str(Path(path).parent)!r} does not exist")
+
+
+def _resume_generate(args, prompts: list[str], wanted: dict) -> int:
+    """``generate -o FILE --resume``: keep the whole batches of FILE that this run would write (the same
+    prompts in order, method and options in effect, ``wanted``) and return the first batch to decode; a partly
+    written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error."""
+    from .evaluate import read_complete_jsonl, write_jsonl
+    from .validation import InputError
+
+    previous = read_complete_jsonl(args.output)
+    if len(previous) > len(prompts):
+        raise InputError(f"--resume: {args.output} has {len(previous)} lines for {len(prompts)} prompts; "
+                         "it is not an earlier part of this run")
+    for n, (line, prompt) in enumerate(zip(previous, prompts), 1):
+        if line.get("prompt") != prompt or line.get("method") != args.method or line.get("options") != wanted:
+            raise InputError(f"--resume: line {n} of {args.output} is not this run's (its prompt, method or options "
+                             "differ); write to another file or drop --resume")
+    done_batches = len(previous) // args.batch_size
+    write_jsonl(args.output, previous[: done_batches * args.batch_size])
+    return done_batches
+def per_prompt_values(extra: dict, rows: int) -> list[dict]:
+    """From a decode's ``out.extra``, the values that are one number or one list of numbers per prompt
+    (e.g. ``bon``'s rewards, ``cards``' reward_threshold); others (trajectories) are left out."""
+    import torch
+
+    out = [{} for _ in range(rows)]
+    for key, value in extra.items():
+        value = value.tolist() if torch.is_tensor(value) else value
+        if not isinstance(value, list) or len(value) != rows:
+            continue
+        flat = all(isinstance(v, (int, float)) or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))
+                   for v in value)
+        if flat:
+            for i, v in enumerate(value):
+                out[i][key] = v
+    return out
+
+
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
+    from .api import sampling_settings
     from .evaluate import _jsonable
+    from .methods import get_method, options_in_effect
+    from .validation import InputError
 
     options = parse_options(args.opt)
     check_options(args.method, options)
+    _check_output_file(args.output, "--output")
+    if args.resume and not args.output:
+        raise InputError("--resume continues an --output FILE: give one")
     prompts = _read_generate_prompts(args)
+    effective = {key: _jsonable(v) for key, v in options_in_effect(args.method, options).items()}
+    first = _resume_generate(args, prompts, effective) if args.resume else 0
     world = _toy_world(args)
     engine = engine_factory(args, world)(args.method)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    temperature, top_k, top_p = sampling_settings(get_method(args.method)[0], args.temperature, args.top_k, args.top_p)
+    out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
         # prompt i's seed is derived from --seed and i alone, so the batch size does not change any output
-        seeds = None if args.seed is None else prompt_seeds(args.seed, len(prompts))
-        for start in tqdm(batches, desc="generate", unit="batch", disable=True if len(batches) == 1 else None):
+        from .methods.base import prompt_seeds
+
+        seeds = prompt_seeds(args.seed, len(prompts))
+        for k, start in enumerate(tqdm(batches, desc="generate", unit="batch",
+                                       disable=True if len(batches) == 1 else None)):
+            if k < first:
+                continue
             batch = prompts[start: start + args.batch_size]
-            seed = None if seeds is None else seeds[start: start + args.batch_size]
+            seed = seeds[start: start + args.batch_size]
             result = engine.decode(batch, method=args.method, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
                                    **options)
             stats = {key: v for key, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
+            sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
+                        "top_p": top_p}
             texts = result.texts or [None] * len(batch)
-            for prompt, text, seq in zip(batch, texts, result.sequences):
-                line = {"prompt": prompt, "completion": text, "tokens": list(seq), "method": args.method,
-                        "options": {key: _jsonable(v) for key, v in options.items()}, "stats": stats}
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            values = per_prompt_values(result.extra, len(batch))
+            lines = []
+            for i, (prompt, text, seq) in enumerate(zip(batch, texts, result.sequences)):
+                line = {"prompt": prompt, "completion": text, "tokens": list(seq), "generated_tokens": len(seq),
+                        **values[i], "method": args.method, "options": effective,
+                        "sampling": {**sampling, "seed": seed[i]},
+                        "batch": {"index": k, "prompts": len(batch), "stats": stats}}
+                lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+            out.write("".join(lines))  # one write per batch: an interrupt leaves whole lines
             out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
+    if args.output:
+        print(f"wrote {len(prompts)} completion{'s' * (len(prompts) != 1)} ({args.method}) to {args.output}",
+              file=sys.stderr)
     return 0
 
 
 def cmd_eval(args) -> int:
+    from .api import MODEL_ROLES as ROLES
+    from .validation import InputError
     from .evaluate import (
         GoldReward,
         default_grid,
@@ -177,6 +247,9 @@ def cmd_eval(args) -> int:
 
     world = _toy_world(args)
     engine_for = engine_factory(args, world)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {args.out_dir!r} is a file; give a folder")
     source = args.prompts or ("toy" if world is not None else None)
     if source is None:
         raise ValueError("eval needs --prompts (a .jsonl/.txt file, 'hh-rlhf', 'gsm8k' or 'hf:NAME') "
@@ -192,12 +265,27 @@ def cmd_eval(args) -> int:
         check_options(method, options)
     if not any(method == args.baseline for method, _ in grid):
         grid.insert(0, (args.baseline, {}))  # the win rate needs the baseline
-    results = evaluate(records, grid, engine_for, gold, max_new_tokens=args.max_new_tokens, seed=args.seed or 0,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       batch_size=args.batch_size, progress=None if not args.no_progress else False)
+    settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
+                "models": {role: getattr(args, role) for role in ROLES}, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "batch_size": args.batch_size, "dtype": args.dtype}
+    done, results_path = _start_eval_run(out_dir, settings, args.resume)
+    with open(results_path, "a", encoding="utf-8") as sink:
+        def append(record):  # each record as its batch finishes: the file is valid JSONL after any interrupt
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
+
+        try:
+            results = evaluate(records, grid, engine_for, gold, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, batch_size=args.batch_size,
+                               progress=None if not args.no_progress else False, done=done, on_record=append)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"the records finished so far are in {results_path}; rerun the same command "
+                                    "with --resume to continue") from None
     rows = summarize(results, args.baseline)
     header = (f"# fastalign eval\n\nprompts: {source} ({len(records)}), gold reward: {gold.name}, "
-              f"max_new_tokens: {args.max_new_tokens}, seed: {args.seed or 0}, batch size: {args.batch_size}\n\n"
+              f"max_new_tokens: {args.max_new_tokens}, seed: {args.seed}, batch size: {args.batch_size}\n\n"
               "Per-prompt means; costs of a batched decode are shared equally by its prompts.\n\n")
     plot = not args.no_plot
     if plot:
@@ -210,6 +298,33 @@ def cmd_eval(args) -> int:
     print(summary_table(rows), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+EVAL_OUTPUTS = ("summary.md", "summary.json", "reward_vs_compute.png")
+
+
+def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[dict], Path]:
+    """Prepare ``out_dir`` for a run: returns the records to keep (``--resume``: those of an earlier run with
+    the same settings, up to an interrupted last line) and the results file, which then holds exactly them.
+    The summary and plot of an earlier run are removed first, so they never pass for this run's."""
+    from .evaluate import read_complete_jsonl, write_jsonl
+    from .validation import InputError
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, run_file = out_dir / "results.jsonl", out_dir / "run.json"
+    done = []
+    if resume and results.is_file():
+        earlier = json.loads(run_file.read_text()) if run_file.is_file() else None
+        if earlier != settings:
+            changed = sorted(k for k in settings if earlier is None or earlier.get(k) != settings[k])
+            raise InputError(f"--resume: {out_dir} holds a run with other settings (differs in: "
+                             f"{', '.join(changed)}); use another --out-dir, or drop --resume to start over")
+        done = read_complete_jsonl(results)
+    for name in EVAL_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+    run_file.write_text(json.dumps(settings, indent=1) + "\n")
+    write_jsonl(results, done)
+    return done, results
 
 
 def cmd_demo(args) -> int:
@@ -248,101 +363,138 @@ def cmd_bench(args) -> int:
     for name in args.names:
         if name not in by_name:
             raise ValueError(f"unknown benchmark {name!r}; available: {sorted(by_name)}")
-    for name in args.names:
-        code = subprocess.call([sys.executable, str(by_name[name]), *args.bench_args], cwd=folder.parent)
+    # a fresh folder unless one is named: the committed bench/results/ is only written when asked for
+    explicit = any(a == "--out-dir" or a.startswith("--out-dir=") for a in args.bench_args)
+    out_dir = None if explicit else Path(args.out_dir or f"bench_out/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    for i, name in enumerate(args.names, 1):
+        where = "as its --out-dir says" if out_dir is None else str(out_dir)
+        print(f"bench [{i}/{len(args.names)}] {name}: running (results to {where}; its own output follows)",
+              file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        extra = [] if out_dir is None else ["--out-dir", str(out_dir)]
+        # -u: the script's progress lines appear as they are printed, also when piped
+        code = subprocess.call([sys.executable, "-u", str(by_name[name]), *args.bench_args, *extra], cwd=folder.parent)
+        print(f"bench [{i}/{len(args.names)}] {name}: {'done' if code == 0 else f'failed (exit {code})'} in "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         if code:
             return code
     return 0
 
 
 # ------------------------------------------------------------------------------------------- parser
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, where it has one and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models (HF names or local paths; omitted roles come from the toy world)")
-    g.add_argument("--target", help="the target (policy) causal LM")
+    g.add_argument("--target", help="the target (policy) causal LM (default: the toy world's)")
     g.add_argument("--draft", help="draft causal LM (sd; the aligned draft for sss)")
     g.add_argument("--ref", help="reference causal LM: the draft before alignment (sss)")
     g.add_argument("--reward", help="reward model (AutoModelForSequenceClassification)")
     g.add_argument("--tokenizer", help="tokenizer (default: the target's)")
     g.add_argument("--reward-tokenizer", help="the reward model's tokenizer when it differs from the policy's")
-    g.add_argument("--toy", action="store_true", help="use the built-in toy world (offline, tiny models)")
+    g.add_argument("--toy", action="store_true", help="use the built-in toy world (offline, tiny models; its prompts "
+                                                      "are review openings such as 'review : the pasta')")
     g.add_argument("--trust-remote-code", action="store_true", help="allow models' custom code (off by default)")
     g.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
-    g.add_argument("--dtype", choices=DTYPES, help="weights dtype when loading by name")
+    g.add_argument("--dtype", choices=DTYPES, help="weights dtype when loading by name (default: the checkpoint's)")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="tokens generated at most")
     g.add_argument("--temperature", type=float, help="default: the method's (from its paper), else 1.0")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, help="prompt i gets a seed derived from it and i (outputs do not depend on "
-                                            "--batch-size)")
-    g.add_argument("--batch-size", type=positive_int, default=16, help="prompts per decode call (default 16)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: the method's, else all)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: off)")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="prompt i gets a seed derived from it and i, "
+                                                                  "whatever --batch-size; the same seed gives the "
+                                                                  "same outputs (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="prompts per decode call")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import METHODS as DEMO_METHODS
     from .methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="fastalign", description="Fast, exact test-time alignment decoding.")
+    parser = argparse.ArgumentParser(prog="fastalign", description="Fast, exact test-time alignment decoding.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    g = sub.add_parser("generate", help="decode prompts with a method; JSONL out",
-                       description="Decode prompts with a test-time alignment method. Prompts come from the "
-                                   "arguments, --prompts-file or stdin; one JSON line per prompt is written "
-                                   "(prompt, completion, tokens, method, options, stats of its decode call).")
+    def command(name, **kwargs):
+        return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    g = command("generate", help="decode prompts with a method; JSONL out",
+                description="Decode prompts with a test-time alignment method. Prompts come from the arguments, "
+                            "--prompts-file or stdin; one JSON line per prompt is written (prompt, completion, "
+                            "tokens, generated_tokens, per-prompt values of the method such as rewards, method, "
+                            "options in effect, sampling settings and seed, and the batch's stats).")
     g.add_argument("prompts", nargs="*", help="prompt texts")
-    g.add_argument("--method", default="sample", choices=sorted(METHODS))
+    g.add_argument("--method", default="sample", choices=sorted(METHODS), help="decoding method")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (e.g. --opt n=8 --opt tree=sampled --opt branching=2,2)")
     g.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL with a prompt field")
-    g.add_argument("--prompt-field", default="prompt", help="JSONL field holding the prompt (default: prompt)")
+    g.add_argument("--prompt-field", default="prompt", help="JSONL field holding the prompt")
     g.add_argument("--output", "-o", help="JSONL output file (default: stdout)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep the whole batches already in --output, decode the rest")
     _model_arguments(g)
     _sampling_arguments(g, 128)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="methods x budgets on a prompt set, scored by a gold reward",
-                       description="Evaluate methods and budgets: mean gold reward, win rate against --baseline, "
-                                   "calls and tokens per model, wall time. Writes results.jsonl, summary.md, "
-                                   "summary.json and reward_vs_compute.png to --out-dir.")
+    e = command("eval", help="methods x budgets on a prompt set, scored by a gold reward",
+                description="Evaluate methods and budgets: mean gold reward, win rate against --baseline, calls and "
+                            "tokens per model, wall time. Writes results.jsonl, summary.md, summary.json and "
+                            "reward_vs_compute.png to --out-dir.")
     e.add_argument("--prompts", help="'toy', a .jsonl/.txt file, 'hh-rlhf' (Dahoas/full-hh-rlhf), 'gsm8k' or "
-                                     "'hf:NAME[:CONFIG]' (needs the datasets package)")
+                                     "'hf:NAME[:CONFIG]' (needs the datasets package) "
+                                     "(default: 'toy' with the toy world)")
     e.add_argument("--split", help="dataset split (default: test)")
-    e.add_argument("--prompt-field", help="field holding the prompt")
-    e.add_argument("--limit", type=positive_int, help="use the first N prompts")
+    e.add_argument("--prompt-field", help="field holding the prompt (default: the dataset's, else 'prompt')")
+    e.add_argument("--limit", type=positive_int, help="use the first N prompts (default: all)")
     e.add_argument("--gold", help="gold reward: an HF reward model, 'module:function' (called on texts: "
                                   "prompts, completions), 'toy', or 'last_number' / 'boxed' / 'option': the "
-                                  "extracted answer equals the record's 'answer' field (GSM8K, MATH, multiple choice)")
+                                  "extracted answer equals the record's 'answer' field (GSM8K, MATH, multiple choice) "
+                                  "(default: 'toy' with the toy world)")
     e.add_argument("--grid", action="append", metavar="SPEC",
                    help="METHOD[:key=v1,v2;key2=...], repeatable, e.g. --grid sample --grid 'bon:n=2,4,8' "
                         "(default: every available method at a few budgets)")
-    e.add_argument("--baseline", default="sample", help="method the win rate compares with (default: sample)")
-    e.add_argument("--out-dir", default="eval_out")
-    e.add_argument("--no-plot", action="store_true")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--baseline", default="sample", help="method the win rate compares with")
+    e.add_argument("--out-dir", default="eval_out", help="folder for results.jsonl, the summary and the plot")
+    e.add_argument("--no-plot", action="store_true", help="do not write reward_vs_compute.png")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    e.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out-dir (same settings): skip the (method, budget, "
+                        "prompt) records already in results.jsonl")
     _model_arguments(e)
     _sampling_arguments(e, 64)
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="every method on the built-in toy world, on the CPU",
-                       description="Every method on the built-in toy world (offline): a few completions per "
-                                   "method and a table of gold reward, model calls, tokens and time.")
+    d = command("demo", help="every method on the built-in toy world, on the CPU",
+                description="Every method on the built-in toy world (offline): a few completions per method and a "
+                            "table of gold reward, model calls, tokens and time.")
     d.add_argument("--methods", nargs="+", metavar="METHOD", choices=DEMO_METHODS,
                    help=f"demo settings to run: {' '.join(DEMO_METHODS)} (default: all)")
-    d.add_argument("--num-prompts", type=positive_int, default=32)
-    d.add_argument("--max-new-tokens", type=positive_int, default=24)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device")
+    d.add_argument("--num-prompts", type=positive_int, default=32, help="prompts (the toy prompts, cycled)")
+    d.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens generated at most")
+    d.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every method")
+    d.add_argument("--device", help="e.g. cuda (default: cpu)")
     d.add_argument("--show", type=int, default=2, help="completions printed per method")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="run the benchmark scripts of a source checkout (bench/)",
-                       description="List or run the scripts in the repository's bench/ folder; arguments "
-                                   "after -- go to the scripts.")
+    b = command("bench", help="run the benchmark scripts of a source checkout (bench/)",
+                description="List or run the scripts in the repository's bench/ folder; arguments after -- go to "
+                            "the scripts. Results go to a fresh folder bench_out/DATE-TIME/ unless --out-dir (or an "
+                            "--out-dir after --) names one: the committed bench/results/ is written only when named.")
     b.add_argument("names", nargs="*", help="benchmarks to run (file names without .py)")
     b.add_argument("--list", action="store_true", help="list the benchmarks")
+    b.add_argument("--out-dir", help="folder for the results (default: a fresh bench_out/DATE-TIME/)")
     b.set_defaults(func=cmd_bench, bench_args=[])
     return parser
 
@@ -357,8 +509,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.bench_args = bench_args
-    try:
-        return args.func(args)
-    except (InputError, ValueError, FileNotFoundError) as e:
-        print(f"fastalign {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    from .validation import InputError, check_device
+
+    with warnings.catch_warnings():  # warnings as one line each ("fastalign generate: warning: ...")
+        warnings.showwarning = lambda message, *_, **__: print(f"fastalign {args.command}: warning: {message}",
+                                                                file=sys.stderr)
+        try:
+            check_device(getattr(args, "device", None))  # before the toy world or any model moves there
+            return args.func(args)
+        except (InputError, ValueError, OSError) as e:  # bad input, missing or unwritable files: one line
+            print(f"fastalign {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            print(f"fastalign {args.command}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+            return 130

@@ -24,9 +24,9 @@ Differences from the originals (all deliberate):
 - ``seg_rs_generate``'s ``reward`` is the mean reward-model score of the returned responses (one extra
   reward call, not in the counts); the original returned the last scored candidate's reward.
 - ``seg_rs_generate``: ``beta`` is, as in the original, both the sampling temperature and the soft-acceptance
-  temperature (``accept_beta``); segments are cut, scored and accepted as in DESIGN section 1.1.
+  temperature (``accept_beta``); segments are cut, scored and accepted as in docs/design.md section 1.1.
 - ``sss_generate`` runs the exact reward-shifted sampler (``variant="exact"``) unless ``variant="paper"`` is
-  passed; the original's known bugs (DESIGN section 1.2) are not reproduced. ``bonus_token=False`` is refused:
+  passed; the original's known bugs (docs/design.md section 1.2) are not reproduced. ``bonus_token=False`` is refused:
   the token emitted at a rejection is part of every correct variant (``variant="paper",
   bonus_on_full_accept=False`` reproduces the published behaviour at full acceptance).
 - Texts are returned like the original (``prompt + response`` decoded with ``skip_special_tokens=True``);

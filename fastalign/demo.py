@@ -15,12 +15,6 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
-from .api import Engine
-from .models import RewardModel
-from .toyworld import gold_reward_text, load_toy_world
-
 # label -> (method, options): small settings, so that the whole demo runs in well under a minute on a CPU.
 # The reward model's scale is about [-4, 4] (soft_bon's lam and qalign's beta are in those units). The toy
 # vocabulary is small (entropy at most ln 144 = 5 nats; about 3 at a choice of noun, 1 to 2 at an adjective),
@@ -57,6 +51,12 @@ def run_demo(methods=None, num_prompts: int = 32, max_new_tokens: int = 24, seed
         raise ValueError(f"unknown demo method(s) {unknown}; expected some of {list(METHODS)}")
     if num_prompts < 1 or max_new_tokens < 1:
         raise ValueError("num_prompts and max_new_tokens must be positive")
+    import torch  # here, not at the top: `fastalign --help` reads METHODS without importing torch
+
+    from .api import Engine
+    from .models import RewardModel
+    from .toyworld import load_toy_world
+
     world = load_toy_world(device=device)
     prompts = [world.prompts[i % len(world.prompts)] for i in range(num_prompts)]
     prompt_ids = [world.tokenizer(p)["input_ids"] for p in prompts]
@@ -89,6 +89,8 @@ def run_demo(methods=None, num_prompts: int = 32, max_new_tokens: int = 24, seed
 
 
 def _run_method(label, engines, prompts, prompt_ids, max_new_tokens, seed, evaluator, show, file) -> dict:
+    from .toyworld import gold_reward_text
+
     method, options = SETTINGS[label]
     engine = engines["sss" if method == "sss" else "default"]
     start = time.perf_counter()

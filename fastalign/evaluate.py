@@ -50,6 +50,8 @@ def parse_value(text: str):
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
+    if lowered in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+        return float(lowered)  # a number (that the option checks then refuse as not finite), not a string
     if lowered in ("none", "null"):
         return None
     try:
@@ -188,6 +190,10 @@ class GoldReward:
         scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()]
         if len(scores) != len(response_ids):
             raise InputError(f"gold reward {self.name!r} returned {len(scores)} scores for {len(response_ids)} responses")
+        bad = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
+        if bad is not None:  # a NaN would silently poison the means and win rates
+            raise InputError(f"gold reward {self.name!r} is {scores[bad]} for the prompt {prompt_texts[bad]!r}; "
+                             "gold rewards must be finite numbers")
         return scores
 
     @classmethod
@@ -259,9 +265,10 @@ def parse_grid(spec: str) -> list[tuple[str, dict]]:
     axes = []
     for item in _split_top_level(rest, ";"):
         key, eq, values = item.partition("=")
-        if not eq or not key.strip():
+        values = _split_top_level(values, ",")
+        if not eq or not key.strip() or not values:
             raise InputError(f"grid entry {spec!r}: expected key=value[,value...], got {item!r}")
-        axes.append([(key.strip(), parse_value(v)) for v in _split_top_level(values, ",")])
+        axes.append([(key.strip(), parse_value(v)) for v in values])
     return [(method, dict(combo)) for combo in itertools.product(*axes)]
 
 
@@ -273,41 +280,61 @@ def budget_label(options: dict) -> str:
 COUNTERS = [f"{role}_{kind}" for role in MODEL_ROLES for kind in ("calls", "tokens")]
 
 
+def record_key(record: dict) -> tuple[str, str, int]:
+    """What identifies a record of an evaluation: (method, budget, prompt index)."""
+    return record["method"], record["budget"], record["prompt_index"]
+
+
 def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: GoldReward,
              max_new_tokens: int = 64, seed: int = 0, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, batch_size: int = 16, progress: bool | None = None) -> list[dict]:
+             top_p: float | None = None, batch_size: int = 16, progress: bool | None = None,
+             done: list[dict] | None = None, on_record=None) -> list[dict]:
     """Decode every prompt record with every ``(method, options)`` of ``grid`` and score it with ``gold``.
 
     ``engine`` is a ``fastalign.Engine`` or a function ``method -> Engine`` (when methods need different
     models). Prompt ``i`` gets the same seed, derived from ``seed`` and ``i``, in every method (common random
-numbers), whatever the batch size (``methods.base.prompt_seeds``). Returns one record
-    per (method, budget, prompt); see the module docstring for the fields.
-    """
-    from tqdm.auto import tqdm
+    numbers), whatever the batch size (``methods.base.prompt_seeds``). Returns one record
+    per (method, budget, prompt); see the module docstring for the fields. ``progress``: None shows a bar on a
+    terminal and periodic lines otherwise (``ProgressLines``), True a bar, False nothing.
 
+    Resuming: ``done`` holds records of an earlier, interrupted run of the same evaluation; a batch whose
+    records are all there is not decoded again (batches, not prompts, are the unit, so that every decode sees
+    the seed and batch it would have seen in one uninterrupted run). ``on_record(record)`` is called for each
+    new record as soon as its batch is scored (e.g. to append it to a file).
+    """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts or not grid:
         raise InputError("evaluate needs at least one prompt record and one (method, options) grid entry")
     engine_for = (lambda method: engine) if isinstance(engine, Engine) else engine
-    starts = range(0, len(prompts), batch_size)
-    batches = [prompts[i: i + batch_size] for i in starts]
+    batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     seeds = prompt_seeds(seed, len(prompts))
+    previous = {record_key(r): r for r in done or []}
+    for key, r in previous.items():
+        index = key[2]
+        if not (isinstance(index, int) and 0 <= index < len(prompts)) or r.get("prompt") != prompts[index]["prompt"]:
+            raise InputError(f"the earlier record of {key} is not for prompt {index} of these prompts: "
+                             "it belongs to another run")
     warm = set()
     records = []
-    with tqdm(total=len(grid) * len(prompts), desc="eval", unit="prompt",
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(len(grid) * len(prompts), progress) as bar:
         for method, options in grid:
-            eng = engine_for(method)
-            if id(eng) not in warm:  # untimed warm-up: lazy initialisation, allocator, caches
-                eng.decode([prompts[0]["prompt"]], method="sample", max_new_tokens=2, seed=0)
-                warm.add(id(eng))
             label = budget_label(options)
+            keys = [[(method, label, k * batch_size + i) for i in range(len(b))] for k, b in enumerate(batches)]
+            eng = engine_for(method)
+            if id(eng) not in warm and not all(key in previous for ks in keys for key in ks):
+                eng.decode([prompts[0]["prompt"]], method="sample", max_new_tokens=2, seed=0)  # untimed warm-up
+                warm.add(id(eng))
             bar.set_postfix_str(f"{method} {label}")
-            for start, batch in zip(starts, batches):
+            for k, batch in enumerate(batches):
+                if all(key in previous for key in keys[k]):
+                    records += [previous[key] for key in keys[k]]
+                    bar.update(len(batch))
+                    continue
                 prompt_ids = eng.encode([r["prompt"] for r in batch])
                 out = eng.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, seed=seeds[start: start + len(batch)], **options)
+                                 top_k=top_k, top_p=top_p, seed=seeds[k * batch_size: k * batch_size + len(batch)],
+                                 **options)
                 texts = out.texts or [None] * len(batch)
                 scores = gold(prompt_ids, out.sequences, [r["prompt"] for r in batch],
                               [t if t is not None else "" for t in texts], batch)
@@ -317,15 +344,64 @@ numbers), whatever the batch size (``methods.base.prompt_seeds``). Returns one r
                 for i, (record, seq, text, score) in enumerate(zip(batch, out.sequences, texts, scores)):
                     records.append({
                         "method": method, "budget": label, "options": {k2: _jsonable(v) for k2, v in options.items()},
-                        "prompt_index": start + i, "prompt": record["prompt"], "completion": text,
+                        "prompt_index": k * batch_size + i, "prompt": record["prompt"], "completion": text,
                         "tokens": list(seq), "gold_reward": score, "generated_tokens": len(seq),
                         **{c: stats.get(c, 0) / rows for c in COUNTERS},
                         "compute_tokens": compute / rows, "wall_time_s": stats["wall_time_s"] / rows,
                         "accepted_per_target_call": stats.get("accepted_per_target_call"),
                         "batch_rows": rows, "batch_stats": stats,
                     })
+                    if on_record is not None:
+                        on_record(records[-1])
                 bar.update(rows)
     return records
+
+
+class ProgressLines:
+    """Progress as plain lines on stderr, for a log file or CI where a progress bar would not show: one line
+    when a (method, budget) starts and one at least every ``every`` seconds in between."""
+
+    def __init__(self, total: int, every: float = 30.0, file=None):
+        import sys
+        import time
+
+        self.total, self.done, self.every, self.file = total, 0, every, file or sys.stderr
+        self.clock = time.perf_counter
+        self.start = self.last = self.clock()
+        self.what = ""
+
+    def _line(self) -> None:
+        print(f"eval: {self.done}/{self.total} decodes ({100 * self.done / max(self.total, 1):.0f}%), {self.what}, "
+              f"{self.clock() - self.start:.0f} s", file=self.file, flush=True)
+        self.last = self.clock()
+
+    def set_postfix_str(self, what: str) -> None:
+        self.what = what
+        self._line()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.clock() - self.last >= self.every:
+            self._line()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.what = "finished"
+            self._line()
+
+
+def progress_bar(total: int, progress: bool | None):
+    """``progress=None``: a tqdm bar on a terminal, else ``ProgressLines``; True: a bar; False: nothing."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if progress is None and not sys.stderr.isatty():
+        return ProgressLines(total)
+    return tqdm(total=total, desc="eval", unit="prompt", disable=progress is False)
 
 
 def _jsonable(value):
@@ -400,39 +476,96 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget_labels(rows: list[dict]) -> tuple[str, list[str]]:
+    """A method's legend entry and one point label per budget: the options that vary across its budgets
+    are named in the legend and their values label the points; options common to all go in the legend."""
+    options = [r["options"] for r in rows]
+    keys = list(dict.fromkeys(k for o in options for k in o))
+    varying = [k for k in keys if len({json.dumps(o.get(k)) for o in options}) > 1]
+    fixed = [f"{k}={options[0][k]}" for k in keys if k not in varying and k in options[0]]
+    legend = rows[0]["method"] + (f" ({', '.join(varying + fixed)})" if varying or fixed else "")
+    labels = [",".join(str(o.get(k, "-")) for k in varying) for o in options]
+    return legend, labels
+
+
+def _log_ticks(ax) -> None:
+    """Readable log-axis ticks: 1-2-5 steps labelled with plain numbers (1 and 10 only over wide ranges)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = ax.get_xlim()
+    subs = (1.0, 2.0, 5.0) if math.log10(hi / lo) <= 3 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _place_labels(fig, ax, points: list[tuple[float, float, str, str]]) -> None:
+    """Label points without overlaps: each label takes the first of a few offsets around its point whose box
+    does not overlap a label placed before it (points are labelled in order of x)."""
+    offsets = [(5, 4, "left", "bottom"), (5, -4, "left", "top"), (-5, 4, "right", "bottom"),
+               (-5, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top")]
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for x, y, text, color in sorted(points, key=lambda p: p[0]):
+        for dx, dy, ha, va in offsets:
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                                fontsize=7, color=color)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            label.remove()
+        else:  # every spot is taken: the first one, over another label, rather than none
+            dx, dy, ha, va = offsets[0]
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=7,
+                        color=color)
+
+
 def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str = "gold reward vs compute") -> None:
-    """PNG: mean gold reward (y) against compute tokens per prompt (left) and wall time per prompt (right),
-    one curve per method through its budgets in grid order (needs matplotlib)."""
+    """PNG: mean gold reward (y, with error bars of one standard error of the mean over prompts) against
+    compute tokens per prompt (left) and wall time per prompt (right), both on log axes; one curve per method
+    through its budgets in grid order, each point labelled with the value of the option that varies (named
+    in the legend). Needs matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         raise InputError("the reward-versus-compute plot needs matplotlib (pip install matplotlib)") from None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xph<>"
+    prompts = sorted({r["prompts"] for r in rows})
     for ax, (key, label) in zip(axes, [("compute_tokens", "tokens processed per prompt (target + draft + ref + reward)"),
                                        ("wall_time_s", "wall time per prompt (s)")]):
-        for method in methods:
-            pts = [(r[key], r["gold_reward"], r["gold_reward_stderr"], r["budget"])
-                   for r in rows if r["method"] == method]  # in budget order
-            xs, ys, es, budgets = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
-            for x, y, budget in zip(xs, ys, budgets):
-                if budget != "default":
-                    ax.annotate(budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        points = []
+        for m, method in enumerate(methods):
+            pts = [r for r in rows if r["method"] == method]  # in budget order
+            legend, labels = _budget_labels(pts)
+            color, marker = colors[m % len(colors)], markers[m % len(markers)]
+            xs, ys = [r[key] for r in pts], [r["gold_reward"] for r in pts]
+            ax.errorbar(xs, ys, yerr=[r["gold_reward_stderr"] for r in pts], marker=marker, markersize=5, capsize=3,
+                        linewidth=1.2, color=color, label=legend)
+            points += [(x, y, text, color) for x, y, text in zip(xs, ys, labels) if text]
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.08)
+        _log_ticks(ax)
         ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean gold reward")
-    axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        ax.grid(alpha=0.3, which="major")
+        ax.grid(alpha=0.1, which="minor")
+        fig.canvas.draw()  # label boxes are measured in the laid-out figure
+        _place_labels(fig, ax, points)
+    n = prompts[0] if len(prompts) == 1 else f"{prompts[0]}-{prompts[-1]}"
+    axes[0].set_ylabel("mean gold reward (± 1 s.e.)")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8, frameon=False)
+    fig.suptitle(f"{title}\n{n} prompts per point; error bars: ± one standard error of the mean over prompts",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(names) - 1) // 7), 1, 1))
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
@@ -463,8 +596,31 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_complete_jsonl(path) -> list[dict]:
+    """The records of a JSONL file up to its first incomplete or invalid line (what an interrupted writer
+    left); ``[]`` when the file does not exist."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(record, dict):
+                break
+            records.append(record)
+    return records
+
+
 def default_grid(engine_for) -> list[tuple[str, dict]]:
-    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has:
+    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has (``sss``
+    also needs ``ref``):
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
     from .methods import get_method
 
@@ -476,6 +632,7 @@ def default_grid(engine_for) -> list[tuple[str, dict]]:
             module, _ = get_method(method)
         except (ImportError, AttributeError):
             continue  # not implemented in this installation
-        if all(getattr(engine_for(method), role) is not None for role in module.REQUIRES):
+        needs = module.REQUIRES + (("ref",) if method == "sss" else ())  # sss without ref is an error
+        if all(getattr(engine_for(method), role) is not None for role in needs):
             chosen.append((method, options))
     return chosen

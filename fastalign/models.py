@@ -25,10 +25,7 @@ from transformers import DynamicCache
 
 from . import native
 from .kernels._dispatch import check_finite
-
-
-class InputError(ValueError):
-    """Bad input from the caller: the message names the problem."""
+from .validation import InputError, check_rewards  # noqa: F401 (InputError: re-exported, its historic home)
 
 
 def _eos_ids(model) -> set[int]:
@@ -334,7 +331,7 @@ class RewardModel:
         if not self.is_model:
             self.counters.calls += 1
             self.counters.tokens += sum(len(p) + len(r) for p, r in zip(prompts, responses))
-            return torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32).flatten().cpu()
+            return check_rewards(self.fn(prompts, responses), prompts)
         rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
         if self.retokenize:
             rows = self._texts_to_reward_ids(rows)
@@ -343,7 +340,7 @@ class RewardModel:
         hidden = tmp._run(tokens, None, live).last_hidden_state[:, -1]
         self.counters.calls += 1
         self.counters.tokens += tmp.counters.tokens
-        return self._read(hidden).cpu()
+        return check_rewards(self._read(hidden), prompts, "the reward model's score")
 
     # ----------------------------------------------------------- cached use
     @torch.no_grad()
@@ -359,7 +356,8 @@ class RewardModel:
             return self._prefix_score
         self.lm.reset()
         tokens, live = left_pad(self.prefixes, device=self.lm.device)
-        self._prefix_score = self._read(self.lm._run(tokens, None, live).last_hidden_state[:, -1]).cpu()
+        self._prefix_score = check_rewards(self._read(self.lm._run(tokens, None, live).last_hidden_state[:, -1]),
+                                           self.prompts, "the reward model's score")
         return self._prefix_score
 
     @torch.no_grad()
@@ -389,6 +387,9 @@ class RewardModel:
             for m, c in enumerate(cands):
                 row.append(scores[b, ends[b][m]] if len(c) else self._prefix_score[b])
             out.append(torch.stack(row) if row else torch.zeros(0))
+        if out:
+            check_rewards(torch.cat(out), [self.prompts[b] for b, cands in enumerate(branches) for _ in cands],
+                          "the reward model's score")
         self._scored = (branches, ends, tokens.shape[1], out)
         return out
 
@@ -439,7 +440,8 @@ class RewardModel:
             last = (live.sum(1) - 1).clamp(min=0)
             new = self._read(hidden[torch.arange(len(segments)), last]).cpu()
             has = torch.tensor([len(s) > 0 for s in segments])
-            self._prefix_score = torch.where(has, new, self._prefix_score)
+            self._prefix_score = check_rewards(torch.where(has, new, self._prefix_score), self.prompts,
+                                               "the reward model's score")
             self.lm._tidy()  # padding slots of the block are dead
         return self._prefix_score
 

@@ -8,7 +8,7 @@ Each program keeps an online softmax state over its slice of the vocabulary:
 
 then ``lse = m + log(s)`` and ``entropy = lse - E[x] = log(s) - t / s``. No probability tensor is written.
 
-Work split (DESIGN section 3): with many rows one program owns a row; with few rows (fewer than about two
+Work split (docs/design.md section 3): with many rows one program owns a row; with few rows (fewer than about two
 per multiprocessor) the vocabulary is split into chunks, each program reduces one chunk to a partial
 ``(m, s, t)`` and a tiny second kernel merges the partials of a row.
 """

@@ -1,7 +1,7 @@
 """Chain verification for speculative sampling: SD, reward-shifted SSS (exact and paper), one launch per batch.
 
-Definitions (DESIGN section 1.2). Per row ``b`` and position ``i`` (``0 <= i <= K``), with ``x -> x / T`` the
-temperature and ``trunc`` the top-k / top-p rule of ``kernels.truncation``:
+Definitions (docs/design.md section 1.2). Per row ``b`` and position ``i`` (``0 <= i <= K``), with ``x -> x / T``
+the temperature and ``trunc`` the top-k / top-p rule of ``kernels.truncation``:
 
 * ``p_i``   = ``softmax(trunc(target_logits[b, i] / T))``: the target's next-token distribution after the prefix and
   ``x_1..x_i`` (position 0 = after the last accepted prefix token; position ``K`` = the bonus position);

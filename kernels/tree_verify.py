@@ -20,7 +20,7 @@ last accepted prefix token, and position ``n + 1`` is node ``n``):
 Distributions, the reward-shifted ``pi``, the zero-probability conventions, ``max_log_ratio`` and truncation
 are exactly those of ``kernels.spec_verify``.
 
-**Walk** (DESIGN 1.2). ``t`` is ``p`` (``sd``) or ``pi`` (``sss_exact``). Start at the root with the residual
+**Walk** (docs/design.md 1.2). ``t`` is ``p`` (``sd``) or ``pi`` (``sss_exact``). Start at the root with the residual
 ``res = t(.|root)``. For each child ``c`` of the current node in index order:
 
 * ``tree_kind="sampled"`` (children drawn i.i.d. from ``q_r(.|node)``): accept iff

@@ -8,7 +8,7 @@ are all kept and the Triton kernels can find the threshold without sorting:
   (the smallest "nucleus" of highest-probability tokens, boundary ties included).
 
 Both can apply at once (top-k first, then top-p on the renormalised survivors). The truncated,
-renormalised distribution is the proposal *and* the one used in every ratio (DESIGN section 1).
+renormalised distribution is the proposal *and* the one used in every ratio (docs/design.md section 1).
 """
 
 from __future__ import annotations

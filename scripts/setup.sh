@@ -1,16 +1,75 @@
 #!/usr/bin/env bash
 # Create (or reuse) a virtual environment in .venv with fastalign installed for development.
+#
+#   bash scripts/setup.sh           # the library (what scripts/demo.sh needs)
+#   bash scripts/setup.sh test      # plus the `test` extra: pytest, matplotlib, triton (what scripts/test.sh needs)
+#
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build on CPU-only machines.
+# Idempotent: the install is recorded in $VENV/.fastalign-setup (a hash of the build inputs, the extras and the
+# native extension present). When that still matches and the packages are there, nothing is reinstalled or
+# rebuilt; when only an extra is missing, its packages are added without rebuilding. FASTALIGN_SETUP_FORCE=1
+# reinstalls anyway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${FASTALIGN_VENV:-.venv}
+TORCH_VERSION=${FASTALIGN_TORCH_VERSION:-2.13.0}
+EXTRAS=${1:-}
+STAMP="$VENV/.fastalign-setup"
+
+# What an install depends on: the build files, the native sources, this script, torch's pin, the extras.
+build_hash() {
+  {
+    echo "torch==$TORCH_VERSION extras=$1"
+    cat setup.py pyproject.toml CMakeLists.txt scripts/setup.sh
+    find csrc -type f | LC_ALL=C sort | xargs cat
+    ls fastalign/_C.* 2>/dev/null || true  # the built extension, when the last install produced one
+  } | sha256sum | cut -d' ' -f1
+}
+
+# Whether the stamp says fastalign was installed from these build inputs with extras $1 ("" or test), and the
+# packages that promises are still importable from this checkout (a cheap check: torch is not imported).
+installed_with() {
+  [ -z "${FASTALIGN_SETUP_FORCE:-}" ] && [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] || return 1
+  [ "$(cat "$STAMP")" = "$(build_hash "$1")" ] || return 1
+  local modules="torch transformers numpy tqdm"
+  [ "$1" = test ] && modules="$modules pytest matplotlib"
+  "$VENV/bin/python" - "$PWD" $modules <<'PY'
+import importlib.util, os, sys
+root, modules = sys.argv[1], sys.argv[2:]
+spec = importlib.util.find_spec("fastalign")
+ok = spec is not None and os.path.dirname(os.path.dirname(spec.origin)) == root
+sys.exit(0 if ok and all(importlib.util.find_spec(m) is not None for m in modules) else 1)
+PY
+}
+
+if installed_with "$EXTRAS" || { [ -z "$EXTRAS" ] && installed_with test; }; then
+  echo "scripts/setup.sh: $VENV is up to date (fastalign from $PWD${EXTRAS:+ with [$EXTRAS]}); nothing to install"
+  exit 0
+fi
+if [ -n "$EXTRAS" ] && installed_with ""; then
+  # only the extra is missing: install its requirements as setup.py declares them, without rebuilding fastalign
+  echo "scripts/setup.sh: adding the [$EXTRAS] extra to $VENV"
+  "$VENV/bin/python" - "$EXTRAS" <<'PY' | xargs -r "$VENV/bin/python" -m pip install -q
+import importlib.metadata, sys
+from pip._vendor.packaging.requirements import Requirement
+for line in importlib.metadata.requires("fastalign") or []:
+    req = Requirement(line)
+    if req.marker is not None and "extra" in str(req.marker) and req.marker.evaluate({"extra": sys.argv[1]}):
+        print(f"{req.name}{req.specifier}")
+PY
+  build_hash "$EXTRAS" > "$STAMP"
+  exit 0
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
+rm -f "$STAMP"
 python -m pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${FASTALIGN_TORCH_VERSION:-2.13.0}"
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==$TORCH_VERSION"
 python -m pip install -q setuptools wheel pybind11 cmake ninja
-python -m pip install -q --no-build-isolation -e ".[test]"
+python -m pip install -q --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}"
 python -c "import fastalign; print('fastalign', fastalign.__version__, '| native extension:', fastalign.native_available())"
+build_hash "$EXTRAS" > "$STAMP"

@@ -1,6 +1,9 @@
 """Public API, the baselines (sample, bon, soft_bon) against exact laws, and input errors."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,7 +111,7 @@ def test_clear_errors(model):
         fastalign.decode(["hello"], target=model)
     with pytest.raises(ValueError, match="unknown method"):
         fastalign.decode([[1]], method="nope", target=model)
-    with pytest.raises(TypeError):
+    with pytest.raises(fastalign.InputError, match="no option 'bogus_option'; its options: n"):
         fastalign.decode([[1]], method="bon", target=model, reward=digits_reward, bogus_option=3)
     with pytest.raises(ValueError, match="NaN"):
         fastalign.kernels.sample(torch.tensor([[0.0, float("nan")]]))
@@ -125,3 +128,17 @@ def test_models_load_from_a_path_without_remote_code(tmp_path, model):
     out = fastalign.decode(["w1 w2"], target=str(tmp_path / "m"), max_new_tokens=3, seed=0)
     ref = fastalign.decode(["w1 w2"], target=model, tokenizer=tiny_tokenizer(V), max_new_tokens=3, seed=0)
     assert out.sequences == ref.sequences and out.texts == ref.texts
+
+
+def test_the_library_runs_without_triton():
+    """triton is only in the `test` extra: without it the package imports and decodes on the PyTorch references."""
+    code = ("import sys\nsys.modules['triton'] = None  # import triton now fails, as when it is not installed\n"
+            "import fastalign\nfrom fastalign.testing import tiny_causal_lm\nm = tiny_causal_lm(vocab_size=8)\n"
+            "for method, extra in [('sample', {}), ('sd', {'draft': m}), ('sss', {'draft': m, 'ref': m})]:\n"
+            "    out = fastalign.decode([[1, 2]], method=method, target=m, max_new_tokens=3, seed=0, **extra)\n"
+            "    assert len(out.sequences[0]) >= 1\n"
+            "print(fastalign.kernels.triton_available())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTALIGN_KERNELS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

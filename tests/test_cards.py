@@ -311,6 +311,69 @@ def test_auto_threshold_is_mean_plus_std_of_plain_samples(model):
     assert out.sequences == greedy.sequences
 
 
+@pytest.mark.parametrize("method", ["cards", "rs"])
+def test_auto_settings_do_not_depend_on_the_reward_scale(model, method):
+    """With reward_threshold="auto" and accept_beta="auto" an affine change of the reward (here onto about
+    [0, 1]) changes r_star and accept_beta with it and nothing else: the same responses are accepted."""
+    prompts = [[1, 2], [3, 1, 4], [2]] * 4
+    options = dict(target=model, max_new_tokens=4, seed=5, temperature=T, top_k=TOP_K)
+    if method == "cards":
+        options.update(entropy_threshold=1.4, min_segment_tokens=1, max_segment_tokens=2)
+    base = fastalign.decode(prompts, method=method, reward=weights_reward, **options)
+    scaled = fastalign.decode(prompts, method=method, reward=lambda p, r: 0.25 * weights_reward(p, r) + 0.5,
+                              **options)
+    assert scaled.sequences == base.sequences
+    torch.testing.assert_close(scaled.extra["reward_threshold"], 0.25 * base.extra["reward_threshold"] + 0.5)
+    torch.testing.assert_close(scaled.extra["accept_beta"], 0.25 * base.extra["accept_beta"])
+    fixed = fastalign.decode(prompts, method=method, reward=weights_reward, reward_threshold=1.0, **options)
+    assert fixed.extra["accept_beta"].tolist() == pytest.approx([0.7] * len(prompts))  # the CARDS code's value
+
+
+@pytest.mark.parametrize("method", ["cards", "rs"])
+def test_auto_accept_beta_is_a_third_of_the_calibration_std(model, method, monkeypatch):
+    """accept_beta="auto" is std / 3 of the calibration rewards that give r_star = mean + std; a number is
+    used as given; a zero std gives the hard test."""
+    import fastalign.methods.rs as rs
+
+    calibrate = rs.calibrate_reward_threshold
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["out"] = calibrate(*args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(rs, "calibrate_reward_threshold", spy)
+    prompts = [[1, 2], [3, 1, 4]]
+    options = dict(target=model, reward=weights_reward, max_new_tokens=3, temperature=T, top_k=TOP_K, seed=11)
+    out = fastalign.decode(prompts, method=method, **options)
+    r_star, std = seen["out"]
+    assert (std > 0).all()
+    torch.testing.assert_close(out.extra["reward_threshold"], r_star)
+    torch.testing.assert_close(out.extra["accept_beta"], std / 3)
+    explicit = fastalign.decode(prompts, method=method, accept_beta=0.3, **options)
+    assert explicit.extra["accept_beta"].tolist() == pytest.approx([0.3, 0.3])
+    # top-1 sampling: the calibration samples are identical, std 0, and soft acceptance is r >= r_star
+    greedy = fastalign.decode(prompts, method=method, **{**options, "top_k": 1})
+    assert (greedy.extra["accept_beta"] < 1e-30).all()
+
+
+def test_cards_defaults_raise_a_reward_in_the_unit_interval():
+    """Out of the box (reward_threshold and accept_beta "auto") cards and rs raise a reward in [0, 1]; with a
+    fixed accept_beta=0.7 on that scale the soft test accepts almost everything."""
+    model = tiny_causal_lm(vocab_size=8, hidden=16, init_range=0.1, seed=3)
+
+    def share_of_twos(prompts, responses):
+        return torch.tensor([sum(t == 2 for t in r) / max(len(r), 1) for r in responses], dtype=torch.float32)
+
+    prompts = [[1, 3]] * 32
+    options = dict(target=model, reward=share_of_twos, max_new_tokens=8, seed=7)
+    mean = lambda out: share_of_twos(None, out.sequences).mean().item()  # noqa: E731
+    plain = mean(fastalign.decode(prompts, method="sample", temperature=0.7, top_k=40, **options))
+    for method in ("cards", "rs"):
+        extra = dict(entropy_threshold=2.0) if method == "cards" else {}
+        assert mean(fastalign.decode(prompts, method=method, **extra, **options)) > plain + 0.1, method
+
+
 @pytest.mark.parametrize("method,options,message", [
     ("cards", dict(alpha=1.5), "alpha"),
     ("cards", dict(alpha=-0.1), "alpha"),

@@ -71,8 +71,41 @@ def test_generate_jsonl_matches_decode(model_dirs, tmp_path):
     assert [ln["tokens"] for ln in lines] == expected.sequences
     assert [ln["completion"] for ln in lines] == expected.texts
     assert all(ln["method"] == "bon" and ln["options"] == {"n": 3} for ln in lines)
-    assert lines[0]["stats"]["reward_calls"] == 1 and lines[0]["stats"]["generated_tokens"] == sum(
-        len(s) for s in expected.sequences)
+    # per-prompt values where they exist; the decode call's stats under "batch"
+    assert [ln["generated_tokens"] for ln in lines] == [len(s) for s in expected.sequences]
+    assert [ln["rewards"] for ln in lines] == expected.extra["rewards"].tolist()
+    assert [ln["chosen_index"] for ln in lines] == expected.extra["chosen_index"].tolist()
+    assert lines[0]["sampling"] == {"max_new_tokens": 4, "temperature": 1.0, "top_k": None, "top_p": None, "seed": 5}
+    assert lines[0]["batch"]["stats"]["reward_calls"] == 1 and lines[0]["batch"]["prompts"] == 2
+    assert lines[0]["batch"]["stats"]["generated_tokens"] == sum(len(s) for s in expected.sequences)
+
+
+def test_generate_records_the_options_in_effect_and_says_where_it_wrote(model_dirs, tmp_path, capsys):
+    lm, rm = model_dirs
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", "--target", str(lm), "--reward", str(rm), "--method", "cards", "--opt",
+                     "alpha=0.3", "--max-new-tokens", "4", "-o", str(out), "w1 w2"]) == 0
+    line = read_lines(out.read_text())[0]
+    assert line["options"] == {"entropy_threshold": 3.0, "reward_threshold": "auto", "alpha": 0.3,
+                               "accept_beta": "auto", "mode": "soft", "min_segment_tokens": 4,
+                               "max_segment_tokens": 64, "max_rejections": 20, "parallel_candidates": 1}
+    # cards' own sampling defaults (its paper's), the documented default seed, the calibrated values per prompt
+    assert line["sampling"] == {"max_new_tokens": 4, "temperature": 0.7, "top_k": 40, "top_p": None,
+                                "seed": cli.DEFAULT_SEED}
+    assert isinstance(line["reward_threshold"], float) and line["accept_beta"] > 0
+    assert f"wrote 1 completion (cards) to {out}" in capsys.readouterr().err
+
+
+def test_help_imports_no_torch_and_shows_defaults():
+    """`fastalign --help` answers at once: the library (torch, transformers) is imported inside the commands."""
+    code = ("import sys, contextlib, io\nfrom fastalign import cli\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n    try:\n        cli.main(['generate', '--help'])\n"
+            "    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\nprint(out.getvalue())")
+    text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert text.startswith("[]")
+    for default in ("(default: sample)", "(default: 128)", "(default: 0)", "(default: 16)"):
+        assert default in " ".join(text.split()), default
 
 
 def test_generate_prompts_from_files_and_stdin(model_dirs, tmp_path, capsys, monkeypatch):
@@ -191,8 +224,18 @@ def test_bench_lists_and_runs_scripts_or_says_where_they_are(tmp_path, monkeypat
     assert cli.main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
     assert "echo_args" in listed and "common" not in listed
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # by default a fresh folder under ./bench_out/, never the committed bench/results/
     assert cli.main(["bench", "echo_args", "--", "--quick", "x"]) == 0
-    assert (tmp_path / "ran.txt").read_text() == "--quick x"
+    args = (tmp_path / "ran.txt").read_text().split()
+    assert args[:3] == ["--quick", "x", "--out-dir"] and Path(args[3]).parent == work / "bench_out"
+    assert "bench [1/1] echo_args: done" in capsys.readouterr().err
+    assert cli.main(["bench", "echo_args", "--out-dir", "mine"]) == 0
+    assert (tmp_path / "ran.txt").read_text() == f"--out-dir {work / 'mine'}"
+    assert cli.main(["bench", "echo_args", "--", "--out-dir", "bench/results"]) == 0  # asked for: passed as is
+    assert (tmp_path / "ran.txt").read_text() == "--out-dir bench/results"
     assert cli.main(["bench", "nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
@@ -210,4 +253,14 @@ def test_generate_sss_on_the_toy_world(capsys):
     assert cli.main(["generate", "--toy", "--method", "sss", "--max-new-tokens", "4", "--seed", "0",
                      "review : the pasta"]) == 0
     (line,) = read_lines(capsys.readouterr().out)
-    assert line["prompt"] == "review : the pasta" and 1 <= len(line["tokens"]) <= 4 and line["stats"]["ref_calls"] > 0
+    assert line["prompt"] == "review : the pasta" and 1 <= len(line["tokens"]) <= 4
+    assert line["batch"]["stats"]["ref_calls"] > 0
+
+
+def test_a_prompt_the_toy_tokenizer_does_not_know_is_warned_about(capsys):
+    pytest.importorskip("fastalign.toyworld")
+    assert cli.main(["generate", "--toy", "--max-new-tokens", "2", "How do I boil an egg?"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 1 prompts are mostly unknown tokens" in err and "6 unknown token(s) out of 6" in err
+    assert cli.main(["generate", "--toy", "--max-new-tokens", "2", "review : the pasta"]) == 0
+    assert "unknown" not in capsys.readouterr().err

@@ -221,3 +221,19 @@ def test_default_grid_keeps_the_methods_the_models_allow(engine):
     methods = [m for m, _ in grid]
     assert methods[0] == "sample" and ("bon", {"n": 8}) in grid
     assert "sd" not in methods and "sss" not in methods
+
+
+def test_progress_lines_when_not_on_a_terminal():
+    import io
+
+    from fastalign.evaluate import ProgressLines
+
+    out = io.StringIO()
+    with ProgressLines(4, every=0.0, file=out) as progress:
+        progress.set_postfix_str("bon n=2")
+        progress.update(2)
+        progress.update(2)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("eval: 0/4 decodes (0%), bon n=2, ")
+    assert lines[1].startswith("eval: 2/4 decodes (50%), bon n=2, ")
+    assert lines[-1].startswith("eval: 4/4 decodes (100%), finished, ")

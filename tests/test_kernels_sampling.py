@@ -23,7 +23,7 @@ def triton_backend(monkeypatch):
 
 
 def masked_rows(R, V, dtype=torch.float32, scale=3.0, device="cpu"):
-    """Random logits with the edge cases DESIGN section 3 names: masked entries, all-but-one masked."""
+    """Random logits with the edge cases docs/design.md section 3 names: masked entries, all-but-one masked."""
     x = torch.randn(R, V) * scale
     if R > 1:
         x[1, torch.rand(V) < 0.5] = NEG_INF  # scattered mask

@@ -77,7 +77,7 @@ def test_int_seed_is_the_list_of_derived_seeds(models):
     assert one == _decode(models, "sample", {}, PROMPTS, prompt_seeds(123, len(PROMPTS)))
     many = _decode(models, "sample", {}, [PROMPTS[0]] * 16, 123)
     assert len({tuple(s) for s in many}) > 1
-    with pytest.raises(fastalign.InputError, match="one per prompt"):
+    with pytest.raises(fastalign.InputError, match="2 values for 4 prompts"):
         _decode(models, "sample", {}, PROMPTS, [1, 2])
 
 

@@ -132,7 +132,7 @@ def test_lam_zero_and_no_ref_follow_the_target_law(models):
     assert lam0.stats["ref_calls"] == 0
     target, draft, _ = models
     no_ref = fastalign.decode([PROMPT] * DRAWS, method="sss", target=target, draft=draft, num_draft_tokens=2,
-                              max_new_tokens=M, seed=1, **sampling)
+                              max_new_tokens=M, seed=1, allow_no_ref=True, **sampling)
     assert_follows(no_ref.sequences, p, pi)
 
 

@@ -29,3 +29,12 @@ def get_method(name: str):
     module_name, function = METHODS[name]
     module = importlib.import_module(f"{__name__}.{module_name}")
     return module, getattr(module, function)
+
+
+def options_in_effect(name: str, options: dict) -> dict:
+    """The method's options with their defaults filled in: what a decode call given ``options`` uses."""
+    import inspect
+
+    params = inspect.signature(get_method(name)[1]).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}

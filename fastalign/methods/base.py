@@ -18,6 +18,8 @@ def prompt_seeds(seed, n_prompts: int) -> list[int]:
     prompt, or ``None`` (fresh entropy)."""
     if seed is None:
         seed = secrets.randbits(63)
+    if torch.is_tensor(seed):
+        seed = seed.tolist()
     if isinstance(seed, (list, tuple)):
         if len(seed) != n_prompts:
             raise ValueError(f"seed is a list of {len(seed)} seeds for {n_prompts} prompts: give one per prompt")

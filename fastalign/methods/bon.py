@@ -37,6 +37,9 @@ def run_soft(ctx: Context, prompts: list[list[int]], n: int = 16, lam: float = 1
     if lam <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     samples, rewards = draw_candidates(ctx, prompts, n)
-    pick = ctx.rng.categorical(torch.softmax(rewards / lam, dim=1), range(len(prompts)), "pick")
+    # in fp64 (an fp32 lam may round to 0) and shifted by the best reward: a tiny lam then gives -inf
+    # (probability 0) to the others, never inf - inf = NaN
+    shifted = rewards.double() - rewards.double().max(1, keepdim=True).values
+    pick = ctx.rng.categorical(torch.softmax(shifted / lam, dim=1), range(len(prompts)), "pick")
     chosen = [samples[b * n + int(i)] for b, i in enumerate(pick)]
     return MethodResult(chosen, {"rewards": rewards, "chosen_index": pick})

@@ -1,6 +1,6 @@
 """``cards``: CARDS (cascade reward sampling), segment-level rejection sampling with entropy-cut segments.
 
-Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment ends with EOS (DESIGN 1.1):
+Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment ends with EOS (docs/design.md 1.1):
 
 1. **Propose** a segment from the accepted prefix. At each step take the target's next-token logits ``l``: if the
    segment has at least ``min_segment_tokens`` tokens and ``H(softmax(l)) >= entropy_threshold`` (temperature 1,
@@ -17,7 +17,9 @@ Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment 
    row, one more segment is scored and the best of the streak is accepted (``rs.Streak``).
 
 ``reward_threshold`` is ``r_star``: a number, or ``"auto"`` (``rs.calibrate_reward_threshold``: mean + std of the
-rewards of 8 plain samples of each prompt). Prompts of a batch proceed independently: in a round, every prompt
+rewards of 8 plain samples of each prompt). ``accept_beta="auto"`` (default) is 1/3 of those samples' reward std
+with ``reward_threshold="auto"``, else the CARDS code's 0.7 (``rs.acceptance_settings``): the soft test then
+works on any reward scale. Prompts of a batch proceed independently: in a round, every prompt
 still decoding proposes, and each accepts or rejects on its own; finished prompts leave the batch (their cache
 rows are dropped in both models). ``parallel_candidates=M`` gives each prompt
 ``M`` cache rows that propose ``M`` segments at once from the shared prefix; all are scored in one reward call
@@ -39,7 +41,7 @@ import torch
 
 from .. import kernels
 from .base import Context, MethodResult
-from .rs import Streak, calibrate_reward_threshold, check_acceptance_options, passes
+from .rs import Streak, acceptance_settings, check_acceptance_options, passes
 
 REQUIRES = ("target", "reward")
 DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS paper/code: top-k 40 of softmax(l / 0.7)
@@ -156,22 +158,22 @@ def check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_toke
 
 
 def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
-        reward_threshold: float | str = "auto", alpha: float = 0.5, accept_beta: float = 0.7, mode: str = "soft",
-        min_segment_tokens: int = 4, max_segment_tokens: int = 64, max_rejections: int = 20,
+        reward_threshold: float | str = "auto", alpha: float = 0.5, accept_beta: float | str = "auto",
+        mode: str = "soft", min_segment_tokens: int = 4, max_segment_tokens: int = 64, max_rejections: int = 20,
         parallel_candidates: int = 1) -> MethodResult:
     """CARDS over a batch of prompts (module docstring). Defaults are the CARDS paper's/code's, except
-    ``reward_threshold`` (8.5 there, for a Llama-7B reward model): ``"auto"``, since r_star depends on the
-    reward's scale. ``out.extra``: ``reward_threshold`` (r_star per prompt, ``[B]``) and ``segment_lengths``
-    (the accepted segments' lengths per prompt)."""
+    ``reward_threshold`` (8.5 there, for a Llama-7B reward model) and ``accept_beta`` (0.7 there): ``"auto"``,
+    since both depend on the reward's scale (``rs.acceptance_settings``). ``out.extra``: ``reward_threshold``
+    (r_star per prompt, ``[B]``), ``accept_beta`` (``[B]``) and ``segment_lengths`` (the accepted segments'
+    lengths per prompt)."""
     check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_tokens, parallel_candidates)
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B, M = len(prompts), parallel_candidates
     target, reward = ctx.target, ctx.reward
     logits = target.prefill(prompts, ctx.max_new_tokens)
     r_prompt = reward.prefill(prompts)
-    r_star = (calibrate_reward_threshold(ctx, prompts, logits) if reward_threshold == "auto"
-              else torch.full((B,), float(reward_threshold)))
-    extra = {"reward_threshold": r_star, "segment_lengths": [[] for _ in range(B)]}
+    r_star, beta = acceptance_settings(ctx, prompts, logits, reward_threshold, accept_beta)
+    extra = {"reward_threshold": r_star, "accept_beta": beta, "segment_lengths": [[] for _ in range(B)]}
     target.expand(M)
     device = logits.device
     prefix = Frontier(logits.repeat_interleave(M, 0), torch.ones(B * M, dtype=torch.bool, device=device),
@@ -198,7 +200,7 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
                                   for i, b in enumerate(ids)])
         tau = threshold_schedule(r_prompt[:, None], r_star[ids, None], alpha, generated, ctx.max_new_tokens)
         uniforms = ctx.rng.uniform(ids, M, "accept") if mode == "soft" else None
-        ok = passes(rewards, tau, uniforms, mode, accept_beta).tolist()
+        ok = passes(rewards, tau, uniforms, mode, beta[ids, None]).tolist()
         accepted: dict[int, Candidate] = {}  # batch row -> accepted candidate
         for i in range(P):
             for m in range(M):

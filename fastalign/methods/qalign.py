@@ -1,4 +1,4 @@
-"""``qalign``: QAlign, Metropolis-Hastings over whole responses (DESIGN.md section 1.3).
+"""``qalign``: QAlign, Metropolis-Hastings over whole responses (docs/design.md section 1.3).
 
 Target law over complete responses ``y`` (EOS kept when there is one, so ``|y| >= 1``)::
 

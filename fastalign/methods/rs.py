@@ -7,7 +7,7 @@ and the best of all of them is accepted (the forced acceptance of the CARDS code
 independently: prompts that accepted leave the batch while the others draw again.
 
 This module also holds what ``cards`` shares with it: the acceptance test, the forced-acceptance rule
-(``Streak``) and the ``reward_threshold="auto"`` calibration.
+(``Streak``) and the ``"auto"`` calibration of ``reward_threshold`` and ``accept_beta`` (``acceptance_settings``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ REQUIRES = ("target", "reward")
 DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS code's sampling settings (T = 0.7, top-k 40)
 
 AUTO_SAMPLES = 8  # plain samples per prompt that calibrate reward_threshold="auto"
+# accept_beta="auto": the CARDS code's 0.7 with a number r_star (its Llama-7B reward model's units); with
+# reward_threshold="auto", AUTO_BETA_PER_STD times the std of the calibration rewards. 1/3 keeps the soft rule
+# selective on any scale: a response one std below r_star passes with probability exp(-3) = 5%, one at r_star
+# always, and on the toy world's reward model (std about 2) it is close to the CARDS code's 0.7.
+CARDS_ACCEPT_BETA = 0.7
+AUTO_BETA_PER_STD = 1 / 3
 MODES = ("soft", "hard")
 
 
@@ -32,16 +38,39 @@ def check_acceptance_options(reward_threshold, accept_beta: float, mode: str, ma
         raise ValueError(f"reward_threshold must be a finite number or 'auto', got {reward_threshold!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not accept_beta > 0:
-        raise ValueError(f"accept_beta must be > 0, got {accept_beta}")
+    if not (accept_beta == "auto" or (isinstance(accept_beta, (int, float)) and 0 < accept_beta < math.inf)):
+        raise ValueError(f"accept_beta must be a number > 0 or 'auto', got {accept_beta!r}")
     if not (isinstance(max_rejections, int) and max_rejections >= 0):
         raise ValueError(f"max_rejections must be an integer >= 0, got {max_rejections!r}")
 
 
-def calibrate_reward_threshold(ctx: Context, prompts: list[list[int]], prompt_logits: torch.Tensor) -> torch.Tensor:
+def acceptance_settings(ctx: Context, prompts: list[list[int]], prompt_logits: torch.Tensor, reward_threshold,
+                        accept_beta) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_star, accept_beta)`` per prompt (``[B]`` fp32 each), resolving ``"auto"``.
+
+    ``reward_threshold="auto"`` draws the calibration samples (``calibrate_reward_threshold``): ``r_star`` is
+    their mean + std, and ``accept_beta="auto"`` becomes ``AUTO_BETA_PER_STD`` (1/3) times their std, so that
+    the soft test ``exp((r - tau) / accept_beta)`` measures a reward gap in the reward's own spread and means
+    the same on a reward in [0, 1] as on one in [-10, 10]. With a number for ``reward_threshold`` nothing is
+    drawn and ``accept_beta="auto"`` is the CARDS code's 0.7. A number for ``accept_beta`` is used as given.
+    A zero std (every sample scored alike) makes the soft test the hard one, ``r >= tau``.
+    """
+    B = len(prompts)
+    if reward_threshold == "auto":
+        r_star, std = calibrate_reward_threshold(ctx, prompts, prompt_logits, return_std=True)
+        beta = AUTO_BETA_PER_STD * std
+    else:
+        r_star, beta = torch.full((B,), float(reward_threshold)), torch.full((B,), CARDS_ACCEPT_BETA)
+    if accept_beta != "auto":
+        beta = torch.full((B,), float(accept_beta))
+    return r_star, beta.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def calibrate_reward_threshold(ctx: Context, prompts: list[list[int]], prompt_logits: torch.Tensor,
+                               return_std: bool = False):
     """``reward_threshold="auto"``: per prompt, ``r_star = mean + std`` (unbiased std) of the rewards of
     ``AUTO_SAMPLES`` (8) plain samples of up to ``max_new_tokens`` tokens drawn with the decode's sampling
-    settings.  Returns ``[B]`` fp32.
+    settings.  Returns ``[B]`` fp32 (and the std ``[B]`` with ``return_std``).
 
     Needs the target cache to hold exactly the prompts (``prompt_logits [B, V]`` after them) and the reward
     cache the prompts; both are left as they were. A sampled response beats ``r_star`` with probability
@@ -54,11 +83,12 @@ def calibrate_reward_threshold(ctx: Context, prompts: list[list[int]], prompt_lo
     ctx.target.select_rows(torch.arange(B) * n)
     ctx.target.rollback(torch.tensor([len(samples[b * n]) - 1 for b in range(B)]))
     rewards = torch.stack(ctx.reward.score_branches([samples[b * n:(b + 1) * n] for b in range(B)]))  # [B, n]
-    return rewards.mean(1) + rewards.std(1)
+    std = rewards.std(1)
+    return (rewards.mean(1) + std, std) if return_std else rewards.mean(1) + std
 
 
 def passes(rewards: torch.Tensor, thresholds: torch.Tensor, uniforms: torch.Tensor | None, mode: str,
-           accept_beta: float) -> torch.Tensor:
+           accept_beta: float | torch.Tensor) -> torch.Tensor:
     """The acceptance test, elementwise: hard ``r >= tau``, soft ``u < min(1, exp((r - tau) / accept_beta))``."""
     if mode == "hard":
         return rewards >= thresholds
@@ -79,7 +109,7 @@ class Streak:
         After ``max_rejections`` rejections in a row the candidate is scored and the best seen (this one
         included; the first among equals) is accepted whatever the test says.
         """
-        if reward > self.best_reward:
+        if self.best is None or reward > self.best_reward:  # the first candidate always counts as a best
             self.best_reward, self.best = reward, candidate
         if self.rejections >= max_rejections:
             return self.best, True
@@ -89,28 +119,28 @@ class Streak:
         return None, False
 
 
-def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = "auto", accept_beta: float = 0.7,
-        mode: str = "soft", max_rejections: int = 20) -> MethodResult:
+def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = "auto",
+        accept_beta: float | str = "auto", mode: str = "soft", max_rejections: int = 20) -> MethodResult:
     """Rejection sampling over a batch of prompts (module docstring); defaults as in the CARDS code, except
-    ``reward_threshold="auto"`` (see ``calibrate_reward_threshold``). ``out.extra["reward_threshold"]``: ``[B]``."""
+    ``reward_threshold="auto"`` and ``accept_beta="auto"`` (see ``acceptance_settings``).
+    ``out.extra``: ``reward_threshold`` and ``accept_beta`` (per prompt, ``[B]``)."""
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B = len(prompts)
     logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
     ctx.reward.prefill(prompts)
-    r_star = (calibrate_reward_threshold(ctx, prompts, logits) if reward_threshold == "auto"
-              else torch.full((B,), float(reward_threshold)))
+    r_star, beta = acceptance_settings(ctx, prompts, logits, reward_threshold, accept_beta)
 
     chosen: list[list[int] | None] = [None] * B
     ids = list(range(B))  # prompts still drawing: batch row i is prompt ids[i]
     streaks = [Streak() for _ in range(B)]
-    threshold = r_star
+    threshold, scale = r_star, beta
     stats = {"responses_proposed": 0, "rejections": 0, "forced_acceptances": 0}
     while ids:
         responses = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens, ids)
         ctx.target.rollback(torch.tensor([len(r) - 1 for r in responses]))  # back to the prompt
         rewards = torch.cat(ctx.reward.score_branches([[r] for r in responses]))
         uniforms = ctx.rng.uniform(ids, 1, "accept")[:, 0] if mode == "soft" else None
-        ok = passes(rewards, threshold, uniforms, mode, accept_beta).tolist()
+        ok = passes(rewards, threshold, uniforms, mode, scale).tolist()
         stats["responses_proposed"] += len(ids)
         for i, b in enumerate(ids):
             accepted, forced = streaks[i].judge(float(rewards[i]), ok[i], responses[i], max_rejections)
@@ -123,7 +153,7 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
         if len(keep) < len(ids):
             ctx.target.select_rows(keep)
             ctx.reward.select_rows(keep)
-            logits, threshold = logits[keep], threshold[keep]
+            logits, threshold, scale = logits[keep], threshold[keep], scale[keep]
             ids, streaks = [ids[i] for i in keep], [streaks[i] for i in keep]
     ctx.stats.update(stats)
-    return MethodResult(chosen, {"reward_threshold": r_star})
+    return MethodResult(chosen, {"reward_threshold": r_star, "accept_beta": beta})

@@ -1,4 +1,4 @@
-"""``sd`` and ``sss``: speculative sampling and reward-shifted speculative sampling (DESIGN 1.2), chain or tree.
+"""``sd`` and ``sss``: speculative sampling and reward-shifted speculative sampling (docs/design.md 1.2), chain or tree.
 
 Every round, per row::
 
@@ -10,9 +10,9 @@ Every round, per row::
 The distribution a round's tokens follow is ``t = trunc(p)`` (``sd``) or ``t = trunc(pi)``,
 ``pi = normalize(p * (q_r / q) ** lam)`` (``sss``, ``variant="exact"``), where ``p, q_r, q`` are the target's,
 the (aligned) draft's and the reference draft's tempered distributions and ``trunc`` is top-k / top-p
-(DESIGN section 1: the tilt uses the untruncated distributions, the truncation applies to what is emitted).
-The draft proposes from ``trunc(q_r)``, and every acceptance ratio and residual uses exactly that proposal.
-``ref=None`` or ``lam=0`` is SD with the aligned draft (``pi = p``).
+(docs/design.md section 1: the tilt uses the untruncated distributions, the truncation applies to what is
+emitted). The draft proposes from ``trunc(q_r)``, and every acceptance ratio and residual uses exactly that
+proposal. ``lam=0`` is SD with the aligned draft (``pi = p``); so is ``ref=None``, with ``allow_no_ref=True``.
 
 ``variant="paper"`` is the rule of the published SSS code: accept against ``p`` and emit from ``pi`` (not the
 residual), at full acceptance emit from ``pi`` unless ``bonus_on_full_accept=False`` (the published behaviour:
@@ -61,6 +61,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import spec_verify, tree_verify
+from ..validation import InputError
 from .base import Context, MethodResult
 
 REQUIRES = ("target", "draft")
@@ -200,8 +201,11 @@ def run_sd(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_D
 def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
             tree: str | None = None, branching: tuple[int, ...] | None = None, variant: str = "exact",
             lam: float = 1.0, max_log_ratio: float | None = None,
-            bonus_on_full_accept: bool = True) -> MethodResult:
+            bonus_on_full_accept: bool = True, allow_no_ref: bool = False) -> MethodResult:
     """Reward-shifted speculative sampling towards ``pi = normalize(p * (q_r / q) ** lam)``.
+
+    ``sss`` needs ``ref`` (the draft before alignment); without it there is no reward tilt, and it runs SD with
+    the aligned draft only when asked, ``allow_no_ref=True`` (a baseline of its own), never silently.
 
     ``max_log_ratio`` (default None: no clip) clips ``log q_r - log q`` to ``[-M, M]`` before the tilt, which
     bounds how far one token's probability can move (``pi / p <= e^(2 lam M)``); where exactly one of ``q_r``,
@@ -211,6 +215,9 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if max_log_ratio is not None and max_log_ratio <= 0:
         raise ValueError(f"max_log_ratio must be > 0 (or None), got {max_log_ratio}")
+    if ctx.ref is None and not allow_no_ref:
+        raise InputError("sss needs ref=... (the draft before alignment) for its reward tilt; pass "
+                         "allow_no_ref=True to run SD with the aligned draft instead")
     tilt = ctx.ref is not None and lam != 0
     mode = f"sss_{variant}" if tilt else "sd"
     return _speculate(ctx, prompts, mode, ctx.ref if tilt else None, num_draft_tokens, tree, branching,

@@ -1,0 +1,338 @@
+"""Checks of the caller's input at the API boundary, shared by ``decode`` / ``Engine``, the CLI and the server.
+
+Every check raises ``InputError`` (a ``ValueError``) whose message names the argument, the value given and
+what is allowed, before any model runs. The rules:
+
+* prompts: a list of strings (needs a tokenizer) or a list of token-id lists (lists, tuples or 1-D integer
+  tensors), not both; no ``None``, no flat id list, no empty prompt; ids are integers (not floats, strings or
+  bools) in ``[0, vocab_size)``;
+* numbers: finite, of the right type (``top_k=2.5`` is not an integer, ``True`` is not a count) and in range;
+  a method option is checked against the type its ``run`` function declares, and an unknown option is an error
+  that lists the method's options;
+* ``seed``: an integer in ``[0, 2**64)``, or one such integer per prompt;
+* ``dtype``: a torch floating dtype or a name (``"float16"``, alias ``"fp16"``, ...); ``device``: one torch knows
+  and this machine has;
+* rewards: every call of a reward returns one finite number per (prompt, response) pair. A NaN or infinite
+  reward is an error naming the prompt (``NonFiniteReward``), never a silent winner or an endless rejection loop;
+* context lengths: each model's (by role) must hold the longest prompt plus ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import os
+from contextlib import contextmanager
+
+import torch
+
+
+class InputError(ValueError):
+    """Bad input from the caller: the message names the problem."""
+
+
+class NonFiniteReward(InputError):
+    """A reward came back NaN or infinite; ``prompt`` holds the token ids of the prompt it belongs to."""
+
+    def __init__(self, message: str, prompt: list[int] | None = None):
+        super().__init__(message)
+        self.prompt = prompt
+
+
+def _show(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------- numbers
+def is_int(value) -> bool:
+    """An integer, not a bool (``True`` is an int to Python, never a count to a caller)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, optional: bool = False):
+    """``value`` as an ``int`` in ``[minimum, maximum]`` (``None`` allowed when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not is_int(value):
+        kind = "an integer" + (" or None" if optional else "")
+        raise InputError(f"{name} must be {kind}, got {_show(value)}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        low = "" if minimum is None else f">= {minimum}"
+        high = "" if maximum is None else f"<= {maximum}"
+        raise InputError(f"{name} must be an integer {' and '.join(s for s in (low, high) if s)}, got {value}")
+    return value
+
+
+def check_float(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
+                optional: bool = False, hint: str = ""):
+    """``value`` as a finite ``float`` in ``[low, high]`` (``(low, high]`` when ``low_open``; ``None`` allowed
+    when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not is_real(value) or not math.isfinite(value):
+        kind = "a finite number" + (" or None" if optional else "")
+        raise InputError(f"{name} must be {kind}, got {_show(value)}")
+    value = float(value)
+    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+        interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise InputError(f"{name} must be in {interval}, got {value}{hint}")
+    return value
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    check_float("temperature", temperature, low=0.0, low_open=True, hint=" (use top_k=1 for greedy)")
+    check_int("top_k", top_k, minimum=1, optional=True)
+    check_float("top_p", top_p, low=0.0, high=1.0, low_open=True, optional=True)
+
+
+SEED_LIMIT = 2**64
+
+
+def check_seed(seed, num_prompts: int | None = None):
+    """``None``, an integer in ``[0, 2**64)``, or a list of such integers, one per prompt."""
+    if seed is None or is_int(seed):
+        return None if seed is None else check_int("seed", seed, 0, SEED_LIMIT - 1)
+    if isinstance(seed, (list, tuple)) or (torch.is_tensor(seed) and seed.dim() == 1):
+        seeds = seed.tolist() if torch.is_tensor(seed) else list(seed)
+        for i, s in enumerate(seeds):
+            check_int(f"seed[{i}]", s, 0, SEED_LIMIT - 1)
+        if num_prompts is not None and len(seeds) != num_prompts:
+            raise InputError(f"seed has {len(seeds)} values for {num_prompts} prompts: give one integer, or one "
+                             "per prompt")
+        return seed
+    raise InputError(f"seed must be None, an integer in [0, 2**64) or one such integer per prompt, got {_show(seed)}")
+
+
+# ------------------------------------------------------------------------------------------- prompts
+def _is_id_sequence(p) -> bool:
+    return isinstance(p, (list, tuple)) or (torch.is_tensor(p) and p.dim() == 1) or type(p).__name__ == "ndarray"
+
+
+def _token_id(t, where: str, vocab_size: int | None, model: str) -> int:
+    if not is_int(t):
+        raise InputError(f"{where}: token ids must be integers, got {_show(t)}")
+    if t < 0 or (vocab_size is not None and t >= vocab_size):
+        allowed = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise InputError(f"{where}: token id {t} is outside the vocabulary of the {model} (ids {allowed})")
+    return int(t)
+
+
+def _token_ids(i: int, p, vocab_size: int | None, model: str, label: str = "prompt",
+               allow_empty: bool = False) -> list[int]:
+    if torch.is_tensor(p) or type(p).__name__ == "ndarray":
+        integral = (not (p.is_floating_point() or p.is_complex() or p.dtype == torch.bool) if torch.is_tensor(p)
+                    else p.dtype.kind in "iu")
+        if not integral:
+            raise InputError(f"{label} {i}: token ids must be integers, got an array of {p.dtype}")
+        p = p.tolist()
+    if set(map(type, p)) <= {int} and (not p or min(p) >= 0 and (vocab_size is None or max(p) < vocab_size)):
+        ids = list(p)  # the common case, at C speed: plain ints, all in range
+    else:
+        ids = [_token_id(t, f"{label} {i}, position {j}", vocab_size, model) for j, t in enumerate(p)]
+    if not ids and not allow_empty:
+        raise InputError(f"{label} {i} is empty")
+    return ids
+
+
+def check_prompts(prompts, tokenizer=None, vocab_size: int | None = None, model: str = "target") -> list[list[int]]:
+    """The prompts as token-id lists (strings through ``tokenizer``), every id checked against ``vocab_size``."""
+    what = "prompts must be a list of strings or a list of token-id lists"
+    if prompts is None or isinstance(prompts, (str, bytes, dict)):
+        raise InputError(f"{what}, got {_show(prompts)}")
+    if torch.is_tensor(prompts) and prompts.dim() == 2:
+        prompts = list(prompts)
+    elif torch.is_tensor(prompts):
+        raise InputError(f"{what}; a tensor of prompts must be 2-D [prompts, tokens], got shape "
+                         f"{list(prompts.shape)}")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise InputError(f"{what}, got {_show(prompts)}") from None
+    if not prompts:
+        raise InputError("no prompts given")
+    if all(is_int(p) for p in prompts):
+        raise InputError(f"prompts is a flat list of token ids {_show(prompts)}: pass a list of prompts, "
+                         f"e.g. [{_show(prompts, 40)}]")
+    texts = [isinstance(p, str) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not (isinstance(p, str) or _is_id_sequence(p)):
+            raise InputError(f"prompt {i} must be a string or a list of token ids, got {_show(p)}")
+    if any(texts) and not all(texts):
+        raise InputError(f"prompts mix text (prompt {texts.index(True)}) and token ids (prompt {texts.index(False)}): "
+                         "pass all prompts as strings or all as token-id lists")
+    if all(texts):
+        if tokenizer is None:
+            raise InputError("text prompts need a tokenizer (pass tokenizer=...) or pass token ids")
+        prompts = [tokenizer(p)["input_ids"] for p in prompts]
+    return [_token_ids(i, p, vocab_size, model) for i, p in enumerate(prompts)]
+
+
+def check_token_rows(name: str, rows, vocab_size: int | None = None, model: str = "model",
+                     allow_empty: bool = False) -> list[list[int]]:
+    """A JSON-style list of token-id lists (e.g. the responses sent to a reward server), each id checked."""
+    if not isinstance(rows, list) or not all(_is_id_sequence(r) for r in rows):
+        raise InputError(f"{name} must be a list of token-id lists, got {_show(rows)}")
+    label = name[:-1] if name.endswith("s") else name  # "responses" -> "response 3, position 0: ..."
+    return [_token_ids(i, r, vocab_size, model, label, allow_empty) for i, r in enumerate(rows)]
+
+
+def check_context_lengths(models: dict, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Every model (``role -> model`` with a ``context_length``) holds the longest prompt plus ``max_new_tokens``."""
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    need = len(prompts[longest]) + max_new_tokens
+    for role, model in models.items():
+        limit = getattr(model, "context_length", None)
+        if isinstance(limit, int) and need > limit:
+            raise InputError(f"prompt {longest} has {len(prompts[longest])} tokens; with max_new_tokens="
+                             f"{max_new_tokens} it needs {need} positions, more than the context length of the "
+                             f"{role} model ({limit})")
+
+
+# ------------------------------------------------------------------------------------ method options
+_SIMPLE_TYPES = {"int", "float", "bool", "str", "None"}
+
+
+def _allowed_types(annotation) -> set[str] | None:
+    """The simple types an option's annotation allows (``"float | None"`` -> {float, None}); None when the
+    annotation is missing or names anything else (then only finiteness is checked)."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    kinds = {part.strip() for part in text.split("|")}
+    return kinds if kinds <= _SIMPLE_TYPES else None
+
+
+def _matches(value, kinds: set[str]) -> bool:
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if is_int(value):
+        return bool({"int", "float"} & kinds)
+    if is_real(value):
+        return "float" in kinds
+    return isinstance(value, str) and "str" in kinds
+
+
+def _non_finite(value) -> bool:
+    if is_real(value):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def check_method_options(method: str, run, options: dict) -> None:
+    """Every option is one that ``run`` takes, of the type it declares, and finite where it is a number."""
+    params = {name: p for name, p in inspect.signature(run).parameters.items() if name not in ("ctx", "prompts")}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise InputError(f"method {method!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(params) or 'none'}")
+    for name, value in options.items():
+        if _non_finite(value):
+            raise InputError(f"{method} option {name} must be finite, got {_show(value)}")
+        kinds = _allowed_types(params[name].annotation)
+        if kinds is not None and not _matches(value, kinds):
+            names = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
+                     "None": "None"}
+            allowed = " or ".join(names[k] for k in ("int", "float", "bool", "str", "None") if k in kinds)
+            raise InputError(f"{method} option {name} must be {allowed}, got {_show(value)}")
+
+
+# ------------------------------------------------------------------------------------- dtype, device
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def check_dtype(dtype):
+    """``None`` / ``"auto"`` as given, else a floating ``torch.dtype`` (names and aliases such as ``"fp16"``)."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype.is_floating_point:
+            return dtype
+    elif isinstance(dtype, str):
+        name = dtype.lower().removeprefix("torch.")
+        if name in DTYPE_NAMES:
+            return DTYPE_NAMES[name]
+    raise InputError(f"dtype must be 'auto', a floating torch dtype or one of {sorted(DTYPE_NAMES)}, "
+                     f"got {_show(dtype)}")
+
+
+def check_device(device):
+    """``None`` or a device torch knows and this machine has (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {_show(device)}") \
+            from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise InputError(f"device {_show(device)} is not available on this machine "
+                             f"({count} CUDA device{'s' if count != 1 else ''})")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"device {_show(device)} is not available on this machine")
+    return device
+
+
+@contextmanager
+def loading(role: str, spec):
+    """Loading a model or tokenizer named by ``spec``: a failure (missing path, unknown name, offline Hub) is an
+    ``InputError`` naming the role and the name, in one line."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, ValueError, ImportError) as e:
+        if not isinstance(spec, str):
+            raise
+        path_like = spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1  # a Hub id has one /
+        if path_like and not os.path.exists(os.path.expanduser(spec)):
+            reason = "no such file or folder"
+        else:
+            lines = str(e).strip().splitlines()
+            reason = lines[0] if lines else type(e).__name__
+        raise InputError(f"cannot load the {role} {spec!r}: {reason}") from None
+
+
+# ------------------------------------------------------------------------------------------- rewards
+def check_rewards(values, prompts: list, what: str = "the reward") -> torch.Tensor:
+    """One finite fp32 reward per ``prompts`` row (``[N]`` or ``[N, 1]`` accepted), on the CPU.
+
+    A reward that is NaN or infinite raises ``NonFiniteReward`` naming the row's prompt: a reward has no
+    meaningful order with NaN (it would win ``bon`` or stall ``rs``/``cards``), so it is never used.
+    """
+    n = len(prompts)
+    try:
+        values = torch.as_tensor(values).detach()
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} returned {_show(values)}; expected {n} numbers, one per (prompt, response)") \
+            from None
+    if values.is_complex() or values.dtype == torch.bool or not (values.dim() == 1 or values.dim() == 2
+                                                                 and values.shape[1] == 1) \
+            or values.shape[0] != n:
+        raise InputError(f"{what} returned a {values.dtype} tensor of shape {list(values.shape)} for {n} "
+                         f"(prompt, response) pairs; expected shape [{n}] (one real number per pair)")
+    values = values.reshape(n).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if bad.numel():
+        row = int(bad[0])
+        raise NonFiniteReward(f"{what} is {float(values[row])} for prompt {_show(list(prompts[row]), 50)} "
+                              f"(row {row} of {n}); rewards must be finite numbers", list(prompts[row]))
+    return values

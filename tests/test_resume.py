@@ -1,0 +1,151 @@
+"""No work is lost: ``fastalign eval`` writes each record as it finishes and resumes; ``generate -o`` resumes;
+the command line reports bad input in one line (no traceback)."""
+
+
+import pytest
+
+from fastalign import cli
+from fastalign.evaluate import read_complete_jsonl
+from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+
+V = 16
+PROMPTS = ["w1 w2", "w3", "w4 w5 w6", "w7", "w8 w9"]
+GOLD_CALLS = {"n": 0, "interrupt_at": None}
+
+
+def gold_length(prompts, completions):
+    """A gold reward over texts that can simulate Ctrl-C at its n-th call (``GOLD_CALLS``)."""
+    GOLD_CALLS["n"] += 1
+    if GOLD_CALLS["n"] == GOLD_CALLS["interrupt_at"]:
+        raise KeyboardInterrupt
+    return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = tiny_tokenizer(V)
+    tiny_causal_lm(vocab_size=V, init_range=0.2).save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    tiny_reward_model(vocab_size=V).save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    return root / "lm", root / "rm"
+
+
+def one_line_error(capsys, *parts):
+    err = capsys.readouterr().err
+    # (transformers draws a "Loading weights" progress bar while loading a model)
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and lines[0].startswith("fastalign ") and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------- CLI errors
+def test_cli_errors_are_one_line(model_dirs, tmp_path, capsys):
+    lm, rm = model_dirs
+    assert cli.main(["generate", "--target", str(tmp_path / "missing"), "w1"]) == 2
+    one_line_error(capsys, "cannot load the target", "missing")
+    assert cli.main(["generate", "--target", str(lm), "-o", str(tmp_path), "w1"]) == 2
+    one_line_error(capsys, "is a directory")
+    assert cli.main(["generate", "--target", str(lm), "-o", str(tmp_path / "no" / "such" / "x.jsonl"), "w1"]) == 2
+    one_line_error(capsys, "does not exist")
+    assert cli.main(["generate", "--target", str(lm), "--reward", str(rm), "--method", "qalign",
+                     "--opt", "beta=nan", "w1"]) == 2
+    one_line_error(capsys, "qalign option beta must be finite, got nan")
+    assert cli.main(["generate", "--target", str(lm), "--opt", "top_k=3", "w1"]) == 2
+    one_line_error(capsys, "method 'sample' has no option 'top_k'; its options: none")
+    assert cli.main(["generate", "--target", str(lm), "--top-k", "0", "w1"]) == 2
+    one_line_error(capsys, "top_k must be an integer >= 1, got 0")
+    for command in (["generate", "--toy"], ["demo"]):
+        assert cli.main([*command, "--device", "nonsense"]) == 2
+        one_line_error(capsys, "device must be a torch device such as 'cpu'")
+    assert cli.main(["generate", "--target", str(lm), "--resume", "w1"]) == 2
+    one_line_error(capsys, "--resume continues an --output FILE")
+
+
+def test_eval_grid_with_an_empty_value_is_an_error(model_dirs, tmp_path, capsys):
+    lm, rm = model_dirs
+    assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", "toy", "--gold", "toy",
+                     "--grid", "bon:n=", "--out-dir", str(tmp_path)]) == 2
+    one_line_error(capsys, "grid entry 'bon:n=': expected key=value[,value...]")
+
+
+# ------------------------------------------------------------------------------------------- eval
+def eval_args(model_dirs, tmp_path, out_dir, *extra):
+    lm, rm = model_dirs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return ["eval", "--target", str(lm), "--reward", str(rm), "--prompts", str(prompts),
+            "--gold", "test_resume:gold_length", "--grid", "sample", "--grid", "bon:n=2,3", "--max-new-tokens", "3",
+            "--batch-size", "2", "--seed", "5", "--out-dir", str(out_dir), "--no-progress", "--no-plot", *extra]
+
+
+def strip_times(records):
+    drop = {"wall_time_s", "batch_stats"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def test_eval_interrupted_then_resumed_equals_one_run(model_dirs, tmp_path, capsys):
+    GOLD_CALLS.update(n=0, interrupt_at=None)
+    assert cli.main(eval_args(model_dirs, tmp_path, tmp_path / "whole")) == 0
+    whole = read_complete_jsonl(tmp_path / "whole" / "results.jsonl")
+    batches = GOLD_CALLS["n"]
+    assert len(whole) == 3 * len(PROMPTS) and batches == 9  # 3 budgets x 3 batches
+
+    out = tmp_path / "part"
+    out.mkdir()
+    (out / "summary.md").write_text("a summary of an earlier run")
+    (out / "results.jsonl").write_text('{"method": "stale"}\n')
+    GOLD_CALLS.update(n=0, interrupt_at=5)  # Ctrl-C while scoring the 5th batch
+    capsys.readouterr()
+    assert cli.main(eval_args(model_dirs, tmp_path, out)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    kept = read_complete_jsonl(out / "results.jsonl")
+    assert strip_times(kept) == strip_times(whole[:7])  # 4 whole batches (2 + 2 + 1 + 2 prompts), valid JSONL
+    assert (out / "results.jsonl").read_text().count("\n") == 7
+    assert not (out / "summary.md").exists()  # the earlier run's summary is never presented as this run's
+
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"method": "bon", "budg')  # a record cut by a hard kill
+    GOLD_CALLS.update(n=0, interrupt_at=None)
+    assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume")) == 0
+    assert GOLD_CALLS["n"] == batches - 4  # the 4 finished batches are not decoded again
+    resumed = read_complete_jsonl(out / "results.jsonl")
+    assert strip_times(resumed) == strip_times(whole)
+    assert "| bon | n=3 | 5 |" in (out / "summary.md").read_text()
+
+    capsys.readouterr()
+    assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume", "--max-new-tokens", "4")) == 2
+    one_line_error(capsys, "holds a run with other settings (differs in: max_new_tokens)")
+
+
+# --------------------------------------------------------------------------------------- generate
+def generate_args(model_dirs, output, *extra):
+    lm, _ = model_dirs
+    return ["generate", "--target", str(lm), "--max-new-tokens", "4", "--seed", "3", "--batch-size", "2",
+            "-o", str(output), *extra, *PROMPTS]
+
+
+def test_generate_resume(model_dirs, tmp_path, capsys):
+    assert cli.main(generate_args(model_dirs, tmp_path / "whole.jsonl")) == 0
+    whole = read_complete_jsonl(tmp_path / "whole.jsonl")
+    assert len(whole) == len(PROMPTS)
+
+    part = tmp_path / "part.jsonl"
+    lines = (tmp_path / "whole.jsonl").read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:3]) + lines[3][:10])  # 1.5 batches and a cut line
+    assert cli.main(generate_args(model_dirs, part, "--resume")) == 0
+    resumed = read_complete_jsonl(part)
+    assert [(r["prompt"], r["tokens"]) for r in resumed] == [(r["prompt"], r["tokens"]) for r in whole]
+    assert part.read_text().count("\n") == len(PROMPTS)
+
+    assert cli.main(generate_args(model_dirs, part, "--resume")) == 0  # all done: nothing to add
+    assert [r["tokens"] for r in read_complete_jsonl(part)] == [r["tokens"] for r in whole]
+
+    capsys.readouterr()
+    assert cli.main(generate_args(model_dirs, part, "--resume", "--method", "bon", "--reward",
+                                  str(model_dirs[1]))) == 2
+    one_line_error(capsys, "line 1 of", "is not this run's")

@@ -1,0 +1,288 @@
+"""Bad input never hangs or answers silently wrong: every case gets an ``InputError`` naming the problem.
+
+One test per hang and per silent wrong answer that was found by probing the API as a new user would; hangs
+run under ``within`` (a SIGALRM deadline), so a regression fails instead of stalling the suite.
+"""
+
+import signal
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import fastalign
+from fastalign import validation
+from fastalign.testing import tiny_causal_lm, tiny_reward_model
+
+V, EOS = 8, 7
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"target": tiny_causal_lm(vocab_size=V, hidden=16, init_range=0.2),
+            "draft": tiny_causal_lm(vocab_size=V, hidden=16, seed=1),
+            "ref": tiny_causal_lm(vocab_size=V, hidden=16, seed=2)}
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail (TimeoutError) instead of hanging when the block runs longer than ``seconds``."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def constant_reward(values):
+    """A reward callable giving ``values[i % len(values)]`` to the i-th response of every call."""
+    return lambda prompts, responses: torch.tensor([values[i % len(values)] for i in range(len(responses))])
+
+
+# -------------------------------------------------------------------------------------- prompts
+@pytest.mark.parametrize("prompts, match", [
+    (None, "prompts must be a list of strings or a list of token-id lists, got None"),
+    ("w1 w2", "prompts must be a list .* got 'w1 w2'"),
+    ([], "no prompts given"),
+    ([1, 2, 3], r"flat list of token ids \[1, 2, 3\]: pass a list of prompts"),
+    ([[1, 2], "w1"], r"prompts mix text \(prompt 1\) and token ids \(prompt 0\)"),
+    ([[1, 2.0]], "prompt 0, position 1: token ids must be integers, got 2.0"),
+    ([[1], ["2"]], "prompt 1, position 0: token ids must be integers, got '2'"),
+    ([[1, True]], "prompt 0, position 1: token ids must be integers, got True"),
+    ([[1, V]], rf"prompt 0, position 1: token id {V} is outside the vocabulary of the target \(ids \[0, {V}\)\)"),
+    ([[-1]], "prompt 0, position 0: token id -1 is outside the vocabulary"),
+    ([[1], []], "prompt 1 is empty"),
+    ([[1], None], "prompt 1 must be a string or a list of token ids, got None"),
+    (torch.tensor([[1.0, 2.0]]), "prompt 0: token ids must be integers, got an array of torch.float32"),
+    (torch.tensor([1, 2]), r"2-D \[prompts, tokens\]"),
+])
+def test_bad_prompts(models, prompts, match):
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.decode(prompts, target=models["target"], max_new_tokens=2)
+
+
+def test_good_prompt_forms_are_equivalent(models):
+    kw = dict(target=models["target"], max_new_tokens=3, seed=5)
+    ref = fastalign.decode([[1, 2], [3]], **kw).sequences
+    assert fastalign.decode([(1, 2), torch.tensor([3])], **kw).sequences == ref
+    assert fastalign.decode(torch.tensor([[1, 2]]), **kw).sequences == ref[:1]
+
+
+# -------------------------------------------------------------------------------------- numbers
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=NAN), "temperature must be a finite number, got nan"),
+    (dict(temperature=INF), "temperature must be a finite number, got inf"),
+    (dict(temperature=0.0), r"temperature must be in \(0.0, inf\], got 0.0 \(use top_k=1 for greedy\)"),
+    (dict(temperature="1"), "temperature must be a finite number, got '1'"),
+    (dict(top_k=2.5), "top_k must be an integer or None, got 2.5"),
+    (dict(top_k=0), "top_k must be an integer >= 1, got 0"),
+    (dict(top_k=True), "top_k must be an integer or None, got True"),
+    (dict(top_p=NAN), "top_p must be a finite number or None, got nan"),
+    (dict(top_p=1.5), r"top_p must be in \(0.0, 1.0\], got 1.5"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer, got True"),
+    (dict(max_new_tokens=2.0), "max_new_tokens must be an integer, got 2.0"),
+    (dict(seed=2**70), r"seed must be an integer >= 0 and <= 18446744073709551615, got 1180591620717411303424"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+    (dict(seed=1.5), "seed must be None, an integer"),
+    (dict(seed="7"), "seed must be None, an integer"),
+    (dict(seed=[1, 2, 3]), "seed has 3 values for 1 prompts"),
+])
+def test_bad_sampling_numbers(models, kwargs, match):
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.decode([[1, 2]], **{"target": models["target"], "max_new_tokens": 2, **kwargs})
+
+
+def test_largest_seed_is_accepted(models):
+    fastalign.decode([[1, 2]], target=models["target"], max_new_tokens=2, seed=2**64 - 1)
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("sss", dict(lam=NAN), "sss option lam must be finite, got nan"),
+    ("sss", dict(max_log_ratio=NAN), "sss option max_log_ratio must be finite, got nan"),
+    ("sss", dict(num_draft_tokens=2.5), "sss option num_draft_tokens must be an integer, got 2.5"),
+    ("sss", dict(branching=(2, INF)), "sss option branching must be finite"),
+    ("sss", dict(bonus_on_full_accept="no"), "sss option bonus_on_full_accept must be True or False, got 'no'"),
+    ("args", dict(w=NAN), "args option w must be finite, got nan"),
+    ("args", dict(w="1.5"), "args option w must be a number, got '1.5'"),
+    ("bon", dict(n=2.5), "bon option n must be an integer, got 2.5"),
+    ("bon", dict(n=True), "bon option n must be an integer, got True"),
+    ("soft_bon", dict(lam=NAN), "soft_bon option lam must be finite"),
+    ("qalign", dict(beta=NAN), "qalign option beta must be finite"),
+    ("qalign", dict(beta="nan"), "qalign option beta must be a number, got 'nan'"),
+    ("cards", dict(accept_beta=NAN), "cards option accept_beta must be finite"),
+    ("rs", dict(max_rejections=1.5), "rs option max_rejections must be an integer"),
+    ("bon", dict(bogus=1), "method 'bon' has no option 'bogus'; its options: n"),
+    ("sss", dict(lamda=1.0), "method 'sss' has no option 'lamda'; its options: num_draft_tokens, tree, branching, "
+                             "variant, lam, max_log_ratio, bonus_on_full_accept, allow_no_ref"),
+])
+def test_bad_method_options(models, method, options, match):
+    kw = dict(target=models["target"], draft=models["draft"], ref=models["ref"], reward=constant_reward([1.0]))
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.decode([[1, 2]], method=method, max_new_tokens=2, **kw, **options)
+
+
+def test_nan_options_that_used_to_answer_all_token_zero(models):
+    """temperature / lam / max_log_ratio = nan returned token 0 everywhere with no error; w = nan was greedy."""
+    kw = dict(target=models["target"], draft=models["draft"], ref=models["ref"], max_new_tokens=3)
+    for bad in (dict(temperature=NAN), dict(lam=NAN), dict(max_log_ratio=NAN)):
+        with pytest.raises(fastalign.InputError, match="nan"):
+            fastalign.decode([[1, 2]], method="sss", **kw, **bad)
+    with pytest.raises(fastalign.InputError, match="w must be finite"):
+        fastalign.decode([[1, 2]], method="args", target=models["target"], reward=constant_reward([0.0]),
+                         max_new_tokens=3, w=NAN)
+
+
+# -------------------------------------------------------------------------------- dtype, device
+def test_dtype_names_and_aliases():
+    assert validation.check_dtype("fp16") is torch.float16 and validation.check_dtype("bf16") is torch.bfloat16
+    assert validation.check_dtype("torch.float32") is torch.float32 and validation.check_dtype("auto") == "auto"
+    for bad in ("fp17", torch.int64, 16):
+        with pytest.raises(fastalign.InputError, match="dtype must be 'auto', a floating torch dtype or one of"):
+            validation.check_dtype(bad)
+
+
+def test_bad_dtype_and_device_are_named(models):
+    with pytest.raises(fastalign.InputError, match="dtype must be .* got 'fp17'"):
+        fastalign.Engine(target=models["target"], dtype="fp17")
+    with pytest.raises(fastalign.InputError, match="device must be a torch device such as 'cpu'.* got 'nonsense'"):
+        fastalign.decode([[1]], target=models["target"], device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(fastalign.InputError, match="device 'cuda:0' is not available on this machine"):
+            fastalign.Engine(target=models["target"], device="cuda:0")
+    fastalign.Engine(target=models["target"], dtype="fp32", device="cpu")  # an alias is accepted
+
+
+def test_missing_model_path_names_the_role(tmp_path):
+    with pytest.raises(fastalign.InputError, match=r"cannot load the target '.*nowhere': no such file or folder"):
+        fastalign.Engine(target=str(tmp_path / "nowhere"))
+    with pytest.raises(fastalign.InputError, match=r"cannot load the draft '.*nowhere'"):
+        fastalign.Engine(target=tiny_causal_lm(vocab_size=V, hidden=16), draft=str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------------- context lengths
+def test_context_length_names_the_model_role(models):
+    short = tiny_causal_lm(vocab_size=V, hidden=16, context=8)
+    with pytest.raises(fastalign.InputError, match=r"context length of the draft model \(8\)"):
+        fastalign.decode([[1, 2, 3]], method="sd", target=models["target"], draft=short, max_new_tokens=6)
+    with pytest.raises(fastalign.InputError, match=r"context length of the ref model \(8\)"):
+        fastalign.decode([[1, 2, 3]], method="sss", target=models["target"], draft=models["draft"], ref=short,
+                         max_new_tokens=6)
+    reward = tiny_reward_model(vocab_size=V, hidden=16, context=8)
+    with pytest.raises(fastalign.InputError, match=r"prompt 1 has 4 tokens; with max_new_tokens=6 it needs 10 "
+                                                   r"positions, more than the context length of the reward model"):
+        fastalign.decode([[1], [1, 2, 3, 4]], method="bon", target=models["target"], reward=reward,
+                         max_new_tokens=6, n=2)
+    with pytest.raises(fastalign.InputError, match="context length of the target model"):
+        fastalign.decode([[1] * 120], target=models["target"], max_new_tokens=10)
+
+
+# ------------------------------------------------------------------------------------------- rewards
+def test_nan_reward_never_wins_bon(models):
+    """rewards [nan, 1, 2, 3] used to pick index 0."""
+    with pytest.raises(fastalign.InputError, match=r"prompt 1: the reward is nan for prompt \[3, 4\]"):
+        fastalign.decode([[1, 2], [3, 4]], method="bon", target=models["target"], max_new_tokens=2, n=4,
+                         reward=lambda p, r: torch.tensor([1.0, 2.0, 3.0, 4.0, NAN, 1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("method", ["rs", "cards"])
+@pytest.mark.parametrize("value", [NAN, -INF, INF])
+def test_non_finite_rewards_never_hang_rs_or_cards(models, method, value):
+    """Every candidate NaN or -inf used to loop forever (the forced acceptance accepted nothing)."""
+    with within(60), pytest.raises(fastalign.InputError, match=f"prompt 0: the reward is {value}"):
+        fastalign.decode([[1, 2]], method=method, target=models["target"], reward=constant_reward([value]),
+                         max_new_tokens=4, reward_threshold=1.0, max_rejections=2, seed=0)
+
+
+def test_a_reward_model_whose_head_outputs_nan_is_an_error_not_a_hang(models):
+    reward = tiny_reward_model(vocab_size=V, hidden=16)
+    with torch.no_grad():
+        reward.score.weight.fill_(NAN)
+    for method in ("cards", "rs", "bon", "args"):
+        with within(60), pytest.raises(fastalign.InputError, match="the reward model's score is nan"):
+            fastalign.decode([[1, 2]], method=method, target=models["target"], reward=reward, max_new_tokens=4,
+                             seed=0, **({"reward_threshold": 1.0} if method in ("rs", "cards") else {}))
+
+
+@pytest.mark.parametrize("method", ["rs", "cards"])
+def test_max_rejections_bounds_rs_and_cards(models, method):
+    """An unreachable threshold: after max_rejections rejections the best candidate is forced in."""
+    with within(60):
+        out = fastalign.decode([[1, 2], [3]], method=method, target=models["target"], max_new_tokens=4, seed=0,
+                               reward=constant_reward([-5.0, -4.0, -3.0]), reward_threshold=1e9, mode="hard",
+                               max_rejections=2, **({"min_segment_tokens": 4} if method == "cards" else {}))
+    assert out.stats["forced_acceptances"] >= 2 and out.stats["rejections"] == 2 * out.stats["forced_acceptances"]
+    assert all(len(s) >= 1 for s in out.sequences)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda p, r: torch.zeros(len(r), 4), r"returned a torch.float32 tensor of shape \[2, 4\] for 2 \(prompt, "
+                                          r"response\) pairs; expected shape \[2\]"),
+    (lambda p, r: [1.0], r"shape \[1\] for 2"),
+    (lambda p, r: ["good", "bad"], "the reward returned .*expected 2 numbers"),
+    (lambda p, r: None, "the reward returned None; expected 2 numbers"),
+])
+def test_reward_callable_shape_is_checked_every_call(models, bad, match):
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.decode([[1, 2]], method="bon", target=models["target"], reward=bad, max_new_tokens=2, n=2)
+
+
+def test_sss_without_ref_is_an_error_unless_asked(models):
+    kw = dict(target=models["target"], draft=models["draft"], max_new_tokens=3, seed=1)
+    with pytest.raises(fastalign.InputError, match="sss needs ref=.*allow_no_ref=True"):
+        fastalign.decode([[1, 2]], method="sss", **kw)
+    sd = fastalign.decode([[1, 2]], method="sd", **kw)
+    assert fastalign.decode([[1, 2]], method="sss", allow_no_ref=True, **kw).sequences == sd.sequences
+
+
+# ------------------------------------------------------------------------------------------- threads
+def test_engine_shared_by_threads_gives_each_call_its_own_tokens(models):
+    """One Engine from several threads used to mix KV caches and return different tokens with no error."""
+    engine = fastalign.Engine(target=models["target"], draft=models["draft"], reward=constant_reward([0.5, 1.0]))
+    jobs = [dict(method="sample", seed=s) for s in range(3)] + [dict(method="sd", seed=s) for s in range(3)] + \
+        [dict(method="bon", n=3, seed=s) for s in range(2)]
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    alone = [engine.decode(prompts, max_new_tokens=6, **job).sequences for job in jobs]
+    results = [None] * (2 * len(jobs))
+    errors = []
+
+    def work(i):
+        try:
+            results[i] = engine.decode(prompts, max_new_tokens=6, **jobs[i % len(jobs)]).sequences
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == alone + alone
+
+
+def test_a_nan_gold_reward_is_an_error_not_a_poisoned_mean():
+    from fastalign.evaluate import GoldReward
+
+    gold = GoldReward.from_text_fn(lambda prompts, completions: [1.0, NAN], "flaky")
+    with pytest.raises(fastalign.InputError, match="gold reward 'flaky' is nan for the prompt 'b'"):
+        gold([[1], [2]], [[3], [4]], ["a", "b"], ["x", "y"], [{}, {}])
+
+
+def test_the_default_eval_grid_has_sss_only_with_a_ref(models):
+    from fastalign.evaluate import default_grid
+
+    without_ref = fastalign.Engine(target=models["target"], draft=models["draft"])
+    methods = [m for m, _ in default_grid(lambda method: without_ref)]
+    assert "sd" in methods and "sss" not in methods
+    with_ref = fastalign.Engine(target=models["target"], draft=models["draft"], ref=models["ref"])
+    assert "sss" in [m for m, _ in default_grid(lambda method: with_ref)]
+
+
+def test_a_reward_model_with_a_smaller_vocabulary_is_named(models):
+    with pytest.raises(fastalign.InputError, match="the reward model embeds 6 token ids, the target emits up to 8"):
+        fastalign.Engine(target=models["target"], reward=tiny_reward_model(vocab_size=6, hidden=16))
