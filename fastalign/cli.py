@@ -210,14 +210,13 @@ def cmd_generate(args) -> int:
                                    **options)
             stats = {key: v for key, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
             sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
-                        "top_p": top_p}
+                        "top_p": top_p, "seed": args.seed}  # prompt i's own: prompt_seeds(seed, n)[i]
             texts = result.texts or [None] * len(batch)
             values = per_prompt_values(result.extra, len(batch))
             lines = []
             for i, (prompt, text, seq) in enumerate(zip(batch, texts, result.sequences)):
                 line = {"prompt": prompt, "completion": text, "tokens": list(seq), "generated_tokens": len(seq),
-                        **values[i], "method": args.method, "options": effective,
-                        "sampling": {**sampling, "seed": seed[i]},
+                        **values[i], "method": args.method, "options": effective, "sampling": sampling,
                         "batch": {"index": k, "prompts": len(batch), "stats": stats}}
                 lines.append(json.dumps(line, ensure_ascii=False) + "\n")
             out.write("".join(lines))  # one write per batch: an interrupt leaves whole lines
