@@ -1,4 +1,4 @@
-"""SSS under top-k on the toy world: the truncation rule of DESIGN section 1 (``trunc(pi)``, pi from the
+"""SSS under top-k on the toy world: the truncation rule of docs/design.md section 1 (``trunc(pi)``, pi from the
 untruncated target, draft and ref) against untruncated SSS, the published rule and plain sampling.
 
 The toy world's 16 review openings, each decoded ``--repeats`` times (one seed per prompt and repeat), at the

@@ -209,7 +209,7 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
 
     ``seed``: one int per prompt (a list), or an int (prompt ``i`` then gets a seed derived from it and ``i``),
     or None (fresh entropy). A prompt's output depends only on its own seed, prompt and models, never on its
-    row or on the other prompts of the batch (DESIGN 1.4).
+    row or on the other prompts of the batch (docs/design.md 1.4).
 
     ``temperature=None`` takes the method's documented sampling defaults (temperature 1.0 unless its paper
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the

@@ -79,7 +79,7 @@ def tilted_next_probs(target, draft, ref, tokens: list[int], temperature: float 
                       top_p: float | None = None, lam: float = 1.0, max_log_ratio: float | None = None,
                       ratio_inf: float = 20.0) -> torch.Tensor:
     """``trunc(pi)`` after ``tokens`` (full recompute, fp64): ``pi = normalize(p * (q_r / q) ** lam)`` from the
-    *untruncated* tempered target, draft and ref, then top-k / top-p on the tilted logits (DESIGN section 1).
+    *untruncated* tempered target, draft and ref, then top-k / top-p on the tilted logits (docs/design.md section 1).
     Where exactly one of ``q_r``, ``q`` is zero the log-ratio is ``+-ratio_inf`` (or ``+-max_log_ratio``). [V]"""
     from fastalign.kernels import truncate_logits
 

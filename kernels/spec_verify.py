@@ -18,7 +18,7 @@ position is ignored). Logits may be fp32, bf16 or fp16; all math is fp32.
 
 **Reward-shifted target** (sss modes, computed in log space, no probability tensor divided). The tilt is taken
 from the *untruncated* tempered distributions ``P = softmax(l_t / T)``, ``Q_r``, ``Q`` and the truncation applies
-to the tilted logits (DESIGN section 1: the emitted law is ``trunc(pi)``)::
+to the tilted logits (docs/design.md section 1: the emitted law is ``trunc(pi)``)::
 
     d(v)      = clip(log Q_r(v) - log Q(v), -M, M)       M = max_log_ratio, or no clip when None
     log pi(v) = log_softmax(trunc(log P(v) + lam * d(v)))

@@ -1,4 +1,4 @@
-"""Per-prompt seeds (DESIGN 1.4): a prompt's output depends only on its own seed, prompt and models, for every
+"""Per-prompt seeds (docs/design.md 1.4): a prompt's output depends only on its own seed, prompt and models, for every
 method: the same tokens alone, at any row, and among any other prompts. Also: a row is never fed past its
 context in batched sd / sss (chains and trees in a mixed batch)."""
 

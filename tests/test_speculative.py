@@ -44,7 +44,7 @@ def p_law(model, prompt, M, temperature=1.0, top_k=None, top_p=None):
 
 
 def pi_law(models, prompt, M, temperature=1.0, top_k=None, top_p=None, lam=1.0, max_log_ratio=None):
-    """The product of per-token ``trunc(pi)``, pi tilted from the untruncated distributions (DESIGN 1)."""
+    """The product of per-token ``trunc(pi)``, pi tilted from the untruncated distributions (docs/design.md 1)."""
     return enumerate_law(lambda y: tilted_next_probs(*models, y, temperature, top_k, top_p, lam, max_log_ratio,
                                                      RATIO_INF), prompt, M, {EOS})
 

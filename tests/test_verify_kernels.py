@@ -251,7 +251,7 @@ def _draft(mode):
 
 
 def _exact_t(mode, i, T, top_k, top_p, lam=1.0):
-    """t_i in fp64, from the definitions (DESIGN 1): trunc(p), or trunc(pi) with pi from the untruncated tilt."""
+    """t_i in fp64, from the definitions (docs/design.md 1): trunc(p), or trunc(pi), pi from the untruncated tilt."""
     if mode == "sd":
         return torch.softmax(truncate_logits(LT[i].double(), T, top_k, top_p), -1)
     lp, lqr, lq = (torch.log_softmax(x[i].double() / T, -1) for x in (LT, LD, LR))

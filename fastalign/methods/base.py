@@ -32,7 +32,7 @@ def prompt_seeds(seed, n_prompts: int) -> list[int]:
 
 
 class Randomness:
-    """All randomness of one decode: per prompt, reproducible from the prompt's own seed (DESIGN 1.4).
+    """All randomness of one decode: per prompt, reproducible from the prompt's own seed (docs/design.md 1.4).
 
     Every draw names its rows by ``(prompt, sub)`` (the prompt index, and a sub-stream such as a sample, a chain
     or a candidate of that prompt) and a ``purpose``; its numbers come from the counter-based generator
