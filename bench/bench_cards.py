@@ -75,7 +75,8 @@ class NoCacheCards:
                 if len(segment) >= o["min_segment_tokens"] and \
                         float(kernels.entropy(logits)[0][0]) >= o["entropy_threshold"]:
                     break
-                token = int(kernels.sample(logits, self.temperature, self.top_k, None, seed=rng.kernel_seed())[0])
+                token = int(kernels.sample(logits, self.temperature, self.top_k, None,
+                                           seed=rng.streams([0], "token"))[0])
                 segment.append(token)
                 if token in self.eos or len(segment) == o["max_segment_tokens"] or \
                         len(response) + len(segment) == self.max_new:
@@ -83,7 +84,8 @@ class NoCacheCards:
             reward = float(self.reward.score([prompt], [response + segment])[0])
             tau = min(r_star, r0 + (len(response) + len(segment)) * (r_star - r0) / self.max_new)
             if o["mode"] == "soft":
-                passed = float(rng.uniform(1, 1)[0, 0]) < min(1.0, math.exp((reward - tau) / o["accept_beta"]))
+                u = float(rng.uniform([0], 1, "accept")[0, 0])
+                passed = u < min(1.0, math.exp((reward - tau) / o["accept_beta"]))
             else:
                 passed = reward >= tau
             if reward > best_reward:

@@ -33,24 +33,26 @@ from fastalign.testing import tiny_causal_lm, tiny_reward_model  # noqa: E402
 
 def no_cache_qalign(lm: CausalLM, rm: RewardModel, prompts, chains, steps, max_new_tokens, beta, seed):
     """QAlign without cache reuse: every proposal prefills ``prompt + y[:i]``; rewards score the whole pair."""
-    ctx = Context(lm, None, None, rm, None, max_new_tokens, 1.0, None, None, Randomness(seed))
     rows = [list(p) for p in prompts for _ in range(chains)]
+    ctx = Context(lm, None, None, rm, None, max_new_tokens, 1.0, None, None, Randomness(seed, len(rows)))
+    row_ids = range(len(rows))  # every chain its own stream
 
     def generate(kept, budgets):
         logits = lm.prefill([p + k for p, k in zip(rows, kept)])  # the budgets keep each row in context
-        return sample_continuations(ctx, lm, logits, budgets)
+        return sample_continuations(ctx, lm, logits, budgets, row_ids)
 
     states = generate([[] for _ in rows], [max_new_tokens] * len(rows))
     rewards = rm.score(rows, states)
     for _ in range(steps):
         lengths = torch.tensor([len(y) for y in states], dtype=torch.float64)
-        index = torch.minimum((ctx.rng.uniform(len(rows)).double() * lengths).long(), lengths.long() - 1).tolist()
+        u_index = ctx.rng.uniform(row_ids, 1, "index")[:, 0].double()
+        index = torch.minimum((u_index * lengths).long(), lengths.long() - 1).tolist()
         suffixes = generate([y[:i] for y, i in zip(states, index)], [max_new_tokens - i for i in index])
         proposals = [y[:i] + s for y, i, s in zip(states, index, suffixes)]
         new = rm.score(rows, proposals)
         new_lengths = torch.tensor([len(y) for y in proposals], dtype=torch.float64)
         log_ratio = ((new - rewards).double() / beta + lengths.log() - new_lengths.log()).clamp(-20, 20)
-        accept = ctx.rng.uniform(len(rows)).double() < log_ratio.exp()
+        accept = ctx.rng.uniform(row_ids, 1, "mh")[:, 0].double() < log_ratio.exp()
         states = [p if a else y for y, p, a in zip(states, proposals, accept.tolist())]
         rewards = torch.where(accept, new, rewards)
     return states

@@ -194,7 +194,7 @@ class Engine:
         return ids
 
     def decode(self, prompts, method: str = "sample", max_new_tokens: int = 128, temperature: float | None = None,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int | list[int] | None = None,
                chat: bool | None = None, **options) -> DecodeOutput:
         """Decode ``prompts`` with ``method``; see ``fastalign.decode``. Thread-safe (calls are serialised)."""
         with self._lock:
@@ -230,8 +230,12 @@ class Engine:
                 and not getattr(m, "retokenize", False)}  # a re-tokenising reward counts other tokens
         check.check_context_lengths(used, prompt_ids, max_new_tokens)
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
+        try:
+            rng = Randomness(seed, len(prompt_ids))
+        except ValueError as e:
+            raise InputError(str(e)) from None
         ctx = Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
-                      float(temperature), top_k, top_p, Randomness(seed))
+                      float(temperature), top_k, top_p, rng)
         start = time.perf_counter()
         result = run(ctx, prompt_ids, **options)
         wall = time.perf_counter() - start
@@ -262,11 +266,16 @@ def sampling_settings(module, temperature: float | None, top_k: int | None, top_
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,
            max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
-           top_p: float | None = None, seed: int | None = None, chat: bool = False, **options) -> DecodeOutput:
+           top_p: float | None = None, seed: int | list[int] | None = None, chat: bool = False,
+           **options) -> DecodeOutput:
     """Decode ``prompts`` (list of strings, of chat conversations or of token-id lists) with a test-time
     alignment ``method``. Conversations (lists of ``{"role", "content"}`` messages), and strings with
     ``chat=True``, are rendered with the tokenizer's chat template and its generation prompt; a response then
     ends at the template's end-of-turn token as at EOS. Models may be ``.gguf`` files (see ``Engine``).
+
+    ``seed``: one int per prompt (a list), or an int (prompt ``i`` then gets a seed derived from it and ``i``),
+    or None (fresh entropy). A prompt's output depends only on its own seed, prompt and models, never on its
+    row or on the other prompts of the batch (docs/design.md 1.4).
 
     ``temperature=None`` takes the method's documented sampling defaults (temperature 1.0 unless its paper
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the

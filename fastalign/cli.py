@@ -158,7 +158,7 @@ def _check_output_file(path: str | None, flag: str) -> None:
 def _resume_generate(args, prompts: list[str], wanted: dict) -> int:
     """``generate -o FILE --resume``: keep the whole batches of FILE that this run would write (the same
     prompts in order, method and options in effect, ``wanted``) and return the first batch to decode; a partly
-    written batch is decoded again, so that batch ``k`` still uses seed + k. Lines of another run are an error."""
+    written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error."""
     from .evaluate import read_complete_jsonl, write_jsonl
     from .validation import InputError
 
@@ -215,17 +215,21 @@ def cmd_generate(args) -> int:
     out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
+        # prompt i's seed is derived from --seed and i alone, so the batch size does not change any output
+        from .methods.base import prompt_seeds
+
+        seeds = prompt_seeds(args.seed, len(prompts))
         for k, start in enumerate(tqdm(batches, desc="generate", unit="batch",
                                        disable=True if len(batches) == 1 else None)):
             if k < first:
                 continue
             batch = prompts[start: start + args.batch_size]
-            seed = args.seed + k
+            seed = seeds[start: start + args.batch_size]
             result = engine.decode(batch, method=args.method, max_new_tokens=args.max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **options)
             stats = {key: v for key, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
             sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
-                        "top_p": top_p, "seed": seed}
+                        "top_p": top_p, "seed": args.seed}  # prompt i's own: prompt_seeds(seed, n)[i]
             texts = result.texts or [None] * len(batch)
             values = per_prompt_values(result.extra, len(batch))
             lines = []
@@ -442,7 +446,8 @@ def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     g.add_argument("--temperature", type=float, help="default: the method's (from its paper), else 1.0")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: the method's, else all)")
     g.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: off)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="batch k uses seed + k; the same seed gives the "
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="prompt i gets a seed derived from it and i, "
+                                                                  "whatever --batch-size; the same seed gives the "
                                                                   "same outputs (default: %(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=16, help="prompts per decode call")
 

@@ -34,6 +34,7 @@ from .models import InputError, RewardModel
 from .rewards import text_reward_function
 from .worlds import NAMES as WORLD_NAMES
 from .worlds import world_prompts
+from .methods.base import prompt_seeds
 
 # ------------------------------------------------------------------------------------------- prompts
 # dataset aliases: name -> (hub id, config, split, prompt field, answer field, prompt template)
@@ -289,7 +290,8 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
     """Decode every prompt record with every ``(method, options)`` of ``grid`` and score it with ``gold``.
 
     ``engine`` is a ``fastalign.Engine`` or a function ``method -> Engine`` (when methods need different
-    models). Batch ``k`` of every method uses the seed ``seed + k`` (common random numbers). Returns one record
+    models). Prompt ``i`` gets the same seed, derived from ``seed`` and ``i``, in every method (common random
+    numbers), whatever the batch size (``methods.base.prompt_seeds``). Returns one record
     per (method, budget, prompt); see the module docstring for the fields. ``progress``: None shows a bar on a
     terminal and periodic lines otherwise (``ProgressLines``), True a bar, False nothing.
 
@@ -304,6 +306,7 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
         raise InputError("evaluate needs at least one prompt record and one (method, options) grid entry")
     engine_for = (lambda method: engine) if isinstance(engine, Engine) else engine
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
+    seeds = prompt_seeds(seed, len(prompts))
     previous = {record_key(r): r for r in done or []}
     for key, r in previous.items():
         index = key[2]
@@ -328,7 +331,8 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
                     continue
                 prompt_ids = eng.encode([r["prompt"] for r in batch])
                 out = eng.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, seed=seed + k, **options)
+                                 top_k=top_k, top_p=top_p, seed=seeds[k * batch_size: k * batch_size + len(batch)],
+                                 **options)
                 texts = out.texts or [None] * len(batch)
                 scores = gold(prompt_ids, out.sequences, [r["prompt"] for r in batch],
                               [t if t is not None else "" for t in texts], batch)

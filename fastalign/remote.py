@@ -254,10 +254,11 @@ class RemoteLM:
         return self.pool.urls[0]
 
     def complete(self, prompts: list[list[int]], budgets: list[int], temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, n: int = 1) -> list[list[int]]:
+                 top_k: int | None = None, top_p: float | None = None, seed=0, n: int = 1) -> list[list[int]]:
         """``n`` sampled continuations per prompt (token ids, at most ``budgets[b]`` tokens, EOS kept); rows
-        ``b * n + j`` belong to prompt ``b``. Sample ``j`` of prompt ``b`` is drawn with seed
-        ``row_seed(seed, b) + j``."""
+        ``b * n + j`` belong to prompt ``b``. Sample ``j`` of prompt ``b`` is drawn with seed ``seeds[b] + j``:
+        ``seed`` is one request seed per prompt (a list), or an int (prompt ``b`` gets ``row_seed(seed, b)``)."""
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [row_seed(seed, b) for b in range(len(prompts))]
         if len(budgets) != len(prompts) or not (isinstance(n, int) and n >= 1):
             raise InputError(f"complete needs one budget per prompt and n >= 1, got {len(prompts)} prompts, "
                              f"{len(budgets)} budgets, n={n!r}")
@@ -271,7 +272,7 @@ class RemoteLM:
         def job(spec):
             b, j, count = spec
             return self._complete_one(prompts[b], budgets[b], count, temperature, top_k, top_p,
-                                      row_seed(seed, b) + j, f"prompt {b}")
+                                      seeds[b] + j, f"prompt {b}")
 
         try:
             results = self.pool.map(job, jobs, self.max_concurrency)

@@ -126,7 +126,7 @@ class _Models:
                               rng)
                 with self.lock:
                     logits = self.target.prefill([p], max_tokens)
-                    tokens = sample_continuations(ctx, self.target, logits, max_tokens)[0]
+                    tokens = sample_continuations(ctx, self.target, logits, max_tokens, [0])[0]
             finish = "stop" if tokens and tokens[-1] in self.target.eos_token_ids else "length"
             choice = {"index": i, "token_ids": tokens, "finish_reason": finish, "logprobs": None,
                       "text": self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""}

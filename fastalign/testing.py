@@ -83,6 +83,24 @@ def next_token_probs(model, tokens: list[int], temperature: float = 1.0, top_k: 
     return torch.softmax(truncate_logits(logits, temperature, top_k, top_p).double(), dim=-1)
 
 
+def tilted_next_probs(target, draft, ref, tokens: list[int], temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, lam: float = 1.0, max_log_ratio: float | None = None,
+                      ratio_inf: float = 20.0) -> torch.Tensor:
+    """``trunc(pi)`` after ``tokens`` (full recompute, fp64): ``pi = normalize(p * (q_r / q) ** lam)`` from the
+    *untruncated* tempered target, draft and ref, then top-k / top-p on the tilted logits (docs/design.md section 1).
+    Where exactly one of ``q_r``, ``q`` is zero the log-ratio is ``+-ratio_inf`` (or ``+-max_log_ratio``). [V]"""
+    from fastalign.kernels import truncate_logits
+
+    p, q_r, q = (next_token_probs(m, tokens, temperature) for m in (target, draft, ref))
+    r = ratio_inf if max_log_ratio is None else max_log_ratio
+    d = torch.where((q_r > 0) & (q > 0), q_r.log() - q.log(),
+                    torch.where(q_r > 0, r, torch.where(q > 0, -r, 0.0)).double())
+    if max_log_ratio is not None:
+        d = d.clamp(-max_log_ratio, max_log_ratio)
+    s = p.log() + lam * d
+    return torch.softmax(truncate_logits(s, 1.0, top_k, top_p).double(), dim=-1)
+
+
 def enumerate_law(next_probs, prompt: list[int], max_new_tokens: int, eos_ids) -> dict[tuple, float]:
     """Exact law of responses under per-token distributions ``next_probs(prefix) -> [V]``.
 
@@ -115,6 +133,43 @@ def empirical_law(sequences) -> dict[tuple, float]:
 def total_variation(p: dict, q: dict) -> float:
     """Total-variation distance between two laws given as {outcome: probability}."""
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def tv_threshold(law, n: int, quantile: float = 0.995, simulations: int = 2000, seed: int = 0) -> float:
+    """The ``quantile`` of ``TV(law, empirical law of n draws from it)``, by simulation: the sampling noise a law
+    test at sample size ``n`` must tolerate (a correct sampler exceeds it with probability ``1 - quantile``).
+
+    ``law``: {outcome: probability} or a probability vector.
+    """
+    probs = torch.tensor(list(law.values()) if isinstance(law, dict) else law, dtype=torch.float64).flatten()
+    probs = probs / probs.sum()
+    gen = torch.Generator().manual_seed(seed)
+    counts = _multinomial_counts(probs, n, simulations, gen)
+    tv = 0.5 * (counts / n - probs).abs().sum(-1)
+    # outcomes of probability 0 never appear, so the sum over the law's support is the whole TV
+    return float(torch.quantile(tv, quantile))
+
+
+def _multinomial_counts(probs: torch.Tensor, n: int, simulations: int, gen) -> torch.Tensor:
+    """``[simulations, len(probs)]`` multinomial counts of ``n`` draws (sequential binomials, seeded)."""
+    counts = torch.zeros(simulations, len(probs), dtype=torch.float64)
+    left = torch.full((simulations,), float(n), dtype=torch.float64)
+    mass = 1.0
+    for i, p in enumerate(probs.tolist()):
+        if i == len(probs) - 1 or mass <= 0:
+            counts[:, i] = left
+            break
+        share = min(max(p / mass, 0.0), 1.0)
+        c = torch.binomial(left, torch.full_like(left, share), generator=gen)
+        counts[:, i] = c
+        left = left - c
+        mass -= p
+    return counts
+
+
+def law_of(tokens: torch.Tensor, size: int) -> torch.Tensor:
+    """Empirical law ``[size]`` of the integer ``tokens`` (1-D)."""
+    return torch.bincount(tokens.flatten().long(), minlength=size).double() / max(tokens.numel(), 1)
 
 
 def tiny_tokenizer(vocab_size: int = 64):

@@ -19,8 +19,8 @@ Two steps, neither materialises a softmax nor sorts the vocabulary:
    the order-preserving integer image of fp32 (at most 32 more halvings), so the loop always ends.
    Typical rows take 10-20 passes; bf16 rows (few distinct values) fewer.
 
-2. ``_draw_kernel`` computes ``argmax_v (x_v - log(-log u(seed, r * V + v)))`` over the kept entries, with
-   ``u`` the shared counter-based uniform (``kernels._rng``), first index on ties like ``torch.argmax``.
+2. ``_draw_kernel`` computes ``argmax_v (x_v - log(-log u_r(v)))`` over the kept entries, with ``u_r`` row
+   ``r``'s stream of the shared counter-based generator (``kernels._rng``), first index on ties like ``torch.argmax``.
    With few rows the vocabulary is split across programs (partial argmax per chunk, then the first
    chunk holding the maximum wins, which keeps the first-index rule).
 
@@ -44,7 +44,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._entropy_triton import BLOCK_V, as_rows, num_chunks, program_row_chunk
-from ._rng import uniform_triton
+from ._rng import streams_tensor, uniform_triton
 from .truncation import check_truncation_args
 
 @triton.jit
@@ -195,9 +195,9 @@ def _threshold_kernel(
     tl.store(tau_ptr + row, tau)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _draw_kernel(
-    logits_ptr, stride_r, V, scale, tau_ptr, seed,
+    logits_ptr, stride_r, V, scale, tau_ptr, streams,
     out_ptr,                      # [R] int64 tokens (one chunk per row)
     part_val_ptr, part_idx_ptr,   # [R, n_chunks] fp32 / int64 partial argmax (split vocabulary)
     chunk_size, n_chunks,
@@ -215,7 +215,7 @@ def _draw_kernel(
     for off in range(start, end, BLOCK):
         cols = off + offs
         x = _load_scaled(row_ptr, cols, end, scale, CUDA_MATH)
-        u = uniform_triton(seed, row.to(tl.int64) * V + cols)
+        u = uniform_triton(streams, row, cols)
         g = tl.where((x >= tau) & (cols < end), x - _log(-_log(u, CUDA_MATH), CUDA_MATH), float("-inf"))
         g_max = tl.max(g, axis=0)
         g_idx = tl.min(tl.where(g == g_max, cols, 2147483647), axis=0).to(tl.int64)
@@ -281,7 +281,7 @@ def sample_triton(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         part_idx = torch.empty(R, n_chunks, device=device, dtype=torch.int64)
     _draw_kernel[(R, n_chunks)](
         logits, logits.stride(0), V, _scale_arg(temperature, device), tau if tau is not None else out,
-        int(seed) & 0xFFFFFFFF, out, part_val, part_idx, chunk_size, n_chunks,
+        streams_tensor(seed, R, device), out, part_val, part_idx, chunk_size, n_chunks,
         HAS_TAU=tau is not None, SINGLE=single, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK_V,
         enable_fp_fusion=False,  # no FMA contraction: x and x - log(E) rounded exactly as torch does
     )

@@ -10,7 +10,8 @@ the chunk, of scaled logits ``x = l / T``):
     6,7  x_t + lam*(x_d - x_r)    over tokens where q_r, q > 0   (unclipped logZ, shifted by lam*(lse_r-lse_d))
     8,9  x_t + lam*o(v)           over the other tokens, o = +R, -R or 0 (the zero-probability stand-ins)
 
-so ``logZ = logaddexp(A + lam*(lse_r - lse_d), S) - lse_t`` needs no second pass. With ``max_log_ratio`` the
+so ``logZ = logaddexp(A + lam*(lse_r - lse_d), S) - lse_t`` needs no second pass. With ``GIVEN`` (top-k /
+top-p with the tilt) slots 4,5 are the normaliser of the given ``log pi`` and 6..9 are unused. With ``max_log_ratio`` the
 clip depends on the normalisers, so ``_logz_clip_kernel`` (same grid) rereads the logits and overwrites slots
 6,7 with the partial logsumexp of ``log p + lam * clip(d)`` itself (slots 8,9 emptied).
 
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._entropy_triton import sm_count
-from ._rng import uniform_triton
+from ._rng import streams_tensor, uniform_triton
 from ._verify_common import (MODE_IDS, _argmax_fold, _clipped_logz, _log_ratio, _logprobs, _norms,
                              prepare_verify_inputs)
 
@@ -39,7 +40,7 @@ NSTAT = 10
 def _stats_kernel(T, D, R, stats,
                   stb, stk, sdb, sdk, srb, srk,
                   K1, Kd, V, chunk, n_chunks, temperature, lam, r_inf,
-                  TILT: tl.constexpr, BLOCK: tl.constexpr):
+                  TILT: tl.constexpr, GIVEN: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // K1
@@ -47,7 +48,7 @@ def _stats_kernel(T, D, R, stats,
     start = c * chunk
     m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = _norms(
         T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk, R + b.to(tl.int64) * srb + i * srk,
-        start, start + chunk, tl.where(i < Kd, V, 0), V, temperature, lam, r_inf, TILT, TILT, BLOCK)
+        start, start + chunk, tl.where(i < Kd, V, 0), V, temperature, lam, r_inf, TILT, TILT, BLOCK, GIVEN)
     out = stats + (row.to(tl.int64) * n_chunks + c) * 10
     tl.store(out + 0, m_t)
     tl.store(out + 1, s_t)
@@ -109,8 +110,9 @@ def _pick(vec, offs, j):
 @triton.jit
 def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info,
                         stb, stk, sdb, sdk, srb, srk,
-                        K, Kd, V, n_chunks, chunk2, n_chunks2, temperature, lam, r_inf, max_ratio, seed,
-                        MODE: tl.constexpr, TILT: tl.constexpr, CLIP: tl.constexpr, HAS_NV: tl.constexpr,
+                        K, Kd, V, n_chunks, chunk2, n_chunks2, temperature, lam, r_inf, max_ratio, streams,
+                        MODE: tl.constexpr, TILT: tl.constexpr, GIVEN: tl.constexpr, CLIP: tl.constexpr,
+                        HAS_NV: tl.constexpr,
                         BLOCK_K1: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1)
@@ -123,7 +125,10 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     rows = b * K1 + offs_k
     lse_t = _combine(stats, rows, n_chunks, 0, offs_c, cmask, kmask)
     lse_d = _combine(stats, rows, n_chunks, 2, offs_c, cmask, kmask)
-    if TILT:
+    if GIVEN:
+        lse_r = _combine(stats, rows, n_chunks, 4, offs_c, cmask, kmask)
+        logz = lse_t * 0.0
+    elif TILT:
         lse_r = _combine(stats, rows, n_chunks, 4, offs_c, cmask, kmask)
         za = _combine(stats, rows, n_chunks, 6, offs_c, cmask, kmask)
         if CLIP:
@@ -151,7 +156,10 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     if TILT:
         if MODE == 1:
             xr = tl.load(R + b.to(tl.int64) * srb + offs_k * srk + tokc, mask=gm, other=ninf).to(tl.float32) / temperature
-            lt_tok = lp_tok + lam * _log_ratio(lqr_tok, xr - lse_r, r_inf, max_ratio, CLIP) - logz
+            if GIVEN:
+                lt_tok = xr - lse_r
+            else:
+                lt_tok = lp_tok + lam * _log_ratio(lqr_tok, xr - lse_r, r_inf, max_ratio, CLIP) - logz
     t_tok = tl.where(gm, tl.exp(lt_tok), 0.0)
     qr_tok = tl.where(gm, tl.exp(lqr_tok), 0.0)
     u = tl.load(u_ptr + b.to(tl.int64) * K + offs_k, mask=dmask, other=0.5)
@@ -186,12 +194,12 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
         v = off + tl.arange(0, BLOCK)
         vm = v < V
         lp, lqr, le = _logprobs(t_base, d_base, r_base, v, vm, v < vd, lse_t_j, lse_d_j, lse_r_j, logz_j,
-                                temperature, lam, r_inf, max_ratio, TILT, CLIP)
+                                temperature, lam, r_inf, max_ratio, TILT, CLIP, GIVEN)
         if MODE == 1:
             lt = le
         else:
             lt = lp
-        g = -tl.log(-tl.log(uniform_triton(seed, b.to(tl.int64) * V + v)))
+        g = -tl.log(-tl.log(uniform_triton(streams, b, v)))
         if MODE == 2:
             key_t = le + g
         else:
@@ -277,7 +285,7 @@ def spec_verify_triton(target_logits, draft_logits, ref_logits, draft_tokens, mo
 
     stats = torch.empty(B * K1 * c1 * NSTAT, device=dev, dtype=torch.float32)
     _stats_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature, x.lam, x.r_inf,
-                                TILT=x.tilt, BLOCK=x.block, num_warps=x.num_warps)
+                                TILT=x.tilt, GIVEN=x.given, BLOCK=x.block, num_warps=x.num_warps)
     block_c = max(triton.next_power_of_2(c1), 2)
     if x.clip:
         _logz_clip_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature, x.lam,
@@ -286,8 +294,9 @@ def spec_verify_triton(target_logits, draft_logits, ref_logits, draft_tokens, mo
     pidx = torch.empty(B * c2 * 2, device=dev, dtype=torch.int32)
     info = torch.empty(B * 3, device=dev, dtype=torch.int32)
     _decide_race_kernel[(B, c2)](*logits, tok, u, nv, stats, pkey, pidx, info, *x.strides,
-                                 K, Kd, V, c1, chunk2, c2, x.temperature, x.lam, x.r_inf, x.max_ratio, int(seed),
-                                 MODE=MODE_IDS[mode], TILT=x.tilt, CLIP=x.clip, HAS_NV=num_valid is not None,
+                                 K, Kd, V, c1, chunk2, c2, x.temperature, x.lam, x.r_inf, x.max_ratio,
+                                 streams_tensor(seed, B, dev), MODE=MODE_IDS[mode], TILT=x.tilt, GIVEN=x.given,
+                                 CLIP=x.clip, HAS_NV=num_valid is not None,
                                  BLOCK_K1=max(triton.next_power_of_2(K1), 2), BLOCK_C=block_c, BLOCK=x.block,
                                  num_warps=x.num_warps)
     accepted = torch.empty(B, device=dev, dtype=torch.int64)

@@ -13,22 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rng import uniform_triton
+from ._rng import streams_tensor, uniform_triton
 from ._verify_common import MODE_IDS, _argmax_fold, _clipped_logz, _logprobs, _norms, prepare_verify_inputs
 
 
 @triton.jit
 def _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
-                MODE: tl.constexpr, TILT: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                MODE: tl.constexpr, TILT: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+                GIVEN: tl.constexpr):
     """Normalisers ``(lse_t, lse_d, lse_r, logZ)`` at a node, and its residual ``t(.|node)`` (``p``, or ``pi`` for
     sss_exact) written to the scratch row ``wb``."""
     m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = _norms(tb, db, rb, 0, V, V, V, temperature, lam, r_inf,
-                                                              TILT, not CLIP, BLOCK)
+                                                              TILT, not CLIP, BLOCK, GIVEN)
     lse_t = m_t + tl.log(s_t)
     lse_d = m_d + tl.log(s_d)
     lse_r = m_r + tl.log(s_r)
     logz = lse_t * 0.0
-    if TILT:
+    if TILT and not GIVEN:
         if CLIP:
             m_a, s_a = _clipped_logz(tb, db, rb, 0, V, V, V, lse_t, lse_d, lse_r, temperature, lam, r_inf,
                                      max_ratio, BLOCK)
@@ -42,7 +43,7 @@ def _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
         v = off + tl.arange(0, BLOCK)
         vm = v < V
         lp, lqr, lpi = _logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
-                                 max_ratio, TILT, CLIP)
+                                 max_ratio, TILT, CLIP, GIVEN)
         if MODE == 1:
             tl.store(wb + v, tl.exp(lpi), mask=vm)
         else:
@@ -61,8 +62,9 @@ def _minus_draft(wb, dpos, v, vm, Z, lse_d, temperature):
 
 @triton.jit
 def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_ptr,
-                 stb, stn, sdb, sdn, srb, srn, N, V, DP, temperature, lam, r_inf, max_ratio, seed,
-                 MODE: tl.constexpr, TILT: tl.constexpr, CLIP: tl.constexpr, TOPK: tl.constexpr,
+                 stb, stn, sdb, sdn, srb, srn, N, V, DP, temperature, lam, r_inf, max_ratio, streams, nn_ptr,
+                 MODE: tl.constexpr, TILT: tl.constexpr, GIVEN: tl.constexpr, CLIP: tl.constexpr,
+                 TOPK: tl.constexpr, HAS_NN: tl.constexpr,
                  BONUS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     wb = W + b * V
@@ -72,12 +74,15 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
     db = D + b * sdb
     rb = R + b * srb
     lse_t, lse_d, lse_r, logz = _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
-                                            MODE, TILT, CLIP, BLOCK)
+                                            MODE, TILT, CLIP, BLOCK, GIVEN)
     Z = 1.0
     cur = -1
     has_child = 0
     depth = 0
-    for n in range(0, N):
+    n_nodes = N
+    if HAS_NN:
+        n_nodes = tl.minimum(tl.maximum(tl.load(nn_ptr + b).to(tl.int32), 0), N)
+    for n in range(0, n_nodes):
         par = tl.load(par_ptr + b * N + n).to(tl.int32)
         if par == cur:
             has_child = 1
@@ -102,7 +107,7 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
                 db = D + b * sdb + (n + 1) * sdn
                 rb = R + b * srb + (n + 1) * srn
                 lse_t, lse_d, lse_r, logz = _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
-                                                        MODE, TILT, CLIP, BLOCK)
+                                                        MODE, TILT, CLIP, BLOCK, GIVEN)
                 Z = 1.0
                 has_child = 0
             else:
@@ -131,10 +136,10 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
     for off in range(0, V, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        g = -tl.log(-tl.log(uniform_triton(seed, b * V + v)))
+        g = -tl.log(-tl.log(uniform_triton(streams, b, v)))
         if MODE == 2:
             lp, lqr, lpi = _logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
-                                     max_ratio, TILT, CLIP)
+                                     max_ratio, TILT, CLIP, GIVEN)
             key = lpi + g
         else:
             key = tl.log(tl.load(wb + v, mask=vm, other=0.0)) + g
@@ -148,7 +153,7 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
 
 def tree_verify_triton(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
                        uniforms, seed, tree_kind, *, top_k=None, top_p=None, max_log_ratio=None, bonus=True,
-                       max_depth=None, _block=None):
+                       max_depth=None, num_nodes=None, _block=None):
     """Triton ``tree_verify`` (inputs already validated by the public function)."""
     B, N1, V = target_logits.shape
     N = N1 - 1
@@ -164,7 +169,9 @@ def tree_verify_triton(target_logits, draft_logits, ref_logits, tree_tokens, par
     length = torch.empty(B, device=dev, dtype=torch.int64)
     next_token = torch.empty(B, device=dev, dtype=torch.int64)
     _tree_kernel[(B,)](x.tgt, x.drf, x.ref, tok, par, u, W, path, length, next_token, *x.strides,
-                       N, V, DP, x.temperature, x.lam, x.r_inf, x.max_ratio, int(seed),
-                       MODE=MODE_IDS[mode], TILT=x.tilt, CLIP=x.clip, TOPK=tree_kind == "topk", BONUS=bool(bonus),
+                       N, V, DP, x.temperature, x.lam, x.r_inf, x.max_ratio, streams_tensor(seed, B, dev),
+                       tok if num_nodes is None else num_nodes.to(device=dev, dtype=torch.int64).contiguous(),
+                       MODE=MODE_IDS[mode], TILT=x.tilt, GIVEN=x.given, CLIP=x.clip, TOPK=tree_kind == "topk",
+                       HAS_NN=num_nodes is not None, BONUS=bool(bonus),
                        BLOCK=x.block, num_warps=x.num_warps)
     return path[:, :DP], length, next_token

@@ -4,6 +4,9 @@ Device side, ``@triton.jit`` helpers (inlined when compiled): the online ``(max,
 with its zero-probability stand-ins, the normalisers of one vocabulary range (and the clipped ``logZ`` pass), the
 per-block ``(log p, log q_r, log pi)``, and the exponential race's running argmax. Host side:
 ``prepare_verify_inputs`` (truncation, layout, block size and the tilt's constants).
+
+``GIVEN`` (with top-k / top-p): the third logits tensor holds ``log pi`` itself (the truncated tilt, prepared in
+torch by ``tilted_logits``), not the ref's logits; the kernels then read ``pi`` instead of forming it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .spec_verify import RATIO_INF, _tilt_active
+from .spec_verify import RATIO_INF, _tilt_active, tilted_logits
 from .truncation import truncate_logits
 
 MODE_IDS = {"sd": 0, "sss_exact": 1, "sss_paper": 2}
@@ -42,7 +45,7 @@ def _log_ratio(lqr, lq, r_inf, max_ratio, CLIP: tl.constexpr):
 
 @triton.jit
 def _norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
-           TILT: tl.constexpr, SEPARABLE_Z: tl.constexpr, BLOCK: tl.constexpr):
+           TILT: tl.constexpr, SEPARABLE_Z: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr = False):
     """Online (max, sum-exp) pairs over the vocabulary range ``[start, end)`` of one position, one read per tensor.
 
     ``tb`` / ``db`` / ``rb``: the target / draft / ref logits row; the draft reads ``v < vd`` only (``vd = 0``:
@@ -71,7 +74,7 @@ def _norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
         if TILT:
             xr = tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature
             m_r, s_r = _acc(m_r, s_r, xr)
-            if SEPARABLE_Z:
+            if SEPARABLE_Z and not GIVEN:
                 fd = xd > ninf
                 fr = xr > ninf
                 both = fd & fr
@@ -85,7 +88,7 @@ def _norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
 
 @triton.jit
 def _logprobs(tb, db, rb, v, vm, dm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf, max_ratio,
-              TILT: tl.constexpr, CLIP: tl.constexpr):
+              TILT: tl.constexpr, CLIP: tl.constexpr, GIVEN: tl.constexpr = False):
     """``(log p, log q_r, log pi)`` of the vocabulary block ``v`` at one position (``dm``: the draft's mask)."""
     ninf = float("-inf")
     lp = tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_t
@@ -93,7 +96,10 @@ def _logprobs(tb, db, rb, v, vm, dm, lse_t, lse_d, lse_r, logz, temperature, lam
     lpi = lp
     if TILT:
         lq = tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_r
-        lpi = lp + lam * _log_ratio(lqr, lq, r_inf, max_ratio, CLIP) - logz
+        if GIVEN:
+            lpi = lq
+        else:
+            lpi = lp + lam * _log_ratio(lqr, lq, r_inf, max_ratio, CLIP) - logz
     return lp, lqr, lpi
 
 
@@ -124,11 +130,12 @@ def _argmax_fold(best, idx, key, off):
 class VerifyInputs(NamedTuple):
     tgt: torch.Tensor
     drf: torch.Tensor
-    ref: torch.Tensor  # the target when the tilt is off (never read then)
+    ref: torch.Tensor  # the target when the tilt is off (never read then); log pi when ``given``
     strides: tuple  # (batch, position) strides of tgt, drf, ref
     temperature: float  # 1.0 once the logits are truncated (they are scaled then)
     lam: float
     tilt: bool
+    given: bool  # ``ref`` holds log pi (truncation with the tilt)
     clip: bool
     r_inf: float  # the log-ratio where exactly one side is zero
     max_ratio: float  # the clip (0.0 when unused)
@@ -138,14 +145,18 @@ class VerifyInputs(NamedTuple):
 
 def prepare_verify_inputs(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
                           max_log_ratio, block=None) -> VerifyInputs:
-    """The kernels' view of the logits: top-k / top-p applied here (``truncate_logits``, fp32, already scaled),
-    the vocabulary dimension contiguous, and the vocabulary block (``block`` overrides it, >= 16)."""
+    """The kernels' view of the logits: top-k / top-p applied here (``truncate_logits``, fp32, already scaled;
+    with the tilt, ``log pi`` from ``tilted_logits`` in the ref's place), the vocabulary dimension contiguous,
+    and the vocabulary block (``block`` overrides it, >= 16)."""
     tilt = _tilt_active(mode, ref_logits, lam)
+    given = False
     if top_k is not None or top_p is not None:
+        if tilt:
+            ref_logits = tilted_logits(target_logits, draft_logits, ref_logits, lam, temperature, top_k, top_p,
+                                       max_log_ratio)
+            given = True
         target_logits = truncate_logits(target_logits, temperature, top_k, top_p)
         draft_logits = truncate_logits(draft_logits, temperature, top_k, top_p)
-        if tilt:
-            ref_logits = truncate_logits(ref_logits, temperature, top_k, top_p)
         temperature = 1.0
     tgt = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
     drf = draft_logits if draft_logits.stride(-1) == 1 else draft_logits.contiguous()
@@ -158,7 +169,8 @@ def prepare_verify_inputs(target_logits, draft_logits, ref_logits, mode, lam, te
     return VerifyInputs(
         tgt, drf, ref,
         strides=(tgt.stride(0), tgt.stride(1), drf.stride(0), drf.stride(1), ref.stride(0), ref.stride(1)),
-        temperature=float(temperature), lam=float(lam), tilt=tilt, clip=tilt and max_log_ratio is not None,
+        temperature=float(temperature), lam=float(lam), tilt=tilt, given=given,
+        clip=tilt and not given and max_log_ratio is not None,
         r_inf=float(RATIO_INF if max_log_ratio is None else max_log_ratio),
         max_ratio=float(max_log_ratio) if max_log_ratio is not None else 0.0,
         block=block, num_warps=8 if block >= 2048 else 4,

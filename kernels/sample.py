@@ -10,12 +10,13 @@ from .truncation import truncate_logits
 
 
 def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0) -> torch.Tensor:
+                 top_p: float | None = None, seed=0) -> torch.Tensor:
     """Reference. logits ``[R, V]`` -> tokens ``[R]`` int64, one draw per row from the truncated
     ``softmax(logits / temperature)`` (``kernels.truncation``).
 
-    The draw is ``argmax_v x_v - log E_v`` with ``E_v = -log u(seed, r * V + v)`` (Exp(1) noise from the shared
-    counter-based generator), which picks ``v`` with probability ``softmax(x)_v`` and needs no normalisation.
+    The draw is ``argmax_v x_v - log E_v`` with ``E_v = -log u_r(v)`` (Exp(1) noise from row ``r``'s stream of the
+    shared counter-based generator), which picks ``v`` with probability ``softmax(x)_v`` and needs no
+    normalisation. ``seed``: an int, or per-row streams ``[R, 2]`` int64 (``kernels._rng``).
     """
     x = truncate_logits(logits, temperature, top_k, top_p)
     u = uniform_grid_torch(seed, x.shape[0], x.shape[1], device=x.device)
@@ -23,7 +24,7 @@ def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0, *, validate: bool = True) -> torch.Tensor:
+           top_p: float | None = None, seed=0, *, validate: bool = True) -> torch.Tensor:
     """One token per row (see ``sample_torch``); Triton on CUDA tensors.
 
     ``validate=True`` rejects NaN / +inf logits and all-masked rows (``check_finite``: a host sync and a few

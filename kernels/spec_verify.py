@@ -1,12 +1,12 @@
 """Chain verification for speculative sampling: SD, reward-shifted SSS (exact and paper), one launch per batch.
 
-Definitions (docs/design.md section 1.2). Per row ``b`` and position ``i`` (``0 <= i <= K``) every distribution is
-``softmax(truncate_logits(l, temperature, top_k, top_p))`` (``kernels.truncation``):
+Definitions (docs/design.md section 1.2). Per row ``b`` and position ``i`` (``0 <= i <= K``), with ``x -> x / T``
+the temperature and ``trunc`` the top-k / top-p rule of ``kernels.truncation``:
 
-* ``p_i``   from ``target_logits[b, i]``: the target's next-token distribution after the prefix and ``x_1..x_i``
-  (position 0 = after the last accepted prefix token; position ``K`` = the bonus position);
-* ``q_r,i`` from ``draft_logits[b, i]``: the (aligned) draft's distribution at the same place; ``x_{i+1} =
-  draft_tokens[b, i]`` was drawn from it;
+* ``p_i``   = ``softmax(trunc(target_logits[b, i] / T))``: the target's next-token distribution after the prefix and
+  ``x_1..x_i`` (position 0 = after the last accepted prefix token; position ``K`` = the bonus position);
+* ``q_r,i`` = ``softmax(trunc(draft_logits[b, i] / T))``: the (aligned) draft's distribution at the same place;
+  ``x_{i+1} = draft_tokens[b, i]`` was drawn from it (the proposal *is* the truncated draft);
 * ``q_i``   from ``ref_logits[b, i]``: the reference draft (the draft before alignment), sss only.
 
 **Layout.** ``target_logits [B, K+1, V]`` and ``ref_logits [B, K+1, V]`` (the target and the reference are fed
@@ -16,13 +16,17 @@ bonus position, so it is **required** exactly when the reward tilt is active (an
 given and ``lam != 0``) and ``bonus=True``; in every other case a ``[B, K, V]`` draft suffices (an extra
 position is ignored). Logits may be fp32, bf16 or fp16; all math is fp32.
 
-**Reward-shifted target** (sss modes, computed in log space, no probability tensor divided)::
+**Reward-shifted target** (sss modes, computed in log space, no probability tensor divided). The tilt is taken
+from the *untruncated* tempered distributions ``P = softmax(l_t / T)``, ``Q_r``, ``Q`` and the truncation applies
+to the tilted logits (docs/design.md section 1: the emitted law is ``trunc(pi)``)::
 
-    d(v)      = clip(log q_r(v) - log q(v), -M, M)       M = max_log_ratio, or no clip when None
-    log pi(v) = log p(v) + lam * d(v) - logZ,   logZ = logsumexp_v(log p(v) + lam * d(v))
+    d(v)      = clip(log Q_r(v) - log Q(v), -M, M)       M = max_log_ratio, or no clip when None
+    log pi(v) = log_softmax(trunc(log P(v) + lam * d(v)))
 
-Tokens with ``p(v) = 0`` keep ``pi(v) = 0``. Where one side of the ratio is zero (a masked / truncated token of
-only one of the two drafts) the log-ratio would be infinite: it is taken as ``+R`` when ``q(v) = 0 < q_r(v)``
+(a tilt of truncated distributions would give a token that only one of the two drafts truncates away an
+artificial log-ratio of ``+-20``, and ``pi`` would collapse onto it). Tokens with ``P(v) = 0`` keep ``pi(v) = 0``.
+Where one side of the ratio is zero (a token masked with ``-inf`` logits in only one of the two drafts) the
+log-ratio would be infinite: it is taken as ``+R`` when ``q(v) = 0 < q_r(v)``
 and ``-R`` when ``q_r(v) = 0 < q(v)``, with ``R = max_log_ratio`` when given, else ``R = 20`` (``RATIO_INF``, a
 factor ``e^20``: effectively the limit, but ``pi`` stays a proper distribution with no inf/NaN). Where both
 are zero ``d = 0`` (no tilt). ``ref_logits=None`` or ``lam == 0`` give ``pi = p`` exactly (the tilt is skipped,
@@ -50,13 +54,14 @@ near ``max_new_tokens`` or rows with an adaptive K); positions ``>= num_valid[b]
 drawn at position ``num_valid[b]`` (so ``target_logits[b, num_valid[b]]`` must be the right logits).
 
 **Randomness.** ``uniforms [B, K]`` fp32 in (0, 1) for the acceptance tests. The single draw per row is an
-exponential race ``argmax_v log w(v) - log(-log u(seed, b * V + v))`` over the unnormalised weight ``w``
-(residual or distribution) with ``u`` the shared counter-based generator (``kernels._rng``): Triton and
-reference agree token for token.
+exponential race ``argmax_v log w(v) - log(-log u_b(v))`` over the unnormalised weight ``w`` (residual or
+distribution) with ``u_b`` row ``b``'s stream of the shared counter-based generator (``kernels._rng``; ``seed``
+is an int or per-row streams ``[B, 2]``): Triton and reference agree token for token.
 
-**Truncation.** With ``top_k`` / ``top_p`` the public function applies ``truncate_logits`` to the three
-tensors first (materialising fp32 truncated logits) and the kernel then only applies the temperature; without
-them the kernel reads the raw logits directly.
+**Truncation.** With ``top_k`` / ``top_p`` the kernels' inputs are prepared in torch (``truncated_inputs``):
+truncated fp32 logits of the target and the draft, and, for the tilt, the truncated tilted logits of ``pi``
+(from the untruncated distributions) in the place of the ref's; the kernel then reads ``log pi`` directly.
+Without them the kernel reads the raw logits and forms ``pi`` itself.
 
 **Triton** (``_spec_verify_triton``): the vocabulary is split into chunks so that few rows still fill the GPU.
 Launch 1, grid ``(B*(K+1), chunks)``: per (row, position, chunk) partial logsumexps of target, draft, ref and
@@ -102,8 +107,8 @@ def _tilted(lp: torch.Tensor, lqr: torch.Tensor, lq: torch.Tensor, lam: float,
     return s - torch.logsumexp(s, dim=-1, keepdim=True)
 
 
-def _gumbel(seed: int, B: int, V: int, device) -> torch.Tensor:
-    """``-log(-log u(seed, b * V + v))``: the race noise, one row per batch row."""
+def _gumbel(seed, B: int, V: int, device) -> torch.Tensor:
+    """``-log(-log u_b(v))``: the race noise, one stream per batch row."""
     u = uniform_grid_torch(seed, B, V, device=device)
     return -torch.log(-torch.log(u))
 
@@ -134,20 +139,55 @@ def _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam) -> 
         check_finite(ref_logits, "ref_logits")
 
 
-def _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p, max_log_ratio):
-    """``(log p, log q_r, log pi)``, each ``[B, P, V]`` fp32 with ``P`` the target's positions (references only).
+# Wrong rules the law tests must reject (tests pass them to the references as ``_wrong``; never used otherwise).
+WRONG_VARIANTS = (
+    "ratio_at_T1",            # the draft's probability in every ratio at temperature 1 (drafts drawn at T)
+    "ratio_untruncated",      # the draft's full-vocabulary probability in the ratios (drafts drawn from top-k)
+    "tilt_truncated",         # pi tilted from the truncated p, q_r, q
+    "residual_from_p",        # sss: the residual (p - q_r)+ instead of (pi - q_r)+
+    "bonus_from_p",           # sss: the bonus drawn from p instead of pi
+    "residual_unnormalised",  # sampled tree: (res - q_r)+ not renormalised
+)
+
+
+def tilted_logits(target_logits, draft_logits, ref_logits, lam, temperature, top_k, top_p, max_log_ratio,
+                  _wrong=None) -> torch.Tensor:
+    """``log pi`` ``[B, P, V]`` fp32 (normalised): the tilt of the untruncated tempered distributions, truncated.
+
+    A draft one position short of the target (no tilt needed at the bonus) is padded with the ref there.
+    """
+    if draft_logits.shape[1] < target_logits.shape[1]:
+        draft_logits = torch.cat([draft_logits, ref_logits[:, draft_logits.shape[1]:]], dim=1)
+    if _wrong == "tilt_truncated":
+        lp, lqr, lq = (_log_softmax(truncate_logits(x, temperature, top_k, top_p))
+                       for x in (target_logits, draft_logits, ref_logits))
+        return _tilted(lp, lqr, lq, float(lam), max_log_ratio)
+    lp, lqr, lq = (_log_softmax(x.float() / temperature) for x in (target_logits, draft_logits, ref_logits))
+    s = lp + float(lam) * _log_ratio_torch(lqr, lq, max_log_ratio)
+    return _log_softmax(truncate_logits(s, 1.0, top_k, top_p))
+
+
+def _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p, max_log_ratio,
+               _wrong=None):
+    """``(log p, log q_r, log pi)``, each ``[B, P, V]`` fp32 with ``P`` the target's positions (references only):
+    ``p`` and ``q_r`` truncated, ``pi`` from ``tilted_logits``.
 
     A draft one position short (``spec_verify`` with no tilt at the bonus, validated) is padded there with
     ``log p``: that position is never read.
     """
     lp = _log_softmax(truncate_logits(target_logits, temperature, top_k, top_p))
-    lqr = _log_softmax(truncate_logits(draft_logits, temperature, top_k, top_p))
+    if _wrong == "ratio_at_T1":
+        lqr = _log_softmax(truncate_logits(draft_logits, 1.0, top_k, top_p))
+    elif _wrong == "ratio_untruncated":
+        lqr = _log_softmax(draft_logits.float() / temperature)
+    else:
+        lqr = _log_softmax(truncate_logits(draft_logits, temperature, top_k, top_p))
     if lqr.shape[1] < lp.shape[1]:
         lqr = torch.cat([lqr, lp[:, lqr.shape[1]:]], dim=1)
     if not _tilt_active(mode, ref_logits, lam):
         return lp, lqr, lp
-    lq = _log_softmax(truncate_logits(ref_logits, temperature, top_k, top_p))
-    return lp, lqr, _tilted(lp, lqr, lq, float(lam), max_log_ratio)
+    return lp, lqr, tilted_logits(target_logits, draft_logits, ref_logits, lam, temperature, top_k, top_p,
+                                  max_log_ratio, _wrong)
 
 
 def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
@@ -176,8 +216,11 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
                       lam: float = 1.0, temperature: float = 1.0, uniforms=None, seed: int = 0, *,
                       top_k: int | None = None, top_p: float | None = None,
                       max_log_ratio: float | None = None, bonus: bool = True, num_valid=None,
-                      validate: bool = True):
-    """Reference (vectorised over the batch) of ``spec_verify``: same signature, same tokens."""
+                      validate: bool = True, _wrong: str | None = None):
+    """Reference (vectorised over the batch) of ``spec_verify``: same signature, same tokens.
+
+    ``_wrong`` (tests only): one of ``WRONG_VARIANTS``, a plausible bug the law tests must catch.
+    """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
                   bonus, num_valid)
@@ -185,7 +228,7 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
     K = K1 - 1
     dev = target_logits.device
     lp, lqr, lpi = _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
-                              max_log_ratio)                                          # [B, K1, V] each
+                              max_log_ratio, _wrong)                                  # [B, K1, V] each
     lt = lpi if mode == "sss_exact" else lp   # acceptance / residual target
     le = lpi                                  # what sss_paper emits from
 
@@ -207,7 +250,10 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
     g = _gumbel(seed, B, V, dev)
     lt_j = lt[rows, j]
     key_t = (le[rows, j] if mode == "sss_paper" else lt_j) + g
-    w = torch.clamp(torch.exp(lt_j) - torch.exp(lqr[rows, j]), min=0.0)
+    if _wrong == "bonus_from_p":
+        key_t = torch.where((j == n)[:, None], lp[rows, j] + g, key_t)
+    lres = lp[rows, j] if _wrong == "residual_from_p" else lt_j
+    w = torch.clamp(torch.exp(lres) - torch.exp(lqr[rows, j]), min=0.0)
     key_res = torch.log(w) + g
     need_res = (j < n) & (mode != "sss_paper")
     res_tok = key_res.argmax(-1)

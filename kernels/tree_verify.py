@@ -13,7 +13,9 @@ last accepted prefix token, and position ``n + 1`` is node ``n``):
   from position ``n + 1``). The rows of leaves are only read for the reward tilt at an accepted leaf (an sss
   mode with ``ref_logits`` and ``lam != 0``); otherwise they may hold anything finite;
 * ``ref_logits [B, N+1, V]`` or ``None``: ``q`` at the same positions (sss);
-* ``uniforms [B, N]`` fp32 in (0, 1): ``uniforms[b, n]`` is the uniform of node ``n``'s acceptance test.
+* ``uniforms [B, N]`` fp32 in (0, 1): ``uniforms[b, n]`` is the uniform of node ``n``'s acceptance test;
+* ``num_nodes [B]`` (optional): row ``b``'s tree is its first ``num_nodes[b]`` nodes (the others are ignored), so
+  rows of one batch can have trees of different depths (nodes in level order: a shallower tree is a prefix).
 
 Distributions, the reward-shifted ``pi``, the zero-probability conventions, ``max_log_ratio`` and truncation
 are exactly those of ``kernels.spec_verify``.
@@ -30,14 +32,16 @@ are exactly those of ``kernels.spec_verify``.
 An accepted child becomes the current node (``res = t(.|child)``, its own children are tested next); if no
 child of the current node is accepted, the walk emits a token drawn from ``res``; if the current node is a
 leaf (every drafted level accepted, or ``N = 0``) it emits a bonus from ``t(.|node)`` — or ``-1`` with
-``bonus=False``. Both kinds keep the law of the emitted tokens exactly ``t``.
+``bonus=False``. Both kinds keep the law of the emitted tokens exactly ``t``. ``t`` and ``q_r`` are the truncated
+distributions of ``kernels.spec_verify`` (``pi`` tilted before truncation).
 ``sss_paper`` (fastalign's tree version of the published rule): the walk runs against ``p`` (as ``sd``) and the
 emitted token, at a rejection or at the bonus, is drawn from ``pi`` at the final node instead.
 
 **Outputs**: ``accepted_path [B, D]`` int64 node indices along the accepted path (root excluded), padded with
 ``-1``, where ``D = max_depth`` if given (must be at least the tree depth; deeper accepted nodes are not
 stored) else ``N``; ``accepted_len [B]``; ``next_token [B]``. The draw is an exponential race over
-``log res(v) - log(-log u(seed, b * V + v))`` (shared generator: Triton equals the reference token for token).
+``log res(v) - log(-log u_b(v))`` with row ``b``'s stream of the shared generator (``seed``: an int or per-row
+streams ``[B, 2]``; Triton equals the reference token for token).
 
 **Using it** (methods): feed ``[last accepted token] + tree_tokens`` to the target (and ref) with the tree
 mask, take all ``N+1`` logits; the draft's logits at the root and at each expanded node are the ones its
@@ -61,7 +65,7 @@ TREE_KINDS = ("sampled", "topk")
 
 
 def _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature, uniforms,
-              tree_kind, max_depth):
+              tree_kind, max_depth, num_nodes=None):
     _validate_common(target_logits, ref_logits, mode, temperature, "N+1")
     if tree_kind not in TREE_KINDS:
         raise ValueError(f"tree_kind must be one of {TREE_KINDS}, got {tree_kind!r}")
@@ -74,6 +78,8 @@ def _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mod
             raise ValueError(f"{name} must be [B, N] = {(B, N)}, got {tuple(x.shape)}")
     if max_depth is not None and max_depth < 0:
         raise ValueError("max_depth must be >= 0")
+    if num_nodes is not None and tuple(num_nodes.shape) != (B,):
+        raise ValueError(f"num_nodes must be [B] = [{B}], got {tuple(num_nodes.shape)}")
 
 
 def _check_parents(parents: torch.Tensor) -> None:
@@ -87,18 +93,21 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
                       lam: float = 1.0, temperature: float = 1.0, uniforms=None, seed: int = 0,
                       tree_kind: str = "sampled", *, top_k: int | None = None, top_p: float | None = None,
                       max_log_ratio: float | None = None, bonus: bool = True, max_depth: int | None = None,
-                      validate: bool = True):
-    """Reference of ``tree_verify`` (vectorised over the batch: one step per node index)."""
+                      num_nodes=None, validate: bool = True, _wrong: str | None = None):
+    """Reference of ``tree_verify`` (vectorised over the batch: one step per node index).
+
+    ``_wrong`` (tests only): one of ``spec_verify.WRONG_VARIANTS``, a plausible bug the law tests must catch.
+    """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
-                  uniforms, tree_kind, max_depth)
+                  uniforms, tree_kind, max_depth, num_nodes)
         _check_parents(parents)
     B, N1, V = target_logits.shape
     N = N1 - 1
     D = N if max_depth is None else int(max_depth)
     dev = target_logits.device
     lp, lqr, lpi = _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
-                              max_log_ratio)
+                              max_log_ratio, _wrong)
     lt = lpi if mode == "sss_exact" else lp
     qr = torch.exp(lqr)
     rows = torch.arange(B, device=dev)
@@ -112,8 +121,10 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
     has_child = torch.zeros(B, dtype=torch.bool, device=dev)
     depth = torch.zeros(B, dtype=torch.int64, device=dev)
     path = torch.full((B, D + 1), -1, dtype=torch.int64, device=dev)  # column D collects overflow, dropped
+    n_nodes = torch.full((B,), N, dtype=torch.int64, device=dev) if num_nodes is None \
+        else num_nodes.to(device=dev, dtype=torch.int64)
     for n in range(N):
-        test = par[:, n] == cur
+        test = (par[:, n] == cur) & (n < n_nodes)
         if not bool(test.any()):
             continue
         has_child |= test
@@ -139,6 +150,8 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
         else:
             w_new = torch.clamp(w / Z[:, None] - qr[rows, cur + 1], min=0.0)
             Z_new = w_new.sum(-1)
+            if _wrong == "residual_unnormalised":  # the acceptance tests then see (res - q_r)+ unscaled
+                Z_new = torch.where(Z_new > 0, torch.ones_like(Z_new), Z_new)
             upd = rej & (Z_new > 0)
             w = torch.where(upd[:, None], w_new, w)
             Z = torch.where(upd, Z_new, Z)
@@ -155,6 +168,8 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
         key = lpi[rows, cur + 1] + g
     else:
         key = torch.log(w) + g
+    if _wrong == "bonus_from_p":
+        key = torch.where(has_child[:, None], key, lp[rows, cur + 1] + g)
     next_token = key.argmax(-1)
     if not bonus:
         next_token = torch.where(has_child, next_token, torch.full_like(next_token, -1))
@@ -165,7 +180,7 @@ def tree_verify(target_logits, draft_logits, ref_logits, tree_tokens, parents, m
                 lam: float = 1.0, temperature: float = 1.0, uniforms=None, seed: int = 0,
                 tree_kind: str = "sampled", *, top_k: int | None = None, top_p: float | None = None,
                 max_log_ratio: float | None = None, bonus: bool = True, max_depth: int | None = None,
-                validate: bool = True):
+                num_nodes=None, validate: bool = True):
     """Verify a draft tree: ``(accepted_path [B, D], accepted_len [B], next_token [B])`` (module docstring).
 
     ``validate=True`` checks shapes, the parent array and finiteness (host syncs and extra passes);
@@ -173,7 +188,7 @@ def tree_verify(target_logits, draft_logits, ref_logits, tree_tokens, parents, m
     """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
-                  uniforms, tree_kind, max_depth)
+                  uniforms, tree_kind, max_depth, num_nodes)
         _check_parents(parents)
         _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
     if use_triton(target_logits):
@@ -181,7 +196,9 @@ def tree_verify(target_logits, draft_logits, ref_logits, tree_tokens, parents, m
 
         return tree_verify_triton(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam,
                                   temperature, uniforms, seed, tree_kind, top_k=top_k, top_p=top_p,
-                                  max_log_ratio=max_log_ratio, bonus=bonus, max_depth=max_depth)
+                                  max_log_ratio=max_log_ratio, bonus=bonus, max_depth=max_depth,
+                                  num_nodes=num_nodes)
     return tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam,
                              temperature, uniforms, seed, tree_kind, top_k=top_k, top_p=top_p,
-                             max_log_ratio=max_log_ratio, bonus=bonus, max_depth=max_depth, validate=False)
+                             max_log_ratio=max_log_ratio, bonus=bonus, max_depth=max_depth, num_nodes=num_nodes,
+                             validate=False)

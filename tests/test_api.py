@@ -16,6 +16,7 @@ from fastalign.testing import (
     tiny_causal_lm,
     tiny_tokenizer,
     total_variation,
+    tv_threshold,
 )
 
 V, EOS = 6, 5
@@ -41,7 +42,7 @@ def test_sample_follows_exact_law_in_a_mixed_batch(model):
         exact = enumerate_law(lambda t: next_token_probs(model, t, 0.8, 4), prompt, 2, {EOS})
         seen = empirical_law(out.sequences[i::2])
         untruncated = enumerate_law(lambda t: next_token_probs(model, t, 1.0), prompt, 2, {EOS})
-        assert total_variation(seen, exact) < 0.05
+        assert total_variation(seen, exact) < tv_threshold(exact, draws)  # the noise of `draws` samples
         assert total_variation(exact, untruncated) > 0.1  # the check can tell the laws apart
 
 
@@ -56,7 +57,7 @@ def test_bon_follows_the_best_of_n_order_statistic(model):
         below += p[y]
     out = fastalign.decode([prompt] * draws, method="bon", target=model, reward=digits_reward,
                            max_new_tokens=2, n=n, seed=1)
-    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(empirical_law(out.sequences), exact) < tv_threshold(exact, draws)
     assert total_variation(exact, p) > 0.2
     assert out.stats["reward_calls"] == 1 and out.stats["target_calls"] == 2
 
@@ -75,7 +76,7 @@ def test_soft_bon_law(model):
             exact[b] += p[a] * p[b] * (1 - wa)
     out = fastalign.decode([prompt] * draws, method="soft_bon", target=model, reward=digits_reward,
                            max_new_tokens=2, n=n, lam=lam, seed=2)
-    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(empirical_law(out.sequences), exact) < tv_threshold(exact, draws)
     assert total_variation(exact, p) > 0.1
 
 

@@ -16,6 +16,7 @@ from fastalign.testing import (
     tiny_causal_lm,
     tiny_reward_model,
     total_variation,
+    tv_threshold,
 )
 
 V, EOS, T, TOP_K = 6, 5, 0.8, 3
@@ -136,7 +137,7 @@ def test_cards_hard_follows_exact_law_in_a_mixed_batch(model):
     for i, prompt in enumerate(prompts):
         exact = cards_exact(model, prompt, "hard")
         assert abs(sum(exact.values()) - 1) < 1e-9
-        assert total_variation(empirical_law(out.sequences[i::2]), exact) < 0.05
+        assert total_variation(empirical_law(out.sequences[i::2]), exact) < tv_threshold(exact, draws)
         assert total_variation(exact, plain_law(model, prompt)) > 0.3  # the check can tell the laws apart
     # ... and the laws of slightly wrong algorithms: no entropy cuts, another schedule, forcing one step late
     exact = cards_exact(model, prompts[0], "hard")
@@ -151,7 +152,7 @@ def test_cards_soft_with_parallel_candidates_follows_the_same_law(model):
     out = fastalign.decode([prompt] * draws, method="cards", target=model, reward=weights_reward, max_new_tokens=3,
                            temperature=T, top_k=TOP_K, seed=1, mode="soft", parallel_candidates=3, **CARDS)
     exact = cards_exact(model, prompt, "soft")
-    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(empirical_law(out.sequences), exact) < tv_threshold(exact, draws)
     assert total_variation(exact, cards_exact(model, prompt, "hard")) > 0.3
     st = out.stats
     assert st["segments_proposed"] % 3 == 0 and st["segments_proposed"] > st["segments_accepted"] + st["rejections"]
@@ -166,7 +167,7 @@ def test_rs_follows_exact_law_with_forced_acceptance(model):
     p = plain_law(model, prompt)
     rewards = {y: reward_of(y) for y in p}
     exact = accepted_law(p, rewards, {y: r_star for y in p}, "hard", 0.7, 2)
-    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(empirical_law(out.sequences), exact) < tv_threshold(exact, draws)
     assert total_variation(exact, p) > 0.2
     assert total_variation(exact, accepted_law(p, rewards, {y: r_star for y in p}, "hard", 0.7, 1)) > 0.1
     st = out.stats
@@ -190,7 +191,7 @@ def test_args_sampled_follows_exact_law(model):
     exact = enumerate_law(step_probs, prompt, 3, {EOS})
     out = fastalign.decode([prompt] * draws, method="args", target=model, reward=weights_reward, max_new_tokens=3,
                            temperature=T, seed=3, mode="sampled", k=k, w=w)
-    assert total_variation(empirical_law(out.sequences), exact) < 0.05
+    assert total_variation(empirical_law(out.sequences), exact) < tv_threshold(exact, draws)
     assert total_variation(exact, plain_law(model, prompt)) > 0.2
     assert out.stats["reward_calls"] == 1 + 3  # the prompts, then one call per token for every row at once
 
@@ -261,7 +262,7 @@ def test_cards_with_cached_reward_equals_full_rescoring(model):
     def rescore(prompts, responses):
         return full.score(prompts, responses)
 
-    options = dict(method="cards", target=model, max_new_tokens=8, seed=6, entropy_threshold=1.45,
+    options = dict(method="cards", target=model, max_new_tokens=8, seed=11, entropy_threshold=1.45,
                    min_segment_tokens=2, max_segment_tokens=4, max_rejections=2, parallel_candidates=2)
     cached = fastalign.decode([[1, 2], [3, 1, 4]], reward=rm, **options)
     plain = fastalign.decode([[1, 2], [3, 1, 4]], reward=rescore, **options)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import fastalign
+from fastalign.methods.base import prompt_seeds
 from fastalign import cli
 from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
@@ -123,11 +124,15 @@ def test_generate_prompts_from_files_and_stdin(model_dirs, tmp_path, capsys, mon
     outputs.append(read_lines(capsys.readouterr().out))
     decoded = [[(ln["prompt"], ln["completion"], ln["tokens"]) for ln in o] for o in outputs]
     assert all(d == decoded[0] for d in decoded) and len(decoded[0]) == 2
-    # batches of one prompt: batch k uses seed + k
-    assert cli.main(common + ["--batch-size", "1", "w3", "w3"]) == 0
-    one, two = read_lines(capsys.readouterr().out)
-    alone = fastalign.decode(["w3"], target=str(lm), max_new_tokens=3, seed=1)
-    assert two["tokens"] == alone.sequences[0]
+    # the batch size does not change any output: prompt i's seed comes from --seed and i alone
+    args = ["w3", "w1 w2", "w3", "w2"]
+    by_size = []
+    for size in ("1", "3", "16"):
+        assert cli.main(common + ["--batch-size", size] + args) == 0
+        by_size.append([ln["tokens"] for ln in read_lines(capsys.readouterr().out)])
+    assert by_size[0] == by_size[1] == by_size[2]
+    alone = fastalign.decode(["w3"], target=str(lm), max_new_tokens=3, seed=[prompt_seeds(0, 4)[2]])
+    assert by_size[0][2] == alone.sequences[0]
 
 
 def test_generate_errors_name_the_problem(model_dirs, tmp_path, capsys, monkeypatch):

@@ -20,6 +20,7 @@ from fastalign.evaluate import (
     win_rates,
     write_results,
 )
+from fastalign.methods.base import prompt_seeds
 from fastalign.models import InputError
 from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
@@ -141,9 +142,11 @@ def test_evaluate_records_costs_and_reproducibility(engine, tmp_path):
     grid = [("sample", {}), ("bon", {"n": 2}), ("bon", {"n": 4})]
     records = evaluate(prompts, grid, engine, gold, max_new_tokens=4, seed=3, batch_size=2, progress=False)
     assert len(records) == 9 and [r["prompt_index"] for r in records[:3]] == [0, 1, 2]
-    # batch k uses seed + k: the second batch (prompt 2) alone, seed 4
-    again = engine.decode(["w4 w5 w6"], method="bon", max_new_tokens=4, seed=4, n=4)
+    # prompt i's seed is derived from the seed and i alone: prompt 2 decoded alone with it, and any batch size
+    again = engine.decode(["w4 w5 w6"], method="bon", max_new_tokens=4, seed=[prompt_seeds(3, 3)[2]], n=4)
     assert records[8]["tokens"] == again.sequences[0] and records[8]["completion"] == again.texts[0]
+    one_batch = evaluate(prompts, grid, engine, gold, max_new_tokens=4, seed=3, batch_size=3, progress=False)
+    assert [r["tokens"] for r in one_batch] == [r["tokens"] for r in records]
     for r in records:
         assert r["gold_reward"] == r["completion"].split().count("w1")
         stats = r["batch_stats"]

@@ -226,7 +226,7 @@ def assert_law(freq, probs, n):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 4, None), (1.3, None, 0.8), (1.0, 5, 0.6)])
 def test_sample_reference_follows_truncated_softmax(temperature, top_k, top_p):
-    # distinct rows draw independent noise (index r * V + v), so one call with N copies of a row = N draws
+    # distinct rows draw independent noise (row r's own stream), so one call with N copies of a row = N draws
     V, N = 12, 40000
     row = torch.randn(1, V) * 1.5
     row[0, 3] = NEG_INF

@@ -20,6 +20,7 @@ from fastalign.testing import (
     tiny_reward_model,
     tiny_tokenizer,
     total_variation,
+    tv_threshold,
 )
 
 V, EOS = 6, 5
@@ -78,7 +79,7 @@ def test_chains_follow_the_reward_tilted_law_in_a_mixed_batch(model):
     for k, prompt in enumerate(prompts):
         p, target, after = exact_laws(model, prompt, 2, 1.0, steps)
         seen = empirical_law([y for b in range(k, len(finals), len(prompts)) for y in finals[b]])
-        assert total_variation(seen, after) < 0.06  # 3000 chains per prompt
+        assert total_variation(seen, after) < tv_threshold(after, copies * chains)  # 3000 chains per prompt
         assert total_variation(after, target) < 0.01  # 12 steps mix this chain (exactly computed)
         assert total_variation(seen, p) > 0.15 and total_variation(target, p) > 0.2  # p fails clearly
     assert 0.3 < out.extra["acceptance_rate"] < 1
@@ -92,7 +93,7 @@ def test_single_token_responses_always_regenerate_from_the_prompt(model):
         assert all(len(e["proposal"]) == 1 for e in path[0]) and all(e["index"] == 0 for e in path[0][1:])
     p, target, after = exact_laws(model, prompt, 1, 1.0, steps)
     seen = empirical_law(out.sequences)
-    assert total_variation(seen, after) < 0.06 and total_variation(after, target) < 0.02
+    assert total_variation(seen, after) < tv_threshold(after, copies) and total_variation(after, target) < 0.02
     assert total_variation(seen, p) > 0.15
     assert out.stats["qalign_refed_tokens"] == 0  # an i = 0 proposal starts from the kept prompt logits
 

@@ -139,11 +139,12 @@ def test_whole_response_methods_run_remotely_and_reproducibly(server, method, op
 def test_bon_candidates_are_the_seeded_samples_of_each_prompt(server, model):
     lm = RemoteLM(server)
     out = fastalign.decode([[1, 2], [4]], method="bon", target=lm, reward=reward_fn, n=3, max_new_tokens=3, seed=8)
-    seed = fastalign.methods.base.Randomness(8).kernel_seed()  # the round's seed: the first draw of the decode
-    # sample j of prompt b is the server's sample with seed row_seed(seed, b) + j, as vLLM seeds n samples
+    # the round's request seed of prompt b: the first draw of its own "request" stream
+    seeds = fastalign.methods.base.Randomness(8, 2).request_seeds([0, 1], "request")
+    # sample j of prompt b is the server's sample with seed seeds[b] + j, as vLLM seeds n samples
     for b, prompt in enumerate([[1, 2], [4]]):
         for j in range(3):
-            alone = lm.complete([prompt], [3], seed=row_seed(seed, b) + j)[0]
+            alone = lm.complete([prompt], [3], seed=seeds[b] + j)[0]
             assert out.extra["rewards"][b, j] == last_token_reward(alone)
 
 

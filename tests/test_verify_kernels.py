@@ -4,7 +4,8 @@ The Triton comparisons run on ``kernel_device`` (conftest): the interpreter on C
 (``TRITON_INTERPRET=0``), the reference on the same device. Inputs are drawn on the CPU, then moved.
 
 The law tests run the (vectorised) references with many independent draws in one batch: every row has its own
-drafted tokens, uniforms and race noise (``u(seed, b * V + v)``), so a batch of ``n`` rows is ``n`` draws.
+drafted tokens, uniforms and race noise (row ``b``'s own stream of the generator), so a batch of ``n`` rows is
+``n`` draws.
 """
 
 import warnings
@@ -13,7 +14,9 @@ import pytest
 import torch
 
 from fastalign.kernels import spec_verify, spec_verify_torch, tree_verify_torch
+from fastalign.kernels import truncate_logits
 from fastalign.kernels._rng import uniform_grid_torch
+from fastalign.testing import law_of, tv_threshold
 from fastalign.kernels._spec_verify_triton import spec_verify_triton
 from fastalign.kernels._tree_verify_triton import tree_verify_triton
 
@@ -226,112 +229,208 @@ def test_tree_all_accepted_bf16_and_chain_equivalence(kernel_device):
 
 
 # ------------------------------------------------------------------------------------ exact-law oracles
+# Context-free logits (they depend on the position / tree depth only, V = 6): the target p, the aligned draft
+# q_r, the reference q. Emitted token i+1 of a round, given the round got that far (accepted >= i), follows
+# t_i exactly (t = trunc(p) for sd, trunc(pi) for sss exact): position i < K mixes accepted drafts and residual
+# draws, position K is the bonus. Each law is checked at every position against the TV noise threshold of its
+# sample size (fastalign.testing.tv_threshold: the 99.9th percentile of TV(exact, n multinomial draws); three
+# positions per check, so a correct sampler fails a check with probability below 0.3%), and every case names
+# the wrong rules it must reject; test_*_law_rejects shows each of them fails the same check.
+LT = torch.tensor([[1.4, 0.2, -0.5, 0.9, -1.0, 0.3], [0.1, 1.2, -0.3, -0.8, 0.9, 0.4],
+                   [0.6, -0.4, 1.3, 0.0, -0.2, 0.8]])
+LD = torch.tensor([[0.2, 1.3, 0.6, -0.6, 0.3, 1.0], [1.1, -0.5, 0.2, 0.8, -0.3, 0.9],
+                   [-0.2, 0.8, 0.1, 1.1, 0.3, -0.4]])
+LR = torch.tensor([[0.9, -0.2, 1.2, 0.3, 0.1, -0.5], [0.2, 0.9, -0.1, 1.2, 0.0, -0.6],
+                   [0.4, 0.1, 0.0, -0.3, 1.2, 0.2]])
+LDS = 0.5 * (LT + LD)  # sd's draft: closer to the target, so that the bonus position is reached often
+NDRAW = 60_000
 
 
-def _tv(a, b):
-    return 0.5 * (a - b).abs().sum().item()
+def _draft(mode):
+    return LDS if mode == "sd" else LD
 
 
-def _law(tokens, V):
-    return torch.bincount(tokens, minlength=V).double() / tokens.numel()
+def _exact_t(mode, i, T, top_k, top_p, lam=1.0):
+    """t_i in fp64, from the definitions (docs/design.md 1): trunc(p), or trunc(pi), pi from the untruncated tilt."""
+    if mode == "sd":
+        return torch.softmax(truncate_logits(LT[i].double(), T, top_k, top_p), -1)
+    lp, lqr, lq = (torch.log_softmax(x[i].double() / T, -1) for x in (LT, LD, LR))
+    return torch.softmax(truncate_logits(lp + lam * (lqr - lq), 1.0, top_k, top_p), -1)
 
 
-# tiny single-position models: target p, aligned draft q_r, reference q (context-free, V = 5)
-LT = torch.tensor([[1.0, 0.2, -0.5, 0.7, -1.0], [0.1, 1.2, -0.3, -0.8, 0.5], [0.6, -0.4, 0.9, 0.0, -0.2]])
-LD = torch.tensor([[0.2, 1.0, 0.4, -0.6, 0.3], [1.0, -0.5, 0.2, 0.4, -0.3], [-0.2, 0.8, 0.1, 0.5, 0.3]])
-LR = torch.tensor([[0.6, -0.2, 0.5, 0.3, 0.1], [0.2, 0.3, -0.1, 0.6, 0.0], [0.4, 0.1, 0.0, -0.3, 0.6]])
-NDRAW = 200_000
-TV_OK = 0.01  # sampling error of the TV estimate at NDRAW over 5 tokens is ~0.003
+def _proposal(mode, i, T, top_k, top_p):
+    return torch.softmax(truncate_logits(_draft(mode)[i].double(), T, top_k, top_p), -1)
 
 
-def _pi(i, lam=1.0):
-    p, qr, q = (torch.softmax(x[i].double(), -1) for x in (LT, LD, LR))
-    w = p * (qr / q) ** lam
-    return w / w.sum()
-
-
-def _chain_batch(K, n, gen):
+def _position_check(samples, mode, T, top_k, top_p):
+    """[(position, n, TV, threshold)] for the emitted tokens of each position (``samples[i]``: 1-D tokens)."""
     V = LT.shape[1]
-    tgt = LT[: K + 1].expand(n, K + 1, V)
-    drf = LD[: K + 1].expand(n, K + 1, V)
-    ref = LR[: K + 1].expand(n, K + 1, V)
-    tok = torch.multinomial(torch.softmax(LD[:K], -1), n, replacement=True, generator=gen).T.contiguous()
-    u = torch.rand(n, K, generator=gen)
+    out = []
+    for i, tokens in enumerate(samples):
+        want = _exact_t(mode, i, T, top_k, top_p)
+        n = tokens.numel()
+        tv = 0.5 * (law_of(tokens, V) - want).abs().sum().item()
+        out.append((i, n, tv, tv_threshold(want, n, quantile=0.999, simulations=4000)))
+    return out
+
+
+def _passes(check):
+    return all(tv <= thr for _, _, tv, thr in check)
+
+
+def _chain_inputs_law(mode, K, T, top_k, top_p, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    V = LT.shape[1]
+    tgt, drf, ref = (x[: K + 1].expand(n, K + 1, V) for x in (LT, _draft(mode), LR))
+    q = torch.stack([_proposal(mode, i, T, top_k, top_p) for i in range(K)]).float()
+    tok = torch.multinomial(q, n, replacement=True, generator=g).T.contiguous()  # drafted from trunc(q_r)
+    u = torch.rand(n, K, generator=g)
     return tgt, drf, ref, tok, u
 
 
-@pytest.mark.parametrize("K", [1, 2])
-def test_chain_law_sd_and_sss_exact(K):
-    g = torch.Generator().manual_seed(20 + K)
-    V = LT.shape[1]
-    tgt, drf, ref, tok, u = _chain_batch(K, NDRAW, g)
-    p0 = torch.softmax(LT[0].double(), -1)
-    assert _tv(p0, _pi(0)) > 0.1  # the two candidate laws are far apart
-    for mode, want, wrong in (("sd", p0, _pi(0)), ("sss_exact", _pi(0), p0)):
-        acc, nxt = spec_verify_torch(tgt, drf, ref, tok, mode, 1.0, 1.0, u, 1000 + K)
-        first = torch.where(acc >= 1, tok[:, 0], nxt)
-        law = _law(first, V)
-        assert _tv(law, want) < TV_OK, (mode, law, want)
-        assert _tv(law, wrong) > 0.08
-        if K == 2:  # second token, given the round got past position 0: law of position 1
-            sel = acc >= 1
-            second = torch.where(acc[sel] >= 2, tok[sel, 1], nxt[sel])
-            want1 = torch.softmax(LT[1].double(), -1) if mode == "sd" else _pi(1)
-            assert _tv(_law(second, V), want1) < 2 * TV_OK
+def _chain_samples(acc, nxt, tok, K):
+    out = []
+    for i in range(K + 1):
+        sel = acc >= i
+        out.append(torch.where(acc[sel] > i, tok[sel, min(i, K - 1)], nxt[sel]))
+    return out
+
+
+# (mode, T, top_k, top_p, the wrong rules the check must reject)
+CHAIN_LAWS = [
+    ("sd", 0.6, 4, None, ("ratio_at_T1", "ratio_untruncated")),
+    ("sd", 2.0, None, 0.8, ("ratio_at_T1", "ratio_untruncated")),
+    ("sss_exact", 0.7, 3, None, ("ratio_at_T1", "ratio_untruncated", "tilt_truncated", "residual_from_p",
+                                 "bonus_from_p")),
+    ("sss_exact", 1.3, None, 0.8, ("ratio_untruncated", "tilt_truncated", "residual_from_p", "bonus_from_p")),
+    ("sss_exact", 0.8, None, None, ("ratio_at_T1", "residual_from_p", "bonus_from_p")),
+]
+
+
+def _chain_law(case, wrong=None, n=NDRAW):
+    mode, T, top_k, top_p, _ = case
+    K = 2
+    tgt, drf, ref, tok, u = _chain_inputs_law(mode, K, T, top_k, top_p, n, seed=7)
+    acc, nxt = spec_verify_torch(tgt, drf, ref, tok, mode, 1.0, T, u, 123, top_k=top_k, top_p=top_p, _wrong=wrong)
+    return _position_check(_chain_samples(acc, nxt, tok, K), mode, T, top_k, top_p)
+
+
+def _case_id(case):
+    mode, T, top_k, top_p, _ = case
+    return f"{mode}-T{T}-k{top_k}-p{top_p}"
+
+
+@pytest.mark.parametrize("case", CHAIN_LAWS, ids=_case_id)
+def test_chain_law(case):
+    check = _chain_law(case)
+    assert _passes(check), check
+    assert all(n > 5000 for _, n, _, _ in check)  # every position, the bonus included, is well sampled
+
+
+@pytest.mark.parametrize("case, wrong", [(c, w) for c in CHAIN_LAWS for w in c[4]],
+                         ids=[f"{_case_id(c)}-{w}" for c in CHAIN_LAWS for w in c[4]])
+def test_chain_law_rejects(case, wrong):
+    check = _chain_law(case, wrong)
+    assert not _passes(check), (wrong, check)
+
+
+@pytest.mark.parametrize("case", [CHAIN_LAWS[0], CHAIN_LAWS[3]], ids=_case_id)
+def test_chain_law_triton_is_the_reference(case, kernel_device):
+    """The Triton kernel draws exactly the reference's tokens on these inputs, hence the same law."""
+    mode, T, top_k, top_p, _ = case
+    args = [x.contiguous().to(kernel_device) for x in _chain_inputs_law(mode, 2, T, top_k, top_p, 24, seed=3)]
+    tgt, drf, ref, tok, u = args
+    _same_chain((tgt, drf, ref, tok, mode, 1.0, T, u, 5), dict(top_k=top_k, top_p=top_p))
 
 
 def test_chain_law_sss_paper_differs_from_pi():
-    """The published rule does not sample pi: K=1 closed form min(q_r, p) + (1 - sum min(q_r, p)) * pi.
-
-    On these logits TV(paper law, pi) = 0.118 (closed form; TV(p, pi) = 0.356), and the sampled law matches the closed form.
-    """
-    g = torch.Generator().manual_seed(30)
+    """The published rule does not sample pi: K=1 closed form min(q_r, p) + (1 - sum min(q_r, p)) * pi."""
+    n = 200_000
     V = LT.shape[1]
-    tgt, drf, ref, tok, u = _chain_batch(1, NDRAW, g)
+    tgt, drf, ref, tok, u = _chain_inputs_law("sss_paper", 1, 1.0, None, None, n, seed=30)
     acc, nxt = spec_verify_torch(tgt, drf, ref, tok, "sss_paper", 1.0, 1.0, u, 77)
-    law = _law(torch.where(acc >= 1, tok[:, 0], nxt), V)
-    p, qr = torch.softmax(LT[0].double(), -1), torch.softmax(LD[0].double(), -1)
+    law = law_of(torch.where(acc >= 1, tok[:, 0], nxt), V)
+    p, qr, pi = torch.softmax(LT[0].double(), -1), torch.softmax(LD[0].double(), -1), _exact_t("sss", 0, 1.0, None, None)
     m = torch.minimum(p, qr)
-    closed = m + (1 - m.sum()) * _pi(0)
-    assert _tv(law, closed) < TV_OK
-    gap = _tv(closed, _pi(0))
-    assert abs(gap - 0.118) < 0.001, gap
-    assert _tv(law, _pi(0)) > 0.08
+    closed = m + (1 - m.sum()) * pi
+    thr = tv_threshold(closed, n)
+    assert 0.5 * (law - closed).abs().sum() < thr
+    assert 0.5 * (closed - pi).abs().sum() > 10 * thr
 
 
-def _tree_batch(kind, n, gen):
-    """Root with 2 children, each with one child; logits depend on depth only (context-free)."""
+# trees: branching (2, 2), nodes in level order; logits depend on the depth only
+TREE_PARENTS = torch.tensor([-1, -1, 0, 0, 1, 1])
+TREE_DEPTH_OF_POS = [0, 1, 1, 2, 2, 2, 2]  # position 0 = the root, position n + 1 = node n
+
+
+def _tree_inputs_law(kind, mode, T, top_k, top_p, n, seed):
+    g = torch.Generator().manual_seed(seed)
     V = LT.shape[1]
-    parents = torch.tensor([-1, -1, 0, 1]).expand(n, 4)
-    depth_of_pos = [0, 1, 1, 2, 2]
-    tgt = LT[depth_of_pos].expand(n, 5, V)
-    drf = LD[depth_of_pos].expand(n, 5, V)
-    ref = LR[depth_of_pos].expand(n, 5, V)
+    LDm = _draft(mode)
+    tgt, drf, ref = (x[TREE_DEPTH_OF_POS].expand(n, 7, V) for x in (LT, LDm, LR))
     if kind == "sampled":
-        d0 = torch.multinomial(torch.softmax(LD[0], -1), 2 * n, replacement=True, generator=gen).view(n, 2)
-        d1 = torch.multinomial(torch.softmax(LD[1], -1), 2 * n, replacement=True, generator=gen).view(n, 2)
+        d0 = torch.multinomial(_proposal(mode, 0, T, top_k, top_p).float(), 2 * n, replacement=True, generator=g)
+        d1 = torch.multinomial(_proposal(mode, 1, T, top_k, top_p).float(), 4 * n, replacement=True, generator=g)
+        tok = torch.cat([d0.view(n, 2), d1.view(n, 4)], 1)
     else:
-        d0 = torch.topk(LD[0], 2).indices.expand(n, 2)
-        d1 = torch.topk(LD[1], 1).indices.expand(n, 2)
-    tok = torch.cat([d0, d1], dim=1)
-    u = torch.rand(n, 4, generator=gen)
-    return tgt, drf, ref, tok, parents, u
+        tok = torch.cat([torch.topk(LDm[0], 2).indices, torch.topk(LDm[1], 2).indices.repeat(2)]).expand(n, 6)
+    u = torch.rand(n, 6, generator=g)
+    return tgt, drf, ref, tok, TREE_PARENTS.expand(n, 6), u
 
 
-@pytest.mark.parametrize("kind", ["sampled", "topk"])
-def test_tree_law(kind):
-    g = torch.Generator().manual_seed(40)
-    V = LT.shape[1]
-    tgt, drf, ref, tok, parents, u = _tree_batch(kind, NDRAW, g)
-    p0, p1 = (torch.softmax(LT[i].double(), -1) for i in (0, 1))
-    for mode, want0, want1, wrong0 in (("sd", p0, p1, _pi(0)), ("sss_exact", _pi(0), _pi(1), p0)):
-        path, ln, nxt = tree_verify_torch(tgt, drf, ref, tok, parents, mode, 1.0, 1.0, u, 500, kind)
-        rows = torch.arange(NDRAW)
-        first = torch.where(ln >= 1, tok[rows, path[:, 0].clamp(min=0)], nxt)
-        law0 = _law(first, V)
-        assert _tv(law0, want0) < TV_OK, (mode, law0, want0)
-        assert _tv(law0, wrong0) > 0.08
-        sel = ln >= 1
-        second = torch.where(ln[sel] >= 2, tok[rows[sel], path[sel, 1].clamp(min=0)], nxt[sel])
-        assert _tv(_law(second, V), want1) < 2 * TV_OK
-        assert 0.2 < sel.double().mean() < 1.0  # both branches of the walk were exercised
+def _tree_samples(path, ln, nxt, tok, D):
+    rows = torch.arange(tok.shape[0])
+    out = []
+    for d in range(D + 1):
+        sel = ln >= d
+        at = tok[rows[sel], path[sel, min(d, D - 1)].clamp(min=0)]
+        out.append(torch.where(ln[sel] > d, at, nxt[sel]))
+    return out
+
+
+# (kind, mode, T, top_k, top_p, the wrong rules the check must reject)
+TREE_LAWS = [
+    ("sampled", "sd", 0.5, 4, None, ("residual_unnormalised", "ratio_at_T1", "ratio_untruncated")),
+    ("sampled", "sss_exact", 1.3, None, 0.85, ("residual_unnormalised", "ratio_untruncated", "tilt_truncated",
+                                               "bonus_from_p")),
+    ("topk", "sd", 0.7, None, 0.9, ()),
+    ("topk", "sss_exact", 0.8, 4, None, ("tilt_truncated", "bonus_from_p")),
+]
+
+
+def _tree_law(case, wrong=None, n=NDRAW):
+    kind, mode, T, top_k, top_p, _ = case
+    tgt, drf, ref, tok, parents, u = _tree_inputs_law(kind, mode, T, top_k, top_p, n, seed=11)
+    path, ln, nxt = tree_verify_torch(tgt, drf, ref, tok, parents, mode, 1.0, T, u, 321, kind, top_k=top_k,
+                                      top_p=top_p, _wrong=wrong)
+    return _position_check(_tree_samples(path, ln, nxt, tok, 2), mode, T, top_k, top_p)
+
+
+def _tree_id(case):
+    kind, mode, T, top_k, top_p, _ = case
+    return f"{kind}-{mode}-T{T}-k{top_k}-p{top_p}"
+
+
+@pytest.mark.parametrize("case", TREE_LAWS, ids=_tree_id)
+def test_tree_law(case):
+    check = _tree_law(case)
+    assert _passes(check), check
+    assert all(n > 3000 for _, n, _, _ in check)
+
+
+@pytest.mark.parametrize("case, wrong", [(c, w) for c in TREE_LAWS for w in c[5]],
+                         ids=[f"{_tree_id(c)}-{w}" for c in TREE_LAWS for w in c[5]])
+def test_tree_law_rejects(case, wrong):
+    check = _tree_law(case, wrong)
+    assert not _passes(check), (wrong, check)
+
+
+@pytest.mark.parametrize("case", [TREE_LAWS[1], TREE_LAWS[3]], ids=_tree_id)
+def test_tree_law_triton_is_the_reference(case, kernel_device):
+    kind, mode, T, top_k, top_p, _ = case
+    tgt, drf, ref, tok, parents, u = (x.contiguous().to(kernel_device)
+                                      for x in _tree_inputs_law(kind, mode, T, top_k, top_p, 12, seed=4))
+    kw = dict(top_k=top_k, top_p=top_p)
+    a = tree_verify_torch(tgt, drf, ref, tok, parents, mode, 1.0, T, u, 9, kind, **kw)
+    b = tree_verify_triton(tgt, drf, ref, tok, parents, mode, 1.0, T, u, 9, kind, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -47,7 +47,8 @@ def run(ctx: Context, prompts: list[list[int]], k: int = 10, w: float = 1.5, mod
         rewards = ctx.reward.score_branches([[[v] for v in cands[b]] if active[b] else [] for b in range(B)])
         ctx.stats["candidates_scored"] += len(rows) * k
         score = logp[rows] + w * torch.stack([rewards[b] for b in rows])  # [A, k]
-        picks = score.argmax(-1) if mode == "greedy" else ctx.rng.categorical(torch.softmax(score, -1))
+        picks = (score.argmax(-1) if mode == "greedy"
+                 else ctx.rng.categorical(torch.softmax(score, -1), rows, "pick", steps=step))
         choice: list[int | None] = [None] * B
         for b, i in zip(rows, picks.tolist()):
             choice[b] = i

@@ -2,40 +2,86 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import kernels
+from ..kernels._rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
+                            uniform_streams_torch)
 from ..models import CausalLM, RewardModel
 from ..remote import RemoteLM
 
 
-class Randomness:
-    """All randomness of one decode, reproducible from ``seed``.
+def prompt_seeds(seed, n_prompts: int) -> list[int]:
+    """One seed per prompt: ``seed`` is an int (prompt ``i`` gets ``prompt_seed(seed, i)``), a list of one int per
+    prompt, or ``None`` (fresh entropy)."""
+    if seed is None:
+        seed = secrets.randbits(63)
+    if torch.is_tensor(seed):
+        seed = seed.tolist()
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n_prompts:
+            raise ValueError(f"seed is a list of {len(seed)} seeds for {n_prompts} prompts: give one per prompt")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+            raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+        return [int(s) for s in seed]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, a list of ints (one per prompt) or None, got {seed!r}")
+    return [prompt_seed(seed, i) for i in range(n_prompts)]
 
-    Uniforms (acceptance tests) come from one CPU ``torch.Generator``; kernels that draw tokens get a fresh
-    integer seed from the same generator for the shared counter-based RNG (``kernels._rng``). Results
-    therefore depend only on the seed, not on the device.
+
+class Randomness:
+    """All randomness of one decode: per prompt, reproducible from the prompt's own seed (docs/design.md 1.4).
+
+    Every draw names its rows by ``(prompt, sub)`` (the prompt index, and a sub-stream such as a sample, a chain
+    or a candidate of that prompt) and a ``purpose``; its numbers come from the counter-based generator
+    (``kernels._rng``) keyed by the prompt's seed, at the counter ``(step, purpose, sub)``. ``step`` is given
+    explicitly (e.g. a speculative round), or counted per ``(prompt, sub, purpose)``: each call advances the
+    count of its *active* rows only, so a row's numbers depend on its own history alone, never on its batch row
+    or on the other prompts of the batch. Kernels get per-row ``(key, counter)`` streams; host draws (acceptance
+    uniforms, categorical picks) are computed from the same streams with the torch generator.
     """
 
-    def __init__(self, seed: int | None):
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
+    def __init__(self, seed=None, n_prompts: int = 1):
+        self.seeds = prompt_seeds(seed, n_prompts)
+        self.keys = [as_signed64(prompt_key(s)) for s in self.seeds]
+        self._count: dict[tuple[int, int, str], int] = {}
 
-    def kernel_seed(self) -> int:
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+    def streams(self, prompts, purpose: str, subs=0, steps=None, active=None, device=None) -> torch.Tensor:
+        """Per-row ``(key, counter)`` int64 ``[R, 2]`` for rows ``prompts[r]`` (ints) with sub-streams ``subs``
+        (an int or one per row). ``steps`` (an int or one per row) or, when None, the rows' counts, advanced for
+        the ``active`` rows (default all)."""
+        prompts = [int(p) for p in prompts]
+        R = len(prompts)
+        subs = [int(subs)] * R if isinstance(subs, int) else [int(x) for x in subs]
+        if steps is None:
+            active = [True] * R if active is None else list(active)
+            steps = []
+            for p, sub, a in zip(prompts, subs, active):
+                n = self._count.get((p, sub, purpose), 0)
+                steps.append(n)
+                if a:
+                    self._count[(p, sub, purpose)] = n + 1
+        elif isinstance(steps, int):
+            steps = [steps] * R
+        table = [[self.keys[p], as_signed64(counter(int(t), purpose, sub))] for p, sub, t in zip(prompts, subs, steps)]
+        return torch.tensor(table, dtype=torch.int64).view(R, 2).to(device)
 
-    def uniform(self, *shape: int, device=None) -> torch.Tensor:
-        """fp32 uniforms in [0, 1) of the given shape."""
-        return torch.rand(shape, generator=self.generator).to(device)
+    def uniform(self, prompts, n: int, purpose: str, subs=0, steps=None, active=None, device=None) -> torch.Tensor:
+        """fp32 uniforms in (0, 1), ``[R, n]``: ``n`` numbers of each row's stream."""
+        return uniform_streams_torch(self.streams(prompts, purpose, subs, steps, active), n).to(device)
 
-    def categorical(self, probs: torch.Tensor) -> torch.Tensor:
-        """One index per row of ``probs [R, N]`` (rows need not be normalised)."""
-        return torch.multinomial(probs.float().cpu(), 1, generator=self.generator)[:, 0]
+    def categorical(self, probs: torch.Tensor, prompts, purpose: str, subs=0, steps=None) -> torch.Tensor:
+        """One index per row of ``probs [R, N]`` (rows need not be normalised), by an exponential race. [R]"""
+        u = self.uniform(prompts, probs.shape[1], purpose, subs, steps).double()
+        return torch.argmax(torch.log(probs.double().cpu()) - torch.log(-torch.log(u)), dim=-1)
+
+    def request_seeds(self, prompts, purpose: str, subs=0) -> list[int]:
+        """One seed in ``[0, 2**31 - 1)`` per row (e.g. a remote request's seed), from the rows' streams."""
+        bits = stream_bits_torch(self.streams(prompts, purpose, subs), 1)[:, 0]
+        return [int(b) % (2**31 - 1) for b in bits]
 
 
 @dataclass
@@ -54,14 +100,17 @@ class Context:
     rng: Randomness
     stats: dict = field(default_factory=dict)  # method-specific counters, merged into out.stats
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, prompts, subs=0, purpose: str = "token", steps=None,
+               active=None) -> torch.Tensor:
         """One token per row of ``logits [R, V]`` from the truncated tempered distribution.  [R] int64.
 
+        Row ``r`` belongs to prompt ``prompts[r]``, sub-stream ``subs`` (``Randomness.streams``); without
+        ``steps`` each row draws the next number of its own stream (``active`` rows advance).
         ``logits`` come from the model layer, which has already checked them (``check_finite``), so the
         kernel does not check them again (that would be one more pass and host sync per token).
         """
-        return kernels.sample(logits, self.temperature, self.top_k, self.top_p, seed=self.rng.kernel_seed(),
-                              validate=False)
+        seeds = self.rng.streams(prompts, purpose, subs, steps, active, device=logits.device)
+        return kernels.sample(logits, self.temperature, self.top_k, self.top_p, seed=seeds, validate=False)
 
     def eos_mask(self, tokens: torch.Tensor, lm: CausalLM | None = None) -> torch.Tensor:
         """True where ``tokens`` is an end-of-sequence token of ``lm`` (the target by default)."""
@@ -75,9 +124,11 @@ class MethodResult:
 
 
 def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
-                         budgets: list[int] | int) -> list[list[int]]:
+                         budgets: list[int] | int, prompts, subs=0) -> list[list[int]]:
     """Batched ancestral sampling from the rows' cached prefixes.
 
+    Row ``r`` belongs to prompt ``prompts[r]``, sub-stream ``subs`` (an int or one per row): its tokens are
+    the next numbers of that stream (``Context.sample``), whatever the other rows do.
     ``next_logits [R, V]`` are the logits after each row's cached prefix; row ``r`` gets at most
     ``budgets[r]`` tokens and stops after an EOS token (kept). Finished rows ride along as padding (dead
     slots, not counted). On return the cache of each row holds its prefix plus its continuation except
@@ -90,7 +141,7 @@ def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
     active = [b > 0 for b in budgets]
     logits = next_logits
     while True:
-        tokens = ctx.sample(logits)
+        tokens = ctx.sample(logits, prompts, subs, active=active)
         for r, token in enumerate(tokens.tolist()):  # one device-to-host copy per step
             if active[r]:
                 out[r].append(token)
@@ -107,11 +158,13 @@ class ResponseSampler:
     A local target prefills the prompts once (``logits``: the next-token logits after them, or pass those of
     a cache that already holds exactly the prompts) and every draw starts from the cached prompts. A remote
     target (``fastalign.remote.RemoteLM``) gets one request per prompt for its ``n`` samples, seeded from
-    ``ctx.rng``; the server's sampling follows the same law.
+    the prompt's stream of ``ctx.rng``; the server's sampling follows the same law. Sample ``j`` of a prompt
+    is its sub-stream ``j``, so a prompt's draws depend on its own seed only.
     """
 
     def __init__(self, ctx: Context, prompts: list[list[int]], logits: torch.Tensor | None = None):
         self.ctx, self.prompts = ctx, [list(p) for p in prompts]
+        self.ids = list(range(len(self.prompts)))  # the decode's index of each row's prompt (its random streams)
         self.remote = isinstance(ctx.target, RemoteLM)
         if not self.remote and logits is None:
             logits = ctx.target.prefill(self.prompts, ctx.max_new_tokens)
@@ -123,11 +176,12 @@ class ResponseSampler:
         ctx, lm, B = self.ctx, self.ctx.target, len(self.prompts)
         if self.remote:
             return lm.complete(self.prompts, [ctx.max_new_tokens] * B, ctx.temperature, ctx.top_k, ctx.top_p,
-                               seed=ctx.rng.kernel_seed(), n=n)
+                               seed=ctx.rng.request_seeds(self.ids, "request"), n=n)
         if n > 1:
             lm.expand(n)
         responses = sample_continuations(ctx, lm, self.logits.repeat_interleave(n, 0) if n > 1 else self.logits,
-                                         ctx.max_new_tokens)
+                                         ctx.max_new_tokens, [b for b in self.ids for _ in range(n)],
+                                         [j for _ in self.ids for j in range(n)])
         if rewind:
             if n > 1:
                 lm.select_rows(torch.arange(B) * n)
@@ -137,6 +191,7 @@ class ResponseSampler:
     def keep(self, rows: list[int]) -> None:
         """Keep only the prompts ``rows`` (indices into the current batch), in that order."""
         self.prompts = [self.prompts[i] for i in rows]
+        self.ids = [self.ids[i] for i in rows]
         if not self.remote:
             self.ctx.target.select_rows(rows)
             self.logits = self.logits[rows]

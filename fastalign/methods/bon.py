@@ -19,7 +19,7 @@ def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[lis
     """``n`` samples per prompt (rows ``b*n .. b*n+n-1`` belong to prompt ``b``) and their rewards ``[B, n]``."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    samples = ResponseSampler(ctx, prompts).draw(n, rewind=False)
+    samples = ResponseSampler(ctx, prompts).draw(n, rewind=False)  # prompt b's samples: its sub-streams 0..n-1
     rewards = ctx.reward.score([p for p in prompts for _ in range(n)], samples)
     return samples, rewards.view(len(prompts), n)
 
@@ -38,6 +38,6 @@ def run_soft(ctx: Context, prompts: list[list[int]], n: int = 16, lam: float = 1
     # in fp64 (an fp32 lam may round to 0) and shifted by the best reward: a tiny lam then gives -inf
     # (probability 0) to the others, never inf - inf = NaN
     shifted = rewards.double() - rewards.double().max(1, keepdim=True).values
-    pick = ctx.rng.categorical(torch.softmax(shifted / lam, dim=1))
+    pick = ctx.rng.categorical(torch.softmax(shifted / lam, dim=1), range(len(prompts)), "pick")
     chosen = [samples[b * n + int(i)] for b, i in enumerate(pick)]
     return MethodResult(chosen, {"rewards": rewards, "chosen_index": pick})

@@ -88,8 +88,10 @@ class Candidate:
     round: int  # the proposal round (its tokens are in the cache only during that round)
 
 
-def propose(ctx: Context, prefix: Frontier, budgets: list[int], entropy_threshold: float, min_tokens: int):
-    """One segment per target row (at most ``budgets[r]`` tokens each), batched.
+def propose(ctx: Context, prefix: Frontier, budgets: list[int], entropy_threshold: float, min_tokens: int,
+            prompts: list[int], subs: list[int]):
+    """One segment per target row (at most ``budgets[r]`` tokens each), batched; row ``r`` draws from the stream
+    of prompt ``prompts[r]``, sub-stream ``subs[r]`` (its candidate slot).
 
     Returns the segments, ``cut [R]`` (ended at an entropy cut), ``fed [R]`` (segment tokens now in the target
     cache, to roll back on rejection) and the rows' frontier after their segment. A prefix token still pending
@@ -127,7 +129,7 @@ def propose(ctx: Context, prefix: Frontier, budgets: list[int], entropy_threshol
             if not open_rows:
                 break
         rows = torch.tensor(open_rows, device=device)
-        tokens = ctx.sample(work.logits[rows])
+        tokens = ctx.sample(work.logits[rows], [prompts[r] for r in open_rows], [subs[r] for r in open_rows])
         work.pending[rows], work.ready[rows] = tokens, False
         step += 1
         still_open = []
@@ -189,7 +191,8 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
         round_ += 1
         P, R = len(ids), len(ids) * M
         budgets = [min(max_segment_tokens, ctx.max_new_tokens - len(responses[ids[r // M]])) for r in range(R)]
-        segments, cut, fed, work = propose(ctx, prefix, budgets, entropy_threshold, min_segment_tokens)
+        segments, cut, fed, work = propose(ctx, prefix, budgets, entropy_threshold, min_segment_tokens,
+                                           [ids[r // M] for r in range(R)], [r % M for r in range(R)])
         stats["segments_proposed"] += R
 
         # score all candidates in one reward call, then judge each prompt's candidates in order
@@ -197,7 +200,7 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
         generated = torch.tensor([[len(responses[b]) + len(segments[i * M + m]) for m in range(M)]
                                   for i, b in enumerate(ids)])
         tau = threshold_schedule(r_prompt[:, None], r_star[ids, None], alpha, generated, ctx.max_new_tokens)
-        uniforms = ctx.rng.uniform(P, M) if mode == "soft" else None
+        uniforms = ctx.rng.uniform(ids, M, "accept") if mode == "soft" else None
         ok = passes(rewards, tau, uniforms, mode, beta[ids, None]).tolist()
         accepted: dict[int, Candidate] = {}  # batch row -> accepted candidate
         for i in range(P):

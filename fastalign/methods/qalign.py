@@ -33,10 +33,12 @@ Remote target. ``target`` may be a ``fastalign.remote.RemoteLM``: every row's pr
 seed); prefix reuse is the server's business (vLLM's automatic prefix caching). When a server fails for
 good after the initial samples, the ``RemoteError`` carries the steps completed (``partial``).
 
-Randomness. Every generation round draws one seed from the decode's generator and samples its tokens
-from ``Randomness(seed)``: locally one stream for the whole batch, remotely one request seed per row
-(``remote.row_seed(seed, row)``, equal to ``seed`` for row 0). A single chain of a single prompt thus draws
-the same tokens locally and against a fastalign server (which samples a request with ``Randomness(seed)``).
+Randomness. Chain ``c`` of prompt ``b`` draws from prompt ``b``'s streams only (sub-stream ``c``), so its
+trajectory does not depend on the other prompts of the batch. Every generation round gives each row one
+request seed from its stream (``Randomness.request_seeds``) and samples the row's tokens as a one-prompt
+decode with that seed would: locally through ``Randomness(seed)`` per row, remotely as the request's seed.
+A chain thus draws the same tokens locally and against a fastalign server (which samples a request with
+``Randomness(seed)``).
 
 Final answer (``select``), following the QAlign evaluation code (``qalign/utils/pred.py``): the voting
 rules pool the states the chains *visit*: the state after each step ``burn_in..steps`` of every chain (a
@@ -66,6 +68,7 @@ from dataclasses import replace
 import torch
 
 from ..answers import get_extractor
+from ..kernels._rng import prompt_seed
 from ..models import InputError, right_pad
 from ..remote import RemoteError, RemoteLM
 from .base import Context, MethodResult, Randomness, sample_continuations
@@ -89,9 +92,10 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
     answer = _check_options(ctx, beta, steps, chains, select, answer_fn, burn_in, similarity)
     R = len(prompts) * chains
     rows = torch.arange(len(prompts)).repeat_interleave(chains).tolist()
+    subs = [c for _ in prompts for c in range(chains)]
     proposer = RemoteProposer(ctx.target) if isinstance(ctx.target, RemoteLM) else CachedProposer(ctx.target)
 
-    states = proposer.start(ctx, prompts, chains, ctx.rng.kernel_seed())
+    states = proposer.start(ctx, prompts, chains, ctx.rng.request_seeds(rows, "request", subs))
     ctx.reward.prefill(prompts)
     ctx.reward.select_rows(rows)
     rewards = score(ctx, states)
@@ -114,9 +118,10 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
 
     for step in range(1, steps + 1):
         lengths = torch.tensor([len(y) for y in states], dtype=torch.float64)
-        index = torch.minimum((ctx.rng.uniform(R).double() * lengths).long(), lengths.long() - 1).tolist()
+        u_index = ctx.rng.uniform(rows, 1, "index", subs)[:, 0].double()
+        index = torch.minimum((u_index * lengths).long(), lengths.long() - 1).tolist()
         try:
-            proposals = proposer.propose(ctx, states, index, ctx.rng.kernel_seed())
+            proposals = proposer.propose(ctx, states, index, ctx.rng.request_seeds(rows, "request", subs))
             new_rewards = score(ctx, proposals)
         except RemoteError as e:
             e.partial = result()
@@ -124,7 +129,7 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
         new_lengths = torch.tensor([len(y) for y in proposals], dtype=torch.float64)
         log_ratio = ((new_rewards.double() - rewards.double()) / beta + lengths.log() - new_lengths.log())
         accept_prob = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp().clamp(max=1.0)
-        accept = (ctx.rng.uniform(R).double() < accept_prob).tolist()
+        accept = (ctx.rng.uniform(rows, 1, "mh", subs)[:, 0].double() < accept_prob).tolist()
         for r in range(R):
             paths[r].append(_entry(step, index[r], proposals[r], float(new_rewards[r]), accept[r],
                                    float(accept_prob[r])))
@@ -153,16 +158,17 @@ class CachedProposer:
     def __init__(self, lm):
         self.lm = lm
 
-    def start(self, ctx: Context, prompts, chains: int, seed: int) -> list[list[int]]:
+    def start(self, ctx: Context, prompts, chains: int, seeds: list[int]) -> list[list[int]]:
         """One ancestral sample per row (``prompts x chains`` rows), from one prefill of the prompts."""
         logits = self.lm.prefill(prompts, ctx.max_new_tokens)
         self.lm.expand(chains)
         self.prompt_logits = logits.repeat_interleave(chains, 0)  # [R, V]: where an i = 0 proposal starts
-        samples = sample_continuations(_round(ctx, seed), self.lm, self.prompt_logits, ctx.max_new_tokens)
+        samples = sample_continuations(_round(ctx, seeds), self.lm, self.prompt_logits, ctx.max_new_tokens,
+                                       range(len(seeds)))
         self.cached = [y[:-1] for y in samples]  # response tokens in each row's cache
         return samples
 
-    def propose(self, ctx: Context, states, index: list[int], seed: int) -> list[list[int]]:
+    def propose(self, ctx: Context, states, index: list[int], seeds: list[int]) -> list[list[int]]:
         """``states[r][:index[r]]`` plus a fresh suffix, per row."""
         keep = [min(_common_prefix(c, y[:i]), max(i - 1, 0)) for c, y, i in zip(self.cached, states, index)]
         self.lm.rollback(torch.tensor([len(c) - k for c, k in zip(self.cached, keep)], device=self.lm.device))
@@ -175,7 +181,7 @@ class CachedProposer:
             logits = torch.where(live.any(1)[:, None], last, self.prompt_logits)
         ctx.stats["qalign_refed_tokens"] = ctx.stats.get("qalign_refed_tokens", 0) + sum(map(len, feed))
         budgets = [ctx.max_new_tokens - i for i in index]
-        suffixes = sample_continuations(_round(ctx, seed), self.lm, logits, budgets)
+        suffixes = sample_continuations(_round(ctx, seeds), self.lm, logits, budgets, range(len(seeds)))
         proposals = [y[:i] + s for y, i, s in zip(states, index, suffixes)]
         self.cached = [y[:-1] for y in proposals]
         return proposals
@@ -187,21 +193,22 @@ class RemoteProposer:
     def __init__(self, lm: RemoteLM):
         self.lm = lm
 
-    def start(self, ctx: Context, prompts, chains: int, seed: int) -> list[list[int]]:
+    def start(self, ctx: Context, prompts, chains: int, seeds: list[int]) -> list[list[int]]:
         self.row_prompts = [list(p) for p in prompts for _ in range(chains)]
         return self.lm.complete(self.row_prompts, [ctx.max_new_tokens] * len(self.row_prompts),
-                                ctx.temperature, ctx.top_k, ctx.top_p, seed)
+                                ctx.temperature, ctx.top_k, ctx.top_p, seeds)
 
-    def propose(self, ctx: Context, states, index: list[int], seed: int) -> list[list[int]]:
+    def propose(self, ctx: Context, states, index: list[int], seeds: list[int]) -> list[list[int]]:
         suffixes = self.lm.complete([p + y[:i] for p, y, i in zip(self.row_prompts, states, index)],
                                     [ctx.max_new_tokens - i for i in index],
-                                    ctx.temperature, ctx.top_k, ctx.top_p, seed)
+                                    ctx.temperature, ctx.top_k, ctx.top_p, seeds)
         return [y[:i] + s for y, i, s in zip(states, index, suffixes)]
 
 
-def _round(ctx: Context, seed: int) -> Context:
-    """The context whose token draws come from ``Randomness(seed)`` (one stream per generation round)."""
-    return replace(ctx, rng=Randomness(seed))
+def _round(ctx: Context, seeds: list[int]) -> Context:
+    """The context of one generation round: row ``r`` draws its tokens as a one-prompt decode seeded with
+    ``seeds[r]`` (``Randomness(seeds[r])``) would, i.e. as prompt ``r`` of ``Randomness`` with these prompt seeds."""
+    return replace(ctx, rng=Randomness([prompt_seed(s, 0) for s in seeds], len(seeds)))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -134,7 +134,7 @@ def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = 
     while ids:
         responses = sampler.draw()
         rewards = torch.cat(ctx.reward.score_branches([[r] for r in responses]))
-        uniforms = ctx.rng.uniform(len(ids)) if mode == "soft" else None
+        uniforms = ctx.rng.uniform(ids, 1, "accept")[:, 0] if mode == "soft" else None
         ok = passes(rewards, threshold, uniforms, mode, scale).tolist()
         stats["responses_proposed"] += len(ids)
         for i, b in enumerate(ids):

@@ -7,10 +7,12 @@ Every round, per row::
     verify (kernels.spec_verify / kernels.tree_verify): accept a prefix (a root-to-node path) and emit one token
     keep the accepted tokens in every cache (chain: rollback; tree: keep_new of the path), drop the rest
 
-The distribution a round's tokens follow is ``t = p`` (``sd``) or ``t = pi = normalize(p * (q_r / q) ** lam)``
-(``sss``, ``variant="exact"``), where ``p, q_r, q`` are the target's, the (aligned) draft's and the reference
-draft's distributions after temperature / top-k / top-p truncation (the truncated distributions are used in
-every ratio). ``lam=0`` is SD with the aligned draft (``pi = p``); so is ``ref=None``, with ``allow_no_ref=True``.
+The distribution a round's tokens follow is ``t = trunc(p)`` (``sd``) or ``t = trunc(pi)``,
+``pi = normalize(p * (q_r / q) ** lam)`` (``sss``, ``variant="exact"``), where ``p, q_r, q`` are the target's,
+the (aligned) draft's and the reference draft's tempered distributions and ``trunc`` is top-k / top-p
+(docs/design.md section 1: the tilt uses the untruncated distributions, the truncation applies to what is
+emitted). The draft proposes from ``trunc(q_r)``, and every acceptance ratio and residual uses exactly that
+proposal. ``lam=0`` is SD with the aligned draft (``pi = p``); so is ``ref=None``, with ``allow_no_ref=True``.
 
 ``variant="paper"`` is the rule of the published SSS code: accept against ``p`` and emit from ``pi`` (not the
 residual), at full acceptance emit from ``pi`` unless ``bonus_on_full_accept=False`` (the published behaviour:
@@ -22,8 +24,8 @@ when ``q_r`` is close to ``p`` it mostly samples ``p``. Measured by ``test_paper
 =====================================================  =================  ============  ===============
 models                                                  TV(p, pi) (exact)  paper, bonus  paper, no bonus
 =====================================================  =================  ============  ===============
-draft = perturbed target (per-token TV(p, q_r) 0.11)    0.32               0.28          0.28
-draft independent of the target (TV(p, q_r) 0.72)       0.92               0.07          0.17
+draft = perturbed target (per-token TV(p, q_r) 0.11)    0.32               0.29          0.29
+draft independent of the target (TV(p, q_r) 0.72)       0.92               0.06          0.17
 =====================================================  =================  ============  ===============
 
 Caches. A model's cache holds the prompt and every emitted token except its *tail*: the tokens emitted last
@@ -32,9 +34,17 @@ after a full acceptance, the last draft token if the draft did not feed it). The
 next round's first forward pass, so no token is ever fed twice and no prefix is recomputed. A row whose tail
 is empty (``bonus_on_full_accept=False`` after a full acceptance) keeps the logits of its last position.
 
-Length cap and EOS. Row ``b`` with ``r_b`` tokens left verifies at most ``r_b - 1`` drafted tokens (``r_b``
-without the bonus) through the kernel's ``num_valid``, so a round never emits more than ``r_b`` tokens and the
-law at the cap is exact. Tokens after an EOS are discarded; finished rows leave the batch (``select_rows``).
+Length cap and EOS. Row ``b`` with ``r_b`` tokens left drafts and verifies at most ``r_b - 1`` tokens (``r_b``
+without the bonus): a chain through the kernel's ``num_valid``, a tree by its depth (its first ``num_nodes``
+nodes); the tokens drafted past a row's own depth in a deeper batch are fed as dead slots (``live=False``:
+never attended to, no position used), so no row ever runs past its context, a round never emits more than
+``r_b`` tokens and the law at the cap is exact. Tokens after an EOS are discarded; finished rows leave the
+batch (``select_rows``).
+
+Randomness. Round ``n`` of prompt ``b`` draws from prompt ``b``'s streams only, at step ``n``: its draft tokens
+(purpose ``draft``, sub-stream = chain position or tree node), its acceptance uniforms (``accept``) and its
+emission race (``race``); rows join at the start and stay until they finish, so the round counts agree and a
+prompt's tokens do not depend on its batch.
 
 Defaults. ``num_draft_tokens=4``: the draft length K=4 of Chen et al. 2023 ("Accelerating large language model
 decoding with speculative sampling"). ``branching=(2, 2, 1, 1)`` (trees): depth 4 like the chain, two children
@@ -77,24 +87,29 @@ class _Stream:
         self.tail = torch.zeros(B, 0, dtype=torch.long, device=dev)
         self.tail_live = torch.zeros(B, 0, dtype=torch.bool, device=dev)
         self.round_logits: list[torch.Tensor] = []
-        self.fed = 0  # draft tokens / tree nodes fed this round
+        self.fed = 0  # draft tokens / tree nodes fed this round (columns)
+        self.fed_live = torch.zeros(B, dtype=torch.long, device=dev)  # of which live, per row
         self.tail_fed = 0  # width of the tail fed this round (written just before the round's tokens)
 
-    def feed(self, tokens: torch.Tensor | None = None, parents: torch.Tensor | None = None) -> torch.Tensor:
+    def feed(self, tokens: torch.Tensor | None = None, parents: torch.Tensor | None = None,
+             live: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``tokens [B, T]`` (plus the tail on the round's first call); returns their logits ``[B, T, V]``
         (with position 0 in front on the first call).
 
         ``parents [B, P + T]`` makes the tokens tree nodes: it indexes the round's nodes (``P`` fed before),
-        ``-1`` for a root (hanging off the prefix).
+        ``-1`` for a root (hanging off the prefix). ``live [B, T]`` (default all) marks the tokens a row really
+        feeds; the others are dead slots (a row's live tokens of a round are a prefix of its nodes).
         """
         B, dev = self.logits.shape[0], self.logits.device
         tokens = torch.zeros(B, 0, dtype=torch.long, device=dev) if tokens is None else tokens
+        live = torch.ones_like(tokens, dtype=torch.bool) if live is None else live
         first = not self.round_logits
         W = self.tail.shape[1] if first else 0
         if W:
             T = tokens.shape[1]
             block = torch.cat([self.tail, tokens], 1)
-            live = torch.cat([self.tail_live, torch.ones_like(tokens, dtype=torch.bool)], 1)
+            tokens_live = live
+            live = torch.cat([self.tail_live, tokens_live], 1)
             if parents is not None:
                 assert parents.shape[1] == T, "a tail is fed in front of a whole tree only"
                 parents = _chain_then_tree(self.tail_live, parents)
@@ -102,8 +117,9 @@ class _Stream:
             has_tail = self.tail_live[:, -1]
             head = torch.where(has_tail[:, None], out[:, W - 1], self.logits)
             new = torch.cat([head[:, None], out[:, W:]], 1)
+            live = tokens_live
         elif tokens.shape[1]:
-            out = self.lm.extend(tokens, parents=parents)
+            out = self.lm.extend(tokens, parents=parents, live=live)
             new = torch.cat([self.logits[:, None], out], 1) if first else out
         else:
             new = self.logits[:, None]
@@ -111,6 +127,7 @@ class _Stream:
         self.tail = self.tail[:, :0]
         self.tail_live = self.tail_live[:, :0]
         self.fed += tokens.shape[1]
+        self.fed_live = (0 if first else self.fed_live) + live.sum(1)  # a prefix of the round's nodes
         self.round_logits.append(new)
         return new
 
@@ -129,17 +146,18 @@ class _Stream:
         B, dev = nodes.shape[0], nodes.device
         rows = torch.arange(B, device=dev)
         logits = self.position_logits()
-        kept = (path >= 0) & (path < self.fed)  # accepted nodes already in the cache
+        fed_live = self.fed_live
+        kept = (path >= 0) & (path < fed_live[:, None])  # accepted nodes already in the cache
         if tree:
             in_path = torch.zeros(B, self.fed + 1, dtype=torch.bool, device=dev)
             in_path.scatter_(1, torch.where(kept, path, self.fed), True)
             ones = torch.ones(B, self.tail_fed, dtype=torch.bool, device=dev)
             self.lm.keep_new(torch.cat([ones, in_path[:, : self.fed]], 1))
         elif self.fed:
-            self.lm.rollback(self.fed - kept.sum(1))
+            self.lm.rollback(fed_live - kept.sum(1))
         # at most one accepted node is unfed: the last one (a draft's last chain token or a leaf)
         last = path.gather(1, (accepted - 1).clamp(min=0)[:, None])[:, 0]
-        unfed = (accepted > 0) & (last >= self.fed)
+        unfed = (accepted > 0) & (last >= fed_live)
         unfed_token = nodes.gather(1, last.clamp(min=0)[:, None])[:, 0]
         has_next = next_token >= 0
         self.tail = torch.stack([unfed_token, torch.where(has_next, next_token, unfed_token)], 1)
@@ -156,6 +174,7 @@ class _Stream:
     def select_rows(self, rows: torch.Tensor) -> None:
         self.lm.select_rows(rows)
         self.logits = self.logits[rows]
+        self.fed_live = self.fed_live[rows]
         self.tail, self.tail_live = self.tail[rows], self.tail_live[rows]
         self._trim()
 
@@ -240,17 +259,18 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
     while rows:
         left = [M - len(out[r]) for r in rows]
-        # tokens a row may verify: its emitted tokens (accepted + bonus) must fit in what is left
+        # tokens a row may draft and verify: its emitted tokens (accepted + bonus) must fit in what is left
         valid = [min(n - int(bonus), cap) for n in left]
         depth = max(1, max(valid))
+        step = stats["rounds"]  # every live row's own round count: rows join at the start and stay to the end
         if tree is None:
-            nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth,
-                                                             torch.tensor(valid, device=dev), draft_at_bonus, verify)
+            nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth, valid, draft_at_bonus,
+                                                             verify, rows, step)
             stats["proposed"] += sum(valid)
-        else:  # a tree has no per-row depth: tokens past a row's cap are discarded (exact: a prefix of t's law)
-            nodes, accepted, next_token, path = _tree_round(ctx, streams, ref, tree, branching[:depth],
-                                                            draft_at_bonus, verify)
-            stats["proposed"] += nodes.numel()
+        else:
+            nodes, accepted, next_token, path, n_nodes = _tree_round(ctx, streams, ref, tree, branching[:depth],
+                                                                     valid, draft_at_bonus, verify, rows, step)
+            stats["proposed"] += n_nodes
         for s in streams:
             s.advance(nodes, path, accepted, next_token, tree is not None)
 
@@ -279,59 +299,78 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
     return MethodResult(out)
 
 
-def _chain_round(ctx: Context, streams, ref, K: int, num_valid: torch.Tensor, draft_at_bonus: bool, verify):
-    """Draft ``K`` tokens, score them, verify. Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]``
-    and the accepted ``path [B, K]`` (node indices, -1 padded)."""
+def _verify_randomness(ctx: Context, rows: list[int], step: int, n: int, device):
+    """The round's acceptance uniforms ``[B, n]`` (one per drafted token / node) and race streams ``[B, 2]``."""
+    return dict(uniforms=ctx.rng.uniform(rows, n, "accept", steps=step, device=device),
+                seed=ctx.rng.streams(rows, "race", steps=step, device=device))
+
+
+def _chain_round(ctx: Context, streams, ref, K: int, valid: list[int], draft_at_bonus: bool, verify,
+                 rows: list[int], step: int):
+    """Draft ``K`` tokens, score them, verify. Row ``b`` feeds only its first ``valid[b]`` drafted tokens (the
+    rest are dead slots). Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]`` and the accepted
+    ``path [B, K]`` (node indices, -1 padded)."""
     target, draft = streams[0], streams[1]
+    dev = target.logits.device
+    n = torch.tensor(valid, device=dev)
+    pos = torch.arange(K, device=dev)
     q_r = [draft.feed()[:, 0]]  # the tail goes in front of the first draft step
     tokens = []
     for i in range(K):
-        tokens.append(ctx.sample(q_r[-1]))
-        if i < K - 1 or draft_at_bonus:
-            q_r.append(draft.feed(tokens[-1][:, None])[:, 0])
+        tokens.append(ctx.sample(q_r[-1], rows, i, "draft", steps=step))
+        if i < K - 1 or draft_at_bonus:  # q_r after x_{i+1}: read below n (and at n for the tilt of the bonus)
+            q_r.append(draft.feed(tokens[-1][:, None], live=(i + 1 < n + int(draft_at_bonus))[:, None])[:, 0])
     nodes = torch.stack(tokens, 1)
-    p = target.feed(nodes)
-    q = streams[2].feed(nodes) if ref is not None else None
-    accepted, next_token = spec_verify(
-        p, torch.stack(q_r, 1), q, nodes, uniforms=ctx.rng.uniform(*nodes.shape, device=nodes.device),
-        seed=ctx.rng.kernel_seed(), num_valid=num_valid, **verify)
-    idx = torch.arange(K, device=nodes.device)
-    path = torch.where(idx < accepted[:, None], idx, -1)
+    live = pos[None, :] < n[:, None]
+    p = target.feed(nodes, live=live)
+    q = streams[2].feed(nodes, live=live) if ref is not None else None
+    accepted, next_token = spec_verify(p, torch.stack(q_r, 1), q, nodes, num_valid=n,
+                                       **_verify_randomness(ctx, rows, step, K, dev), **verify)
+    path = torch.where(pos < accepted[:, None], pos, -1)
     return nodes, accepted, next_token, path
 
 
-def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...], draft_at_bonus: bool, verify):
+def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...], valid: list[int],
+                draft_at_bonus: bool, verify, rows: list[int], step: int):
     """Draft a tree level by level (``branching[d]`` children per node at depth ``d``, nodes in level order),
-    score it in one tree-attention pass per model, verify. Returns ``nodes [B, N]``, ``accepted [B]``,
-    ``next_token [B]`` and the accepted ``path [B, depth]`` (node indices, -1 padded)."""
+    score it in one tree-attention pass per model, verify. Row ``b``'s tree is the first ``min(valid[b], D)``
+    levels (a prefix of the nodes; the deeper ones are dead slots). Returns ``nodes [B, N]``, ``accepted [B]``,
+    ``next_token [B]``, the accepted ``path [B, D]`` (node indices, -1 padded) and the live node count."""
     target, draft = streams[0], streams[1]
     frontier = draft.feed()  # [B, n, V]: q_r at the nodes whose children are drawn next (first: the root)
     B, dev = frontier.shape[0], frontier.device
+    depth = torch.tensor([min(v, len(branching)) for v in valid], device=dev)
     frontier_ids = torch.tensor([-1], device=dev)
-    tokens, parents = [], []
+    tokens, parents, node_level = [], [], []
     for level, b in enumerate(branching):
         n = frontier.shape[1]
+        start = sum(t.shape[1] for t in tokens)
         if kind == "topk":  # the b most likely tokens (truncation does not change the order)
             children = frontier.topk(b, dim=-1).indices.flatten(1)
-        else:  # b i.i.d. draws per node
-            children = ctx.sample(frontier.repeat_interleave(b, 1).flatten(0, 1)).view(B, n * b)
-        start = sum(t.shape[1] for t in tokens)
+        else:  # b i.i.d. draws per node, node j of the tree from its own sub-stream
+            subs = [start + j for _ in rows for j in range(n * b)]
+            children = ctx.sample(frontier.repeat_interleave(b, 1).flatten(0, 1),
+                                  [r for r in rows for _ in range(n * b)], subs, "draft", steps=step).view(B, n * b)
         tokens.append(children)
         parents.append(frontier_ids.repeat_interleave(b))
+        node_level.append(torch.full((n * b,), level, device=dev))
         frontier_ids = torch.arange(start, start + n * b, device=dev)
         if level < len(branching) - 1 or draft_at_bonus:  # leaves are fed only for the tilt at the bonus
-            frontier = draft.feed(children, torch.cat(parents).expand(B, -1))
+            live = (level + 1 < depth + int(draft_at_bonus))[:, None].expand(B, n * b)
+            frontier = draft.feed(children, torch.cat(parents).expand(B, -1), live=live)
     nodes, tree_parents = torch.cat(tokens, 1), torch.cat(parents).expand(B, -1)
+    live = torch.cat(node_level)[None, :] < depth[:, None]  # [B, N]: a prefix of each row's nodes
+    num_nodes = live.sum(1)
     q_r = draft.position_logits()
     N = nodes.shape[1]
     if q_r.shape[1] < N + 1:  # unfed leaves: never read (no tilt at the bonus), any finite value will do
         q_r = torch.cat([q_r, q_r.new_zeros(B, N + 1 - q_r.shape[1], q_r.shape[2])], 1)
-    p = target.feed(nodes, tree_parents)
-    q = streams[2].feed(nodes, tree_parents) if ref is not None else None
+    p = target.feed(nodes, tree_parents, live=live)
+    q = streams[2].feed(nodes, tree_parents, live=live) if ref is not None else None
     path, accepted, next_token = tree_verify(
-        p, q_r, q, nodes, tree_parents, uniforms=ctx.rng.uniform(B, N, device=dev), seed=ctx.rng.kernel_seed(),
-        tree_kind=kind, max_depth=len(branching), **verify)
-    return nodes, accepted, next_token, path
+        p, q_r, q, nodes, tree_parents, tree_kind=kind, max_depth=len(branching), num_nodes=num_nodes,
+        **_verify_randomness(ctx, rows, step, N, dev), **verify)
+    return nodes, accepted, next_token, path, int(num_nodes.sum())
 
 
 def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
