@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import torch
 from transformers import (
@@ -141,7 +142,7 @@ def tv_threshold(law, n: int, quantile: float = 0.995, simulations: int = 2000, 
 
     ``law``: {outcome: probability} or a probability vector.
     """
-    probs = torch.tensor(list(law.values()) if isinstance(law, dict) else law, dtype=torch.float64).flatten()
+    probs = torch.as_tensor(list(law.values()) if isinstance(law, dict) else law, dtype=torch.float64).flatten()
     probs = probs / probs.sum()
     gen = torch.Generator().manual_seed(seed)
     counts = _multinomial_counts(probs, n, simulations, gen)
@@ -170,6 +171,32 @@ def _multinomial_counts(probs: torch.Tensor, n: int, simulations: int, gen) -> t
 def law_of(tokens: torch.Tensor, size: int) -> torch.Tensor:
     """Empirical law ``[size]`` of the integer ``tokens`` (1-D)."""
     return torch.bincount(tokens.flatten().long(), minlength=size).double() / max(tokens.numel(), 1)
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail (TimeoutError) instead of hanging when the block runs longer than ``seconds`` (a SIGALRM deadline:
+    main thread only)."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def save_tiny_models(root, vocab_size: int):
+    """A tiny target and reward model with a tokenizer, saved as HF folders ``root/lm`` and ``root/rm``
+    (loaded by path, offline); returns the two paths."""
+    tok = tiny_tokenizer(vocab_size)
+    tiny_causal_lm(vocab_size=vocab_size, init_range=0.2).save_pretrained(os.path.join(root, "lm"))
+    tok.save_pretrained(os.path.join(root, "lm"))
+    tiny_reward_model(vocab_size=vocab_size).save_pretrained(os.path.join(root, "rm"))
+    tok.save_pretrained(os.path.join(root, "rm"))
+    return root / "lm", root / "rm"
 
 
 def tiny_tokenizer(vocab_size: int = 64):

@@ -12,7 +12,7 @@ import pytest
 import fastalign
 from fastalign.methods.base import prompt_seeds
 from fastalign import cli
-from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+from fastalign.testing import save_tiny_models
 
 V = 16
 REPO = Path(__file__).resolve().parent.parent
@@ -21,13 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """A tiny target and reward model saved as HF folders (loaded by path, offline)."""
-    root = tmp_path_factory.mktemp("models")
-    tok = tiny_tokenizer(V)
-    tiny_causal_lm(vocab_size=V, init_range=0.2).save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
-    tiny_reward_model(vocab_size=V).save_pretrained(root / "rm")
-    tok.save_pretrained(root / "rm")
-    return root / "lm", root / "rm"
+    return save_tiny_models(tmp_path_factory.mktemp("models"), V)
 
 
 def read_lines(text):

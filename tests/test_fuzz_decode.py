@@ -8,8 +8,6 @@ method's signature, so new options are fuzzed too.
 """
 
 import inspect
-import signal
-from contextlib import contextmanager
 
 import pytest
 
@@ -18,6 +16,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastalign  # noqa: E402
+from fastalign.testing import within  # noqa: E402
 from fastalign.toyworld import load_toy_world  # noqa: E402
 from fastalign.methods import METHODS, get_method  # noqa: E402
 
@@ -30,18 +29,6 @@ def engine():
     return fastalign.Engine(target=world.target, draft=world.aligned_draft, ref=world.draft, reward=world.reward,
                             tokenizer=world.tokenizer)
 
-
-@contextmanager
-def within(seconds: float):
-    def expire(*_):
-        raise TimeoutError(f"decode still running after {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def options_of(method: str) -> list[str]:

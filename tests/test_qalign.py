@@ -13,7 +13,6 @@ from fastalign.models import RewardModel
 from fastalign.remote import RemoteError, RemoteLM, RemoteReward
 from fastalign.testing import (
     empirical_law,
-    enumerate_law,
     next_token_probs,
     qalign_exact_laws,
     tiny_causal_lm,

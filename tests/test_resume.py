@@ -6,7 +6,7 @@ import pytest
 
 from fastalign import cli
 from fastalign.evaluate import read_complete_jsonl
-from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
+from fastalign.testing import save_tiny_models
 
 V = 16
 PROMPTS = ["w1 w2", "w3", "w4 w5 w6", "w7", "w8 w9"]
@@ -23,13 +23,7 @@ def gold_length(prompts, completions):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tok = tiny_tokenizer(V)
-    tiny_causal_lm(vocab_size=V, init_range=0.2).save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
-    tiny_reward_model(vocab_size=V).save_pretrained(root / "rm")
-    tok.save_pretrained(root / "rm")
-    return root / "lm", root / "rm"
+    return save_tiny_models(tmp_path_factory.mktemp("models"), V)
 
 
 def one_line_error(capsys, *parts):

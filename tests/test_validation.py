@@ -4,16 +4,14 @@ One test per hang and per silent wrong answer that was found by probing the API 
 run under ``within`` (a SIGALRM deadline), so a regression fails instead of stalling the suite.
 """
 
-import signal
 import threading
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 import fastalign
 from fastalign import validation
-from fastalign.testing import tiny_causal_lm, tiny_reward_model
+from fastalign.testing import tiny_causal_lm, tiny_reward_model, within
 
 V, EOS = 8, 7
 NAN, INF = float("nan"), float("inf")
@@ -25,19 +23,6 @@ def models():
             "draft": tiny_causal_lm(vocab_size=V, hidden=16, seed=1),
             "ref": tiny_causal_lm(vocab_size=V, hidden=16, seed=2)}
 
-
-@contextmanager
-def within(seconds: float):
-    """Fail (TimeoutError) instead of hanging when the block runs longer than ``seconds``."""
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def constant_reward(values):
