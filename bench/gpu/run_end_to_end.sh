@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU call 2 of 2 (at most BUDGET_S, default 8.5 minutes): end-to-end speed at realistic shapes, bf16,
+# GPU call 2 of 2 (at most BUDGET_S, default 8.5 minutes: pass what the device lease has left, less a minute;
+# steps in order of priority, each under a timeout): end-to-end speed at realistic shapes, bf16,
 # random-init Llama-style models (a ~1B target and a ~100M draft made of its first layer, calibrated so the
 # acceptance is controlled):
 # - bench_engine, world 1b: the eager engine vs the compiled one (Engine(compile=True)) vs transformers'
