@@ -183,8 +183,9 @@ def run_case(name, world_models, engs, prompts, args):
 
 def compiled_shapes(engs) -> dict:
     """The shapes each compiled model has compiled so far (``static_cache``: one compilation per shape)."""
-    return {role: sorted(getattr(engs[kind], role).compiled_shapes)
-            for kind, role in (("plain", "target"), ("plain", "draft"), ("sss", "draft"), ("sss", "ref"))}
+    return {name: sorted(getattr(engs[kind], role).compiled_shapes)
+            for name, kind, role in (("target", "plain", "target"), ("draft", "plain", "draft"),
+                                     ("sss_draft", "sss", "draft"), ("ref", "sss", "ref"))}
 
 
 def main(argv=None):
