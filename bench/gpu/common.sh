@@ -5,6 +5,7 @@
 #            limit, the command itself; the device and library versions (after the install);
 #   run.log  every command's full output.
 # BUDGET_S (default 510 s = 8.5 minutes) bounds the whole script; pass less when less device time is left.
+# COMMIT names the commit in run.txt where the copy on the device has no .git (pass `git rev-parse --short HEAD`).
 RESULTS=${OUT:-bench/results/gpu}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0 FASTALIGN_KERNELS=auto
@@ -14,7 +15,7 @@ BUDGET_S=${BUDGET_S:-510}
 SCRIPT_START=$SECONDS
 LOGS=$(mktemp -d)
 {
-    echo "# $(basename "$0") at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "# $(basename "$0") at $(date -u +%FT%TZ), commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     printf 'name\tstatus\tseconds\tlimit\tcommand\n'
 } | tee -a "$RESULTS/run.txt"
 
