@@ -9,7 +9,12 @@ Worlds:
   (12 layers, 768 wide, vocabulary 8192) and a ~13M draft (its embeddings, first layer and norm), the ref a
   noisy copy of the draft; calibrated (``bench_speculative.calibrate``) so that the draft's entropy is 2 nats
   and the per-token SD acceptance ``--acceptance`` (0.8); ``cards`` and ``qalign`` use a rule reward (a
-  callable: the share of even token ids), so only the target's calls are timed there.
+  callable: the share of even token ids), so only the target's calls are timed there;
+* ``1b``: the same construction at GPU shapes: ``bench_speculative``'s ``1b`` target (TinyLlama-1.1B's shapes,
+  22 layers, 2048 wide, vocabulary 32000) and a ~100M draft (``--draft-size 100m``: its first layer).
+
+``--device`` and ``--dtype`` place every world's models (default: the CPU in fp32); on CUDA each call is timed
+between ``torch.cuda.synchronize`` calls (``bench.common.timed``).
 
 EOS is disabled everywhere (every run emits exactly ``--max-new-tokens`` tokens per prompt: equal work), and
 sampling is at temperature 1 over the full vocabulary (``top_k=0`` for ``generate``), except ``cards`` (its
@@ -18,10 +23,16 @@ defaults, T = 0.7, top-k 40).
 Timing: every case is first run once per variant to compile (its wall time minus the steady-state time is
 reported as the compile time: ``torch.compile`` compiles each new shape on first use), then ``--repeats`` rounds
 run the variants interleaved (eager, compiled, generate, ...) and the minimum wall time per variant is kept:
-on a shared machine scheduling only adds time. The machine's load average is recorded before and after.
+on a shared machine scheduling only adds time. The machine's load average is recorded before and after. A timed
+call of the compiled engine can still meet a shape its first call did not (another seed, other acceptances) and
+compile it: the JSON counts these per repeat (``new_shapes_while_timed``), and the table marks a compiled figure
+"(compiling)" when its best run included one.
 
     python bench/bench_engine.py                        # both worlds, all cases (CPU: ~30 min, mostly compiling)
     python bench/bench_engine.py --worlds toy --cases sample_b1,sd_chain
+    python bench/bench_engine.py --device cuda --dtype bf16 --worlds 1b --cases sample_b1,sample_b16,sd_chain
+
+The result files are rewritten after every case, so a run cut short (a ``timeout``) keeps what it measured.
 
 Writes ``bench/results/engine_<device>[_<tag>].json`` and ``.md``.
 """
@@ -31,13 +42,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import command_line, device_info, device_tag, markdown_table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    DTYPES, command_line, device_info, device_tag, markdown_table, timed, write_results,
+)
 import fastalign  # noqa: E402
 
 CASES = {  # name: (method, options, batch)
@@ -62,7 +74,9 @@ def even_share(prompts, responses):
 def toy_world(args):
     from fastalign.toyworld import load_toy_world
 
-    w = load_toy_world()
+    w = load_toy_world(device=args.device)
+    for m in (w.target, w.draft, w.aligned_draft, w.reward):  # w.ref is w.draft
+        m.to(dtype=args.dtype)
     for m in (w.target, w.draft, w.aligned_draft):
         m.generation_config.eos_token_id = None
     prompts = [p for p in w.tokenizer(w.prompts)["input_ids"]]
@@ -70,14 +84,17 @@ def toy_world(args):
     return models, prompts, {}
 
 
-def random_world(args):
+RANDOM_WORLDS = {"100m": ("100m", "10m"), "1b": ("1b", "100m")}  # world: (target size, draft size)
+
+
+def random_world(args, world):
     from bench.bench_speculative import TARGET_SIZES, build_models, calibrate
 
     TARGET_SIZES.setdefault("100m", dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12,
                                          num_key_value_heads=4, num_hidden_layers=12, vocab_size=8192))
-    target, draft, extra = build_models("100m", "10m", torch.device("cpu"), torch.float32, args.seed)
+    target, draft, extra = build_models(*RANDOM_WORLDS[world], args.device, args.dtype, args.seed)
     calib = argparse.Namespace(seed=args.seed, entropy=2.0, acceptance=args.acceptance, ref_tv=0.25)
-    ref, settings = calibrate(target, draft, extra, calib, torch.device("cpu"))
+    ref, settings = calibrate(target, draft, extra, calib, args.device)
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(1, target.config.vocab_size, (16, 16), generator=gen).tolist()
     settings.update(target_params=sum(p.numel() for p in target.parameters()),
@@ -116,7 +133,7 @@ def fastalign_run(engs, method, options, prompts, max_new, seed):
 def generate_run(model, prompts, max_new, seed, static: bool):
     from transformers import CompileConfig
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     torch.manual_seed(seed)
     kw = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new, min_new_tokens=max_new,
               pad_token_id=0, attention_mask=torch.ones_like(ids))
@@ -142,28 +159,40 @@ def run_case(name, world_models, engs, prompts, args):
                                                                          True)
     first, times, info = {}, {k: [] for k in variants}, {}
     for k, fn in variants.items():  # first calls: compilation of new shapes
-        t = time.perf_counter()
-        info[k] = fn(args.seed)
-        first[k] = time.perf_counter() - t
+        info[k], first[k] = timed(lambda: fn(args.seed), args.device)
+    new_shapes = []  # per repeat: shapes the compiled engines first met (and compiled) inside a timed call
     for r in range(args.repeats):
         for k, fn in variants.items():
-            t = time.perf_counter()
-            info[k] = fn(args.seed + 1 + r)
-            times[k].append(time.perf_counter() - t)
+            known = sum(map(len, compiled_shapes(engs["compiled"]).values()))
+            info[k], t = timed(lambda: fn(args.seed + 1 + r), args.device)
+            times[k].append(t)
+            if k == "compiled":
+                new_shapes.append(sum(map(len, compiled_shapes(engs["compiled"]).values())) - known)
     out = {}
     for k in variants:
         best = min(times[k])
         out[k] = dict(wall_s=best, tokens=info[k]["tokens"], tokens_per_s=info[k]["tokens"] / best,
                       first_call_s=first[k], compile_s=max(0.0, first[k] - best), all_wall_s=times[k],
                       **{x: v for x, v in info[k].items() if x != "tokens"})
+    out["compiled"]["new_shapes_while_timed"] = new_shapes
+    out["compiled"]["best_run_compiled"] = new_shapes[times["compiled"].index(min(times["compiled"]))] > 0
     print(f"  {name}: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s (compile {v['compile_s']:.0f} s)"
                                    for k, v in out.items()), flush=True)
     return out
 
 
+def compiled_shapes(engs) -> dict:
+    """The shapes each compiled model has compiled so far (``static_cache``: one compilation per shape)."""
+    return {name: sorted(getattr(engs[kind], role).compiled_shapes)
+            for name, kind, role in (("target", "plain", "target"), ("draft", "plain", "draft"),
+                                     ("sss_draft", "sss", "draft"), ("ref", "sss", "ref"))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worlds", default="toy,100m")
+    ap.add_argument("--worlds", default="toy,100m", help="comma-separated, of toy, 100m, 1b (GPU shapes)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
@@ -173,32 +202,44 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--tag", help="suffix of the result files: engine_<device>_<tag>")
     args = ap.parse_args(argv)
+    worlds, cases = args.worlds.split(","), args.cases.split(",")
+    for name, known in (("world", ["toy", *RANDOM_WORLDS]), ("case", CASES)):
+        unknown = [x for x in (worlds if name == "world" else cases) if x not in known]
+        if unknown:
+            ap.error(f"unknown {name}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    args.device, args.dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
-    info = device_info(torch.device("cpu"))
+    info = device_info(args.device)
     info["cpu_count"] = os.cpu_count()
-    payload = dict(command=command_line(), device=info, threads=args.threads, max_new_tokens=args.max_new_tokens,
-                   repeats=args.repeats, load_before=os.getloadavg(), worlds={})
-    for world in args.worlds.split(","):
+    payload = dict(command=command_line(), device=info, dtype=str(args.dtype).removeprefix("torch."),
+                   threads=args.threads, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                   load_before=os.getloadavg(), worlds={})
+    stem = f"engine_{device_tag(info)}" + (f"_{args.tag}" if args.tag else "")
+
+    def save():  # after every case: a run cut short keeps what it measured
+        payload["load_after"] = os.getloadavg()
+        return write_results(stem, payload, to_markdown(payload), args.out_dir)
+
+    for world in worlds:
         print(f"{world}:", flush=True)
-        models, prompts, settings = (toy_world if world == "toy" else random_world)(args)
+        models, prompts, settings = toy_world(args) if world == "toy" else random_world(args, world)
         engs = {"eager": engines(models, False), "compiled": engines(models, True)}
         results = {}
-        for name in args.cases.split(","):
+        payload["worlds"][world] = dict(settings=settings, cases=results, compiled_shapes={})
+        for name in cases:
             results[name] = run_case(name, models, engs, prompts, args)
-        compiled_shapes = {role: sorted(getattr(engs["compiled"][kind], role).compiled_shapes)
-                           for kind, role in (("plain", "target"), ("plain", "draft"), ("sss", "draft"),
-                                              ("sss", "ref"))}
-        payload["worlds"][world] = dict(settings=settings, cases=results, compiled_shapes=compiled_shapes)
-    payload["load_after"] = os.getloadavg()
-    stem = f"engine_{device_tag(info)}" + (f"_{args.tag}" if args.tag else "")
-    paths = write_results(stem, payload, to_markdown(payload), args.out_dir)
-    print("wrote", *paths)
+            payload["worlds"][world]["compiled_shapes"] = compiled_shapes(engs["compiled"])
+            save()
+        del models, engs  # free the device before the next world
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("wrote", *save())
 
 
 def to_markdown(payload) -> str:
     dev = payload["device"]
     lines = [f"# Engine speed: eager vs compiled vs transformers generate ({dev['name']}, "
-             f"{payload['threads']} thread(s), {dev['cpu_count']} CPUs)\n",
+             f"{payload.get('dtype', 'float32')}, {payload['threads']} thread(s), {dev['cpu_count']} CPUs)\n",
              f"`{payload['command']}`\n",
              f"torch {dev['torch']}; {payload['max_new_tokens']} new tokens per prompt, EOS disabled; minimum of "
              f"{payload['repeats']} interleaved repeats. Load average before / after: "
@@ -214,7 +255,8 @@ def to_markdown(payload) -> str:
         for name, r in res["cases"].items():
             e, c = r["eager"], r["compiled"]
             ref_sample = res["cases"].get("sample_b1", {}).get("compiled")
-            row = [name, f"{e['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}",
+            mark = " (compiling)" if c.get("best_run_compiled") else ""  # a new shape compiled inside every timed run
+            row = [name, f"{e['tokens_per_s']:.1f}", f"{c['tokens_per_s']:.1f}{mark}",
                    f"{c['tokens_per_s'] / e['tokens_per_s']:.2f}x"]
             g, gs = r.get("generate"), r.get("generate_static_compiled")
             row += [f"{g['tokens_per_s']:.1f}" if g else "", f"{gs['tokens_per_s']:.1f}" if gs else "",

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# GPU call 2 of 2 (about 9 minutes on an H100): end-to-end benchmarks at realistic shapes, bf16, random-init
-# Llama-style models (a ~1B target and a ~100M draft derived from it, so acceptance is controlled):
-# sd / sss (chain and tree) against plain decoding and Hugging Face assisted generation at batch 1 and 16,
-# cards and qalign against their no-cache baselines. Results go to $OUT (or bench/results/gpu).
+# GPU call 2 of 2 (at most BUDGET_S, default 8.5 minutes: pass what the device lease has left, less a minute;
+# steps in order of priority, each under a timeout): end-to-end speed at realistic shapes, bf16,
+# random-init Llama-style models (a ~1B target and a ~100M draft made of its first layer, calibrated so the
+# acceptance is controlled):
+# - bench_engine, world 1b: the eager engine vs the compiled one (Engine(compile=True)) vs transformers'
+#   generate (eager, and static cache + torch.compile): sample at batch 1 and 16, sd/sss chain and tree;
+# - bench_speculative: sd/sss (chain and tree) against plain decoding and HF assisted generation at batch 1,
+#   and against plain decoding at batch 16;
+# - bench_cards: cards against its no-cache baseline (a ~1B target, a ~0.3B reward: bench/gpu/make_models.py).
+# Run from the repository root after run_tests_and_kernels.sh (or on a fresh machine: it installs too); results
+# in $OUT (or bench/results/gpu): run.txt, run.log (bench/gpu/common.sh), engine_<device>_1b.json/.md (rewritten
+# after every case: a timeout keeps the cases measured), speculative_<device>.json/.md, cards_<device>.json/.md.
 set -uo pipefail
-RESULTS=${OUT:-bench/results/gpu}
-mkdir -p "$RESULTS"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=0
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
-timeout 270 python3 bench/bench_speculative.py --device cuda --dtype bf16 --target-size 1b --draft-size 100m \
-    --batch 1,16 --max-new-tokens 128 --out-dir "$RESULTS" 2>&1 | tail -20 | tee "$RESULTS/e2e.log"
-python3 bench/gpu/make_models.py /tmp/fastalign_models
-timeout 150 python3 bench/bench_cards.py --device cuda --dtype bf16 --target /tmp/fastalign_models/target \
-    --reward /tmp/fastalign_models/reward --max-new-tokens 128 --out-dir "$RESULTS" 2>&1 | tail -10 | tee -a "$RESULTS/e2e.log"
-timeout 120 python3 bench/bench_qalign.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 32000 \
-    --prompt-lens 512 2048 --out-dir "$RESULTS" 2>&1 | tail -10 | tee -a "$RESULTS/e2e.log"
+. "$(dirname "$0")/common.sh"
+MODELS=${MODELS:-/tmp/fastalign_models}
+step 240 install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+record_environment
+step 200 bench_engine "$PY" bench/bench_engine.py --device cuda --dtype bf16 --worlds 1b \
+    --cases sample_b1,sd_chain,sss_chain,sd_tree,sss_tree,sample_b16 --max-new-tokens 64 --repeats 2 \
+    --tag 1b --out-dir "$RESULTS"
+step 150 bench_speculative "$PY" bench/bench_speculative.py --device cuda --dtype bf16 --target-size 1b \
+    --draft-size 100m --batch 1,16 --max-new-tokens 128 --out-dir "$RESULTS"
+step 60 make_models "$PY" bench/gpu/make_models.py "$MODELS"
+step 75 bench_cards "$PY" bench/bench_cards.py --device cuda --dtype bf16 --target "$MODELS/target" \
+    --reward "$MODELS/reward" --max-new-tokens 128 --out-dir "$RESULTS"
 ls -la "$RESULTS"
