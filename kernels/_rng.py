@@ -22,6 +22,7 @@ Uniforms are ``(bits >> 9) + 0.5`` times ``2**-23``: 23 random bits, every value
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -113,9 +114,33 @@ def bits_to_uniform_torch(bits: torch.Tensor) -> torch.Tensor:
 
 def stream_bits_torch(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
     """The 32-bit numbers (int64) of elements ``0 .. n_cols - 1`` of the rows' streams ``[R, 2]`` (key, ctr):
-    ``[R, n_cols]``."""
+    ``[R, n_cols]``. On the CPU the same bits come from NumPy (``_stream_bits_numpy``): Philox is ~140 tiny
+    integer ops, and NumPy's per-op cost is a fraction of torch's, which matters once per decoding step."""
     if n_cols >= 2**34:
         raise ValueError(f"a stream has 2**34 elements, asked for {n_cols}")
+    if streams.device.type == "cpu":
+        return _stream_bits_numpy(streams, n_cols)
+    return _stream_bits_tensor(streams, n_cols)
+
+
+def _stream_bits_numpy(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """``stream_bits_torch`` in NumPy uint64 arithmetic (CPU tensors; bit for bit the same numbers)."""
+    s = streams.contiguous().numpy().view(np.uint64)
+    m32, s32 = np.uint64(MASK32), np.uint64(32)
+    key, ctr = s[:, 0:1], s[:, 1:2]
+    c0 = np.arange((n_cols + 3) // 4, dtype=np.uint64)[None, :]
+    c1, c2, c3 = ctr & m32, ctr >> s32, np.zeros((), dtype=np.uint64)
+    k0, k1 = key & m32, key >> s32
+    for _ in range(ROUNDS):
+        p0, p1 = c0 * np.uint64(_M0), c2 * np.uint64(_M1)  # < 2**64: exact in uint64
+        c0, c1, c2, c3 = (p1 >> s32) ^ c1 ^ k0, p1 & m32, (p0 >> s32) ^ c3 ^ k1, p0 & m32
+        k0, k1 = (k0 + np.uint64(_W0)) & m32, (k1 + np.uint64(_W1)) & m32
+    words = np.stack(np.broadcast_arrays(c0, c1, c2, c3), axis=-1).reshape(s.shape[0], -1)[:, :n_cols]
+    return torch.from_numpy(words.astype(np.int64))
+
+
+def _stream_bits_tensor(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """``stream_bits_torch`` in torch int64 arithmetic (any device)."""
     key = streams[:, 0:1]
     ctr = streams[:, 1:2]
     c0 = torch.arange((n_cols + 3) // 4, device=streams.device, dtype=torch.int64)[None, :]

@@ -141,3 +141,13 @@ def test_uniform_grid_int_seed_rows_differ_and_seeds_resolve():
     with pytest.raises(ValueError, match="seed"):
         prompt_seeds(1.5, 1)
     assert math.isfinite(float(uniform_grid_torch(0, 1, 1)))
+
+
+def test_numpy_and_torch_twins_give_the_same_bits():
+    """``stream_bits_torch`` takes NumPy on CPU tensors and torch elsewhere: both must be the same numbers."""
+    from fastalign.kernels._rng import _stream_bits_numpy, _stream_bits_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in ((1, 1), (3, 5), (4, 144), (2, 4099)):
+        streams = torch.randint(-2**63, 2**63 - 1, (rows, 2), dtype=torch.int64, generator=gen)
+        assert torch.equal(_stream_bits_numpy(streams, cols), _stream_bits_tensor(streams, cols))
