@@ -124,18 +124,29 @@ def stream_bits_torch(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def _stream_bits_numpy(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``stream_bits_torch`` in NumPy uint64 arithmetic (CPU tensors; bit for bit the same numbers)."""
+    """``stream_bits_torch`` in NumPy uint64 arithmetic (CPU tensors; bit for bit the same numbers).
+
+    The two multiply lanes of a Philox round run as one array op: ``a = (c0, c2)`` and ``b = (c1, c3)`` are
+    stacked on a leading axis of 2, so a round is a handful of NumPy calls (their fixed cost dominates here).
+    """
     s = streams.contiguous().numpy().view(np.uint64)
     m32, s32 = np.uint64(MASK32), np.uint64(32)
     key, ctr = s[:, 0:1], s[:, 1:2]
-    c0 = np.arange((n_cols + 3) // 4, dtype=np.uint64)[None, :]
-    c1, c2, c3 = ctr & m32, ctr >> s32, np.zeros((), dtype=np.uint64)
-    k0, k1 = key & m32, key >> s32
+    groups = (n_cols + 3) // 4
+    a = np.empty((2, s.shape[0], groups), dtype=np.uint64)  # (c0, c2)
+    a[0] = np.arange(groups, dtype=np.uint64)[None, :]
+    a[1] = ctr >> s32
+    b = np.empty_like(a)  # (c1, c3)
+    b[0] = ctr & m32
+    b[1] = 0
+    k = np.stack([key & m32, key >> s32])  # (k0, k1), [2, R, 1]
+    multipliers = np.array([_M0, _M1], dtype=np.uint64)[:, None, None]
+    weyl = np.array([_W0, _W1], dtype=np.uint64)[:, None, None]
     for _ in range(ROUNDS):
-        p0, p1 = c0 * np.uint64(_M0), c2 * np.uint64(_M1)  # < 2**64: exact in uint64
-        c0, c1, c2, c3 = (p1 >> s32) ^ c1 ^ k0, p1 & m32, (p0 >> s32) ^ c3 ^ k1, p0 & m32
-        k0, k1 = (k0 + np.uint64(_W0)) & m32, (k1 + np.uint64(_W1)) & m32
-    words = np.stack(np.broadcast_arrays(c0, c1, c2, c3), axis=-1).reshape(s.shape[0], -1)[:, :n_cols]
+        p = a * multipliers  # (c0 * M0, c2 * M1): < 2**64, exact in uint64
+        a, b = (p[::-1] >> s32) ^ b ^ k, p[::-1] & m32  # c0' = hi1 ^ c1 ^ k0, c2' = hi0 ^ c3 ^ k1; c1' = lo1, c3' = lo0
+        k = (k + weyl) & m32
+    words = np.stack([a[0], b[0], a[1], b[1]], axis=-1).reshape(s.shape[0], -1)[:, :n_cols]
     return torch.from_numpy(words.astype(np.int64))
 
 
