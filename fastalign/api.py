@@ -17,7 +17,7 @@ from .methods import get_method, remote_target_methods
 from .methods.base import Context, Randomness
 from .models import CausalLM, InputError, RewardModel
 from .remote import RemoteLM
-from .static_cache import StaticCausalLM, StaticOptions
+from .static_cache import StaticCachedModel, StaticCausalLM, StaticOptions
 from .validation import NonFiniteReward
 
 MODEL_ROLES = ("target", "draft", "ref", "reward")
@@ -67,7 +67,8 @@ def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, dev
     by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.rewards``); ``static``
     keeps a reward model's cached prefixes in a static cache."""
     if isinstance(spec, RewardModel):
-        if not spec.is_model or (device is None and not isinstance(dtype, torch.dtype)):
+        same_kind = not spec.is_model or isinstance(spec.lm, StaticCachedModel) == (static is not None)
+        if not spec.is_model or (same_kind and device is None and not isinstance(dtype, torch.dtype)):
             return spec
         return RewardModel(_placed(spec.lm.model, device, dtype), spec.tokenizer, spec.policy_tokenizer, static=static)
     if isinstance(spec, str):

@@ -155,11 +155,12 @@ def _check_output_file(path: str | None, flag: str) -> None:
         raise InputError(f"{flag} {path!r}: the folder {str(Path(path).parent)!r} does not exist")
 
 
-def _resume_generate(args, prompts: list[str], wanted: dict) -> int:
-    """``generate -o FILE --resume``: keep the whole batches of FILE that this run would write (the same
-    prompts in order, method and options in effect, ``wanted``) and return the first batch to decode; a partly
-    written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error."""
-    from .evaluate import read_complete_jsonl, write_jsonl
+def _resume_generate(args, prompts: list[str], options: dict, sampling: dict) -> tuple[int, list[dict]]:
+    """``generate -o FILE --resume``: the whole batches of FILE that this run would write (the same prompts in
+    order, method, options in effect and sampling settings, seed included) and the first batch to decode; a
+    partly written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error.
+    Returns ``(first batch, lines to keep)``; the caller rewrites FILE with them."""
+    from .evaluate import read_complete_jsonl
     from .validation import InputError
 
     previous = read_complete_jsonl(args.output)
@@ -167,12 +168,12 @@ def _resume_generate(args, prompts: list[str], wanted: dict) -> int:
         raise InputError(f"--resume: {args.output} has {len(previous)} lines for {len(prompts)} prompts; "
                          "it is not an earlier part of this run")
     for n, (line, prompt) in enumerate(zip(previous, prompts), 1):
-        if line.get("prompt") != prompt or line.get("method") != args.method or line.get("options") != wanted:
-            raise InputError(f"--resume: line {n} of {args.output} is not this run's (its prompt, method or options "
-                             "differ); write to another file or drop --resume")
+        if (line.get("prompt") != prompt or line.get("method") != args.method or line.get("options") != options
+                or line.get("sampling") != sampling):
+            raise InputError(f"--resume: line {n} of {args.output} is not this run's (its prompt, method, options or "
+                             "sampling settings differ); write to another file or drop --resume")
     done_batches = len(previous) // args.batch_size
-    write_jsonl(args.output, previous[: done_batches * args.batch_size])
-    return done_batches
+    return done_batches, previous[: done_batches * args.batch_size]
 def per_prompt_values(extra: dict, rows: int) -> list[dict]:
     """From a decode's ``out.extra``, the values that are one number or one list of numbers per prompt
     (e.g. ``bon``'s rewards, ``cards``' reward_threshold); others (trajectories) are left out."""
@@ -195,7 +196,7 @@ def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
     from .api import sampling_settings
-    from .evaluate import _jsonable
+    from .evaluate import _jsonable, write_jsonl
     from .methods import get_method, options_in_effect
     from .validation import InputError
 
@@ -206,12 +207,17 @@ def cmd_generate(args) -> int:
         raise InputError("--resume continues an --output FILE: give one")
     prompts = _read_generate_prompts(args)
     effective = {key: _jsonable(v) for key, v in options_in_effect(args.method, options).items()}
-    first = _resume_generate(args, prompts, effective) if args.resume else 0
     world = _world(args)
     engine = engine_factory(args, world)(args.method)
     given = _sampling(args, world)
     temperature, top_k, top_p = sampling_settings(get_method(args.method)[0], given["temperature"], given["top_k"],
                                                   given["top_p"])
+    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
+                "top_p": top_p, "seed": args.seed}  # prompt i's own seed: prompt_seeds(seed, n)[i]
+    first = 0
+    if args.resume:
+        first, kept = _resume_generate(args, prompts, effective, sampling)
+        write_jsonl(args.output, kept)  # drop a partly written batch: it is decoded again
     out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
@@ -228,8 +234,6 @@ def cmd_generate(args) -> int:
             result = engine.decode(batch, method=args.method, max_new_tokens=args.max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **options)
             stats = {key: v for key, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
-            sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
-                        "top_p": top_p, "seed": args.seed}  # prompt i's own: prompt_seeds(seed, n)[i]
             texts = result.texts or [None] * len(batch)
             values = per_prompt_values(result.extra, len(batch))
             lines = []
@@ -522,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every method")
     d.add_argument("--device", help="e.g. cuda (default: cpu)")
     d.add_argument("--dtype", choices=DTYPES, help="weights dtype of the world's models")
+    d.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                   help="CPU threads of torch (see README, CPU threads)")
     d.add_argument("--show", type=int, default=2, help="completions printed per method")
     d.set_defaults(func=cmd_demo)
 

@@ -39,6 +39,9 @@ METHODS = tuple(SETTINGS)
 COLUMNS = ("method", "gold", "gold_vs_sample", "reward", "target_calls", "draft_calls", "ref_calls",
            "reward_calls", "generated_tokens", "time_s", "time_vs_sample")
 DEMO_SIZES = {"toy": (32, 24), "smollm2": (8, 48)}  # default (prompts, max new tokens) per world
+# Sampling of the demo, where it differs from the world's (``World.sampling``, the methods' defaults on the toy
+# world): on the toy world every method samples at T = 1 untruncated, so the differences come from alignment.
+DEMO_SAMPLING = {"toy": {"temperature": 1.0}}
 
 
 def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int | None = None, seed: int = 0,
@@ -80,7 +83,9 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     try:
         for engine in engines.values():  # warm-up, so that the first method's time is not the library's start
             engine.decode(prompt_ids[:1], method="sample", max_new_tokens=2, seed=seed)
-        rows = [_run_method(label, loaded, engines, prompts, prompt_ids, max_new_tokens, seed, gold, show, file)
+        sampling = DEMO_SAMPLING.get(world, loaded.sampling)
+        rows = [_run_method(label, loaded, engines, prompts, prompt_ids, max_new_tokens, seed, sampling, gold, show,
+                            file)
                 for label in methods]
     finally:
         torch.set_num_threads(threads)
@@ -92,7 +97,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     print(file=file)
     print(format_table(rows), file=file)
     print(f"\n{world} world: {num_prompts} prompts, {max_new_tokens} new tokens at most, seed {seed}, "
-          f"sampling {_sampling_text(loaded.sampling)}. " + WORLD_NOTES[world] + " target/draft/ref/reward: "
+          f"sampling {_sampling_text(DEMO_SAMPLING.get(world, loaded.sampling))}. " + WORLD_NOTES[world] + " target/draft/ref/reward: "
           "forward passes (reward: calls) per model; time ×: relative to sample.", file=file)
     for label in skipped:
         method = SETTINGS[label][0] if label in SETTINGS else label
@@ -111,12 +116,13 @@ def _sampling_text(sampling: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sampling.items()) or "the methods' defaults"
 
 
-def _run_method(label, world, engines, prompts, prompt_ids, max_new_tokens, seed, gold, show, file) -> dict:
+def _run_method(label, world, engines, prompts, prompt_ids, max_new_tokens, seed, sampling, gold, show,
+                file) -> dict:
     method, options = world.settings[label]
     engine = engines["sss" if method == "sss" else "default"]
     start = time.perf_counter()
     out = engine.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, seed=seed,
-                        **world.sampling, **options)
+                        **sampling, **options)
     elapsed = time.perf_counter() - start
     golds = gold(prompt_ids, out.sequences, prompts, out.texts, [{"prompt": p} for p in prompts])
     if world.chat:  # the prompt is a request, the completion a reply: show both

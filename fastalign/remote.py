@@ -258,7 +258,12 @@ class RemoteLM:
         """``n`` sampled continuations per prompt (token ids, at most ``budgets[b]`` tokens, EOS kept); rows
         ``b * n + j`` belong to prompt ``b``. Sample ``j`` of prompt ``b`` is drawn with seed ``seeds[b] + j``:
         ``seed`` is one request seed per prompt (a list), or an int (prompt ``b`` gets ``row_seed(seed, b)``)."""
+        if seed is None or isinstance(seed, bool):
+            raise InputError(f"complete needs an int seed or one int seed per prompt, got {seed!r}")
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [row_seed(seed, b) for b in range(len(prompts))]
+        if len(seeds) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise InputError(f"complete needs an int seed or one int seed per prompt, got {seed!r} for "
+                             f"{len(prompts)} prompts")
         if len(budgets) != len(prompts) or not (isinstance(n, int) and n >= 1):
             raise InputError(f"complete needs one budget per prompt and n >= 1, got {len(prompts)} prompts, "
                              f"{len(budgets)} budgets, n={n!r}")

@@ -109,7 +109,7 @@ class World:
     prompts: list[str]
     chat: bool  # prompts are rendered with the chat template
     settings: dict  # label -> (method, options)
-    sampling: dict = field(default_factory=dict)  # temperature / top_k / top_p for every method
+    sampling: dict = field(default_factory=dict)  # temperature / top_k / top_p for every method ({}: their own)
     draft: object = None
     ref: object = None
     aligned_draft: object = None
@@ -196,7 +196,7 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
             for model in (toy.target, toy.draft, toy.aligned_draft, toy.reward):
                 model.to(dtype=dtype)
         return World("toy", toy.target, toy.tokenizer, toy.reward, "toy", list(toy.prompts), chat=False,
-                     settings=dict(TOY_SETTINGS), sampling={"temperature": 1.0}, draft=toy.draft, ref=toy.ref,
+                     settings=dict(TOY_SETTINGS), sampling={}, draft=toy.draft, ref=toy.ref,
                      aligned_draft=toy.aligned_draft, source=toy)
     if name == "smollm2":
         model, tokenizer = load_converted(smollm2_gguf_path(), device, dtype)

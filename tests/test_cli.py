@@ -258,3 +258,12 @@ def test_a_prompt_the_toy_tokenizer_does_not_know_is_warned_about(capsys):
     assert "1 of 1 prompts are mostly unknown tokens" in err and "6 unknown token(s) out of 6" in err
     assert cli.main(["generate", "--toy", "--max-new-tokens", "2", "review : the pasta"]) == 0
     assert "unknown" not in capsys.readouterr().err
+
+
+def test_generate_on_the_toy_world_uses_the_methods_sampling_defaults(capsys):
+    """Without --temperature a method samples with its paper's settings (rs: T 0.7, top-k 40), on the toy world
+    as anywhere; the demo alone fixes T = 1 for every method."""
+    assert cli.main(["generate", "--toy", "--method", "rs", "--max-new-tokens", "2", "--opt", "max_rejections=1",
+                     "review : the pasta"]) == 0
+    line = read_lines(capsys.readouterr().out)[0]
+    assert (line["sampling"]["temperature"], line["sampling"]["top_k"]) == (0.7, 40)

@@ -143,3 +143,15 @@ def test_generate_resume(model_dirs, tmp_path, capsys):
     assert cli.main(generate_args(model_dirs, part, "--resume", "--method", "bon", "--reward",
                                   str(model_dirs[1]))) == 2
     one_line_error(capsys, "line 1 of", "is not this run's")
+
+
+def test_generate_resume_refuses_other_sampling_settings(model_dirs, tmp_path, capsys):
+    """A resume with another seed or temperature would mix two runs in one file: refused, the file untouched."""
+    out = tmp_path / "out.jsonl"
+    assert cli.main(generate_args(model_dirs, out)) == 0
+    before = out.read_text()
+    for extra in (["--seed", "4"], ["--temperature", "0.5"], ["--max-new-tokens", "3"]):
+        capsys.readouterr()
+        assert cli.main(generate_args(model_dirs, out, "--resume", *extra)) == 2
+        one_line_error(capsys, "line 1 of", "is not this run's")
+        assert out.read_text() == before
