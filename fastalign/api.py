@@ -231,10 +231,7 @@ class Engine:
                 and not getattr(m, "retokenize", False)}  # a re-tokenising reward counts other tokens
         check.check_context_lengths(used, prompt_ids, max_new_tokens)
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
-        try:
-            rng = Randomness(seed, len(prompt_ids))
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        rng = Randomness(seed, len(prompt_ids))  # the seed is checked above (check_seed)
         ctx = Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
                       float(temperature), top_k, top_p, rng)
         start = time.perf_counter()

@@ -188,6 +188,20 @@ def within(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextmanager
+def serving(target, reward=None):
+    """``fastalign.serve`` of ``target`` (and ``reward``) on a free loopback port; yields its base URL and always
+    shuts it down."""
+    from . import serve
+
+    server, url = serve.start(target=target, reward=reward)
+    try:
+        yield url
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def save_tiny_models(root, vocab_size: int):
     """A tiny target and reward model with a tokenizer, saved as HF folders ``root/lm`` and ``root/rm``
     (loaded by path, offline); returns the two paths."""

@@ -12,6 +12,7 @@ from fastalign.methods.qalign import rouge1, select_state
 from fastalign.models import RewardModel
 from fastalign.remote import RemoteError, RemoteLM, RemoteReward
 from fastalign.testing import (
+    serving,
     empirical_law,
     next_token_probs,
     qalign_exact_laws,
@@ -211,10 +212,8 @@ def test_bad_options(model):
 # -------------------------------------------------------------------------------------- remote
 @pytest.fixture(scope="module")
 def server(model):
-    server, url = fastalign.serve.start(target=model, reward=reward_fn)
-    yield url
-    server.shutdown()
-    server.server_close()
+    with serving(model, reward_fn) as url:
+        yield url
 
 
 def test_remote_single_chain_draws_what_local_draws(model, server):

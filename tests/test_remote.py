@@ -14,7 +14,7 @@ import fastalign
 import fastalign.serve
 from fastalign.remote import RemoteError, RemoteLM, RemoteReward, row_seed
 from fastalign.models import RewardModel
-from fastalign.testing import tiny_causal_lm, tiny_reward_model
+from fastalign.testing import serving, tiny_causal_lm, tiny_reward_model
 
 V, EOS = 6, 5
 
@@ -34,10 +34,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-    server, url = fastalign.serve.start(target=model, reward=reward_fn)
-    yield url
-    server.shutdown()
-    server.server_close()
+    with serving(model, reward_fn) as url:
+        yield url
 
 
 class Stub:

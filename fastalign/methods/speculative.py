@@ -58,6 +58,9 @@ target call saves; each pass also emits one token of its own).
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 
 from ..kernels import spec_verify, tree_verify
@@ -370,7 +373,9 @@ def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...
     path, accepted, next_token = tree_verify(
         p, q_r, q, nodes, tree_parents, tree_kind=kind, max_depth=len(branching), num_nodes=num_nodes,
         **_verify_randomness(ctx, rows, step, N, dev), **verify)
-    return nodes, accepted, next_token, path, int(num_nodes.sum())
+    level_sizes = list(itertools.accumulate(branching, operator.mul))  # nodes per level
+    live_nodes = sum(sum(level_sizes[: min(v, len(branching))]) for v in valid)  # = num_nodes.sum(), no sync
+    return nodes, accepted, next_token, path, live_nodes
 
 
 def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
