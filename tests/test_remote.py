@@ -214,7 +214,8 @@ def test_a_pool_spreads_requests_and_fails_over(stubs):
     assert got == RemoteLM(a.url, eos_token_ids=[EOS]).complete([[1]] * 30, [2] * 30, seed=4)  # same seeds
     answered = lm.pool.answered
     assert answered[a.url] >= 10 and answered[b.url] >= 10 and answered[a.url] + answered[b.url] == 31
-    assert answered[dead] == 0
+    # a failed server is tried last afterwards: round-robin alone would send it about 10 of the 30 requests
+    assert 1 <= lm.pool._failures[dead] < 5
 
 
 def test_failures_are_retried_with_backoff_then_named(stubs):
