@@ -284,3 +284,13 @@ def test_qalign_keeps_its_completed_steps_when_the_reward_server_fails(model, st
         for c in range(2):
             assert partial.extra["state_path"][b][c] == full.extra["state_path"][b][c][:4]
         assert partial.sequences[b] == partial.extra["final_states"][b][0]
+
+
+@pytest.mark.parametrize("method, options", [("cards", {"max_rejections": 2}), ("args", {"k": 3})])
+def test_a_remote_reward_serves_the_logits_methods_with_a_local_target(server, model, method, options):
+    """A RemoteReward is a callable reward: with a local target, cards and args give the tokens of the same
+    reward computed locally."""
+    kwargs = dict(method=method, target=model, max_new_tokens=3, seed=5, **options)
+    remote = fastalign.decode([[1, 2], [3]], reward=RemoteReward(server), **kwargs)
+    local = fastalign.decode([[1, 2], [3]], reward=reward_fn, **kwargs)
+    assert remote.sequences == local.sequences and remote.stats["reward_calls"] > 0
