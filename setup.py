@@ -143,7 +143,7 @@ class CMakeBuild(build_ext):
                     raise
                 _warn(
                     f"building the native extension {ext.name} failed ({exc}); installing without it. "
-                    "fastalign works on its pure-PyTorch fallback (fastalign.native.native_available() "
+                    "fastalign works on its pure-PyTorch fallback (fastalign.models.native.native_available() "
                     "is False). Set FASTALIGN_REQUIRE_NATIVE=1 to make this an error."
                 )
                 self.extensions.remove(ext)

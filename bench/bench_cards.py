@@ -40,7 +40,7 @@ from bench.common import (  # noqa: E402
 import fastalign  # noqa: E402
 from fastalign import kernels  # noqa: E402
 from fastalign.methods.base import Randomness  # noqa: E402
-from fastalign.models import CausalLM, ModelCounters, RewardModel  # noqa: E402
+from fastalign.models.causal_lm import CausalLM, ModelCounters, RewardModel  # noqa: E402
 from fastalign.testing import tiny_causal_lm, tiny_reward_model  # noqa: E402
 
 COUNTS = ("target_calls", "target_tokens", "reward_calls", "reward_tokens")
@@ -116,7 +116,7 @@ def load_models(args, device, dtype):
         ids = [tokenizer(p)["input_ids"] for p in prompts]
         return target, reward, tokenizer, reward_tokenizer, ids, args.target
     if args.models == "toy":
-        from fastalign.toyworld import load_toy_world
+        from fastalign.eval.toyworld import load_toy_world
 
         world = load_toy_world(device=device)
         ids = [world.tokenizer(p)["input_ids"] for p in world.prompts][: args.num_prompts]

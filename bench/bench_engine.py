@@ -3,7 +3,7 @@
 
 Worlds:
 
-* ``toy``: the shipped toy world (``fastalign.toyworld``: a 3-layer 64-wide target, a 2-layer 48-wide draft,
+* ``toy``: the shipped toy world (``fastalign.eval.toyworld``: a 3-layer 64-wide target, a 2-layer 48-wide draft,
   its aligned draft and reward model);
 * ``100m``: random Llama-style models from ``bench_speculative.build_models``: a ~91M-parameter target
   (12 layers, 768 wide, vocabulary 8192) and a ~13M draft (its embeddings, first layer and norm), the ref a
@@ -72,7 +72,7 @@ def even_share(prompts, responses):
 
 # ------------------------------------------------------------------------------------------- worlds
 def toy_world(args):
-    from fastalign.toyworld import load_toy_world
+    from fastalign.eval.toyworld import load_toy_world
 
     w = load_toy_world(device=args.device)
     for m in (w.target, w.draft, w.aligned_draft, w.reward):  # w.ref is w.draft

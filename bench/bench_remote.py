@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import fastalign  # noqa: E402
 from bench.common import command_line, device_info, markdown_table, write_results  # noqa: E402
-from fastalign.remote import RemoteLM, RemoteReward, eos_token_ids_of  # noqa: E402
+from fastalign.models.remote import RemoteLM, RemoteReward, eos_token_ids_of  # noqa: E402
 from fastalign.testing import VllmServer, tiny_causal_lm, tiny_reward_model, tiny_tokenizer  # noqa: E402
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import command_line, device_info, markdown_table, write_results  # noqa: E402
 from fastalign import Engine  # noqa: E402
 from fastalign.compat import RewardSampling  # noqa: E402
-from fastalign.toyworld import gold_reward_text, load_toy_world  # noqa: E402
+from fastalign.eval.toyworld import gold_reward_text, load_toy_world  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
-    from fastalign.toyworld import load_toy_world
+    from fastalign.eval.toyworld import load_toy_world
 
     default_threads = torch.get_num_threads()
     w = load_toy_world()

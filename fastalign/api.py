@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import chat as chat_prompts
-from . import loading, rewards
+from .models import chat as chat_prompts
+from .models import loading
+from .models import text_rewards as rewards
 from . import validation as check
 from .methods import get_method, remote_target_methods
 from .methods.base import Context, Randomness
-from .models import CausalLM, InputError, RewardModel
-from .remote import RemoteLM
-from .static_cache import StaticCachedModel, StaticCausalLM, StaticOptions
+from .models.causal_lm import CausalLM, InputError, RewardModel
+from .models.remote import RemoteLM
+from .models.slots import StaticCachedModel, StaticCausalLM, StaticOptions
 from .validation import NonFiniteReward
 
 MODEL_ROLES = ("target", "draft", "ref", "reward")
@@ -64,7 +65,7 @@ def _load_tokenizer(spec, trust_remote_code: bool):
 def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype,
                  static: StaticOptions | None = None):
     """A ``RewardModel`` from a reward model (name, path or object), a token-id callable, or a text reward named
-    by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.rewards``); ``static``
+    by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.models.text_rewards``); ``static``
     keeps a reward model's cached prefixes in a static cache."""
     if isinstance(spec, RewardModel):
         same_kind = not spec.is_model or isinstance(spec.lm, StaticCachedModel) == (static is not None)
@@ -120,13 +121,13 @@ class Engine:
     tokenizer then comes from the same file), loaded with ``trust_remote_code=False`` unless asked.
     ``device`` and ``dtype`` apply to every local model, objects included (moved and cast in place).
     ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists, or a text
-    reward by name: ``"vader"`` or ``"module:function"`` (``fastalign.rewards``).
+    reward by name: ``"vader"`` or ``"module:function"`` (``fastalign.models.text_rewards``).
     ``reward_tokenizer`` is the reward model's own tokenizer, when it differs from the policy's.
     ``chat=True`` renders plain string prompts with the tokenizer's chat template (conversations, lists of
     ``{"role", "content"}`` messages, always are). When the tokenizer has a chat template, its end-of-turn
-    token ends a response like EOS (``fastalign.chat``).
+    token ends a response like EOS (``fastalign.models.chat``).
 
-    ``compile=True`` runs the models on the compiled path (``fastalign.static_cache``): a preallocated static
+    ``compile=True`` runs the models on the compiled path (``fastalign.models.slots``): a preallocated static
     KV cache and fixed-shape steps compiled with ``torch.compile`` once per shape bucket (the first calls of
     each shape pay the compilation, tens of seconds on a CPU); outputs are those of the eager path (the
     default and the reference). ``static_cache=True`` without ``compile`` runs the static cache uncompiled

@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .worlds import NAMES as WORLDS
+from .eval.worlds import NAMES as WORLDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
@@ -32,8 +32,8 @@ DEFAULT_THREADS = 1
 
 
 def parse_value(text: str):
-    """``fastalign.evaluate.parse_value`` (imported when used: it pulls in torch)."""
-    from .evaluate import parse_value
+    """``fastalign.eval.harness.parse_value`` (imported when used: it pulls in torch)."""
+    from .eval.harness import parse_value
 
     return parse_value(text)
 
@@ -115,7 +115,7 @@ def engine_factory(args, world=None):
 
 def _world(args):
     """The world the command runs on: ``--world NAME``, ``--toy``, or the toy world when no target is named."""
-    from .worlds import load_world
+    from .eval.worlds import load_world
 
     name = args.world or ("toy" if args.toy or args.target is None else None)
     return load_world(name, args.device, _torch_dtype(args.dtype)) if name else None
@@ -131,7 +131,7 @@ def _sampling(args, world) -> dict:
 
 # ------------------------------------------------------------------------------------------- commands
 def _read_generate_prompts(args) -> list[str]:
-    from .evaluate import parse_prompt_lines, read_prompt_file
+    from .eval.harness import parse_prompt_lines, read_prompt_file
 
     if args.prompts_file:
         records = read_prompt_file(args.prompts_file, args.prompt_field)
@@ -160,7 +160,7 @@ def _resume_generate(args, prompts: list[str], options: dict, sampling: dict) ->
     order, method, options in effect and sampling settings, seed included) and the first batch to decode; a
     partly written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error.
     Returns ``(first batch, lines to keep)``; the caller rewrites FILE with them."""
-    from .evaluate import read_complete_jsonl
+    from .eval.harness import read_complete_jsonl
     from .validation import InputError
 
     previous = read_complete_jsonl(args.output)
@@ -196,7 +196,7 @@ def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
     from .api import sampling_settings
-    from .evaluate import _jsonable, write_jsonl
+    from .eval.harness import _jsonable, write_jsonl
     from .methods import get_method, options_in_effect
     from .validation import InputError
 
@@ -256,16 +256,8 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .api import MODEL_ROLES as ROLES
     from .validation import InputError
-    from .evaluate import (
-        GoldReward,
-        default_grid,
-        evaluate,
-        load_prompts,
-        parse_grid,
-        summarize,
-        summary_table,
-        write_results,
-    )
+    from .eval.harness import (GoldReward, default_grid, evaluate, load_prompts, parse_grid, summarize, summary_table,
+                               write_results)
 
     world = _world(args)
     engine_for = engine_factory(args, world)
@@ -334,7 +326,7 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
     """Prepare ``out_dir`` for a run: returns the records to keep (``--resume``: those of an earlier run with
     the same settings, up to an interrupted last line) and the results file, which then holds exactly them.
     The summary and plot of an earlier run are removed first, so they never pass for this run's."""
-    from .evaluate import read_complete_jsonl, write_jsonl
+    from .eval.harness import read_complete_jsonl, write_jsonl
     from .validation import InputError
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -355,7 +347,7 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .eval.demo import run_demo
 
     run_demo(methods=args.methods, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
              seed=args.seed, device=args.device, show=args.show, world=args.world, dtype=_torch_dtype(args.dtype))
@@ -432,7 +424,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--toy", action="store_true", help="use the built-in toy world (offline, tiny models; its prompts "
                                                       "are review openings such as 'review : the pasta')")
     g.add_argument("--world", choices=WORLDS, help="a named world: toy, or smollm2 (SmolLM2-135M-Instruct from PyPI, "
-                                                   "chat prompts, VADER reward); see fastalign.worlds")
+                                                   "chat prompts, VADER reward); see fastalign.eval.worlds")
     g.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
     g.add_argument("--trust-remote-code", action="store_true", help="allow models' custom code (off by default)")
     g.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
@@ -457,7 +449,7 @@ def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import METHODS as DEMO_METHODS
+    from .eval.demo import METHODS as DEMO_METHODS
     from .methods import METHODS
 
     parser = argparse.ArgumentParser(prog="fastalign", description="Fast, exact test-time alignment decoding.",

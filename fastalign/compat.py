@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import DecodeOutput, Engine
-from .models import InputError
+from .models.causal_lm import InputError
 
 _DTYPES = {16: torch.bfloat16, 32: torch.float32}
 

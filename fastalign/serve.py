@@ -1,5 +1,5 @@
 """A small HTTP server for fastalign models (standard library ``http.server``), the protocol of
-``fastalign.remote``: a causal LM via ``/v1/completions`` (token-id or text prompts) and a reward via
+``fastalign.models.remote``: a causal LM via ``/v1/completions`` (token-id or text prompts) and a reward via
 ``/reward``. Meant for tests, examples and single-machine use, not for throughput: requests run one at a
 time on the model.
 
@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .api import Engine
 from .methods.base import Context, Randomness, sample_continuations
-from .models import InputError
+from .models.causal_lm import InputError
 from .validation import (
     SEED_LIMIT,
     check_context_lengths,

@@ -7,7 +7,7 @@ library versions write byte-identical files). Needs no download.
 
 Steps (all Llama-style ``transformers`` models, random init, trained here):
 
-1. A corpus of ``CORPUS_SIZE`` reviews from the grammar of ``fastalign.toyworld`` (mostly neutral/negative).
+1. A corpus of ``CORPUS_SIZE`` reviews from the grammar of ``fastalign.eval.toyworld`` (mostly neutral/negative).
 2. ``target``: a causal LM (hidden 64, 3 layers) trained on the corpus by maximum likelihood.
 3. ``draft``: a smaller causal LM (hidden 48, 2 layers) trained on the same corpus; it is also the ``ref``
    of reward-shifted speculative sampling (the draft before alignment).
@@ -42,7 +42,7 @@ import transformers
 from transformers import DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fastalign import toyworld  # noqa: E402
+from fastalign.eval import toyworld  # noqa: E402
 
 CORPUS_SIZE, CORPUS_SEED = 30000, 0
 CONTEXT = 256  # max_position_embeddings (RoPE: nothing learned per position); reviews are at most 26 tokens
@@ -170,7 +170,7 @@ def sha256(path: Path) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(toyworld.__file__).parent / "data" / "toyworld")
+    parser.add_argument("--out", type=Path, default=toyworld.DATA_DIR)
     args = parser.parse_args()
     torch.set_num_threads(1)  # bitwise reproducible: no thread-count-dependent reductions
     torch.use_deterministic_algorithms(True)

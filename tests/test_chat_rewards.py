@@ -9,13 +9,13 @@ import torch
 
 import fastalign
 from fastalign import InputError
-from fastalign.chat import end_of_turn_ids, render
+from fastalign.models.chat import end_of_turn_ids, render
 from fastalign.cli import main
-from fastalign.evaluate import GoldReward
-from fastalign.loading import is_gguf
-from fastalign.rewards import TextReward, text_reward_function, vader
-from fastalign.toyworld import load_toy_world
-from fastalign.worlds import NAMES, SMOLLM2_PROMPTS, UNAVAILABLE, load_world, world_prompts
+from fastalign.eval.harness import GoldReward
+from fastalign.models.loading import is_gguf
+from fastalign.models.text_rewards import TextReward, text_reward_function, vader
+from fastalign.eval.toyworld import load_toy_world
+from fastalign.eval.worlds import NAMES, SMOLLM2_PROMPTS, UNAVAILABLE, load_world, world_prompts
 
 # a chat template in the toy language: each message's content, then <pad> as the end-of-turn token
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }} <pad> {% endfor %}"
@@ -81,7 +81,7 @@ def test_vader_scores_the_completion_text():
     scores = vader(["ignored", "ignored"], ["I love it, the food was wonderful!", "Awful service, I hate it."])
     assert scores[0] > 0.5 and scores[1] < -0.5
     assert text_reward_function("vader") is vader
-    assert text_reward_function("fastalign.rewards:vader") is vader
+    assert text_reward_function("fastalign.models.text_rewards:vader") is vader
     assert text_reward_function("some/model-name") is None  # a reward model's name, not a function
     with pytest.raises(InputError, match="cannot load the reward function 'no_such_module:f'"):
         text_reward_function("no_such_module:f")
@@ -89,7 +89,7 @@ def test_vader_scores_the_completion_text():
         TextReward(vader, None, "vader")
 
 
-@pytest.mark.parametrize("spec", ["vader", "fastalign.rewards:vader"])
+@pytest.mark.parametrize("spec", ["vader", "fastalign.models.text_rewards:vader"])
 def test_reward_vader_drives_best_of_n(world, spec):
     prompts = world.prompts[:4]
     out = fastalign.decode(prompts, method="bon", target=world.target, reward=spec, tokenizer=world.tokenizer,

@@ -235,14 +235,14 @@ def test_bench_lists_and_runs_scripts_or_says_where_they_are(tmp_path, monkeypat
 
 
 def test_demo_on_the_toy_world(capsys):
-    pytest.importorskip("fastalign.toyworld")
+    pytest.importorskip("fastalign.eval.toyworld")
     assert cli.main(["demo", "--methods", "sample", "bon", "--num-prompts", "2", "--max-new-tokens", "4"]) == 0
     shown = capsys.readouterr().out
     assert "| sample |" in shown and "| bon |" in shown
 
 
 def test_generate_sss_on_the_toy_world(capsys):
-    pytest.importorskip("fastalign.toyworld")
+    pytest.importorskip("fastalign.eval.toyworld")
     pytest.importorskip("fastalign.methods.speculative")
     assert cli.main(["generate", "--toy", "--method", "sss", "--max-new-tokens", "4", "--seed", "0",
                      "review : the pasta"]) == 0
@@ -252,7 +252,7 @@ def test_generate_sss_on_the_toy_world(capsys):
 
 
 def test_a_prompt_the_toy_tokenizer_does_not_know_is_warned_about(capsys):
-    pytest.importorskip("fastalign.toyworld")
+    pytest.importorskip("fastalign.eval.toyworld")
     assert cli.main(["generate", "--toy", "--max-new-tokens", "2", "How do I boil an egg?"]) == 0
     err = capsys.readouterr().err
     assert "1 of 1 prompts are mostly unknown tokens" in err and "6 unknown token(s) out of 6" in err

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.evaluate import (
+from fastalign.eval.harness import (
     GoldReward,
     evaluate,
     load_prompts,
@@ -21,7 +21,7 @@ from fastalign.evaluate import (
     write_results,
 )
 from fastalign.methods.base import prompt_seeds
-from fastalign.models import InputError
+from fastalign.models.causal_lm import InputError
 from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
 V = 16
@@ -172,7 +172,7 @@ def test_reward_vs_compute_plot(tmp_path):
 
 
 def test_eval_on_the_toy_world(tmp_path):
-    pytest.importorskip("fastalign.toyworld")
+    pytest.importorskip("fastalign.eval.toyworld")
     from fastalign.cli import main
 
     rc = main(["eval", "--toy", "--limit", "2", "--grid", "sample", "--grid", "bon:n=2", "--max-new-tokens", "4",
@@ -185,7 +185,7 @@ def test_eval_on_the_toy_world(tmp_path):
 
 
 def test_eval_reports_the_acceptance_of_speculative_methods(tmp_path):
-    pytest.importorskip("fastalign.toyworld")
+    pytest.importorskip("fastalign.eval.toyworld")
     pytest.importorskip("fastalign.methods.speculative")
     from fastalign.cli import main
 
@@ -215,7 +215,7 @@ def test_gold_reward_length_is_checked():
 
 
 def test_default_grid_keeps_the_methods_the_models_allow(engine):
-    from fastalign.evaluate import default_grid
+    from fastalign.eval.harness import default_grid
 
     grid = default_grid(lambda method: engine)  # a target and a reward model, no draft
     methods = [m for m, _ in grid]
@@ -226,7 +226,7 @@ def test_default_grid_keeps_the_methods_the_models_allow(engine):
 def test_progress_lines_when_not_on_a_terminal():
     import io
 
-    from fastalign.evaluate import ProgressLines
+    from fastalign.eval.harness import ProgressLines
 
     out = io.StringIO()
     with ProgressLines(4, every=0.0, file=out) as progress:

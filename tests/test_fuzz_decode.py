@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign.testing import within  # noqa: E402
-from fastalign.toyworld import load_toy_world  # noqa: E402
+from fastalign.eval.toyworld import load_toy_world  # noqa: E402
 from fastalign.methods import METHODS, get_method  # noqa: E402
 
 SECONDS_PER_CALL = 60  # a generous bound on the 2-core CI machine; calls take well under a second

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fastalign.models import CausalLM, InputError, RewardModel
-from fastalign.static_cache import StaticCausalLM, StaticOptions
+from fastalign.models.causal_lm import CausalLM, InputError, RewardModel
+from fastalign.models.slots import StaticCausalLM, StaticOptions
 from fastalign.testing import ARCHITECTURES, tiny_causal_lm, tiny_reward_model
 
 UNCOMPILED = StaticOptions(compile=False)  # the static cache's logic and steps, without compilation time
@@ -12,7 +12,7 @@ UNCOMPILED = StaticOptions(compile=False)  # the static cache's logic and steps,
 
 @pytest.fixture(params=["eager", "static"])
 def layer(request):
-    """The model layer under test: the eager reference or the static cache (``fastalign.static_cache``)."""
+    """The model layer under test: the eager reference or the static cache (``fastalign.models.slots``)."""
     return request.param
 
 

@@ -1,4 +1,4 @@
-"""fastalign._C (csrc/) against the pure-PyTorch fallbacks in fastalign.native."""
+"""fastalign._C (csrc/) against the pure-PyTorch fallbacks in fastalign.models.native."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fastalign import native
+from fastalign.models import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

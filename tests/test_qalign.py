@@ -7,10 +7,10 @@ import torch
 
 import fastalign
 import fastalign.serve
-from fastalign.answers import boxed, last_number, option_letter
+from fastalign.methods.answers import boxed, last_number, option_letter
 from fastalign.methods.qalign import rouge1, select_state
-from fastalign.models import RewardModel
-from fastalign.remote import RemoteError, RemoteLM, RemoteReward
+from fastalign.models.causal_lm import RewardModel
+from fastalign.models.remote import RemoteError, RemoteLM, RemoteReward
 from fastalign.testing import (
     serving,
     empirical_law,

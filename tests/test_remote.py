@@ -12,8 +12,8 @@ import torch
 
 import fastalign
 import fastalign.serve
-from fastalign.remote import RemoteError, RemoteLM, RemoteReward, row_seed
-from fastalign.models import RewardModel
+from fastalign.models.remote import RemoteError, RemoteLM, RemoteReward, row_seed
+from fastalign.models.causal_lm import RewardModel
 from fastalign.testing import serving, tiny_causal_lm, tiny_reward_model
 
 V, EOS = 6, 5

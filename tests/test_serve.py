@@ -165,7 +165,7 @@ def test_api_key(model):
         good = {"Authorization": "Bearer s3cret"}
         assert request(server, "POST", "/v1/completions", body, good)[0] == 200
         assert request(server, "GET", "/health")[0] == 200
-        from fastalign.remote import RemoteLM
+        from fastalign.models.remote import RemoteLM
 
         assert RemoteLM(url, api_key="s3cret").eos_token_ids == {V - 1}
     finally:

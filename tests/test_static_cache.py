@@ -1,4 +1,4 @@
-"""The compiled path (``fastalign.static_cache``): the same outputs as the eager reference.
+"""The compiled path (``fastalign.models.slots``): the same outputs as the eager reference.
 
 Most tests run the static cache uncompiled (``static_cache=True``: the same cache logic and fixed-shape steps,
 without torch.compile's tens of seconds per shape); ``test_compiled_*`` compile for real. The cache-equality
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fastalign
-from fastalign import static_cache
-from fastalign.models import CausalLM, InputError
-from fastalign.static_cache import StaticCausalLM, StaticOptions, batch_bucket, width_bucket
+from fastalign.models import slots as static_cache
+from fastalign.models.causal_lm import CausalLM, InputError
+from fastalign.models.slots import StaticCausalLM, StaticOptions, batch_bucket, width_bucket
 from fastalign.testing import tiny_causal_lm
 
 UNCOMPILED = StaticOptions(compile=False)
@@ -19,7 +19,7 @@ UNCOMPILED = StaticOptions(compile=False)
 
 @pytest.fixture(scope="module")
 def world():
-    from fastalign.toyworld import load_toy_world
+    from fastalign.eval.toyworld import load_toy_world
 
     return load_toy_world()
 

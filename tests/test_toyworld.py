@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fastalign
-from fastalign import toyworld
-from fastalign.demo import COLUMNS, METHODS, SETTINGS, run_demo
-from fastalign.toyworld import DATA_DIR, gold_reward_text, load_toy_world
+from fastalign.eval import toyworld
+from fastalign.eval.demo import COLUMNS, METHODS, SETTINGS, run_demo
+from fastalign.eval.toyworld import DATA_DIR, gold_reward_text, load_toy_world
 
 MANIFEST = json.loads((DATA_DIR / "manifest.json").read_text())
 SEED = 0
@@ -112,7 +112,7 @@ def test_aligned_draft_log_ratio_carries_the_reward(world):
     """q_r ∝ q * exp(r / beta): over whole reviews, log q_r(y) - log q(y) = r(y) / beta - log Z."""
     rows = [world.tokenizer(t)["input_ids"] + [world.tokenizer.eos_token_id]
             for t in toyworld.generate_corpus(256, seed=11)]
-    tokens, live = fastalign.models.right_pad(rows)
+    tokens, live = fastalign.models.causal_lm.right_pad(rows)
 
     def log_prob(model):  # [N]: log-probability of each review after <s>
         with torch.no_grad():
@@ -167,7 +167,7 @@ def test_demo_rejects_an_unknown_method():
 
 
 def test_python_m_fastalign_demo_is_the_demo_command(capsys):
-    from fastalign.demo import main
+    from fastalign.eval.demo import main
 
     assert main(["--methods", "sample", "--num-prompts", "1", "--max-new-tokens", "2"]) == 0
     assert "| sample |" in capsys.readouterr().out

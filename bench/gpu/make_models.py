@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from fastalign.toyworld import build_tokenizer
+from fastalign.eval.toyworld import build_tokenizer
 
 
 def main(out: str) -> None:

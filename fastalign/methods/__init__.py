@@ -2,7 +2,7 @@
 
 A method module defines ``REQUIRES`` (the models it needs), optionally ``DEFAULTS`` (sampling settings
 from its paper, e.g. temperature and top-k) and ``REMOTE_TARGET = True`` (whole-response methods that run
-with a ``fastalign.remote.RemoteLM`` target), and a ``run(ctx, prompts, **options) -> MethodResult``.
+with a ``fastalign.models.remote.RemoteLM`` target), and a ``run(ctx, prompts, **options) -> MethodResult``.
 """
 
 from __future__ import annotations
@@ -42,5 +42,5 @@ def options_in_effect(name: str, options: dict) -> dict:
 
 
 def remote_target_methods() -> list[str]:
-    """The methods that take a ``fastalign.remote.RemoteLM`` target (they need whole responses only)."""
+    """The methods that take a ``fastalign.models.remote.RemoteLM`` target (they need whole responses only)."""
     return [name for name in METHODS if getattr(get_method(name)[0], "REMOTE_TARGET", False)]

@@ -10,8 +10,8 @@ import torch
 from .. import kernels
 from ..kernels._rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
                             uniform_streams_torch)
-from ..models import CausalLM, RewardModel
-from ..remote import RemoteLM
+from ..models.causal_lm import CausalLM, RewardModel
+from ..models.remote import RemoteLM
 
 
 def prompt_seeds(seed, n_prompts: int) -> list[int]:
@@ -157,7 +157,7 @@ class ResponseSampler:
 
     A local target prefills the prompts once (``logits``: the next-token logits after them, or pass those of
     a cache that already holds exactly the prompts) and every draw starts from the cached prompts. A remote
-    target (``fastalign.remote.RemoteLM``) gets one request per prompt for its ``n`` samples, seeded from
+    target (``fastalign.models.remote.RemoteLM``) gets one request per prompt for its ``n`` samples, seeded from
     the prompt's stream of ``ctx.rng``; the server's sampling follows the same law. Sample ``j`` of a prompt
     is its sub-stream ``j``, so a prompt's draws depend on its own seed only.
     """

@@ -12,7 +12,7 @@ import torch
 from .base import Context, MethodResult, ResponseSampler
 
 REQUIRES = ("target", "reward")
-REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM (one request of n samples per prompt)
+REMOTE_TARGET = True  # ``target`` may be a fastalign.models.remote.RemoteLM (one request of n samples per prompt)
 
 
 def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[list[list[int]], torch.Tensor]:

@@ -28,7 +28,7 @@ suffix itself is dropped by the rollback, without any copy. The prompt is never 
 The reward model caches the prompts likewise (``RewardModel.prefill`` once, rows expanded to the chains)
 and scores each step's whole proposals on top of them (``score_branches``): only response tokens.
 
-Remote target. ``target`` may be a ``fastalign.remote.RemoteLM``: every row's proposal is then one
+Remote target. ``target`` may be a ``fastalign.models.remote.RemoteLM``: every row's proposal is then one
 ``/v1/completions`` request (``prompt + y[:i]`` as token ids, ``max_tokens = max_new_tokens - i``, a
 seed); prefix reuse is the server's business (vLLM's automatic prefix caching). When a server fails for
 good after the initial samples, the ``RemoteError`` carries the steps completed (``partial``).
@@ -56,7 +56,7 @@ rejected step repeats the current state; step 0 is the initial sample), as QAlig
 
 The voting rules return the most recently visited state with the winning answer. States whose answer is
 ``None`` (nothing extracted) do not vote unless no state has an answer. ``answer_fn`` is a name of
-``fastalign.answers.EXTRACTORS`` (``"last_number"``, ``"boxed"``, ``"option"``; they read the decoded text
+``fastalign.methods.answers.EXTRACTORS`` (``"last_number"``, ``"boxed"``, ``"option"``; they read the decoded text
 and need a tokenizer) or a callable given the decoded text when a tokenizer is known, else the token list.
 """
 
@@ -67,14 +67,14 @@ from dataclasses import replace
 
 import torch
 
-from ..answers import get_extractor
+from .answers import get_extractor
 from ..kernels._rng import prompt_seed
-from ..models import InputError, right_pad
-from ..remote import RemoteError, RemoteLM
+from ..models.causal_lm import InputError, right_pad
+from ..models.remote import RemoteError, RemoteLM
 from .base import Context, MethodResult, Randomness, sample_continuations
 
 REQUIRES = ("target", "reward")
-REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM
+REMOTE_TARGET = True  # ``target`` may be a fastalign.models.remote.RemoteLM
 SELECT_RULES = ("last", "majority", "weighted_majority", "best_reward", "mbr")
 MAX_LOG_RATIO = 20.0
 

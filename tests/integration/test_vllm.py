@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.models import RewardModel
-from fastalign.remote import RemoteError, RemoteLM, RemoteReward, eos_token_ids_of
+from fastalign.models.causal_lm import RewardModel
+from fastalign.models.remote import RemoteError, RemoteLM, RemoteReward, eos_token_ids_of
 from fastalign.testing import (
     VllmServer,
     empirical_law,

@@ -3,7 +3,7 @@
 Every test here carries the ``real`` marker: ``pytest -m real`` runs only these, ``pytest -m "not real"``
 leaves them out. Where the packages are missing the tests are skipped with the install hint, except under CI
 (``CI`` set), where a missing model is a failure: CI installs them through ``scripts/setup.sh``.
-The models load once per session, from their cached HF conversions (``fastalign.worlds``).
+The models load once per session, from their cached HF conversions (``fastalign.eval.worlds``).
 """
 
 import os
@@ -30,7 +30,7 @@ def require(load):
 @pytest.fixture(scope="session")
 def smollm2():
     """The smollm2 world: SmolLM2-135M-Instruct (fp32, dequantised from Q4_1), its tokenizer, VADER."""
-    from fastalign.worlds import load_world
+    from fastalign.eval.worlds import load_world
 
     return require(lambda: load_world("smollm2"))
 
@@ -38,6 +38,6 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3():
     """``(model, tokenizer)`` of Gemma 3 270M (base model, fp32 dequantised from Q4_K_M)."""
-    from fastalign.worlds import gemma3_gguf_path, load_converted
+    from fastalign.eval.worlds import gemma3_gguf_path, load_converted
 
     return require(lambda: load_converted(gemma3_gguf_path()))

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.chat import end_of_turn_ids
-from fastalign.rewards import vader
+from fastalign.models.chat import end_of_turn_ids
+from fastalign.models.text_rewards import vader
 from fastalign.testing import hf_greedy
-from fastalign.worlds import SMOLLM2_SETTINGS, smollm2_gguf_path
+from fastalign.eval.worlds import SMOLLM2_SETTINGS, smollm2_gguf_path
 
 pytestmark = pytest.mark.real
 

@@ -58,7 +58,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .models import InputError, ModelCounters, _eos_ids
+from .causal_lm import InputError, ModelCounters, _eos_ids
 
 _GOLDEN = 0x9E3779B1
 _RETRY_STATUS = (429, 500, 502, 503, 504)  # overloaded or restarting servers; other errors are the request's
@@ -246,7 +246,7 @@ class RemoteLM:
             eos_token_ids = entry.get("eos_token_ids")
         if eos_token_ids is None:
             raise InputError(f"the server does not list the EOS token ids of {self.model!r}: pass "
-                             "eos_token_ids=... (fastalign.remote.eos_token_ids_of(PATH) reads them from the model)")
+                             "eos_token_ids=... (fastalign.models.remote.eos_token_ids_of(PATH) reads them from the model)")
         self.eos_token_ids = {int(eos_token_ids)} if isinstance(eos_token_ids, int) else set(map(int, eos_token_ids))
 
     @property

@@ -1,13 +1,13 @@
-"""``fastalign demo``: every method on a named world (``fastalign.worlds``), on the CPU.
+"""``fastalign demo``: every method on a named world (``fastalign.eval.worlds``), on the CPU.
 
-    python -m fastalign.demo [--world toy|smollm2] [--methods sample bon cards] [--num-prompts 32]
+    python -m fastalign.eval.demo [--world toy|smollm2] [--methods sample bon cards] [--num-prompts 32]
                              [--max-new-tokens 24] [--seed 0]
 
 Each method decodes the same prompts once, batched; the demo prints a few completions per method and a table
 of the mean gold reward, the mean reward the methods optimise, model calls, generated tokens and wall time,
 with the gold gain and the time relative to ``sample``.
 
-On the ``toy`` world (the default: offline, tiny models; ``fastalign.toyworld``) the prompts are review
+On the ``toy`` world (the default: offline, tiny models; ``fastalign.eval.toyworld``) the prompts are review
 openings, the gold reward is the rule-based positivity in ``[-1, 1]`` and the methods' reward is the toy
 reward model (about 4x the gold reward). Every method samples the target at temperature 1 without truncation,
 so the differences come from the alignment alone. ``sd`` uses the unaligned draft (lossless: its rewards match
@@ -32,7 +32,7 @@ from .worlds import TOY_SETTINGS
 # units). The toy vocabulary is small (entropy at most ln 144 = 5 nats; about 3 at a choice of noun, 1 to 2 at
 # an adjective), so cards cuts segments at 2 nats after 2 tokens: clause-sized segments (the paper's 3 nats /
 # 4 tokens cut mostly at nouns and reach a lower reward at more target calls here). Other worlds have their
-# own settings (``fastalign.worlds``). Neither this module nor ``fastalign.worlds`` imports torch at the top:
+# own settings (``fastalign.eval.worlds``). Neither this module nor ``fastalign.eval.worlds`` imports torch at the top:
 # ``fastalign --help`` reads METHODS.
 SETTINGS = TOY_SETTINGS
 METHODS = tuple(SETTINGS)
@@ -65,7 +65,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
         raise ValueError("num_prompts and max_new_tokens must be positive")
     import torch  # here, not at the top: `fastalign --help` reads METHODS without importing torch
 
-    from .evaluate import GoldReward
+    from .harness import GoldReward
     from .worlds import load_world
 
     loaded = load_world(world, device=device, dtype=dtype)
@@ -166,8 +166,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m fastalign.demo ARGS`` is ``fastalign demo ARGS`` (one parser, in ``fastalign.cli``)."""
-    from .cli import main as cli_main
+    """``python -m fastalign.eval.demo ARGS`` is ``fastalign demo ARGS`` (one parser, in ``fastalign.cli``)."""
+    from ..cli import main as cli_main
 
     return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 

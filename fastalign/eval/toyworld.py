@@ -221,7 +221,7 @@ def build_tokenizer():
 
 
 # ------------------------------------------------------------------ loading the shipped world
-DATA_DIR = Path(__file__).parent / "data" / "toyworld"
+DATA_DIR = Path(__file__).parent.parent / "data" / "toyworld"
 MODEL_NAMES = ("target", "draft", "aligned_draft", "reward")
 
 

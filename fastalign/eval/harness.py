@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .answers import EXTRACTORS
-from .api import MODEL_ROLES, Engine, _load_reward
-from .models import InputError, RewardModel
-from .rewards import text_reward_function
+from ..methods.answers import EXTRACTORS
+from ..api import MODEL_ROLES, Engine, _load_reward
+from ..models.causal_lm import InputError, RewardModel
+from ..models.text_rewards import text_reward_function
 from .worlds import NAMES as WORLD_NAMES
 from .worlds import world_prompts
-from .methods.base import prompt_seeds
+from ..methods.base import prompt_seeds
 
 # ------------------------------------------------------------------------------------------- prompts
 # dataset aliases: name -> (hub id, config, split, prompt field, answer field, prompt template)
@@ -165,7 +165,7 @@ def load_prompts(source: str, limit: int | None = None, split: str | None = None
 
 
 def load_toy_world(device=None):
-    """The built-in toy world (``fastalign.toyworld``), with a clear error where it is not available."""
+    """The built-in toy world (``fastalign.eval.toyworld``), with a clear error where it is not available."""
     from .toyworld import load_toy_world as load
 
     try:
@@ -212,9 +212,9 @@ class GoldReward:
     def from_spec(cls, spec: str, policy_tokenizer=None, world=None, trust_remote_code: bool = False,
                   device=None, dtype=None) -> GoldReward:
         """``"toy"``: the toy world's gold reward; ``"last_number"``, ``"boxed"``, ``"option"``: 1 if the answer
-        extracted from the completion (``fastalign.answers``) equals the one extracted from the record's
+        extracted from the completion (``fastalign.methods.answers``) equals the one extracted from the record's
         ``answer`` field (GSM8K: ``"... #### 72"``), else 0; ``"vader"``: the VADER sentiment of the completion
-        (``fastalign.rewards``); ``"module:function"``: a Python function called on texts ``(prompts, completions)``;
+        (``fastalign.models.text_rewards``); ``"module:function"``: a Python function called on texts ``(prompts, completions)``;
         anything else: an HF reward model name or path."""
         if spec == "toy":
             world = world if world is not None else load_toy_world()
@@ -620,7 +620,7 @@ def default_grid(engine_for) -> list[tuple[str, dict]]:
     """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has (``sss``
     also needs ``ref``):
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
-    from .methods import get_method
+    from ..methods import get_method
 
     grid = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], ("soft_bon", {"n": 4}), ("args", {}),
             ("rs", {}), ("cards", {}), ("sd", {}), ("sss", {}), *[("qalign", {"steps": s}) for s in (2, 4, 8)]]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .models import InputError
+from .causal_lm import InputError
 
 
 def is_gguf(spec) -> bool:

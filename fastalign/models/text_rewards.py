@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from .models import InputError
+from .causal_lm import InputError
 
 
 @functools.lru_cache(maxsize=1)

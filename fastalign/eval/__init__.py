@@ -1,0 +1,1 @@
+"""fastalign.eval."""
