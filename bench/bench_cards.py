@@ -40,7 +40,8 @@ from bench.common import (  # noqa: E402
 import fastalign  # noqa: E402
 from fastalign import kernels  # noqa: E402
 from fastalign.methods.base import Randomness  # noqa: E402
-from fastalign.models.causal_lm import CausalLM, ModelCounters, RewardModel  # noqa: E402
+from fastalign.models.causal_lm import CausalLM, ModelCounters
+from fastalign.models.reward import RewardModel  # noqa: E402
 from fastalign.testing import tiny_causal_lm, tiny_reward_model  # noqa: E402
 
 COUNTS = ("target_calls", "target_tokens", "reward_calls", "reward_tokens")

@@ -183,7 +183,7 @@ def run_case(name, world_models, engs, prompts, args):
 
 def compiled_shapes(engs) -> dict:
     """The shapes each compiled model has compiled so far (``static_cache``: one compilation per shape)."""
-    return {name: sorted(getattr(engs[kind], role).compiled_shapes)
+    return {name: sorted(getattr(engs[kind], role).store.compiled_shapes)
             for name, kind, role in (("target", "plain", "target"), ("draft", "plain", "draft"),
                                      ("sss_draft", "sss", "draft"), ("ref", "sss", "ref"))}
 

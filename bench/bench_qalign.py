@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fastalign  # noqa: E402
 from bench.common import command_line, device_info, device_tag, markdown_table, timed, write_results  # noqa: E402
 from fastalign.methods.base import Context, Randomness, sample_continuations  # noqa: E402
-from fastalign.models.causal_lm import CausalLM, RewardModel  # noqa: E402
+from fastalign.models.causal_lm import CausalLM
+from fastalign.models.reward import RewardModel  # noqa: E402
 from fastalign.testing import tiny_causal_lm, tiny_reward_model  # noqa: E402
 
 

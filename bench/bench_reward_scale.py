@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import command_line, device_info, device_tag, markdown_table, write_results  # noqa: E402
 import fastalign  # noqa: E402
-from fastalign.models.causal_lm import RewardModel  # noqa: E402
+from fastalign.models.reward import RewardModel  # noqa: E402
 from fastalign.eval.toyworld import REWARD_SCALE, gold_reward_text, load_toy_world  # noqa: E402
 
 RUNS = [  # label, method, options

@@ -8,18 +8,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import torch
-
-from .models import chat as chat_prompts
-from .models import loading
-from .models import text_rewards as rewards
 from . import validation as check
+from .errors import InputError, NonFiniteReward
 from .methods import get_method, remote_target_methods
 from .methods.base import Context, Randomness
-from .models.causal_lm import CausalLM, InputError, RewardModel
+from .models import chat as chat_prompts
+from .models.builder import ModelBuilder
+from .models.causal_lm import CausalLM
 from .models.remote import RemoteLM
-from .models.slots import StaticCachedModel, StaticCausalLM, StaticOptions
-from .validation import NonFiniteReward
 
 MODEL_ROLES = ("target", "draft", "ref", "reward")
 
@@ -30,67 +26,6 @@ class DecodeOutput:
     texts: list[str] | None  # decoded sequences when a tokenizer is known
     stats: dict  # calls and tokens per model, generated tokens, wall time, method counters
     extra: dict = field(default_factory=dict)  # method-specific outputs (e.g. qalign's state_path)
-
-
-def _placed(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
-    """``module`` moved to ``device`` and cast to ``dtype`` where given (in place, as ``nn.Module.to`` does)."""
-    if isinstance(dtype, torch.dtype):  # "auto" or None: keep the dtype the model has
-        module = module.to(dtype=dtype)
-    if device is not None:
-        module = module.to(device)
-    return module
-
-
-def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: StaticOptions | None = None):
-    """A ``CausalLM`` (a ``StaticCausalLM`` given ``static``) from an HF name, a local folder, a ``.gguf`` file,
-    an HF model or a ``CausalLM``; ``device`` and ``dtype`` apply to all of them (a remote model stays as it is)."""
-    if isinstance(spec, RemoteLM):
-        return spec
-    if isinstance(spec, CausalLM):
-        same_kind = isinstance(spec, StaticCausalLM) == (static is not None)
-        if same_kind and (device is None or torch.device(device) == spec.device) and \
-                (not isinstance(dtype, torch.dtype) or dtype == spec.dtype):
-            return spec
-        spec = spec.model  # another layout, device or dtype: rewrap its model
-    if isinstance(spec, (str, os.PathLike)):
-        spec = loading.load_causal_lm(spec, trust_remote_code=trust_remote_code, dtype=dtype)
-    spec = _placed(spec, device, dtype)
-    return StaticCausalLM(spec, static) if static is not None else CausalLM(spec)
-
-
-def _load_tokenizer(spec, trust_remote_code: bool):
-    return loading.load_tokenizer(spec, trust_remote_code=trust_remote_code)
-
-
-def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype,
-                 static: StaticOptions | None = None):
-    """A ``RewardModel`` from a reward model (name, path or object), a token-id callable, or a text reward named
-    by a string: a built-in name (``"vader"``) or ``"module:function"`` (see ``fastalign.models.text_rewards``); ``static``
-    keeps a reward model's cached prefixes in a static cache."""
-    if isinstance(spec, RewardModel):
-        same_kind = not spec.is_model or isinstance(spec.lm, StaticCachedModel) == (static is not None)
-        if not spec.is_model or (same_kind and device is None and not isinstance(dtype, torch.dtype)):
-            return spec
-        return RewardModel(_placed(spec.lm.model, device, dtype), spec.tokenizer, spec.policy_tokenizer, static=static)
-    if isinstance(spec, str):
-        fn = rewards.text_reward_function(spec)
-        if fn is not None:
-            return RewardModel(rewards.TextReward(fn, policy_tokenizer, name=spec))
-    if isinstance(spec, (str, os.PathLike)):
-        from transformers import AutoModelForSequenceClassification
-
-        if tokenizer is None:
-            tokenizer = _load_tokenizer(spec, trust_remote_code)
-        spec = AutoModelForSequenceClassification.from_pretrained(
-            spec, trust_remote_code=trust_remote_code, dtype=dtype
-        )
-    if isinstance(spec, torch.nn.Module):
-        spec = _placed(spec, device, dtype)
-    elif not callable(spec):
-        raise InputError("reward must be a model, a name/path, a built-in reward name "
-                         f"({', '.join(rewards.TEXT_REWARDS)}), 'module:function', or a callable "
-                         "reward(prompts, responses)")
-    return RewardModel(spec, tokenizer=tokenizer, policy_tokenizer=policy_tokenizer, static=static)
 
 
 def warn_unknown_tokens(tokenizer, texts: list[str], ids: list[list[int]], share: float = 0.5) -> None:
@@ -127,7 +62,8 @@ class Engine:
     ``{"role", "content"}`` messages, always are). When the tokenizer has a chat template, its end-of-turn
     token ends a response like EOS (``fastalign.models.chat``).
 
-    ``compile=True`` runs the models on the compiled path (``fastalign.models.slots``): a preallocated static
+    ``compile=True`` runs the models on the compiled path (``fastalign.models.slots``; ``ModelBuilder`` decides
+    it for every model): a preallocated static
     KV cache and fixed-shape steps compiled with ``torch.compile`` once per shape bucket (the first calls of
     each shape pay the compilation, tens of seconds on a CPU); outputs are those of the eager path (the
     default and the reference). ``static_cache=True`` without ``compile`` runs the static cache uncompiled
@@ -142,27 +78,22 @@ class Engine:
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
                  reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
                  chat: bool = False, compile: bool = False, static_cache: bool | None = None):
-        static = bool(compile) if static_cache is None else bool(static_cache)
-        if compile and not static:
-            raise InputError("compile=True runs on the static cache; it cannot be combined with static_cache=False")
-        self.static = StaticOptions(compile=bool(compile)) if static else None
-        load = dict(trust_remote_code=trust_remote_code, device=check.check_device(device),
-                    dtype=check.check_dtype(dtype), static=self.static)
+        build = self.builder = ModelBuilder.from_settings(check.check_device(device), check.check_dtype(dtype),
+                                                          bool(compile), None if static_cache is None
+                                                          else bool(static_cache), trust_remote_code)
         self._lock = threading.Lock()
         self.chat = chat
         tokenizer_role = "tokenizer"
         if tokenizer is None and isinstance(target, (str, os.PathLike)):
             tokenizer, tokenizer_role = target, "target"
         with check.loading(tokenizer_role, tokenizer):
-            self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
+            self.tokenizer = build.tokenizer(tokenizer)
         for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
             with check.loading(role, spec):
-                setattr(self, role, _load_causal_lm(spec, **load) if spec is not None else None)
+                setattr(self, role, build.causal_lm(spec) if spec is not None else None)
         with check.loading("reward", reward):
-            self.reward = (
-                _load_reward(reward, _load_tokenizer(reward_tokenizer, trust_remote_code), self.tokenizer, **load)
-                if reward is not None else None
-            )
+            self.reward = (build.reward(reward, build.tokenizer(reward_tokenizer), self.tokenizer)
+                           if reward is not None else None)
         for role in ("draft", "ref"):
             lm = getattr(self, role)
             if (isinstance(lm, CausalLM) and isinstance(self.target, CausalLM)

@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .errors import InputError
 from .eval.worlds import NAMES as WORLDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -147,7 +148,6 @@ def _read_generate_prompts(args) -> list[str]:
 
 
 def _check_output_file(path: str | None, flag: str) -> None:
-    from .validation import InputError
 
     if path is not None and Path(path).is_dir():
         raise InputError(f"{flag} {path!r} is a directory; give a file path")
@@ -161,7 +161,6 @@ def _resume_generate(args, prompts: list[str], options: dict, sampling: dict) ->
     partly written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error.
     Returns ``(first batch, lines to keep)``; the caller rewrites FILE with them."""
     from .eval.harness import read_complete_jsonl
-    from .validation import InputError
 
     previous = read_complete_jsonl(args.output)
     if len(previous) > len(prompts):
@@ -198,7 +197,6 @@ def cmd_generate(args) -> int:
     from .api import sampling_settings
     from .eval.harness import _jsonable, write_jsonl
     from .methods import get_method, options_in_effect
-    from .validation import InputError
 
     options = parse_options(args.opt)
     check_options(args.method, options)
@@ -255,7 +253,6 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from .api import MODEL_ROLES as ROLES
-    from .validation import InputError
     from .eval.harness import (GoldReward, default_grid, evaluate, load_prompts, parse_grid, summarize, summary_table,
                                write_results)
 
@@ -327,7 +324,6 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
     the same settings, up to an interrupted last line) and the results file, which then holds exactly them.
     The summary and plot of an earlier run are removed first, so they never pass for this run's."""
     from .eval.harness import read_complete_jsonl, write_jsonl
-    from .validation import InputError
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results, run_file = out_dir / "results.jsonl", out_dir / "run.json"
@@ -544,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.bench_args = bench_args
-    from .validation import InputError, check_device
+    from .validation import check_device
 
     if getattr(args, "threads", None):
         import torch

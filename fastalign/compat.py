@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import DecodeOutput, Engine
-from .models.causal_lm import InputError
+from .errors import InputError
 
 _DTYPES = {16: torch.bfloat16, 32: torch.float32}
 

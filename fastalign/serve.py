@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .api import Engine
 from .methods.base import Context, Randomness, sample_continuations
-from .models.causal_lm import InputError
+from .errors import InputError
 from .validation import (
     SEED_LIMIT,
     check_context_lengths,

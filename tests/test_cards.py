@@ -8,7 +8,7 @@ import torch
 
 import fastalign
 from fastalign.methods.cards import threshold_schedule
-from fastalign.models.causal_lm import RewardModel
+from fastalign.models.reward import RewardModel
 from fastalign.testing import (
     empirical_law,
     enumerate_law,

@@ -5,7 +5,7 @@ import torch
 
 import fastalign
 from fastalign.compat import QAlign, RewardSampling
-from fastalign.models.causal_lm import InputError
+from fastalign.errors import InputError
 from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
 V = 16

@@ -21,7 +21,7 @@ from fastalign.eval.harness import (
     write_results,
 )
 from fastalign.methods.base import prompt_seeds
-from fastalign.models.causal_lm import InputError
+from fastalign.errors import InputError
 from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
 
 V = 16

@@ -3,8 +3,11 @@
 import pytest
 import torch
 
-from fastalign.models.causal_lm import CausalLM, InputError, RewardModel
-from fastalign.models.slots import StaticCausalLM, StaticOptions
+from fastalign.models.causal_lm import CausalLM
+from fastalign.errors import InputError
+from fastalign.models.reward import RewardModel
+from fastalign.models.ragged import RaggedStore
+from fastalign.models.slots import SlotStore, StaticOptions
 from fastalign.testing import ARCHITECTURES, tiny_causal_lm, tiny_reward_model
 
 UNCOMPILED = StaticOptions(compile=False)  # the static cache's logic and steps, without compilation time
@@ -17,7 +20,7 @@ def layer(request):
 
 
 def wrap(model, layer):
-    return CausalLM(model) if layer == "eager" else StaticCausalLM(model, UNCOMPILED)
+    return CausalLM(model) if layer == "eager" else CausalLM(model, SlotStore(UNCOMPILED))
 
 
 def full_logits(model, row):
@@ -97,7 +100,7 @@ def test_expand_and_select_rows(arch, layer):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_reward_cached_prefix_equals_full_scoring(arch, layer):
-    rm = RewardModel(tiny_reward_model(arch), static=None if layer == "eager" else UNCOMPILED)
+    rm = RewardModel(tiny_reward_model(arch), new_store=RaggedStore if layer == "eager" else lambda: SlotStore(UNCOMPILED))
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     torch.testing.assert_close(rm.prefill(prompts, [[8], []]), rm.score(prompts, [[8], []]))
     tokens_before = rm.counters.tokens
@@ -114,7 +117,7 @@ def test_reward_cached_prefix_equals_full_scoring(arch, layer):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_reward_keep_branches_reuses_scored_slots(arch, layer):
-    rm = RewardModel(tiny_reward_model(arch), static=None if layer == "eager" else UNCOMPILED)
+    rm = RewardModel(tiny_reward_model(arch), new_store=RaggedStore if layer == "eager" else lambda: SlotStore(UNCOMPILED))
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
     rm.prefill(prompts)
     rm.score_branches([[[9, 10], [11]], [[12], [13, 14, 15]], [[2]]])

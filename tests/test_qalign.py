@@ -9,7 +9,7 @@ import fastalign
 import fastalign.serve
 from fastalign.methods.answers import boxed, last_number, option_letter
 from fastalign.methods.qalign import rouge1, select_state
-from fastalign.models.causal_lm import RewardModel
+from fastalign.models.reward import RewardModel
 from fastalign.models.remote import RemoteError, RemoteLM, RemoteReward
 from fastalign.testing import (
     serving,

@@ -13,7 +13,7 @@ import torch
 import fastalign
 import fastalign.serve
 from fastalign.models.remote import RemoteError, RemoteLM, RemoteReward, row_seed
-from fastalign.models.causal_lm import RewardModel
+from fastalign.models.reward import RewardModel
 from fastalign.testing import serving, tiny_causal_lm, tiny_reward_model
 
 V, EOS = 6, 5

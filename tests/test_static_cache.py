@@ -10,8 +10,9 @@ import torch
 
 import fastalign
 from fastalign.models import slots as static_cache
-from fastalign.models.causal_lm import CausalLM, InputError
-from fastalign.models.slots import StaticCausalLM, StaticOptions, batch_bucket, width_bucket
+from fastalign.models.causal_lm import CausalLM
+from fastalign.errors import InputError
+from fastalign.models.slots import SlotStore, StaticOptions, batch_bucket, width_bucket
 from fastalign.testing import tiny_causal_lm
 
 UNCOMPILED = StaticOptions(compile=False)
@@ -69,14 +70,15 @@ def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
     """A small cache (16 columns) forces compaction and growth; select_rows moves between row buckets."""
     monkeypatch.setattr(static_cache, "LENGTH_STEP", 16)
     model = tiny_causal_lm("llama", context=256)
-    lms = [CausalLM(model), StaticCausalLM(model, UNCOMPILED)]
+    lms = [CausalLM(model), CausalLM(model, SlotStore(UNCOMPILED))]
     gen = torch.Generator().manual_seed(0)
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]]
     outs = [lm.prefill(prompts) for lm in lms]
     assert_close(outs[1], outs[0])
-    initial_length, compactions = lms[1].cache.length, []
-    compact = lms[1].compact
-    monkeypatch.setattr(lms[1], "compact", lambda: compactions.append(1) or compact())
+    store = lms[1].store
+    initial_length, compactions = store.cache.length, []
+    compact = store.compact
+    monkeypatch.setattr(store, "compact", lambda: compactions.append(1) or compact())
     for step in range(60):
         B = lms[0].batch_size
         kind = step % 5
@@ -108,7 +110,7 @@ def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
         assert lms[1].lengths.tolist() == lms[0].lengths.tolist()
         got, want = (outs[1], outs[0]) if fed is None else (outs[1][fed], outs[0][fed])
         assert_close(got, want)
-    assert lms[1].cache.length > initial_length and compactions  # it compacted, and grew
+    assert store.cache.length > initial_length and compactions  # it compacted, and grew
     lms[1].compact()
     assert lms[1].live.shape[1] == int(lms[1].lengths.max())
     assert_close(lms[1].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)),
@@ -117,12 +119,12 @@ def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
 
 def test_engine_options_and_errors(world):
     engine = fastalign.Engine(target=world.target, compile=True)
-    assert isinstance(engine.target, StaticCausalLM) and engine.target.options.compile
-    assert isinstance(fastalign.Engine(target=world.target, static_cache=True).target, StaticCausalLM)
+    assert isinstance(engine.target.store, SlotStore) and engine.target.store.options.compile
+    assert isinstance(fastalign.Engine(target=world.target, static_cache=True).target.store, SlotStore)
     assert type(fastalign.Engine(target=world.target).target) is CausalLM
     with pytest.raises(InputError, match="static cache"):
         fastalign.Engine(target=world.target, compile=True, static_cache=False)
-    lm = StaticCausalLM(tiny_causal_lm("llama", context=16), UNCOMPILED)
+    lm = CausalLM(tiny_causal_lm("llama", context=16), SlotStore(UNCOMPILED))
     with pytest.raises(InputError, match="context length"):
         lm.prefill([list(range(1, 17))], max_new_tokens=4)
     lm.prefill([[1, 2]])
@@ -134,7 +136,7 @@ def test_compiled_steps_match_the_eager_cache():
     """torch.compile for real: a decode step (width 1) and a verify block (width 3 -> bucket 4) over 3 rows
     (bucket 4), reused across calls and across a new prefill, equal the eager cache's logits."""
     model = tiny_causal_lm("llama")
-    eager, compiled = CausalLM(model), StaticCausalLM(model, StaticOptions(compile=True))
+    eager, compiled = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
     for prompts in ([[1, 2, 3], [4, 5], [6]], [[7], [8, 9], [10, 11, 12]]):
         assert_close(compiled.prefill(prompts, 16), eager.prefill(prompts, 16))
         for step in range(4):
@@ -144,7 +146,7 @@ def test_compiled_steps_match_the_eager_cache():
             assert_close(compiled.extend(block), eager.extend(block))
             for lm in (compiled, eager):
                 lm.rollback(torch.tensor([3, 1, 2]))
-    assert compiled.compiled_shapes == {(4, 1, 1, 128), (4, 4, 1, 128)}
+    assert compiled.store.compiled_shapes == {(4, 1, 1, 128), (4, 4, 1, 128)}
 
 
 def test_compiled_engine_decodes_what_eager_decodes(world):
@@ -153,7 +155,7 @@ def test_compiled_engine_decodes_what_eager_decodes(world):
     compiled = fastalign.Engine(target=world.target, tokenizer=world.tokenizer, compile=True)
     eager = fastalign.Engine(target=world.target, tokenizer=world.tokenizer)
     assert compiled.decode(prompts, **kw).sequences == eager.decode(prompts, **kw).sequences
-    assert compiled.target.compiled_shapes  # the decode steps ran compiled
+    assert compiled.target.store.compiled_shapes  # the decode steps ran compiled
 
 
 def test_cli_compile_and_threads_flags(world):
@@ -162,7 +164,7 @@ def test_cli_compile_and_threads_flags(world):
     args = build_parser().parse_args(["generate", "--toy", "--compile", "--threads", "2", "hello"])
     assert args.compile and args.threads == 2
     engine = engine_factory(args, world)("sample")
-    assert isinstance(engine.target, StaticCausalLM) and engine.target.options.compile
+    assert isinstance(engine.target.store, SlotStore) and engine.target.store.options.compile
     args = build_parser().parse_args(["generate", "--toy", "hello"])
     assert not args.compile and args.threads == DEFAULT_THREADS == 1
     assert type(engine_factory(args, world)("sample").target) is CausalLM

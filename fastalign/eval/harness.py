@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from ..methods.answers import EXTRACTORS
-from ..api import MODEL_ROLES, Engine, _load_reward
-from ..models.causal_lm import InputError, RewardModel
+from ..api import MODEL_ROLES, Engine
+from ..models.builder import ModelBuilder
+from ..errors import InputError
+from ..models.reward import RewardModel
 from ..models.text_rewards import text_reward_function
 from .worlds import NAMES as WORLD_NAMES
 from .worlds import world_prompts
@@ -231,7 +233,8 @@ class GoldReward:
         fn = text_reward_function(spec)
         if fn is not None:
             return cls.from_text_fn(fn, spec)
-        return cls.from_reward(_load_reward(spec, None, policy_tokenizer, trust_remote_code, device, dtype), spec)
+        build = ModelBuilder(device, dtype, trust_remote_code=trust_remote_code)
+        return cls.from_reward(build.reward(spec, None, policy_tokenizer), spec)
 
 
 # --------------------------------------------------------------------------------------------- grid

@@ -10,7 +10,8 @@ import torch
 from .. import kernels
 from ..kernels._rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
                             uniform_streams_torch)
-from ..models.causal_lm import CausalLM, RewardModel
+from ..models.causal_lm import CausalLM
+from ..models.reward import RewardModel
 from ..models.remote import RemoteLM
 
 

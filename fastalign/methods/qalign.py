@@ -69,7 +69,8 @@ import torch
 
 from .answers import get_extractor
 from ..kernels._rng import prompt_seed
-from ..models.causal_lm import InputError, right_pad
+from ..errors import InputError
+from ..models.causal_lm import right_pad
 from ..models.remote import RemoteError, RemoteLM
 from .base import Context, MethodResult, Randomness, sample_continuations
 

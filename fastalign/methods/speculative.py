@@ -64,7 +64,7 @@ import operator
 import torch
 
 from ..kernels import spec_verify, tree_verify
-from ..validation import InputError
+from ..errors import InputError
 from .base import Context, MethodResult
 
 REQUIRES = ("target", "draft")

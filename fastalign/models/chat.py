@@ -9,7 +9,7 @@ Gemma); ``end_of_turn_ids`` finds it by rendering a conversation that ends with 
 
 from __future__ import annotations
 
-from .causal_lm import InputError
+from ..errors import InputError
 
 _MARK = "\u2063fastalign-end-of-turn-probe\u2063"  # a reply text that no template alters
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .causal_lm import InputError
+from ..errors import InputError
 
 
 def is_gguf(spec) -> bool:

@@ -58,7 +58,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .causal_lm import InputError, ModelCounters, _eos_ids
+from ..errors import InputError
+from .causal_lm import ModelCounters, eos_token_ids
 
 _GOLDEN = 0x9E3779B1
 _RETRY_STATUS = (429, 500, 502, 503, 504)  # overloaded or restarting servers; other errors are the request's
@@ -98,7 +99,7 @@ def eos_token_ids_of(name_or_path: str, trust_remote_code: bool = False) -> set[
         generation = GenerationConfig.from_pretrained(name_or_path)
     except OSError:  # no generation_config.json
         generation = None
-    return _eos_ids(SimpleNamespace(config=config, generation_config=generation))
+    return eos_token_ids(SimpleNamespace(config=config, generation_config=generation))
 
 
 def _base(url: str) -> str:

@@ -1,13 +1,14 @@
-"""Layer 3, compiled: a preallocated static KV cache and fixed-shape model steps compiled with ``torch.compile``.
+"""The slot store: a preallocated static KV cache and fixed-shape model steps compiled with ``torch.compile``.
 
-``StaticCausalLM`` and ``StaticCachedModel`` have the interface and the meaning of ``models.CausalLM`` and
-``models.CachedModel`` (the eager reference): the methods run on either unchanged. What differs is storage:
+A ``CachedModel`` (``CausalLM``, a reward model's cache) over a ``SlotStore`` has the interface and the meaning
+it has over the ``RaggedStore`` (the eager reference): the methods run on either unchanged. What differs is
+storage:
 
 * per layer, keys and values ``[R, H, S, D]`` allocated once: ``R`` is the batch rounded up to a bucket
   (``BATCH_BUCKETS``; rows past the batch are padding), ``S`` a maximum length;
 * every block is written at one column range ``[end, end + T)`` shared by all rows; rows differ only by
-  their live masks (``_live [R, S]``), so ``live`` (the view ``_live[:B, :end]``) means exactly what it
-  means in the eager cache, and ``rollback`` / ``keep_new`` are the same mask updates (inherited);
+  their live masks (``_live_buf [R, S]``), so ``live`` (the view ``_live_buf[:B, :end]``) means exactly what it
+  means in the eager cache, and ``rollback`` / ``keep_new`` are the same mask updates (``CachedModel``'s);
 * cropping trailing dead columns moves ``end`` back (no copy); ``compact`` gathers the live slots within
   the same buffers and runs only when a block would not fit; ``select_rows`` gathers rows in place.
 
@@ -34,8 +35,8 @@ from types import SimpleNamespace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..errors import InputError
 from . import native
-from .causal_lm import CachedModel, CausalLM, InputError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # beyond 64 rows: multiples of 64
 WIDTH_BUCKETS = (1, 2, 4, 8, 16)  # wider blocks run uncompiled at their own width
@@ -142,50 +143,57 @@ def _configure_dynamo() -> None:
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
 
-# --------------------------------------------------------------------------- the model wrappers
-class _StaticStorage:
-    """The static-cache storage of a ``CachedModel`` (mixed in before it; see the module docstring)."""
+# --------------------------------------------------------------------------- the store
+class SlotStore:
+    """The static storage of one model's cache (see the module docstring). ``attach`` binds it to a model."""
 
-    def _init_static(self, options: StaticOptions) -> None:
+    def __init__(self, options: StaticOptions = StaticOptions()):
         self.options = options
-        self.reserve = 0  # columns to allocate beyond a prefill (set by CausalLM.prefill: max_new_tokens)
+        self.reserved = 0  # columns to allocate beyond a prefill (``reserve``: max_new_tokens)
         self.rows = 0
         self.end = 0
-        self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self.cache = None
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()  # (R, Tb, Tq, S) compiled so far
         self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self._compiled_step = None
-        if options.compile:
+        self._width = 0  # the width of the block opened last (its bucket, when it runs compiled)
+        self._compiled = False
+
+    def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype) -> None:
+        """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``; compile its step."""
+        self.backbone, self.cache_arg, self.device, self.dtype = backbone, cache_arg, device, dtype
+        self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        if self.options.compile:
             _configure_dynamo()
             # a code object of its own: torch's compile cache (and its guards) is per code object
-            step = types.FunctionType(_StaticStorage._step.__code__.replace(), globals(), "_step")
-            inductor = {"cpp_wrapper": True} if options.cpp_wrapper and self.device.type == "cpu" else None
-            self._compiled_step = torch.compile(step, dynamic=False, mode=options.mode, options=inductor)
+            step = types.FunctionType(SlotStore._step.__code__.replace(), globals(), "_step")
+            inductor = {"cpp_wrapper": True} if self.options.cpp_wrapper and device.type == "cpu" else None
+            self._compiled_step = torch.compile(step, dynamic=False, mode=self.options.mode, options=inductor)
+
+    def reserve(self, new_tokens: int) -> None:
+        """Allocate room for ``new_tokens`` more columns at the next prefill (a decode's ``max_new_tokens``)."""
+        self.reserved = new_tokens
 
     # ---------------------------------------------------------------- state
     @property
     def live(self) -> torch.Tensor:
-        """``[B, end]`` view of the live mask: the same meaning as the eager cache's ``live``."""
+        """``[B, end]`` view of the live mask: the same meaning as the ragged store's ``live``."""
         return self._live_buf[: self.rows, : self.end]
 
-    @live.setter
-    def live(self, value: torch.Tensor) -> None:
-        if getattr(self, "_live_buf", None) is None:  # CachedModel.__init__, before _init_static
-            return
-        B, width = value.shape
+    def narrow(self, live: torch.Tensor) -> None:
+        """Replace the live mask by ``live [B, S']`` (``S' <= end``), which only kills slots, in place."""
+        B, width = live.shape
         if B != self.rows or width > self.end:
             raise RuntimeError("the static cache's live mask is only ever narrowed in place")
-        self._live_buf[:B, :width] = value
+        self._live_buf[:B, :width] = live
         self._live_buf[:, width: self.end] = False
         self.end = width
 
     def reset(self) -> None:
         self.rows, self.end = 0, 0
-        if getattr(self, "_live_buf", None) is not None:
-            self._live_buf.zero_()
+        self._live_buf.zero_()
 
-    def _layers(self):
+    def layers(self):
         return self.cache.layers if self.cache is not None else []
 
     # ---------------------------------------------------------------- allocation
@@ -212,7 +220,7 @@ class _StaticStorage:
     def _make_room(self, B: int, width: int) -> None:
         """Buffers for a block of ``width`` columns over ``B`` rows: allocate, compact or grow as needed."""
         if self.rows == 0:  # a fresh batch (prefill)
-            length = _round_length(width + self.reserve + 2 * WIDTH_BUCKETS[-1])
+            length = _round_length(width + self.reserved + 2 * WIDTH_BUCKETS[-1])
             if self.cache is None or self.cache.rows != batch_bucket(B) or self.cache.length < length:
                 self._allocate(batch_bucket(B), length)
             self.rows = B
@@ -233,23 +241,25 @@ class _StaticStorage:
         visible = seen.expand(R, Tb, seen.shape[2]).index_copy(2, columns, block)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
         mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None]
-        out = self._backbone(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                             **{self._cache_arg: self.cache}, use_cache=True, **kwargs)
+        out = self.backbone(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                            **{self.cache_arg: self.cache}, use_cache=True, **kwargs)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
+    def open_block(self, rows: int, width: int, compilable: bool) -> None:
+        """Room for a block of ``width`` tokens over ``rows`` rows; it runs compiled (at its width bucket) when
+        ``compilable`` (no extra model arguments), compiling is on and the batch is under way (not a prefill)."""
+        bucket = width_bucket(width) if compilable else None
+        self._compiled = bucket is not None and self.options.compile and self.rows > 0 and self.cache.initialized
+        self._width = bucket if self._compiled else width
+        self._make_room(rows, self._width)
+
     @torch.no_grad()
-    def _run(self, tokens: torch.Tensor, parents: torch.Tensor | None, live: torch.Tensor | None, **kwargs):
-        """``CachedModel._run`` over the static cache (same arguments, same meaning)."""
-        tokens = tokens.to(self.device)
+    def write(self, tokens, positions, new_live, block, ancestry, padded: bool, **kwargs):
+        """``RaggedStore.write`` over the slots (same arguments, same meaning), after ``open_block``."""
         B, T = tokens.shape
-        Tb = width_bucket(T) if not kwargs else None
-        compiled = Tb is not None and self.options.compile and self.rows > 0 and self.cache.initialized
-        width = Tb if compiled else T
-        self._make_room(B, width)
+        width = self._width
         R, S, start = self.cache.rows, self.cache.length, self.end
         dev = self.device
-        new_live = torch.ones(B, T, dtype=torch.bool, device=dev) if live is None else live.to(dev)
-        positions, block, ancestry = self._layout(new_live, parents)
 
         # the step's inputs, padded to R rows and `width` columns (padding: dead, sees only itself)
         seen = self._live_buf[:, None, :]
@@ -259,7 +269,7 @@ class _StaticStorage:
             seen[:B, :T, start - P: start] &= ancestry
         if (R, width) != (B, T):
             tokens, positions = _pad(tokens, R, width), _pad(positions, R, width)
-        if block is None and (T == 1 or live is None):  # a chain without padding: a constant
+        if block is None and (T == 1 or not padded):  # a chain without padding: a constant
             block = self._causal_block(R, width, B, T)
         else:
             if block is None:
@@ -271,7 +281,7 @@ class _StaticStorage:
                 block = padded
         columns = torch.arange(start, start + width, device=dev)
         self.cache.write.columns = columns
-        if compiled:
+        if self._compiled:
             shape = (R, width, seen.shape[1], S)
             known = shape in self.compiled_shapes and self.options.skip_guards
             with torch.compiler.set_stance(skip_guard_eval_unsafe=known):
@@ -282,8 +292,6 @@ class _StaticStorage:
 
         self._live_buf[:B, start: start + T] = new_live
         self.end = start + T
-        self.counters.calls += 1
-        self.counters.tokens += int(new_live.sum())
         out = out[:B, :T] if out.shape[1] >= T else out[:B]  # (logits_to_keep may have cut the block)
         return SimpleNamespace(logits=out, last_hidden_state=out)
 
@@ -299,7 +307,7 @@ class _StaticStorage:
         return block
 
     # ---------------------------------------------------------------- cache surgery
-    def _tidy(self) -> None:
+    def tidy(self) -> None:
         """Crop trailing all-dead columns (``end`` moves back; nothing is copied)."""
         alive_cols = self.live.any(0).nonzero()
         self.end = int(alive_cols.max()) + 1 if alive_cols.numel() else 0
@@ -313,8 +321,8 @@ class _StaticStorage:
         width = int(live.sum(1).max())
         order = order[:, self.end - width:]
         gathered = native.gather_slots_many(
-            [t[: self.rows, :, : self.end] for layer in self._layers() for t in (layer.keys, layer.values)], order)
-        for i, layer in enumerate(self._layers()):
+            [t[: self.rows, :, : self.end] for layer in self.layers() for t in (layer.keys, layer.values)], order)
+        for i, layer in enumerate(self.layers()):
             layer.keys[: self.rows, :, :width] = gathered[2 * i]
             layer.values[: self.rows, :, :width] = gathered[2 * i + 1]
         new_live = torch.gather(live, 1, order)
@@ -322,10 +330,9 @@ class _StaticStorage:
         self._live_buf[: self.rows, :width] = new_live
         self.end = width
 
-    def select_rows(self, rows: torch.Tensor | list[int]) -> None:
+    def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given rows, in the given order (repeats allowed); the buffers change size only when the
         batch moves to another bucket."""
-        rows = torch.as_tensor(rows, device=self.device, dtype=torch.long)
         n = rows.shape[0]
         if n == 0:  # every row has finished
             self.reset()
@@ -334,7 +341,7 @@ class _StaticStorage:
             self._resize(batch_bucket(n), self.cache.length, rows)
         else:
             w = self.end
-            for layer in self._layers():
+            for layer in self.layers():
                 layer.keys[:n, :, :w] = layer.keys[rows, :, :w]
                 layer.values[:n, :, :w] = layer.values[rows, :, :w]
             live = self._live_buf[rows]
@@ -348,23 +355,3 @@ def _pad(x: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     out = x.new_zeros(rows, width)
     out[: x.shape[0], : x.shape[1]] = x
     return out
-
-
-class StaticCachedModel(_StaticStorage, CachedModel):
-    """``CachedModel`` over a static cache (e.g. a reward model's backbone)."""
-
-    def __init__(self, model, backbone=None, options: StaticOptions = StaticOptions()):
-        CachedModel.__init__(self, model, backbone)
-        self._init_static(options)
-
-
-class StaticCausalLM(_StaticStorage, CausalLM):
-    """``CausalLM`` over a static cache with compiled fixed-shape steps (module docstring)."""
-
-    def __init__(self, model, options: StaticOptions = StaticOptions()):
-        CausalLM.__init__(self, model)
-        self._init_static(options)
-
-    def prefill(self, prompts: list[list[int]], max_new_tokens: int = 0) -> torch.Tensor:
-        self.reserve = max_new_tokens
-        return CausalLM.prefill(self, prompts, max_new_tokens)

@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from .causal_lm import InputError
+from ..errors import InputError
 
 
 @functools.lru_cache(maxsize=1)

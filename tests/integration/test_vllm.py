@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.models.causal_lm import RewardModel
+from fastalign.models.reward import RewardModel
 from fastalign.models.remote import RemoteError, RemoteLM, RemoteReward, eos_token_ids_of
 from fastalign.testing import (
     VllmServer,
