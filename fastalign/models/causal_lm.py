@@ -8,7 +8,8 @@ anywhere: attention simply never looks at them. That makes every cache operation
 * ``rollback(n)`` kills the last ``n[b]`` live slots of row ``b`` (no copy);
 * ``keep_new(mask)`` keeps a subset of the block just written, e.g. the accepted path of a draft tree;
 * ``compact()`` gathers the live slots of each row to the right end and drops columns dead in every
-  row; it runs by itself when dead slots take more than half of the cache.
+  row; the store also runs it by itself when it pays (the ragged store when dead slots take more than
+  half of the cache, the slot store when a block would not fit).
 
 Where the keys and values live is the model's *store*, chosen by composition: the ragged store
 (``fastalign.models.ragged``, eager: the cache grows block by block) or the slot store
@@ -33,7 +34,7 @@ from .ragged import RaggedStore
 
 
 def eos_token_ids(model) -> set[int]:
-    """The EOS token ids a model's generation config and config name."""
+    """The EOS token ids named by a model's generation config and config."""
     ids = set()
     for cfg in (getattr(model, "generation_config", None), model.config):
         eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
