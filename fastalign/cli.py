@@ -55,7 +55,7 @@ def check_options(method: str, options: dict) -> None:
     from .methods import get_method
 
     try:
-        _, run = get_method(method)
+        run = get_method(method).run
     except ImportError as e:
         raise ValueError(f"method {method!r} is not available in this installation ({e})") from None
     from .validation import check_method_options
@@ -85,8 +85,9 @@ def engine_factory(args, world=None):
     """A function ``method -> fastalign.Engine`` for the models named on the command line; roles not named
     come from the world when one is given (``--world``, ``--toy``). With the toy world, ``sss`` takes its
     aligned draft as the draft (and the unaligned draft as ``ref``); other methods take the unaligned draft."""
-    from .api import MODEL_ROLES as ROLES
     from .api import Engine
+    from .methods import MODEL_ROLES as ROLES
+    from .methods import world_roles
 
     named = {role: getattr(args, role) for role in ROLES}
     common = dict(trust_remote_code=args.trust_remote_code, device=args.device, dtype=_torch_dtype(args.dtype),
@@ -97,9 +98,7 @@ def engine_factory(args, world=None):
     def roles_for(method):
         if world is None:
             return named, args.tokenizer
-        toy = {role: getattr(world, role, None) for role in ROLES}
-        if method == "sss" and getattr(world, "aligned_draft", None) is not None:
-            toy["draft"] = world.aligned_draft
+        toy = world_roles(method, world)
         return {role: named[role] if named[role] is not None else toy[role] for role in ROLES}, \
             args.tokenizer or (world.tokenizer if named["target"] is None else None)
 
@@ -195,9 +194,8 @@ def per_prompt_values(extra: dict, rows: int) -> list[dict]:
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .api import sampling_settings
     from .evaluate import _jsonable, write_jsonl
-    from .methods import get_method, options_in_effect
+    from .methods import get_method
     from .validation import InputError
 
     options = parse_options(args.opt)
@@ -206,12 +204,12 @@ def cmd_generate(args) -> int:
     if args.resume and not args.output:
         raise InputError("--resume continues an --output FILE: give one")
     prompts = _read_generate_prompts(args)
-    effective = {key: _jsonable(v) for key, v in options_in_effect(args.method, options).items()}
+    spec = get_method(args.method)
+    effective = {key: _jsonable(v) for key, v in spec.options_in_effect(options).items()}
     world = _world(args)
     engine = engine_factory(args, world)(args.method)
     given = _sampling(args, world)
-    temperature, top_k, top_p = sampling_settings(get_method(args.method)[0], given["temperature"], given["top_k"],
-                                                  given["top_p"])
+    temperature, top_k, top_p = spec.sampling_settings(given["temperature"], given["top_k"], given["top_p"])
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
                 "top_p": top_p, "seed": args.seed}  # prompt i's own seed: prompt_seeds(seed, n)[i]
     first = 0
@@ -254,7 +252,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .api import MODEL_ROLES as ROLES
+    from .methods import MODEL_ROLES as ROLES
     from .validation import InputError
     from .evaluate import (
         GoldReward,

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from .answers import EXTRACTORS
-from .api import MODEL_ROLES, Engine, _load_reward
+from .api import Engine, _load_reward
+from .methods import MODEL_ROLES, get_method
 from .models import InputError, RewardModel
 from .rewards import text_reward_function
 from .worlds import NAMES as WORLD_NAMES
@@ -617,20 +618,12 @@ def read_complete_jsonl(path) -> list[dict]:
 
 
 def default_grid(engine_for) -> list[tuple[str, dict]]:
-    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has (``sss``
-    also needs ``ref``):
+    """A small grid over the methods whose models (every role a method uses) ``engine_for(method)`` has:
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
-    from .methods import get_method
-
     grid = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], ("soft_bon", {"n": 4}), ("args", {}),
             ("rs", {}), ("cards", {}), ("sd", {}), ("sss", {}), *[("qalign", {"steps": s}) for s in (2, 4, 8)]]
     chosen = []
     for method, options in grid:
-        try:
-            module, _ = get_method(method)
-        except (ImportError, AttributeError):
-            continue  # not implemented in this installation
-        needs = module.REQUIRES + (("ref",) if method == "sss" else ())  # sss without ref is an error
-        if all(getattr(engine_for(method), role) is not None for role in needs):
+        if all(getattr(engine_for(method), role) is not None for role in get_method(method).roles):
             chosen.append((method, options))
     return chosen

@@ -73,8 +73,6 @@ from ..models import InputError, right_pad
 from ..remote import RemoteError, RemoteLM
 from .base import Context, MethodResult, Randomness, sample_continuations
 
-REQUIRES = ("target", "reward")
-REMOTE_TARGET = True  # ``target`` may be a fastalign.remote.RemoteLM
 SELECT_RULES = ("last", "majority", "weighted_majority", "best_reward", "mbr")
 MAX_LOG_RATIO = 20.0
 
