@@ -10,15 +10,12 @@ from dataclasses import dataclass, field
 
 from . import validation as check
 from .errors import InputError, NonFiniteReward
-from .methods import get_method, remote_target_methods
+from .methods import MODEL_ROLES, get_method, remote_target_methods
 from .methods.base import Context, Randomness
 from .models import chat as chat_prompts
 from .models.builder import ModelBuilder
 from .models.causal_lm import CausalLM
 from .models.remote import RemoteLM
-
-MODEL_ROLES = ("target", "draft", "ref", "reward")
-
 
 @dataclass
 class DecodeOutput:
@@ -142,24 +139,24 @@ class Engine:
     def _decode(self, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
                 options) -> DecodeOutput:
         self._prompt_ids = []
-        module, run = get_method(method)
-        check.check_method_options(method, run, options)
-        for role in module.REQUIRES:
+        spec = get_method(method)
+        check.check_method_options(method, spec.run, options)
+        for role in spec.requires:
             if getattr(self, role) is None:
                 raise InputError(f"method {method!r} needs a {role} model (pass {role}=...)")
-        if isinstance(self.target, RemoteLM) and not getattr(module, "REMOTE_TARGET", False):
+        if isinstance(self.target, RemoteLM) and not spec.remote_target:
             raise InputError(f"method {method!r} needs per-token logits, so a local target (a model or a path); "
                              f"a RemoteLM target works with {', '.join(remote_target_methods())}")
         for role in ("draft", "ref"):
             if isinstance(getattr(self, role), RemoteLM):
                 raise InputError(f"the {role} must be a local model (a model or a path), not a RemoteLM")
         check.check_int("max_new_tokens", max_new_tokens, minimum=1)
-        temperature, top_k, top_p = sampling_settings(module, temperature, top_k, top_p)
+        temperature, top_k, top_p = spec.sampling_settings(temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)
         check.check_seed(seed, len(prompt_ids))
         models = {role: getattr(self, role) for role in MODEL_ROLES if getattr(self, role) is not None}
-        used = {role: m for role, m in models.items() if (role in module.REQUIRES or role == "ref" and method == "sss")
+        used = {role: m for role, m in models.items() if role in spec.roles
                 and not getattr(m, "retokenize", False)}  # a re-tokenising reward counts other tokens
         check.check_context_lengths(used, prompt_ids, max_new_tokens)
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
@@ -167,7 +164,7 @@ class Engine:
         ctx = Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
                       float(temperature), top_k, top_p, rng)
         start = time.perf_counter()
-        result = run(ctx, prompt_ids, **options)
+        result = spec.run(ctx, prompt_ids, **options)
         wall = time.perf_counter() - start
 
         stats = {}
@@ -182,16 +179,6 @@ class Engine:
         if self.tokenizer is not None:
             texts = self.tokenizer.batch_decode(result.sequences, skip_special_tokens=True)
         return DecodeOutput(result.sequences, texts, stats, result.extra)
-
-
-def sampling_settings(module, temperature: float | None, top_k: int | None, top_p: float | None):
-    """``(temperature, top_k, top_p)`` a decode uses: as given, or with ``temperature=None`` the method
-    module's ``DEFAULTS`` (its paper's temperature, 1.0 otherwise, and its top-k unless one is given)."""
-    if temperature is None:
-        defaults = getattr(module, "DEFAULTS", {})
-        temperature = defaults.get("temperature", 1.0)
-        top_k = defaults.get("top_k") if top_k is None else top_k
-    return temperature, top_k, top_p
 
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,

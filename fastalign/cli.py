@@ -56,7 +56,7 @@ def check_options(method: str, options: dict) -> None:
     from .methods import get_method
 
     try:
-        _, run = get_method(method)
+        run = get_method(method).run
     except ImportError as e:
         raise ValueError(f"method {method!r} is not available in this installation ({e})") from None
     from .validation import check_method_options
@@ -86,8 +86,9 @@ def engine_factory(args, world=None):
     """A function ``method -> fastalign.Engine`` for the models named on the command line; roles not named
     come from the world when one is given (``--world``, ``--toy``). With the toy world, ``sss`` takes its
     aligned draft as the draft (and the unaligned draft as ``ref``); other methods take the unaligned draft."""
-    from .api import MODEL_ROLES as ROLES
     from .api import Engine
+    from .methods import MODEL_ROLES as ROLES
+    from .methods import world_roles
 
     named = {role: getattr(args, role) for role in ROLES}
     common = dict(trust_remote_code=args.trust_remote_code, device=args.device, dtype=_torch_dtype(args.dtype),
@@ -98,9 +99,7 @@ def engine_factory(args, world=None):
     def roles_for(method):
         if world is None:
             return named, args.tokenizer
-        toy = {role: getattr(world, role, None) for role in ROLES}
-        if method == "sss" and getattr(world, "aligned_draft", None) is not None:
-            toy["draft"] = world.aligned_draft
+        toy = world_roles(method, world)
         return {role: named[role] if named[role] is not None else toy[role] for role in ROLES}, \
             args.tokenizer or (world.tokenizer if named["target"] is None else None)
 
@@ -194,9 +193,8 @@ def per_prompt_values(extra: dict, rows: int) -> list[dict]:
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .api import sampling_settings
     from .eval.harness import _jsonable, write_jsonl
-    from .methods import get_method, options_in_effect
+    from .methods import get_method
 
     options = parse_options(args.opt)
     check_options(args.method, options)
@@ -204,12 +202,12 @@ def cmd_generate(args) -> int:
     if args.resume and not args.output:
         raise InputError("--resume continues an --output FILE: give one")
     prompts = _read_generate_prompts(args)
-    effective = {key: _jsonable(v) for key, v in options_in_effect(args.method, options).items()}
+    spec = get_method(args.method)
+    effective = {key: _jsonable(v) for key, v in spec.options_in_effect(options).items()}
     world = _world(args)
     engine = engine_factory(args, world)(args.method)
     given = _sampling(args, world)
-    temperature, top_k, top_p = sampling_settings(get_method(args.method)[0], given["temperature"], given["top_k"],
-                                                  given["top_p"])
+    temperature, top_k, top_p = spec.sampling_settings(given["temperature"], given["top_k"], given["top_p"])
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": temperature, "top_k": top_k,
                 "top_p": top_p, "seed": args.seed}  # prompt i's own seed: prompt_seeds(seed, n)[i]
     first = 0
@@ -252,9 +250,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .api import MODEL_ROLES as ROLES
     from .eval.harness import (GoldReward, default_grid, evaluate, load_prompts, parse_grid, summarize, summary_table,
                                write_results)
+    from .methods import MODEL_ROLES as ROLES
 
     world = _world(args)
     engine_for = engine_factory(args, world)

@@ -154,9 +154,9 @@ def test_counts_must_be_positive_integers(flag, value, capsys):
 
 
 def test_a_method_missing_from_the_installation_is_named(monkeypatch, capsys):
-    from fastalign.methods import METHODS
+    from fastalign.methods import METHODS, Method
 
-    monkeypatch.setitem(METHODS, "future", ("future_method", "run"))
+    monkeypatch.setitem(METHODS, "future", Method("future", "future_method:run", ("target",)))
     assert cli.main(["generate", "--method", "future", "w1"]) == 2
     assert "method 'future' is not available in this installation" in capsys.readouterr().err
 

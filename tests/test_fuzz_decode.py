@@ -7,7 +7,6 @@ output fails. The examples are derandomised, so the suite is reproducible; the o
 method's signature, so new options are fuzzed too.
 """
 
-import inspect
 
 import pytest
 
@@ -32,8 +31,7 @@ def engine():
 
 
 def options_of(method: str) -> list[str]:
-    _, run = get_method(method)
-    return [name for name in inspect.signature(run).parameters if name not in ("ctx", "prompts")]
+    return list(get_method(method).option_defaults())
 
 
 small_ints = st.integers(-2, 5)

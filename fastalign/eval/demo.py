@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import time
 
+from ..methods import world_roles
 from .worlds import NAMES as WORLDS
 from .worlds import TOY_SETTINGS
 
@@ -73,8 +74,11 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     methods = list(loaded.settings if methods is None else methods)
     methods = [m for m in methods if m in loaded.settings]
     prompts = [loaded.prompts[i % len(loaded.prompts)] for i in range(num_prompts)]
-    engines = {"default": loaded.engine(), "sss": loaded.engine("sss")}
-    prompt_ids = engines["default"].encode(prompts)
+    engines = {}  # one per draft the methods take (sss drafts with the aligned draft)
+    for method in ["sample", *(loaded.settings[label][0] for label in methods)]:
+        if _engine_key(method, loaded) not in engines:
+            engines[_engine_key(method, loaded)] = loaded.engine(method)
+    prompt_ids = engines[_engine_key("sample", loaded)].encode(prompts)
     gold = GoldReward.from_spec(loaded.gold, loaded.tokenizer, world=loaded.source)
 
     threads = torch.get_num_threads()
@@ -116,10 +120,15 @@ def _sampling_text(sampling: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in sampling.items()) or "the methods' defaults"
 
 
+def _engine_key(method: str, world) -> int:
+    """Which engine runs ``method``: the one holding the draft the method takes from ``world``."""
+    return id(world_roles(method, world)["draft"])
+
+
 def _run_method(label, world, engines, prompts, prompt_ids, max_new_tokens, seed, sampling, gold, show,
                 file) -> dict:
     method, options = world.settings[label]
-    engine = engines["sss" if method == "sss" else "default"]
+    engine = engines[_engine_key(method, world)]
     start = time.perf_counter()
     out = engine.decode(prompt_ids, method=method, max_new_tokens=max_new_tokens, seed=seed,
                         **sampling, **options)

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from ..methods.answers import EXTRACTORS
-from ..api import MODEL_ROLES, Engine
-from ..models.builder import ModelBuilder
+from ..api import Engine
 from ..errors import InputError
+from ..methods import MODEL_ROLES, get_method
+from ..methods.answers import EXTRACTORS
+from ..models.builder import ModelBuilder
 from ..models.reward import RewardModel
 from ..models.text_rewards import text_reward_function
 from .worlds import NAMES as WORLD_NAMES
@@ -620,20 +621,12 @@ def read_complete_jsonl(path) -> list[dict]:
 
 
 def default_grid(engine_for) -> list[tuple[str, dict]]:
-    """A small grid over the methods whose modules exist and whose models ``engine_for(method)`` has (``sss``
-    also needs ``ref``):
+    """A small grid over the methods whose models (every role a method uses) ``engine_for(method)`` has:
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
-    from ..methods import get_method
-
     grid = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], ("soft_bon", {"n": 4}), ("args", {}),
             ("rs", {}), ("cards", {}), ("sd", {}), ("sss", {}), *[("qalign", {"steps": s}) for s in (2, 4, 8)]]
     chosen = []
     for method, options in grid:
-        try:
-            module, _ = get_method(method)
-        except (ImportError, AttributeError):
-            continue  # not implemented in this installation
-        needs = module.REQUIRES + (("ref",) if method == "sss" else ())  # sss without ref is an error
-        if all(getattr(engine_for(method), role) is not None for role in needs):
+        if all(getattr(engine_for(method), role) is not None for role in get_method(method).roles):
             chosen.append((method, options))
     return chosen

@@ -121,10 +121,10 @@ class World:
         """A ``fastalign.Engine`` over the world's models; for ``sss`` the aligned draft is the draft and the
         unaligned one the ref."""
         from ..api import Engine
+        from ..methods import world_roles
 
-        draft = self.aligned_draft if method == "sss" and self.aligned_draft is not None else self.draft
-        return Engine(target=self.target, draft=draft, ref=self.ref, reward=self.reward, tokenizer=self.tokenizer,
-                      chat=self.chat, **engine_options)
+        return Engine(**world_roles(method, self), tokenizer=self.tokenizer, chat=self.chat,
+                      **engine_options)
 
 
 def world_prompts(name: str) -> list[str]:

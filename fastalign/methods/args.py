@@ -19,7 +19,6 @@ import torch
 from .. import kernels
 from .base import Context, MethodResult
 
-REQUIRES = ("target", "reward")
 MODES = ("greedy", "sampled")
 
 

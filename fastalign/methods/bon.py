@@ -11,9 +11,6 @@ import torch
 
 from .base import Context, MethodResult, ResponseSampler
 
-REQUIRES = ("target", "reward")
-REMOTE_TARGET = True  # ``target`` may be a fastalign.models.remote.RemoteLM (one request of n samples per prompt)
-
 
 def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[list[list[int]], torch.Tensor]:
     """``n`` samples per prompt (rows ``b*n .. b*n+n-1`` belong to prompt ``b``) and their rewards ``[B, n]``."""

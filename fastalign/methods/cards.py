@@ -6,7 +6,7 @@ Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment 
    segment has at least ``min_segment_tokens`` tokens and ``H(softmax(l)) >= entropy_threshold`` (temperature 1,
    full vocabulary, nats; the fused ``kernels.entropy``), the segment ends *before* this token and ``l`` becomes
    the first step of the next segment (never recomputed). Otherwise sample a token with ``ctx.sample``
-   (``DEFAULTS``: T = 0.7, top-k 40). A segment ends after ``max_segment_tokens`` tokens, at EOS, or when the
+   (its sampling defaults in the registry: T = 0.7, top-k 40). A segment ends after ``max_segment_tokens`` tokens, at EOS, or when the
    response reaches ``max_new_tokens``.
 2. **Score** ``r = R(x + prefix + segment)``: the reward model processes only the segment, on top of its
    cached prefix (``RewardModel.score_branches``).
@@ -42,9 +42,6 @@ import torch
 from .. import kernels
 from .base import Context, MethodResult, ResponseSampler
 from .rs import Streak, acceptance_settings, check_acceptance_options, passes
-
-REQUIRES = ("target", "reward")
-DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS paper/code: top-k 40 of softmax(l / 0.7)
 
 
 def threshold_schedule(r_prompt: torch.Tensor, r_star: torch.Tensor, alpha: float, generated: torch.Tensor,

@@ -74,8 +74,6 @@ from ..models.causal_lm import right_pad
 from ..models.remote import RemoteError, RemoteLM
 from .base import Context, MethodResult, Randomness, sample_continuations
 
-REQUIRES = ("target", "reward")
-REMOTE_TARGET = True  # ``target`` may be a fastalign.models.remote.RemoteLM
 SELECT_RULES = ("last", "majority", "weighted_majority", "best_reward", "mbr")
 MAX_LOG_RATIO = 20.0
 

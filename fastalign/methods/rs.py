@@ -19,9 +19,6 @@ import torch
 
 from .base import Context, MethodResult, ResponseSampler
 
-REQUIRES = ("target", "reward")
-REMOTE_TARGET = True  # ``target`` may be a fastalign.models.remote.RemoteLM
-DEFAULTS = {"temperature": 0.7, "top_k": 40}  # the CARDS code's sampling settings (T = 0.7, top-k 40)
 
 AUTO_SAMPLES = 8  # plain samples per prompt that calibrate reward_threshold="auto"
 # accept_beta="auto": the CARDS code's 0.7 with a number r_star (its Llama-7B reward model's units); with

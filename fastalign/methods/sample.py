@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from .base import Context, MethodResult, ResponseSampler
 
-REQUIRES = ("target",)
-REMOTE_TARGET = True  # ``target`` may be a fastalign.models.remote.RemoteLM
-
 
 def run(ctx: Context, prompts: list[list[int]]) -> MethodResult:
     return MethodResult(ResponseSampler(ctx, prompts).draw(rewind=False))

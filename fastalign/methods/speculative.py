@@ -67,7 +67,6 @@ from ..kernels import spec_verify, tree_verify
 from ..errors import InputError
 from .base import Context, MethodResult
 
-REQUIRES = ("target", "draft")
 NUM_DRAFT_TOKENS = 4
 BRANCHING = (2, 2, 1, 1)
 TREES = (None, "sampled", "topk")
