@@ -197,7 +197,7 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--acceptance", type=float, default=0.8, help="per-token SD acceptance of the 100m draft")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; README, CPU threads)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; docs/benchmarks.md, CPU threads)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--tag", help="suffix of the result files: engine_<device>_<tag>")

@@ -65,7 +65,7 @@ class Engine:
     each shape pay the compilation, tens of seconds on a CPU); outputs are those of the eager path (the
     default and the reference). ``static_cache=True`` without ``compile`` runs the static cache uncompiled
     (for tests and debugging). CPU threads are the caller's setting (``torch.set_num_threads``); see the
-    README ("CPU threads") for the measured defaults of the CLI and benchmarks.
+    docs/benchmarks.md ("CPU threads") for the measured defaults of the CLI and benchmarks.
 
     One engine may be shared by several threads: its models hold per-call state (KV caches), so ``decode``
     calls are serialised by a lock (each call runs alone and gets exactly the tokens it would get alone);

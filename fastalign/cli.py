@@ -28,7 +28,7 @@ from .eval.worlds import NAMES as WORLDS
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
 # torch's default (one thread per core) made toy-world decoding 15-36x slower when another process was busy on
-# the same cores; one thread loses little when the machine is idle (README, "CPU threads").
+# the same cores; one thread loses little when the machine is idle (docs/benchmarks.md, "CPU threads").
 DEFAULT_THREADS = 1
 
 
@@ -427,7 +427,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="compiled path: static KV cache and torch.compile'd steps (first calls compile, slow)")
     g.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
-                   help="CPU threads of torch (see README, CPU threads)")
+                   help="CPU threads of torch (see docs/benchmarks.md, CPU threads)")
 
 
 def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="e.g. cuda (default: cpu)")
     d.add_argument("--dtype", choices=DTYPES, help="weights dtype of the world's models")
     d.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
-                   help="CPU threads of torch (see README, CPU threads)")
+                   help="CPU threads of torch (see docs/benchmarks.md, CPU threads)")
     d.add_argument("--show", type=int, default=2, help="completions printed per method")
     d.set_defaults(func=cmd_demo)
 
