@@ -5,6 +5,8 @@ without torch.compile's tens of seconds per shape); ``test_compiled_*`` compile 
 and exact-law tests of the other files also run on both layers (fixtures ``layer`` and ``both_layers``).
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -75,8 +77,8 @@ def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
     outs = [lm.prefill(prompts) for lm in lms]
     assert_close(outs[1], outs[0])
     initial_length, compactions = lms[1].cache.length, []
-    compact = lms[1].compact
-    monkeypatch.setattr(lms[1], "compact", lambda: compactions.append(1) or compact())
+    compact = lms[1]._compact
+    monkeypatch.setattr(lms[1], "_compact", lambda upto: compactions.append(1) or compact(upto))
     for step in range(60):
         B = lms[0].batch_size
         kind = step % 5
@@ -113,6 +115,91 @@ def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
     assert lms[1].live.shape[1] == int(lms[1].lengths.max())
     assert_close(lms[1].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)),
                  lms[0].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)))
+
+
+def test_compaction_between_tree_levels_keeps_each_rows_path(monkeypatch):
+    """A draft tree grown over three calls on a full cache (16 columns): the third call compacts while row 1's
+    second level is dead (its tree is shallower). The tree's columns move as a block, so ``keep_new`` keeps each
+    row's own path and the next logits equal the eager cache's and a full recompute."""
+    monkeypatch.setattr(static_cache, "LENGTH_STEP", 8)
+    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2))  # slack 2 * 2 columns: length 8 + 4 -> 16
+    model = tiny_causal_lm("llama", context=256)
+    lms = [CausalLM(model), StaticCausalLM(model, UNCOMPILED)]
+    rows = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]
+    both = torch.ones(2, 2, dtype=torch.bool)
+    for lm in lms:
+        lm.prefill(rows)
+        # four roots, one kept per row: 3 dead columns in the longest row, for a compaction to reclaim
+        lm.extend(torch.tensor([[11, 12, 13, 14]] * 2), parents=torch.full((2, 4), -1))
+        lm.keep_new(torch.tensor([[0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.bool))
+    rows = [rows[0] + [14], rows[1] + [11]]
+    assert lms[1].end == 12 and lms[1].cache.length == 16
+    compactions = []
+    compact = lms[1]._compact
+    monkeypatch.setattr(lms[1], "_compact", lambda upto: compactions.append(lms[1].end) or compact(upto))
+    row1_deep = torch.tensor([[True, True], [False, False]])  # row 1's tree has one level
+    levels = [(torch.tensor([[20, 21]] * 2), [-1, -1], both),
+              (torch.tensor([[30, 31]] * 2), [-1, -1, 0, 0], row1_deep),
+              (torch.tensor([[40, 41]] * 2), [-1, -1, 0, 0, 2, 2], row1_deep)]
+    for tokens, parents, live in levels:
+        outs = [lm.extend(tokens, parents=torch.tensor([parents] * 2), live=live) for lm in lms]
+        assert_close(outs[1][live], outs[0][live])
+    assert compactions == [16]  # the third level did not fit: it compacted, inside the tree
+    keep = torch.tensor([[1, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]], dtype=torch.bool)  # 20 30 40 | 21
+    for lm in lms:
+        lm.keep_new(keep)
+    rows = [rows[0] + [20, 30, 40], rows[1] + [21]]
+    assert lms[1].lengths.tolist() == lms[0].lengths.tolist() == [len(r) for r in rows]
+    nxt = torch.tensor([[50], [51]])
+    outs = [lm.extend(nxt) for lm in lms]
+    assert_close(outs[1], outs[0])
+    with torch.no_grad():
+        for b, r in enumerate(rows):
+            assert_close(outs[1][b, -1], model(torch.tensor([r + [50 + b]])).logits[0, -1].float())
+
+
+def perturbed(model, scale, seed):
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in out.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * scale)
+    return out
+
+
+def test_draft_trees_with_ragged_budgets_on_a_small_cache_give_the_eager_tokens(monkeypatch):
+    """``sss`` trees (branching (2, 2, 2), leaves fed for the tilt) whose rows near ``max_new_tokens`` draft
+    shallower trees (dead nodes at the deeper levels), on a cache small enough (length step 8, slack 8) to compact
+    between a tree's levels: the eager tokens. The eager cache compacting at every tidy gives them too."""
+    monkeypatch.setattr(static_cache, "LENGTH_STEP", 8)
+    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2, 4))
+    target = tiny_causal_lm(vocab_size=16, hidden=16, layers=1, init_range=0.8, context=512)
+    draft = perturbed(target, 0.05, 1)
+    models = dict(target=target, draft=draft, ref=perturbed(draft, 0.3, 2))
+    mid_tree = []  # compactions with dead slots in the open block (a shallower row's tree)
+    compact = StaticCausalLM._compact
+
+    def spy(self, upto):
+        mid_tree.append(not self.live[:, upto:].all())
+        return compact(self, upto)
+
+    monkeypatch.setattr(StaticCausalLM, "_compact", spy)
+    eager_tidy = CausalLM._tidy
+
+    def tidy_and_compact(self):
+        eager_tidy(self)
+        self.compact()
+
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    for max_new_tokens in (10, 16):
+        for seed in range(4):
+            kw = dict(method="sss", max_new_tokens=max_new_tokens, seed=seed, tree="sampled", branching=(2, 2, 2))
+            eager = fastalign.decode(prompts, **models, **kw).sequences
+            assert fastalign.decode(prompts, **models, static_cache=True, **kw).sequences == eager
+            with monkeypatch.context() as m:
+                m.setattr(CausalLM, "_tidy", tidy_and_compact)
+                assert fastalign.decode(prompts, **models, **kw).sequences == eager
+    assert any(mid_tree)
 
 
 def test_engine_options_and_errors(world):
