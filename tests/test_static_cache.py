@@ -17,6 +17,14 @@ from fastalign.static_cache import StaticCausalLM, StaticOptions, batch_bucket, 
 from fastalign.testing import tiny_causal_lm
 
 UNCOMPILED = StaticOptions(compile=False)
+PADDED = StaticOptions(compile=True)  # with the fixture compile_as_identity: the compiled path, not compiled
+
+
+@pytest.fixture
+def compile_as_identity(monkeypatch):
+    """``compile=True`` with ``torch.compile`` replaced by the identity: the compiled path's own logic (blocks
+    padded to width buckets, the padding's columns and masks, shape bookkeeping) in seconds, without compiling."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +61,29 @@ CASES = [
 
 
 @pytest.mark.parametrize("method,options", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_every_method_gives_the_eager_output(world, method, options):
-    """Same seed, same prompts (ragged, a batch of 5 that shrinks across row buckets as prompts finish)."""
+def test_every_method_gives_the_eager_output(world, method, options, compile_as_identity):
+    """Same seed, same prompts (ragged, a batch of 5 that shrinks across row buckets as prompts finish), on the
+    static cache uncompiled and on the compiled path (``compile=True``, torch.compile as the identity)."""
     prompts = [p for p in world.prompts[:5]]
     roles = dict(target=world.target, draft=world.aligned_draft if method == "sss" else world.draft,
                  ref=world.ref if method == "sss" else None, reward=world.reward, tokenizer=world.tokenizer)
     outs = {}
-    for static in (False, True):
-        engine = fastalign.Engine(**roles, static_cache=static)
-        outs[static] = engine.decode(prompts, method=method, max_new_tokens=20, seed=3, **options)
-    assert outs[True].sequences == outs[False].sequences
-    for key in ("target_calls", "target_tokens", "draft_calls", "draft_tokens", "reward_calls", "reward_tokens"):
-        assert outs[True].stats[key] == outs[False].stats[key], key
+    for layer, flags in (("eager", {}), ("static", dict(static_cache=True)), ("padded", dict(compile=True))):
+        engine = fastalign.Engine(**roles, **flags)
+        outs[layer] = engine.decode(prompts, method=method, max_new_tokens=20, seed=3, **options)
+    assert engine.target.options.compile and engine.target.compiled_shapes  # the padded steps ran
+    for layer in ("static", "padded"):
+        assert outs[layer].sequences == outs["eager"].sequences, layer
+        for key in ("target_calls", "target_tokens", "draft_calls", "draft_tokens", "reward_calls", "reward_tokens"):
+            assert outs[layer].stats[key] == outs["eager"].stats[key], (layer, key)
 
 
-def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
+@pytest.mark.parametrize("options", [UNCOMPILED, PADDED], ids=["static", "padded"])
+def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch, options, compile_as_identity):
     """A small cache (16 columns) forces compaction and growth; select_rows moves between row buckets."""
     monkeypatch.setattr(static_cache, "LENGTH_STEP", 16)
     model = tiny_causal_lm("llama", context=256)
-    lms = [CausalLM(model), StaticCausalLM(model, UNCOMPILED)]
+    lms = [CausalLM(model), StaticCausalLM(model, options)]
     gen = torch.Generator().manual_seed(0)
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]]
     outs = [lm.prefill(prompts) for lm in lms]
@@ -117,14 +129,15 @@ def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
                  lms[0].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)))
 
 
-def test_compaction_between_tree_levels_keeps_each_rows_path(monkeypatch):
+@pytest.mark.parametrize("options", [UNCOMPILED, PADDED], ids=["static", "padded"])
+def test_compaction_between_tree_levels_keeps_each_rows_path(monkeypatch, options, compile_as_identity):
     """A draft tree grown over three calls on a full cache (16 columns): the third call compacts while row 1's
     second level is dead (its tree is shallower). The tree's columns move as a block, so ``keep_new`` keeps each
     row's own path and the next logits equal the eager cache's and a full recompute."""
     monkeypatch.setattr(static_cache, "LENGTH_STEP", 8)
     monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2))  # slack 2 * 2 columns: length 8 + 4 -> 16
     model = tiny_causal_lm("llama", context=256)
-    lms = [CausalLM(model), StaticCausalLM(model, UNCOMPILED)]
+    lms = [CausalLM(model), StaticCausalLM(model, options)]
     rows = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]
     both = torch.ones(2, 2, dtype=torch.bool)
     for lm in lms:
@@ -167,7 +180,9 @@ def perturbed(model, scale, seed):
     return out
 
 
-def test_draft_trees_with_ragged_budgets_on_a_small_cache_give_the_eager_tokens(monkeypatch):
+@pytest.mark.parametrize("flags", [dict(static_cache=True), dict(compile=True)], ids=["static", "padded"])
+def test_draft_trees_with_ragged_budgets_on_a_small_cache_give_the_eager_tokens(monkeypatch, flags,
+                                                                                 compile_as_identity):
     """``sss`` trees (branching (2, 2, 2), leaves fed for the tilt) whose rows near ``max_new_tokens`` draft
     shallower trees (dead nodes at the deeper levels), on a cache small enough (length step 8, slack 8) to compact
     between a tree's levels: the eager tokens. The eager cache compacting at every tidy gives them too."""
@@ -195,7 +210,7 @@ def test_draft_trees_with_ragged_budgets_on_a_small_cache_give_the_eager_tokens(
         for seed in range(4):
             kw = dict(method="sss", max_new_tokens=max_new_tokens, seed=seed, tree="sampled", branching=(2, 2, 2))
             eager = fastalign.decode(prompts, **models, **kw).sequences
-            assert fastalign.decode(prompts, **models, static_cache=True, **kw).sequences == eager
+            assert fastalign.decode(prompts, **models, **flags, **kw).sequences == eager
             with monkeypatch.context() as m:
                 m.setattr(CausalLM, "_tidy", tidy_and_compact)
                 assert fastalign.decode(prompts, **models, **kw).sequences == eager
