@@ -14,7 +14,7 @@ import fastalign
 from fastalign import static_cache
 from fastalign.models import CausalLM, InputError
 from fastalign.static_cache import StaticCausalLM, StaticOptions, batch_bucket, width_bucket
-from fastalign.testing import tiny_causal_lm
+from fastalign.testing import tiny_causal_lm, tiny_reward_model
 
 UNCOMPILED = StaticOptions(compile=False)
 PADDED = StaticOptions(compile=True)  # with the fixture compile_as_identity: the compiled path, not compiled
@@ -215,6 +215,29 @@ def test_draft_trees_with_ragged_budgets_on_a_small_cache_give_the_eager_tokens(
                 m.setattr(CausalLM, "_tidy", tidy_and_compact)
                 assert fastalign.decode(prompts, **models, **kw).sequences == eager
     assert any(mid_tree)
+
+
+@pytest.mark.parametrize("flags", [dict(static_cache=True), dict(compile=True)], ids=["static", "padded"])
+def test_a_reused_engine_gives_the_eager_tokens_for_longer_prompts_and_more_rows(monkeypatch, flags,
+                                                                                 compile_as_identity):
+    """One engine, five batches: a short prompt (buffers of 16 columns, 1 row), longer prompts (past those 16
+    columns) over more rows, short ones over fewer rows, a longer one in the same row bucket, a short one again.
+    Every model's static buffers (target, draft, reward) are reused or replaced as needed: the eager tokens."""
+    monkeypatch.setattr(static_cache, "LENGTH_STEP", 16)
+    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2))  # slack 4 columns: a 3-token prompt gets 16
+    target = tiny_causal_lm(vocab_size=16, hidden=16, layers=1, init_range=0.8, context=512)
+    roles = dict(target=target, draft=perturbed(target, 0.05, 1), reward=tiny_reward_model(vocab_size=16))
+    engines = fastalign.Engine(**roles), fastalign.Engine(**roles, **flags)
+    long = [t % 15 + 1 for t in range(30)]
+    buffers = []  # (rows, columns) of the target's buffers after each batch's sample (no row leaves it)
+    for prompts in ([[1, 2, 3]], [long, long[:23], [5, 6]], [[4, 5], [6]], [long[:14], [7]], [[8], [9, 10]]):
+        for method, options in (("sample", {}), ("sd", {"num_draft_tokens": 3}), ("args", {"k": 2})):
+            kw = dict(method=method, max_new_tokens=6, seed=1, **options)
+            eager, static = (engine.decode(prompts, **kw) for engine in engines)
+            assert static.sequences == eager.sequences, (len(prompts), method)
+            if method == "sample":
+                buffers.append((engines[1].target.cache.rows, engines[1].target.cache.length))
+    assert buffers == [(1, 16), (4, 48), (2, 16), (2, 32), (2, 32)]  # new, new, new, longer, reused
 
 
 def test_engine_options_and_errors(world):
