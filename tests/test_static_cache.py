@@ -16,7 +16,8 @@ import fastalign
 from fastalign import static_cache
 from fastalign.models import CausalLM, InputError
 from fastalign.static_cache import StaticCausalLM, StaticOptions, batch_bucket, width_bucket
-from fastalign.testing import tiny_causal_lm, tiny_reward_model
+from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, tiny_causal_lm, tiny_reward_model,
+                               total_variation, tv_threshold)
 
 UNCOMPILED = StaticOptions(compile=False)
 PADDED = StaticOptions(compile=True)  # with the fixture compile_as_identity: the compiled path, not compiled
@@ -312,6 +313,49 @@ def test_compiled_engine_decodes_what_eager_decodes(world):
     eager = fastalign.Engine(target=world.target, tokenizer=world.tokenizer)
     assert compiled.decode(prompts, **kw).sequences == eager.decode(prompts, **kw).sequences
     assert compiled.target.compiled_shapes  # the decode steps ran compiled
+
+
+V, EOS, PROMPT, DRAWS = 5, 4, [1, 2], 4000
+
+
+@pytest.fixture(scope="module")
+def bf16_models():
+    """A tiny target and a perturbed draft (``tests/test_speculative.py``), cast to bf16."""
+    target = tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.8)
+    draft = perturbed(target, 0.05, 1)
+    return target.to(torch.bfloat16), draft.to(torch.bfloat16)
+
+
+def bf16_law(model, max_new_tokens):
+    """The exact law of responses that the bf16 ``model`` itself defines (its logits by full recompute)."""
+    return enumerate_law(lambda y: next_token_probs(model, y), PROMPT, max_new_tokens, {EOS})
+
+
+def assert_follows(sequences, law, wrong):
+    threshold = tv_threshold(law, len(sequences))
+    assert total_variation(empirical_law(sequences), law) < threshold
+    assert total_variation(law, wrong) > 3 * threshold
+
+
+@pytest.mark.parametrize("flags", [dict(static_cache=True), dict(compile=True)], ids=["static", "padded"])
+def test_bf16_sd_follows_the_bf16_target_law(bf16_models, flags, compile_as_identity):
+    """In bf16 the static cache's logits round differently from the eager cache's and a near-tie can flip a
+    token (README, "What the same tokens means"), but the law is exact: ``sd`` (K=2, 3 tokens) follows the bf16
+    target's own law, and not the draft's."""
+    target, draft = bf16_models
+    out = fastalign.decode([PROMPT] * DRAWS, method="sd", target=target, draft=draft, num_draft_tokens=2,
+                           max_new_tokens=3, seed=0, **flags)
+    assert_follows(out.sequences, bf16_law(target, 3), bf16_law(draft, 3))
+
+
+def test_compiled_bf16_sample_follows_the_bf16_target_law(bf16_models):
+    """torch.compile for real, in bf16: ``sample`` (3 tokens, 4000 rows in one batch) follows the bf16 target's
+    law."""
+    target, draft = bf16_models
+    engine = fastalign.Engine(target=target, compile=True)
+    out = engine.decode([PROMPT] * DRAWS, method="sample", max_new_tokens=3, seed=0)
+    assert engine.target.compiled_shapes  # the decode steps ran compiled
+    assert_follows(out.sequences, bf16_law(target, 3), bf16_law(draft, 3))
 
 
 def test_cli_compile_and_threads_flags(world):
