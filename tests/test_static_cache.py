@@ -169,7 +169,7 @@ def test_compaction_between_tree_levels_keeps_each_rows_path(monkeypatch, option
     second level is dead (its tree is shallower). The tree's columns move as a block, so ``keep_new`` keeps each
     row's own path and the next logits equal the eager cache's and a full recompute."""
     monkeypatch.setattr(static_cache, "LENGTH_STEP", 8)
-    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2))  # slack 2 * 2 columns: length 8 + 4 -> 16
+    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2))  # slack 2 * 2 columns: an 8-token prompt gets 16
     model = tiny_causal_lm("llama", context=256)
     lms = [CausalLM(model), StaticCausalLM(model, options)]
     rows = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]
