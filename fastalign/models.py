@@ -10,6 +10,11 @@ anywhere: attention simply never looks at them. That makes every cache operation
 * ``compact()`` gathers the live slots of each row to the right end and drops columns dead in every
   row; it runs by itself when dead slots take more than half of the cache.
 
+The *open block* is what was written since the cache was last tidied (``rollback``, ``keep_new``, ``compact``,
+a new prefill): only it may be addressed as "the last columns" (``keep_new``, a tree's earlier nodes in
+``parents``), and nothing moves its columns, in either cache layer (the static cache compacts around it).
+Addressing columns before it is an error, not a silent reference to whatever slots sit there now.
+
 Attention is given to the model as an explicit 4-D additive mask ``[B, 1, T, S + T]`` together with
 explicit position ids, which every causal LM of ``transformers`` accepts (eager and SDPA attention).
 Models with sliding-window or recurrent layers are not supported.
@@ -74,6 +79,7 @@ class CachedModel:
         self._cache_arg = cache_argument(self._backbone)
         self.cache: DynamicCache | None = None
         self.live = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.open_from = 0  # the first column of the open block (module docstring)
 
     # ----------------------------------------------------------------- state
     @property
@@ -88,6 +94,16 @@ class CachedModel:
     def reset(self) -> None:
         self.cache = None
         self.live = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.open_from = 0
+
+    @property
+    def open_width(self) -> int:
+        """Columns of the open block: written since the cache was last tidied, addressable as the last ones."""
+        return self.live.shape[1] - self.open_from
+
+    def close_block(self) -> None:
+        """End the open block: what is cached now is no longer addressed as the last columns (e.g. a prefill)."""
+        self.open_from = self.live.shape[1]
 
     def _layers(self):
         return self.cache.layers if self.cache is not None else []
@@ -108,6 +124,9 @@ class CachedModel:
             P = parents.shape[1] - T  # earlier nodes of the same tree: the last P cached slots
             if P < 0 or P > S:
                 raise ValueError(f"parents has {parents.shape[1]} nodes for {T} new tokens and {S} cached slots")
+            if P > self.open_width:  # the tree's earlier nodes must be in the open block (module docstring)
+                raise ValueError(f"parents continues a tree of {P} nodes, but only {self.open_width} columns were "
+                                 "written since the cache was last tidied")
             tree = native.tree_attention_mask(parents)[:, P:]  # [B, T, P + T]
             block = tree[:, :, P:] & new_live[:, None, :]
             block |= torch.eye(T, dtype=torch.bool, device=self.device)  # no query sees nothing
@@ -170,14 +189,19 @@ class CachedModel:
         self._tidy()
 
     def keep_new(self, keep: torch.Tensor) -> None:
-        """Of the last block written (``keep [B, T]``), keep the flagged slots and drop the rest."""
+        """Of the last ``T`` columns written (``keep [B, T]``), keep the flagged slots and drop the rest. They must
+        all be in the open block (written since the cache was last tidied; ends it)."""
         T = keep.shape[1]
+        if T > self.open_width:
+            raise ValueError(f"keep_new over {T} columns, but only {self.open_width} were written since the cache "
+                             "was last tidied")
         if T:  # (live[:, -0:] would be every slot)
             self.live[:, -T:] &= keep.to(self.device)
         self._tidy()
 
     def compact(self) -> None:
-        """Move each row's live slots to the right end (order kept) and drop all-dead columns."""
+        """Move each row's live slots to the right end (order kept) and drop all-dead columns (ends the open
+        block: its columns move)."""
         order = torch.argsort(self.live.to(torch.int8), dim=1, stable=True)
         self.live = torch.gather(self.live, 1, order)
         first = self.live.shape[1] - int(self.lengths.max()) if self.batch_size else 0
@@ -186,9 +210,11 @@ class CachedModel:
         gathered = native.gather_slots_many([t for layer in layers for t in (layer.keys, layer.values)], order)
         for i, layer in enumerate(layers):
             layer.keys, layer.values = gathered[2 * i], gathered[2 * i + 1]
+        self.close_block()
 
     def _tidy(self) -> None:
-        """Crop trailing all-dead columns; compact when dead slots dominate."""
+        """Crop trailing all-dead columns; compact when dead slots dominate. Ends the open block (this and
+        ``compact`` are the only places where this cache moves columns, so an open block never moves)."""
         S = self.live.shape[1]
         alive_cols = self.live.any(0).nonzero()
         end = int(alive_cols.max()) + 1 if alive_cols.numel() else 0
@@ -198,6 +224,7 @@ class CachedModel:
                 layer.keys, layer.values = layer.keys[:, :, :end], layer.values[:, :, :end]
         if self.live.numel() and 2 * int(self.lengths.max()) < self.live.shape[1]:
             self.compact()
+        self.close_block()
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only the given rows, in the given order (repeats allowed)."""
@@ -275,6 +302,7 @@ class CausalLM(CachedModel):
         tokens, live = left_pad(prompts, device=self.device)
         kwargs = {"logits_to_keep": 1} if self._can_keep_last else {}
         out = self._run(tokens, None, live, **kwargs)
+        self.close_block()  # the prompts: never addressed as a block, so compaction may move them
         return self._check(out.logits[:, -1].float())
 
     @torch.no_grad()
@@ -381,6 +409,7 @@ class RewardModel:
         tokens, live = left_pad(self.prefixes, device=self.lm.device)
         self._prefix_score = check_rewards(self._read(self.lm._run(tokens, None, live).last_hidden_state[:, -1]),
                                            self.prompts, "the reward model's score")
+        self.lm.close_block()  # the prefixes: never addressed as a block, so compaction may move them
         return self._prefix_score
 
     @torch.no_grad()

@@ -1,7 +1,10 @@
 """Layer 3, compiled: a preallocated static KV cache and fixed-shape model steps compiled with ``torch.compile``.
 
 ``StaticCausalLM`` and ``StaticCachedModel`` have the interface and the meaning of ``models.CausalLM`` and
-``models.CachedModel`` (the eager reference): the methods run on either unchanged. What differs is storage:
+``models.CachedModel`` (the eager reference): the methods run on either unchanged, with the same laws. The
+logits agree up to float rounding (another summation order over other columns: ~1e-6 in fp32), so the tokens
+are the eager ones in fp32 on the tested models and equal up to that rounding in bf16 / fp16. What differs is
+storage:
 
 * per layer, keys and values ``[R, H, S, D]`` allocated once: ``R`` is the batch rounded up to a bucket
   (``BATCH_BUCKETS``; rows past the batch are padding), ``S`` a maximum length;
@@ -10,6 +13,10 @@
   means in the eager cache, and ``rollback`` / ``keep_new`` are the same mask updates (inherited);
 * cropping trailing dead columns moves ``end`` back (no copy); ``compact`` gathers the live slots within
   the same buffers and runs only when a block would not fit; ``select_rows`` gathers rows in place.
+* that compaction can run inside any call, e.g. between the levels of a draft tree, so it keeps the open block
+  (``models`` module docstring: the columns written since the cache was last tidied, which callers address as
+  the last columns) as it is, dead slots included, right after the compacted columns: ``keep_new`` and a
+  tree's ``parents`` then find their columns where the eager cache has them.
 
 A step is one forward over the whole cache with an additive mask ``[R, 1, Tb, S]`` built inside the step
 from the live mask and the block's own visibility (causal, or a tree). Its shapes depend only on ``(R, Tb,
@@ -151,6 +158,7 @@ class _StaticStorage:
         self.reserve = 0  # columns to allocate beyond a prefill (set by CausalLM.prefill: max_new_tokens)
         self.rows = 0
         self.end = 0
+        self.open_from = 0
         self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self.cache = None
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()  # (R, Tb, Tq, S) compiled so far
@@ -179,9 +187,10 @@ class _StaticStorage:
         self._live_buf[:B, :width] = value
         self._live_buf[:, width: self.end] = False
         self.end = width
+        self.open_from = min(self.open_from, width)
 
     def reset(self) -> None:
-        self.rows, self.end = 0, 0
+        self.rows, self.end, self.open_from = 0, 0, 0
         if getattr(self, "_live_buf", None) is not None:
             self._live_buf.zero_()
 
@@ -221,7 +230,7 @@ class _StaticStorage:
             raise InputError(f"batch of {B} rows given to a cache of {self.rows} rows")
         if self.end + width <= self.cache.length:
             return
-        self.compact()
+        self._compact(self.open_from)  # the open block moves as it is (module docstring)
         if self.end + width > self.cache.length:
             self._resize(self.cache.rows, _round_length(2 * (self.end + width)))
 
@@ -300,27 +309,37 @@ class _StaticStorage:
 
     # ---------------------------------------------------------------- cache surgery
     def _tidy(self) -> None:
-        """Crop trailing all-dead columns (``end`` moves back; nothing is copied)."""
+        """Crop trailing all-dead columns (``end`` moves back; nothing is copied); ends the open block."""
         alive_cols = self.live.any(0).nonzero()
         self.end = int(alive_cols.max()) + 1 if alive_cols.numel() else 0
+        self.close_block()
 
     def compact(self) -> None:
-        """Move each row's live slots to the right end of ``[0, max length)`` (order kept), in the same buffers."""
+        """Move each row's live slots to the right end of ``[0, max length)`` (order kept), in the same buffers
+        (ends the open block, like the eager cache's)."""
+        self._compact(self.end)
+        self.close_block()
+
+    def _compact(self, upto: int) -> None:
+        """Compact columns ``[0, upto)``: each row's live slots there go to the right end of ``[0, w)`` (order
+        kept; ``w`` the most live slots a row has there); columns ``[upto, end)`` follow as they are."""
         if self.rows == 0 or self.end == 0:
             return
         live = self.live
-        order = torch.argsort(live.to(torch.int8), dim=1, stable=True)
-        width = int(live.sum(1).max())
-        order = order[:, self.end - width:]
+        order = torch.argsort(live[:, :upto].to(torch.int8), dim=1, stable=True)
+        width = int(live[:, :upto].sum(1).max())
+        after = torch.arange(upto, self.end, device=self.device).expand(self.rows, -1)
+        order = torch.cat([order[:, upto - width:], after], 1)
+        end = order.shape[1]
         gathered = native.gather_slots_many(
             [t[: self.rows, :, : self.end] for layer in self._layers() for t in (layer.keys, layer.values)], order)
         for i, layer in enumerate(self._layers()):
-            layer.keys[: self.rows, :, :width] = gathered[2 * i]
-            layer.values[: self.rows, :, :width] = gathered[2 * i + 1]
+            layer.keys[: self.rows, :, :end] = gathered[2 * i]
+            layer.values[: self.rows, :, :end] = gathered[2 * i + 1]
         new_live = torch.gather(live, 1, order)
         self._live_buf[:, : self.end] = False
-        self._live_buf[: self.rows, :width] = new_live
-        self.end = width
+        self._live_buf[: self.rows, :end] = new_live
+        self.end, self.open_from = end, width
 
     def select_rows(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only the given rows, in the given order (repeats allowed); the buffers change size only when the

@@ -171,6 +171,29 @@ def test_tree_grown_over_several_calls_matches_full_recompute(arch, layer):
         assert_close(logits[b, -1], full_logits(model, r + [30 + b])[-1])
 
 
+def test_columns_before_the_open_block_are_refused(layer):
+    """``keep_new`` and a tree's earlier nodes (``parents``) address the last columns, which must have been written
+    since the cache was last tidied (the open block, never moved by a compaction): after a prefill, a rollback or a
+    ``keep_new`` the earlier columns may have moved, so addressing them is an error, never a silent wrong slot."""
+    lm = wrap(tiny_causal_lm("llama"), layer)
+    lm.prefill([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.keep_new(torch.ones(2, 1, dtype=torch.bool))
+    lm.extend(torch.tensor([[6, 7], [8, 9]]), parents=torch.tensor([[-1, -1]] * 2))
+    lm.rollback(0)  # tidies: the roots are no longer addressable
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.extend(torch.tensor([[10], [11]]), parents=torch.tensor([[-1, -1, 0]] * 2))
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.keep_new(torch.ones(2, 2, dtype=torch.bool))
+    assert lm.lengths.tolist() == [5, 4]  # nothing was written or dropped
+    lm.extend(torch.tensor([[10, 11], [12, 13]]), parents=torch.tensor([[-1, -1]] * 2))
+    lm.extend(torch.tensor([[14], [15]]), parents=torch.tensor([[-1, -1, 0]] * 2))
+    lm.keep_new(torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool))
+    assert lm.lengths.tolist() == [7, 5]
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.keep_new(torch.ones(2, 1, dtype=torch.bool))
+
+
 def test_reward_with_its_own_tokenizer_scores_re_tokenised_text():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
