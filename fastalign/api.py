@@ -63,7 +63,8 @@ class Engine:
     it for every model): a preallocated static
     KV cache and fixed-shape steps compiled with ``torch.compile`` once per shape bucket (the first calls of
     each shape pay the compilation, tens of seconds on a CPU); outputs are those of the eager path (the
-    default and the reference). ``static_cache=True`` without ``compile`` runs the static cache uncompiled
+    default and the reference): the same laws, and the same tokens in fp32 (equal up to float rounding in
+    bf16 / fp16). ``static_cache=True`` without ``compile`` runs the static cache uncompiled
     (for tests and debugging). CPU threads are the caller's setting (``torch.set_num_threads``); see the
     docs/benchmarks.md ("CPU threads") for the measured defaults of the CLI and benchmarks.
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fastalign.models.causal_lm import CausalLM
 from fastalign.errors import InputError
-from fastalign.models.reward import RewardModel
+from fastalign.models.causal_lm import CausalLM
 from fastalign.models.ragged import RaggedStore
+from fastalign.models.reward import RewardModel
 from fastalign.models.slots import SlotStore, StaticOptions
 from fastalign.testing import ARCHITECTURES, tiny_causal_lm, tiny_reward_model
 
@@ -19,8 +19,13 @@ def layer(request):
     return request.param
 
 
+def new_store(layer):
+    """A function making the KV stores of ``layer``."""
+    return RaggedStore if layer == "eager" else lambda: SlotStore(UNCOMPILED)
+
+
 def wrap(model, layer):
-    return CausalLM(model) if layer == "eager" else CausalLM(model, SlotStore(UNCOMPILED))
+    return CausalLM(model, new_store(layer)())
 
 
 def full_logits(model, row):
@@ -100,7 +105,7 @@ def test_expand_and_select_rows(arch, layer):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_reward_cached_prefix_equals_full_scoring(arch, layer):
-    rm = RewardModel(tiny_reward_model(arch), new_store=RaggedStore if layer == "eager" else lambda: SlotStore(UNCOMPILED))
+    rm = RewardModel(tiny_reward_model(arch), new_store=new_store(layer))
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     torch.testing.assert_close(rm.prefill(prompts, [[8], []]), rm.score(prompts, [[8], []]))
     tokens_before = rm.counters.tokens
@@ -117,7 +122,7 @@ def test_reward_cached_prefix_equals_full_scoring(arch, layer):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_reward_keep_branches_reuses_scored_slots(arch, layer):
-    rm = RewardModel(tiny_reward_model(arch), new_store=RaggedStore if layer == "eager" else lambda: SlotStore(UNCOMPILED))
+    rm = RewardModel(tiny_reward_model(arch), new_store=new_store(layer))
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8]]
     rm.prefill(prompts)
     rm.score_branches([[[9, 10], [11]], [[12], [13, 14, 15]], [[2]]])
@@ -172,6 +177,29 @@ def test_tree_grown_over_several_calls_matches_full_recompute(arch, layer):
     logits = lm.extend(torch.tensor([[30], [31]]))
     for b, r in enumerate(rows):
         assert_close(logits[b, -1], full_logits(model, r + [30 + b])[-1])
+
+
+def test_columns_before_the_open_block_are_refused(layer):
+    """``keep_new`` and a tree's earlier nodes (``parents``) address the last columns, which must have been written
+    since the cache was last tidied (the open block, never moved by a compaction): after a prefill, a rollback or a
+    ``keep_new`` the earlier columns may have moved, so addressing them is an error, never a silent wrong slot."""
+    lm = wrap(tiny_causal_lm("llama"), layer)
+    lm.prefill([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.keep_new(torch.ones(2, 1, dtype=torch.bool))
+    lm.extend(torch.tensor([[6, 7], [8, 9]]), parents=torch.tensor([[-1, -1]] * 2))
+    lm.rollback(0)  # tidies: the roots are no longer addressable
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.extend(torch.tensor([[10], [11]]), parents=torch.tensor([[-1, -1, 0]] * 2))
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.keep_new(torch.ones(2, 2, dtype=torch.bool))
+    assert lm.lengths.tolist() == [5, 4]  # nothing was written or dropped
+    lm.extend(torch.tensor([[10, 11], [12, 13]]), parents=torch.tensor([[-1, -1]] * 2))
+    lm.extend(torch.tensor([[14], [15]]), parents=torch.tensor([[-1, -1, 0]] * 2))
+    lm.keep_new(torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool))
+    assert lm.lengths.tolist() == [7, 5]
+    with pytest.raises(ValueError, match="since the cache was last tidied"):
+        lm.keep_new(torch.ones(2, 1, dtype=torch.bool))
 
 
 def test_reward_with_its_own_tokenizer_scores_re_tokenised_text():

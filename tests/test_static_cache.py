@@ -5,17 +5,31 @@ without torch.compile's tens of seconds per shape); ``test_compiled_*`` compile 
 and exact-law tests of the other files also run on both layers (fixtures ``layer`` and ``both_layers``).
 """
 
+import collections
+import copy
+import hashlib
+
 import pytest
 import torch
 
 import fastalign
+from fastalign.errors import InputError
 from fastalign.models import slots as static_cache
 from fastalign.models.causal_lm import CausalLM
-from fastalign.errors import InputError
+from fastalign.models.ragged import RaggedStore
 from fastalign.models.slots import SlotStore, StaticOptions, batch_bucket, width_bucket
-from fastalign.testing import tiny_causal_lm
+from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, tiny_causal_lm, tiny_reward_model,
+                               total_variation, tv_threshold)
 
 UNCOMPILED = StaticOptions(compile=False)
+PADDED = StaticOptions(compile=True)  # with the fixture compile_as_identity: the compiled path, not compiled
+
+
+@pytest.fixture
+def compile_as_identity(monkeypatch):
+    """``compile=True`` with ``torch.compile`` replaced by the identity: the compiled path's own logic (blocks
+    padded to width buckets, the padding's columns and masks, shape bookkeeping) in seconds, without compiling."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
 
 
 @pytest.fixture(scope="module")
@@ -52,33 +66,68 @@ CASES = [
 
 
 @pytest.mark.parametrize("method,options", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_every_method_gives_the_eager_output(world, method, options):
-    """Same seed, same prompts (ragged, a batch of 5 that shrinks across row buckets as prompts finish)."""
+def test_every_method_gives_the_eager_output(world, method, options, compile_as_identity):
+    """Same seed, same prompts (ragged, a batch of 5 that shrinks across row buckets as prompts finish), on the
+    static cache uncompiled and on the compiled path (``compile=True``, torch.compile as the identity)."""
     prompts = [p for p in world.prompts[:5]]
     roles = dict(target=world.target, draft=world.aligned_draft if method == "sss" else world.draft,
                  ref=world.ref if method == "sss" else None, reward=world.reward, tokenizer=world.tokenizer)
     outs = {}
-    for static in (False, True):
-        engine = fastalign.Engine(**roles, static_cache=static)
-        outs[static] = engine.decode(prompts, method=method, max_new_tokens=20, seed=3, **options)
-    assert outs[True].sequences == outs[False].sequences
-    for key in ("target_calls", "target_tokens", "draft_calls", "draft_tokens", "reward_calls", "reward_tokens"):
-        assert outs[True].stats[key] == outs[False].stats[key], key
+    for layer, flags in (("eager", {}), ("static", dict(static_cache=True)), ("padded", dict(compile=True))):
+        engine = fastalign.Engine(**roles, **flags)
+        outs[layer] = engine.decode(prompts, method=method, max_new_tokens=20, seed=3, **options)
+    assert engine.target.store.options.compile and engine.target.store.compiled_shapes  # the padded steps ran
+    for layer in ("static", "padded"):
+        assert outs[layer].sequences == outs["eager"].sequences, layer
+        for key in ("target_calls", "target_tokens", "draft_calls", "draft_tokens", "reward_calls", "reward_tokens"):
+            assert outs[layer].stats[key] == outs["eager"].stats[key], (layer, key)
 
 
-def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
+@pytest.mark.parametrize("parallel_candidates", [1, 3])
+def test_cards_cost_does_not_depend_on_rounding_between_copies_of_a_segment(world, parallel_candidates):
+    """The cards stats compared above are exact because of the tie rule (``methods/cards.py``): a segment identical
+    to the best of its streak is a tie, whatever its score. Scores here: a hash of the text plus a drift of
+    +-2e-7 per repeat of that text (what rounding in other cache slots does); every streak ends in a forced
+    acceptance, often among repeated segments. Both drifts give the same tokens and the same counts."""
+    def drifting_reward(sign, seen):
+        def reward(prompts, responses):
+            scores = []
+            for p, r in zip(prompts, responses):
+                text = (*p, -1, *r)
+                seen[text] += 1
+                digest = hashlib.blake2b(repr(text).encode(), digest_size=4).digest()
+                scores.append(int.from_bytes(digest, "little") / 2 ** 32 + sign * 2e-7 * seen[text])
+            return torch.tensor(scores)
+        return reward
+
+    outs, repeats = [], []
+    for sign in (1, -1):
+        seen = collections.Counter()
+        outs.append(fastalign.decode(
+            world.prompts[:4], method="cards", target=world.target, tokenizer=world.tokenizer,
+            reward=drifting_reward(sign, seen), max_new_tokens=12, seed=0, mode="hard", reward_threshold=100.0,
+            max_rejections=4, min_segment_tokens=1, max_segment_tokens=2, parallel_candidates=parallel_candidates))
+        repeats.append(max(seen.values()))
+    assert outs[0].stats["forced_acceptances"] > 10 and min(repeats) > 3
+    assert outs[0].sequences == outs[1].sequences
+    for key in ("target_calls", "target_tokens", "reward_calls", "reward_tokens"):
+        assert outs[0].stats[key] == outs[1].stats[key], key
+
+
+@pytest.mark.parametrize("options", [UNCOMPILED, PADDED], ids=["static", "padded"])
+def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch, options, compile_as_identity):
     """A small cache (16 columns) forces compaction and growth; select_rows moves between row buckets."""
     monkeypatch.setattr(static_cache, "LENGTH_STEP", 16)
     model = tiny_causal_lm("llama", context=256)
-    lms = [CausalLM(model), CausalLM(model, SlotStore(UNCOMPILED))]
+    lms = [CausalLM(model), CausalLM(model, SlotStore(options))]
     gen = torch.Generator().manual_seed(0)
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]]
     outs = [lm.prefill(prompts) for lm in lms]
     assert_close(outs[1], outs[0])
     store = lms[1].store
     initial_length, compactions = store.cache.length, []
-    compact = store.compact
-    monkeypatch.setattr(store, "compact", lambda: compactions.append(1) or compact())
+    compact = store._compact
+    monkeypatch.setattr(store, "_compact", lambda upto: compactions.append(1) or compact(upto))
     for step in range(60):
         B = lms[0].batch_size
         kind = step % 5
@@ -115,6 +164,118 @@ def test_compaction_growth_and_row_buckets_match_the_eager_cache(monkeypatch):
     assert lms[1].live.shape[1] == int(lms[1].lengths.max())
     assert_close(lms[1].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)),
                  lms[0].extend(torch.ones(lms[0].batch_size, 1, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("options", [UNCOMPILED, PADDED], ids=["static", "padded"])
+def test_compaction_between_tree_levels_keeps_each_rows_path(monkeypatch, options, compile_as_identity):
+    """A draft tree grown over three calls on a full cache (16 columns): the third call compacts while row 1's
+    second level is dead (its tree is shallower). The tree's columns move as a block, so ``keep_new`` keeps each
+    row's own path and the next logits equal the eager cache's and a full recompute."""
+    monkeypatch.setattr(static_cache, "LENGTH_STEP", 8)
+    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2))  # slack 2 * 2 columns: an 8-token prompt gets 16
+    model = tiny_causal_lm("llama", context=256)
+    lms = [CausalLM(model), CausalLM(model, SlotStore(options))]
+    rows = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]
+    both = torch.ones(2, 2, dtype=torch.bool)
+    for lm in lms:
+        lm.prefill(rows)
+        # four roots, one kept per row: 3 dead columns in the longest row, for a compaction to reclaim
+        lm.extend(torch.tensor([[11, 12, 13, 14]] * 2), parents=torch.full((2, 4), -1))
+        lm.keep_new(torch.tensor([[0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.bool))
+    rows = [rows[0] + [14], rows[1] + [11]]
+    store = lms[1].store
+    assert store.end == 12 and store.cache.length == 16
+    compactions = []
+    compact = store._compact
+    monkeypatch.setattr(store, "_compact", lambda upto: compactions.append(store.end) or compact(upto))
+    row1_deep = torch.tensor([[True, True], [False, False]])  # row 1's tree has one level
+    levels = [(torch.tensor([[20, 21]] * 2), [-1, -1], both),
+              (torch.tensor([[30, 31]] * 2), [-1, -1, 0, 0], row1_deep),
+              (torch.tensor([[40, 41]] * 2), [-1, -1, 0, 0, 2, 2], row1_deep)]
+    for tokens, parents, live in levels:
+        outs = [lm.extend(tokens, parents=torch.tensor([parents] * 2), live=live) for lm in lms]
+        assert_close(outs[1][live], outs[0][live])
+    assert compactions == [16]  # the third level did not fit: it compacted, inside the tree
+    keep = torch.tensor([[1, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]], dtype=torch.bool)  # 20 30 40 | 21
+    for lm in lms:
+        lm.keep_new(keep)
+    rows = [rows[0] + [20, 30, 40], rows[1] + [21]]
+    assert lms[1].lengths.tolist() == lms[0].lengths.tolist() == [len(r) for r in rows]
+    nxt = torch.tensor([[50], [51]])
+    outs = [lm.extend(nxt) for lm in lms]
+    assert_close(outs[1], outs[0])
+    with torch.no_grad():
+        for b, r in enumerate(rows):
+            assert_close(outs[1][b, -1], model(torch.tensor([r + [50 + b]])).logits[0, -1].float())
+
+
+def perturbed(model, scale, seed):
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in out.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * scale)
+    return out
+
+
+@pytest.mark.parametrize("flags", [dict(static_cache=True), dict(compile=True)], ids=["static", "padded"])
+def test_draft_trees_with_ragged_budgets_on_a_small_cache_give_the_eager_tokens(monkeypatch, flags,
+                                                                                 compile_as_identity):
+    """``sss`` trees (branching (2, 2, 2), leaves fed for the tilt) whose rows near ``max_new_tokens`` draft
+    shallower trees (dead nodes at the deeper levels), on a cache small enough (length step 8, slack 8) to compact
+    between a tree's levels: the eager tokens. The eager cache compacting at every tidy gives them too."""
+    monkeypatch.setattr(static_cache, "LENGTH_STEP", 8)
+    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2, 4))
+    target = tiny_causal_lm(vocab_size=16, hidden=16, layers=1, init_range=0.8, context=512)
+    draft = perturbed(target, 0.05, 1)
+    models = dict(target=target, draft=draft, ref=perturbed(draft, 0.3, 2))
+    mid_tree = []  # compactions with dead slots in the open block (a shallower row's tree)
+    compact = SlotStore._compact
+
+    def spy(self, upto):
+        mid_tree.append(not self.live[:, upto:].all())
+        return compact(self, upto)
+
+    monkeypatch.setattr(SlotStore, "_compact", spy)
+    eager_tidy = RaggedStore.tidy
+
+    def tidy_and_compact(self):
+        eager_tidy(self)
+        self.compact()
+
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    for max_new_tokens in (10, 16):
+        for seed in range(4):
+            kw = dict(method="sss", max_new_tokens=max_new_tokens, seed=seed, tree="sampled", branching=(2, 2, 2))
+            eager = fastalign.decode(prompts, **models, **kw).sequences
+            assert fastalign.decode(prompts, **models, **flags, **kw).sequences == eager
+            with monkeypatch.context() as m:
+                m.setattr(RaggedStore, "tidy", tidy_and_compact)
+                assert fastalign.decode(prompts, **models, **kw).sequences == eager
+    assert any(mid_tree)
+
+
+@pytest.mark.parametrize("flags", [dict(static_cache=True), dict(compile=True)], ids=["static", "padded"])
+def test_a_reused_engine_gives_the_eager_tokens_for_longer_prompts_and_more_rows(monkeypatch, flags,
+                                                                                 compile_as_identity):
+    """One engine, five batches: a short prompt (buffers of 16 columns, 1 row), longer prompts (past those 16
+    columns) over more rows, short ones over fewer rows, a longer one in the same row bucket, a short one again.
+    Every model's static buffers (target, draft, reward) are reused or replaced as needed: the eager tokens."""
+    monkeypatch.setattr(static_cache, "LENGTH_STEP", 16)
+    monkeypatch.setattr(static_cache, "WIDTH_BUCKETS", (1, 2))  # slack 4 columns: a 3-token prompt gets 16
+    target = tiny_causal_lm(vocab_size=16, hidden=16, layers=1, init_range=0.8, context=512)
+    roles = dict(target=target, draft=perturbed(target, 0.05, 1), reward=tiny_reward_model(vocab_size=16))
+    engines = fastalign.Engine(**roles), fastalign.Engine(**roles, **flags)
+    long = [t % 15 + 1 for t in range(30)]
+    buffers = []  # (rows, columns) of the target's buffers after each batch's sample (no row leaves it)
+    for prompts in ([[1, 2, 3]], [long, long[:23], [5, 6]], [[4, 5], [6]], [long[:14], [7]], [[8], [9, 10]]):
+        for method, options in (("sample", {}), ("sd", {"num_draft_tokens": 3}), ("args", {"k": 2})):
+            kw = dict(method=method, max_new_tokens=6, seed=1, **options)
+            eager, static = (engine.decode(prompts, **kw) for engine in engines)
+            assert static.sequences == eager.sequences, (len(prompts), method)
+            if method == "sample":
+                buffers.append((engines[1].target.store.cache.rows, engines[1].target.store.cache.length))
+    assert buffers == [(1, 16), (4, 48), (2, 16), (2, 32), (2, 32)]  # new, new, new, longer, reused
 
 
 def test_engine_options_and_errors(world):
@@ -156,6 +317,49 @@ def test_compiled_engine_decodes_what_eager_decodes(world):
     eager = fastalign.Engine(target=world.target, tokenizer=world.tokenizer)
     assert compiled.decode(prompts, **kw).sequences == eager.decode(prompts, **kw).sequences
     assert compiled.target.store.compiled_shapes  # the decode steps ran compiled
+
+
+V, EOS, PROMPT, DRAWS = 5, 4, [1, 2], 4000
+
+
+@pytest.fixture(scope="module")
+def bf16_models():
+    """A tiny target and a perturbed draft (``tests/test_speculative.py``), cast to bf16."""
+    target = tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.8)
+    draft = perturbed(target, 0.05, 1)
+    return target.to(torch.bfloat16), draft.to(torch.bfloat16)
+
+
+def bf16_law(model, max_new_tokens):
+    """The exact law of responses that the bf16 ``model`` itself defines (its logits by full recompute)."""
+    return enumerate_law(lambda y: next_token_probs(model, y), PROMPT, max_new_tokens, {EOS})
+
+
+def assert_follows(sequences, law, wrong):
+    threshold = tv_threshold(law, len(sequences))
+    assert total_variation(empirical_law(sequences), law) < threshold
+    assert total_variation(law, wrong) > 3 * threshold
+
+
+@pytest.mark.parametrize("flags", [dict(static_cache=True), dict(compile=True)], ids=["static", "padded"])
+def test_bf16_sd_follows_the_bf16_target_law(bf16_models, flags, compile_as_identity):
+    """In bf16 the static cache's logits round differently from the eager cache's and a near-tie can flip a
+    token (README, "What the same tokens means"), but the law is exact: ``sd`` (K=2, 3 tokens) follows the bf16
+    target's own law, and not the draft's."""
+    target, draft = bf16_models
+    out = fastalign.decode([PROMPT] * DRAWS, method="sd", target=target, draft=draft, num_draft_tokens=2,
+                           max_new_tokens=3, seed=0, **flags)
+    assert_follows(out.sequences, bf16_law(target, 3), bf16_law(draft, 3))
+
+
+def test_compiled_bf16_sample_follows_the_bf16_target_law(bf16_models):
+    """torch.compile for real, in bf16: ``sample`` (3 tokens, 4000 rows in one batch) follows the bf16 target's
+    law."""
+    target, draft = bf16_models
+    engine = fastalign.Engine(target=target, compile=True)
+    out = engine.decode([PROMPT] * DRAWS, method="sample", max_new_tokens=3, seed=0)
+    assert engine.target.store.compiled_shapes  # the decode steps ran compiled
+    assert_follows(out.sequences, bf16_law(target, 3), bf16_law(draft, 3))
 
 
 def test_cli_compile_and_threads_flags(world):

@@ -16,6 +16,13 @@ Per prompt, until ``max_new_tokens`` tokens are accepted or an accepted segment 
 4. **Reject**: roll the target back to the prefix and propose again. After ``max_rejections`` rejections in a
    row, one more segment is scored and the best of the streak is accepted (``rs.Streak``).
 
+Ties in the best of a streak. Different segments with equal rewards: the first stays the best (``rs.Streak``).
+A segment identical to the best so far is the same candidate: the same text has the same reward, but scored in
+other cache slots its float value can differ by rounding (and differently on the eager and static caches), so the
+rule never looks at the two scores: the latest copy becomes the best, under the first copy's reward. The output is
+the same either way; the latest copy is the cheapest (when proposed in this round, it is still in both caches,
+so a forced acceptance re-feeds nothing), and the choice, hence the cost counters, no longer depends on rounding.
+
 ``reward_threshold`` is ``r_star``: a number, or ``"auto"`` (``rs.calibrate_reward_threshold``: mean + std of the
 rewards of 8 plain samples of each prompt). ``accept_beta="auto"`` (default) is 1/3 of those samples' reward std
 with ``reward_threshold="auto"``, else the CARDS code's 0.7 (``rs.acceptance_settings``): the soft test then
@@ -204,7 +211,10 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
             for m in range(M):
                 r = i * M + m
                 cand = Candidate(segments[r], bool(cut[r]), r, round_)
-                choice, forced = streaks[i].judge(float(rewards[i, m]), ok[i][m], cand, max_rejections)
+                score, streak = float(rewards[i, m]), streaks[i]
+                if streak.best is not None and streak.best.tokens == cand.tokens:  # a tie (module docstring)
+                    streak.best, score = cand, streak.best_reward
+                choice, forced = streak.judge(score, ok[i][m], cand, max_rejections)
                 if choice is None:
                     stats["rejections"] += 1
                     continue

@@ -11,6 +11,11 @@ anywhere: attention simply never looks at them. That makes every cache operation
   row; the store also runs it by itself when it pays (the ragged store when dead slots take more than
   half of the cache, the slot store when a block would not fit).
 
+The *open block* is what was written since the cache was last tidied (``rollback``, ``keep_new``, ``compact``,
+a new prefill): only it may be addressed as "the last columns" (``keep_new``, a tree's earlier nodes in
+``parents``), and nothing moves its columns, in either store (the slot store compacts around it). Addressing
+columns before it is an error, not a silent reference to whatever slots sit there now.
+
 Where the keys and values live is the model's *store*, chosen by composition: the ragged store
 (``fastalign.models.ragged``, eager: the cache grows block by block) or the slot store
 (``fastalign.models.slots``: preallocated, with fixed-shape steps compiled by ``torch.compile``). Both give
@@ -104,6 +109,15 @@ class CachedModel:
     def reset(self) -> None:
         self.store.reset()
 
+    @property
+    def open_width(self) -> int:
+        """Columns of the open block: written since the cache was last tidied, addressable as the last ones."""
+        return self.store.open_width
+
+    def close_block(self) -> None:
+        """End the open block: what is cached now is no longer addressed as the last columns (e.g. a prefill)."""
+        self.store.close_block()
+
     def _layout(self, new_live: torch.Tensor, parents: torch.Tensor | None):
         """Where a block of ``T`` new tokens sits: ``positions [B, T]``, and for a tree ``block [B, T, T]`` (which
         new tokens each new token sees: its ancestors and itself, padding excluded) and ``ancestry [B, T, P]``
@@ -120,6 +134,9 @@ class CachedModel:
             P = parents.shape[1] - T  # earlier nodes of the same tree: the last P cached slots
             if P < 0 or P > S:
                 raise ValueError(f"parents has {parents.shape[1]} nodes for {T} new tokens and {S} cached slots")
+            if P > self.open_width:  # the tree's earlier nodes must be in the open block (module docstring)
+                raise ValueError(f"parents continues a tree of {P} nodes, but only {self.open_width} columns were "
+                                 "written since the cache was last tidied")
             tree = native.tree_attention_mask(parents)[:, P:]  # [B, T, P + T]
             block = tree[:, :, P:] & new_live[:, None, :]
             block |= torch.eye(T, dtype=torch.bool, device=self.device)  # no query sees nothing
@@ -168,8 +185,12 @@ class CachedModel:
         self.store.tidy()
 
     def keep_new(self, keep: torch.Tensor) -> None:
-        """Of the last block written (``keep [B, T]``), keep the flagged slots and drop the rest."""
+        """Of the last ``T`` columns written (``keep [B, T]``), keep the flagged slots and drop the rest. They must
+        all be in the open block (written since the cache was last tidied; ends it)."""
         T = keep.shape[1]
+        if T > self.open_width:
+            raise ValueError(f"keep_new over {T} columns, but only {self.open_width} were written since the cache "
+                             "was last tidied")
         if T:  # (live[:, -0:] would be every slot)
             self.live[:, -T:] &= keep.to(self.device)
         self.store.tidy()
@@ -261,6 +282,7 @@ class CausalLM(CachedModel):
         tokens, live = left_pad(prompts, device=self.device)
         kwargs = {"logits_to_keep": 1} if self._can_keep_last else {}
         out = self.write(tokens, None, live, **kwargs)
+        self.close_block()  # the prompts: never addressed as a block, so compaction may move them
         return self._check(out.logits[:, -1].float())
 
     @torch.no_grad()

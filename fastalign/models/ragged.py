@@ -21,6 +21,7 @@ class RaggedStore:
     def __init__(self):
         self.cache: DynamicCache | None = None
         self.live = torch.zeros(0, 0, dtype=torch.bool)
+        self.open_from = 0  # the first column of the open block (``fastalign.models.causal_lm``)
 
     def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype) -> None:
         """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``."""
@@ -33,6 +34,16 @@ class RaggedStore:
     def reset(self) -> None:
         self.cache = None
         self.live = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.open_from = 0
+
+    @property
+    def open_width(self) -> int:
+        """Columns of the open block: written since the cache was last tidied, addressable as the last ones."""
+        return self.live.shape[1] - self.open_from
+
+    def close_block(self) -> None:
+        """End the open block: what is cached now is no longer addressed as the last columns."""
+        self.open_from = self.live.shape[1]
 
     def layers(self):
         return self.cache.layers if self.cache is not None else []
@@ -75,7 +86,8 @@ class RaggedStore:
         self.live = live
 
     def tidy(self) -> None:
-        """Crop trailing all-dead columns; compact when dead slots dominate."""
+        """Crop trailing all-dead columns; compact when dead slots dominate. Ends the open block (this and
+        ``compact`` are the only places where this store moves columns, so an open block never moves)."""
         S = self.live.shape[1]
         alive_cols = self.live.any(0).nonzero()
         end = int(alive_cols.max()) + 1 if alive_cols.numel() else 0
@@ -85,9 +97,11 @@ class RaggedStore:
                 layer.keys, layer.values = layer.keys[:, :, :end], layer.values[:, :, :end]
         if self.live.numel() and 2 * int(self.live.sum(1).max()) < self.live.shape[1]:
             self.compact()
+        self.close_block()
 
     def compact(self) -> None:
-        """Move each row's live slots to the right end (order kept) and drop all-dead columns."""
+        """Move each row's live slots to the right end (order kept) and drop all-dead columns (ends the open
+        block: its columns move)."""
         order = torch.argsort(self.live.to(torch.int8), dim=1, stable=True)
         self.live = torch.gather(self.live, 1, order)
         first = self.live.shape[1] - int(self.live.sum(1).max()) if self.live.shape[0] else 0
@@ -96,6 +110,7 @@ class RaggedStore:
         gathered = native.gather_slots_many([t for layer in layers for t in (layer.keys, layer.values)], order)
         for i, layer in enumerate(layers):
             layer.keys, layer.values = gathered[2 * i], gathered[2 * i + 1]
+        self.close_block()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given rows, in the given order (repeats allowed)."""

@@ -90,6 +90,7 @@ class RewardModel:
         tokens, live = left_pad(self.prefixes, device=self.lm.device)
         self._prefix_score = check_rewards(self._read(self.lm.write(tokens, None, live).last_hidden_state[:, -1]),
                                            self.prompts, "the reward model's score")
+        self.lm.close_block()  # the prefixes: never addressed as a block, so compaction may move them
         return self._prefix_score
 
     @torch.no_grad()

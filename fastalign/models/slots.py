@@ -1,8 +1,10 @@
 """The slot store: a preallocated static KV cache and fixed-shape model steps compiled with ``torch.compile``.
 
 A ``CachedModel`` (``CausalLM``, a reward model's cache) over a ``SlotStore`` has the interface and the meaning
-it has over the ``RaggedStore`` (the eager reference): the methods run on either unchanged. What differs is
-storage:
+it has over the ``RaggedStore`` (the eager reference): the methods run on either unchanged, with the same laws.
+The logits agree up to float rounding (another summation order over other columns: ~1e-6 in fp32), so the
+tokens are the eager ones in fp32 on the tested models and equal up to that rounding in bf16 / fp16. What
+differs is storage:
 
 * per layer, keys and values ``[R, H, S, D]`` allocated once: ``R`` is the batch rounded up to a bucket
   (``BATCH_BUCKETS``; rows past the batch are padding), ``S`` a maximum length;
@@ -11,6 +13,10 @@ storage:
   means in the eager cache, and ``rollback`` / ``keep_new`` are the same mask updates (``CachedModel``'s);
 * cropping trailing dead columns moves ``end`` back (no copy); ``compact`` gathers the live slots within
   the same buffers and runs only when a block would not fit; ``select_rows`` gathers rows in place.
+* that compaction can run inside any call, e.g. between the levels of a draft tree, so it keeps the open block
+  (``fastalign.models.causal_lm``: the columns written since the cache was last tidied, which callers address
+  as the last columns) as it is, dead slots included, right after the compacted columns: ``keep_new`` and a
+  tree's ``parents`` then find their columns where the eager cache has them.
 
 A step is one forward over the whole cache with an additive mask ``[R, 1, Tb, S]`` built inside the step
 from the live mask and the block's own visibility (causal, or a tree). Its shapes depend only on ``(R, Tb,
@@ -152,6 +158,7 @@ class SlotStore:
         self.reserved = 0  # columns to allocate beyond a prefill (``reserve``: max_new_tokens)
         self.rows = 0
         self.end = 0
+        self.open_from = 0  # the first column of the open block
         self.cache = None
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()  # (R, Tb, Tq, S) compiled so far
         self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
@@ -188,10 +195,20 @@ class SlotStore:
         self._live_buf[:B, :width] = live
         self._live_buf[:, width: self.end] = False
         self.end = width
+        self.open_from = min(self.open_from, width)
 
     def reset(self) -> None:
-        self.rows, self.end = 0, 0
+        self.rows, self.end, self.open_from = 0, 0, 0
         self._live_buf.zero_()
+
+    @property
+    def open_width(self) -> int:
+        """Columns of the open block: written since the cache was last tidied, addressable as the last ones."""
+        return self.end - self.open_from
+
+    def close_block(self) -> None:
+        """End the open block: what is cached now is no longer addressed as the last columns."""
+        self.open_from = self.end
 
     def layers(self):
         return self.cache.layers if self.cache is not None else []
@@ -229,7 +246,7 @@ class SlotStore:
             raise InputError(f"batch of {B} rows given to a cache of {self.rows} rows")
         if self.end + width <= self.cache.length:
             return
-        self.compact()
+        self._compact(self.open_from)  # the open block moves as it is (module docstring)
         if self.end + width > self.cache.length:
             self._resize(self.cache.rows, _round_length(2 * (self.end + width)))
 
@@ -308,27 +325,37 @@ class SlotStore:
 
     # ---------------------------------------------------------------- cache surgery
     def tidy(self) -> None:
-        """Crop trailing all-dead columns (``end`` moves back; nothing is copied)."""
+        """Crop trailing all-dead columns (``end`` moves back; nothing is copied); ends the open block."""
         alive_cols = self.live.any(0).nonzero()
         self.end = int(alive_cols.max()) + 1 if alive_cols.numel() else 0
+        self.close_block()
 
     def compact(self) -> None:
-        """Move each row's live slots to the right end of ``[0, max length)`` (order kept), in the same buffers."""
+        """Move each row's live slots to the right end of ``[0, max length)`` (order kept), in the same buffers
+        (ends the open block, like the ragged store's)."""
+        self._compact(self.end)
+        self.close_block()
+
+    def _compact(self, upto: int) -> None:
+        """Compact columns ``[0, upto)``: each row's live slots there go to the right end of ``[0, w)`` (order
+        kept; ``w`` the most live slots a row has there); columns ``[upto, end)`` follow as they are."""
         if self.rows == 0 or self.end == 0:
             return
         live = self.live
-        order = torch.argsort(live.to(torch.int8), dim=1, stable=True)
-        width = int(live.sum(1).max())
-        order = order[:, self.end - width:]
+        order = torch.argsort(live[:, :upto].to(torch.int8), dim=1, stable=True)
+        width = int(live[:, :upto].sum(1).max())
+        after = torch.arange(upto, self.end, device=self.device).expand(self.rows, -1)
+        order = torch.cat([order[:, upto - width:], after], 1)
+        end = order.shape[1]
         gathered = native.gather_slots_many(
             [t[: self.rows, :, : self.end] for layer in self.layers() for t in (layer.keys, layer.values)], order)
         for i, layer in enumerate(self.layers()):
-            layer.keys[: self.rows, :, :width] = gathered[2 * i]
-            layer.values[: self.rows, :, :width] = gathered[2 * i + 1]
+            layer.keys[: self.rows, :, :end] = gathered[2 * i]
+            layer.values[: self.rows, :, :end] = gathered[2 * i + 1]
         new_live = torch.gather(live, 1, order)
         self._live_buf[:, : self.end] = False
-        self._live_buf[: self.rows, :width] = new_live
-        self.end = width
+        self._live_buf[: self.rows, :end] = new_live
+        self.end, self.open_from = end, width
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the given rows, in the given order (repeats allowed); the buffers change size only when the
