@@ -36,7 +36,7 @@ from ..models.builder import ModelBuilder
 from ..models.reward import RewardModel
 from ..models.text_rewards import text_reward_function
 from .worlds import NAMES as WORLD_NAMES
-from .worlds import world_prompts
+from .worlds import load_world, world_prompts
 from ..methods.base import prompt_seeds
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -167,16 +167,6 @@ def load_prompts(source: str, limit: int | None = None, split: str | None = None
     return records[:limit] if limit is not None else records
 
 
-def load_toy_world(device=None):
-    """The built-in toy world (``fastalign.eval.toyworld``), with a clear error where it is not available."""
-    from .toyworld import load_toy_world as load
-
-    try:
-        return load(device)
-    except FileNotFoundError as e:
-        raise InputError(str(e)) from None
-
-
 # ---------------------------------------------------------------------------------------- gold reward
 @dataclass
 class GoldReward:
@@ -220,7 +210,7 @@ class GoldReward:
         (``fastalign.models.text_rewards``); ``"module:function"``: a Python function called on texts ``(prompts, completions)``;
         anything else: an HF reward model name or path."""
         if spec == "toy":
-            world = world if world is not None else load_toy_world()
+            world = world if world is not None else load_world("toy").source
             return cls.from_reward(world.gold_reward, "toy", policy_tokenizer=policy_tokenizer)
         if spec in EXTRACTORS:
             extract = EXTRACTORS[spec]

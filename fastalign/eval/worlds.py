@@ -189,9 +189,12 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
     import torch
 
     if name == "toy":
-        from .harness import load_toy_world
+        from .toyworld import load_toy_world
 
-        toy = load_toy_world(device)
+        try:
+            toy = load_toy_world(device)
+        except FileNotFoundError as e:  # the shipped files are missing: say so in one line
+            raise InputError(str(e)) from None
         if isinstance(dtype, torch.dtype):
             for model in (toy.target, toy.draft, toy.aligned_draft, toy.reward):
                 model.to(dtype=dtype)
@@ -200,9 +203,9 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
                      aligned_draft=toy.aligned_draft, source=toy)
     if name == "smollm2":
         model, tokenizer = load_converted(smollm2_gguf_path(), device, dtype)
-        from ..models.text_rewards import _vader_analyzer
+        from ..models.text_rewards import vader_analyzer
 
-        _vader_analyzer()  # fail now, with the install hint, if vaderSentiment is missing
+        vader_analyzer()  # fail now, with the install hint, if vaderSentiment is missing
         return World("smollm2", model, tokenizer, "vader", "vader", list(SMOLLM2_PROMPTS), chat=True,
                      settings=dict(SMOLLM2_SETTINGS), sampling={"temperature": 0.7},
                      unavailable=dict(UNAVAILABLE["smollm2"]), grid=list(SMOLLM2_GRID))
