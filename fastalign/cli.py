@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InputError
+from .eval.grid import parse_value
 from .eval.worlds import NAMES as WORLDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -30,13 +31,6 @@ DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is giv
 # torch's default (one thread per core) made toy-world decoding 15-36x slower when another process was busy on
 # the same cores; one thread loses little when the machine is idle (README, "CPU threads").
 DEFAULT_THREADS = 1
-
-
-def parse_value(text: str):
-    """``fastalign.eval.harness.parse_value`` (imported when used: it pulls in torch)."""
-    from .eval.harness import parse_value
-
-    return parse_value(text)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -131,7 +125,7 @@ def _sampling(args, world) -> dict:
 
 # ------------------------------------------------------------------------------------------- commands
 def _read_generate_prompts(args) -> list[str]:
-    from .eval.harness import parse_prompt_lines, read_prompt_file
+    from .eval.prompts import parse_prompt_lines, read_prompt_file
 
     if args.prompts_file:
         records = read_prompt_file(args.prompts_file, args.prompt_field)
@@ -159,7 +153,7 @@ def _resume_generate(args, prompts: list[str], options: dict, sampling: dict) ->
     order, method, options in effect and sampling settings, seed included) and the first batch to decode; a
     partly written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error.
     Returns ``(first batch, lines to keep)``; the caller rewrites FILE with them."""
-    from .eval.harness import read_complete_jsonl
+    from .eval.records import read_complete_jsonl
 
     previous = read_complete_jsonl(args.output)
     if len(previous) > len(prompts):
@@ -193,7 +187,7 @@ def per_prompt_values(extra: dict, rows: int) -> list[dict]:
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .eval.harness import _jsonable, write_jsonl
+    from .eval.records import jsonable, write_jsonl
     from .methods import get_method
 
     options = parse_options(args.opt)
@@ -203,7 +197,7 @@ def cmd_generate(args) -> int:
         raise InputError("--resume continues an --output FILE: give one")
     prompts = _read_generate_prompts(args)
     spec = get_method(args.method)
-    effective = {key: _jsonable(v) for key, v in spec.options_in_effect(options).items()}
+    effective = {key: jsonable(v) for key, v in spec.options_in_effect(options).items()}
     world = _world(args)
     engine = engine_factory(args, world)(args.method)
     given = _sampling(args, world)
@@ -250,8 +244,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.harness import (GoldReward, default_grid, evaluate, load_prompts, parse_grid, summarize, summary_table,
-                               write_results)
+    from .eval.gold import GoldReward
+    from .eval.grid import default_grid, parse_grid
+    from .eval.harness import evaluate
+    from .eval.prompts import load_prompts
+    from .eval.report import summarize, summary_table, write_results
     from .methods import MODEL_ROLES as ROLES
 
     world = _world(args)
@@ -321,7 +318,7 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
     """Prepare ``out_dir`` for a run: returns the records to keep (``--resume``: those of an earlier run with
     the same settings, up to an interrupted last line) and the results file, which then holds exactly them.
     The summary and plot of an earlier run are removed first, so they never pass for this run's."""
-    from .eval.harness import read_complete_jsonl, write_jsonl
+    from .eval.records import read_complete_jsonl, write_jsonl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results, run_file = out_dir / "results.jsonl", out_dir / "run.json"

@@ -1,4 +1,4 @@
-"""The evaluation harness: grid specs, prompt sources, gold rewards, metrics, outputs, and a run end to end."""
+"""Evaluation (fastalign.eval): grid specs, prompt sources, gold rewards, metrics, outputs, and a run end to end."""
 
 import json
 import math
@@ -8,18 +8,12 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.eval.harness import (
-    GoldReward,
-    evaluate,
-    load_prompts,
-    parse_grid,
-    read_jsonl,
-    read_prompt_file,
-    summarize,
-    summary_table,
-    win_rates,
-    write_results,
-)
+from fastalign.eval.gold import GoldReward
+from fastalign.eval.grid import parse_grid
+from fastalign.eval.harness import evaluate
+from fastalign.eval.prompts import load_prompts, read_prompt_file
+from fastalign.eval.records import read_jsonl
+from fastalign.eval.report import summarize, summary_table, win_rates, write_results
 from fastalign.methods.base import prompt_seeds
 from fastalign.errors import InputError
 from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
@@ -215,7 +209,7 @@ def test_gold_reward_length_is_checked():
 
 
 def test_default_grid_keeps_the_methods_the_models_allow(engine):
-    from fastalign.eval.harness import default_grid
+    from fastalign.eval.grid import default_grid
 
     grid = default_grid(lambda method: engine)  # a target and a reward model, no draft
     methods = [m for m, _ in grid]

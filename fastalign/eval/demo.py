@@ -66,7 +66,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
         raise ValueError("num_prompts and max_new_tokens must be positive")
     import torch  # here, not at the top: `fastalign --help` reads METHODS without importing torch
 
-    from .harness import GoldReward
+    from .gold import GoldReward
     from .worlds import load_world
 
     loaded = load_world(world, device=device, dtype=dtype)

@@ -99,7 +99,7 @@ UNAVAILABLE = {"smollm2": {"sd": "no draft model with SmolLM2's vocabulary ships
 @dataclass
 class World:
     """A named world: HF models (eval mode), tokenizer, the reward the methods use, the gold reward that judges
-    them (a ``fastalign.eval.harness.GoldReward`` spec), prompts, sampling settings and method settings."""
+    them (a ``fastalign.eval.gold.GoldReward`` spec), prompts, sampling settings and method settings."""
 
     name: str
     target: object
@@ -114,7 +114,7 @@ class World:
     ref: object = None
     aligned_draft: object = None
     unavailable: dict = field(default_factory=dict)  # method -> why it cannot run here
-    grid: list | None = None  # eval's default (method, options) grid here; None: fastalign.eval.harness.default_grid
+    grid: list | None = None  # eval's default (method, options) grid here; None: fastalign.eval.grid.default_grid
     source: object = None  # the underlying object (the ToyWorld), if any
 
     def engine(self, method: str | None = None, **engine_options):
