@@ -4,7 +4,7 @@
 - ``grid``: the ``(method, options)`` grid (``parse_grid``, ``parse_value``, ``budget_label``, ``default_grid``)
 - ``gold``: gold rewards (``GoldReward``)
 - ``harness``: the loop (``evaluate``) and its progress
-- ``records``: results files (JSONL)
+- ``records``: results files (the JSONL writer and reader) and the resume protocol of ``generate`` and ``eval``
 - ``report``: summaries, win rates, the Markdown table, the reward-versus-compute plot, ``write_results``
 - ``worlds``: named worlds (``toy``, ``smollm2``); ``toyworld``: the built-in toy world; ``demo``: ``fastalign demo``
 

@@ -25,7 +25,7 @@ from ..methods import MODEL_ROLES
 from ..methods.base import prompt_seeds
 from .gold import GoldReward
 from .grid import budget_label
-from .records import jsonable
+from .records import finished_batches, jsonable
 
 COUNTERS = [f"{role}_{kind}" for role in MODEL_ROLES for kind in ("calls", "tokens")]
 
@@ -47,10 +47,11 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
     per (method, budget, prompt); see the module docstring for the fields. ``progress``: None shows a bar on a
     terminal and periodic lines otherwise (``ProgressLines``), True a bar, False nothing.
 
-    Resuming: ``done`` holds records of an earlier, interrupted run of the same evaluation; a batch whose
-    records are all there is not decoded again (batches, not prompts, are the unit, so that every decode sees
-    the seed and batch it would have seen in one uninterrupted run). ``on_record(record)`` is called for each
-    new record as soon as its batch is scored (e.g. to append it to a file).
+    Resuming (the protocol of ``fastalign.eval.records``): ``done`` holds records of an earlier, interrupted
+    run of the same evaluation; a batch whose records are all there is not decoded again (batches, not
+    prompts, are the unit, so that every decode sees the seed and batch it would have seen in one
+    uninterrupted run). ``on_record(record)`` is called for each new record as soon as its batch is scored
+    (e.g. to append it to a file).
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -71,13 +72,14 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
         for method, options in grid:
             label = budget_label(options)
             keys = [[(method, label, k * batch_size + i) for i in range(len(b))] for k, b in enumerate(batches)]
+            finished = finished_batches(previous, keys)
             eng = engine_for(method)
-            if id(eng) not in warm and not all(key in previous for ks in keys for key in ks):
+            if id(eng) not in warm and not all(finished):
                 eng.decode([prompts[0]["prompt"]], method="sample", max_new_tokens=2, seed=0)  # untimed warm-up
                 warm.add(id(eng))
             bar.set_postfix_str(f"{method} {label}")
             for k, batch in enumerate(batches):
-                if all(key in previous for key in keys[k]):
+                if finished[k]:
                     records += [previous[key] for key in keys[k]]
                     bar.update(len(batch))
                     continue

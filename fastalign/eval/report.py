@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..methods import MODEL_ROLES
 from .harness import COUNTERS
-from .records import write_jsonl
+from .records import rewrite_jsonl
 
 
 def win_rates(records: list[dict], baseline: str = "sample") -> dict[tuple[str, str], float | None]:
@@ -179,12 +179,12 @@ def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str
 
 def write_results(records: list[dict], rows: list[dict], out_dir: str | os.PathLike, plot: bool = True,
                   header: str = "") -> dict[str, Path]:
-    """Write ``results.jsonl`` (one line per record), ``summary.json``, ``summary.md`` and, when ``plot`` and
+    """Write ``results.jsonl`` (one line per record; ``fastalign.eval.records.rewrite_jsonl``), ``summary.json``, ``summary.md`` and, when ``plot`` and
     matplotlib is installed, ``reward_vs_compute.png`` into ``out_dir``. Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.jsonl", "summary_json": out / "summary.json", "summary": out / "summary.md"}
-    write_jsonl(paths["results"], records)
+    rewrite_jsonl(paths["results"], records)
     paths["summary_json"].write_text(json.dumps(rows, indent=1) + "\n")
     paths["summary"].write_text(header + summary_table(rows))
     if plot:
