@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InputError
+from .eval.grid import parse_value
 from .eval.worlds import NAMES as WORLDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -30,13 +31,6 @@ DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is giv
 # torch's default (one thread per core) made toy-world decoding 15-36x slower when another process was busy on
 # the same cores; one thread loses little when the machine is idle (docs/benchmarks.md, "CPU threads").
 DEFAULT_THREADS = 1
-
-
-def parse_value(text: str):
-    """``fastalign.eval.harness.parse_value`` (imported when used: it pulls in torch)."""
-    from .eval.harness import parse_value
-
-    return parse_value(text)
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -131,7 +125,7 @@ def _sampling(args, world) -> dict:
 
 # ------------------------------------------------------------------------------------------- commands
 def _read_generate_prompts(args) -> list[str]:
-    from .eval.harness import parse_prompt_lines, read_prompt_file
+    from .eval.prompts import parse_prompt_lines, read_prompt_file
 
     if args.prompts_file:
         records = read_prompt_file(args.prompts_file, args.prompt_field)
@@ -155,23 +149,30 @@ def _check_output_file(path: str | None, flag: str) -> None:
 
 
 def _resume_generate(args, prompts: list[str], options: dict, sampling: dict) -> tuple[int, list[dict]]:
-    """``generate -o FILE --resume``: the whole batches of FILE that this run would write (the same prompts in
-    order, method, options in effect and sampling settings, seed included) and the first batch to decode; a
-    partly written batch is decoded again (each prompt keeps its own seed). Lines of another run are an error.
-    Returns ``(first batch, lines to keep)``; the caller rewrites FILE with them."""
-    from .eval.harness import read_complete_jsonl
+    """``generate -o FILE --resume``, by the protocol of ``fastalign.eval.records``: every line of FILE must be
+    this run's (line i: prompt i, and the method, options in effect and sampling settings, seed included, of
+    this run), else an error; the lines of the batches whose every line is there are kept, and a partly
+    written batch is decoded again (each prompt keeps its own seed). Returns ``(first batch to decode, lines to
+    keep)``; the caller rewrites FILE with them."""
+    from .eval.records import changed_settings, finished_batches, read_complete_jsonl
 
     previous = read_complete_jsonl(args.output)
     if len(previous) > len(prompts):
         raise InputError(f"--resume: {args.output} has {len(previous)} lines for {len(prompts)} prompts; "
                          "it is not an earlier part of this run")
     for n, (line, prompt) in enumerate(zip(previous, prompts), 1):
-        if (line.get("prompt") != prompt or line.get("method") != args.method or line.get("options") != options
-                or line.get("sampling") != sampling):
-            raise InputError(f"--resume: line {n} of {args.output} is not this run's (its prompt, method, options or "
-                             "sampling settings differ); write to another file or drop --resume")
-    done_batches = len(previous) // args.batch_size
-    return done_batches, previous[: done_batches * args.batch_size]
+        this_run = {"prompt": prompt, "method": args.method, "options": options, "sampling": sampling}
+        changed = changed_settings({key: line.get(key) for key in this_run}, this_run)
+        if changed:
+            raise InputError(f"--resume: line {n} of {args.output} is not this run's (differs in: "
+                             f"{', '.join(changed)}); write to another file or drop --resume")
+    batches = [range(start, min(start + args.batch_size, len(prompts)))
+               for start in range(0, len(prompts), args.batch_size)]
+    finished = finished_batches(dict(enumerate(previous)), batches)  # a line's key: its prompt's index
+    first = sum(finished)  # the finished batches are the first ones: the lines are in prompt order
+    return first, [previous[i] for batch in batches[:first] for i in batch]
+
+
 def per_prompt_values(extra: dict, rows: int) -> list[dict]:
     """From a decode's ``out.extra``, the values that are one number or one list of numbers per prompt
     (e.g. ``bon``'s rewards, ``cards``' reward_threshold); others (trajectories) are left out."""
@@ -193,7 +194,7 @@ def per_prompt_values(extra: dict, rows: int) -> list[dict]:
 def cmd_generate(args) -> int:
     from tqdm.auto import tqdm
 
-    from .eval.harness import _jsonable, write_jsonl
+    from .eval.records import append_jsonl, jsonable, rewrite_jsonl
     from .methods import get_method
 
     options = parse_options(args.opt)
@@ -203,7 +204,7 @@ def cmd_generate(args) -> int:
         raise InputError("--resume continues an --output FILE: give one")
     prompts = _read_generate_prompts(args)
     spec = get_method(args.method)
-    effective = {key: _jsonable(v) for key, v in spec.options_in_effect(options).items()}
+    effective = {key: jsonable(v) for key, v in spec.options_in_effect(options).items()}
     world = _world(args)
     engine = engine_factory(args, world)(args.method)
     given = _sampling(args, world)
@@ -213,7 +214,7 @@ def cmd_generate(args) -> int:
     first = 0
     if args.resume:
         first, kept = _resume_generate(args, prompts, effective, sampling)
-        write_jsonl(args.output, kept)  # drop a partly written batch: it is decoded again
+        rewrite_jsonl(args.output, kept)  # drop a partly written batch: it is decoded again
     out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
@@ -232,14 +233,11 @@ def cmd_generate(args) -> int:
             stats = {key: v for key, v in result.stats.items() if isinstance(v, (int, float, str, bool))}
             texts = result.texts or [None] * len(batch)
             values = per_prompt_values(result.extra, len(batch))
-            lines = []
-            for i, (prompt, text, seq) in enumerate(zip(batch, texts, result.sequences)):
-                line = {"prompt": prompt, "completion": text, "tokens": list(seq), "generated_tokens": len(seq),
-                        **values[i], "method": args.method, "options": effective, "sampling": sampling,
-                        "batch": {"index": k, "prompts": len(batch), "stats": stats}}
-                lines.append(json.dumps(line, ensure_ascii=False) + "\n")
-            out.write("".join(lines))  # one write per batch: an interrupt leaves whole lines
-            out.flush()
+            lines = [{"prompt": prompt, "completion": text, "tokens": list(seq), "generated_tokens": len(seq),
+                      **values[i], "method": args.method, "options": effective, "sampling": sampling,
+                      "batch": {"index": k, "prompts": len(batch), "stats": stats}}
+                     for i, (prompt, text, seq) in enumerate(zip(batch, texts, result.sequences))]
+            append_jsonl(out, lines)  # one write per batch: an interrupt leaves whole lines
     finally:
         if out is not sys.stdout:
             out.close()
@@ -250,8 +248,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.harness import (GoldReward, default_grid, evaluate, load_prompts, parse_grid, summarize, summary_table,
-                               write_results)
+    from .eval.gold import GoldReward
+    from .eval.grid import default_grid, parse_grid
+    from .eval.harness import evaluate
+    from .eval.prompts import load_prompts
+    from .eval.records import append_jsonl
+    from .eval.report import summarize, summary_table, write_results
     from .methods import MODEL_ROLES as ROLES
 
     world = _world(args)
@@ -287,8 +289,7 @@ def cmd_eval(args) -> int:
     done, results_path = _start_eval_run(out_dir, settings, args.resume)
     with open(results_path, "a", encoding="utf-8") as sink:
         def append(record):  # each record as its batch finishes: the file is valid JSONL after any interrupt
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+            append_jsonl(sink, [record])
 
         try:
             results = evaluate(records, grid, engine_for, gold, max_new_tokens=args.max_new_tokens,
@@ -318,25 +319,26 @@ EVAL_OUTPUTS = ("summary.md", "summary.json", "reward_vs_compute.png")
 
 
 def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[dict], Path]:
-    """Prepare ``out_dir`` for a run: returns the records to keep (``--resume``: those of an earlier run with
-    the same settings, up to an interrupted last line) and the results file, which then holds exactly them.
-    The summary and plot of an earlier run are removed first, so they never pass for this run's."""
-    from .eval.harness import read_complete_jsonl, write_jsonl
+    """Prepare ``out_dir`` for a run: returns the records to keep (``--resume``, by the protocol of
+    ``fastalign.eval.records``: those of an earlier run whose settings, recorded in ``run.json``, are these, up
+    to an interrupted last line) and the results file, which then holds exactly them. The summary and plot of
+    an earlier run are removed first, so they never pass for this run's."""
+    from .eval.records import changed_settings, read_complete_jsonl, rewrite_jsonl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results, run_file = out_dir / "results.jsonl", out_dir / "run.json"
     done = []
     if resume and results.is_file():
         earlier = json.loads(run_file.read_text()) if run_file.is_file() else None
-        if earlier != settings:
-            changed = sorted(k for k in settings if earlier is None or earlier.get(k) != settings[k])
+        changed = changed_settings(earlier, settings)
+        if changed:
             raise InputError(f"--resume: {out_dir} holds a run with other settings (differs in: "
                              f"{', '.join(changed)}); use another --out-dir, or drop --resume to start over")
         done = read_complete_jsonl(results)
     for name in EVAL_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
     run_file.write_text(json.dumps(settings, indent=1) + "\n")
-    write_jsonl(results, done)
+    rewrite_jsonl(results, done)
     return done, results
 
 

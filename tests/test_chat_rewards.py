@@ -11,7 +11,7 @@ import fastalign
 from fastalign import InputError
 from fastalign.models.chat import end_of_turn_ids, render
 from fastalign.cli import main
-from fastalign.eval.harness import GoldReward
+from fastalign.eval.gold import GoldReward
 from fastalign.models.loading import is_gguf
 from fastalign.models.text_rewards import TextReward, text_reward_function, vader
 from fastalign.eval.toyworld import load_toy_world

@@ -1,4 +1,4 @@
-"""The evaluation harness: grid specs, prompt sources, gold rewards, metrics, outputs, and a run end to end."""
+"""Evaluation (fastalign.eval): grid specs, prompt sources, gold rewards, metrics, outputs, and a run end to end."""
 
 import json
 import math
@@ -8,18 +8,12 @@ import pytest
 import torch
 
 import fastalign
-from fastalign.eval.harness import (
-    GoldReward,
-    evaluate,
-    load_prompts,
-    parse_grid,
-    read_jsonl,
-    read_prompt_file,
-    summarize,
-    summary_table,
-    win_rates,
-    write_results,
-)
+from fastalign.eval.gold import GoldReward
+from fastalign.eval.grid import parse_grid
+from fastalign.eval.harness import evaluate
+from fastalign.eval.prompts import load_prompts, read_prompt_file
+from fastalign.eval.records import read_complete_jsonl
+from fastalign.eval.report import summarize, summary_table, win_rates, write_results
 from fastalign.methods.base import prompt_seeds
 from fastalign.errors import InputError
 from fastalign.testing import tiny_causal_lm, tiny_reward_model, tiny_tokenizer
@@ -157,7 +151,7 @@ def test_evaluate_records_costs_and_reproducibility(engine, tmp_path):
     assert [(r["method"], r["budget"]) for r in rows] == [("sample", "default"), ("bon", "n=2"), ("bon", "n=4")]
     assert rows[2]["reward_tokens"] > rows[1]["reward_tokens"] > 0 == rows[0]["reward_tokens"]
     paths = write_results(records, rows, tmp_path / "out", plot=False)
-    assert read_jsonl(paths["results"]) == json.loads(json.dumps(records))  # JSONL round trip
+    assert read_complete_jsonl(paths["results"]) == json.loads(json.dumps(records))  # JSONL round trip
     assert json.loads(paths["summary_json"].read_text())[1]["budget"] == "n=2"
 
 
@@ -178,7 +172,7 @@ def test_eval_on_the_toy_world(tmp_path):
     rc = main(["eval", "--toy", "--limit", "2", "--grid", "sample", "--grid", "bon:n=2", "--max-new-tokens", "4",
                "--seed", "0", "--out-dir", str(tmp_path), "--no-progress"])
     assert rc == 0
-    records = read_jsonl(tmp_path / "results.jsonl")
+    records = read_complete_jsonl(tmp_path / "results.jsonl")
     assert len(records) == 4 and all(isinstance(r["gold_reward"], float) for r in records)
     assert "| bon | n=2 | 2 |" in (tmp_path / "summary.md").read_text()
     assert all(r["accepted_per_target_call"] is None for r in json.loads((tmp_path / "summary.json").read_text()))
@@ -215,7 +209,7 @@ def test_gold_reward_length_is_checked():
 
 
 def test_default_grid_keeps_the_methods_the_models_allow(engine):
-    from fastalign.eval.harness import default_grid
+    from fastalign.eval.grid import default_grid
 
     grid = default_grid(lambda method: engine)  # a target and a reward model, no draft
     methods = [m for m, _ in grid]

@@ -5,7 +5,7 @@ the command line reports bad input in one line (no traceback)."""
 import pytest
 
 from fastalign import cli
-from fastalign.eval.harness import read_complete_jsonl
+from fastalign.eval.records import read_complete_jsonl
 from fastalign.testing import save_tiny_models
 
 V = 16

@@ -167,10 +167,10 @@ def test_demo_rejects_an_unknown_method():
 
 
 def test_python_m_fastalign_demo_is_the_demo_command(capsys):
-    from fastalign.eval.demo import main
+    from fastalign.cli import main  # what `python -m fastalign` runs
 
-    assert main(["--methods", "sample", "--num-prompts", "1", "--max-new-tokens", "2"]) == 0
+    assert main(["demo", "--methods", "sample", "--num-prompts", "1", "--max-new-tokens", "2"]) == 0
     assert "| sample |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["--methods", "beam"])
+        main(["demo", "--methods", "beam"])
     assert "invalid choice: 'beam'" in capsys.readouterr().err

@@ -251,7 +251,7 @@ def test_engine_shared_by_threads_gives_each_call_its_own_tokens(models):
 
 
 def test_a_nan_gold_reward_is_an_error_not_a_poisoned_mean():
-    from fastalign.eval.harness import GoldReward
+    from fastalign.eval.gold import GoldReward
 
     gold = GoldReward.from_text_fn(lambda prompts, completions: [1.0, NAN], "flaky")
     with pytest.raises(fastalign.InputError, match="gold reward 'flaky' is nan for the prompt 'b'"):
@@ -259,7 +259,7 @@ def test_a_nan_gold_reward_is_an_error_not_a_poisoned_mean():
 
 
 def test_the_default_eval_grid_has_sss_only_with_a_ref(models):
-    from fastalign.eval.harness import default_grid
+    from fastalign.eval.grid import default_grid
 
     without_ref = fastalign.Engine(target=models["target"], draft=models["draft"])
     methods = [m for m, _ in default_grid(lambda method: without_ref)]

@@ -1,7 +1,7 @@
 """``fastalign demo``: every method on a named world (``fastalign.eval.worlds``), on the CPU.
 
-    python -m fastalign.eval.demo [--world toy|smollm2] [--methods sample bon cards] [--num-prompts 32]
-                             [--max-new-tokens 24] [--seed 0]
+    fastalign demo [--world toy|smollm2] [--methods sample bon cards] [--num-prompts 32] [--max-new-tokens 24]
+                   [--seed 0]                    # also python -m fastalign demo; the parser is fastalign.cli's
 
 Each method decodes the same prompts once, batched; the demo prints a few completions per method and a table
 of the mean gold reward, the mean reward the methods optimise, model calls, generated tokens and wall time,
@@ -66,7 +66,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
         raise ValueError("num_prompts and max_new_tokens must be positive")
     import torch  # here, not at the top: `fastalign --help` reads METHODS without importing torch
 
-    from .harness import GoldReward
+    from .gold import GoldReward
     from .worlds import load_world
 
     loaded = load_world(world, device=device, dtype=dtype)
@@ -172,14 +172,3 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(row, key) for key in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    """``python -m fastalign.eval.demo ARGS`` is ``fastalign demo ARGS`` (one parser, in ``fastalign.cli``)."""
-    from ..cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -99,7 +99,7 @@ UNAVAILABLE = {"smollm2": {"sd": "no draft model with SmolLM2's vocabulary ships
 @dataclass
 class World:
     """A named world: HF models (eval mode), tokenizer, the reward the methods use, the gold reward that judges
-    them (a ``fastalign.eval.harness.GoldReward`` spec), prompts, sampling settings and method settings."""
+    them (a ``fastalign.eval.gold.GoldReward`` spec), prompts, sampling settings and method settings."""
 
     name: str
     target: object
@@ -114,7 +114,7 @@ class World:
     ref: object = None
     aligned_draft: object = None
     unavailable: dict = field(default_factory=dict)  # method -> why it cannot run here
-    grid: list | None = None  # eval's default (method, options) grid here; None: fastalign.eval.harness.default_grid
+    grid: list | None = None  # eval's default (method, options) grid here; None: fastalign.eval.grid.default_grid
     source: object = None  # the underlying object (the ToyWorld), if any
 
     def engine(self, method: str | None = None, **engine_options):
@@ -189,9 +189,12 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
     import torch
 
     if name == "toy":
-        from .harness import load_toy_world
+        from .toyworld import load_toy_world
 
-        toy = load_toy_world(device)
+        try:
+            toy = load_toy_world(device)
+        except FileNotFoundError as e:  # the shipped files are missing: say so in one line
+            raise InputError(str(e)) from None
         if isinstance(dtype, torch.dtype):
             for model in (toy.target, toy.draft, toy.aligned_draft, toy.reward):
                 model.to(dtype=dtype)
@@ -200,9 +203,9 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
                      aligned_draft=toy.aligned_draft, source=toy)
     if name == "smollm2":
         model, tokenizer = load_converted(smollm2_gguf_path(), device, dtype)
-        from ..models.text_rewards import _vader_analyzer
+        from ..models.text_rewards import vader_analyzer
 
-        _vader_analyzer()  # fail now, with the install hint, if vaderSentiment is missing
+        vader_analyzer()  # fail now, with the install hint, if vaderSentiment is missing
         return World("smollm2", model, tokenizer, "vader", "vader", list(SMOLLM2_PROMPTS), chat=True,
                      settings=dict(SMOLLM2_SETTINGS), sampling={"temperature": 0.7},
                      unavailable=dict(UNAVAILABLE["smollm2"]), grid=list(SMOLLM2_GRID))

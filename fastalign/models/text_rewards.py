@@ -23,7 +23,8 @@ from ..errors import InputError
 
 
 @functools.lru_cache(maxsize=1)
-def _vader_analyzer():
+def vader_analyzer():
+    """VADER's sentiment analyser (made once), or an ``InputError`` with the install hint."""
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
@@ -33,7 +34,7 @@ def _vader_analyzer():
 
 def vader(prompts: list[str], completions: list[str]) -> list[float]:
     """VADER compound score of each completion, in ``[-1, 1]`` (the prompts are not read)."""
-    analyzer = _vader_analyzer()
+    analyzer = vader_analyzer()
     return [float(analyzer.polarity_scores(text)["compound"]) for text in completions]
 
 

@@ -1,0 +1,75 @@
+"""Gold rewards: the rewards that judge an evaluation's outputs (not the ones the methods optimise)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..methods.answers import EXTRACTORS
+from ..models.builder import ModelBuilder
+from ..models.reward import RewardModel
+from ..models.text_rewards import text_reward_function
+from .worlds import load_world
+
+
+@dataclass
+class GoldReward:
+    """The reward that judges the outputs (not the one a method optimises).
+
+    ``fn(prompt_ids, response_ids, prompt_texts, completion_texts, records) -> sequence of N floats``; build
+    one with ``GoldReward.from_spec`` or from a reward accepted by ``fastalign.decode`` (``from_reward``).
+    """
+
+    fn: object
+    name: str
+
+    def __call__(self, prompt_ids, response_ids, prompt_texts, completion_texts, records) -> list[float]:
+        scores = self.fn(prompt_ids, response_ids, prompt_texts, completion_texts, records)
+        scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()]
+        if len(scores) != len(response_ids):
+            raise InputError(f"gold reward {self.name!r} returned {len(scores)} scores for {len(response_ids)} responses")
+        bad = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
+        if bad is not None:  # a NaN would silently poison the means and win rates
+            raise InputError(f"gold reward {self.name!r} is {scores[bad]} for the prompt {prompt_texts[bad]!r}; "
+                             "gold rewards must be finite numbers")
+        return scores
+
+    @classmethod
+    def from_reward(cls, reward, name: str = "reward", tokenizer=None, policy_tokenizer=None) -> GoldReward:
+        """From an HF sequence-classification model or a token-id callable ``reward(prompts, responses)``."""
+        rm = reward if isinstance(reward, RewardModel) else RewardModel(reward, tokenizer, policy_tokenizer)
+        return cls(lambda p, r, pt, ct, rec: rm.score(p, r), name)
+
+    @classmethod
+    def from_text_fn(cls, fn, name: str) -> GoldReward:
+        """From ``fn(prompts: list[str], completions: list[str]) -> N floats``."""
+        return cls(lambda p, r, pt, ct, rec: fn(pt, ct), name)
+
+    @classmethod
+    def from_spec(cls, spec: str, policy_tokenizer=None, world=None, trust_remote_code: bool = False,
+                  device=None, dtype=None) -> GoldReward:
+        """``"toy"``: the toy world's gold reward; ``"last_number"``, ``"boxed"``, ``"option"``: 1 if the answer
+        extracted from the completion (``fastalign.methods.answers``) equals the one extracted from the record's
+        ``answer`` field (GSM8K: ``"... #### 72"``), else 0; ``"vader"``: the VADER sentiment of the completion
+        (``fastalign.models.text_rewards``); ``"module:function"``: a Python function called on texts ``(prompts, completions)``;
+        anything else: an HF reward model name or path."""
+        if spec == "toy":
+            world = world if world is not None else load_world("toy").source
+            return cls.from_reward(world.gold_reward, "toy", policy_tokenizer=policy_tokenizer)
+        if spec in EXTRACTORS:
+            extract = EXTRACTORS[spec]
+
+            def match(p, r, pt, ct, records):
+                if any("answer" not in rec for rec in records):
+                    raise InputError(f"the {spec!r} gold reward needs an 'answer' field in every prompt record")
+                return [float(extract(c) is not None and extract(c) == extract(str(rec["answer"])))
+                        for c, rec in zip(ct, records)]
+            return cls(match, spec)
+        fn = text_reward_function(spec)
+        if fn is not None:
+            return cls.from_text_fn(fn, spec)
+        build = ModelBuilder(device, dtype, trust_remote_code=trust_remote_code)
+        return cls.from_reward(build.reward(spec, None, policy_tokenizer), spec)

@@ -1,0 +1,89 @@
+"""The grid of an evaluation: which methods run, at which budgets (option values).
+
+A *grid* is a list of ``(method, options)`` pairs; ``parse_grid("bon:n=2,4,8")`` expands a compact spec
+(``fastalign eval --grid``), ``parse_value`` reads one option value (``--opt``, ``--grid``), ``budget_label``
+names a budget in the records and the summary, and ``default_grid`` picks the methods the models allow.
+This module imports no torch (``fastalign --help`` reads option values with it).
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+
+from ..errors import InputError
+from ..methods import get_method
+
+
+def parse_value(text: str):
+    """A method option value from the command line: int, float, bool (true/false), None (none), a tuple
+    (``2,2`` or ``(2,2)`` or ``[2,2]``) or, failing those, the string itself."""
+    text = text.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+        return float(lowered)  # a number (that the option checks then refuse as not finite), not a string
+    if lowered in ("none", "null"):
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if "," in text:
+            return tuple(parse_value(part) for part in text.split(","))
+        return text
+    if isinstance(value, list):
+        return tuple(value)
+    return value if isinstance(value, (int, float, tuple, str)) else text
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """Split at ``sep`` outside parentheses and brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_grid(spec: str) -> list[tuple[str, dict]]:
+    """``"METHOD[:key=v1,v2;key2=w1,w2]"`` -> one ``(method, options)`` per combination of values.
+
+    Values are parsed like ``--opt`` values (int, float, bool, tuple, str); a tuple value is written in
+    parentheses: ``"sss:tree=sampled;branching=(2,2),(4,2)"``.
+    """
+    method, _, rest = spec.partition(":")
+    method = method.strip()
+    if not method:
+        raise InputError(f"grid entry {spec!r} has no method name")
+    axes = []
+    for item in _split_top_level(rest, ";"):
+        key, eq, values = item.partition("=")
+        values = _split_top_level(values, ",")
+        if not eq or not key.strip() or not values:
+            raise InputError(f"grid entry {spec!r}: expected key=value[,value...], got {item!r}")
+        axes.append([(key.strip(), parse_value(v)) for v in values])
+    return [(method, dict(combo)) for combo in itertools.product(*axes)]
+
+
+def budget_label(options: dict) -> str:
+    """A budget's name in the records and the summary: its options (``"n=4"``), or ``"default"``."""
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+def default_grid(engine_for) -> list[tuple[str, dict]]:
+    """A small grid over the methods whose models (every role a method uses) ``engine_for(method)`` has:
+    sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
+    grid = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], ("soft_bon", {"n": 4}), ("args", {}),
+            ("rs", {}), ("cards", {}), ("sd", {}), ("sss", {}), *[("qalign", {"steps": s}) for s in (2, 4, 8)]]
+    chosen = []
+    for method, options in grid:
+        if all(getattr(engine_for(method), role) is not None for role in get_method(method).roles):
+            chosen.append((method, options))
+    return chosen
