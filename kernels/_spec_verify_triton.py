@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from ._entropy_triton import sm_count
-from ._rng import streams_tensor, uniform_triton
 from ._verify_common import (MODE_IDS, argmax_fold, clipped_logz, log_ratio, logprobs, norms,
                              prepare_verify_inputs)
+from .rng import streams_tensor, uniform_triton
 
 NSTAT = 10
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rng import streams_tensor, uniform_triton
 from ._verify_common import MODE_IDS, argmax_fold, clipped_logz, logprobs, norms, prepare_verify_inputs
+from .rng import streams_tensor, uniform_triton
 
 
 @triton.jit

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import check_finite
-from ._rng import uniform_grid_torch
+from .rng import uniform_grid_torch
 from .truncation import truncate_logits
 
 MODES = ("sd", "sss_exact", "sss_paper")
@@ -53,7 +53,7 @@ def _tilted(lp: torch.Tensor, lqr: torch.Tensor, lq: torch.Tensor, lam: float,
 
 
 def gumbel_noise(seed, B: int, V: int, device) -> torch.Tensor:
-    """``-log(-log u_b(v))`` ``[B, V]``: the race noise, one stream per batch row (``seed`` as in ``kernels._rng``)."""
+    """``-log(-log u_b(v))`` ``[B, V]``: the race noise, one stream per batch row (``seed`` as in ``kernels.rng``)."""
     u = uniform_grid_torch(seed, B, V, device=device)
     return -torch.log(-torch.log(u))
 

@@ -55,7 +55,7 @@ drawn at position ``num_valid[b]`` (so ``target_logits[b, num_valid[b]]`` must b
 
 **Randomness.** ``uniforms [B, K]`` fp32 in (0, 1) for the acceptance tests. The single draw per row is an
 exponential race ``argmax_v log w(v) - log(-log u_b(v))`` over the unnormalised weight ``w`` (residual or
-distribution) with ``u_b`` row ``b``'s stream of the shared counter-based generator (``kernels._rng``; ``seed``
+distribution) with ``u_b`` row ``b``'s stream of the shared counter-based generator (``kernels.rng``; ``seed``
 is an int or per-row streams ``[B, 2]``): Triton and reference agree token for token.
 
 **Truncation.** With ``top_k`` / ``top_p`` the kernels' inputs are prepared in torch (``prepare_verify_inputs``):

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from ..kernels._rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
-                            uniform_streams_torch)
+from ..kernels.rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
+                           uniform_streams_torch)
 from ..models import CausalLM, RewardModel
 from ..remote import RemoteLM
 

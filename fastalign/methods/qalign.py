@@ -68,7 +68,7 @@ from dataclasses import replace
 import torch
 
 from ..answers import get_extractor
-from ..kernels._rng import prompt_seed
+from ..kernels.rng import prompt_seed
 from ..models import InputError, right_pad
 from ..remote import RemoteError, RemoteLM
 from .base import Context, MethodResult, Randomness, sample_continuations
