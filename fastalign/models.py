@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from . import native
-from .kernels._dispatch import check_finite
+from .kernels import check_finite
 from .validation import InputError, check_rewards  # noqa: F401 (InputError: re-exported, its historic home)
 
 
