@@ -1,9 +1,13 @@
 """fastalign.kernels: stateless tensor functions, each a Triton kernel with a PyTorch reference.
 
+The sources live in the top-level ``kernels/`` folder; setup.py's ``package_dir`` installs it as ``fastalign.kernels``.
+
 The public function dispatches (``_dispatch.use_triton``); ``*_torch`` is the reference of the same signature.
+``check_finite`` is the logits check the kernels and the model layer share. The counter-based generator the
+kernels draw from (and the methods, for their host draws) is ``fastalign.kernels.rng`` (docs/design.md 1.4).
 """
 
-from ._dispatch import requested_backend, triton_available, use_triton
+from ._dispatch import check_finite, requested_backend, triton_available, use_triton
 from .entropy import entropy, entropy_torch
 from .sample import sample, sample_torch
 from .truncation import truncate_logits
@@ -12,7 +16,7 @@ from .tree_verify import tree_verify, tree_verify_torch
 
 __all__ = [
     "entropy", "entropy_torch", "sample", "sample_torch", "truncate_logits",
-    "requested_backend", "triton_available", "use_triton",
+    "check_finite", "requested_backend", "triton_available", "use_triton",
     "entropy_triton", "sample_triton", "truncation_threshold",
 ]
 __all__ += ["spec_verify", "spec_verify_torch", "tree_verify", "tree_verify_torch"]

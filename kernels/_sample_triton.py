@@ -20,7 +20,7 @@ Two steps, neither materialises a softmax nor sorts the vocabulary:
    Typical rows take 10-20 passes; bf16 rows (few distinct values) fewer.
 
 2. ``_draw_kernel`` computes ``argmax_v (x_v - log(-log u_r(v)))`` over the kept entries, with ``u_r`` row
-   ``r``'s stream of the shared counter-based generator (``kernels._rng``), first index on ties like ``torch.argmax``.
+   ``r``'s stream of the shared counter-based generator (``kernels.rng``), first index on ties like ``torch.argmax``.
    With few rows the vocabulary is split across programs (partial argmax per chunk, then the first
    chunk holding the maximum wins, which keeps the first-index rule).
 
@@ -44,7 +44,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._entropy_triton import BLOCK_V, as_rows, num_chunks, program_row_chunk
-from ._rng import streams_tensor, uniform_triton
+from .rng import streams_tensor, uniform_triton
 from .truncation import check_truncation_args
 
 @triton.jit

@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from ._entropy_triton import sm_count
-from ._rng import streams_tensor, uniform_triton
-from ._verify_common import (MODE_IDS, _argmax_fold, _clipped_logz, _log_ratio, _logprobs, _norms,
+from ._verify_common import (MODE_IDS, argmax_fold, clipped_logz, log_ratio, logprobs, norms,
                              prepare_verify_inputs)
+from .rng import streams_tensor, uniform_triton
 
 NSTAT = 10
 
@@ -46,7 +46,7 @@ def _stats_kernel(T, D, R, stats,
     b = row // K1
     i = row % K1
     start = c * chunk
-    m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = _norms(
+    m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = norms(
         T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk, R + b.to(tl.int64) * srb + i * srk,
         start, start + chunk, tl.where(i < Kd, V, 0), V, temperature, lam, r_inf, TILT, TILT, BLOCK, GIVEN)
     out = stats + (row.to(tl.int64) * n_chunks + c) * 10
@@ -91,9 +91,9 @@ def _logz_clip_kernel(T, D, R, stats,
     lse_d = tl.sum(_combine(stats, rows, n_chunks, 2, offs_c, cmask, rmask), 0)
     lse_r = tl.sum(_combine(stats, rows, n_chunks, 4, offs_c, cmask, rmask), 0)
     start = c * chunk
-    m_a, s_a = _clipped_logz(T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk,
-                             R + b.to(tl.int64) * srb + i * srk, start, start + chunk, tl.where(i < Kd, V, 0), V,
-                             lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio, BLOCK)
+    m_a, s_a = clipped_logz(T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk,
+                            R + b.to(tl.int64) * srb + i * srk, start, start + chunk, tl.where(i < Kd, V, 0), V,
+                            lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio, BLOCK)
     # every program reads the lse slots of all chunks above, so it may only overwrite slots 6..9 (disjoint)
     out = stats + (row.to(tl.int64) * n_chunks + c) * 10
     tl.store(out + 6, m_a)
@@ -159,7 +159,7 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
             if GIVEN:
                 lt_tok = xr - lse_r
             else:
-                lt_tok = lp_tok + lam * _log_ratio(lqr_tok, xr - lse_r, r_inf, max_ratio, CLIP) - logz
+                lt_tok = lp_tok + lam * log_ratio(lqr_tok, xr - lse_r, r_inf, max_ratio, CLIP) - logz
     t_tok = tl.where(gm, tl.exp(lt_tok), 0.0)
     qr_tok = tl.where(gm, tl.exp(lqr_tok), 0.0)
     u = tl.load(u_ptr + b.to(tl.int64) * K + offs_k, mask=dmask, other=0.5)
@@ -193,8 +193,8 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     for off in range(start, start + chunk2, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        lp, lqr, le = _logprobs(t_base, d_base, r_base, v, vm, v < vd, lse_t_j, lse_d_j, lse_r_j, logz_j,
-                                temperature, lam, r_inf, max_ratio, TILT, CLIP, GIVEN)
+        lp, lqr, le = logprobs(t_base, d_base, r_base, v, vm, v < vd, lse_t_j, lse_d_j, lse_r_j, logz_j,
+                               temperature, lam, r_inf, max_ratio, TILT, CLIP, GIVEN)
         if MODE == 1:
             lt = le
         else:
@@ -208,8 +208,8 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
         key_r = tl.log(w) + g
         key_m = tl.where(vm, tl.where(need_res, key_r, key_t), ninf)
         key_t = tl.where(vm, key_t, ninf)
-        best_m, idx_m = _argmax_fold(best_m, idx_m, key_m, off)
-        best_t, idx_t = _argmax_fold(best_t, idx_t, key_t, off)
+        best_m, idx_m = argmax_fold(best_m, idx_m, key_m, off)
+        best_t, idx_t = argmax_fold(best_t, idx_t, key_t, off)
     pk = pkey + (b.to(tl.int64) * n_chunks2 + c) * 2
     pi = pidx + (b.to(tl.int64) * n_chunks2 + c) * 2
     tl.store(pk, best_m)

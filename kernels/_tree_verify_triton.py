@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rng import streams_tensor, uniform_triton
-from ._verify_common import MODE_IDS, _argmax_fold, _clipped_logz, _logprobs, _norms, prepare_verify_inputs
+from ._verify_common import MODE_IDS, argmax_fold, clipped_logz, logprobs, norms, prepare_verify_inputs
+from .rng import streams_tensor, uniform_triton
 
 
 @triton.jit
@@ -23,16 +23,16 @@ def _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
                 GIVEN: tl.constexpr):
     """Normalisers ``(lse_t, lse_d, lse_r, logZ)`` at a node, and its residual ``t(.|node)`` (``p``, or ``pi`` for
     sss_exact) written to the scratch row ``wb``."""
-    m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = _norms(tb, db, rb, 0, V, V, V, temperature, lam, r_inf,
-                                                              TILT, not CLIP, BLOCK, GIVEN)
+    m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = norms(tb, db, rb, 0, V, V, V, temperature, lam, r_inf,
+                                                             TILT, not CLIP, BLOCK, GIVEN)
     lse_t = m_t + tl.log(s_t)
     lse_d = m_d + tl.log(s_d)
     lse_r = m_r + tl.log(s_r)
     logz = lse_t * 0.0
     if TILT and not GIVEN:
         if CLIP:
-            m_a, s_a = _clipped_logz(tb, db, rb, 0, V, V, V, lse_t, lse_d, lse_r, temperature, lam, r_inf,
-                                     max_ratio, BLOCK)
+            m_a, s_a = clipped_logz(tb, db, rb, 0, V, V, V, lse_t, lse_d, lse_r, temperature, lam, r_inf,
+                                    max_ratio, BLOCK)
             logz = m_a + tl.log(s_a)
         else:
             za = m_a + tl.log(s_a) + lam * (lse_r - lse_d)
@@ -42,8 +42,8 @@ def _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
     for off in range(0, V, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        lp, lqr, lpi = _logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
-                                 max_ratio, TILT, CLIP, GIVEN)
+        lp, lqr, lpi = logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
+                                max_ratio, TILT, CLIP, GIVEN)
         if MODE == 1:
             tl.store(wb + v, tl.exp(lpi), mask=vm)
         else:
@@ -138,12 +138,12 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
         vm = v < V
         g = -tl.log(-tl.log(uniform_triton(streams, b, v)))
         if MODE == 2:
-            lp, lqr, lpi = _logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
-                                     max_ratio, TILT, CLIP, GIVEN)
+            lp, lqr, lpi = logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
+                                    max_ratio, TILT, CLIP, GIVEN)
             key = lpi + g
         else:
             key = tl.log(tl.load(wb + v, mask=vm, other=0.0)) + g
-        best, idx = _argmax_fold(best, idx, tl.where(vm, key, ninf), off)
+        best, idx = argmax_fold(best, idx, tl.where(vm, key, ninf), off)
     tok = idx.to(tl.int64)
     if not BONUS:
         tok = tl.where(has_child == 0, -1, tok)

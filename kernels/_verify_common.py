@@ -1,12 +1,13 @@
 """What the Triton ``spec_verify`` and ``tree_verify`` kernels share (definitions in ``kernels.spec_verify``).
 
 Device side, ``@triton.jit`` helpers (inlined when compiled): the online ``(max, sum exp)`` fold, the log-ratio
-with its zero-probability stand-ins, the normalisers of one vocabulary range (and the clipped ``logZ`` pass), the
-per-block ``(log p, log q_r, log pi)``, and the exponential race's running argmax. Host side:
-``prepare_verify_inputs`` (truncation, layout, block size and the tilt's constants).
+with its zero-probability stand-ins (``log_ratio``), the normalisers of one vocabulary range (``norms``, and the
+clipped ``logZ`` pass ``clipped_logz``), the per-block ``(log p, log q_r, log pi)`` (``logprobs``), and the
+exponential race's running argmax (``argmax_fold``). Host side: ``prepare_verify_inputs`` (truncation, layout,
+block size and the tilt's constants). The torch-side math (the tilt, ``RATIO_INF``) is in ``kernels._verify_math``.
 
 ``GIVEN`` (with top-k / top-p): the third logits tensor holds ``log pi`` itself (the truncated tilt, prepared in
-torch by ``tilted_logits``), not the ref's logits; the kernels then read ``pi`` instead of forming it.
+torch by ``_verify_math.tilted_logits``), not the ref's logits; the kernels then read ``pi`` instead of forming it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .spec_verify import RATIO_INF, _tilt_active, tilted_logits
+from ._verify_math import RATIO_INF, tilt_active, tilted_logits
 from .truncation import truncate_logits
 
 MODE_IDS = {"sd": 0, "sss_exact": 1, "sss_paper": 2}
@@ -33,7 +34,7 @@ def _acc(m, s, x):
 
 
 @triton.jit
-def _log_ratio(lqr, lq, r_inf, max_ratio, CLIP: tl.constexpr):
+def log_ratio(lqr, lq, r_inf, max_ratio, CLIP: tl.constexpr):
     """``d = log q_r - log q``, ``+-r_inf`` where exactly one side is zero, 0 where both are; clipped if CLIP."""
     fd = lqr > float("-inf")
     fr = lq > float("-inf")
@@ -44,8 +45,8 @@ def _log_ratio(lqr, lq, r_inf, max_ratio, CLIP: tl.constexpr):
 
 
 @triton.jit
-def _norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
-           TILT: tl.constexpr, SEPARABLE_Z: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr = False):
+def norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
+          TILT: tl.constexpr, SEPARABLE_Z: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr = False):
     """Online (max, sum-exp) pairs over the vocabulary range ``[start, end)`` of one position, one read per tensor.
 
     ``tb`` / ``db`` / ``rb``: the target / draft / ref logits row; the draft reads ``v < vd`` only (``vd = 0``:
@@ -87,8 +88,8 @@ def _norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
 
 
 @triton.jit
-def _logprobs(tb, db, rb, v, vm, dm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf, max_ratio,
-              TILT: tl.constexpr, CLIP: tl.constexpr, GIVEN: tl.constexpr = False):
+def logprobs(tb, db, rb, v, vm, dm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf, max_ratio,
+             TILT: tl.constexpr, CLIP: tl.constexpr, GIVEN: tl.constexpr = False):
     """``(log p, log q_r, log pi)`` of the vocabulary block ``v`` at one position (``dm``: the draft's mask)."""
     ninf = float("-inf")
     lp = tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_t
@@ -99,27 +100,27 @@ def _logprobs(tb, db, rb, v, vm, dm, lse_t, lse_d, lse_r, logz, temperature, lam
         if GIVEN:
             lpi = lq
         else:
-            lpi = lp + lam * _log_ratio(lqr, lq, r_inf, max_ratio, CLIP) - logz
+            lpi = lp + lam * log_ratio(lqr, lq, r_inf, max_ratio, CLIP) - logz
     return lp, lqr, lpi
 
 
 @triton.jit
-def _clipped_logz(tb, db, rb, start, end, vd, V, lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio,
-                  BLOCK: tl.constexpr):
+def clipped_logz(tb, db, rb, start, end, vd, V, lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio,
+                 BLOCK: tl.constexpr):
     """(max, sum-exp) of ``log p + lam * clip(d)`` over ``[start, end)``: the second pass ``max_log_ratio`` needs."""
     m_a = float("-inf")
     s_a = 0.0
     for off in range(start, end, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        lp, lqr, key = _logprobs(tb, db, rb, v, vm, v < vd, lse_t, lse_d, lse_r, 0.0, temperature, lam, r_inf,
-                                 max_ratio, True, True)
+        lp, lqr, key = logprobs(tb, db, rb, v, vm, v < vd, lse_t, lse_d, lse_r, 0.0, temperature, lam, r_inf,
+                                max_ratio, True, True)
         m_a, s_a = _acc(m_a, s_a, tl.where(vm, key, float("-inf")))
     return m_a, s_a
 
 
 @triton.jit
-def _argmax_fold(best, idx, key, off):
+def argmax_fold(best, idx, key, off):
     """Fold block ``key`` (starting at vocabulary index ``off``) into the running argmax; first maximum wins."""
     bm = tl.max(key, 0)
     im = tl.argmax(key, 0)
@@ -148,7 +149,7 @@ def prepare_verify_inputs(target_logits, draft_logits, ref_logits, mode, lam, te
     """The kernels' view of the logits: top-k / top-p applied here (``truncate_logits``, fp32, already scaled;
     with the tilt, ``log pi`` from ``tilted_logits`` in the ref's place), the vocabulary dimension contiguous,
     and the vocabulary block (``block`` overrides it, >= 16)."""
-    tilt = _tilt_active(mode, ref_logits, lam)
+    tilt = tilt_active(mode, ref_logits, lam)
     given = False
     if top_k is not None or top_p is not None:
         if tilt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import check_finite, use_triton
-from ._rng import uniform_grid_torch
+from .rng import uniform_grid_torch
 from .truncation import truncate_logits
 
 
@@ -16,7 +16,7 @@ def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
 
     The draw is ``argmax_v x_v - log E_v`` with ``E_v = -log u_r(v)`` (Exp(1) noise from row ``r``'s stream of the
     shared counter-based generator), which picks ``v`` with probability ``softmax(x)_v`` and needs no
-    normalisation. ``seed``: an int, or per-row streams ``[R, 2]`` int64 (``kernels._rng``).
+    normalisation. ``seed``: an int, or per-row streams ``[R, 2]`` int64 (``kernels.rng``).
     """
     x = truncate_logits(logits, temperature, top_k, top_p)
     u = uniform_grid_torch(seed, x.shape[0], x.shape[1], device=x.device)

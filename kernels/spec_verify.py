@@ -55,10 +55,10 @@ drawn at position ``num_valid[b]`` (so ``target_logits[b, num_valid[b]]`` must b
 
 **Randomness.** ``uniforms [B, K]`` fp32 in (0, 1) for the acceptance tests. The single draw per row is an
 exponential race ``argmax_v log w(v) - log(-log u_b(v))`` over the unnormalised weight ``w`` (residual or
-distribution) with ``u_b`` row ``b``'s stream of the shared counter-based generator (``kernels._rng``; ``seed``
+distribution) with ``u_b`` row ``b``'s stream of the shared counter-based generator (``kernels.rng``; ``seed``
 is an int or per-row streams ``[B, 2]``): Triton and reference agree token for token.
 
-**Truncation.** With ``top_k`` / ``top_p`` the kernels' inputs are prepared in torch (``truncated_inputs``):
+**Truncation.** With ``top_k`` / ``top_p`` the kernels' inputs are prepared in torch (``prepare_verify_inputs``):
 truncated fp32 logits of the target and the draft, and, for the tilt, the truncated tilted logits of ``pi``
 (from the untruncated distributions) in the place of the ref's; the kernel then reads ``log pi`` directly.
 Without them the kernel reads the raw logits and forms ``pi`` itself.
@@ -70,129 +70,23 @@ partial pass computes the clipped ``logZ``). Launch 2, grid ``(B, chunks)``: eve
 partials (tiny), gathers the drafted tokens' logits, runs the acceptance tests, finds the first rejection
 ``j`` and races its vocabulary chunk at position ``j`` only (residual and fallback race at once). Launch 3,
 grid ``(B,)``: combines the partial argmaxes. The logits are read about ``1 + 1/(K+1)`` times.
+
+**Code.** The torch math this module shares with ``tree_verify`` (the tilt, ``RATIO_INF``, the distributions,
+the race noise, the input checks, ``WRONG_VARIANTS``) is in ``kernels._verify_math``; the Triton helpers the two
+Triton files share, and ``prepare_verify_inputs``, are in ``kernels._verify_common``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_finite, use_triton
-from ._rng import uniform_grid_torch
-from .truncation import truncate_logits
-
-MODES = ("sd", "sss_exact", "sss_paper")
-RATIO_INF = 20.0  # log-ratio used where exactly one of q_r, q is zero (unless max_log_ratio is given)
-
-
-def _log_ratio_torch(lqr: torch.Tensor, lq: torch.Tensor, max_log_ratio: float | None) -> torch.Tensor:
-    r_inf = RATIO_INF if max_log_ratio is None else float(max_log_ratio)
-    fd = lqr > float("-inf")
-    fr = lq > float("-inf")
-    d = torch.where(fd & fr, lqr - lq,
-                    torch.where(fd, torch.full_like(lqr, r_inf),
-                                torch.where(fr, torch.full_like(lqr, -r_inf), torch.zeros_like(lqr))))
-    if max_log_ratio is not None:
-        d = d.clamp(-float(max_log_ratio), float(max_log_ratio))
-    return d
-
-
-def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    return x - torch.logsumexp(x, dim=-1, keepdim=True)
-
-
-def _tilted(lp: torch.Tensor, lqr: torch.Tensor, lq: torch.Tensor, lam: float,
-            max_log_ratio: float | None) -> torch.Tensor:
-    """log pi = log p + lam * d - logZ (all ``[..., V]``)."""
-    s = lp + lam * _log_ratio_torch(lqr, lq, max_log_ratio)
-    return s - torch.logsumexp(s, dim=-1, keepdim=True)
-
-
-def _gumbel(seed, B: int, V: int, device) -> torch.Tensor:
-    """``-log(-log u_b(v))``: the race noise, one stream per batch row."""
-    u = uniform_grid_torch(seed, B, V, device=device)
-    return -torch.log(-torch.log(u))
-
-
-def _tilt_active(mode: str, ref_logits, lam: float) -> bool:
-    return mode != "sd" and ref_logits is not None and float(lam) != 0.0
-
-
-def _validate_common(target_logits, ref_logits, mode, temperature, positions: str) -> None:
-    """The checks ``spec_verify`` and ``tree_verify`` share: mode, ``target_logits [B, positions, V]``, ref shaped
-    like the target, temperature."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if target_logits.dim() != 3:
-        raise ValueError(f"target_logits must be [B, {positions}, V], got {tuple(target_logits.shape)}")
-    if ref_logits is not None and ref_logits.shape != target_logits.shape:
-        raise ValueError(f"ref_logits must be [B, {positions}, V] = {tuple(target_logits.shape)}, "
-                         f"got {tuple(ref_logits.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam) -> None:
-    """``check_finite`` on every logits tensor the verifier reads (ref only when the tilt is active)."""
-    check_finite(target_logits, "target_logits")
-    check_finite(draft_logits, "draft_logits")
-    if _tilt_active(mode, ref_logits, lam):
-        check_finite(ref_logits, "ref_logits")
-
-
-# Wrong rules the law tests must reject (tests pass them to the references as ``_wrong``; never used otherwise).
-WRONG_VARIANTS = (
-    "ratio_at_T1",            # the draft's probability in every ratio at temperature 1 (drafts drawn at T)
-    "ratio_untruncated",      # the draft's full-vocabulary probability in the ratios (drafts drawn from top-k)
-    "tilt_truncated",         # pi tilted from the truncated p, q_r, q
-    "residual_from_p",        # sss: the residual (p - q_r)+ instead of (pi - q_r)+
-    "bonus_from_p",           # sss: the bonus drawn from p instead of pi
-    "residual_unnormalised",  # sampled tree: (res - q_r)+ not renormalised
-)
-
-
-def tilted_logits(target_logits, draft_logits, ref_logits, lam, temperature, top_k, top_p, max_log_ratio,
-                  _wrong=None) -> torch.Tensor:
-    """``log pi`` ``[B, P, V]`` fp32 (normalised): the tilt of the untruncated tempered distributions, truncated.
-
-    A draft one position short of the target (no tilt needed at the bonus) is padded with the ref there.
-    """
-    if draft_logits.shape[1] < target_logits.shape[1]:
-        draft_logits = torch.cat([draft_logits, ref_logits[:, draft_logits.shape[1]:]], dim=1)
-    if _wrong == "tilt_truncated":
-        lp, lqr, lq = (_log_softmax(truncate_logits(x, temperature, top_k, top_p))
-                       for x in (target_logits, draft_logits, ref_logits))
-        return _tilted(lp, lqr, lq, float(lam), max_log_ratio)
-    lp, lqr, lq = (_log_softmax(x.float() / temperature) for x in (target_logits, draft_logits, ref_logits))
-    s = lp + float(lam) * _log_ratio_torch(lqr, lq, max_log_ratio)
-    return _log_softmax(truncate_logits(s, 1.0, top_k, top_p))
-
-
-def _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p, max_log_ratio,
-               _wrong=None):
-    """``(log p, log q_r, log pi)``, each ``[B, P, V]`` fp32 with ``P`` the target's positions (references only):
-    ``p`` and ``q_r`` truncated, ``pi`` from ``tilted_logits``.
-
-    A draft one position short (``spec_verify`` with no tilt at the bonus, validated) is padded there with
-    ``log p``: that position is never read.
-    """
-    lp = _log_softmax(truncate_logits(target_logits, temperature, top_k, top_p))
-    if _wrong == "ratio_at_T1":
-        lqr = _log_softmax(truncate_logits(draft_logits, 1.0, top_k, top_p))
-    elif _wrong == "ratio_untruncated":
-        lqr = _log_softmax(draft_logits.float() / temperature)
-    else:
-        lqr = _log_softmax(truncate_logits(draft_logits, temperature, top_k, top_p))
-    if lqr.shape[1] < lp.shape[1]:
-        lqr = torch.cat([lqr, lp[:, lqr.shape[1]:]], dim=1)
-    if not _tilt_active(mode, ref_logits, lam):
-        return lp, lqr, lp
-    return lp, lqr, tilted_logits(target_logits, draft_logits, ref_logits, lam, temperature, top_k, top_p,
-                                  max_log_ratio, _wrong)
+from ._dispatch import use_triton
+from ._verify_math import check_finite_logits, gumbel_noise, log_dists, tilt_active, validate_common
 
 
 def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
               bonus, num_valid):
-    _validate_common(target_logits, ref_logits, mode, temperature, "K+1")
+    validate_common(target_logits, ref_logits, mode, temperature, "K+1")
     B, K1, V = target_logits.shape
     K = K1 - 1
     if K < 1:
@@ -201,7 +95,7 @@ def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, 
             or draft_logits.shape[1] not in (K, K1):
         raise ValueError(f"draft_logits must be [B, K, V] or [B, K+1, V] = [{B}, {K}|{K1}, {V}], "
                          f"got {tuple(draft_logits.shape)}")
-    if _tilt_active(mode, ref_logits, lam) and bonus and draft_logits.shape[1] != K1:
+    if tilt_active(mode, ref_logits, lam) and bonus and draft_logits.shape[1] != K1:
         raise ValueError("the reward tilt at the bonus position needs the draft's logits there: pass "
                          "draft_logits [B, K+1, V] (or bonus=False)")
     if tuple(draft_tokens.shape) != (B, K):
@@ -219,7 +113,7 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
                       validate: bool = True, _wrong: str | None = None):
     """Reference (vectorised over the batch) of ``spec_verify``: same signature, same tokens.
 
-    ``_wrong`` (tests only): one of ``WRONG_VARIANTS``, a plausible bug the law tests must catch.
+    ``_wrong`` (tests only): one of ``_verify_math.WRONG_VARIANTS``, a plausible bug the law tests must catch.
     """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
@@ -227,7 +121,7 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
     B, K1, V = target_logits.shape
     K = K1 - 1
     dev = target_logits.device
-    lp, lqr, lpi = _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
+    lp, lqr, lpi = log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
                               max_log_ratio, _wrong)                                  # [B, K1, V] each
     lt = lpi if mode == "sss_exact" else lp   # acceptance / residual target
     le = lpi                                  # what sss_paper emits from
@@ -247,7 +141,7 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
     j = torch.minimum(j, n)
 
     rows = torch.arange(B, device=dev)
-    g = _gumbel(seed, B, V, dev)
+    g = gumbel_noise(seed, B, V, dev)
     lt_j = lt[rows, j]
     key_t = (le[rows, j] if mode == "sss_paper" else lt_j) + g
     if _wrong == "bonus_from_p":
@@ -278,7 +172,7 @@ def spec_verify(target_logits, draft_logits, ref_logits, draft_tokens, mode: str
     if validate:
         _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
                   bonus, num_valid)
-        _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
+        check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
     if use_triton(target_logits):
         from ._spec_verify_triton import spec_verify_triton
 

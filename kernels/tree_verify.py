@@ -59,14 +59,14 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
-from .spec_verify import _check_finite_logits, _gumbel, _log_dists, _validate_common
+from ._verify_math import check_finite_logits, gumbel_noise, log_dists, validate_common
 
 TREE_KINDS = ("sampled", "topk")
 
 
 def _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature, uniforms,
               tree_kind, max_depth, num_nodes=None):
-    _validate_common(target_logits, ref_logits, mode, temperature, "N+1")
+    validate_common(target_logits, ref_logits, mode, temperature, "N+1")
     if tree_kind not in TREE_KINDS:
         raise ValueError(f"tree_kind must be one of {TREE_KINDS}, got {tree_kind!r}")
     B, N1, V = target_logits.shape
@@ -96,7 +96,7 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
                       num_nodes=None, validate: bool = True, _wrong: str | None = None):
     """Reference of ``tree_verify`` (vectorised over the batch: one step per node index).
 
-    ``_wrong`` (tests only): one of ``spec_verify.WRONG_VARIANTS``, a plausible bug the law tests must catch.
+    ``_wrong`` (tests only): one of ``_verify_math.WRONG_VARIANTS``, a plausible bug the law tests must catch.
     """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
@@ -106,7 +106,7 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
     N = N1 - 1
     D = N if max_depth is None else int(max_depth)
     dev = target_logits.device
-    lp, lqr, lpi = _log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
+    lp, lqr, lpi = log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
                               max_log_ratio, _wrong)
     lt = lpi if mode == "sss_exact" else lp
     qr = torch.exp(lqr)
@@ -163,7 +163,7 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
             w = torch.where(acc[:, None], torch.exp(lt[:, n + 1]), w)
             Z = torch.where(acc, torch.ones_like(Z), Z)
             has_child = has_child & ~acc
-    g = _gumbel(seed, B, V, dev)
+    g = gumbel_noise(seed, B, V, dev)
     if mode == "sss_paper":
         key = lpi[rows, cur + 1] + g
     else:
@@ -190,7 +190,7 @@ def tree_verify(target_logits, draft_logits, ref_logits, tree_tokens, parents, m
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
                   uniforms, tree_kind, max_depth, num_nodes)
         _check_parents(parents)
-        _check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
+        check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
     if use_triton(target_logits):
         from ._tree_verify_triton import tree_verify_triton
 

@@ -1,6 +1,6 @@
 """Print, for every law check of tests/test_verify_kernels.py (and the sss method check of tests/test_speculative.py),
 the TV each position reaches against its noise threshold, for the correct rule and for every wrong rule of
-``kernels.spec_verify.WRONG_VARIANTS`` ("!" marks TV > threshold: the check rejects it)::
+``kernels._verify_math.WRONG_VARIANTS`` ("!" marks TV > threshold: the check rejects it)::
 
     TRITON_INTERPRET=1 .venv/bin/python scripts/law_report.py
 """
@@ -19,7 +19,7 @@ import test_speculative as ts  # noqa: E402
 import test_verify_kernels as tk  # noqa: E402
 
 from fastalign.kernels import spec_verify_torch  # noqa: E402
-from fastalign.kernels.spec_verify import WRONG_VARIANTS  # noqa: E402
+from fastalign.kernels._verify_math import WRONG_VARIANTS  # noqa: E402
 from fastalign.methods import speculative  # noqa: E402
 from fastalign.testing import empirical_law, tiny_causal_lm, total_variation, tv_threshold  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The counter-based generator (kernels._rng): Philox-4x32-10 known answers, uniforms strictly inside (0, 1),
+"""The counter-based generator (kernels.rng): Philox-4x32-10 known answers, uniforms strictly inside (0, 1),
 Triton == torch bit for bit, greedy sampling at a real vocabulary, and streams that never coincide."""
 
 import math
@@ -9,9 +9,9 @@ import triton
 import triton.language as tl
 
 from fastalign.kernels import sample_torch
-from fastalign.kernels._rng import (PURPOSES, as_signed64, bits_to_uniform_torch, bits_to_uniform_triton, counter,
-                                    philox_torch, prompt_key, prompt_seed, stream_bits_torch, streams_tensor,
-                                    uniform_grid_torch, uniform_streams_torch, uniform_triton)
+from fastalign.kernels.rng import (PURPOSES, as_signed64, bits_to_uniform_torch, bits_to_uniform_triton, counter,
+                                   philox_torch, prompt_key, prompt_seed, stream_bits_torch, streams_tensor,
+                                   uniform_grid_torch, uniform_streams_torch, uniform_triton)
 from fastalign.methods.base import Randomness, prompt_seeds
 
 M32 = 0xFFFFFFFF
@@ -145,7 +145,7 @@ def test_uniform_grid_int_seed_rows_differ_and_seeds_resolve():
 
 def test_numpy_and_torch_twins_give_the_same_bits():
     """``stream_bits_torch`` takes NumPy on CPU tensors and torch elsewhere: both must be the same numbers."""
-    from fastalign.kernels._rng import _stream_bits_numpy, _stream_bits_tensor
+    from fastalign.kernels.rng import _stream_bits_numpy, _stream_bits_tensor
 
     gen = torch.Generator().manual_seed(0)
     for rows, cols in ((1, 1), (3, 5), (4, 144), (2, 4099)):

@@ -13,7 +13,7 @@ import torch
 
 import fastalign
 from fastalign.kernels import spec_verify_torch
-from fastalign.kernels.spec_verify import RATIO_INF
+from fastalign.kernels._verify_math import RATIO_INF
 from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, tilted_next_probs, tiny_causal_lm,
                                total_variation, tv_threshold)
 

@@ -15,7 +15,7 @@ import torch
 
 from fastalign.kernels import spec_verify, spec_verify_torch, tree_verify_torch
 from fastalign.kernels import truncate_logits
-from fastalign.kernels._rng import uniform_grid_torch
+from fastalign.kernels.rng import uniform_grid_torch
 from fastalign.testing import law_of, tv_threshold
 from fastalign.kernels._spec_verify_triton import spec_verify_triton
 from fastalign.kernels._tree_verify_triton import tree_verify_triton

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from ..kernels._rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
-                            uniform_streams_torch)
+from ..kernels.rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
+                           uniform_streams_torch)
 from ..models.causal_lm import CausalLM
-from ..models.reward import RewardModel
 from ..models.remote import RemoteLM
+from ..models.reward import RewardModel
 
 
 def prompt_seeds(seed, n_prompts: int) -> list[int]:
@@ -38,7 +38,7 @@ class Randomness:
 
     Every draw names its rows by ``(prompt, sub)`` (the prompt index, and a sub-stream such as a sample, a chain
     or a candidate of that prompt) and a ``purpose``; its numbers come from the counter-based generator
-    (``kernels._rng``) keyed by the prompt's seed, at the counter ``(step, purpose, sub)``. ``step`` is given
+    (``kernels.rng``) keyed by the prompt's seed, at the counter ``(step, purpose, sub)``. ``step`` is given
     explicitly (e.g. a speculative round), or counted per ``(prompt, sub, purpose)``: each call advances the
     count of its *active* rows only, so a row's numbers depend on its own history alone, never on its batch row
     or on the other prompts of the batch. Kernels get per-row ``(key, counter)`` streams; host draws (acceptance

@@ -67,11 +67,11 @@ from dataclasses import replace
 
 import torch
 
-from .answers import get_extractor
-from ..kernels._rng import prompt_seed
 from ..errors import InputError
+from ..kernels.rng import prompt_seed
 from ..models.causal_lm import right_pad
 from ..models.remote import RemoteError, RemoteLM
+from .answers import get_extractor
 from .base import Context, MethodResult, Randomness, sample_continuations
 
 SELECT_RULES = ("last", "majority", "weighted_majority", "best_reward", "mbr")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..kernels._dispatch import check_finite
+from ..kernels import check_finite
 from . import native
 from .ragged import RaggedStore
 
