@@ -203,6 +203,12 @@ def check_context_lengths(models: dict, prompts: list[list[int]], max_new_tokens
         check_context_length(prompts, max_new_tokens, getattr(model, "context_length", None), f"the {role} model")
 
 
+def check_rows(given: int, cached: int) -> None:
+    """A block written to a cache has one row per cached row (``extend`` after ``prefill`` of another batch)."""
+    if given != cached:
+        raise InputError(f"batch of {given} rows given to a cache of {cached} rows")
+
+
 # ------------------------------------------------------------------------------------ method options
 _SIMPLE_TYPES = {"int", "float", "bool", "str", "None"}
 
