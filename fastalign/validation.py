@@ -1,4 +1,6 @@
-"""Checks of the caller's input at the API boundary, shared by ``decode`` / ``Engine``, the CLI and the server.
+"""Checks of the caller's input, each in one place: ``decode`` / ``Engine``, the CLI and the server call them at
+the API boundary, and the model layer (``CausalLM.prefill``) and the remote client (``RemoteLM.complete``) for
+what their direct callers can get wrong.
 
 Every check raises ``InputError`` (a ``ValueError``) whose message names the argument, the value given and
 what is allowed, before any model runs. The rules:
@@ -9,12 +11,13 @@ what is allowed, before any model runs. The rules:
 * numbers: finite, of the right type (``top_k=2.5`` is not an integer, ``True`` is not a count) and in range;
   a method option is checked against the type its ``run`` function declares, and an unknown option is an error
   that lists the method's options;
-* ``seed``: an integer in ``[0, 2**64)``, or one such integer per prompt;
+* ``seed``: an integer in ``[0, 2**64)``, or one such integer per prompt (``None``: fresh entropy, where allowed);
 * ``dtype``: a torch floating dtype or a name (``"float16"``, alias ``"fp16"``, ...); ``device``: one torch knows
   and this machine has;
 * rewards: every call of a reward returns one finite number per (prompt, response) pair. A NaN or infinite
   reward is an error naming the prompt (``NonFiniteReward``), never a silent winner or an endless rejection loop;
-* context lengths: each model's (by role) must hold the longest prompt plus ``max_new_tokens``.
+* context lengths: each model's (by role) must hold the longest prompt plus ``max_new_tokens``, and a model
+  never writes a token past its context length.
 """
 
 from __future__ import annotations
@@ -86,19 +89,20 @@ def check_sampling(temperature, top_k, top_p) -> None:
 SEED_LIMIT = 2**64
 
 
-def check_seed(seed, num_prompts: int | None = None):
-    """``None``, an integer in ``[0, 2**64)``, or a list of such integers, one per prompt."""
-    if seed is None or is_int(seed):
+def check_seed(seed, num_prompts: int | None = None, optional: bool = True) -> int | list[int] | None:
+    """An integer in ``[0, 2**64)``, or a list (tuple, 1-D tensor) of such integers, one per prompt; ``None``
+    (fresh entropy) when ``optional``. Returns the seed as an ``int``, a ``list[int]`` or ``None``."""
+    if (seed is None and optional) or is_int(seed):
         return None if seed is None else check_int("seed", seed, 0, SEED_LIMIT - 1)
     if isinstance(seed, (list, tuple)) or (torch.is_tensor(seed) and seed.dim() == 1):
-        seeds = seed.tolist() if torch.is_tensor(seed) else list(seed)
-        for i, s in enumerate(seeds):
-            check_int(f"seed[{i}]", s, 0, SEED_LIMIT - 1)
+        seeds = [check_int(f"seed[{i}]", s, 0, SEED_LIMIT - 1)
+                 for i, s in enumerate(seed.tolist() if torch.is_tensor(seed) else seed)]
         if num_prompts is not None and len(seeds) != num_prompts:
             raise InputError(f"seed has {len(seeds)} values for {num_prompts} prompts: give one integer, or one "
                              "per prompt")
-        return seed
-    raise InputError(f"seed must be None, an integer in [0, 2**64) or one such integer per prompt, got {_show(seed)}")
+        return seeds
+    allowed = "None, an integer" if optional else "an integer"
+    raise InputError(f"seed must be {allowed} in [0, 2**64) or one such integer per prompt, got {_show(seed)}")
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -174,16 +178,35 @@ def check_token_rows(name: str, rows, vocab_size: int | None = None, model: str 
     return [_token_ids(i, r, vocab_size, model, label, allow_empty) for i, r in enumerate(rows)]
 
 
+def check_positions(needed: int, limit, model: str = "the model", what: str = "a sequence") -> None:
+    """``needed`` positions fit in a context of ``limit`` (``None`` or not positive: unknown, not checked).
+    ``model`` and ``what`` name the model and the sequence in the message."""
+    if is_int(limit) and limit > 0 and needed > limit:
+        raise InputError(f"{what} needs {needed} positions, more than the context length of {model} ({limit})")
+
+
+def check_context_length(prompts: list[list[int]], max_new_tokens, limit, model: str = "the model") -> None:
+    """Every prompt plus its ``max_new_tokens`` (an int, or one per prompt) fits in ``limit`` positions; the
+    message names the prompt that needs the most (the first such)."""
+    budgets = [max_new_tokens] * len(prompts) if is_int(max_new_tokens) else list(max_new_tokens)
+    needs = [len(p) + m for p, m in zip(prompts, budgets)]
+    if not needs:
+        return
+    worst = max(range(len(needs)), key=needs.__getitem__)
+    check_positions(needs[worst], limit, model,
+                    f"prompt {worst} has {len(prompts[worst])} tokens; with max_new_tokens={budgets[worst]} it")
+
+
 def check_context_lengths(models: dict, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Every model (``role -> model`` with a ``context_length``) holds the longest prompt plus ``max_new_tokens``."""
-    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    need = len(prompts[longest]) + max_new_tokens
     for role, model in models.items():
-        limit = getattr(model, "context_length", None)
-        if isinstance(limit, int) and need > limit:
-            raise InputError(f"prompt {longest} has {len(prompts[longest])} tokens; with max_new_tokens="
-                             f"{max_new_tokens} it needs {need} positions, more than the context length of the "
-                             f"{role} model ({limit})")
+        check_context_length(prompts, max_new_tokens, getattr(model, "context_length", None), f"the {role} model")
+
+
+def check_rows(given: int, cached: int) -> None:
+    """A block written to a cache has one row per cached row (``extend`` after ``prefill`` of another batch)."""
+    if given != cached:
+        raise InputError(f"batch of {given} rows given to a cache of {cached} rows")
 
 
 # ------------------------------------------------------------------------------------ method options

@@ -167,6 +167,31 @@ def test_context_length_names_the_model_role(models):
         fastalign.decode([[1] * 120], target=models["target"], max_new_tokens=10)
 
 
+def test_the_model_layer_and_the_remote_client_check_through_validation(models):
+    """A direct caller of ``CausalLM.prefill``, ``RemoteLM.complete`` or ``prompt_seeds`` gets the API's checks."""
+    from fastalign.methods.base import prompt_seeds
+    from fastalign.models import CausalLM
+    from fastalign.models.remote import request_seeds_of
+
+    lm = CausalLM(tiny_causal_lm(vocab_size=V, hidden=16, context=8))
+    with pytest.raises(fastalign.InputError, match=rf"prompt 0, position 1: token id {V} is outside the vocabulary"):
+        lm.prefill([[1, V]])
+    with pytest.raises(fastalign.InputError, match=r"prompt 1 has 4 tokens; with max_new_tokens=6 it needs 10 "
+                                                   r"positions, more than the context length of the model \(8\)"):
+        lm.prefill([[1], [1, 2, 3, 4]], max_new_tokens=6)
+    lm.prefill([[1] * 8])
+    with pytest.raises(fastalign.InputError, match=r"a sequence needs 9 positions, more than the context length"):
+        lm.extend(torch.ones(1, 1, dtype=torch.long))
+    with pytest.raises(fastalign.InputError, match=r"prompt 0 has 1 tokens; with max_new_tokens=8 .* of 'm' on"):
+        validation.check_context_length([[1], [1, 2, 3]], [8, 1], 8, "'m' on the server")  # RemoteLM's budgets
+    with pytest.raises(fastalign.InputError, match="seed must be an integer >= 0"):
+        prompt_seeds(-1, 2)
+    with pytest.raises(fastalign.InputError, match=r"seed must be an integer in \[0, 2\*\*64\) or one"):
+        request_seeds_of(None, 1)
+    with pytest.raises(fastalign.InputError, match="seed has 1 values for 2 prompts"):
+        request_seeds_of([3], 2)
+
+
 # ------------------------------------------------------------------------------------------- rewards
 def test_nan_reward_never_wins_bon(models):
     """rewards [nan, 1, 2, 3] used to pick index 0."""

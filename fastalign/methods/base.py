@@ -11,25 +11,19 @@ from .. import kernels
 from ..kernels.rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
                            uniform_streams_torch)
 from ..models.causal_lm import CausalLM
-from ..models.remote import RemoteLM
+from ..models.remote import RemoteLM, request_seed
 from ..models.reward import RewardModel
+from ..validation import check_seed
 
 
 def prompt_seeds(seed, n_prompts: int) -> list[int]:
     """One seed per prompt: ``seed`` is an int (prompt ``i`` gets ``prompt_seed(seed, i)``), a list of one int per
-    prompt, or ``None`` (fresh entropy)."""
+    prompt, or ``None`` (fresh entropy); checked by ``validation.check_seed``."""
+    seed = check_seed(seed.tolist() if torch.is_tensor(seed) else seed, n_prompts)
+    if isinstance(seed, list):
+        return seed
     if seed is None:
         seed = secrets.randbits(63)
-    if torch.is_tensor(seed):
-        seed = seed.tolist()
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != n_prompts:
-            raise ValueError(f"seed is a list of {len(seed)} seeds for {n_prompts} prompts: give one per prompt")
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
-            raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
-        return [int(s) for s in seed]
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, a list of ints (one per prompt) or None, got {seed!r}")
     return [prompt_seed(seed, i) for i in range(n_prompts)]
 
 
@@ -80,9 +74,9 @@ class Randomness:
         return torch.argmax(torch.log(probs.double().cpu()) - torch.log(-torch.log(u)), dim=-1)
 
     def request_seeds(self, prompts, purpose: str, subs=0) -> list[int]:
-        """One seed in ``[0, 2**31 - 1)`` per row (e.g. a remote request's seed), from the rows' streams."""
+        """One request seed in ``[0, 2**31 - 1)`` per row (``models.remote.request_seed``), from the rows' streams."""
         bits = stream_bits_torch(self.streams(prompts, purpose, subs), 1)[:, 0]
-        return [int(b) % (2**31 - 1) for b in bits]
+        return [request_seed(b) for b in bits]
 
 
 @dataclass

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
 from ..kernels import check_finite
+from ..validation import check_context_length, check_positions, check_prompts
 from . import native
 from .ragged import RaggedStore
 
@@ -146,10 +146,8 @@ class CachedModel:
             positions = past + native.tree_depths(parents)[:, P:]
         # positions never exceed the slot count, so the exact (syncing) check is needed only near the limit
         near_limit = self.context_length is not None and self.live.shape[1] + T > self.context_length
-        if near_limit and int((positions * new_live).max()) >= self.context_length:
-            raise InputError(
-                f"sequence longer than the model's context length ({self.context_length} positions)"
-            )
+        if near_limit:
+            check_positions(int((positions * new_live).max()) + 1, self.context_length)
         return positions, block, ancestry
 
     # --------------------------------------------------------------- forward
@@ -217,23 +215,6 @@ class CachedModel:
         self.select_rows(torch.arange(self.batch_size, device=self.device).repeat_interleave(n))
 
 
-def _validate_prompts(prompts, context_length: int | None, extra: int = 0) -> list[list[int]]:
-    if len(prompts) == 0:
-        raise InputError("no prompts given")
-    out = []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in (p.tolist() if torch.is_tensor(p) else p)]
-        if len(p) == 0:
-            raise InputError(f"prompt {i} is empty")
-        if context_length is not None and len(p) + extra > context_length:
-            raise InputError(
-                f"prompt {i} has {len(p)} tokens; with {extra} new tokens it exceeds the "
-                f"context length of {context_length}"
-            )
-        out.append(p)
-    return out
-
-
 def left_pad(rows: list[list[int]], pad: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists: returns ``tokens [B, L]`` int64 and ``live [B, L]`` bool."""
     L = max(len(r) for r in rows)
@@ -276,7 +257,8 @@ class CausalLM(CachedModel):
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], max_new_tokens: int = 0) -> torch.Tensor:
         """Start a new cache holding the (ragged) prompts; returns next-token logits ``[B, V]`` fp32."""
-        prompts = _validate_prompts(prompts, self.context_length, max_new_tokens)
+        prompts = check_prompts(prompts, vocab_size=self.vocab_size, model="model")
+        check_context_length(prompts, max_new_tokens, self.context_length)
         self.reset()
         self.store.reserve(max_new_tokens)
         tokens, live = left_pad(prompts, device=self.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..errors import InputError
+from ..validation import check_rows
 from . import native
 
 
@@ -54,8 +54,7 @@ class RaggedStore:
         if self.cache is None:
             self.cache = DynamicCache()
             self.live = torch.zeros(rows, 0, dtype=torch.bool, device=self.device)
-        if rows != self.live.shape[0]:
-            raise InputError(f"batch of {rows} rows given to a cache of {self.live.shape[0]} rows")
+        check_rows(rows, self.live.shape[0])
 
     def write(self, tokens, positions, new_live, block, ancestry, padded: bool, **kwargs):
         """Run the model on ``tokens [B, T]`` after the cached slots and append the block to the cache.

@@ -21,10 +21,12 @@ per-token distributions, as locally. A response stops after its first EOS token 
 does not know as EOS is an error (the law would differ from local decoding). The token ids are read from
 ``choices[i].token_ids`` (vLLM >= 0.10.2, fastalign.serve).
 
-Seeds. Sample ``j`` of prompt ``b`` in a round seeded by ``s`` is drawn with seed ``row_seed(s, b) + j``:
-vLLM seeds sample ``j`` of a request asking for ``n`` samples with ``seed + j``, so a request with ``n``
-samples draws what ``n`` single-sample requests would. Servers that do not take ``n > 1`` (fastalign.serve)
-get one request per sample instead.
+Seeds. Sample ``j`` of prompt ``b`` is drawn with the request seed ``seeds[b] + j``: vLLM seeds sample ``j``
+of a request asking for ``n`` samples with ``seed + j``, so a request with ``n`` samples draws what ``n``
+single-sample requests would. Servers that do not take ``n > 1`` (fastalign.serve) get one request per sample
+instead. The methods derive ``seeds[b]`` from prompt ``b``'s own seed, the per-prompt seed of local decoding
+(``fastalign.methods.base.Randomness.request_seeds``); a direct call ``complete(..., seed=s)`` gives prompt ``b``
+the request seed ``row_seed(s, b)``, which is ``s`` itself for prompt 0, as one vLLM request would use it.
 
 Reward (``RemoteReward``), a callable usable as ``reward=`` anywhere::
 
@@ -59,6 +61,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import InputError
+from ..validation import check_context_length, check_seed
 from .causal_lm import ModelCounters, eos_token_ids
 
 _GOLDEN = 0x9E3779B1
@@ -84,9 +87,23 @@ class _Transient(Exception):
     """A failure worth retrying elsewhere or later (transport, timeout, 429/5xx)."""
 
 
+def request_seed(bits: int) -> int:
+    """Any integer as a request seed, in ``[0, 2**31 - 1)`` (a range every server takes): every request seed
+    this client derives ends here, the methods' (``Randomness.request_seeds``) and ``row_seed``'s."""
+    return int(bits) % (2**31 - 1)
+
+
 def row_seed(seed: int, row: int) -> int:
-    """The request seed of ``row`` in a generation round seeded by ``seed`` (``row_seed(s, 0) == s``)."""
-    return (int(seed) + row * _GOLDEN) % (2**31 - 1)
+    """The request seed of prompt ``row`` of a ``complete`` call given one int ``seed`` (``row_seed(s, 0) == s``
+    for ``s < 2**31 - 1``)."""
+    return request_seed(int(seed) + row * _GOLDEN)
+
+
+def request_seeds_of(seed, n_prompts: int) -> list[int]:
+    """The request seed of each prompt of a ``complete`` call (module docstring, Seeds): ``seed`` is one int per
+    prompt, used as given, or one int ``s``, which gives prompt ``b`` the seed ``row_seed(s, b)``."""
+    seed = check_seed(seed, n_prompts, optional=False)
+    return seed if isinstance(seed, list) else [row_seed(seed, b) for b in range(n_prompts)]
 
 
 def eos_token_ids_of(name_or_path: str, trust_remote_code: bool = False) -> set[int]:
@@ -259,19 +276,11 @@ class RemoteLM:
         """``n`` sampled continuations per prompt (token ids, at most ``budgets[b]`` tokens, EOS kept); rows
         ``b * n + j`` belong to prompt ``b``. Sample ``j`` of prompt ``b`` is drawn with seed ``seeds[b] + j``:
         ``seed`` is one request seed per prompt (a list), or an int (prompt ``b`` gets ``row_seed(seed, b)``)."""
-        if seed is None or isinstance(seed, bool):
-            raise InputError(f"complete needs an int seed or one int seed per prompt, got {seed!r}")
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [row_seed(seed, b) for b in range(len(prompts))]
-        if len(seeds) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            raise InputError(f"complete needs an int seed or one int seed per prompt, got {seed!r} for "
-                             f"{len(prompts)} prompts")
+        seeds = request_seeds_of(seed, len(prompts))
         if len(budgets) != len(prompts) or not (isinstance(n, int) and n >= 1):
             raise InputError(f"complete needs one budget per prompt and n >= 1, got {len(prompts)} prompts, "
                              f"{len(budgets)} budgets, n={n!r}")
-        for b, (prompt, budget) in enumerate(zip(prompts, budgets)):
-            if self.context_length and len(prompt) + budget > self.context_length:
-                raise InputError(f"prompt {b} has {len(prompt)} tokens; with {budget} new tokens it exceeds the "
-                                 f"context length of {self.model!r} on the server ({self.context_length})")
+        check_context_length(prompts, budgets, self.context_length, f"{self.model!r} on the server")
         per_request = n if self.samples_per_request is None else self.samples_per_request
         jobs = [(b, j, min(per_request, n - j)) for b in range(len(prompts)) for j in range(0, n, per_request)]
 

@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..errors import InputError
+from ..validation import check_rows
 from . import native
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # beyond 64 rows: multiples of 64
@@ -242,8 +242,7 @@ class SlotStore:
                 self._allocate(batch_bucket(B), length)
             self.rows = B
             return
-        if B != self.rows:
-            raise InputError(f"batch of {B} rows given to a cache of {self.rows} rows")
+        check_rows(B, self.rows)
         if self.end + width <= self.cache.length:
             return
         self._compact(self.open_from)  # the open block moves as it is (module docstring)
