@@ -155,13 +155,12 @@ class Engine:
         temperature, top_k, top_p = spec.sampling_settings(temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)
-        check.check_seed(seed, len(prompt_ids))
+        rng = Randomness(seed, len(prompt_ids))  # checks the seed (validation.check_seed)
         models = {role: getattr(self, role) for role in MODEL_ROLES if getattr(self, role) is not None}
         used = {role: m for role, m in models.items() if role in spec.roles
                 and not getattr(m, "retokenize", False)}  # a re-tokenising reward counts other tokens
         check.check_context_lengths(used, prompt_ids, max_new_tokens)
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
-        rng = Randomness(seed, len(prompt_ids))  # the seed is checked above (check_seed)
         ctx = Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
                       float(temperature), top_k, top_p, rng)
         start = time.perf_counter()
