@@ -9,17 +9,27 @@ are all kept and the Triton kernels can find the threshold without sorting:
 
 Both can apply at once (top-k first, then top-p on the renormalised survivors). The truncated,
 renormalised distribution is the proposal *and* the one used in every ratio (docs/design.md section 1).
+
+Temperatures below ``TEMPERATURE_FLOOR`` (1e-20) overflow: ``logits / T`` leaves the float32 range (or ``T``
+itself is not a normal float32). The kernels refuse them; a decode takes them as the floor
+(``methods.base.Context``), which is greedy: ``logits / 1e-20`` puts any two float32 logits that differ by
+more than 1e-18 further apart than the sampling noise, so only the maximum (or a tie) can be drawn.
 """
 
 from __future__ import annotations
 
 import torch
 
+TEMPERATURE_FLOOR = 1e-20
+
 
 def check_truncation_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """The argument errors of ``truncate_logits`` (also raised by the kernels that truncate without it)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+    if temperature < TEMPERATURE_FLOOR:
+        raise ValueError(f"temperature must be >= {TEMPERATURE_FLOOR} (a smaller one overflows float32), got "
+                         f"{temperature} (use top_k=1 for greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

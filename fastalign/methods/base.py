@@ -10,6 +10,7 @@ import torch
 from .. import kernels
 from ..kernels._rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
                             uniform_streams_torch)
+from ..kernels.truncation import TEMPERATURE_FLOOR
 from ..models import CausalLM, RewardModel
 from ..remote import RemoteLM
 
@@ -92,7 +93,11 @@ class Randomness:
 
 @dataclass
 class Context:
-    """What a method gets: the wrapped models (None when not given), sampling settings and randomness."""
+    """What a method gets: the wrapped models (None when not given), sampling settings and randomness.
+
+    A ``temperature`` below ``TEMPERATURE_FLOOR`` (1e-20; smaller ones overflow float32 logits) is taken as
+    the floor, which decodes greedily (``kernels/truncation.py``): every method then sees a safe temperature.
+    """
 
     target: CausalLM | None
     draft: CausalLM | None
@@ -105,6 +110,9 @@ class Context:
     top_p: float | None
     rng: Randomness
     stats: dict = field(default_factory=dict)  # method-specific counters, merged into out.stats
+
+    def __post_init__(self):
+        self.temperature = max(float(self.temperature), TEMPERATURE_FLOOR)
 
     def sample(self, logits: torch.Tensor, prompts, subs=0, purpose: str = "token", steps=None,
                active=None) -> torch.Tensor:

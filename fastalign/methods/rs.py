@@ -123,8 +123,10 @@ class Streak:
 def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = "auto",
         accept_beta: float | str = "auto", mode: str = "soft", max_rejections: int = 20) -> MethodResult:
     """Rejection sampling over a batch of prompts (module docstring); defaults as in the CARDS code, except
-    ``reward_threshold="auto"`` and ``accept_beta="auto"`` (see ``acceptance_settings``).
-    ``out.extra``: ``reward_threshold`` and ``accept_beta`` (per prompt, ``[B]``)."""
+    ``reward_threshold="auto"`` and ``accept_beta="auto"`` (see ``acceptance_settings``). A number for
+    ``reward_threshold`` lies in [-3.4e38, 3.4e38], one for ``accept_beta`` in (0, 3.4e38]: rewards are float32
+    (``fastalign.validation.OPTION_LIMITS``). ``out.extra``: ``reward_threshold`` and ``accept_beta`` (per
+    prompt, ``[B]``)."""
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B = len(prompts)
     sampler = ResponseSampler(ctx, prompts)
