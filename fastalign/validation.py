@@ -244,7 +244,7 @@ def check_method_options(method: str, run, options: dict) -> None:
 # Finite numbers whose magnitude overflows the methods' float32 arithmetic (a raw overflow error, or special
 # tokens from inf / nan logits): method -> option -> (largest magnitude, the option's range, why).
 REWARD_LIMIT = 3.4e38  # about the float32 maximum (3.4028e38)
-TILT_LIMIT = 1e6  # sss: keeps lam * (log q_r - log q) finite in float32 at any temperature
+TILT_LIMIT = 1e6  # sss: keeps lam * (log q_r - log q) finite in float32, even at the temperature floor
 OPTION_LIMITS = {
     "sss": {"lam": (TILT_LIMIT, "[-1e6, 1e6]", "a larger tilt overflows float32"),
             "max_log_ratio": (TILT_LIMIT, "(0, 1e6]", "a larger clip overflows float32")},

@@ -10,10 +10,11 @@ are all kept and the Triton kernels can find the threshold without sorting:
 Both can apply at once (top-k first, then top-p on the renormalised survivors). The truncated,
 renormalised distribution is the proposal *and* the one used in every ratio (docs/design.md section 1).
 
-Temperatures below ``TEMPERATURE_FLOOR`` (1e-20) overflow: ``logits / T`` leaves the float32 range (or ``T``
-itself is not a normal float32). The kernels refuse them; a decode takes them as the floor
-(``methods.base.Context``), which is greedy: ``logits / 1e-20`` puts any two float32 logits that differ by
-more than 1e-18 further apart than the sampling noise, so only the maximum (or a tie) can be drawn.
+A tiny temperature overflows: ``logits / T`` leaves the float32 range once ``T < |logit| / 3.4e38`` (and below
+1.2e-38 ``T`` is not even a normal float32). The kernels refuse ``T < TEMPERATURE_FLOOR`` (1e-20, which leaves
+room for logits up to 1e18 and for ``sss``'s tilt); a decode takes such a temperature as the floor
+(``methods.base.Context``), and that is greedy: at ``T = 1e-20`` two logits more than 1e-18 apart end up more
+than 100 apart, beyond what the sampling noise spans (about 19.5), so only the maximum (or a tie) is drawn.
 """
 
 from __future__ import annotations
