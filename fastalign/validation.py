@@ -238,6 +238,29 @@ def check_method_options(method: str, run, options: dict) -> None:
                      "None": "None"}
             allowed = " or ".join(names[k] for k in ("int", "float", "bool", "str", "None") if k in kinds)
             raise InputError(f"{method} option {name} must be {allowed}, got {_show(value)}")
+    check_option_ranges(method, options)
+
+
+# Finite numbers whose magnitude overflows the methods' float32 arithmetic (a raw overflow error, or special
+# tokens from inf / nan logits): method -> option -> (largest magnitude, the option's range, why).
+REWARD_LIMIT = 3.4e38  # about the float32 maximum (3.4028e38)
+TILT_LIMIT = 1e6  # sss: keeps lam * (log q_r - log q) finite in float32, even at the temperature floor
+OPTION_LIMITS = {
+    "sss": {"lam": (TILT_LIMIT, "[-1e6, 1e6]", "a larger tilt overflows float32"),
+            "max_log_ratio": (TILT_LIMIT, "(0, 1e6]", "a larger clip overflows float32")},
+    **{method: {"reward_threshold": (REWARD_LIMIT, "[-3.4e38, 3.4e38] or 'auto'", "rewards are float32"),
+                "accept_beta": (REWARD_LIMIT, "(0, 3.4e38] or 'auto'", "rewards are float32")}
+       for method in ("rs", "cards")},
+}
+
+
+def check_option_ranges(method: str, options: dict) -> None:
+    """Numeric method options no larger in magnitude than their method computes safely in float32
+    (``OPTION_LIMITS``); the rest of an option's range (its sign, ``"auto"``) is checked by the method."""
+    for name, (limit, allowed, why) in OPTION_LIMITS.get(method, {}).items():
+        value = options.get(name)
+        if is_real(value) and math.isfinite(value) and abs(value) > limit:
+            raise InputError(f"{method} option {name} must be in {allowed} ({why}), got {value:g}")
 
 
 # ------------------------------------------------------------------------------------- dtype, device

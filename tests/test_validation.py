@@ -271,3 +271,69 @@ def test_the_default_eval_grid_has_sss_only_with_a_ref(models):
 def test_a_reward_model_with_a_smaller_vocabulary_is_named(models):
     with pytest.raises(fastalign.InputError, match="the reward model embeds 6 token ids, the target emits up to 8"):
         fastalign.Engine(target=models["target"], reward=tiny_reward_model(vocab_size=6, hidden=16))
+
+
+# ------------------------------------------------------------------------- float32 extremes (toy world)
+@pytest.fixture(scope="module")
+def toy():
+    from fastalign.toyworld import load_toy_world
+
+    world = load_toy_world()
+    engine = fastalign.Engine(target=world.target, draft=world.aligned_draft, ref=world.draft, reward=world.reward,
+                              tokenizer=world.tokenizer)
+    return engine, world.prompts[:2]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("sample", {}), ("sample", dict(top_k=5, top_p=0.9)), ("sss", dict(num_draft_tokens=3)), ("qalign", dict(steps=2)),
+])
+def test_a_temperature_below_the_float32_floor_decodes_greedily(toy, method, options):
+    """``temperature=1e-39`` (not even a normal float32) emitted <pad> and <s>: a temperature below 1e-20 is
+    taken as 1e-20 (kernels/truncation.py), which is greedy on these models."""
+    engine, prompts = toy
+    greedy = engine.decode(prompts, method=method, max_new_tokens=8, seed=0, top_k=1, temperature=1.0,
+                           **{k: v for k, v in options.items() if k not in ("top_k", "top_p")})
+    for temperature in (1e-39, 1e-300, 1e-20):
+        out = engine.decode(prompts, method=method, max_new_tokens=8, seed=0, temperature=temperature, **options)
+        assert out.sequences == greedy.sequences, temperature
+    assert all(t > 3 for s in greedy.sequences for t in s[:-1])  # words: no <pad>, <s>, </s> or <unk> inside
+
+
+def test_the_kernels_refuse_a_temperature_below_the_floor():
+    from fastalign.kernels import sample, truncate_logits
+
+    logits = torch.randn(2, 10)
+    for call in (lambda: sample(logits, 1e-39), lambda: truncate_logits(logits, 1e-21)):
+        with pytest.raises(ValueError, match=r"temperature must be >= 1e-20 \(a smaller one overflows float32\)"):
+            call()
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("sss", dict(lam=1e39), r"sss option lam must be in \[-1e6, 1e6\] \(a larger tilt overflows float32\), got 1e\+39"),
+    ("sss", dict(lam=-2e6), r"lam must be in \[-1e6, 1e6\]"),
+    ("sss", dict(max_log_ratio=1e39), r"sss option max_log_ratio must be in \(0, 1e6\]"),
+    ("rs", dict(reward_threshold=1.7e308), r"rs option reward_threshold must be in \[-3.4e38, 3.4e38\] or 'auto' "
+                                           r"\(rewards are float32\), got 1.7e\+308"),
+    ("rs", dict(reward_threshold=-1e39), r"reward_threshold must be in \[-3.4e38, 3.4e38\]"),
+    ("rs", dict(accept_beta=1e39), r"rs option accept_beta must be in \(0, 3.4e38\] or 'auto'"),
+    ("cards", dict(reward_threshold=1e300), r"cards option reward_threshold must be in \[-3.4e38, 3.4e38\]"),
+    ("cards", dict(accept_beta=1e300), r"cards option accept_beta must be in \(0, 3.4e38\]"),
+])
+def test_options_that_overflow_float32_are_input_errors(toy, method, options, match):
+    """``sss`` with ``lam=1e39`` emitted only special tokens, ``rs`` with ``reward_threshold=1.7e308`` raised a raw
+    overflow: both are finite, so they passed validation; each now names its range."""
+    engine, prompts = toy
+    with pytest.raises(fastalign.InputError, match=match):
+        engine.decode(prompts, method=method, max_new_tokens=4, seed=0, **options)
+
+
+def test_options_at_the_float32_limits_still_decode(toy):
+    """The largest allowed values run: a tilt of 1e6 gives words, a threshold of 3.4e38 is never reached (every
+    prompt ends with the forced acceptance), an accept_beta of 3.4e38 accepts the first response."""
+    engine, prompts = toy
+    tilted = engine.decode(prompts, method="sss", lam=1e6, max_new_tokens=6, seed=0)
+    assert all(t > 3 for s in tilted.sequences for t in s[:-1])
+    never = engine.decode(prompts, method="rs", reward_threshold=3.4e38, max_rejections=1, max_new_tokens=4, seed=0)
+    assert never.stats["forced_acceptances"] == 2 and never.stats["rejections"] == 2
+    always = engine.decode(prompts, method="rs", reward_threshold=-3.4e38, accept_beta=3.4e38, max_new_tokens=4, seed=0)
+    assert always.stats["rejections"] == 0 and always.stats["responses_proposed"] == 2

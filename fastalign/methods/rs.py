@@ -72,15 +72,20 @@ def calibrate_reward_threshold(ctx: Context, sampler: ResponseSampler, return_st
     ``AUTO_SAMPLES`` (8) plain samples of up to ``max_new_tokens`` tokens drawn with the decode's sampling
     settings.  Returns ``[B]`` fp32 (and the std ``[B]`` with ``return_std``).
 
-    Needs the reward cache to hold the sampler's prompts; the sampler and the reward cache are left as they
-    were. A sampled response beats ``r_star`` with probability about 16% when its rewards are roughly normal,
-    so acceptance is selective but not hopeless.
+    The statistics are computed in float64 (an fp32 mean of equal rewards can round above them), and when all
+    samples of a prompt score alike (e.g. greedy sampling) ``r_star`` is that common reward and the std 0, so
+    that a response scoring it passes. Needs the reward cache to hold the sampler's prompts; the sampler and
+    the reward cache are left as they were. A sampled response beats ``r_star`` with probability about 16%
+    when its rewards are roughly normal, so acceptance is selective but not hopeless.
     """
     B, n = len(sampler.prompts), AUTO_SAMPLES
     samples = sampler.draw(n)
     rewards = torch.stack(ctx.reward.score_branches([samples[b * n:(b + 1) * n] for b in range(B)]))  # [B, n]
-    std = rewards.std(1)
-    return (rewards.mean(1) + std, std) if return_std else rewards.mean(1) + std
+    rewards = rewards.double()
+    alike = rewards.amax(1) == rewards.amin(1)  # zero spread: the threshold is the common reward, exactly
+    std = torch.where(alike, 0.0, rewards.std(1))
+    r_star = torch.where(alike, rewards[:, 0], rewards.mean(1) + std).float()
+    return (r_star, std.float()) if return_std else r_star
 
 
 def passes(rewards: torch.Tensor, thresholds: torch.Tensor, uniforms: torch.Tensor | None, mode: str,
@@ -118,8 +123,10 @@ class Streak:
 def run(ctx: Context, prompts: list[list[int]], reward_threshold: float | str = "auto",
         accept_beta: float | str = "auto", mode: str = "soft", max_rejections: int = 20) -> MethodResult:
     """Rejection sampling over a batch of prompts (module docstring); defaults as in the CARDS code, except
-    ``reward_threshold="auto"`` and ``accept_beta="auto"`` (see ``acceptance_settings``).
-    ``out.extra``: ``reward_threshold`` and ``accept_beta`` (per prompt, ``[B]``)."""
+    ``reward_threshold="auto"`` and ``accept_beta="auto"`` (see ``acceptance_settings``). A number for
+    ``reward_threshold`` lies in [-3.4e38, 3.4e38], one for ``accept_beta`` in (0, 3.4e38]: rewards are float32
+    (``fastalign.validation.OPTION_LIMITS``). ``out.extra``: ``reward_threshold`` and ``accept_beta`` (per
+    prompt, ``[B]``)."""
     check_acceptance_options(reward_threshold, accept_beta, mode, max_rejections)
     B = len(prompts)
     sampler = ResponseSampler(ctx, prompts)
