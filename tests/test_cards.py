@@ -412,6 +412,20 @@ def test_greedy_rs_accepts_its_first_response(model):
         assert torch.equal(out.extra["reward_threshold"], weights_reward(prompts, out.sequences))
 
 
+def test_greedy_rs_with_a_reward_model_accepts_its_first_response():
+    """The toy world's reward model scores the greedy response's 8 calibration copies once (a reward is a function
+    of the text): scored in 8 cache slots they came out a few ulps apart, r_star fell above the copy scored again
+    as a proposal, and prompts 4 and 5 took 20 rejections and a forced acceptance each."""
+    from fastalign.toyworld import load_toy_world
+
+    world = load_toy_world()
+    out = fastalign.decode(world.prompts[:8], method="rs", target=world.target, reward=world.reward,
+                           tokenizer=world.tokenizer, max_new_tokens=12, top_k=1, temperature=1.0, seed=0)
+    assert out.stats["rejections"] == 0 and out.stats["forced_acceptances"] == 0
+    assert out.stats["responses_proposed"] == 8
+    assert out.stats["reward_calls"] == 2  # the prompts, the calibration; each proposal is a calibration copy
+
+
 @pytest.mark.parametrize("method", ["rs", "cards"])
 def test_auto_threshold_uses_the_unbiased_std_of_known_rewards(model, method):
     """The calibration rewards of one prompt are 1..8: mean 4.5, unbiased std sqrt(6) = 2.449 (the biased one
@@ -422,7 +436,8 @@ def test_auto_threshold_uses_the_unbiased_std_of_known_rewards(model, method):
             return torch.arange(1.0, 9.0)
         return torch.zeros(len(responses))
 
+    # seed 11: the 8 calibration samples are distinct responses (copies would share one reward: rs.score_once)
     out = fastalign.decode([[1, 2]], method=method, target=model, reward=known_rewards, max_new_tokens=2,
-                           max_rejections=0, seed=3)
+                           max_rejections=0, seed=11)
     assert out.extra["reward_threshold"].item() == pytest.approx(4.5 + math.sqrt(6), rel=1e-6)
     assert out.extra["accept_beta"].item() == pytest.approx(math.sqrt(6) / 3, rel=1e-6)
