@@ -141,10 +141,13 @@ class Engine:
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
                  reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
                  chat: bool = False, compile: bool = False, static_cache: bool | None = None):
-        static = bool(compile) if static_cache is None else bool(static_cache)
+        for name, flag in (("trust_remote_code", trust_remote_code), ("chat", chat), ("compile", compile)):
+            check.check_bool(name, flag)
+        check.check_bool("static_cache", static_cache, optional=True)
+        static = compile if static_cache is None else static_cache
         if compile and not static:
             raise InputError("compile=True runs on the static cache; it cannot be combined with static_cache=False")
-        self.static = StaticOptions(compile=bool(compile)) if static else None
+        self.static = StaticOptions(compile=compile) if static else None
         load = dict(trust_remote_code=trust_remote_code, device=check.check_device(device),
                     dtype=check.check_dtype(dtype), static=self.static)
         self._lock = threading.Lock()
@@ -183,7 +186,7 @@ class Engine:
         """Prompts as token-id lists, checked against the target's vocabulary: conversations (lists of
         ``{"role", "content"}`` messages) through the chat template, strings through the chat template
         (``chat``, default: the engine's) or the tokenizer, id lists as they are."""
-        chat = self.chat if chat is None else chat
+        chat = self.chat if check.check_bool("chat", chat, optional=True) is None else chat
         vocab_size = getattr(self.target, "vocab_size", None)
         if isinstance(prompts, (list, tuple)) and prompts and (
                 any(chat_prompts.is_conversation(p) for p in prompts)

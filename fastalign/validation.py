@@ -10,6 +10,8 @@ what is allowed, before any model runs. The rules:
   a method option is checked against the type its ``run`` function declares, and an unknown option is an error
   that lists the method's options;
 * ``seed``: an integer in ``[0, 2**64)``, or one such integer per prompt;
+* flags (``chat``, ``compile``, ``static_cache``, ``trust_remote_code``, boolean method options): ``True`` or
+  ``False`` only; a string such as ``"no"`` is truthy to Python and would switch the flag on;
 * ``dtype``: a torch floating dtype or a name (``"float16"``, alias ``"fp16"``, ...); ``device``: one torch knows
   and this machine has;
 * rewards: every call of a reward returns one finite number per (prompt, response) pair. A NaN or infinite
@@ -75,6 +77,14 @@ def check_float(name: str, value, low: float | None = None, high: float | None =
         interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise InputError(f"{name} must be in {interval}, got {value}{hint}")
     return value
+
+
+def check_bool(name: str, value, optional: bool = False):
+    """``value`` when it is ``True`` or ``False`` (or ``None`` when ``optional``): a flag given as ``"no"``,
+    ``0`` or ``"false"`` is refused, never read as its Python truth value."""
+    if (value is None and optional) or isinstance(value, bool):
+        return value
+    raise InputError(f"{name} must be True or False{' or None' if optional else ''}, got {_show(value)}")
 
 
 def check_sampling(temperature, top_k, top_p) -> None:
@@ -187,7 +197,10 @@ def check_context_lengths(models: dict, prompts: list[list[int]], max_new_tokens
 
 
 # ------------------------------------------------------------------------------------ method options
-_SIMPLE_TYPES = {"int", "float", "bool", "str", "None"}
+_INT_TUPLE = "tuple[int, ...]"  # e.g. sd / sss ``branching``
+_SIMPLE_TYPES = {"int", "float", "bool", "str", "None", _INT_TUPLE}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
+               _INT_TUPLE: "a tuple of integers such as (2, 2)", "None": "None"}
 
 
 def _allowed_types(annotation) -> set[str] | None:
@@ -201,6 +214,9 @@ def _allowed_types(annotation) -> set[str] | None:
 
 
 def _matches(value, kinds: set[str]) -> bool:
+    """Whether ``value`` is of one of ``kinds``; a bool is never a number and a number never a bool."""
+    if isinstance(value, (tuple, list)):
+        return _INT_TUPLE in kinds and all(is_int(v) for v in value)
     if value is None:
         return "None" in kinds
     if isinstance(value, bool):
@@ -234,9 +250,7 @@ def check_method_options(method: str, run, options: dict) -> None:
             raise InputError(f"{method} option {name} must be finite, got {_show(value)}")
         kinds = _allowed_types(params[name].annotation)
         if kinds is not None and not _matches(value, kinds):
-            names = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
-                     "None": "None"}
-            allowed = " or ".join(names[k] for k in ("int", "float", "bool", "str", "None") if k in kinds)
+            allowed = " or ".join(name for kind, name in _TYPE_NAMES.items() if kind in kinds)
             raise InputError(f"{method} option {name} must be {allowed}, got {_show(value)}")
 
 
