@@ -12,6 +12,8 @@ what is allowed, before any model runs. The rules:
 * ``seed``: an integer in ``[0, 2**64)``, or one such integer per prompt;
 * flags (``chat``, ``compile``, ``static_cache``, ``trust_remote_code``, boolean method options): ``True`` or
   ``False`` only; a string such as ``"no"`` is truthy to Python and would switch the flag on;
+* texts (prompts, chat messages): valid Unicode (no lone surrogates, which no tokenizer can encode);
+* models: a model, a name or a path (a tokenizer given as a model is named as such);
 * ``dtype``: a torch floating dtype or a name (``"float16"``, alias ``"fp16"``, ...); ``device``: one torch knows
   and this machine has;
 * rewards: every call of a reward returns one finite number per (prompt, response) pair. A NaN or infinite
@@ -112,6 +114,17 @@ def check_seed(seed, num_prompts: int | None = None):
 
 
 # ------------------------------------------------------------------------------------------- prompts
+def check_text(name: str, text: str) -> str:
+    """``text`` when it is valid Unicode: a lone surrogate (e.g. from undecodable bytes on a command line,
+    which Python keeps as ``"\\udcff"``) cannot be encoded by any tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not valid Unicode text: it holds a lone surrogate {text[e.start]!r} at "
+                         f"position {e.start} (undecodable bytes?)") from None
+    return text
+
+
 def _is_id_sequence(p) -> bool:
     return isinstance(p, (list, tuple)) or (torch.is_tensor(p) and p.dim() == 1) or type(p).__name__ == "ndarray"
 
@@ -171,7 +184,7 @@ def check_prompts(prompts, tokenizer=None, vocab_size: int | None = None, model:
     if all(texts):
         if tokenizer is None:
             raise InputError("text prompts need a tokenizer (pass tokenizer=...) or pass token ids")
-        prompts = [tokenizer(p)["input_ids"] for p in prompts]
+        prompts = [tokenizer(check_text(f"prompt {i}", p))["input_ids"] for i, p in enumerate(prompts)]
     return [_token_ids(i, p, vocab_size, model) for i, p in enumerate(prompts)]
 
 
@@ -286,6 +299,9 @@ def check_device(device):
     except (RuntimeError, TypeError, ValueError):
         raise InputError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {_show(device)}") \
             from None
+    if parsed.type == "meta":  # shapes without data: a model there cannot compute a single token
+        raise InputError(f"device {_show(device)} holds no data (shapes only); give a device that computes, "
+                         "such as 'cpu' or 'cuda'")
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (parsed.index is not None and parsed.index >= count):
@@ -294,6 +310,24 @@ def check_device(device):
     elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise InputError(f"device {_show(device)} is not available on this machine")
     return device
+
+
+def check_not_tokenizer(role: str, spec) -> None:
+    """A tokenizer given for a model (``role``) is named as such; being callable, it would otherwise pass for
+    a reward function. (Recognised by its base class's name: no transformers import here.)"""
+    if any(c.__name__ == "PreTrainedTokenizerBase" for c in type(spec).__mro__):
+        raise InputError(f"{role} is a tokenizer ({type(spec).__name__}); pass it as tokenizer=... and the model "
+                         f"as {role}=...")
+
+
+def check_model(role: str, spec, accepted: tuple = ()):
+    """``spec`` when it can be a causal LM for ``role``: ``None``, a name or path, a ``torch.nn.Module`` or an
+    instance of ``accepted`` (fastalign's own wrappers)."""
+    check_not_tokenizer(role, spec)
+    if spec is None or isinstance(spec, (str, os.PathLike, torch.nn.Module, *accepted)):
+        return spec
+    raise InputError(f"{role} must be a model: an HF model object, a name, a local folder or a .gguf file, got "
+                     f"a {type(spec).__name__}")
 
 
 @contextmanager
@@ -341,3 +375,16 @@ def check_rewards(values, prompts: list, what: str = "the reward") -> torch.Tens
         raise NonFiniteReward(f"{what} is {float(values[row])} for prompt {_show(list(prompts[row]), 50)} "
                               f"(row {row} of {n}); rewards must be finite numbers", list(prompts[row]))
     return values
+
+
+def check_scores(what: str, values, n: int) -> list[float]:
+    """``values`` (a sequence or tensor of ``n`` numbers, e.g. what a gold reward returned) as ``n`` Python
+    floats, read in float64; strings, ``None`` or a wrong count are an ``InputError`` naming ``what``."""
+    try:
+        scores = torch.as_tensor(values, dtype=torch.float64).flatten().tolist()
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} returned {_show(values)}; expected {n} numbers, one per (prompt, response)") \
+            from None
+    if len(scores) != n:
+        raise InputError(f"{what} returned {len(scores)} scores for {n} responses")
+    return scores

@@ -329,3 +329,16 @@ def test_qalign_with_zero_steps_reports_no_acceptance_rate(models):
     stepped = fastalign.decode([[1, 2]], method="qalign", target=models["target"], reward=constant_reward([1.0]),
                                max_new_tokens=3, seed=0, steps=2)
     assert 0.0 <= stepped.extra["acceptance_rate"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- devices, models
+def test_the_meta_device_is_refused(models):
+    """device="meta" used to fail inside the first decode with "Tensor.item() cannot be called on meta
+    tensors"."""
+    with pytest.raises(fastalign.InputError, match="device 'meta' holds no data"):
+        fastalign.Engine(target=models["target"], device="meta")
+
+
+def test_a_model_that_is_not_a_model_is_named(models):
+    with pytest.raises(fastalign.InputError, match="draft must be a model: .* got a int"):
+        fastalign.Engine(target=models["target"], draft=5)
