@@ -575,18 +575,36 @@ def write_results(records: list[dict], rows: list[dict], out_dir: str | os.PathL
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.jsonl", "summary_json": out / "summary.json", "summary": out / "summary.md"}
     write_jsonl(paths["results"], records)
-    paths["summary_json"].write_text(json.dumps(rows, indent=1) + "\n")
-    paths["summary"].write_text(header + summary_table(rows))
+    replace_file(paths["summary_json"], [json.dumps(rows, indent=1) + "\n"])
+    replace_file(paths["summary"], [header + summary_table(rows)])
     if plot:
         paths["plot"] = out / "reward_vs_compute.png"
         plot_reward_vs_compute(rows, paths["plot"])
     return paths
 
 
+def replace_file(path, chunks) -> None:
+    """Write the text ``chunks`` (any iterable of strings) as the file ``path``, all or nothing: they go to a
+    temporary file in the same folder, which is flushed to disk and then renamed over ``path`` (``os.replace``,
+    atomic). A kill or an error at any moment leaves either the old file or the new one, never a cut one
+    (``open(path, "w")`` empties the old file first: a kill there lost finished records)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path, records) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """``records`` as a JSONL file at ``path``, one line each, replacing the file atomically (``replace_file``)."""
+    replace_file(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path) -> list[dict]:
