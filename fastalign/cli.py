@@ -294,8 +294,11 @@ def cmd_eval(args) -> int:
     if not any(method == args.baseline for method, _ in grid):
         grid.insert(0, (args.baseline, {}))  # the win rate needs the baseline
     sampling = _sampling(args, world)
+    # the grid as JSON reads it back (tuples as lists), so that a resume compares like with like
+    grid_setting = json.loads(json.dumps([[method, options] for method, options in grid]))
     settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
-                "models": {role: getattr(args, role) for role in ROLES}, "world": getattr(world, "name", None),
+                "grid": grid_setting, "models": {role: getattr(args, role) for role in ROLES},
+                "world": getattr(world, "name", None),
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling,
                 "batch_size": args.batch_size, "dtype": args.dtype, "chat": args.chat}
     done, results_path = _start_eval_run(out_dir, settings, args.resume)

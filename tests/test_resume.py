@@ -218,3 +218,18 @@ def test_eval_resume_and_generate_resume_never_lose_finished_records(model_dirs,
         cli.main(generate_args(model_dirs, path, "--resume"))
     assert "write_jsonl" in [entry.name for entry in caught.traceback]
     assert path.read_text() == partial
+
+
+def test_eval_resume_with_another_grid_is_refused(model_dirs, tmp_path, capsys):
+    """A resume with another --grid used to be accepted and to delete the earlier methods' records."""
+    GOLD_CALLS.update(n=0, interrupt_at=None)
+    out = tmp_path / "eval"
+    assert cli.main(eval_args(model_dirs, tmp_path, out)) == 0
+    before = (out / "results.jsonl").read_text()
+    other = [a if a != "bon:n=2,3" else "bon:n=2" for a in eval_args(model_dirs, tmp_path, out, "--resume")]
+    capsys.readouterr()
+    assert cli.main(other) == 2
+    one_line_error(capsys, "holds a run with other settings (differs in: grid)")
+    assert (out / "results.jsonl").read_text() == before
+    assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume")) == 0  # the same grid resumes
+    assert (out / "results.jsonl").read_text().count("\n") == before.count("\n")
