@@ -40,9 +40,11 @@ def _placed(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     return module
 
 
-def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: StaticOptions | None = None):
+def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: StaticOptions | None = None,
+                    role: str = "model"):
     """A ``CausalLM`` (a ``StaticCausalLM`` given ``static``) from an HF name, a local folder, a ``.gguf`` file,
-    an HF model or a ``CausalLM``; ``device`` and ``dtype`` apply to all of them (a remote model stays as it is)."""
+    an HF model or a ``CausalLM``; ``device`` and ``dtype`` apply to all of them (a remote model stays as it is).
+    ``role`` names the model in errors."""
     if isinstance(spec, RemoteLM):
         return spec
     if isinstance(spec, CausalLM):
@@ -52,13 +54,13 @@ def _load_causal_lm(spec, trust_remote_code: bool, device, dtype, static: Static
             return spec
         spec = spec.model  # another layout, device or dtype: rewrap its model
     if isinstance(spec, (str, os.PathLike)):
-        spec = loading.load_causal_lm(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+        spec = loading.load_causal_lm(spec, trust_remote_code=trust_remote_code, dtype=dtype, role=role)
     spec = _placed(spec, device, dtype)
     return StaticCausalLM(spec, static) if static is not None else CausalLM(spec)
 
 
-def _load_tokenizer(spec, trust_remote_code: bool):
-    return loading.load_tokenizer(spec, trust_remote_code=trust_remote_code)
+def _load_tokenizer(spec, trust_remote_code: bool, role: str = "tokenizer"):
+    return loading.load_tokenizer(spec, trust_remote_code=trust_remote_code, role=role)
 
 
 def _load_reward(spec, tokenizer, policy_tokenizer, trust_remote_code: bool, device, dtype,
@@ -142,10 +144,16 @@ class Engine:
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
                  reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
                  chat: bool = False, compile: bool = False, static_cache: bool | None = None):
-        static = bool(compile) if static_cache is None else bool(static_cache)
+        for name, flag in (("trust_remote_code", trust_remote_code), ("chat", chat), ("compile", compile)):
+            check.check_bool(name, flag)
+        check.check_bool("static_cache", static_cache, optional=True)
+        for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
+            check.check_model(role, spec, accepted=(CausalLM, RemoteLM))
+        check.check_not_tokenizer("reward", reward)
+        static = compile if static_cache is None else static_cache
         if compile and not static:
             raise InputError("compile=True runs on the static cache; it cannot be combined with static_cache=False")
-        self.static = StaticOptions(compile=bool(compile)) if static else None
+        self.static = StaticOptions(compile=compile) if static else None
         load = dict(trust_remote_code=trust_remote_code, device=check.check_device(device),
                     dtype=check.check_dtype(dtype), static=self.static)
         self._lock = threading.Lock()
@@ -154,10 +162,10 @@ class Engine:
         if tokenizer is None and isinstance(target, (str, os.PathLike)):
             tokenizer, tokenizer_role = target, "target"
         with check.loading(tokenizer_role, tokenizer):
-            self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
+            self.tokenizer = _load_tokenizer(tokenizer, trust_remote_code, role=tokenizer_role)
         for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
             with check.loading(role, spec):
-                setattr(self, role, _load_causal_lm(spec, **load) if spec is not None else None)
+                setattr(self, role, _load_causal_lm(spec, **load, role=role) if spec is not None else None)
         with check.loading("reward", reward):
             self.reward = (
                 _load_reward(reward, _load_tokenizer(reward_tokenizer, trust_remote_code), self.tokenizer, **load)
@@ -184,7 +192,7 @@ class Engine:
         """Prompts as token-id lists, checked against the target's vocabulary: conversations (lists of
         ``{"role", "content"}`` messages) through the chat template, strings through the chat template
         (``chat``, default: the engine's) or the tokenizer, id lists as they are."""
-        chat = self.chat if chat is None else chat
+        chat = self.chat if check.check_bool("chat", chat, optional=True) is None else chat
         vocab_size = getattr(self.target, "vocab_size", None)
         if isinstance(prompts, (list, tuple)) and prompts and (
                 any(chat_prompts.is_conversation(p) for p in prompts)

@@ -217,7 +217,8 @@ def cmd_generate(args) -> int:
     first = 0
     if args.resume:
         first, kept = _resume_generate(args, prompts, effective, sampling)
-        write_jsonl(args.output, kept)  # drop a partly written batch: it is decoded again
+        write_jsonl(args.output, kept)  # drop a partly written batch (decoded again); atomic, as a kill here
+        # would otherwise lose the finished lines
     out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
@@ -293,8 +294,11 @@ def cmd_eval(args) -> int:
     if not any(method == args.baseline for method, _ in grid):
         grid.insert(0, (args.baseline, {}))  # the win rate needs the baseline
     sampling = _sampling(args, world)
+    # the grid as JSON reads it back (tuples as lists), so that a resume compares like with like
+    grid_setting = json.loads(json.dumps([[method, options] for method, options in grid]))
     settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
-                "models": {role: getattr(args, role) for role in ROLES}, "world": getattr(world, "name", None),
+                "grid": grid_setting, "models": {role: getattr(args, role) for role in ROLES},
+                "world": getattr(world, "name", None),
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling,
                 "batch_size": args.batch_size, "dtype": args.dtype, "chat": args.chat}
     done, results_path = _start_eval_run(out_dir, settings, args.resume)
@@ -334,7 +338,7 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
     """Prepare ``out_dir`` for a run: returns the records to keep (``--resume``: those of an earlier run with
     the same settings, up to an interrupted last line) and the results file, which then holds exactly them.
     The summary and plot of an earlier run are removed first, so they never pass for this run's."""
-    from .evaluate import read_complete_jsonl, write_jsonl
+    from .evaluate import read_complete_jsonl, replace_file, write_jsonl
     from .validation import InputError
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -349,8 +353,8 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
         done = read_complete_jsonl(results)
     for name in EVAL_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
-    run_file.write_text(json.dumps(settings, indent=1) + "\n")
-    write_jsonl(results, done)
+    replace_file(run_file, [json.dumps(settings, indent=1) + "\n"])
+    write_jsonl(results, done)  # atomic: a kill here leaves the earlier records, never a cut file
     return done, results
 
 

@@ -26,12 +26,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .answers import EXTRACTORS
 from .api import MODEL_ROLES, Engine, _load_reward
 from .models import InputError, RewardModel
-from .rewards import text_reward_function
+from .rewards import call_text_reward, text_reward_function
+from .validation import check_scores
 from .worlds import NAMES as WORLD_NAMES
 from .worlds import world_prompts
 from .methods.base import prompt_seeds
@@ -188,9 +187,7 @@ class GoldReward:
 
     def __call__(self, prompt_ids, response_ids, prompt_texts, completion_texts, records) -> list[float]:
         scores = self.fn(prompt_ids, response_ids, prompt_texts, completion_texts, records)
-        scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()]
-        if len(scores) != len(response_ids):
-            raise InputError(f"gold reward {self.name!r} returned {len(scores)} scores for {len(response_ids)} responses")
+        scores = check_scores(f"gold reward {self.name!r}", scores, len(response_ids))
         bad = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
         if bad is not None:  # a NaN would silently poison the means and win rates
             raise InputError(f"gold reward {self.name!r} is {scores[bad]} for the prompt {prompt_texts[bad]!r}; "
@@ -205,8 +202,9 @@ class GoldReward:
 
     @classmethod
     def from_text_fn(cls, fn, name: str) -> GoldReward:
-        """From ``fn(prompts: list[str], completions: list[str]) -> N floats``."""
-        return cls(lambda p, r, pt, ct, rec: fn(pt, ct), name)
+        """From ``fn(prompts: list[str], completions: list[str]) -> N floats``: the caller's code, so an
+        exception it raises is an ``InputError`` naming the gold reward (``rewards.call_text_reward``)."""
+        return cls(lambda p, r, pt, ct, rec: call_text_reward(fn, f"gold reward {name!r}", pt, ct), name)
 
     @classmethod
     def from_spec(cls, spec: str, policy_tokenizer=None, world=None, trust_remote_code: bool = False,
@@ -228,7 +226,7 @@ class GoldReward:
                 return [float(extract(c) is not None and extract(c) == extract(str(rec["answer"])))
                         for c, rec in zip(ct, records)]
             return cls(match, spec)
-        fn = text_reward_function(spec)
+        fn = text_reward_function(spec, role="gold reward")
         if fn is not None:
             return cls.from_text_fn(fn, spec)
         return cls.from_reward(_load_reward(spec, None, policy_tokenizer, trust_remote_code, device, dtype), spec)
@@ -575,18 +573,36 @@ def write_results(records: list[dict], rows: list[dict], out_dir: str | os.PathL
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.jsonl", "summary_json": out / "summary.json", "summary": out / "summary.md"}
     write_jsonl(paths["results"], records)
-    paths["summary_json"].write_text(json.dumps(rows, indent=1) + "\n")
-    paths["summary"].write_text(header + summary_table(rows))
+    replace_file(paths["summary_json"], [json.dumps(rows, indent=1) + "\n"])
+    replace_file(paths["summary"], [header + summary_table(rows)])
     if plot:
         paths["plot"] = out / "reward_vs_compute.png"
         plot_reward_vs_compute(rows, paths["plot"])
     return paths
 
 
+def replace_file(path, chunks) -> None:
+    """Write the text ``chunks`` (any iterable of strings) as the file ``path``, all or nothing: they go to a
+    temporary file in the same folder, which is flushed to disk and then renamed over ``path`` (``os.replace``,
+    atomic). A kill or an error at any moment leaves either the old file or the new one, never a cut one
+    (``open(path, "w")`` empties the old file first: a kill there lost finished records)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path, records) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """``records`` as a JSONL file at ``path``, one line each, replacing the file atomically (``replace_file``)."""
+    replace_file(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path) -> list[dict]:

@@ -24,7 +24,6 @@ def models():
             "ref": tiny_causal_lm(vocab_size=V, hidden=16, seed=2)}
 
 
-
 def constant_reward(values):
     """A reward callable giving ``values[i % len(values)]`` to the i-th response of every call."""
     return lambda prompts, responses: torch.tensor([values[i % len(values)] for i in range(len(responses))])
@@ -337,3 +336,74 @@ def test_options_at_the_float32_limits_still_decode(toy):
     assert never.stats["forced_acceptances"] == 2 and never.stats["rejections"] == 2
     always = engine.decode(prompts, method="rs", reward_threshold=-3.4e38, accept_beta=3.4e38, max_new_tokens=4, seed=0)
     assert always.stats["rejections"] == 0 and always.stats["responses_proposed"] == 2
+
+
+# --------------------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(compile="no"), "compile must be True or False, got 'no'"),
+    (dict(static_cache="false"), "static_cache must be True or False or None, got 'false'"),
+    (dict(chat="yes"), "chat must be True or False, got 'yes'"),
+    (dict(trust_remote_code="no"), "trust_remote_code must be True or False, got 'no'"),
+    (dict(compile=1), "compile must be True or False, got 1"),
+])
+def test_engine_flags_must_be_booleans(models, kwargs, match):
+    """A flag given as "no" or "false" is truthy to Python: it used to switch compile / the static cache /
+    chat templates / remote code on."""
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.Engine(target=models["target"], **kwargs)
+
+
+def test_decode_chat_flag_must_be_a_boolean(models):
+    engine = fastalign.Engine(target=models["target"])
+    with pytest.raises(fastalign.InputError, match="chat must be True or False or None, got 'no'"):
+        engine.decode([[1, 2]], max_new_tokens=2, chat="no")
+    with pytest.raises(fastalign.InputError, match="chat must be True or False or None, got 0"):
+        fastalign.decode([[1, 2]], target=models["target"], max_new_tokens=2, chat=0)
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("sss", dict(bonus_on_full_accept=1), "sss option bonus_on_full_accept must be True or False, got 1"),
+    ("sss", dict(allow_no_ref="false"), "sss option allow_no_ref must be True or False, got 'false'"),
+    ("sss", dict(branching=3, tree="sampled"),
+     r"sss option branching must be a tuple of integers such as \(2, 2\) or None, got 3"),
+    ("sd", dict(branching=(2.5, 2), tree="sampled"), "sd option branching must be a tuple of integers"),
+    ("sd", dict(branching=(True, 2), tree="sampled"), "sd option branching must be a tuple of integers"),
+    ("sd", dict(branching="2,2", tree="sampled"), "sd option branching must be a tuple of integers"),
+])
+def test_bool_and_tuple_options_are_checked_by_type(models, method, options, match):
+    """branching=3 used to raise a raw TypeError (``tuple(3)``) from inside the method."""
+    kw = dict(target=models["target"], draft=models["draft"], ref=models["ref"])
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.decode([[1, 2]], method=method, max_new_tokens=2, **kw, **options)
+
+
+def test_branching_as_a_list_or_tuple_is_accepted(models):
+    kw = dict(target=models["target"], draft=models["draft"], max_new_tokens=3, seed=2, tree="sampled")
+    as_tuple = fastalign.decode([[1, 2]], method="sd", branching=(2, 2), **kw).sequences
+    assert fastalign.decode([[1, 2]], method="sd", branching=[2, 2], **kw).sequences == as_tuple
+
+
+def test_qalign_with_zero_steps_reports_no_acceptance_rate(models):
+    """steps=0 (the initial samples only) is a valid baseline; its acceptance rate is 0/0: reported as None,
+    not NaN (a NaN poisons any mean taken over runs)."""
+    out = fastalign.decode([[1, 2], [3]], method="qalign", target=models["target"], reward=constant_reward([1.0]),
+                           max_new_tokens=3, seed=0, steps=0)
+    assert out.extra["acceptance_rate"] is None and out.extra["completed_steps"] == 0
+    assert out.stats["qalign_proposals"] == 0
+    assert [path[0][0]["proposal"] for path in out.extra["state_path"]] == out.sequences
+    stepped = fastalign.decode([[1, 2]], method="qalign", target=models["target"], reward=constant_reward([1.0]),
+                               max_new_tokens=3, seed=0, steps=2)
+    assert 0.0 <= stepped.extra["acceptance_rate"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- devices, models
+def test_the_meta_device_is_refused(models):
+    """device="meta" used to fail inside the first decode with "Tensor.item() cannot be called on meta
+    tensors"."""
+    with pytest.raises(fastalign.InputError, match="device 'meta' holds no data"):
+        fastalign.Engine(target=models["target"], device="meta")
+
+
+def test_a_model_that_is_not_a_model_is_named(models):
+    with pytest.raises(fastalign.InputError, match="draft must be a model: .* got a int"):
+        fastalign.Engine(target=models["target"], draft=5)

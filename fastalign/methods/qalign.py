@@ -88,7 +88,8 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
     list of ``steps + 1`` entries ``{"step", "index", "proposal", "reward", "accepted", "accept_prob"}``
     (entry 0 is the initial sample: index None, accepted True). When a remote server fails after the
     initial samples, the ``RemoteError`` carries the steps completed as ``partial`` (the same result, with
-    ``extra["completed_steps"]`` < ``steps``).
+    ``extra["completed_steps"]`` < ``steps``). ``extra["acceptance_rate"]`` is the share of accepted proposals,
+    None when no step was done (``steps=0``: the initial samples only, a valid baseline).
     """
     answer = _check_options(ctx, beta, steps, chains, select, answer_fn, burn_in, similarity)
     R = len(prompts) * chains
@@ -112,7 +113,7 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
             "state_path": state_path,
             "final_states": [states[b * chains:(b + 1) * chains] for b in range(len(prompts))],
             "final_rewards": rewards.view(len(prompts), chains),
-            "acceptance_rate": accepted_total / (R * done) if done else float("nan"),
+            "acceptance_rate": accepted_total / (R * done) if done else None,  # no step, no proposal: no rate
             "completed_steps": done,
         }
         return MethodResult(chosen, extra)
