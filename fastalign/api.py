@@ -76,19 +76,24 @@ class Engine:
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
                  reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
                  chat: bool = False, compile: bool = False, static_cache: bool | None = None):
+        for name, flag in (("trust_remote_code", trust_remote_code), ("chat", chat), ("compile", compile)):
+            check.check_bool(name, flag)
+        check.check_bool("static_cache", static_cache, optional=True)
+        for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
+            check.check_model(role, spec, accepted=(CausalLM, RemoteLM))
+        check.check_not_tokenizer("reward", reward)
         build = self.builder = ModelBuilder.from_settings(check.check_device(device), check.check_dtype(dtype),
-                                                          bool(compile), None if static_cache is None
-                                                          else bool(static_cache), trust_remote_code)
+                                                          compile, static_cache, trust_remote_code)
         self._lock = threading.Lock()
         self.chat = chat
         tokenizer_role = "tokenizer"
         if tokenizer is None and isinstance(target, (str, os.PathLike)):
             tokenizer, tokenizer_role = target, "target"
         with check.loading(tokenizer_role, tokenizer):
-            self.tokenizer = build.tokenizer(tokenizer)
+            self.tokenizer = build.tokenizer(tokenizer, role=tokenizer_role)
         for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
             with check.loading(role, spec):
-                setattr(self, role, build.causal_lm(spec) if spec is not None else None)
+                setattr(self, role, build.causal_lm(spec, role=role) if spec is not None else None)
         with check.loading("reward", reward):
             self.reward = (build.reward(reward, build.tokenizer(reward_tokenizer), self.tokenizer)
                            if reward is not None else None)
@@ -113,7 +118,7 @@ class Engine:
         """Prompts as token-id lists, checked against the target's vocabulary: conversations (lists of
         ``{"role", "content"}`` messages) through the chat template, strings through the chat template
         (``chat``, default: the engine's) or the tokenizer, id lists as they are."""
-        chat = self.chat if chat is None else chat
+        chat = self.chat if check.check_bool("chat", chat, optional=True) is None else chat
         vocab_size = getattr(self.target, "vocab_size", None)
         if isinstance(prompts, (list, tuple)) and prompts and (
                 any(chat_prompts.is_conversation(p) for p in prompts)

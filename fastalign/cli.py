@@ -214,7 +214,8 @@ def cmd_generate(args) -> int:
     first = 0
     if args.resume:
         first, kept = _resume_generate(args, prompts, effective, sampling)
-        rewrite_jsonl(args.output, kept)  # drop a partly written batch: it is decoded again
+        rewrite_jsonl(args.output, kept)  # drop a partly written batch (decoded again); atomic: a kill here
+        # would otherwise lose the finished lines
     out = open(args.output, "a" if args.resume else "w", encoding="utf-8") if args.output else sys.stdout
     try:
         batches = range(0, len(prompts), args.batch_size)
@@ -282,8 +283,11 @@ def cmd_eval(args) -> int:
     if not any(method == args.baseline for method, _ in grid):
         grid.insert(0, (args.baseline, {}))  # the win rate needs the baseline
     sampling = _sampling(args, world)
+    # the grid as JSON reads it back (tuples as lists), so that a resume compares like with like
+    grid_setting = json.loads(json.dumps([[method, options] for method, options in grid]))
     settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
-                "models": {role: getattr(args, role) for role in ROLES}, "world": getattr(world, "name", None),
+                "grid": grid_setting, "models": {role: getattr(args, role) for role in ROLES},
+                "world": getattr(world, "name", None),
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling,
                 "batch_size": args.batch_size, "dtype": args.dtype, "chat": args.chat}
     done, results_path = _start_eval_run(out_dir, settings, args.resume)
@@ -323,7 +327,7 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
     ``fastalign.eval.records``: those of an earlier run whose settings, recorded in ``run.json``, are these, up
     to an interrupted last line) and the results file, which then holds exactly them. The summary and plot of
     an earlier run are removed first, so they never pass for this run's."""
-    from .eval.records import changed_settings, read_complete_jsonl, rewrite_jsonl
+    from .eval.records import changed_settings, read_complete_jsonl, replace_file, rewrite_jsonl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results, run_file = out_dir / "results.jsonl", out_dir / "run.json"
@@ -337,8 +341,8 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
         done = read_complete_jsonl(results)
     for name in EVAL_OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
-    run_file.write_text(json.dumps(settings, indent=1) + "\n")
-    rewrite_jsonl(results, done)
+    replace_file(run_file, json.dumps(settings, indent=1) + "\n")
+    rewrite_jsonl(results, done)  # atomic: a kill here leaves the earlier records, never a cut file
     return done, results
 
 

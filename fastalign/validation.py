@@ -12,6 +12,10 @@ what is allowed, before any model runs. The rules:
   a method option is checked against the type its ``run`` function declares, and an unknown option is an error
   that lists the method's options;
 * ``seed``: an integer in ``[0, 2**64)``, or one such integer per prompt (``None``: fresh entropy, where allowed);
+* flags (``chat``, ``compile``, ``static_cache``, ``trust_remote_code``, boolean method options): ``True`` or
+  ``False`` only; a string such as ``"no"`` is truthy to Python and would switch the flag on;
+* texts (prompts, chat messages): valid Unicode (no lone surrogates, which no tokenizer can encode);
+* models: a model, a name or a path (a tokenizer given as a model is named as such);
 * ``dtype``: a torch floating dtype or a name (``"float16"``, alias ``"fp16"``, ...); ``device``: one torch knows
   and this machine has;
 * rewards: every call of a reward returns one finite number per (prompt, response) pair. A NaN or infinite
@@ -80,6 +84,14 @@ def check_float(name: str, value, low: float | None = None, high: float | None =
     return value
 
 
+def check_bool(name: str, value, optional: bool = False):
+    """``value`` when it is ``True`` or ``False`` (or ``None`` when ``optional``): a flag given as ``"no"``,
+    ``0`` or ``"false"`` is refused, never read as its Python truth value."""
+    if (value is None and optional) or isinstance(value, bool):
+        return value
+    raise InputError(f"{name} must be True or False{' or None' if optional else ''}, got {_show(value)}")
+
+
 def check_sampling(temperature, top_k, top_p) -> None:
     check_float("temperature", temperature, low=0.0, low_open=True, hint=" (use top_k=1 for greedy)")
     check_int("top_k", top_k, minimum=1, optional=True)
@@ -106,6 +118,17 @@ def check_seed(seed, num_prompts: int | None = None, optional: bool = True) -> i
 
 
 # ------------------------------------------------------------------------------------------- prompts
+def check_text(name: str, text: str) -> str:
+    """``text`` when it is valid Unicode: a lone surrogate (e.g. from undecodable bytes on a command line,
+    which Python keeps as ``"\\udcff"``) cannot be encoded by any tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not valid Unicode text: it holds a lone surrogate {text[e.start]!r} at "
+                         f"position {e.start} (undecodable bytes?)") from None
+    return text
+
+
 def _is_id_sequence(p) -> bool:
     return isinstance(p, (list, tuple)) or (torch.is_tensor(p) and p.dim() == 1) or type(p).__name__ == "ndarray"
 
@@ -165,7 +188,7 @@ def check_prompts(prompts, tokenizer=None, vocab_size: int | None = None, model:
     if all(texts):
         if tokenizer is None:
             raise InputError("text prompts need a tokenizer (pass tokenizer=...) or pass token ids")
-        prompts = [tokenizer(p)["input_ids"] for p in prompts]
+        prompts = [tokenizer(check_text(f"prompt {i}", p))["input_ids"] for i, p in enumerate(prompts)]
     return [_token_ids(i, p, vocab_size, model) for i, p in enumerate(prompts)]
 
 
@@ -210,7 +233,10 @@ def check_rows(given: int, cached: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ method options
-_SIMPLE_TYPES = {"int", "float", "bool", "str", "None"}
+_INT_TUPLE = "tuple[int, ...]"  # e.g. sd / sss ``branching``
+_SIMPLE_TYPES = {"int", "float", "bool", "str", "None", _INT_TUPLE}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
+               _INT_TUPLE: "a tuple of integers such as (2, 2)", "None": "None"}
 
 
 def _allowed_types(annotation) -> set[str] | None:
@@ -224,6 +250,9 @@ def _allowed_types(annotation) -> set[str] | None:
 
 
 def _matches(value, kinds: set[str]) -> bool:
+    """Whether ``value`` is of one of ``kinds``; a bool is never a number and a number never a bool."""
+    if isinstance(value, (tuple, list)):
+        return _INT_TUPLE in kinds and all(is_int(v) for v in value)
     if value is None:
         return "None" in kinds
     if isinstance(value, bool):
@@ -257,10 +286,31 @@ def check_method_options(method: str, run, options: dict) -> None:
             raise InputError(f"{method} option {name} must be finite, got {_show(value)}")
         kinds = _allowed_types(params[name].annotation)
         if kinds is not None and not _matches(value, kinds):
-            names = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
-                     "None": "None"}
-            allowed = " or ".join(names[k] for k in ("int", "float", "bool", "str", "None") if k in kinds)
+            allowed = " or ".join(name for kind, name in _TYPE_NAMES.items() if kind in kinds)
             raise InputError(f"{method} option {name} must be {allowed}, got {_show(value)}")
+    check_option_ranges(method, options)
+
+
+# Finite numbers whose magnitude overflows the methods' float32 arithmetic (a raw overflow error, or special
+# tokens from inf / nan logits): method -> option -> (largest magnitude, the option's range, why).
+REWARD_LIMIT = 3.4e38  # about the float32 maximum (3.4028e38)
+TILT_LIMIT = 1e6  # sss: keeps lam * (log q_r - log q) finite in float32, even at the temperature floor
+OPTION_LIMITS = {
+    "sss": {"lam": (TILT_LIMIT, "[-1e6, 1e6]", "a larger tilt overflows float32"),
+            "max_log_ratio": (TILT_LIMIT, "(0, 1e6]", "a larger clip overflows float32")},
+    **{method: {"reward_threshold": (REWARD_LIMIT, "[-3.4e38, 3.4e38] or 'auto'", "rewards are float32"),
+                "accept_beta": (REWARD_LIMIT, "(0, 3.4e38] or 'auto'", "rewards are float32")}
+       for method in ("rs", "cards")},
+}
+
+
+def check_option_ranges(method: str, options: dict) -> None:
+    """Numeric method options no larger in magnitude than their method computes safely in float32
+    (``OPTION_LIMITS``); the rest of an option's range (its sign, ``"auto"``) is checked by the method."""
+    for name, (limit, allowed, why) in OPTION_LIMITS.get(method, {}).items():
+        value = options.get(name)
+        if is_real(value) and math.isfinite(value) and abs(value) > limit:
+            raise InputError(f"{method} option {name} must be in {allowed} ({why}), got {value:g}")
 
 
 # ------------------------------------------------------------------------------------- dtype, device
@@ -295,6 +345,9 @@ def check_device(device):
     except (RuntimeError, TypeError, ValueError):
         raise InputError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {_show(device)}") \
             from None
+    if parsed.type == "meta":  # shapes without data: a model there cannot compute a single token
+        raise InputError(f"device {_show(device)} holds no data (shapes only); give a device that computes, "
+                         "such as 'cpu' or 'cuda'")
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (parsed.index is not None and parsed.index >= count):
@@ -303,6 +356,24 @@ def check_device(device):
     elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise InputError(f"device {_show(device)} is not available on this machine")
     return device
+
+
+def check_not_tokenizer(role: str, spec) -> None:
+    """A tokenizer given for a model (``role``) is named as such; being callable, it would otherwise pass for
+    a reward function. (Recognised by its base class's name: no transformers import here.)"""
+    if any(c.__name__ == "PreTrainedTokenizerBase" for c in type(spec).__mro__):
+        raise InputError(f"{role} is a tokenizer ({type(spec).__name__}); pass it as tokenizer=... and the model "
+                         f"as {role}=...")
+
+
+def check_model(role: str, spec, accepted: tuple = ()):
+    """``spec`` when it can be a causal LM for ``role``: ``None``, a name or path, a ``torch.nn.Module`` or an
+    instance of ``accepted`` (fastalign's own wrappers)."""
+    check_not_tokenizer(role, spec)
+    if spec is None or isinstance(spec, (str, os.PathLike, torch.nn.Module, *accepted)):
+        return spec
+    raise InputError(f"{role} must be a model: an HF model object, a name, a local folder or a .gguf file, got "
+                     f"a {type(spec).__name__}")
 
 
 @contextmanager
@@ -350,3 +421,16 @@ def check_rewards(values, prompts: list, what: str = "the reward") -> torch.Tens
         raise NonFiniteReward(f"{what} is {float(values[row])} for prompt {_show(list(prompts[row]), 50)} "
                               f"(row {row} of {n}); rewards must be finite numbers", list(prompts[row]))
     return values
+
+
+def check_scores(what: str, values, n: int) -> list[float]:
+    """``values`` (a sequence or tensor of ``n`` numbers, e.g. what a gold reward returned) as ``n`` Python
+    floats, read in float64; strings, ``None`` or a wrong count are an ``InputError`` naming ``what``."""
+    try:
+        scores = torch.as_tensor(values, dtype=torch.float64).flatten().tolist()
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} returned {_show(values)}; expected {n} numbers, one per (prompt, response)") \
+            from None
+    if len(scores) != n:
+        raise InputError(f"{what} returned {len(scores)} scores for {n} responses")
+    return scores

@@ -9,17 +9,28 @@ are all kept and the Triton kernels can find the threshold without sorting:
 
 Both can apply at once (top-k first, then top-p on the renormalised survivors). The truncated,
 renormalised distribution is the proposal *and* the one used in every ratio (docs/design.md section 1).
+
+A tiny temperature overflows: ``logits / T`` leaves the float32 range once ``T < |logit| / 3.4e38`` (and below
+1.2e-38 ``T`` is not even a normal float32). The kernels refuse ``T < TEMPERATURE_FLOOR`` (1e-20, which leaves
+room for logits up to 1e18 and for ``sss``'s tilt); a decode takes such a temperature as the floor
+(``methods.base.Context``), and that is greedy: at ``T = 1e-20`` two logits more than 1e-18 apart end up more
+than 100 apart, beyond what the sampling noise spans (about 19.5), so only the maximum (or a tie) is drawn.
 """
 
 from __future__ import annotations
 
 import torch
 
+TEMPERATURE_FLOOR = 1e-20
+
 
 def check_truncation_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """The argument errors of ``truncate_logits`` (also raised by the kernels that truncate without it)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+    if temperature < TEMPERATURE_FLOOR:
+        raise ValueError(f"temperature must be >= {TEMPERATURE_FLOOR} (a smaller one overflows float32), got "
+                         f"{temperature} (use top_k=1 for greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

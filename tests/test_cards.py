@@ -398,3 +398,46 @@ def test_cards_defaults_raise_a_reward_in_the_unit_interval():
 def test_bad_options(model, method, options, message):
     with pytest.raises(ValueError, match=message):
         fastalign.decode([[1, 2]], method=method, target=model, reward=weights_reward, max_new_tokens=2, **options)
+
+
+def test_greedy_rs_accepts_its_first_response(model):
+    """Top-1 sampling: the 8 calibration samples are the greedy response, so r_star is exactly its reward
+    (zero spread) and that response passes at once: no rejection, one proposal per prompt. An fp32 mean of
+    equal rewards could round above them (prompt [2] here: 20 rejections and a forced acceptance before)."""
+    for prompts in ([[2]], [[1, 2], [3, 1, 4], [2], [4, 4]]):
+        out = fastalign.decode(prompts, method="rs", target=model, reward=weights_reward, max_new_tokens=4,
+                               top_k=1, temperature=1.0, seed=8)
+        assert out.stats["rejections"] == 0 and out.stats["forced_acceptances"] == 0
+        assert out.stats["responses_proposed"] == len(prompts)
+        assert torch.equal(out.extra["reward_threshold"], weights_reward(prompts, out.sequences))
+
+
+def test_greedy_rs_with_a_reward_model_accepts_its_first_response():
+    """The toy world's reward model scores the greedy response's 8 calibration copies once (a reward is a function
+    of the text): scored in 8 cache slots they came out a few ulps apart, r_star fell above the copy scored again
+    as a proposal, and prompts 4 and 5 took 20 rejections and a forced acceptance each."""
+    from fastalign.eval.toyworld import load_toy_world
+
+    world = load_toy_world()
+    out = fastalign.decode(world.prompts[:8], method="rs", target=world.target, reward=world.reward,
+                           tokenizer=world.tokenizer, max_new_tokens=12, top_k=1, temperature=1.0, seed=0)
+    assert out.stats["rejections"] == 0 and out.stats["forced_acceptances"] == 0
+    assert out.stats["responses_proposed"] == 8
+    assert out.stats["reward_calls"] == 2  # the prompts, the calibration; each proposal is a calibration copy
+
+
+@pytest.mark.parametrize("method", ["rs", "cards"])
+def test_auto_threshold_uses_the_unbiased_std_of_known_rewards(model, method):
+    """The calibration rewards of one prompt are 1..8: mean 4.5, unbiased std sqrt(6) = 2.449 (the biased one
+    is 2.291), so r_star = 6.949 and accept_beta = 0.816."""
+
+    def known_rewards(prompts, responses):
+        if len(responses) == 8:  # the calibration call: the prompt's 8 samples at once
+            return torch.arange(1.0, 9.0)
+        return torch.zeros(len(responses))
+
+    # seed 11: the 8 calibration samples are distinct responses (copies would share one reward: rs.score_once)
+    out = fastalign.decode([[1, 2]], method=method, target=model, reward=known_rewards, max_new_tokens=2,
+                           max_rejections=0, seed=11)
+    assert out.extra["reward_threshold"].item() == pytest.approx(4.5 + math.sqrt(6), rel=1e-6)
+    assert out.extra["accept_beta"].item() == pytest.approx(math.sqrt(6) / 3, rel=1e-6)

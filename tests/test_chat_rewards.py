@@ -143,3 +143,137 @@ def test_cli_reward_and_gold_vader(tmp_path, capsys):
     assert "gold reward: vader" in (tmp_path / "eval" / "summary.md").read_text()
     assert main(["generate", "--toy", "--chat", "--max-new-tokens", "2", "review : the pasta"]) == 2
     assert "chat template" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ user code and files that fail
+REWARD_MODULE = '''
+def boom(prompts, completions):
+    raise RuntimeError("the reward server is down")
+
+def words(prompts, completions):
+    return ["good" for _ in completions]
+
+def nothing(prompts, completions):
+    return None
+
+def one_argument(completions):
+    return [1.0 for _ in completions]
+
+not_a_function = 3
+'''
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    """A module of text rewards that fail in every way (``user_rewards:NAME``), and one that fails to import."""
+    (tmp_path / "user_rewards.py").write_text(REWARD_MODULE)
+    (tmp_path / "user_rewards_broken.py").write_text("x = 1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "user_rewards"
+
+
+def test_a_text_reward_that_fails_is_an_input_error_with_its_own_cause(world, user_rewards):
+    kw = dict(method="bon", target=world.target, tokenizer=world.tokenizer, n=2, max_new_tokens=3, seed=0)
+    with pytest.raises(InputError, match="the reward 'user_rewards:boom' raised RuntimeError: the reward server "
+                                         "is down") as caught:
+        fastalign.decode(["the pasta"], reward="user_rewards:boom", **kw)
+    assert isinstance(caught.value.__cause__, RuntimeError)  # chained, not swallowed
+    with pytest.raises(InputError, match=r"the reward 'user_rewards:words' returned \['good', 'good'\]; "
+                                         "expected 2 numbers"):
+        fastalign.decode(["the pasta"], reward="user_rewards:words", **kw)
+    with pytest.raises(InputError, match="the reward 'user_rewards:nothing' returned None; expected 2 numbers"):
+        fastalign.decode(["the pasta"], reward="user_rewards:nothing", **kw)
+
+
+def test_a_text_reward_that_cannot_be_loaded_is_named(world, user_rewards):
+    with pytest.raises(InputError, match=r"cannot load the reward function 'user_rewards_broken:f': importing "
+                                         r"'user_rewards_broken' raised ZeroDivisionError") as caught:
+        fastalign.Engine(target=world.target, tokenizer=world.tokenizer, reward="user_rewards_broken:f")
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)
+    with pytest.raises(InputError, match=r"'user_rewards:one_argument': it must take two arguments \(prompts, "
+                                         r"completions\); its signature is \(completions\)"):
+        fastalign.Engine(target=world.target, tokenizer=world.tokenizer, reward="user_rewards:one_argument")
+    with pytest.raises(InputError, match="'user_rewards:not_a_function': it is a int, not a function"):
+        fastalign.Engine(target=world.target, tokenizer=world.tokenizer, reward="user_rewards:not_a_function")
+    with pytest.raises(InputError, match="cannot load the reward function 'user_rewards:missing'"):
+        fastalign.Engine(target=world.target, tokenizer=world.tokenizer, reward="user_rewards:missing")
+
+
+def test_a_gold_text_reward_that_fails_is_an_input_error(user_rewards):
+    records = dict(prompt_ids=[[1], [2]], response_ids=[[3], [4]], prompt_texts=["a", "b"],
+                   completion_texts=["x", "y"], records=[{}, {}])
+    with pytest.raises(InputError, match="gold reward 'user_rewards:boom' raised RuntimeError") as caught:
+        GoldReward.from_spec("user_rewards:boom")(**records)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(InputError, match=r"gold reward 'user_rewards:words' returned \['good', 'good'\]"):
+        GoldReward.from_spec("user_rewards:words")(**records)
+    with pytest.raises(InputError, match="gold reward 'user_rewards:nothing' returned None"):
+        GoldReward.from_spec("user_rewards:nothing")(**records)
+    with pytest.raises(InputError, match="cannot load the gold reward function 'user_rewards_broken:f'"):
+        GoldReward.from_spec("user_rewards_broken:f")
+
+
+def test_cli_reward_errors_are_one_line(user_rewards, capsys):
+    for spec, message in (("user_rewards:boom", "raised RuntimeError: the reward server is down"),
+                          ("user_rewards_broken:f", "raised ZeroDivisionError")):
+        assert main(["generate", "--toy", "--method", "bon", "--opt", "n=2", "--reward", spec, "--max-new-tokens",
+                     "2", "review : the pasta"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+
+
+def test_a_chat_template_that_raises_is_an_input_error(world, chat_tokenizer):
+    chat_tokenizer.chat_template = "{{ raise_exception('system messages are not supported') }}"
+    engine = fastalign.Engine(target=world.target, tokenizer=chat_tokenizer)
+    with pytest.raises(InputError, match="prompt 0: the tokenizer's chat template failed on it "
+                                         r"\(TemplateError: system messages are not supported\)") as caught:
+        engine.encode(["the pasta"], chat=True)
+    assert type(caught.value.__cause__).__name__ == "TemplateError"
+
+
+def test_a_lone_surrogate_in_a_prompt_is_named(world, chat_tokenizer):
+    """Undecodable bytes on a command line reach Python as lone surrogates; the tokenizer raised a raw
+    TypeError."""
+    engine = fastalign.Engine(target=world.target, tokenizer=chat_tokenizer)
+    with pytest.raises(InputError, match=r"prompt 1 is not valid Unicode text: it holds a lone surrogate "
+                                         r"'\\udcff' at position 4"):
+        engine.decode(["the pasta", "the \udcff"], max_new_tokens=2)
+    with pytest.raises(InputError, match="prompt 0, message 0 is not valid Unicode text"):
+        engine.encode([[{"role": "user", "content": "\ud800"}]])
+
+
+def test_a_tokenizer_given_as_a_model_is_named(world):
+    with pytest.raises(InputError, match=r"target is a tokenizer \(.*\); pass it as tokenizer=\.\.\. and the "
+                                         r"model as target=\.\.\."):
+        fastalign.Engine(target=world.tokenizer)
+    with pytest.raises(InputError, match="reward is a tokenizer"):  # callable, it passed for a reward function
+        fastalign.Engine(target=world.target, tokenizer=world.tokenizer, reward=world.tokenizer)
+
+
+def write_tiny_gguf(path):
+    """A small but well-formed GGUF file (a vocabulary and one tensor), written with the ``gguf`` package."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list([f"tok{i}" for i in range(200)])
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_truncated_gguf_file_is_named(tmp_path):
+    """A GGUF file cut short (an interrupted download) used to raise a raw struct.error from the reader."""
+    whole = tmp_path / "whole.gguf"
+    write_tiny_gguf(whole)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # inside the vocabulary
+    with pytest.raises(InputError, match=r"the target '.*cut.gguf' is not a complete GGUF file \(truncated or "
+                                         r"corrupt\): reading it failed with struct.error"):
+        fastalign.Engine(target=str(cut))
+    # a whole file that transformers cannot use (no tokenizer in it) is another error, not called truncated
+    with pytest.raises(InputError) as caught:
+        fastalign.Engine(target=str(whole))
+    assert "not a complete GGUF file" not in str(caught.value)

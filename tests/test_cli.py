@@ -267,3 +267,16 @@ def test_generate_on_the_toy_world_uses_the_methods_sampling_defaults(capsys):
                      "review : the pasta"]) == 0
     line = read_lines(capsys.readouterr().out)[0]
     assert (line["sampling"]["temperature"], line["sampling"]["top_k"]) == (0.7, 40)
+
+
+def test_bad_option_types_and_undecodable_prompts_are_one_line_errors(capsys):
+    """--opt branching=3 (an int, not a tuple) raised a raw TypeError; a prompt with undecodable bytes (a lone
+    surrogate in sys.argv) one from the tokenizer."""
+    pytest.importorskip("fastalign.methods.speculative")
+    assert cli.main(["generate", "--toy", "--method", "sss", "--opt", "tree=sampled", "--opt", "branching=3",
+                     "review : the pasta"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sss option branching must be a tuple of integers such as (2, 2)" in err, err
+    assert cli.main(["generate", "--toy", "--max-new-tokens", "2", "review : the \udcff"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prompt 0 is not valid Unicode text" in err, err

@@ -247,3 +247,19 @@ def test_sample_triton_follows_truncated_softmax(kernel_device):
     assert_law(empirical(sample_triton(row.expand(N, V), 1.0, None, None, seed=5), V), probs, N)
     probs = torch.softmax(truncate_logits(row, 1.0, 2, None), -1)[0]  # keeps the tie at 1.0
     assert_law(empirical(sample_triton(row.expand(40, V), 1.0, 2, None, seed=6), V), probs, 40)
+
+
+def test_top_p_with_the_mass_exactly_p_keeps_the_smallest_nucleus(kernel_device):
+    """The documented rule (kernels/truncation.py): top-p keeps the tokens of probability >= t for the largest t
+    at which the kept mass is >= p. Probabilities [.5, .25, .25] (exact in fp32) with p = .5: t = .5 already
+    keeps mass .5, so only the .5 token stays; any p above .5 needs t = .25, and the tie keeps both .25 tokens.
+    The reference and the Triton threshold agree, and every draw at p = .5 is the .5 token."""
+    x = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5]]).log().to(kernel_device)
+    assert torch.softmax(x, -1).tolist() == [[0.5, 0.25, 0.25], [0.25, 0.25, 0.5]]
+    top = x == x.max(-1, keepdim=True).values
+    for top_p, expected in ((0.5, top), (0.4, top), (0.5000001, torch.ones_like(top)), (0.75, torch.ones_like(top))):
+        assert torch.equal(kept_mask(x, 1.0, None, top_p), expected), top_p
+        assert torch.equal(triton_kept_mask(x, 1.0, None, top_p), expected), top_p
+    for seed in range(8):
+        assert sample_torch(x, 1.0, None, 0.5, seed).tolist() == [0, 2]
+        assert sample_triton(x, 1.0, None, 0.5, seed).tolist() == [0, 2]

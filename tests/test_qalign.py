@@ -216,9 +216,20 @@ def server(model):
         yield url
 
 
-def test_remote_single_chain_draws_what_local_draws(model, server):
+def test_remote_single_chain_draws_what_local_draws(model, server, monkeypatch):
+    """From the same request seeds a remote chain draws the tokens of a local one. (A local decode seeds its
+    rounds with 64 bits, a remote one in vLLM's 31-bit range: here the local proposer takes the request seeds
+    and, as the server does with a request's seed, samples with ``Randomness(seed)``.)"""
+    from fastalign.kernels.rng import prompt_seed
+    from fastalign.methods import qalign
+
+    def request_seeds(ctx, rows, subs):
+        return [prompt_seed(s, 0) for s in qalign.RemoteProposer.seeds(ctx, rows, subs)]
+
     kwargs = dict(method="qalign", max_new_tokens=3, steps=8, beta=0.7, seed=11)
-    local = fastalign.decode([[1, 2]], target=model, reward=reward_fn, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(qalign.CachedProposer, "seeds", staticmethod(request_seeds))
+        local = fastalign.decode([[1, 2]], target=model, reward=reward_fn, **kwargs)
     lm = RemoteLM(server)
     remote = fastalign.decode([[1, 2]], target=lm, reward=RemoteReward(server), **kwargs)
     assert remote.extra["state_path"] == local.extra["state_path"] and remote.sequences == local.sequences
@@ -256,3 +267,38 @@ def test_remote_errors(model, server):
         RemoteLM(server, model="other")
     with pytest.raises(RemoteError, match="cannot reach"):
         RemoteReward("http://127.0.0.1:9", timeout=5)([[1]], [[2]])
+
+
+def test_local_rounds_never_share_a_seed(model, monkeypatch):
+    """Every generation round of every local chain gets its own 64-bit seed (docs/design.md 1.4: distinct
+    streams never reuse each other's noise). At 1000 prompts x 4 chains x 33 rounds, 31-bit request seeds
+    collide (rounds of different chains drew identical noise); the local seeds do not."""
+    from types import SimpleNamespace
+
+    from fastalign.methods import qalign
+    from fastalign.methods.base import Randomness
+
+    seen = []
+    round_context = qalign._round
+
+    def spy(ctx, seeds):
+        seen.extend(seeds)
+        return round_context(ctx, seeds)
+
+    monkeypatch.setattr(qalign, "_round", spy)
+    fastalign.decode([[1, 2], [3]], method="qalign", target=model, reward=reward_fn, max_new_tokens=3, steps=3,
+                     chains=2, seed=4)
+    assert len(seen) == 2 * 2 * 4 and len(set(seen)) == len(seen)
+    assert max(seen) >= 2**32  # the seeds use all 64 bits
+
+    prompts, chains, rounds = 1000, 4, 33
+    rows = [b for b in range(prompts) for _ in range(chains)]
+    subs = [c for _ in range(prompts) for c in range(chains)]
+    local = SimpleNamespace(rng=Randomness(0, prompts))
+    remote = SimpleNamespace(rng=Randomness(0, prompts))
+    local_seeds, request_seeds = [], []
+    for _ in range(rounds):
+        local_seeds += qalign.CachedProposer.seeds(local, rows, subs)
+        request_seeds += qalign.RemoteProposer.seeds(remote, rows, subs)
+    assert len(set(request_seeds)) < len(request_seeds)  # 31 bits: this scale collides
+    assert len(set(local_seeds)) == len(local_seeds) == prompts * chains * rounds

@@ -155,3 +155,81 @@ def test_generate_resume_refuses_other_sampling_settings(model_dirs, tmp_path, c
         assert cli.main(generate_args(model_dirs, out, "--resume", *extra)) == 2
         one_line_error(capsys, "line 1 of", "is not this run's")
         assert out.read_text() == before
+
+
+# ------------------------------------------------------------------------------ atomic rewrites
+def fail_after(monkeypatch, calls):
+    """Make ``json.dumps`` in ``fastalign.eval.records`` (the JSONL writer's) raise at its ``calls + 1``-th call
+    from now: a kill in the middle of a rewrite."""
+    import json
+    import types
+
+    from fastalign.eval import records
+
+    count = {"n": 0}
+
+    def dumps(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise RuntimeError("killed while writing")
+        return json.dumps(*args, **kwargs)
+
+    monkeypatch.setattr(records, "json", types.SimpleNamespace(dumps=dumps, loads=json.loads,
+                                                                JSONDecodeError=json.JSONDecodeError))
+
+
+def test_write_jsonl_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    from fastalign.eval.records import rewrite_jsonl as write_jsonl
+
+    path = tmp_path / "results.jsonl"
+    write_jsonl(path, [{"i": i} for i in range(5)])
+    before = path.read_text()
+    fail_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        write_jsonl(path, [{"i": i} for i in range(8)])
+    assert path.read_text() == before  # open(path, "w") had emptied it and written 2 of 8 lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # no temporary file left
+
+
+def test_eval_resume_and_generate_resume_never_lose_finished_records(model_dirs, tmp_path, monkeypatch):
+    """The rewrites of ``eval --resume`` (at its start and in ``write_results`` at its end) and of
+    ``generate --resume`` fail midway: the file keeps every record it had."""
+    GOLD_CALLS.update(n=0, interrupt_at=None)
+    out = tmp_path / "eval"
+    assert cli.main(eval_args(model_dirs, tmp_path, out)) == 0
+    before = (out / "results.jsonl").read_text()
+    records = 3 * len(PROMPTS)
+    # one json.dumps per record: the rewrite at the start (records), then the one of write_results
+    for calls, where in ((1, "_start_eval_run"), (records + 1, "write_results")):
+        with monkeypatch.context() as patch:
+            fail_after(patch, calls)
+            with pytest.raises(RuntimeError, match="killed while writing") as caught:
+                cli.main(eval_args(model_dirs, tmp_path, out, "--resume"))
+        assert where in [entry.name for entry in caught.traceback]
+        assert (out / "results.jsonl").read_text() == before
+
+    path = tmp_path / "generated.jsonl"
+    assert cli.main(generate_args(model_dirs, path)) == 0
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:4]) + lines[4][:10])  # 2 whole batches and a cut line
+    partial = path.read_text()
+    fail_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed while writing") as caught:
+        cli.main(generate_args(model_dirs, path, "--resume"))
+    assert "rewrite_jsonl" in [entry.name for entry in caught.traceback]
+    assert path.read_text() == partial
+
+
+def test_eval_resume_with_another_grid_is_refused(model_dirs, tmp_path, capsys):
+    """A resume with another --grid used to be accepted and to delete the earlier methods' records."""
+    GOLD_CALLS.update(n=0, interrupt_at=None)
+    out = tmp_path / "eval"
+    assert cli.main(eval_args(model_dirs, tmp_path, out)) == 0
+    before = (out / "results.jsonl").read_text()
+    other = [a if a != "bon:n=2,3" else "bon:n=2" for a in eval_args(model_dirs, tmp_path, out, "--resume")]
+    capsys.readouterr()
+    assert cli.main(other) == 2
+    one_line_error(capsys, "holds a run with other settings (differs in: grid)")
+    assert (out / "results.jsonl").read_text() == before
+    assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume")) == 0  # the same grid resumes
+    assert (out / "results.jsonl").read_text().count("\n") == before.count("\n")

@@ -151,3 +151,14 @@ def test_numpy_and_torch_twins_give_the_same_bits():
     for rows, cols in ((1, 1), (3, 5), (4, 144), (2, 4099)):
         streams = torch.randint(-2**63, 2**63 - 1, (rows, 2), dtype=torch.int64, generator=gen)
         assert torch.equal(_stream_bits_numpy(streams, cols), _stream_bits_tensor(streams, cols))
+
+
+def test_inactive_rows_do_not_advance_their_count():
+    """A row's draw counter counts its own active draws: a row that sat a draw out (it ended at EOS while the
+    others still sample) draws next from the counter it would have used alone, whatever the batch did."""
+    rng = Randomness([3, 4], 2)
+    first = rng.streams([0, 1], "token", active=[True, False])
+    second = rng.streams([0, 1], "token")
+    assert int(second[0, 1]) == as_signed64(counter(1, "token", 0))  # the active row moved on
+    assert torch.equal(second[1], first[1])  # the inactive one did not
+    assert torch.equal(second[1], Randomness([3, 4], 2).streams([1], "token")[0])

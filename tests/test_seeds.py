@@ -40,6 +40,10 @@ METHODS = [
     ("rs", dict(reward_threshold=0.6, max_rejections=3)),
     ("cards", dict(reward_threshold=0.6, max_rejections=2, min_segment_tokens=1, entropy_threshold=1.0,
                    parallel_candidates=2)),
+    # "auto": the calibration draws 8 samples per prompt in one batch; a row that ended early must not advance
+    # its counters while the others still draw
+    ("rs", dict(reward_threshold="auto", max_rejections=3)),
+    ("cards", dict(reward_threshold="auto", max_rejections=2, min_segment_tokens=1, entropy_threshold=1.0)),
     ("qalign", dict(steps=3, chains=2, select="best_reward")),
     ("sd", dict(num_draft_tokens=3, temperature=0.8, top_p=0.9)),
     ("sss", dict(num_draft_tokens=2, temperature=0.8, top_k=5)),
@@ -60,7 +64,7 @@ def test_output_depends_only_on_the_prompt_and_its_seed(models, method, options)
     order = [2, 0, 3, 1]
     shuffled = _decode(models, method, options, [PROMPTS[i] for i in order], [SEEDS[i] for i in order])
     assert [shuffled[order.index(i)] for i in range(4)] == together
-    for i in (1, 2):
+    for i in range(len(PROMPTS)):  # every prompt alone (0 and 3 share a seed)
         assert _decode(models, method, options, [PROMPTS[i]], [SEEDS[i]]) == [together[i]]
     # among other prompts, at another row (a prompt never in the first batch, twice)
     mixed = _decode(models, method, options, [[3, 3, 3], PROMPTS[2], [5], PROMPTS[2]], [1, SEEDS[2], 2, SEEDS[2]])

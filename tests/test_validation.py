@@ -24,7 +24,6 @@ def models():
             "ref": tiny_causal_lm(vocab_size=V, hidden=16, seed=2)}
 
 
-
 def constant_reward(values):
     """A reward callable giving ``values[i % len(values)]`` to the i-th response of every call."""
     return lambda prompts, responses: torch.tensor([values[i % len(values)] for i in range(len(responses))])
@@ -170,7 +169,7 @@ def test_context_length_names_the_model_role(models):
 def test_the_model_layer_and_the_remote_client_check_through_validation(models):
     """A direct caller of ``CausalLM.prefill``, ``RemoteLM.complete`` or ``prompt_seeds`` gets the API's checks."""
     from fastalign.methods.base import prompt_seeds
-    from fastalign.models import CausalLM
+    from fastalign.models.causal_lm import CausalLM
     from fastalign.models.remote import request_seeds_of
 
     lm = CausalLM(tiny_causal_lm(vocab_size=V, hidden=16, context=8))
@@ -296,3 +295,140 @@ def test_the_default_eval_grid_has_sss_only_with_a_ref(models):
 def test_a_reward_model_with_a_smaller_vocabulary_is_named(models):
     with pytest.raises(fastalign.InputError, match="the reward model embeds 6 token ids, the target emits up to 8"):
         fastalign.Engine(target=models["target"], reward=tiny_reward_model(vocab_size=6, hidden=16))
+
+
+# ------------------------------------------------------------------------- float32 extremes (toy world)
+@pytest.fixture(scope="module")
+def toy():
+    from fastalign.eval.toyworld import load_toy_world
+
+    world = load_toy_world()
+    engine = fastalign.Engine(target=world.target, draft=world.aligned_draft, ref=world.draft, reward=world.reward,
+                              tokenizer=world.tokenizer)
+    return engine, world.prompts[:2]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("sample", {}), ("sample", dict(top_k=5, top_p=0.9)), ("sss", dict(num_draft_tokens=3)), ("qalign", dict(steps=2)),
+])
+def test_a_temperature_below_the_float32_floor_decodes_greedily(toy, method, options):
+    """``temperature=1e-39`` (not even a normal float32) emitted <pad> and <s>: a temperature below 1e-20 is
+    taken as 1e-20 (kernels/truncation.py), which is greedy on these models."""
+    engine, prompts = toy
+    greedy = engine.decode(prompts, method=method, max_new_tokens=8, seed=0, top_k=1, temperature=1.0,
+                           **{k: v for k, v in options.items() if k not in ("top_k", "top_p")})
+    for temperature in (1e-39, 1e-300, 1e-20):
+        out = engine.decode(prompts, method=method, max_new_tokens=8, seed=0, temperature=temperature, **options)
+        assert out.sequences == greedy.sequences, temperature
+    assert all(t > 3 for s in greedy.sequences for t in s[:-1])  # words: no <pad>, <s>, </s> or <unk> inside
+
+
+def test_the_kernels_refuse_a_temperature_below_the_floor():
+    from fastalign.kernels import sample, truncate_logits
+
+    logits = torch.randn(2, 10)
+    for call in (lambda: sample(logits, 1e-39), lambda: truncate_logits(logits, 1e-21)):
+        with pytest.raises(ValueError, match=r"temperature must be >= 1e-20 \(a smaller one overflows float32\)"):
+            call()
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("sss", dict(lam=1e39), r"sss option lam must be in \[-1e6, 1e6\] \(a larger tilt overflows float32\), got 1e\+39"),
+    ("sss", dict(lam=-2e6), r"lam must be in \[-1e6, 1e6\]"),
+    ("sss", dict(max_log_ratio=1e39), r"sss option max_log_ratio must be in \(0, 1e6\]"),
+    ("rs", dict(reward_threshold=1.7e308), r"rs option reward_threshold must be in \[-3.4e38, 3.4e38\] or 'auto' "
+                                           r"\(rewards are float32\), got 1.7e\+308"),
+    ("rs", dict(reward_threshold=-1e39), r"reward_threshold must be in \[-3.4e38, 3.4e38\]"),
+    ("rs", dict(accept_beta=1e39), r"rs option accept_beta must be in \(0, 3.4e38\] or 'auto'"),
+    ("cards", dict(reward_threshold=1e300), r"cards option reward_threshold must be in \[-3.4e38, 3.4e38\]"),
+    ("cards", dict(accept_beta=1e300), r"cards option accept_beta must be in \(0, 3.4e38\]"),
+])
+def test_options_that_overflow_float32_are_input_errors(toy, method, options, match):
+    """``sss`` with ``lam=1e39`` emitted only special tokens, ``rs`` with ``reward_threshold=1.7e308`` raised a raw
+    overflow: both are finite, so they passed validation; each now names its range."""
+    engine, prompts = toy
+    with pytest.raises(fastalign.InputError, match=match):
+        engine.decode(prompts, method=method, max_new_tokens=4, seed=0, **options)
+
+
+def test_options_at_the_float32_limits_still_decode(toy):
+    """The largest allowed values run: a tilt of 1e6 gives words, a threshold of 3.4e38 is never reached (every
+    prompt ends with the forced acceptance), an accept_beta of 3.4e38 accepts the first response."""
+    engine, prompts = toy
+    tilted = engine.decode(prompts, method="sss", lam=1e6, max_new_tokens=6, seed=0)
+    assert all(t > 3 for s in tilted.sequences for t in s[:-1])
+    never = engine.decode(prompts, method="rs", reward_threshold=3.4e38, max_rejections=1, max_new_tokens=4, seed=0)
+    assert never.stats["forced_acceptances"] == 2 and never.stats["rejections"] == 2
+    always = engine.decode(prompts, method="rs", reward_threshold=-3.4e38, accept_beta=3.4e38, max_new_tokens=4, seed=0)
+    assert always.stats["rejections"] == 0 and always.stats["responses_proposed"] == 2
+
+
+# --------------------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(compile="no"), "compile must be True or False, got 'no'"),
+    (dict(static_cache="false"), "static_cache must be True or False or None, got 'false'"),
+    (dict(chat="yes"), "chat must be True or False, got 'yes'"),
+    (dict(trust_remote_code="no"), "trust_remote_code must be True or False, got 'no'"),
+    (dict(compile=1), "compile must be True or False, got 1"),
+])
+def test_engine_flags_must_be_booleans(models, kwargs, match):
+    """A flag given as "no" or "false" is truthy to Python: it used to switch compile / the static cache /
+    chat templates / remote code on."""
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.Engine(target=models["target"], **kwargs)
+
+
+def test_decode_chat_flag_must_be_a_boolean(models):
+    engine = fastalign.Engine(target=models["target"])
+    with pytest.raises(fastalign.InputError, match="chat must be True or False or None, got 'no'"):
+        engine.decode([[1, 2]], max_new_tokens=2, chat="no")
+    with pytest.raises(fastalign.InputError, match="chat must be True or False or None, got 0"):
+        fastalign.decode([[1, 2]], target=models["target"], max_new_tokens=2, chat=0)
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("sss", dict(bonus_on_full_accept=1), "sss option bonus_on_full_accept must be True or False, got 1"),
+    ("sss", dict(allow_no_ref="false"), "sss option allow_no_ref must be True or False, got 'false'"),
+    ("sss", dict(branching=3, tree="sampled"),
+     r"sss option branching must be a tuple of integers such as \(2, 2\) or None, got 3"),
+    ("sd", dict(branching=(2.5, 2), tree="sampled"), "sd option branching must be a tuple of integers"),
+    ("sd", dict(branching=(True, 2), tree="sampled"), "sd option branching must be a tuple of integers"),
+    ("sd", dict(branching="2,2", tree="sampled"), "sd option branching must be a tuple of integers"),
+])
+def test_bool_and_tuple_options_are_checked_by_type(models, method, options, match):
+    """branching=3 used to raise a raw TypeError (``tuple(3)``) from inside the method."""
+    kw = dict(target=models["target"], draft=models["draft"], ref=models["ref"])
+    with pytest.raises(fastalign.InputError, match=match):
+        fastalign.decode([[1, 2]], method=method, max_new_tokens=2, **kw, **options)
+
+
+def test_branching_as_a_list_or_tuple_is_accepted(models):
+    kw = dict(target=models["target"], draft=models["draft"], max_new_tokens=3, seed=2, tree="sampled")
+    as_tuple = fastalign.decode([[1, 2]], method="sd", branching=(2, 2), **kw).sequences
+    assert fastalign.decode([[1, 2]], method="sd", branching=[2, 2], **kw).sequences == as_tuple
+
+
+def test_qalign_with_zero_steps_reports_no_acceptance_rate(models):
+    """steps=0 (the initial samples only) is a valid baseline; its acceptance rate is 0/0: reported as None,
+    not NaN (a NaN poisons any mean taken over runs)."""
+    out = fastalign.decode([[1, 2], [3]], method="qalign", target=models["target"], reward=constant_reward([1.0]),
+                           max_new_tokens=3, seed=0, steps=0)
+    assert out.extra["acceptance_rate"] is None and out.extra["completed_steps"] == 0
+    assert out.stats["qalign_proposals"] == 0
+    assert [path[0][0]["proposal"] for path in out.extra["state_path"]] == out.sequences
+    stepped = fastalign.decode([[1, 2]], method="qalign", target=models["target"], reward=constant_reward([1.0]),
+                               max_new_tokens=3, seed=0, steps=2)
+    assert 0.0 <= stepped.extra["acceptance_rate"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- devices, models
+def test_the_meta_device_is_refused(models):
+    """device="meta" used to fail inside the first decode with "Tensor.item() cannot be called on meta
+    tensors"."""
+    with pytest.raises(fastalign.InputError, match="device 'meta' holds no data"):
+        fastalign.Engine(target=models["target"], device="meta")
+
+
+def test_a_model_that_is_not_a_model_is_named(models):
+    with pytest.raises(fastalign.InputError, match="draft must be a model: .* got a int"):
+        fastalign.Engine(target=models["target"], draft=5)

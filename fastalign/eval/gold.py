@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import InputError
 from ..methods.answers import EXTRACTORS
 from ..models.builder import ModelBuilder
 from ..models.reward import RewardModel
-from ..models.text_rewards import text_reward_function
+from ..models.text_rewards import call_text_reward, text_reward_function
+from ..validation import check_scores
 from .worlds import load_world
 
 
@@ -28,9 +27,7 @@ class GoldReward:
 
     def __call__(self, prompt_ids, response_ids, prompt_texts, completion_texts, records) -> list[float]:
         scores = self.fn(prompt_ids, response_ids, prompt_texts, completion_texts, records)
-        scores = [float(s) for s in torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()]
-        if len(scores) != len(response_ids):
-            raise InputError(f"gold reward {self.name!r} returned {len(scores)} scores for {len(response_ids)} responses")
+        scores = check_scores(f"gold reward {self.name!r}", scores, len(response_ids))
         bad = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
         if bad is not None:  # a NaN would silently poison the means and win rates
             raise InputError(f"gold reward {self.name!r} is {scores[bad]} for the prompt {prompt_texts[bad]!r}; "
@@ -45,8 +42,9 @@ class GoldReward:
 
     @classmethod
     def from_text_fn(cls, fn, name: str) -> GoldReward:
-        """From ``fn(prompts: list[str], completions: list[str]) -> N floats``."""
-        return cls(lambda p, r, pt, ct, rec: fn(pt, ct), name)
+        """From ``fn(prompts: list[str], completions: list[str]) -> N floats``: the caller's code, so an
+        exception it raises is an ``InputError`` naming the gold reward (``text_rewards.call_text_reward``)."""
+        return cls(lambda p, r, pt, ct, rec: call_text_reward(fn, f"gold reward {name!r}", pt, ct), name)
 
     @classmethod
     def from_spec(cls, spec: str, policy_tokenizer=None, world=None, trust_remote_code: bool = False,
@@ -68,7 +66,7 @@ class GoldReward:
                 return [float(extract(c) is not None and extract(c) == extract(str(rec["answer"])))
                         for c, rec in zip(ct, records)]
             return cls(match, spec)
-        fn = text_reward_function(spec)
+        fn = text_reward_function(spec, role="gold reward")
         if fn is not None:
             return cls.from_text_fn(fn, spec)
         build = ModelBuilder(device, dtype, trust_remote_code=trust_remote_code)

@@ -5,6 +5,7 @@ This module is the one writer and reader of those files, and holds the one resum
     append_jsonl(stream, batch_records)      # as a batch finishes: one write, then flush
     records = read_complete_jsonl(path)      # the whole records; a line cut by an interrupt is dropped
     rewrite_jsonl(path, records)             # atomically: a temporary file in the same folder, then os.replace
+    replace_file(path, text)                 # the same for any other file of a run (run.json, summaries)
 
 Resuming (``--resume``), the same for ``generate`` and ``eval``:
 
@@ -69,22 +70,29 @@ def read_complete_jsonl(path) -> list[dict]:
     return records
 
 
-def rewrite_jsonl(path, records: Iterable[dict]) -> None:
-    """Replace the file at ``path`` by ``records``, one JSON line each, atomically: they are written to a
-    temporary file in the same folder, flushed to disk, and that file then takes the name ``path``
-    (``os.replace``), so an interrupt leaves either the old file or the new one, never a part of either."""
+def replace_file(path, text: str | Iterable[str]) -> None:
+    """Write ``text`` (a string, or chunks of one) as the file ``path``, all or nothing: it goes to a temporary
+    file in the same folder, flushed to disk, which then takes the name ``path`` (``os.replace``, atomic), so an
+    interrupt or an error leaves either the old file or the new one, never a part of either (``open(path, "w")``
+    empties the old file first: a kill there lost finished records)."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # same folder: same file system
     f = open(temporary, "x", encoding="utf-8")
     try:
         with f:
-            f.write(_lines(records))
+            for chunk in [text] if isinstance(text, str) else text:
+                f.write(chunk)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def rewrite_jsonl(path, records: Iterable[dict]) -> None:
+    """Replace the file at ``path`` by ``records``, one JSON line each, atomically (``replace_file``)."""
+    replace_file(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def changed_settings(recorded: Mapping | None, settings: Mapping) -> list[str]:

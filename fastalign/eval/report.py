@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..methods import MODEL_ROLES
 from .harness import COUNTERS
-from .records import rewrite_jsonl
+from .records import replace_file, rewrite_jsonl
 
 
 def win_rates(records: list[dict], baseline: str = "sample") -> dict[tuple[str, str], float | None]:
@@ -179,14 +179,15 @@ def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str
 
 def write_results(records: list[dict], rows: list[dict], out_dir: str | os.PathLike, plot: bool = True,
                   header: str = "") -> dict[str, Path]:
-    """Write ``results.jsonl`` (one line per record; ``fastalign.eval.records.rewrite_jsonl``), ``summary.json``, ``summary.md`` and, when ``plot`` and
-    matplotlib is installed, ``reward_vs_compute.png`` into ``out_dir``. Returns the paths written."""
+    """Write ``results.jsonl`` (one line per record), ``summary.json``, ``summary.md`` (each replaced atomically:
+    ``fastalign.eval.records``) and, when ``plot`` and matplotlib is installed, ``reward_vs_compute.png`` into
+    ``out_dir``. Returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.jsonl", "summary_json": out / "summary.json", "summary": out / "summary.md"}
     rewrite_jsonl(paths["results"], records)
-    paths["summary_json"].write_text(json.dumps(rows, indent=1) + "\n")
-    paths["summary"].write_text(header + summary_table(rows))
+    replace_file(paths["summary_json"], json.dumps(rows, indent=1) + "\n")
+    replace_file(paths["summary"], header + summary_table(rows))
     if plot:
         paths["plot"] = out / "reward_vs_compute.png"
         plot_reward_vs_compute(rows, paths["plot"])

@@ -10,6 +10,7 @@ import torch
 from .. import kernels
 from ..kernels.rng import (as_signed64, counter, prompt_key, prompt_seed, stream_bits_torch,
                            uniform_streams_torch)
+from ..kernels.truncation import TEMPERATURE_FLOOR
 from ..models.causal_lm import CausalLM
 from ..models.remote import RemoteLM, request_seed
 from ..models.reward import RewardModel
@@ -78,10 +79,20 @@ class Randomness:
         bits = stream_bits_torch(self.streams(prompts, purpose, subs), 1)[:, 0]
         return [request_seed(b) for b in bits]
 
+    def local_seeds(self, prompts, purpose: str, subs=0) -> list[int]:
+        """One seed in ``[0, 2**64)`` per row, from two numbers of the rows' streams: the seed of a local
+        sub-decode. Unlike 31-bit request seeds, which collide among ~10^5 draws, these stay distinct."""
+        bits = stream_bits_torch(self.streams(prompts, purpose, subs), 2).tolist()
+        return [low | high << 32 for low, high in bits]
+
 
 @dataclass
 class Context:
-    """What a method gets: the wrapped models (None when not given), sampling settings and randomness."""
+    """What a method gets: the wrapped models (None when not given), sampling settings and randomness.
+
+    A ``temperature`` below ``TEMPERATURE_FLOOR`` (1e-20; smaller ones overflow float32 logits) is taken as
+    the floor, which decodes greedily (``kernels/truncation.py``): every method then sees a safe temperature.
+    """
 
     target: CausalLM | None
     draft: CausalLM | None
@@ -94,6 +105,9 @@ class Context:
     top_p: float | None
     rng: Randomness
     stats: dict = field(default_factory=dict)  # method-specific counters, merged into out.stats
+
+    def __post_init__(self):
+        self.temperature = max(float(self.temperature), TEMPERATURE_FLOOR)
 
     def sample(self, logits: torch.Tensor, prompts, subs=0, purpose: str = "token", steps=None,
                active=None) -> torch.Tensor:

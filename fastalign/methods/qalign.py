@@ -35,10 +35,12 @@ good after the initial samples, the ``RemoteError`` carries the steps completed 
 
 Randomness. Chain ``c`` of prompt ``b`` draws from prompt ``b``'s streams only (sub-stream ``c``), so its
 trajectory does not depend on the other prompts of the batch. Every generation round gives each row one
-request seed from its stream (``Randomness.request_seeds``) and samples the row's tokens as a one-prompt
-decode with that seed would: locally through ``Randomness(seed)`` per row, remotely as the request's seed.
-A chain thus draws the same tokens locally and against a fastalign server (which samples a request with
-``Randomness(seed)``).
+seed from its stream (the proposer's ``seeds``) and samples the row's tokens as a one-prompt decode with that
+seed would. Locally the seed has 64 bits (``Randomness.local_seeds``), so the rounds of all chains never
+share noise (31-bit seeds collide among the ~10^5 rounds of a large run); remotely it is the request's seed,
+in vLLM's range ``[0, 2**31 - 1)`` (``Randomness.request_seeds``), which a fastalign server samples with
+``Randomness(seed)``. A local and a remote chain with the same decode seed thus draw different tokens of the
+same law; from the same request seeds they draw the same tokens.
 
 Final answer (``select``), following the QAlign evaluation code (``qalign/utils/pred.py``): the voting
 rules pool the states the chains *visit*: the state after each step ``burn_in..steps`` of every chain (a
@@ -68,7 +70,6 @@ from dataclasses import replace
 import torch
 
 from ..errors import InputError
-from ..kernels.rng import prompt_seed
 from ..models.causal_lm import right_pad
 from ..models.remote import RemoteError, RemoteLM
 from .answers import get_extractor
@@ -86,7 +87,8 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
     list of ``steps + 1`` entries ``{"step", "index", "proposal", "reward", "accepted", "accept_prob"}``
     (entry 0 is the initial sample: index None, accepted True). When a remote server fails after the
     initial samples, the ``RemoteError`` carries the steps completed as ``partial`` (the same result, with
-    ``extra["completed_steps"]`` < ``steps``).
+    ``extra["completed_steps"]`` < ``steps``). ``extra["acceptance_rate"]`` is the share of accepted proposals,
+    None when no step was done (``steps=0``: the initial samples only, a valid baseline).
     """
     answer = _check_options(ctx, beta, steps, chains, select, answer_fn, burn_in, similarity)
     R = len(prompts) * chains
@@ -94,7 +96,7 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
     subs = [c for _ in prompts for c in range(chains)]
     proposer = RemoteProposer(ctx.target) if isinstance(ctx.target, RemoteLM) else CachedProposer(ctx.target)
 
-    states = proposer.start(ctx, prompts, chains, ctx.rng.request_seeds(rows, "request", subs))
+    states = proposer.start(ctx, prompts, chains, proposer.seeds(ctx, rows, subs))
     ctx.reward.prefill(prompts)
     ctx.reward.select_rows(rows)
     rewards = score(ctx, states)
@@ -110,7 +112,7 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
             "state_path": state_path,
             "final_states": [states[b * chains:(b + 1) * chains] for b in range(len(prompts))],
             "final_rewards": rewards.view(len(prompts), chains),
-            "acceptance_rate": accepted_total / (R * done) if done else float("nan"),
+            "acceptance_rate": accepted_total / (R * done) if done else None,  # no step, no proposal: no rate
             "completed_steps": done,
         }
         return MethodResult(chosen, extra)
@@ -120,7 +122,7 @@ def run(ctx: Context, prompts: list[list[int]], beta: float = 1.0, steps: int = 
         u_index = ctx.rng.uniform(rows, 1, "index", subs)[:, 0].double()
         index = torch.minimum((u_index * lengths).long(), lengths.long() - 1).tolist()
         try:
-            proposals = proposer.propose(ctx, states, index, ctx.rng.request_seeds(rows, "request", subs))
+            proposals = proposer.propose(ctx, states, index, proposer.seeds(ctx, rows, subs))
             new_rewards = score(ctx, proposals)
         except RemoteError as e:
             e.partial = result()
@@ -157,6 +159,11 @@ class CachedProposer:
     def __init__(self, lm):
         self.lm = lm
 
+    @staticmethod
+    def seeds(ctx: Context, rows: list[int], subs: list[int]) -> list[int]:
+        """A generation round's seed per row (prompt ``rows[r]``, chain ``subs[r]``): 64 bits, never shared."""
+        return ctx.rng.local_seeds(rows, "request", subs)
+
     def start(self, ctx: Context, prompts, chains: int, seeds: list[int]) -> list[list[int]]:
         """One ancestral sample per row (``prompts x chains`` rows), from one prefill of the prompts."""
         logits = self.lm.prefill(prompts, ctx.max_new_tokens)
@@ -192,6 +199,11 @@ class RemoteProposer:
     def __init__(self, lm: RemoteLM):
         self.lm = lm
 
+    @staticmethod
+    def seeds(ctx: Context, rows: list[int], subs: list[int]) -> list[int]:
+        """A generation round's request seed per row, in vLLM's range ``[0, 2**31 - 1)``."""
+        return ctx.rng.request_seeds(rows, "request", subs)
+
     def start(self, ctx: Context, prompts, chains: int, seeds: list[int]) -> list[list[int]]:
         self.row_prompts = [list(p) for p in prompts for _ in range(chains)]
         return self.lm.complete(self.row_prompts, [ctx.max_new_tokens] * len(self.row_prompts),
@@ -205,9 +217,10 @@ class RemoteProposer:
 
 
 def _round(ctx: Context, seeds: list[int]) -> Context:
-    """The context of one generation round: row ``r`` draws its tokens as a one-prompt decode seeded with
-    ``seeds[r]`` (``Randomness(seeds[r])``) would, i.e. as prompt ``r`` of ``Randomness`` with these prompt seeds."""
-    return replace(ctx, rng=Randomness([prompt_seed(s, 0) for s in seeds], len(seeds)))
+    """The context of one generation round: row ``r`` draws its tokens as a one-prompt decode given the seed list
+    ``[seeds[r]]`` would, i.e. as prompt ``r`` of ``Randomness`` with these prompt seeds (its key is
+    ``prompt_key(seeds[r])``: all 64 bits of the seed count)."""
+    return replace(ctx, rng=Randomness(seeds, len(seeds)))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

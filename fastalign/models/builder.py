@@ -67,12 +67,14 @@ class ModelBuilder:
         return (self.device is None or torch.device(self.device) == device) and \
             (not isinstance(self.dtype, torch.dtype) or self.dtype == dtype)
 
-    def tokenizer(self, spec):
-        return loading.load_tokenizer(spec, trust_remote_code=self.trust_remote_code)
+    def tokenizer(self, spec, role: str = "tokenizer"):
+        """``spec``'s tokenizer (None stays None); ``role`` names it in errors."""
+        return loading.load_tokenizer(spec, trust_remote_code=self.trust_remote_code, role=role)
 
-    def causal_lm(self, spec) -> CausalLM | RemoteLM:
+    def causal_lm(self, spec, role: str = "model") -> CausalLM | RemoteLM:
         """A ``CausalLM`` from an HF name, a local folder, a ``.gguf`` file, an HF model or a ``CausalLM`` (rewrapped
-        when its store, device or dtype is not the engine's); a ``RemoteLM`` stays as it is."""
+        when its store, device or dtype is not the engine's); a ``RemoteLM`` stays as it is. ``role`` names the
+        model in errors."""
         if isinstance(spec, RemoteLM):
             return spec
         if isinstance(spec, CausalLM):
@@ -80,7 +82,7 @@ class ModelBuilder:
                 return spec
             spec = spec.model
         if isinstance(spec, (str, os.PathLike)):
-            spec = loading.load_causal_lm(spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+            spec = loading.load_causal_lm(spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype, role=role)
         return CausalLM(self._placed(spec), self.new_store())
 
     def reward(self, spec, tokenizer=None, policy_tokenizer=None) -> RewardModel:

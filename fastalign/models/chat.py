@@ -10,6 +10,7 @@ Gemma); ``end_of_turn_ids`` finds it by rendering a conversation that ends with 
 from __future__ import annotations
 
 from ..errors import InputError
+from ..validation import check_text
 
 _MARK = "\u2063fastalign-end-of-turn-probe\u2063"  # a reply text that no template alters
 
@@ -25,6 +26,7 @@ def _check_conversation(conversation, index: int) -> list[dict]:
                 or not isinstance(message.get("content"), str):
             raise InputError(f"prompt {index}, message {j}: expected a dict with string 'role' and 'content', "
                              f"got {message!r}")
+        check_text(f"prompt {index}, message {j}", message["content"])
     return list(conversation)
 
 
@@ -36,7 +38,8 @@ def render(tokenizer, conversations: list) -> list[list[int]]:
     """Token ids of each conversation under the tokenizer's chat template, ending with the generation prompt.
 
     A plain string counts as one user message. The template decides about special tokens (BOS and the like);
-    none are added on top.
+    none are added on top. A template that fails on a conversation (a Jinja error, ``raise_exception``) is an
+    ``InputError`` naming the prompt, its error chained.
     """
     if tokenizer is None:
         raise InputError("chat prompts need a tokenizer (pass tokenizer=...)")
@@ -50,8 +53,12 @@ def render(tokenizer, conversations: list) -> list[list[int]]:
         elif not is_conversation(conversation):
             raise InputError(f"prompt {i}: a chat prompt is a string or a list of {{'role', 'content'}} messages, "
                              f"got {type(conversation).__name__}")
-        ids = tokenizer.apply_chat_template(_check_conversation(conversation, i), add_generation_prompt=True,
-                                            tokenize=True)
+        messages = _check_conversation(conversation, i)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as err:  # the template is code from the tokenizer's files (Jinja), e.g. raise_exception
+            raise InputError(f"prompt {i}: the tokenizer's chat template failed on it ({type(err).__name__}: "
+                             f"{err})") from err
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding here
             ids = ids["input_ids"]
         out.append([int(t) for t in ids])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +40,33 @@ def _gguf_location(spec) -> tuple[str, str]:
     return str(path.parent.resolve()), path.name
 
 
+@contextmanager
+def _reading_gguf(path: str | os.PathLike, role: str):
+    """Reading a GGUF file with transformers: when that fails and the file itself does not parse (a truncated
+    download, another format), an ``InputError`` naming ``role`` and the file; any other failure (a valid
+    file of an unsupported architecture, say) is left as it is."""
+    try:
+        yield
+    except Exception as err:
+        if _gguf_parses(path):
+            raise
+        kind = type(err).__qualname__ if type(err).__module__ == "builtins" else \
+            f"{type(err).__module__}.{type(err).__qualname__}"  # struct.error, not a bare "error"
+        raise InputError(f"the {role} {str(path)!r} is not a complete GGUF file (truncated or corrupt): reading "
+                         f"it failed with {kind}: {err}") from err
+
+
+def _gguf_parses(path) -> bool:
+    """Whether the ``gguf`` package reads the whole file: header, metadata and every tensor's data in bounds."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception:  # struct.error, ValueError, ...: whatever a malformed file makes the reader raise
+        return False
+    return True
+
+
 def _clear_gguf_quantizer(model) -> None:
     """A GGUF-loaded model holds plain dequantised tensors, yet keeps the record of its GGUF origin, which makes
     ``save_pretrained`` refuse and a saved config claim a quantisation: drop the record."""
@@ -49,30 +77,33 @@ def _clear_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def load_causal_lm(spec, trust_remote_code: bool = False, dtype=None):
-    """An ``AutoModelForCausalLM`` from an HF name, a local folder or a ``.gguf`` file (eval mode)."""
+def load_causal_lm(spec, trust_remote_code: bool = False, dtype=None, role: str = "model"):
+    """An ``AutoModelForCausalLM`` from an HF name, a local folder or a ``.gguf`` file (eval mode); ``role``
+    names the model in errors (``"target"``, ``"draft"``, ...)."""
     from transformers import AutoModelForCausalLM
 
     if is_gguf(spec):
         folder, name = _gguf_location(spec)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+        with _reading_gguf(spec, role):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
         _clear_gguf_quantizer(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
-def load_tokenizer(spec, trust_remote_code: bool = False):
+def load_tokenizer(spec, trust_remote_code: bool = False, role: str = "tokenizer"):
     """A tokenizer from an HF name, a local folder or a ``.gguf`` file (which carries its own); other objects
-    (already a tokenizer, or None) are returned as they are."""
+    (already a tokenizer, or None) are returned as they are. ``role`` names the file in errors."""
     if spec is None or not isinstance(spec, (str, os.PathLike)):
         return spec
     from transformers import AutoTokenizer
 
     if is_gguf(spec):
         folder, name = _gguf_location(spec)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
+        with _reading_gguf(spec, role):
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
     return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
 
 

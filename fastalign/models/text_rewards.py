@@ -8,18 +8,22 @@ says how positive the answer is.
 A text reward is a function ``fn(prompts: list[str], completions: list[str]) -> N floats`` (what ``--gold
 module:function`` takes); ``TextReward(fn, tokenizer)`` makes it a token-id reward callable
 ``reward(prompts, responses)`` for ``fastalign.decode`` by decoding the ids with the policy's tokenizer
-(special tokens skipped, so a chat prompt reads as its conversation text).
+(special tokens skipped, so a chat prompt reads as its conversation text). A text reward that raises,
+returns strings or ``None``, or cannot be imported or called with two arguments is an ``InputError`` naming
+it (its own exception chained as the cause).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import re
 
 import torch
 
 from ..errors import InputError
+from ..validation import check_rewards
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,21 +57,47 @@ class TextReward:
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         prompt_texts = self.tokenizer.batch_decode([list(p) for p in prompts], skip_special_tokens=True)
         completions = self.tokenizer.batch_decode([list(r) for r in responses], skip_special_tokens=True)
-        scores = torch.as_tensor(self.fn(prompt_texts, completions), dtype=torch.float32).flatten()
-        if scores.numel() != len(responses):
-            raise InputError(f"the {self.name!r} reward returned {scores.numel()} scores for {len(responses)} responses")
-        return scores
+        values = call_text_reward(self.fn, f"the reward {self.name!r}", prompt_texts, completions)
+        return check_rewards(values, prompts, f"the reward {self.name!r}")
 
 
-def text_reward_function(spec: str):
+def call_text_reward(fn, what: str, prompts: list[str], completions: list[str]):
+    """``fn(prompts, completions)``, where ``fn`` is the caller's code: an exception it raises becomes an
+    ``InputError`` naming ``what`` (one line on the command line), with the function's own exception chained
+    as its cause."""
+    try:
+        return fn(prompts, completions)
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"{what} raised {type(err).__name__}: {err}") from err
+
+
+def text_reward_function(spec: str, role: str = "reward"):
     """The text reward a string names: a built-in name (``"vader"``) or ``"module:function"``; None otherwise
-    (then the string names a reward model)."""
+    (then the string names a reward model). A module that fails to import, a missing or non-callable name, or
+    a function that cannot be called as ``fn(prompts, completions)`` is an ``InputError`` naming ``role``."""
     if spec in TEXT_REWARDS:
         return TEXT_REWARDS[spec]
     module, _, function = spec.partition(":")
     if not (function and re.fullmatch(r"[A-Za-z_][\w.]*", module) and re.fullmatch(r"[A-Za-z_]\w*", function)):
         return None
+    where = f"cannot load the {role} function {spec!r}"
     try:
-        return getattr(importlib.import_module(module), function)
+        fn = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as e:
-        raise InputError(f"cannot load the reward function {spec!r}: {e}") from None
+        raise InputError(f"{where}: {e}") from e
+    except Exception as e:  # the module's own code failed while it was imported
+        raise InputError(f"{where}: importing {module!r} raised {type(e).__name__}: {e}") from e
+    if not callable(fn):
+        raise InputError(f"{where}: it is a {type(fn).__name__}, not a function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some built-ins have no signature to check: the call will tell
+        return fn
+    try:
+        signature.bind([], [])
+    except TypeError:
+        raise InputError(f"{where}: it must take two arguments (prompts, completions); its signature is "
+                         f"{signature}") from None
+    return fn
