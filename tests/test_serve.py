@@ -3,8 +3,11 @@ JSON error, work per request is capped, idle sockets time out, workers are bound
 
 import http.client
 import json
+import select
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -35,8 +38,8 @@ def server(model):
     server.server_close()
 
 
-def request(server, method, path, body=None, headers=None, raw: bytes | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+def request(server, method, path, body=None, headers=None, raw: bytes | None = None, timeout: float = 30):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=timeout)
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
     response = conn.getresponse()
@@ -100,6 +103,12 @@ def test_json_nan_and_bad_json(server):
     assert "not valid JSON" in error_of(request(server, "POST", "/v1/completions", raw=b"\xff\xfe"), 400)
 
 
+def test_a_deeply_nested_body_is_a_400(server):
+    for deep in (b"[" * 2000 + b"]" * 2000, b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}"):
+        assert "nested too deeply" in error_of(request(server, "POST", "/v1/completions", raw=deep), 400)
+    assert request(server, "GET", "/health") == (200, {"status": "ok"})
+
+
 def test_max_tokens_zero_is_honoured_and_good_requests_work(server, model):
     status, out = request(server, "POST", "/v1/completions", {"prompt": [1, 2], "max_tokens": 0})
     assert status == 200 and out["choices"][0]["token_ids"] == [] and out["usage"]["completion_tokens"] == 0
@@ -131,14 +140,38 @@ def test_content_length_is_validated_and_the_body_capped(server):
     assert b'"code": 400' in garbage
 
 
+def trickle(port: int, head: bytes, pause: float, steps: int) -> float | None:
+    """Send ``head``, then one more byte every ``pause`` seconds, ``steps`` times at most: the seconds until the
+    server closed the connection, or None if it never did."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        for _ in range(steps):
+            if select.select([sock], [], [], pause)[0]:
+                try:
+                    if sock.recv(4096) == b"":
+                        return time.monotonic() - start
+                except ConnectionResetError:
+                    return time.monotonic() - start
+            try:
+                sock.sendall(b"x")
+            except OSError:
+                return time.monotonic() - start
+    return None
+
+
 def test_idle_connections_time_out_and_workers_are_bounded(model):
-    server, _ = fastalign.serve.start(target=model, limits=Limits(idle_timeout=0.5, max_workers=2))
+    seen = set()
+
+    def slow_reward(prompts, responses):
+        seen.add(threading.get_ident())
+        time.sleep(0.05)
+        return torch.zeros(len(prompts))
+
+    server, _ = fastalign.serve.start(target=model, reward=slow_reward,
+                                      limits=Limits(idle_timeout=0.5, request_timeout=0.5, max_workers=2))
     try:
         idle = [socket.create_connection(("127.0.0.1", server.server_port), timeout=10) for _ in range(3)]
-        deadline = time.monotonic() + 5
-        while server._slots._value and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server._slots._value == 0  # two workers hold the first two; the third waits in the queue
         start = time.monotonic()
         for sock in idle:
             assert sock.recv(1) == b""  # closed by the server after its idle timeout
@@ -149,6 +182,75 @@ def test_idle_connections_time_out_and_workers_are_bounded(model):
             assert sock.recv(1) == b""
         status, _ = request(server, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 1})
         assert status == 200
+        with ThreadPoolExecutor(6) as pool:
+            pair = {"prompts": [[1]], "responses": [[2]]}
+            answers = list(pool.map(lambda _: request(server, "POST", "/reward", pair), range(6)))
+        assert all(status == 200 for status, _ in answers) and 1 <= len(seen) <= 2  # two worker threads
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("head", [b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+                                  b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n"])
+def test_a_request_has_one_deadline_for_its_headers_and_body(model, head):
+    """A client sending a byte every 0.1 s (well within the idle timeout) is dropped once its request has taken
+    ``request_timeout`` seconds, in the headers or in the body."""
+    server, _ = fastalign.serve.start(target=model, limits=Limits(idle_timeout=5, request_timeout=0.5))
+    try:
+        closed_after = trickle(server.server_port, head, pause=0.1, steps=30)
+        assert closed_after is not None and closed_after < 1.5, closed_after
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+SLOW_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n"
+
+
+def test_slow_clients_do_not_block_health(model):
+    """16 clients trickling their requests (as many as there are workers) leave /health answered at once."""
+    server, _ = fastalign.serve.start(target=model, limits=Limits(idle_timeout=30, request_timeout=10))
+    head = SLOW_HEAD
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            slow = [pool.submit(trickle, server.server_port, head, 0.2, 10) for _ in range(16)]
+            time.sleep(0.5)
+            start = time.monotonic()
+            assert request(server, "GET", "/health", timeout=2) == (200, {"status": "ok"})
+            assert time.monotonic() - start < 1
+            assert [s.result() for s in slow] == [None] * 16  # still sending when they stopped
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_idle_connections_make_room_and_a_full_server_answers_503(model):
+    """With every connection taken, a new one closes the longest-idle keep-alive connection, or gets a 503 at
+    once when none is idle."""
+    server, _ = fastalign.serve.start(target=model, limits=Limits(idle_timeout=30, request_timeout=10,
+                                                                  max_connections=3))
+    head = SLOW_HEAD
+    try:
+        kept = [http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=5) for _ in range(3)]
+        for conn in kept:  # three keep-alive connections, idle after one request each
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status": "ok"}'
+            time.sleep(0.05)
+        start = time.monotonic()
+        status, _ = request(server, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2}, timeout=3)
+        assert status == 200 and time.monotonic() - start < 2
+        assert kept[0].sock.recv(1) == b""  # the longest idle was closed to make room
+        assert not select.select([kept[2].sock], [], [], 0.1)[0]  # the others are still open
+        with ThreadPoolExecutor(3) as pool:  # three connections busy sending: the fourth gets a 503 at once
+            slow = [pool.submit(trickle, server.server_port, head, 0.1, 10) for _ in range(3)]
+            time.sleep(0.3)
+            start = time.monotonic()
+            assert "connections are busy" in error_of(request(server, "GET", "/health", timeout=3), 503)
+            assert time.monotonic() - start < 1
+            assert [s.result() for s in slow] == [None] * 3
+        for conn in kept:
+            conn.close()
     finally:
         server.shutdown()
         server.server_close()
