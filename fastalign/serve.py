@@ -10,12 +10,23 @@ thread; ``server.shutdown()`` stops it).
 Sampling: each prompt of a request is sampled alone from ``Randomness(seed)`` with the decode's kernels
 (``temperature == 0`` is greedy), so a seeded request is reproducible and draws the tokens a local
 fastalign decode of that single row would draw from the same seed. Prompts of one request share its
-seed, as in vLLM. Responses carry ``choices[i].token_ids`` (EOS kept), ``logprobs.tokens`` as
-``"token_id:<id>"`` when ``return_tokens_as_token_ids`` is set, ``text`` when a tokenizer is known, and
-``finish_reason`` (``"stop"`` at EOS, else ``"length"``).
+seed, as in vLLM. Responses carry ``choices[i].token_ids`` (EOS kept), ``text`` when a tokenizer is known,
+``finish_reason`` (``"stop"`` at EOS, a stop token or a stop string, else ``"length"``) and ``stop_reason``
+(the stop token id or string that ended it, else null).
+
+Parameters of ``/v1/completions``: ``model`` (the listed name; another one is a 404), ``prompt``,
+``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop`` (strings that end the text, which
+excludes them; needs a tokenizer), ``stop_token_ids`` (tokens that end the response, kept like EOS),
+``logprobs`` (``k`` in [0, 20]: the log-probability of each emitted token, plus the ``k`` most likely tokens,
+under the distribution it was drawn from: the target's tempered, top-k / top-p truncated and renormalised
+next-token distribution, so a greedy token has log-probability 0; tokens shown as ``"token_id:<id>"`` when
+``return_tokens_as_token_ids`` is set or no tokenizer is known), ``return_token_ids`` and ``user``. Every
+other parameter (``n > 1``, ``stream``, ``echo``, penalties, ``logit_bias``, ``min_p``, ``min_tokens``, ...)
+is refused with a 400 that names each one, unless it has its neutral value (``presence_penalty: 0``,
+``n: 1``, ``null``, ...), which clients such as the ``openai`` package send.
 
 Safety (``Limits``): every bad request gets a 4xx JSON error ``{"error": {"message", "type", "code"}}`` (400 bad
-input, 401 missing or wrong API key, 404 unknown route, 405 method, 411 no ``Content-Length``, 413 body
+input, 401 missing or wrong API key, 404 unknown route or model, 405 method, 411 no ``Content-Length``, 413 body
 too large, 503 no free connection); the request body, the prompts per request and ``max_tokens`` are capped. A
 connection may wait ``idle_timeout`` seconds for its next request; from its first byte a request has
 ``request_timeout`` seconds in all to arrive (request line, headers and body), else the connection is dropped.
@@ -33,6 +44,7 @@ import argparse
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import json
 import os
 import socket
@@ -45,8 +57,11 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
+import torch
+
 from .api import Engine
-from .methods.base import Context, Randomness, sample_continuations
+from .kernels import truncate_logits
+from .methods.base import Context, Randomness
 from .models import InputError
 from .validation import (
     SEED_LIMIT,
@@ -72,6 +87,54 @@ class Limits:
     max_connections: int = 256  # connections open at once
 
 
+MAX_LOGPROBS = 20  # most alternatives per token in ``logprobs`` (vLLM's default cap)
+
+# Completion parameters this server does not implement, with the value that changes nothing (``None`` too is
+# accepted for each): a request may send them at that value, as clients such as the openai package do.
+NEUTRAL_PARAMETERS = {
+    "n": 1, "best_of": 1, "stream": False, "stream_options": None, "echo": False, "suffix": None,
+    "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "length_penalty": 1,
+    "logit_bias": {}, "min_p": 0, "min_tokens": 0, "ignore_eos": False, "use_beam_search": False,
+    "include_stop_str_in_output": False, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+    "prompt_logprobs": None, "truncate_prompt_tokens": None, "allowed_token_ids": None, "bad_words": [],
+}
+# The parameters it implements (see the module docstring).
+COMPLETION_PARAMETERS = {"model", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+                         "stop_token_ids", "logprobs", "return_tokens_as_token_ids", "return_token_ids", "user"}
+
+
+class UnknownModel(InputError):
+    """A request names a model this server does not serve (HTTP 404)."""
+
+
+def _is_neutral(value, neutral) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool) or isinstance(neutral, bool):  # True is not 1, False is not 0
+        return value is neutral
+    return value == neutral
+
+
+def check_supported(body: dict) -> None:
+    """Refuse, in one ``InputError``, every parameter of ``body`` this server does not implement (an unknown
+    name, or one of ``NEUTRAL_PARAMETERS`` at another value): never a silent answer that ignores them."""
+    refused = [name[:40] if name not in NEUTRAL_PARAMETERS else f"{name}={json.dumps(value)[:40]}"
+               for name, value in body.items()
+               if name not in COMPLETION_PARAMETERS
+               and (name not in NEUTRAL_PARAMETERS or not _is_neutral(value, NEUTRAL_PARAMETERS[name]))]
+    if refused:
+        raise InputError(f"this server does not support: {', '.join(refused)} (leave them out or send their "
+                         "default; it implements " + ", ".join(sorted(COMPLETION_PARAMETERS)) + ")")
+
+
+def check_stop_strings(stop) -> list[str]:
+    """OpenAI's ``stop``: a string or a list of them (each non-empty), or None."""
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise InputError(f"stop must be a non-empty string or a list of non-empty strings, got {stop!r:.60}")
+    return stops
+
+
 def public_model_name(name: str | None) -> str:
     """The name to list at /v1/models: a Hub id as it is, a local path by its last component only."""
     if not name:
@@ -82,8 +145,23 @@ def public_model_name(name: str | None) -> str:
     return name
 
 
+@dataclass
+class _Sampling:
+    """One completion request's settings, checked."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+    stop_ids: set[int]
+    stops: list[str]
+    logprobs: int | None  # alternatives per token; None: no logprobs
+    token_ids_as_text: bool  # "token_id:<id>" in logprobs
+
+
 class _Models:
-    """What the server holds: the wrapped target and reward, the tokenizer and a lock (one request at a time)."""
+    """What the server holds: the wrapped target and reward, the tokenizer and a lock (one model call at a time)."""
 
     def __init__(self, engine: Engine, model_name: str, limits: Limits):
         self.target, self.reward, self.tokenizer = engine.target, engine.reward, engine.tokenizer
@@ -98,20 +176,7 @@ class _Models:
             entry["max_model_len"] = self.target.context_length
         return {"object": "list", "data": [entry]}
 
-    def completions(self, body: dict) -> dict:
-        if self.target is None:
-            raise InputError("this server has no target model")
-        if body.get("stream") or body.get("echo") or check_int("n", body.get("n", 1), minimum=1) != 1:
-            raise InputError("stream, echo and n > 1 are not supported")
-        prompt = body.get("prompt")
-        single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
-        prompts = [prompt] if single else prompt
-        if isinstance(prompts, list) and len(prompts) > self.limits.max_prompts:
-            raise InputError(f"prompt: {len(prompts)} prompts in one request; this server takes at most "
-                             f"{self.limits.max_prompts}")
-        if isinstance(prompts, list) and any(isinstance(p, str) for p in prompts) and self.tokenizer is None:
-            raise InputError("text prompts need a server started with a tokenizer; send token ids")
-        prompts = check_prompts(prompts, self.tokenizer, self.target.vocab_size)
+    def _sampling(self, body: dict) -> _Sampling:
         cap = self.limits.max_tokens or self.target.context_length
         max_tokens = body.get("max_tokens")
         max_tokens = check_int("max_tokens", 16 if max_tokens is None else max_tokens, minimum=0, maximum=cap)
@@ -123,28 +188,100 @@ class _Models:
         if temperature == 0:
             temperature, top_k = 1.0, 1
         seed = check_int("seed", body.get("seed"), 0, SEED_LIMIT - 1, optional=True)  # one seed per request
-        check_context_lengths({"target": self.target}, prompts, max_tokens)
-        choices, used = [], 0
-        for i, p in enumerate(prompts):
-            tokens = []
-            if max_tokens > 0:
-                rng = Randomness(seed)
-                ctx = Context(self.target, None, None, None, self.tokenizer, max_tokens, temperature, top_k, top_p,
-                              rng)
-                with self.lock:
-                    logits = self.target.prefill([p], max_tokens)
-                    tokens = sample_continuations(ctx, self.target, logits, max_tokens, [0])[0]
-            finish = "stop" if tokens and tokens[-1] in self.target.eos_token_ids else "length"
-            choice = {"index": i, "token_ids": tokens, "finish_reason": finish, "logprobs": None,
-                      "text": self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""}
-            if body.get("return_tokens_as_token_ids") and body.get("logprobs") is not None:
-                choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in tokens]}
-            choices.append(choice)
-            used += len(p) + len(tokens)
+        stop_ids = [] if body.get("stop_token_ids") is None else body["stop_token_ids"]
+        if not isinstance(stop_ids, list):
+            raise InputError(f"stop_token_ids must be a list of token ids, got {stop_ids!r:.60}")
+        stop_ids = check_token_rows("stop_token_ids", [stop_ids], self.target.vocab_size, "target",
+                                    allow_empty=True)[0]
+        stops = check_stop_strings(body.get("stop"))
+        if stops and self.tokenizer is None:
+            raise InputError("stop strings need a server started with a tokenizer; send stop_token_ids")
+        logprobs = check_int("logprobs", body.get("logprobs"), 0, MAX_LOGPROBS, optional=True)
+        as_ids = bool(body.get("return_tokens_as_token_ids")) or self.tokenizer is None
+        return _Sampling(max_tokens, temperature, top_k, top_p, seed, set(stop_ids), stops, logprobs, as_ids)
+
+    def completions(self, body: dict) -> dict:
+        if self.target is None:
+            raise InputError("this server has no target model")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise UnknownModel(f"the model {model!r:.80} does not exist; this server serves {self.model_name!r}")
+        check_supported(body)
+        prompt = body.get("prompt")
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int))
+        prompts = [prompt] if single else prompt
+        if isinstance(prompts, list) and len(prompts) > self.limits.max_prompts:
+            raise InputError(f"prompt: {len(prompts)} prompts in one request; this server takes at most "
+                             f"{self.limits.max_prompts}")
+        if isinstance(prompts, list) and any(isinstance(p, str) for p in prompts) and self.tokenizer is None:
+            raise InputError("text prompts need a server started with a tokenizer; send token ids")
+        prompts = check_prompts(prompts, self.tokenizer, self.target.vocab_size)
+        sampling = self._sampling(body)
+        check_context_lengths({"target": self.target}, prompts, sampling.max_tokens)
+        choices = [dict(index=i, **self._complete(p, sampling)) for i, p in enumerate(prompts)]
+        prompt_tokens = sum(map(len, prompts))
+        completion_tokens = sum(len(c["token_ids"]) for c in choices)
         return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
-                "usage": {"prompt_tokens": sum(map(len, prompts)), "total_tokens": used,
-                          "completion_tokens": used - sum(map(len, prompts))}}
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    def _complete(self, prompt: list[int], s: _Sampling) -> dict:
+        """One prompt's choice: its tokens drawn as a local decode of that single row draws them (the loop of
+        ``methods.base.sample_continuations``), stopped at EOS, a stop token or a stop string."""
+        tokens, chosen, top = [], [], []
+        finish, reason, text = "length", None, None
+        if s.max_tokens > 0:
+            ctx = Context(self.target, None, None, None, self.tokenizer, s.max_tokens, s.temperature, s.top_k,
+                          s.top_p, Randomness(s.seed))
+            with self.lock:
+                logits = self.target.prefill([prompt], s.max_tokens)  # [1, V]
+                while True:
+                    token = ctx.sample(logits, [0])  # [1]
+                    tokens.append(int(token[0]))
+                    if s.logprobs is not None:
+                        self._logprobs(logits[0], tokens[-1], s, chosen, top)
+                    last, eos = tokens[-1], self.target.eos_token_ids
+                    if s.stops:
+                        text, reason = self._cut_at_stop(tokens, s.stops)
+                    if reason is None and last in s.stop_ids and last not in eos:
+                        reason = last  # vLLM: the stop token; null at EOS
+                    if reason is not None or last in eos:
+                        finish = "stop"
+                        break
+                    if len(tokens) == s.max_tokens:
+                        break
+                    logits = self.target.extend(token[:, None])[:, -1]
+        if text is None:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""
+        choice = {"text": text, "token_ids": tokens, "finish_reason": finish, "stop_reason": reason,
+                  "logprobs": None}
+        if s.logprobs is not None:
+            names = [self._token_name(t, s) for t in tokens]
+            offsets = list(itertools.accumulate(map(len, names), initial=0))[:-1]  # as vLLM: the pieces' lengths
+            choice["logprobs"] = {"tokens": names, "token_logprobs": chosen, "top_logprobs": top,
+                                  "text_offset": offsets}
+        return choice
+
+    def _logprobs(self, logits: torch.Tensor, token: int, s: _Sampling, chosen: list, top: list) -> None:
+        """Append the log-probability of ``token`` and the ``s.logprobs`` most likely tokens (with the chosen one)
+        under the truncated tempered distribution ``token`` was drawn from. ``logits [V]``."""
+        logp = torch.log_softmax(truncate_logits(logits, s.temperature, s.top_k, s.top_p), dim=-1)
+        chosen.append(float(logp[token]))
+        values, ids = torch.topk(logp, min(s.logprobs, logp.shape[-1]))
+        alternatives = {t: v for t, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")}
+        alternatives[token] = chosen[-1]
+        top.append({self._token_name(t, s): v for t, v in alternatives.items()})
+
+    def _token_name(self, token: int, s: _Sampling) -> str:
+        return f"token_id:{token}" if s.token_ids_as_text else self.tokenizer.decode([token])
+
+    def _cut_at_stop(self, tokens: list[int], stops: list[str]) -> tuple[str, str | None]:
+        """The text of ``tokens``, cut before the first stop string in it (OpenAI: the stop string is not
+        included), and that string (None when there is none)."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        found = min(((text.find(s), s) for s in stops if s in text), default=None)
+        return (text, None) if found is None else (text[: found[0]], found[1])
 
     def rewards(self, body: dict) -> dict:
         if self.reward is None:
@@ -168,7 +305,6 @@ class _Models:
             check_context_lengths({"reward": self.reward}, [p + r for p, r in zip(prompts, responses)], 0)
         with self.lock:
             return {"rewards": self.reward.score(prompts, responses).tolist()}
-
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -414,6 +550,8 @@ class Server:
             result = await asyncio.get_running_loop().run_in_executor(self._executor, route, body)
         except _HTTPError as e:
             return e.status, _error(e.status, e.message)
+        except UnknownModel as e:
+            return 404, _error(404, str(e))
         except InputError as e:
             return 400, _error(400, str(e))
         except RecursionError:

@@ -3,6 +3,7 @@ JSON error, work per request is capped, idle sockets time out, workers are bound
 
 import http.client
 import json
+import math
 import select
 import socket
 import threading
@@ -82,7 +83,7 @@ def error_of(status_payload, status):
     ("/v1/completions", {"prompt": [1, 2], "seed": 2**70}, "seed must be an integer >= 0"),
     ("/v1/completions", {"prompt": [[1]] * 5}, "5 prompts in one request; this server takes at most 4"),
     ("/v1/completions", {"prompt": None}, "prompts must be a list"),
-    ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n > 1 are not supported"),
+    ("/v1/completions", {"prompt": [1, 2], "n": 2}, "this server does not support: n=2 "),
     ("/v1/completions", {"prompt": ["w1"]}, "text prompts need a server started with a tokenizer"),
     ("/reward", {"prompts": [], "responses": []}, "no rows"),
     ("/reward", {"prompts": [[]], "responses": [[]]}, "prompt 0 is empty"),
@@ -117,6 +118,95 @@ def test_max_tokens_zero_is_honoured_and_good_requests_work(server, model):
     assert status == 200 and out["choices"][0]["token_ids"] == local.sequences[0]
     status, out = request(server, "POST", "/reward", {"prompts": [[1], [2]], "responses": [[], [3, 4]]})
     assert status == 200 and out["rewards"] == [0.0, 2.0]
+
+
+def test_unsupported_parameters_are_refused_by_name_and_neutral_ones_accepted(server):
+    plain = {"prompt": [1, 2], "max_tokens": 4, "seed": 3}
+    refused = {"presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"1": 5}, "min_tokens": 2,
+               "min_p": True, "best_of": 2, "echo": True, "stream": True, "ignore_eos": True, "suffix": "x",
+               "repetition_penalty": 1.2, "mystery": 1}
+    message = error_of(request(server, "POST", "/v1/completions", {**plain, **refused}), 400)
+    assert all(name in message for name in refused), message
+    # what clients send as defaults changes nothing
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "min_tokens": 0, "min_p": 0,
+               "n": 1, "best_of": None, "echo": False, "stream": False, "logprobs": None, "repetition_penalty": 1.0,
+               "ignore_eos": False, "stop": None, "stop_token_ids": [], "user": "someone", "model": "fastalign",
+               "return_token_ids": True}
+    status, out = request(server, "POST", "/v1/completions", {**plain, **neutral})
+    assert status == 200 and out["choices"][0]["token_ids"] == request(server, "POST", "/v1/completions",
+                                                                       plain)[1]["choices"][0]["token_ids"]
+
+
+def test_an_unknown_model_is_a_404(server):
+    body = {"prompt": [1], "max_tokens": 1, "model": "gpt-4"}
+    assert "the model 'gpt-4' does not exist" in error_of(request(server, "POST", "/v1/completions", body), 404)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 3},
+                                     {"temperature": 1.3, "top_p": 0.8}, {"temperature": 0}])
+def test_logprobs_are_those_of_the_truncated_tempered_distribution(server, model, options):
+    """``logprobs: k``: each emitted token's log-probability and the k most likely tokens', under the distribution
+    it was drawn from (greedy: a point mass, log-probability 0); the tokens are those drawn without logprobs."""
+    from fastalign.testing import next_token_probs
+
+    body = {"prompt": [1, 2], "max_tokens": 5, "seed": 11, **options}
+    status, out = request(server, "POST", "/v1/completions", {**body, "logprobs": 2})
+    choice = out["choices"][0]
+    tokens, logprobs = choice["token_ids"], choice["logprobs"]
+    assert status == 200 and tokens == request(server, "POST", "/v1/completions", body)[1]["choices"][0]["token_ids"]
+    assert logprobs["tokens"] == [f"token_id:{t}" for t in tokens]  # no tokenizer: ids
+    greedy = options["temperature"] == 0
+    sampling = (1.0, 1, None) if greedy else (options["temperature"], options.get("top_k"), options.get("top_p"))
+    for i, t in enumerate(tokens):
+        probs = next_token_probs(model, [1, 2] + tokens[:i], *sampling)
+        assert logprobs["token_logprobs"][i] == pytest.approx(math.log(probs[t]), abs=1e-5)
+        likely = [v for v in probs.argsort(descending=True)[:2].tolist() if probs[v] > 0] + [t]
+        top = logprobs["top_logprobs"][i]
+        assert sorted(top) == sorted({f"token_id:{v}" for v in likely})
+        assert all(top[f"token_id:{v}"] == pytest.approx(math.log(probs[v]), abs=1e-5) for v in likely)
+        if greedy:
+            assert top == {f"token_id:{t}": 0.0}
+    assert "logprobs must be an integer >= 0 and <= 20" in error_of(
+        request(server, "POST", "/v1/completions", {**body, "logprobs": 21}), 400)
+
+
+@pytest.fixture(scope="module")
+def text_server(model):
+    server, _ = fastalign.serve.start(target=model, tokenizer=tiny_tokenizer(V))
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_stop_strings_end_the_text_and_stop_tokens_the_response(server, text_server):
+    """OpenAI's ``stop``: the text ends before the first stop string (not included), finish_reason "stop";
+    the tokens are those drawn up to the one that completed it. ``stop_token_ids``: kept, like EOS."""
+    tok = tiny_tokenizer(V)
+    body = {"prompt": [1, 2], "max_tokens": 12, "seed": 0}
+    full = request(text_server, "POST", "/v1/completions", body)[1]["choices"][0]
+    tokens, text = full["token_ids"], full["text"]
+    assert len(text.split()) >= 6 and full["finish_reason"] == "length"  # the seed gives a long text
+    stop = " ".join(text.split()[4:6])
+    n = next(n for n in range(1, len(tokens) + 1) if stop in tok.decode(tokens[:n], skip_special_tokens=True))
+    status, out = request(text_server, "POST", "/v1/completions", {**body, "stop": ["never", stop], "logprobs": 0})
+    cut = out["choices"][0]
+    assert status == 200 and cut["token_ids"] == tokens[:n] and cut["text"] == text[: text.index(stop)]
+    assert (cut["finish_reason"], cut["stop_reason"]) == ("stop", stop) and stop not in cut["text"]
+    assert cut["logprobs"]["tokens"] == [tok.decode([t]) for t in tokens[:n]]  # the tokenizer's pieces
+    assert out["usage"]["completion_tokens"] == n
+
+    k = 3  # a stop token ends the response after its first occurrence, kept
+    out = request(text_server, "POST", "/v1/completions", {**body, "stop_token_ids": [tokens[k]]})[1]["choices"][0]
+    first = tokens.index(tokens[k])
+    assert out["token_ids"] == tokens[: first + 1] and (out["finish_reason"], out["stop_reason"]) == ("stop", tokens[k])
+
+    message = error_of(request(server, "POST", "/v1/completions", {"prompt": [1], "stop": "w1"}), 400)
+    assert "stop strings need a server started with a tokenizer" in message
+    for bad in ("", [""], [1], {"a": 1}):
+        assert "stop must be a non-empty string" in error_of(
+            request(text_server, "POST", "/v1/completions", {"prompt": [1], "stop": bad}), 400)
+    assert f"token id {V} is outside the vocabulary" in error_of(
+        request(server, "POST", "/v1/completions", {"prompt": [1], "stop_token_ids": [V]}), 400)
 
 
 def test_routes_methods_and_internal_errors(server, monkeypatch):
