@@ -370,9 +370,11 @@ async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
             break
         if not raw:
             raise _HTTPError(400, "the request ended before its headers did")
+        if count == _MAX_HEADERS:
+            raise _HTTPError(431, f"more than {_MAX_HEADERS} header lines")
         name, colon, value = raw.decode("latin-1").partition(":")
-        if not colon or not name or name != name.strip() or count == _MAX_HEADERS:
-            raise _HTTPError(400 if count < _MAX_HEADERS else 431, f"bad header line {raw[:80]!r} (or too many)")
+        if not colon or not name or name != name.strip():
+            raise _HTTPError(400, f"bad header line {raw[:80]!r}")
         name, value = name.lower(), value.strip()
         headers[name] = f"{headers[name]}, {value}" if name in headers else value  # repeated: "5, 5" is no length
     connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
@@ -473,17 +475,17 @@ class Server:
                 return
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._executor = ThreadPoolExecutor(self.limits.max_workers, thread_name_prefix="fastalign-serve")
+        server = await asyncio.start_server(self._connection, sock=self.socket, limit=_MAX_LINE)
         try:
-            server = await asyncio.start_server(self._connection, sock=self.socket, limit=_MAX_LINE)
-            await self._stop.wait()
+            await self._stop.wait()  # shutdown(), or cancelled by asyncio.run on Ctrl-C
+        finally:
+            with self._state:
+                self._loop = None
             server.close()
             tasks = [c.task for c in self._connections]
             for conn in self._connections:
                 conn.writer.close()  # its handler sees the end of the stream (a cancelled one would be logged)
             await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            with self._state:
-                self._loop = None
 
     def _admit(self, conn: _Connection) -> bool:
         """Room for a new connection: with ``max_connections`` open, the one idle the longest is closed; False

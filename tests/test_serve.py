@@ -97,6 +97,27 @@ def test_bad_requests_get_a_400_json_error(server, path, body, match):
     assert re.search(match, error_of(request(server, "POST", path, body), 400))
 
 
+@pytest.mark.parametrize("data, expected", [
+    (b"GET /health HTTP/1.0\r\n\r\n", [b"HTTP/1.1 200 OK", b"Connection: close"]),  # HTTP/1.0 closes
+    (b"GET /health HTTP/1.1\r\n\r\nGET /v1/models?x=1 HTTP/1.1\r\nConnection: close\r\n\r\n",  # pipelined
+     [b'{"status": "ok"}', b'"owned_by": "fastalign"']),
+    (b"POST /v1/completions HTTP/1.1\r\nExpect: 100-continue\r\nConnection: close\r\nContent-Length: 32\r\n\r\n"
+     b'{"prompt": [1], "max_tokens": 1}', [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK"]),
+    (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", [b"HTTP/1.1 411"]),
+    (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", [b"HTTP/1.1 400"]),
+    (b"GET /health HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", [b"HTTP/1.1 431", b"longer than 65536"]),
+    (b"GET /health HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", [b"HTTP/1.1 431", b"more than 100 header"]),
+    (b"GET /health HTTP/1.1\r\nno colon\r\n\r\n", [b"HTTP/1.1 400", b"bad header line"]),
+    (b"HEAD /health HTTP/1.1\r\nConnection: close\r\n\r\n", [b"HTTP/1.1 405"]),
+    (b"PRI * HTTP/2.0\r\n\r\n", [b"HTTP/1.1 505"]),
+])
+def test_http_framing(server, data, expected):
+    """The request parser: keep-alive rules, pipelining, 100-continue, and a JSON error (then a close) for what it
+    cannot frame."""
+    answer = raw_exchange(server, data, read_timeout=10)
+    assert all(part in answer for part in expected), answer[:300]
+
+
 def test_json_nan_and_bad_json(server):
     message = error_of(request(server, "POST", "/v1/completions", raw=b'{"prompt": [1], "temperature": NaN}'), 400)
     assert "temperature must be a finite number, got nan" in message
