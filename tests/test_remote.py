@@ -3,6 +3,7 @@ server pool, retries and failures against small in-process stub servers (tests/i
 the same clients against a real vLLM)."""
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -294,3 +295,46 @@ def test_a_remote_reward_serves_the_logits_methods_with_a_local_target(server, m
     remote = fastalign.decode([[1, 2], [3]], reward=RemoteReward(server), **kwargs)
     local = fastalign.decode([[1, 2], [3]], reward=reward_fn, **kwargs)
     assert remote.sequences == local.sequences and remote.stats["reward_calls"] > 0
+
+
+def test_a_server_that_accepts_and_never_answers_fails_on_the_read_timeout():
+    """A frozen server (the kernel accepts, nothing ever answers) stalls a try for ``timeout`` seconds only, however
+    long the connect timeout."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as frozen:
+        url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(RemoteError, match="no answer within 0.3 s"):
+            RemoteLM(url, eos_token_ids=[EOS], timeout=0.3, connect_timeout=30, retries=0)
+        assert time.monotonic() - start < 2
+
+
+def test_a_connect_that_hangs_fails_on_the_connect_timeout():
+    """A listen queue that is full drops the connect (nothing answers it): the try ends after ``connect_timeout``,
+    not the read ``timeout``; a refused connect fails at once."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full:
+        address = full.getsockname()
+        held = []
+        for _ in range(8):  # fill the queue until a connect hangs (Linux holds backlog + 1)
+            probe = socket.socket()
+            probe.settimeout(0.2)
+            try:
+                probe.connect(address)
+                held.append(probe)
+            except TimeoutError:
+                probe.close()
+                break
+        else:
+            pytest.skip("this system never lets a loopback connect hang")
+        try:
+            start = time.monotonic()
+            with pytest.raises(RemoteError, match=r"timed out \(connect_timeout 0.3 s"):
+                RemoteReward(f"http://127.0.0.1:{address[1]}", api="fastalign", timeout=30, connect_timeout=0.3,
+                             retries=0)([[1]], [[2]])
+            assert time.monotonic() - start < 2
+        finally:
+            for sock in held:
+                sock.close()
+    start = time.monotonic()
+    with pytest.raises(RemoteError, match="cannot reach the server: .*refused"):
+        RemoteReward(dead_url(), api="fastalign", timeout=30, connect_timeout=30, retries=0)([[1]], [[2]])
+    assert time.monotonic() - start < 2

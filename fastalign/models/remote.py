@@ -41,12 +41,19 @@ Several servers (``ServerPool``): every client takes one base URL or a list of t
 requests are spread round-robin, a failed request moves to the next server, and a server that keeps failing
 is tried last. A request that fails on every server is retried with exponential backoff; fastalign's requests
 are all safe to repeat (a seeded completion draws the same tokens again, a reward is a pure function).
-Each transport failure ends as a ``RemoteError`` that names the servers and the request, never a hang (every
-request has a timeout) and never a raw ``urllib`` / ``http.client`` exception.
+Each transport failure ends as a ``RemoteError`` that names the servers and the request, never a hang and
+never a raw ``urllib`` / ``http.client`` exception.
+
+Timeouts: a try waits ``connect_timeout`` seconds (default 10) for its connection and then ``timeout`` seconds
+(default 600: a long generation on a busy server) for each read of the answer. A server that accepts and
+then freezes therefore stalls a try for ``timeout`` seconds, and a request for up to
+``(retries + 1) * servers * timeout`` plus the backoff before its ``RemoteError``: lower ``timeout`` when the
+answers are known to come faster. A server that is down fails at once (refused) or after ``connect_timeout``.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import socket
@@ -61,7 +68,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import InputError
-from ..validation import check_context_length, check_seed
+from ..validation import check_context_length, check_float, check_seed
 from .causal_lm import ModelCounters, eos_token_ids
 
 _GOLDEN = 0x9E3779B1
@@ -124,7 +131,45 @@ def _base(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-def _post(url: str, payload: dict | None, timeout: float, api_key: str | None) -> dict:
+@functools.cache
+def _reading_within(http_class: type, read_timeout: float) -> type:
+    """``http_class`` (an ``http.client`` connection) whose ``timeout`` bounds the connect (TCP, proxy tunnel,
+    TLS) only; then each read of the answer waits at most ``read_timeout`` seconds."""
+
+    class Connection(http_class):
+        def connect(self):
+            super().connect()
+            self.sock.settimeout(read_timeout)
+
+    return Connection
+
+
+class _ReadTimeout:
+    """A urllib handler whose connections take ``read_timeout`` for reads (``open(timeout=...)``: the connect)."""
+
+    def __init__(self, read_timeout: float):
+        super().__init__()
+        self.read_timeout = read_timeout
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_reading_within(http_class, self.read_timeout), req, **kwargs)
+
+
+class _HTTPHandler(_ReadTimeout, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_ReadTimeout, urllib.request.HTTPSHandler):
+    pass
+
+
+def _opener(read_timeout: float) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies from the environment included) with separate connect and read timeouts."""
+    return urllib.request.build_opener(_HTTPHandler(read_timeout), _HTTPSHandler(read_timeout))
+
+
+def _post(url: str, payload: dict | None, opener: urllib.request.OpenerDirector, connect_timeout: float,
+          read_timeout: float, api_key: str | None) -> dict:
     """One HTTP request; ``_Transient`` for what another try may fix, ``RemoteError`` for the rest."""
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -132,7 +177,7 @@ def _post(url: str, payload: dict | None, timeout: float, api_key: str | None) -
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with opener.open(req, timeout=connect_timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as e:
         message = f"HTTP {e.code}: {e.read().decode(errors='replace')[:1000]}"
@@ -140,9 +185,12 @@ def _post(url: str, payload: dict | None, timeout: float, api_key: str | None) -
             raise _Transient(message) from None
         raise RemoteError(message) from None
     except urllib.error.URLError as e:
+        if isinstance(e.reason, (socket.timeout, TimeoutError)):  # while connecting or sending the request
+            raise _Transient(f"cannot reach the server: timed out (connect_timeout {connect_timeout:g} s, "
+                             f"timeout {read_timeout:g} s)") from None
         raise _Transient(f"cannot reach the server: {e.reason}") from None
     except (socket.timeout, TimeoutError):
-        raise _Transient(f"no answer within {timeout:g} s") from None
+        raise _Transient(f"no answer within {read_timeout:g} s") from None
     except (ConnectionError, http.client.HTTPException, OSError) as e:
         raise _Transient(f"connection failed: {type(e).__name__}: {e}") from None
     try:
@@ -158,19 +206,24 @@ class ServerPool:
     """Base URLs used as one server (see the module docstring): data parallelism without new infrastructure.
 
     ``retries`` rounds over all servers follow the first, after ``backoff * 2**k`` seconds. ``answered``
-    counts the requests each server answered.
+    counts the requests each server answered. ``connect_timeout``: seconds a try waits for its connection;
+    ``timeout``: seconds it then waits for each read of the answer (600 by default, so a frozen server stalls
+    a try that long: see "Timeouts" in the module docstring).
     """
 
     def __init__(self, base_urls, api_key: str | None = None, timeout: float = 600.0, retries: int = 3,
-                 backoff: float = 0.5):
+                 backoff: float = 0.5, connect_timeout: float = 10.0):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls or [])
         if not urls or not all(isinstance(u, str) and u for u in urls):
             raise InputError(f"give a server base URL or a list of them, got {base_urls!r}")
         if not (isinstance(retries, int) and retries >= 0) or not backoff >= 0 or not timeout > 0:
             raise InputError(f"retries must be an integer >= 0, backoff >= 0 and timeout > 0; got {retries!r}, "
                              f"{backoff!r}, {timeout!r}")
+        check_float("connect_timeout", connect_timeout, low=0.0, low_open=True)
         self.urls = [_base(u) for u in urls]
         self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
+        self.connect_timeout = connect_timeout
+        self._opener = _opener(timeout)
         self.answered = Counter()
         self._failures = Counter()  # failures in a row, per server
         self._turn = 0
@@ -193,7 +246,8 @@ class ServerPool:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             for url in self._order():
                 try:
-                    answer = _post(url + path, payload, self.timeout, self.api_key)
+                    answer = _post(url + path, payload, self._opener, self.connect_timeout, self.timeout,
+                                   self.api_key)
                 except _Transient as e:
                     errors.append(f"{url}{path}: {e}")
                     with self._lock:
@@ -246,12 +300,14 @@ class RemoteLM:
     ``base_url``: one URL or a list (a ``ServerPool``). ``model`` defaults to the first model the server lists;
     ``eos_token_ids`` defaults to what the server lists for it (fastalign.serve does; for vLLM pass them, e.g.
     ``eos_token_ids_of(PATH)``). ``counters`` counts requests and the tokens sent plus received (what a server
-    without prefix caching would process).
+    without prefix caching would process). ``timeout``, ``connect_timeout``, ``retries``, ``backoff``: see
+    ``ServerPool``.
     """
 
     def __init__(self, base_url, model: str | None = None, eos_token_ids=None, api_key: str | None = None,
-                 timeout: float = 600.0, max_concurrency: int = 64, retries: int = 3, backoff: float = 0.5):
-        self.pool = ServerPool(base_url, api_key, timeout, retries, backoff)
+                 timeout: float = 600.0, max_concurrency: int = 64, retries: int = 3, backoff: float = 0.5,
+                 connect_timeout: float = 10.0):
+        self.pool = ServerPool(base_url, api_key, timeout, retries, backoff, connect_timeout)
         self.max_concurrency = max_concurrency
         self.counters = ModelCounters()
         self._count_lock = threading.Lock()  # requests finish on several threads
@@ -345,12 +401,12 @@ class RemoteReward:
 
     def __init__(self, base_url, model: str | None = None, api: str = "auto", api_key: str | None = None,
                  timeout: float = 600.0, batch_size: int = 64, max_concurrency: int = 8, retries: int = 3,
-                 backoff: float = 0.5):
+                 backoff: float = 0.5, connect_timeout: float = 10.0):
         if api not in self.APIS:
             raise InputError(f"api must be one of {self.APIS}, got {api!r}")
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.pool = ServerPool(base_url, api_key, timeout, retries, backoff)
+        self.pool = ServerPool(base_url, api_key, timeout, retries, backoff, connect_timeout)
         self.model, self.api, self.batch_size, self.max_concurrency = model, api, batch_size, max_concurrency
 
     def _resolve(self) -> None:
