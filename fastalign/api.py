@@ -142,6 +142,14 @@ class Engine:
                     raise
                 raise InputError(f"prompt {index}: {e}") from None
 
+    def context(self, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed,
+                num_prompts: int = 1) -> Context:
+        """The context a decode of ``num_prompts`` prompts runs in: this engine's models, the sampling settings and
+        the prompts' randomness (``seed``: checked, see ``decode``). ``decode`` builds its own here, and so does the
+        server for each prompt it samples."""
+        return Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
+                       float(temperature), top_k, top_p, Randomness(seed, num_prompts))
+
     def _decode(self, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
                 options) -> DecodeOutput:
         self._prompt_ids = []
@@ -160,14 +168,12 @@ class Engine:
         temperature, top_k, top_p = spec.sampling_settings(temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)
-        rng = Randomness(seed, len(prompt_ids))  # checks the seed (validation.check_seed)
+        ctx = self.context(max_new_tokens, temperature, top_k, top_p, seed, len(prompt_ids))  # checks the seed
         models = {role: getattr(self, role) for role in MODEL_ROLES if getattr(self, role) is not None}
         used = {role: m for role, m in models.items() if role in spec.roles
                 and not getattr(m, "retokenize", False)}  # a re-tokenising reward counts other tokens
         check.check_context_lengths(used, prompt_ids, max_new_tokens)
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
-        ctx = Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
-                      float(temperature), top_k, top_p, rng)
         start = time.perf_counter()
         result = spec.run(ctx, prompt_ids, **options)
         wall = time.perf_counter() - start

@@ -8,10 +8,10 @@ model.
 or in Python: ``server, url = fastalign.serve.start(target=model, reward=reward_fn)`` (a background
 thread; ``server.shutdown()`` stops it).
 
-Sampling: each prompt of a request is sampled alone from ``Randomness(seed)`` with the decode's kernels
-(``temperature == 0`` is greedy), so a seeded request is reproducible and draws the tokens a local
-fastalign decode of that single row would draw from the same seed. Prompts of one request share its
-seed, as in vLLM. Responses carry ``choices[i].token_ids`` (EOS kept), ``text`` when a tokenizer is known,
+Sampling: each prompt of a request is sampled alone in a decode context of the engine's
+(``Engine.context(..., seed)``) with the decode's kernels (``temperature == 0`` is greedy), so a seeded request
+is reproducible and draws the tokens a local fastalign decode of that single row would draw from the same seed.
+Prompts of one request share its seed, as in vLLM. Responses carry ``choices[i].token_ids`` (EOS kept), ``text`` when a tokenizer is known,
 ``finish_reason`` (``"stop"`` at EOS, a stop token or a stop string, else ``"length"``) and ``stop_reason``
 (the stop token id or string that ended it, else null).
 
@@ -63,7 +63,6 @@ import torch
 from .api import Engine
 from .errors import InputError
 from .kernels import truncate_logits
-from .methods.base import Context, Randomness
 from .validation import (
     SEED_LIMIT,
     check_context_lengths,
@@ -165,6 +164,7 @@ class _Models:
     """What the server holds: the wrapped target and reward, the tokenizer and a lock (one model call at a time)."""
 
     def __init__(self, engine: Engine, model_name: str, limits: Limits):
+        self.engine = engine  # decode contexts come from it (Engine.context)
         self.target, self.reward, self.tokenizer = engine.target, engine.reward, engine.tokenizer
         self.model_name = public_model_name(model_name)
         self.limits = limits
@@ -233,8 +233,7 @@ class _Models:
         tokens, chosen, top = [], [], []
         finish, reason, text = "length", None, None
         if s.max_tokens > 0:
-            ctx = Context(self.target, None, None, None, self.tokenizer, s.max_tokens, s.temperature, s.top_k,
-                          s.top_p, Randomness(s.seed))
+            ctx = self.engine.context(s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed)
             with self.lock:
                 logits = self.target.prefill([prompt], s.max_tokens)  # [1, V]
                 while True:
