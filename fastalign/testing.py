@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -53,6 +54,17 @@ def tiny_causal_lm(arch: str = "llama", vocab_size: int = 64, seed: int = 0, hid
     else:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     return model.to(dtype).eval()
+
+
+def perturbed(model, scale: float, seed: int):
+    """A copy of ``model`` with Gaussian noise of standard deviation ``scale`` added to every weight
+    (deterministic in ``seed``): a draft close to a target, or a ref close to a draft."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in out.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * scale)
+    return out
 
 
 def tiny_reward_model(arch: str = "llama", vocab_size: int = 64, seed: int = 1, hidden: int = 32,

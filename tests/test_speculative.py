@@ -9,26 +9,17 @@ import copy
 import functools
 
 import pytest
-import torch
 
 import fastalign
 from fastalign.kernels import spec_verify_torch
 from fastalign.kernels._verify_math import RATIO_INF
-from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, tilted_next_probs, tiny_causal_lm,
-                               total_variation, tv_threshold)
+from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, perturbed, tilted_next_probs,
+                               tiny_causal_lm, total_variation, tv_threshold)
 
 V, EOS = 5, 4
 PROMPT = [1, 2]
 DRAWS = 4000
 
-
-def perturbed(model, scale, seed):
-    out = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in out.parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * scale)
-    return out
 
 
 @pytest.fixture(scope="module")

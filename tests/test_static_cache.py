@@ -6,7 +6,6 @@ and exact-law tests of the other files also run on both layers (fixtures ``layer
 """
 
 import collections
-import copy
 import hashlib
 
 import pytest
@@ -18,8 +17,8 @@ from fastalign.models import slots as static_cache
 from fastalign.models.causal_lm import CausalLM
 from fastalign.models.ragged import RaggedStore
 from fastalign.models.slots import SlotStore, StaticOptions, batch_bucket, width_bucket
-from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, tiny_causal_lm, tiny_reward_model,
-                               total_variation, tv_threshold)
+from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, perturbed, tiny_causal_lm,
+                               tiny_reward_model, total_variation, tv_threshold)
 
 UNCOMPILED = StaticOptions(compile=False)
 PADDED = StaticOptions(compile=True)  # with the fixture compile_as_identity: the compiled path, not compiled
@@ -208,14 +207,6 @@ def test_compaction_between_tree_levels_keeps_each_rows_path(monkeypatch, option
         for b, r in enumerate(rows):
             assert_close(outs[1][b, -1], model(torch.tensor([r + [50 + b]])).logits[0, -1].float())
 
-
-def perturbed(model, scale, seed):
-    out = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in out.parameters():
-            param.add_(torch.randn(param.shape, generator=gen) * scale)
-    return out
 
 
 @pytest.mark.parametrize("flags", [dict(static_cache=True), dict(compile=True)], ids=["static", "padded"])
