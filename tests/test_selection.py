@@ -128,7 +128,7 @@ def test_bon_and_soft_bon_differ_only_in_their_default_rule(target):
     assert decode(target, "soft_bon", n=4, select="best").sequences == decode(target, "bon", n=4).sequences
 
 
-@pytest.mark.parametrize("method", ["bon", "soft_bon"])
+@pytest.mark.parametrize("method", ["bon", "soft_bon", "speculative_rejection"])
 @pytest.mark.parametrize("options, message", [
     (dict(select="vote"), r"select must be one of \('best', 'sample', 'majority', 'weighted_majority'\)"),
     (dict(select="majority"), "select='majority' votes over answers: pass answer_fn"),
