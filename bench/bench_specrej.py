@@ -59,8 +59,8 @@ def main(argv=None):
             chosen = out.extra["rewards"].gather(1, out.extra["chosen_index"][:, None])
             acc["reward"] += float(chosen.mean())
             if method == "bon":  # every candidate to the end: what speculative_rejection with alpha=0 generates
-                every = engine.decode(ids, method="speculative_rejection", alpha=0.0, max_new_tokens=args.max_new_tokens,
-                                      seed=seed, n=options["n"])
+                every = engine.decode(ids, method="speculative_rejection", alpha=0.0, seed=seed, n=options["n"],
+                                      max_new_tokens=args.max_new_tokens)
                 assert every.sequences == out.sequences
                 acc["generated"] += every.stats["candidate_tokens"]
             else:
@@ -84,7 +84,8 @@ def main(argv=None):
           "rule-based reward of the returned responses, in [-1, 1]; RM: the reward model's score of them; "
           "generated: tokens generated over all candidates of all prompts; target / RM tokens: tokens the target "
           "and the reward model processed (prompts included); wall: the decode call.\n\n"
-          + markdown_table(["run", "gold", "RM", "generated tokens", "pruned", "target tokens", "RM tokens", "wall (s)"],
+          + markdown_table(["run", "gold", "RM", "generated tokens", "pruned", "target tokens", "RM tokens",
+                            "wall (s)"],
                            [[r["run"], f"{r['gold']:+.3f}", f"{r['reward']:+.3f}", f"{r['generated']:.0f}",
                              f"{r['pruned']:.1f}", f"{r['target_tokens']:.0f}", f"{r['reward_tokens']:.0f}",
                              f"{r['wall']:.2f}"] for r in rows]))

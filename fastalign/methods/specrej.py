@@ -31,9 +31,10 @@ finished candidates leave the target's and the reward's caches at a round that s
 (``select_rows``).
 
 ``extra``: ``rewards [B, n]`` (final rewards of finished candidates, NaN for stopped ones), ``chosen_index [B]``,
-``candidates`` (``[B][n]`` token lists: a stopped candidate's tokens up to its round), ``pruned_round [B, n]`` (the round that stopped a candidate, -1 if never), ``rounds``: one entry per scoring
-round ``{"round", "tokens" (generated per live candidate so far), "partial_rewards" [B, n] (NaN where not
-scored), "pruned" (per prompt, the candidates stopped)}``. ``stats``: ``candidates_pruned``,
+``candidates`` (``[B][n]`` token lists: a stopped candidate's tokens up to its round), ``pruned_round [B, n]``
+(the round that stopped a candidate, -1 if never), ``rounds``: one entry per scoring round ``{"round", "tokens"
+(generated per live candidate so far), "partial_rewards" [B, n] (NaN where not scored), "pruned" (per prompt, the
+candidates stopped)}``. ``stats``: ``candidates_pruned``,
 ``rejection_rounds``, ``candidate_tokens`` (tokens generated over all candidates, stopped ones included) and
 ``reward_scorings`` (reward calls: one per round, plus the final one).
 """
