@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -175,7 +176,8 @@ def _resume_generate(args, prompts: list[str], options: dict, sampling: dict) ->
 
 def per_prompt_values(extra: dict, rows: int) -> list[dict]:
     """From a decode's ``out.extra``, the values that are one number or one list of numbers per prompt
-    (e.g. ``bon``'s rewards, ``cards``' reward_threshold); others (trajectories) are left out."""
+    (e.g. ``bon``'s rewards, ``cards``' reward_threshold); others (trajectories) are left out. NaN and
+    infinities become None."""
     import torch
 
     out = [{} for _ in range(rows)]
@@ -187,8 +189,13 @@ def per_prompt_values(extra: dict, rows: int) -> list[dict]:
                    for v in value)
         if flat:
             for i, v in enumerate(value):
-                out[i][key] = v
+                out[i][key] = [_json_number(x) for x in v] if isinstance(v, list) else _json_number(v)
     return out
+
+
+def _json_number(x):
+    """``x``, or None for NaN and infinities (JSON has no such numbers; e.g. a stopped candidate's reward)."""
+    return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
 def cmd_generate(args) -> int:

@@ -64,7 +64,8 @@ def test_generate_jsonl_matches_decode(model_dirs, tmp_path):
     assert [ln["prompt"] for ln in lines] == ["w1 w2", "w3"]
     assert [ln["tokens"] for ln in lines] == expected.sequences
     assert [ln["completion"] for ln in lines] == expected.texts
-    assert all(ln["method"] == "bon" and ln["options"] == {"n": 3} for ln in lines)
+    assert all(ln["method"] == "bon" and ln["options"] == {"n": 3, "select": "best", "answer_fn": None, "lam": 1.0}
+               for ln in lines)
     # per-prompt values where they exist; the decode call's stats under "batch"
     assert [ln["generated_tokens"] for ln in lines] == [len(s) for s in expected.sequences]
     assert [ln["rewards"] for ln in lines] == expected.extra["rewards"].tolist()

@@ -1,8 +1,11 @@
-"""``bon`` and ``soft_bon``: N samples per prompt, then pick by reward.
+"""``bon`` and ``soft_bon``: N samples per prompt, then pick one by reward (``fastalign.methods.selection``).
 
-``bon`` returns the highest-reward sample (the first one among equal rewards); ``soft_bon`` returns sample
-``i`` with probability ``softmax(r / lam)_i``. The N samples of a prompt share its prefilled KV cache (with a
-remote target: one request for the N samples of a prompt).
+``bon`` returns the highest-reward sample by default (``select="best"``: the first one among equal rewards);
+``soft_bon`` returns sample ``i`` with probability ``softmax(r / lam)_i`` by default (``select="sample"``). Both
+take every rule of ``selection.SELECT_RULES`` (``"majority"`` and ``"weighted_majority"`` vote over the answers
+of ``answer_fn``; the weights are ``softmax(r / lam)``), so they differ only in their default rule. The N
+samples of a prompt share its prefilled KV cache (with a remote target: one request for the N samples of a
+prompt).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import Context, MethodResult, ResponseSampler
+from .selection import check_select, select as select_candidates
 
 
 def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[list[list[int]], torch.Tensor]:
@@ -21,20 +25,18 @@ def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[lis
     return samples, rewards.view(len(prompts), n)
 
 
-def run(ctx: Context, prompts: list[list[int]], n: int = 16) -> MethodResult:
+def run(ctx: Context, prompts: list[list[int]], n: int = 16, select: str = "best", answer_fn=None,
+        lam: float = 1.0) -> MethodResult:
+    """``n`` samples per prompt, one chosen by ``select``. ``extra``: ``rewards [B, n]``, ``chosen_index [B]``."""
+    answer = check_select(ctx, select, answer_fn, lam)
     samples, rewards = draw_candidates(ctx, prompts, n)
-    best = rewards.argmax(1)
-    chosen = [samples[b * n + int(i)] for b, i in enumerate(best)]
-    return MethodResult(chosen, {"rewards": rewards, "chosen_index": best})
+    candidates = [samples[b * n:(b + 1) * n] for b in range(len(prompts))]
+    chosen = select_candidates(ctx, select, candidates, rewards, lam, answer)
+    return MethodResult([candidates[b][int(i)] for b, i in enumerate(chosen)],
+                        {"rewards": rewards, "chosen_index": chosen})
 
 
-def run_soft(ctx: Context, prompts: list[list[int]], n: int = 16, lam: float = 1.0) -> MethodResult:
-    if lam <= 0:
-        raise ValueError(f"lam must be > 0, got {lam}")
-    samples, rewards = draw_candidates(ctx, prompts, n)
-    # in fp64 (an fp32 lam may round to 0) and shifted by the best reward: a tiny lam then gives -inf
-    # (probability 0) to the others, never inf - inf = NaN
-    shifted = rewards.double() - rewards.double().max(1, keepdim=True).values
-    pick = ctx.rng.categorical(torch.softmax(shifted / lam, dim=1), range(len(prompts)), "pick")
-    chosen = [samples[b * n + int(i)] for b, i in enumerate(pick)]
-    return MethodResult(chosen, {"rewards": rewards, "chosen_index": pick})
+def run_soft(ctx: Context, prompts: list[list[int]], n: int = 16, lam: float = 1.0, select: str = "sample",
+             answer_fn=None) -> MethodResult:
+    """``bon`` with ``select="sample"`` by default: sample ``i`` with probability ``softmax(r / lam)_i``."""
+    return run(ctx, prompts, n, select, answer_fn, lam)

@@ -56,10 +56,11 @@ rejected step repeats the current state; step 0 is the initial sample), as QAlig
   ``"rouge1"`` (default; unigram F1 over token ids, QAlign's ``rouge`` metric), ``"answer"`` (1 when the
   answers agree) or a callable ``similarity(tokens_a, tokens_b) -> float``.
 
-The voting rules return the most recently visited state with the winning answer. States whose answer is
-``None`` (nothing extracted) do not vote unless no state has an answer. ``answer_fn`` is a name of
-``fastalign.methods.answers.EXTRACTORS`` (``"last_number"``, ``"boxed"``, ``"option"``; they read the decoded text
-and need a tokenizer) or a callable given the decoded text when a tokenizer is known, else the token list.
+The voting rules (``fastalign.methods.selection.vote``) return the most recently visited state with the
+winning answer. States whose answer is ``None`` (nothing extracted) do not vote unless no state has an answer.
+``answer_fn`` is a name of ``fastalign.methods.answers.EXTRACTORS`` (``"last_number"``, ``"boxed"``, ``"option"``;
+they read the decoded text and need a tokenizer) or a callable given the decoded text when a tokenizer is known,
+else the token list (``selection.answer_extractor``).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ import torch
 from ..errors import InputError
 from ..models.causal_lm import right_pad
 from ..models.remote import RemoteError, RemoteLM
-from .answers import get_extractor
 from .base import Context, MethodResult, Randomness, sample_continuations
+from .selection import VOTING_RULES, check_select, vote
 
 SELECT_RULES = ("last", "majority", "weighted_majority", "best_reward", "mbr")
 MAX_LOG_RATIO = 20.0
@@ -258,16 +259,11 @@ def select_state(chains: list[list[dict]], rule: str, answer=None, beta: float =
     if rule == "mbr":
         return list(_mbr([s[0] for s in pool], similarity, answer))
     answers = [answer(s[0]) for s in pool]
-    voters = [k for k, a in enumerate(answers) if a is not None] or list(range(len(pool)))
     if rule == "majority":
         weights = [1.0] * len(pool)
     else:  # weighted_majority
-        weights = torch.softmax(torch.tensor([pool[k][1] for k in range(len(pool))], dtype=torch.float64) / beta,
-                                0).tolist()
-    totals: dict = {}
-    for k in voters:
-        totals[answers[k]] = totals.get(answers[k], 0.0) + weights[k]
-    winner = max(totals, key=totals.get)  # the first answer reached wins a tie
+        weights = torch.softmax(torch.tensor([s[1] for s in pool], dtype=torch.float64) / beta, 0).tolist()
+    winner, voters = vote(answers, weights)
     return list(next(pool[k][0] for k in reversed(voters) if answers[k] == winner))
 
 
@@ -301,34 +297,9 @@ def _check_options(ctx, beta, steps, chains, select, answer_fn, burn_in, similar
         raise InputError(f"steps must be a non-negative integer, got {steps!r}")
     if not isinstance(chains, int) or chains < 1:
         raise InputError(f"chains must be a positive integer, got {chains!r}")
-    if select not in SELECT_RULES:
-        raise InputError(f"select must be one of {SELECT_RULES}, got {select!r}")
     if not isinstance(burn_in, int) or not 0 <= burn_in <= steps:
         raise InputError(f"burn_in must be an integer in [0, steps={steps}], got {burn_in!r}")
     if not (similarity in ("rouge1", "answer") or callable(similarity)):
         raise InputError(f"similarity must be 'rouge1', 'answer' or a callable, got {similarity!r}")
-    needs_answer = select in ("majority", "weighted_majority") or (select == "mbr" and similarity == "answer")
-    if answer_fn is None:
-        if needs_answer:
-            raise InputError(f"select={select!r} votes over answers: pass answer_fn (a callable or one of "
-                             "'last_number', 'boxed', 'option')")
-        return None
-    try:
-        extract = get_extractor(answer_fn)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    tokenizer = ctx.tokenizer
-    if tokenizer is None:
-        if isinstance(answer_fn, str):
-            raise InputError(f"answer_fn={answer_fn!r} reads text: pass a tokenizer (or a callable over tokens)")
-        return lambda tokens: extract(list(tokens))
-    cache: dict = {}
-
-    def answer(tokens):
-        key = tuple(tokens)
-        if key not in cache:
-            cache[key] = extract(tokenizer.decode(list(tokens), skip_special_tokens=True))
-        return cache[key]
-
-    return answer
-
+    needs_answer = select in VOTING_RULES or (select == "mbr" and similarity == "answer")
+    return check_select(ctx, select, answer_fn, beta, SELECT_RULES, needs_answer)

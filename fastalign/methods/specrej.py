@@ -1,0 +1,159 @@
+"""``speculative_rejection``: best-of-N with early pruning (Sun et al. 2024, "Fast Best-of-N Decoding via
+Speculative Rejection").
+
+Per prompt, ``n`` candidates start from the prompt's prefilled cache (its rows expanded ``n`` ways, as in
+``bon``) and are decoded token by token. Every ``round_tokens`` tokens the partial responses of the unfinished
+candidates are scored by the reward and, per prompt, the ``floor(alpha * U)`` lowest of its ``U`` unfinished
+candidates are stopped (among equal partial rewards the later candidate goes first); ``floor`` with ``alpha < 1``
+always leaves at least one unfinished candidate of a prompt alive. Finished candidates (EOS, or
+``max_new_tokens`` tokens) are kept and never scored again until the end. At the end every finished candidate is
+scored whole and ``select`` picks one (``fastalign.methods.selection``; default ``"best"``: the highest final
+reward, the first among equal rewards). The output is always a finished candidate::
+
+    prefill prompts; expand n
+    repeat: decode round_tokens tokens (sub-stream j of prompt b for candidate j, as bon)
+            score unfinished partials; stop the floor(alpha * U) lowest per prompt; drop their cache rows
+    until every candidate is finished or stopped
+    score the finished ones whole; select
+
+Randomness: candidate ``j`` of prompt ``b`` draws its tokens from sub-stream ``j`` of the prompt's stream, the
+stream ``bon``'s sample ``j`` uses, so with ``alpha=0`` (nothing is ever stopped) the candidates, their final
+rewards (one ``RewardModel.score`` call over the same rows) and the output are ``bon``'s, token for token.
+
+Rounds. The paper stops candidates at a "decision token", when the generation fills the memory budget, and
+again whenever it fills up; here a round comes every ``round_tokens`` generated tokens (default 16: on short
+responses, like the toy world's 24 tokens, one round happens; on long ones ``alpha=0.5`` halves a prompt's
+candidates every 16 tokens). ``alpha=0.5`` is the rejection rate of the paper's main experiments. Partial rewards
+come from the reward model's cached prefixes (``RewardModel.prefill`` of the partial responses at the first
+round that can stop something, ``append`` of the new tokens afterwards, ``select_rows`` to drop rows); a
+round where no prompt can stop a candidate (``floor(alpha * U) = 0`` everywhere) scores nothing. Stopped and
+finished candidates leave the target's and the reward's caches at a round that stops something
+(``select_rows``).
+
+``extra``: ``rewards [B, n]`` (final rewards of finished candidates, NaN for stopped ones), ``chosen_index [B]``,
+``candidates`` (``[B][n]`` token lists: a stopped candidate's tokens up to its round), ``pruned_round [B, n]``
+(the round that stopped a candidate, -1 if never), ``rounds``: one entry per scoring round ``{"round", "tokens"
+(generated per live candidate so far), "partial_rewards" [B, n] (NaN where not scored), "pruned" (per prompt, the
+candidates stopped)}``. ``stats``: ``candidates_pruned``,
+``rejection_rounds``, ``candidate_tokens`` (tokens generated over all candidates, stopped ones included) and
+``reward_scorings`` (reward calls: one per round, plus the final one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError
+from .base import Context, MethodResult, sample_continuations
+from .selection import check_select, select as select_candidates
+
+
+def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5, round_tokens: int = 16,
+        select: str = "best", answer_fn=None, lam: float = 1.0) -> MethodResult:
+    """Speculative rejection for every prompt; rows of the batch are live candidates (see the module docstring)."""
+    _check_options(n, alpha, round_tokens)
+    answer = check_select(ctx, select, answer_fn, lam)
+    B, M, lm = len(prompts), ctx.max_new_tokens, ctx.target
+    eos = lm.eos_token_ids
+    logits = lm.prefill(prompts, M)
+    if n > 1:
+        lm.expand(n)
+        logits = logits.repeat_interleave(n, 0)
+    # candidate c = b * n + j; the batch's rows hold candidates `rows` (in that order)
+    rows = list(range(B * n))
+    responses: list[list[int]] = [[] for _ in rows]
+    finished = [False] * (B * n)
+    pruned_round = torch.full((B, n), -1, dtype=torch.long)
+    rounds: list[dict] = []
+    scored = None  # tokens of each row's response in the reward's cache; None until the first scoring
+    tokens = 0  # generated per unfinished candidate so far
+    while True:
+        budget = min(round_tokens, M - tokens)
+        segments = sample_continuations(ctx, lm, logits, [0 if finished[c] else budget for c in rows],
+                                        [c // n for c in rows], [c % n for c in rows])
+        tokens += budget
+        for c, segment in zip(rows, segments):
+            if segment:
+                responses[c] += segment
+                finished[c] = segment[-1] in eos or len(responses[c]) >= M
+        unfinished = [r for r, c in enumerate(rows) if not finished[c]]
+        if not unfinished:
+            break
+        stop = _stop_counts(rows, finished, n, B, alpha)
+        if any(stop):
+            rows, logits, scored = _prune(ctx, prompts, rows, logits, responses, finished, scored, stop, n,
+                                          pruned_round, rounds, tokens)
+            unfinished = list(range(len(rows)))
+        live = torch.zeros(len(rows), dtype=torch.bool, device=logits.device)
+        live[unfinished] = True
+        last = torch.tensor([responses[c][-1] for c in rows], device=logits.device)
+        logits = lm.extend(last[:, None], live=live[:, None])[:, -1]
+
+    done = [[finished[b * n + j] for j in range(n)] for b in range(B)]
+    kept = [c for c in range(B * n) if finished[c]]
+    final = ctx.reward.score([prompts[c // n] for c in kept], [responses[c] for c in kept])
+    rewards = torch.full((B * n,), math.nan)
+    rewards[kept] = final
+    rewards = rewards.view(B, n)
+    available = torch.tensor(done)
+    candidates = [responses[b * n:(b + 1) * n] for b in range(B)]
+    chosen = select_candidates(ctx, select, candidates, torch.where(available, rewards, 0.0), lam, answer,
+                               available)
+    ctx.stats["candidates_pruned"] = int((pruned_round >= 0).sum())
+    ctx.stats["rejection_rounds"] = len(rounds)
+    ctx.stats["candidate_tokens"] = sum(map(len, responses))
+    ctx.stats["reward_scorings"] = len(rounds) + 1
+    return MethodResult([candidates[b][int(i)] for b, i in enumerate(chosen)],
+                        {"rewards": rewards, "chosen_index": chosen, "pruned_round": pruned_round,
+                         "rounds": rounds, "candidates": candidates})
+
+
+def _stop_counts(rows: list[int], finished: list[bool], n: int, B: int, alpha: float) -> list[int]:
+    """Per prompt, how many of its unfinished candidates a round stops: ``floor(alpha * U)``."""
+    unfinished = [0] * B
+    for c in rows:
+        unfinished[c // n] += not finished[c]
+    return [math.floor(alpha * u) for u in unfinished]
+
+
+def _prune(ctx: Context, prompts, rows, logits, responses, finished, scored, stop, n, pruned_round, rounds, tokens):
+    """Score the rows' partial responses, stop the ``stop[b]`` lowest unfinished candidates of each prompt, and drop
+    the stopped and the finished rows from both caches. Returns the new ``rows``, ``logits`` and ``scored``."""
+    if scored is None:  # first scoring round: the reward caches the unfinished rows' prompts and partial responses
+        scoring = [r for r, c in enumerate(rows) if not finished[c]]
+        scores = ctx.reward.prefill([prompts[rows[r] // n] for r in scoring], [responses[rows[r]] for r in scoring])
+    else:  # the reward's rows are the batch's rows (all unfinished at the last round): feed the new tokens
+        scoring = list(range(len(rows)))
+        scores = ctx.reward.append([[] if finished[c] else responses[c][s:] for c, s in zip(rows, scored)])
+    partial = dict(zip(scoring, scores.tolist()))
+    B = len(prompts)
+    table = torch.full((B, n), math.nan)
+    by_prompt: list[list[tuple[float, int]]] = [[] for _ in range(B)]
+    for r, c in enumerate(rows):
+        if not finished[c]:
+            table[c // n, c % n] = partial[r]
+            by_prompt[c // n].append((partial[r], -(c % n)))
+    stopped = []
+    for b in range(B):
+        lowest = sorted(by_prompt[b])[: stop[b]]  # lowest partial reward first; the later candidate among ties
+        stopped.append(sorted(-j for _, j in lowest))
+        pruned_round[b, stopped[b]] = len(rounds)
+    rounds.append({"round": len(rounds), "tokens": tokens, "partial_rewards": table, "pruned": stopped})
+    keep = [r for r, c in enumerate(rows) if not finished[c] and (c % n) not in stopped[c // n]]
+    ctx.target.select_rows(keep)
+    reward_row = {r: i for i, r in enumerate(scoring)}
+    ctx.reward.select_rows([reward_row[r] for r in keep])
+    rows = [rows[r] for r in keep]
+    return rows, logits[keep], [len(responses[c]) for c in rows]
+
+
+def _check_options(n, alpha, round_tokens) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < 1:
+        raise InputError(f"alpha must be a number in [0, 1) (the share of unfinished candidates stopped per "
+                         f"round), got {alpha!r}")
+    if isinstance(round_tokens, bool) or not isinstance(round_tokens, int) or round_tokens < 1:
+        raise InputError(f"round_tokens must be an integer >= 1, got {round_tokens!r}")
