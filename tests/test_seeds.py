@@ -45,6 +45,8 @@ METHODS = [
     ("rs", dict(reward_threshold="auto", max_rejections=3)),
     ("cards", dict(reward_threshold="auto", max_rejections=2, min_segment_tokens=1, entropy_threshold=1.0)),
     ("qalign", dict(steps=3, chains=2, select="best_reward")),
+    ("smc", dict(particles=3, segment_tokens=2, ess_threshold=1.0)),
+    ("smc", dict(particles=2, segment_tokens=3, delimiters=[1, 4], select="best")),
     ("sd", dict(num_draft_tokens=3, temperature=0.8, top_p=0.9)),
     ("sss", dict(num_draft_tokens=2, temperature=0.8, top_k=5)),
     ("sss", dict(tree="sampled", branching=(2, 2), top_p=0.95)),
