@@ -85,13 +85,16 @@ def test_log_z_is_unbiased_with_delimited_segments(model, laws):
     assert abs(error) < 4 * se, (error, se, Z)
 
 
-@pytest.mark.parametrize("variant", ["weights kept after resampling", "twist w_t as the increment"])
+@pytest.mark.parametrize("variant", ["weights kept after resampling", "twist w_t as the increment",
+                                     "psi_0 = 1 with increments from r_0"])
 def test_wrong_variants_are_biased(model, laws, monkeypatch, variant):
     _, _, Z = laws
     if variant == "weights kept after resampling":
         monkeypatch.setattr(smc, "reset_weights", lambda log_w, ancestors: log_w[ancestors])
-    else:
+    elif variant == "twist w_t as the increment":
         monkeypatch.setattr(smc, "log_increment", lambda r_new, r_old, beta: r_new.double() / beta)
+    else:  # the prompt's reward (0.9 here) left out of the final twist: Z_hat * exp(-0.9)
+        monkeypatch.setattr(smc, "initial_log_weight", lambda r_0, beta: torch.zeros_like(r_0, dtype=torch.float64))
     error, se = z_error(model, Z, particles=4, ess_threshold=1.0)
     assert abs(error) > 4 * se, (error, se, Z)
 

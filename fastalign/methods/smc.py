@@ -65,6 +65,12 @@ from .base import Context, MethodResult
 SELECT_RULES = ("sample", "best")
 
 
+def initial_log_weight(r_0: torch.Tensor, beta: float) -> torch.Tensor:
+    """The log of every particle's initial weight, ``log psi(empty) = r_0 / beta`` (fp64): the twist of the empty
+    response, whose reward ``r_0`` (the prompt alone) the first increment is measured from."""
+    return r_0.double() / beta
+
+
 def log_increment(r_new: torch.Tensor, r_old: torch.Tensor, beta: float) -> torch.Tensor:
     """The incremental log-weight of a step, ``log psi_t - log psi_(t-1) = (r_t - r_(t-1)) / beta`` (fp64)."""
     return (r_new.double() - r_old.double()) / beta
@@ -188,7 +194,7 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
             done = [done[i] for i in order]
 
     weights = torch.softmax(log_w, 1)  # [B, N]
-    log_z = r_0 / beta + torch.logsumexp(log_w, 1) - math.log(N)
+    log_z = initial_log_weight(r_0, beta) + torch.logsumexp(log_w, 1) - math.log(N)
     final_rewards = r_prev.view(B, N)
     if select == "sample":
         chosen = ctx.rng.categorical(weights, range(B), "pick")
