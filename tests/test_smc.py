@@ -167,6 +167,8 @@ def test_select_best_returns_the_highest_reward_particle(model):
     (dict(ess_threshold=1.5), "ess_threshold"),
     (dict(select="majority"), "select"),
     (dict(delimiters=[-1]), "delimiters"),
+    (dict(delimiters="\n"), "delimiters"),
+    (dict(delimiters=[1.5]), "delimiters"),
     (dict(particle=2), "particle"),
 ])
 def test_bad_options_are_input_errors(model, options, message):

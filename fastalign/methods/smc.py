@@ -109,14 +109,19 @@ def check_options(particles, beta, segment_tokens, delimiters, ess_threshold, se
         raise InputError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
     if select not in SELECT_RULES:
         raise InputError(f"select must be one of {SELECT_RULES}, got {select!r}")
-    delimiters = [] if delimiters is None else list(delimiters)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in delimiters):
-        raise InputError(f"delimiters must be a list of token ids (integers >= 0), got {delimiters!r}")
-    return delimiters
+    given = delimiters
+    if delimiters is None:
+        delimiters = []
+    elif isinstance(delimiters, int):  # one id (the command line's ``--opt delimiters=13``)
+        delimiters = [delimiters]
+    if not (isinstance(delimiters, (list, tuple)) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in delimiters)):
+        raise InputError(f"delimiters must be a token id or a list of token ids (integers >= 0), got {given!r}")
+    return list(delimiters)
 
 
 def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float = 1.0, segment_tokens: int = 16,
-        delimiters: list[int] | None = None, ess_threshold: float = 0.5, select: str = "sample") -> MethodResult:
+        delimiters: list[int] | int | None = None, ess_threshold: float = 0.5, select: str = "sample") -> MethodResult:
     """Particle filtering for every prompt (module docstring). Rows ``b * N + j`` are particle ``j`` of prompt
     ``b``; the returned response per prompt is chosen by ``select``."""
     delimiters = set(check_options(particles, beta, segment_tokens, delimiters, ess_threshold, select))
