@@ -33,7 +33,7 @@ ROUNDS = 10
 UNIFORM_BITS = 23
 
 # purposes: the third field of a counter (8 bits)
-PURPOSES = ("token", "accept", "race", "draft", "pick", "index", "mh", "request", "kernel")
+PURPOSES = ("token", "accept", "race", "draft", "pick", "index", "mh", "request", "kernel", "resample")
 
 
 def mix64(x: int) -> int:

@@ -61,6 +61,7 @@ CASES = [
     ("sss", {"tree": "sampled"}),
     ("sss", {"variant": "paper", "bonus_on_full_accept": False}),
     ("qalign", {"steps": 3, "chains": 2}),
+    ("smc", {"particles": 3, "segment_tokens": 4}),
 ]
 
 

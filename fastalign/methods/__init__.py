@@ -87,6 +87,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sss", "speculative:run_sss", ("target", "draft"), optional=("ref",), draft_model="aligned_draft"),
     Method("qalign", "qalign:run", ("target", "reward"), remote_target=True),
     Method("speculative_rejection", "specrej:run", ("target", "reward")),
+    Method("smc", "smc:run", ("target", "reward")),
 )}
 
 

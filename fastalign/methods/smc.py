@@ -1,0 +1,214 @@
+"""``smc``: particle filtering (sequential Monte Carlo) towards QAlign's target (docs/design.md section 1.3b).
+
+Target law over complete responses ``y`` (EOS kept when there is one)::
+
+    P(y) ∝ p(y | x) * exp(r(x, y) / beta),     Z = sum_y p(y | x) * exp(r(x, y) / beta)
+
+where ``p`` is the target as it samples (its per-token distributions at the decode's temperature / top-k /
+top-p, as in ``qalign``). Per prompt, ``particles = N`` rows share the prompt's prefilled cache (``expand``).
+
+Twist. ``psi(s) = exp(r(x, s) / beta)`` for a partial response ``s``: the reward (model or callable) of the
+prompt and the prefix, as if it were a whole response. ``r_0 = r(x, [])`` is the reward of the prompt alone.
+
+Weights (log domain, fp64). Every particle starts with the weight ``w = psi(empty) = exp(r_0 / beta)``
+(carried as the constant ``r_0 / beta`` of ``log_z``; the particles' log-weights start at 0). A step extends
+every live particle by one segment ``s_(t-1) -> s_t`` sampled from ``p`` and multiplies its weight by the
+incremental weight ``psi(s_t) / psi(s_(t-1))``: ``log w += (r_t - r_(t-1)) / beta``. A particle whose
+response has ended (EOS, or ``max_new_tokens`` tokens) takes no further step and keeps its weight. The product
+of the increments telescopes, so a finished particle's weight is ``exp(r(y) / beta)`` times the factors of the
+resamplings: the final twist is the target's tilt. (Any intermediate twist gives an unbiased estimator; the
+prompt-only reward as ``r_0`` just keeps the first increment small.)
+
+Resampling. After each step, per prompt, ``ESS = (sum w)^2 / sum w^2``; when ``ESS < ess_threshold * N`` the
+prompt's particles are resampled systematically (one uniform ``u`` from the prompt's own stream ``"resample"``,
+positions ``(u + i) / N``, ``i = 0..N-1``, against the cumulative normalised weights; finished particles take
+part like any other) and every weight is reset to the prompt's mean weight. Resampling is a row gather of the
+target's and the reward's caches (``select_rows``).
+
+Estimate of the normalising constant. Since weights are reset to their mean (not to 1), the final mean weight
+already carries the product of the epochs' means (design: ``Z_hat = prod_epochs mean_i(w) x final mean``)::
+
+    log Z_hat = r_0 / beta + log mean_i w_i(final)
+
+It is unbiased for ``Z`` at every ``N`` (``out.extra["log_z"]``; ``exp`` of it, not the log, is unbiased).
+
+Segments. A segment ends after ``segment_tokens`` tokens, after a token in ``delimiters`` (optional, e.g. the
+ids of a newline), or where the response ends. Particles move in lockstep: a step ends when every live
+particle's segment has ended.
+
+Output (``select``): ``"sample"`` (default): one particle per prompt drawn by its final normalised weight (the
+consistent estimator of ``P``: its law tends to ``P`` as ``N`` grows); ``"best"``: the particle with the highest
+reward ``r(y)`` (the first among ties).
+
+Randomness. Particle ``j`` of prompt ``b`` samples its tokens from prompt ``b``'s sub-stream ``j`` (purpose
+``"token"``), like sample ``j`` of ``sample`` / ``bon``; a resampled particle keeps its own stream. So
+``particles=1`` (never resampled: ESS = N) gives ``sample``'s tokens, token for token.
+
+Cost: the target processes every particle's tokens once (one batched ``extend`` per token); the reward model
+processes each step's segments on top of its cached prefixes (``RewardModel.append``; a callable reward scores
+the whole prefixes). Stats: ``smc_steps`` (steps of the batch), ``smc_resamplings`` (resampling events, all
+prompts), ``smc_mean_ess`` (mean ESS over the prompts' steps, before resampling).
+``out.extra``: ``particles`` (``[B][N]`` responses), ``weights`` (``[B, N]`` final normalised weights, fp64),
+``log_z`` (``[B]`` fp64), ``rewards`` (``[B, N]`` final rewards), ``chosen_index`` (``[B]``), ``resamplings``
+(per prompt), ``ess`` (per prompt, the ESS after each of its steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError
+from .base import Context, MethodResult
+
+SELECT_RULES = ("sample", "best")
+
+
+def initial_log_weight(r_0: torch.Tensor, beta: float) -> torch.Tensor:
+    """The log of every particle's initial weight, ``log psi(empty) = r_0 / beta`` (fp64): the twist of the empty
+    response, whose reward ``r_0`` (the prompt alone) the first increment is measured from."""
+    return r_0.double() / beta
+
+
+def log_increment(r_new: torch.Tensor, r_old: torch.Tensor, beta: float) -> torch.Tensor:
+    """The incremental log-weight of a step, ``log psi_t - log psi_(t-1) = (r_t - r_(t-1)) / beta`` (fp64)."""
+    return (r_new.double() - r_old.double()) / beta
+
+
+def reset_weights(log_w: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """Log-weights of one prompt's particles after resampling ``ancestors [N]``: all equal to the log of the
+    mean weight before resampling (so the final mean weight still carries the epoch's mean)."""
+    mean = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+    return mean.expand(log_w.shape[0]).clone()
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """``(sum w)^2 / sum w^2`` of each row of ``log_w [..., N]`` (fp64)."""
+    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+
+
+def systematic_resample(log_w: torch.Tensor, u: float) -> torch.Tensor:
+    """Systematic resampling of ``log_w [N]`` with one uniform ``u`` in (0, 1): particle ``i`` takes the ancestor
+    whose cumulative normalised weight first exceeds ``(u + i) / N``.  [N] int64."""
+    N = log_w.shape[0]
+    cdf = torch.cumsum(torch.softmax(log_w, 0), 0)
+    positions = (u + torch.arange(N, dtype=torch.float64)) / N
+    return torch.searchsorted(cdf, positions, right=True).clamp(max=N - 1)
+
+
+def check_options(particles, beta, segment_tokens, delimiters, ess_threshold, select) -> list[int]:
+    """Validate the options; returns the delimiter ids as a list."""
+    if not (isinstance(particles, int) and particles >= 1):
+        raise InputError(f"particles must be an integer >= 1, got {particles!r}")
+    if not beta > 0:
+        raise InputError(f"beta must be > 0, got {beta}")
+    if not (isinstance(segment_tokens, int) and segment_tokens >= 1):
+        raise InputError(f"segment_tokens must be an integer >= 1, got {segment_tokens!r}")
+    if not 0 <= ess_threshold <= 1:
+        raise InputError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
+    if select not in SELECT_RULES:
+        raise InputError(f"select must be one of {SELECT_RULES}, got {select!r}")
+    given = delimiters
+    if delimiters is None:
+        delimiters = []
+    elif isinstance(delimiters, int):  # one id (the command line's ``--opt delimiters=13``)
+        delimiters = [delimiters]
+    if not (isinstance(delimiters, (list, tuple)) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in delimiters)):
+        raise InputError(f"delimiters must be a token id or a list of token ids (integers >= 0), got {given!r}")
+    return list(delimiters)
+
+
+def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float = 1.0, segment_tokens: int = 16,
+        delimiters: list[int] | int | None = None, ess_threshold: float = 0.5, select: str = "sample") -> MethodResult:
+    """Particle filtering for every prompt (module docstring). Rows ``b * N + j`` are particle ``j`` of prompt
+    ``b``; the returned response per prompt is chosen by ``select``."""
+    delimiters = set(check_options(particles, beta, segment_tokens, delimiters, ess_threshold, select))
+    B, N = len(prompts), particles
+    R = B * N
+    target, reward = ctx.target, ctx.reward
+    eos = target.eos_token_ids
+    owner = [b for b in range(B) for _ in range(N)]  # the prompt of each row
+    subs = [j for _ in range(B) for j in range(N)]  # each row's particle index: its token sub-stream
+
+    logits = target.prefill(prompts, ctx.max_new_tokens).repeat_interleave(N, 0)  # [R, V]
+    target.expand(N)
+    r_0 = reward.prefill(prompts).double()  # [B]: the reward of the prompt alone
+    reward.select_rows(torch.arange(B).repeat_interleave(N).tolist())
+    r_prev = r_0.repeat_interleave(N)  # [R]: each particle's reward so far
+    log_w = torch.zeros(B, N, dtype=torch.float64)  # relative to the initial weight exp(r_0 / beta)
+
+    responses: list[list[int]] = [[] for _ in range(R)]
+    done = [False] * R
+    resamplings, ess_path = [0] * B, [[] for _ in range(B)]
+    steps = 0
+    device = logits.device
+    while not all(done):
+        steps += 1
+        # 1. extend every live particle by one segment
+        segments: list[list[int]] = [[] for _ in range(R)]
+        open_ = [not d for d in done]
+        moved = list(open_)
+        while any(open_):
+            tokens = ctx.sample(logits, owner, subs, active=open_)
+            fed = [False] * R
+            for r, token in enumerate(tokens.tolist()):
+                if not open_[r]:
+                    continue
+                segments[r].append(token)
+                responses[r].append(token)
+                if token in eos or len(responses[r]) >= ctx.max_new_tokens:
+                    done[r], open_[r] = True, False  # its last token is never fed
+                    continue
+                fed[r] = True
+                open_[r] = len(segments[r]) < segment_tokens and token not in delimiters
+            if any(fed):
+                live = torch.tensor(fed, device=device)[:, None]
+                logits = torch.where(live, target.extend(tokens[:, None], live=live)[:, -1], logits)
+
+        # 2. reweight by the twist's increment
+        r_new = reward.append(segments).double()
+        inc = log_increment(r_new, r_prev, beta)
+        log_w += torch.where(torch.tensor(moved), inc, torch.zeros_like(inc)).view(B, N)
+        r_prev = torch.where(torch.tensor(moved), r_new, r_prev)
+
+        # 3. resample the prompts whose ESS fell below the threshold
+        if all(done):
+            for b, ess in enumerate(effective_sample_size(log_w).tolist()):
+                ess_path[b].append(ess)
+            break
+        rows = torch.arange(R)
+        resampled = False
+        for b, ess in enumerate(effective_sample_size(log_w).tolist()):
+            ess_path[b].append(ess)
+            if ess < ess_threshold * N:
+                u = float(ctx.rng.uniform([b], 1, "resample")[0, 0])
+                ancestors = systematic_resample(log_w[b], u)
+                log_w[b] = reset_weights(log_w[b], ancestors)
+                rows[b * N:(b + 1) * N] = b * N + ancestors
+                resamplings[b] += 1
+                resampled = True
+        if resampled:
+            order = rows.tolist()
+            target.select_rows(rows)
+            reward.select_rows(order)
+            logits = logits[rows.to(device)]
+            r_prev = r_prev[rows]
+            responses = [list(responses[i]) for i in order]
+            done = [done[i] for i in order]
+
+    weights = torch.softmax(log_w, 1)  # [B, N]
+    log_z = initial_log_weight(r_0, beta) + torch.logsumexp(log_w, 1) - math.log(N)
+    final_rewards = r_prev.view(B, N)
+    if select == "sample":
+        chosen = ctx.rng.categorical(weights, range(B), "pick")
+    else:
+        chosen = final_rewards.argmax(1)
+    chosen = [int(i) for i in chosen]
+    ctx.stats.update({"smc_steps": steps, "smc_resamplings": sum(resamplings),
+                      "smc_mean_ess": sum(map(sum, ess_path)) / max(1, sum(map(len, ess_path)))})
+    extra = {"particles": [responses[b * N:(b + 1) * N] for b in range(B)], "weights": weights, "log_z": log_z,
+             "rewards": final_rewards.float(), "chosen_index": torch.tensor(chosen), "resamplings": resamplings,
+             "ess": ess_path}
+    return MethodResult([responses[b * N + chosen[b]] for b in range(B)], extra)
