@@ -159,6 +159,24 @@ def test_select_best_returns_the_highest_reward_particle(model):
     assert {"smc_steps", "smc_resamplings", "smc_mean_ess"} <= set(out.stats)
 
 
+def test_votes_over_the_particles_answers(model):
+    """``select="majority"`` (the shared selection rules): the returned particle carries the most frequent answer
+    among the prompt's particles (the answer reached first among equal counts), ``weighted_majority`` the answer
+    with the largest total final weight."""
+    def first_token(tokens):
+        return tokens[0] if tokens else None
+
+    for rule in ("majority", "weighted_majority"):
+        out = run(model, rows=30, particles=6, select=rule, answer_fn=first_token)
+        for b, seq in enumerate(out.sequences):
+            answers = [first_token(y) for y in out.extra["particles"][b]]
+            weights = [1.0] * 6 if rule == "majority" else out.extra["weights"][b].tolist()
+            totals = {}
+            for a, w in zip(answers, weights):
+                totals[a] = totals.get(a, 0.0) + w
+            assert first_token(seq) == max(totals, key=totals.get)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(particles=0), "particles"),
     (dict(particles=2.5), "particles"),

@@ -98,20 +98,23 @@ def reward_weights(rewards: torch.Tensor, lam: float, available: torch.Tensor | 
 
 
 def select(ctx: Context, rule: str, candidates: list[list[list[int]]], rewards: torch.Tensor, lam: float = 1.0,
-           answer=None, available: torch.Tensor | None = None, prompts=None) -> torch.Tensor:
+           answer=None, available: torch.Tensor | None = None, prompts=None,
+           weights: torch.Tensor | None = None) -> torch.Tensor:
     """The index of the chosen candidate of each prompt.  [B] int64.
 
     ``candidates[b][i]``: candidate ``i`` of prompt ``b`` (token list; unavailable ones may be anything);
     ``rewards [B, N]``; ``available [B, N]`` bool (default: all; every row needs one); ``answer``: the
     extractor of ``check_select`` (voting rules); ``prompts``: the decode's index of each row's prompt, whose
-    stream a ``"sample"`` draw uses (default ``0..B-1``).
+    stream a ``"sample"`` draw uses (default ``0..B-1``); ``weights [B, N]``: the candidates' weights for
+    ``"sample"`` and ``"weighted_majority"`` (e.g. SMC's importance weights; default ``softmax(r / lam)`` over
+    the available ones).
     """
     B, N = rewards.shape
     prompts = range(B) if prompts is None else prompts
     if rule == "best":
         r = rewards if available is None else torch.where(available, rewards, -torch.inf)
         return r.argmax(1)
-    weights = reward_weights(rewards, lam, available)
+    weights = reward_weights(rewards, lam, available) if weights is None else weights
     if rule == "sample":
         return ctx.rng.categorical(weights, prompts, "pick")
     if rule == "majority":

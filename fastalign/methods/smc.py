@@ -36,9 +36,10 @@ Segments. A segment ends after ``segment_tokens`` tokens, after a token in ``del
 ids of a newline), or where the response ends. Particles move in lockstep: a step ends when every live
 particle's segment has ended.
 
-Output (``select``): ``"sample"`` (default): one particle per prompt drawn by its final normalised weight (the
-consistent estimator of ``P``: its law tends to ``P`` as ``N`` grows); ``"best"``: the particle with the highest
-reward ``r(y)`` (the first among ties).
+Output (``select``, ``fastalign.methods.selection``): ``"sample"`` (default): one particle per prompt drawn by its
+final normalised weight (the consistent estimator of ``P``: its law tends to ``P`` as ``N`` grows); ``"best"``:
+the particle with the highest reward ``r(y)`` (the first among ties); ``"majority"`` / ``"weighted_majority"``:
+a vote over the answers of ``answer_fn``, unweighted or by the particles' final weights.
 
 Randomness. Particle ``j`` of prompt ``b`` samples its tokens from prompt ``b``'s sub-stream ``j`` (purpose
 ``"token"``), like sample ``j`` of ``sample`` / ``bon``; a resampled particle keeps its own stream. So
@@ -61,8 +62,8 @@ import torch
 
 from ..errors import InputError
 from .base import Context, MethodResult
-
-SELECT_RULES = ("sample", "best")
+from .selection import check_select
+from .selection import select as select_candidates
 
 
 def initial_log_weight(r_0: torch.Tensor, beta: float) -> torch.Tensor:
@@ -97,7 +98,7 @@ def systematic_resample(log_w: torch.Tensor, u: float) -> torch.Tensor:
     return torch.searchsorted(cdf, positions, right=True).clamp(max=N - 1)
 
 
-def check_options(particles, beta, segment_tokens, delimiters, ess_threshold, select) -> list[int]:
+def check_options(particles, beta, segment_tokens, delimiters, ess_threshold) -> list[int]:
     """Validate the options; returns the delimiter ids as a list."""
     if not (isinstance(particles, int) and particles >= 1):
         raise InputError(f"particles must be an integer >= 1, got {particles!r}")
@@ -107,8 +108,6 @@ def check_options(particles, beta, segment_tokens, delimiters, ess_threshold, se
         raise InputError(f"segment_tokens must be an integer >= 1, got {segment_tokens!r}")
     if not 0 <= ess_threshold <= 1:
         raise InputError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
-    if select not in SELECT_RULES:
-        raise InputError(f"select must be one of {SELECT_RULES}, got {select!r}")
     given = delimiters
     if delimiters is None:
         delimiters = []
@@ -121,10 +120,12 @@ def check_options(particles, beta, segment_tokens, delimiters, ess_threshold, se
 
 
 def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float = 1.0, segment_tokens: int = 16,
-        delimiters: list[int] | int | None = None, ess_threshold: float = 0.5, select: str = "sample") -> MethodResult:
+        delimiters: list[int] | int | None = None, ess_threshold: float = 0.5, select: str = "sample",
+        answer_fn=None) -> MethodResult:
     """Particle filtering for every prompt (module docstring). Rows ``b * N + j`` are particle ``j`` of prompt
     ``b``; the returned response per prompt is chosen by ``select``."""
-    delimiters = set(check_options(particles, beta, segment_tokens, delimiters, ess_threshold, select))
+    delimiters = set(check_options(particles, beta, segment_tokens, delimiters, ess_threshold))
+    answer = check_select(ctx, select, answer_fn)
     B, N = len(prompts), particles
     R = B * N
     target, reward = ctx.target, ctx.reward
@@ -201,14 +202,12 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     weights = torch.softmax(log_w, 1)  # [B, N]
     log_z = initial_log_weight(r_0, beta) + torch.logsumexp(log_w, 1) - math.log(N)
     final_rewards = r_prev.view(B, N)
-    if select == "sample":
-        chosen = ctx.rng.categorical(weights, range(B), "pick")
-    else:
-        chosen = final_rewards.argmax(1)
-    chosen = [int(i) for i in chosen]
+    particles_of = [responses[b * N:(b + 1) * N] for b in range(B)]
+    chosen = [int(i) for i in select_candidates(ctx, select, particles_of, final_rewards, answer=answer,
+                                                weights=weights)]
     ctx.stats.update({"smc_steps": steps, "smc_resamplings": sum(resamplings),
                       "smc_mean_ess": sum(map(sum, ess_path)) / max(1, sum(map(len, ess_path)))})
-    extra = {"particles": [responses[b * N:(b + 1) * N] for b in range(B)], "weights": weights, "log_z": log_z,
+    extra = {"particles": particles_of, "weights": weights, "log_z": log_z,
              "rewards": final_rewards.float(), "chosen_index": torch.tensor(chosen), "resamplings": resamplings,
              "ess": ess_path}
     return MethodResult([responses[b * N + chosen[b]] for b in range(B)], extra)
