@@ -62,6 +62,7 @@ import torch
 
 from ..errors import InputError
 from .base import Context, MethodResult
+from .segments import delimiter_ids, extend_segments
 from .selection import check_select
 from .selection import select as select_candidates
 
@@ -108,15 +109,7 @@ def check_options(particles, beta, segment_tokens, delimiters, ess_threshold) ->
         raise InputError(f"segment_tokens must be an integer >= 1, got {segment_tokens!r}")
     if not 0 <= ess_threshold <= 1:
         raise InputError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
-    given = delimiters
-    if delimiters is None:
-        delimiters = []
-    elif isinstance(delimiters, int):  # one id (the command line's ``--opt delimiters=13``)
-        delimiters = [delimiters]
-    if not (isinstance(delimiters, (list, tuple)) and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in delimiters)):
-        raise InputError(f"delimiters must be a token id or a list of token ids (integers >= 0), got {given!r}")
-    return list(delimiters)
+    return delimiter_ids(delimiters)
 
 
 def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float = 1.0, segment_tokens: int = 16,
@@ -129,7 +122,6 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     B, N = len(prompts), particles
     R = B * N
     target, reward = ctx.target, ctx.reward
-    eos = target.eos_token_ids
     owner = [b for b in range(B) for _ in range(N)]  # the prompt of each row
     subs = [j for _ in range(B) for j in range(N)]  # each row's particle index: its token sub-stream
 
@@ -144,29 +136,11 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     done = [False] * R
     resamplings, ess_path = [0] * B, [[] for _ in range(B)]
     steps = 0
-    device = logits.device
     while not all(done):
         steps += 1
         # 1. extend every live particle by one segment
-        segments: list[list[int]] = [[] for _ in range(R)]
-        open_ = [not d for d in done]
-        moved = list(open_)
-        while any(open_):
-            tokens = ctx.sample(logits, owner, subs, active=open_)
-            fed = [False] * R
-            for r, token in enumerate(tokens.tolist()):
-                if not open_[r]:
-                    continue
-                segments[r].append(token)
-                responses[r].append(token)
-                if token in eos or len(responses[r]) >= ctx.max_new_tokens:
-                    done[r], open_[r] = True, False  # its last token is never fed
-                    continue
-                fed[r] = True
-                open_[r] = len(segments[r]) < segment_tokens and token not in delimiters
-            if any(fed):
-                live = torch.tensor(fed, device=device)[:, None]
-                logits = torch.where(live, target.extend(tokens[:, None], live=live)[:, -1], logits)
+        moved = [not d for d in done]
+        segments, logits = extend_segments(ctx, logits, owner, subs, responses, done, segment_tokens, delimiters)
 
         # 2. reweight by the twist's increment
         r_new = reward.append(segments).double()
@@ -194,7 +168,7 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
             order = rows.tolist()
             target.select_rows(rows)
             reward.select_rows(order)
-            logits = logits[rows.to(device)]
+            logits = logits[rows.to(logits.device)]
             r_prev = r_prev[rows]
             responses = [list(responses[i]) for i in order]
             done = [done[i] for i in order]

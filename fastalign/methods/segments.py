@@ -1,0 +1,62 @@
+"""Segment stepping, shared by the methods that advance many rows one segment (step) at a time (``smc``, ``beam``).
+
+A segment ends after ``max_tokens`` tokens, after a token in ``delimiters`` (e.g. the ids of a newline), or
+where the response ends (an EOS token, or ``max_new_tokens`` tokens in all). Rows move in lockstep: a call
+returns when every open row's segment has ended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from .base import Context
+
+
+def delimiter_ids(delimiters, option: str = "delimiters") -> list[int]:
+    """``delimiters`` as a list of token ids: None (none), one id (the command line's ``--opt delimiters=13``) or
+    a list of ids; anything else is an ``InputError`` naming ``option``."""
+    given = delimiters
+    if delimiters is None:
+        delimiters = []
+    elif isinstance(delimiters, int) and not isinstance(delimiters, bool):
+        delimiters = [delimiters]
+    if not (isinstance(delimiters, (list, tuple)) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in delimiters)):
+        raise InputError(f"{option} must be a token id or a list of token ids (integers >= 0), got {given!r}")
+    return list(delimiters)
+
+
+def extend_segments(ctx: Context, logits: torch.Tensor, owner: list[int], subs: list[int],
+                    responses: list[list[int]], done: list[bool], max_tokens: int,
+                    delimiters: set[int]) -> tuple[list[list[int]], torch.Tensor]:
+    """Extend every row ``r`` with ``not done[r]`` by one segment sampled from the target (``ctx.target``).
+
+    ``logits [R, V]``: the next-token logits after each row's cached response; row ``r`` draws from prompt
+    ``owner[r]``'s sub-stream ``subs[r]`` (``Context.sample``). ``responses`` and ``done`` are updated in place
+    (a row is done after an EOS token or ``ctx.max_new_tokens`` tokens; its last token is never fed). Returns
+    each row's new segment (empty for rows that were done) and the logits after the rows' new prefixes; the
+    target's cache then holds every row's response except a finished row's last token.
+    """
+    R = len(responses)
+    target, eos = ctx.target, ctx.target.eos_token_ids
+    segments: list[list[int]] = [[] for _ in range(R)]
+    open_ = [not d for d in done]
+    device = logits.device
+    while any(open_):
+        tokens = ctx.sample(logits, owner, subs, active=open_)
+        fed = [False] * R
+        for r, token in enumerate(tokens.tolist()):
+            if not open_[r]:
+                continue
+            segments[r].append(token)
+            responses[r].append(token)
+            if token in eos or len(responses[r]) >= ctx.max_new_tokens:
+                done[r], open_[r] = True, False  # its last token is never fed
+                continue
+            fed[r] = True
+            open_[r] = len(segments[r]) < max_tokens and token not in delimiters
+        if any(fed):
+            live = torch.tensor(fed, device=device)[:, None]
+            logits = torch.where(live, target.extend(tokens[:, None], live=live)[:, -1], logits)
+    return segments, logits
