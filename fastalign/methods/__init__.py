@@ -88,6 +88,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("qalign", "qalign:run", ("target", "reward"), remote_target=True),
     Method("speculative_rejection", "specrej:run", ("target", "reward")),
     Method("smc", "smc:run", ("target", "reward")),
+    Method("beam", "beam:run", ("target", "reward")),  # the reward role is read as the step reward
 )}
 
 
