@@ -49,6 +49,8 @@ METHODS = [
     ("speculative_rejection", dict(n=3, alpha=0.4, round_tokens=1, select="sample")),
     ("smc", dict(particles=3, segment_tokens=2, ess_threshold=1.0)),
     ("smc", dict(particles=2, segment_tokens=3, delimiters=[1, 4], select="best")),
+    ("beam", dict(beams=2, width=2, max_step_tokens=2, delimiters=[1])),
+    ("beam", dict(beams=4, width=2, dvts=True, max_step_tokens=1, aggregate="min", select="sample")),
     ("sd", dict(num_draft_tokens=3, temperature=0.8, top_p=0.9)),
     ("sss", dict(num_draft_tokens=2, temperature=0.8, top_k=5)),
     ("sss", dict(tree="sampled", branching=(2, 2), top_p=0.95)),

@@ -62,6 +62,7 @@ CASES = [
     ("sss", {"variant": "paper", "bonus_on_full_accept": False}),
     ("qalign", {"steps": 3, "chains": 2}),
     ("smc", {"particles": 3, "segment_tokens": 4}),
+    ("beam", {"beams": 2, "width": 2, "max_step_tokens": 4}),
 ]
 
 
