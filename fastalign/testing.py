@@ -20,6 +20,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     OPTConfig,
     OPTForCausalLM,
 )
@@ -83,6 +84,16 @@ def tiny_reward_model(arch: str = "llama", vocab_size: int = 64, seed: int = 1, 
     else:
         raise ValueError(f"unknown reward architecture {arch!r}")
     return model.eval()
+
+
+def tiny_process_reward_model(vocab_size: int = 64, seed: int = 1, hidden: int = 32, layers: int = 1,
+                              heads: int = 4, context: int = 128):
+    """A tiny process reward model: a token-classification model with 2 labels (bad, good), random weights."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=context,
+                      vocab_size=vocab_size, num_labels=2, pad_token_id=0)
+    return LlamaForTokenClassification(cfg).eval()
 
 
 # ------------------------------------------------------------------ exact laws of tiny models

@@ -86,7 +86,8 @@ class ModelBuilder:
         return CausalLM(self._placed(spec), self.new_store())
 
     def reward(self, spec, tokenizer=None, policy_tokenizer=None) -> RewardModel:
-        """A ``RewardModel`` from a reward model (name, path or object), a ``RewardModel``, a token-id callable, or
+        """A ``RewardModel`` from a reward model (name, path or object; a saved ``*ForTokenClassification`` model
+        loads as a process reward model), a ``RewardModel``, a token-id callable, or
         a text reward named by a string: a built-in name (``"vader"``) or ``"module:function"``
         (``fastalign.models.text_rewards``). ``tokenizer``: the reward model's own, when it differs from the
         policy's (``policy_tokenizer``)."""
@@ -99,13 +100,14 @@ class ModelBuilder:
             if fn is not None:
                 return RewardModel(text_rewards.TextReward(fn, policy_tokenizer, name=spec))
         if isinstance(spec, (str, os.PathLike)):
-            from transformers import AutoModelForSequenceClassification
+            from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
             if tokenizer is None:
                 tokenizer = self.tokenizer(spec)
-            spec = AutoModelForSequenceClassification.from_pretrained(
-                spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype
-            )
+            architectures = AutoConfig.from_pretrained(spec, trust_remote_code=self.trust_remote_code).architectures
+            process = any(a.endswith("ForTokenClassification") for a in architectures or ())
+            auto = AutoModelForTokenClassification if process else AutoModelForSequenceClassification
+            spec = auto.from_pretrained(spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
         if isinstance(spec, torch.nn.Module):
             spec = self._placed(spec)
         elif not callable(spec):

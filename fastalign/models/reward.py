@@ -10,8 +10,22 @@ from .causal_lm import CachedModel, ModelCounters, left_pad, right_pad
 from .ragged import RaggedStore
 
 
+def is_process_reward_model(model) -> bool:
+    """True for an HF token-classification model (``*ForTokenClassification``): a process reward model (PRM)."""
+    return isinstance(model, torch.nn.Module) and type(model).__name__.endswith("ForTokenClassification")
+
+
 class RewardModel:
-    """A reward: an HF sequence-classification model (read at the last real token) or a callable.
+    """A reward: an HF sequence-classification model (read at the last real token), a process reward model, or a
+    callable.
+
+    A process reward model (PRM) is a token-classification model with 2 labels (``*ForTokenClassification``, as
+    TRL's PRM trainer and Qwen2.5-Math-PRM's head produce: logits ``[B, T, 2]``, label 1 "good"): its score of
+    a (partial) response is ``softmax(logits)[1]``, the probability of a good step, read at the response's last
+    token. A step-level method (``beam``, ``smc``) scores each step when it ends, so that token is the step's
+    separator when steps end at a delimiter (e.g. a newline): a step's score is the PRM's reading at its
+    separator, over the cached prefix like any reward model. (PRMs that expect a tag *inserted* after each
+    step, such as Math-Shepherd's ``ки``, are not supported: the separator must be a token the policy writes.)
 
     A callable has the signature ``reward(prompts: list[list[int]], responses: list[list[int]]) -> [N]``.
 
@@ -29,6 +43,7 @@ class RewardModel:
         self.is_model = isinstance(reward, torch.nn.Module)
         self.counters = ModelCounters()
         self.fn = None if self.is_model else reward
+        self.process = False
         self.retokenize = (
             self.is_model and tokenizer is not None and policy_tokenizer is not None
             and tokenizer.get_vocab() != policy_tokenizer.get_vocab()
@@ -39,6 +54,10 @@ class RewardModel:
             if head is None:
                 raise InputError("reward model has neither a `score` nor a `classifier` head")
             self.head = head
+            self.process = is_process_reward_model(reward)
+            if self.process and getattr(reward.config, "num_labels", None) != 2:
+                raise InputError("reward: a process reward model (token classification) needs 2 labels (bad, "
+                                 f"good), got num_labels={getattr(reward.config, 'num_labels', None)}")
             self.lm = CachedModel(reward, new_store(), backbone=reward.base_model)
             self.scorer = CachedModel(reward, new_store(), backbone=reward.base_model)  # score(): no prefix
             self.scorer.counters = self.counters = self.lm.counters
@@ -57,6 +76,10 @@ class RewardModel:
         return [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
 
     def _read(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The reward at each position of ``hidden [..., H]``: the head's output, or for a process reward model
+        the probability of the "good" label (label 1).  ``[...]`` fp32."""
+        if self.process:
+            return torch.softmax(self.head(hidden).float(), -1)[..., 1]
         return self.head(hidden)[..., 0].float()
 
     @torch.no_grad()
