@@ -63,6 +63,9 @@ def test_beam_step_scores_are_the_prm_at_each_separator(prm, aggregate):
             torch.testing.assert_close(torch.tensor(f["step_scores"], dtype=torch.float32), probs,
                                        atol=1e-5, rtol=1e-5)
             steps_seen += len(ends)
+            if ends[0] > 0:  # a plausible wrong reading, one token before each step's end, gives other numbers
+                off = good_probability(prm, prompt + tokens)[[len(prompt) + i - 1 for i in ends]]
+                assert not torch.allclose(off, probs, atol=1e-5)
     assert any(SEP in f["tokens"][:-1] for fs in out.extra["finished"] for f in fs)  # a step ended at SEP
     assert steps_seen > 2 * sum(len(f) for f in out.extra["finished"])  # several steps per beam: prefixes grow
 
