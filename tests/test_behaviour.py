@@ -52,6 +52,9 @@ CASES = [
     ("sss-paper", "sss", {"variant": "paper", "bonus_on_full_accept": False}),
     ("qalign", "qalign", {"steps": 3, "chains": 2}),
     ("qalign-best", "qalign", {"steps": 2, "chains": 2, "select": "best_reward", "beta": 0.5}),
+    ("speculative_rejection", "speculative_rejection", {"n": 4, "alpha": 0.5, "round_tokens": 2}),
+    ("smc", "smc", {"particles": 4, "segment_tokens": 2, "ess_threshold": 1.0}),
+    ("beam", "beam", {"beams": 2, "width": 2, "max_step_tokens": 3}),
 ]
 LAYERS = ("eager", "static", "compiled-identity")
 REMOTE_CASES = [case for case in CASES if case[1] in ("sample", "bon", "soft_bon", "rs", "qalign")]
