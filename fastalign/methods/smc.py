@@ -45,6 +45,12 @@ Randomness. Particle ``j`` of prompt ``b`` samples its tokens from prompt ``b``'
 ``"token"``), like sample ``j`` of ``sample`` / ``bon``; a resampled particle keeps its own stream. So
 ``particles=1`` (never resampled: ESS = N) gives ``sample``'s tokens, token for token.
 
+Remote target (``fastalign.models.remote.RemoteLM``, ``base.RemoteSegments``): a step is one completion request
+per live particle that continues its prompt plus response so far, ``max_tokens`` the segment's budget, the
+delimiters sent with the EOS ids as stop tokens (kept); weights and resampling (a copy of the client's lists)
+stay in the client. Prompt ``b``'s step ``k`` takes the request seed ``s_bk`` (draw ``k`` of its ``"request"``
+stream), particle ``j`` the seed ``s_bk + j``; the first step is ``bon``'s request (``n`` samples per prompt).
+
 Cost: the target processes every particle's tokens once (one batched ``extend`` per token); the reward model
 processes each step's segments on top of its cached prefixes (``RewardModel.append``; a callable reward scores
 the whole prefixes). Stats: ``smc_steps`` (steps of the batch), ``smc_resamplings`` (resampling events, all
@@ -61,7 +67,8 @@ import math
 import torch
 
 from ..errors import InputError
-from .base import Context, MethodResult
+from ..models.remote import RemoteLM
+from .base import Context, MethodResult, RemoteSegments
 from .selection import check_select
 from .selection import select as select_candidates
 
@@ -133,8 +140,10 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     owner = [b for b in range(B) for _ in range(N)]  # the prompt of each row
     subs = [j for _ in range(B) for j in range(N)]  # each row's particle index: its token sub-stream
 
-    logits = target.prefill(prompts, ctx.max_new_tokens).repeat_interleave(N, 0)  # [R, V]
-    target.expand(N)
+    remote = RemoteSegments(ctx, prompts, N, delimiters) if isinstance(target, RemoteLM) else None
+    if remote is None:
+        logits = target.prefill(prompts, ctx.max_new_tokens).repeat_interleave(N, 0)  # [R, V]
+        target.expand(N)
     r_0 = reward.prefill(prompts).double()  # [B]: the reward of the prompt alone
     reward.select_rows(torch.arange(B).repeat_interleave(N).tolist())
     r_prev = r_0.repeat_interleave(N)  # [R]: each particle's reward so far
@@ -144,29 +153,19 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     done = [False] * R
     resamplings, ess_path = [0] * B, [[] for _ in range(B)]
     steps = 0
-    device = logits.device
     while not all(done):
         steps += 1
         # 1. extend every live particle by one segment
-        segments: list[list[int]] = [[] for _ in range(R)]
-        open_ = [not d for d in done]
-        moved = list(open_)
-        while any(open_):
-            tokens = ctx.sample(logits, owner, subs, active=open_)
-            fed = [False] * R
-            for r, token in enumerate(tokens.tolist()):
-                if not open_[r]:
-                    continue
-                segments[r].append(token)
-                responses[r].append(token)
-                if token in eos or len(responses[r]) >= ctx.max_new_tokens:
-                    done[r], open_[r] = True, False  # its last token is never fed
-                    continue
-                fed[r] = True
-                open_[r] = len(segments[r]) < segment_tokens and token not in delimiters
-            if any(fed):
-                live = torch.tensor(fed, device=device)[:, None]
-                logits = torch.where(live, target.extend(tokens[:, None], live=live)[:, -1], logits)
+        moved = [not d for d in done]
+        if remote is None:
+            segments, logits = _extend(ctx, logits, owner, subs, responses, done, segment_tokens, delimiters)
+        else:
+            budgets = [0 if d else min(segment_tokens, ctx.max_new_tokens - len(y)) for d, y in zip(done, responses)]
+            segments = remote.advance(list(range(R)), budgets, responses)
+            for r, segment in enumerate(segments):
+                if segment:
+                    responses[r] += segment
+                    done[r] = segment[-1] in eos or len(responses[r]) >= ctx.max_new_tokens
 
         # 2. reweight by the twist's increment
         r_new = reward.append(segments).double()
@@ -192,9 +191,10 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
                 resampled = True
         if resampled:
             order = rows.tolist()
-            target.select_rows(rows)
+            if remote is None:
+                target.select_rows(rows)
+                logits = logits[rows.to(logits.device)]
             reward.select_rows(order)
-            logits = logits[rows.to(device)]
             r_prev = r_prev[rows]
             responses = [list(responses[i]) for i in order]
             done = [done[i] for i in order]
@@ -211,3 +211,28 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
              "rewards": final_rewards.float(), "chosen_index": torch.tensor(chosen), "resamplings": resamplings,
              "ess": ess_path}
     return MethodResult([responses[b * N + chosen[b]] for b in range(B)], extra)
+
+
+def _extend(ctx: Context, logits, owner, subs, responses, done, segment_tokens, delimiters):
+    """One segment for every live particle of a local target (token by token, the rows in lockstep); updates
+    ``responses`` and ``done`` in place. Returns the segments and the logits after each row's cache."""
+    R, eos, target, device = len(responses), ctx.target.eos_token_ids, ctx.target, logits.device
+    segments: list[list[int]] = [[] for _ in range(R)]
+    open_ = [not d for d in done]
+    while any(open_):
+        tokens = ctx.sample(logits, owner, subs, active=open_)
+        fed = [False] * R
+        for r, token in enumerate(tokens.tolist()):
+            if not open_[r]:
+                continue
+            segments[r].append(token)
+            responses[r].append(token)
+            if token in eos or len(responses[r]) >= ctx.max_new_tokens:
+                done[r], open_[r] = True, False  # its last token is never fed
+                continue
+            fed[r] = True
+            open_[r] = len(segments[r]) < segment_tokens and token not in delimiters
+        if any(fed):
+            live = torch.tensor(fed, device=device)[:, None]
+            logits = torch.where(live, target.extend(tokens[:, None], live=live)[:, -1], logits)
+    return segments, logits
