@@ -179,6 +179,15 @@ def test_requests_carry_every_sampling_knob_and_n(stubs):
     assert lm.counters.calls == 2 and lm.counters.tokens == 2 * 1 + 2 * 2 + 6
 
 
+def test_stop_token_ids_end_a_segment_like_eos(stubs):
+    """A segment's delimiters go with the EOS ids as stop_token_ids; a stop at one of them is kept and ends it."""
+    stub = stubs(lambda p, b: vllm_like(p, b, stop_token=2))
+    lm = RemoteLM(stub.url, eos_token_ids=[EOS])
+    assert lm.complete([[1]], [4], seed=3, stop_token_ids=[2, 0]) == [[3 % 4 + 1, 2]]
+    body = [b for p, b in stub.requests if p == "/v1/completions"][0]
+    assert body["stop_token_ids"] == [0, 2, EOS]
+
+
 def test_vllm_needs_eos_ids_and_a_stop_at_another_token_is_an_error(stubs):
     with pytest.raises(fastalign.InputError, match="eos_token_ids"):
         RemoteLM(stubs(vllm_like).url)

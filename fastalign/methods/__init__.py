@@ -86,8 +86,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sd", "speculative:run_sd", ("target", "draft"), draft_model="draft"),
     Method("sss", "speculative:run_sss", ("target", "draft"), optional=("ref",), draft_model="aligned_draft"),
     Method("qalign", "qalign:run", ("target", "reward"), remote_target=True),
-    Method("speculative_rejection", "specrej:run", ("target", "reward")),
-    Method("smc", "smc:run", ("target", "reward")),
+    Method("speculative_rejection", "specrej:run", ("target", "reward"), remote_target=True),
+    Method("smc", "smc:run", ("target", "reward"), remote_target=True),
     Method("beam", "beam:run", ("target", "reward")),  # the reward role is read as the step reward
 )}
 

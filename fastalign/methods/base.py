@@ -161,6 +161,47 @@ def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
         logits = lm.extend(tokens[:, None], live=live)[:, -1]
 
 
+class RemoteSegments:
+    """Segments of ``n`` responses per prompt continued by a ``RemoteLM`` (``speculative_rejection``, ``smc``).
+
+    Response ``c`` belongs to prompt ``c // n`` and is its sub-stream ``j = c % n``. A step (``advance``) is one
+    completion request per live response: its prompt plus its response so far, ``max_tokens`` its budget, and
+    ``stops`` (a segment's delimiters) ending it like EOS (kept). Prompt ``b``'s step ``k`` takes the request
+    seed ``s_bk``, draw ``k`` of its own ``"request"`` stream (counted over the steps where it has live
+    responses), and response ``j`` the seed ``s_bk + j``. The first step, from the prompts alone, is one request
+    of ``n`` samples per prompt with ``s_b0``: ``bon``'s request (``ResponseSampler``), so a first step that runs
+    to the end draws ``bon``'s samples. The server holds no rows: resampling and pruning are the client's lists
+    (vLLM's prefix caching keeps re-prompting the growing prefixes cheap).
+    """
+
+    def __init__(self, ctx: Context, prompts: list[list[int]], n: int, stops=()):
+        self.ctx, self.n, self.prompts, self.stops = ctx, n, [list(p) for p in prompts], sorted(stops)
+        self.started = False
+
+    def advance(self, rows: list[int], budgets: list[int], responses: list[list[int]]) -> list[list[int]]:
+        """The next segment (at most ``budgets[r]`` tokens; 0: none) of response ``rows[r]``, whose tokens so far
+        are ``responses[rows[r]]``; one list per row."""
+        ctx, n, lm = self.ctx, self.n, self.ctx.target
+        live = [(c, m) for c, m in zip(rows, budgets) if m > 0]
+        owners = sorted({c // n for c, _ in live})
+        seeds = dict(zip(owners, ctx.rng.request_seeds(owners, "request")))
+        sampling = (ctx.temperature, ctx.top_k, ctx.top_p)
+        if not self.started:  # every response of every prompt, from the prompt alone: one request per prompt
+            budget = dict(live)
+            out = lm.complete([self.prompts[b] for b in owners], [budget[b * n] for b in owners], *sampling,
+                              seed=[seeds[b] for b in owners], n=n, stop_token_ids=self.stops)
+            got = {b * n + j: out[i * n + j] for i, b in enumerate(owners) for j in range(n)}
+        else:
+            out = lm.complete([self.prompts[c // n] + responses[c] for c, _ in live], [m for _, m in live],
+                              *sampling, seed=[seeds[c // n] + c % n for c, _ in live], stop_token_ids=self.stops)
+            got = {c: segment for (c, _), segment in zip(live, out)}
+        self.started = True
+        return [got.get(c, []) for c in rows]
+
+    def keep(self, keep: list[int]) -> None:
+        """Nothing to drop: the server holds no rows."""
+
+
 class ResponseSampler:
     """Whole responses to a fixed batch of prompts, drawn again and again (``sample``, ``bon``, ``rs``).
 

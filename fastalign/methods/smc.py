@@ -45,6 +45,12 @@ Randomness. Particle ``j`` of prompt ``b`` samples its tokens from prompt ``b``'
 ``"token"``), like sample ``j`` of ``sample`` / ``bon``; a resampled particle keeps its own stream. So
 ``particles=1`` (never resampled: ESS = N) gives ``sample``'s tokens, token for token.
 
+Remote target (``fastalign.models.remote.RemoteLM``, ``base.RemoteSegments``): a step is one completion request
+per live particle that continues its prompt plus response so far, ``max_tokens`` the segment's budget, the
+delimiters sent with the EOS ids as stop tokens (kept); weights and resampling (a copy of the client's lists)
+stay in the client. Prompt ``b``'s step ``k`` takes the request seed ``s_bk`` (draw ``k`` of its ``"request"``
+stream), particle ``j`` the seed ``s_bk + j``; the first step is ``bon``'s request (``n`` samples per prompt).
+
 Cost: the target processes every particle's tokens once (one batched ``extend`` per token); the reward model
 processes each step's segments on top of its cached prefixes (``RewardModel.append``; a callable reward scores
 the whole prefixes). Stats: ``smc_steps`` (steps of the batch), ``smc_resamplings`` (resampling events, all
@@ -61,7 +67,8 @@ import math
 import torch
 
 from ..errors import InputError
-from .base import Context, MethodResult
+from ..models.remote import RemoteLM
+from .base import Context, MethodResult, RemoteSegments
 from .segments import delimiter_ids, extend_segments
 from .selection import check_select
 from .selection import select as select_candidates
@@ -122,11 +129,14 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     B, N = len(prompts), particles
     R = B * N
     target, reward = ctx.target, ctx.reward
+    eos = target.eos_token_ids
     owner = [b for b in range(B) for _ in range(N)]  # the prompt of each row
     subs = [j for _ in range(B) for j in range(N)]  # each row's particle index: its token sub-stream
 
-    logits = target.prefill(prompts, ctx.max_new_tokens).repeat_interleave(N, 0)  # [R, V]
-    target.expand(N)
+    remote = RemoteSegments(ctx, prompts, N, delimiters) if isinstance(target, RemoteLM) else None
+    if remote is None:
+        logits = target.prefill(prompts, ctx.max_new_tokens).repeat_interleave(N, 0)  # [R, V]
+        target.expand(N)
     r_0 = reward.prefill(prompts).double()  # [B]: the reward of the prompt alone
     reward.select_rows(torch.arange(B).repeat_interleave(N).tolist())
     r_prev = r_0.repeat_interleave(N)  # [R]: each particle's reward so far
@@ -140,7 +150,15 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
         steps += 1
         # 1. extend every live particle by one segment
         moved = [not d for d in done]
-        segments, logits = extend_segments(ctx, logits, owner, subs, responses, done, segment_tokens, delimiters)
+        if remote is None:
+            segments, logits = extend_segments(ctx, logits, owner, subs, responses, done, segment_tokens, delimiters)
+        else:
+            budgets = [0 if d else min(segment_tokens, ctx.max_new_tokens - len(y)) for d, y in zip(done, responses)]
+            segments = remote.advance(list(range(R)), budgets, responses)
+            for r, segment in enumerate(segments):
+                if segment:
+                    responses[r] += segment
+                    done[r] = segment[-1] in eos or len(responses[r]) >= ctx.max_new_tokens
 
         # 2. reweight by the twist's increment
         r_new = reward.append(segments).double()
@@ -166,9 +184,10 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
                 resampled = True
         if resampled:
             order = rows.tolist()
-            target.select_rows(rows)
+            if remote is None:
+                target.select_rows(rows)
+                logits = logits[rows.to(logits.device)]
             reward.select_rows(order)
-            logits = logits[rows.to(logits.device)]
             r_prev = r_prev[rows]
             responses = [list(responses[i]) for i in order]
             done = [done[i] for i in order]

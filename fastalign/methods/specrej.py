@@ -11,7 +11,8 @@ scored whole and ``select`` picks one (``fastalign.methods.selection``; default 
 reward, the first among equal rewards). The output is always a finished candidate::
 
     prefill prompts; expand n
-    repeat: decode round_tokens tokens (sub-stream j of prompt b for candidate j, as bon)
+    repeat: decode round_tokens tokens (sub-stream j of prompt b for candidate j, as bon); a prompt whose
+              floor(alpha * U) is 0 decodes its candidates to the end instead (U only falls: it never stops any)
             score unfinished partials; stop the floor(alpha * U) lowest per prompt; drop their cache rows
     until every candidate is finished or stopped
     score the finished ones whole; select
@@ -30,6 +31,13 @@ round where no prompt can stop a candidate (``floor(alpha * U) = 0`` everywhere)
 finished candidates leave the target's and the reward's caches at a round that stops something
 (``select_rows``).
 
+Remote target (``fastalign.models.remote.RemoteLM``, ``base.RemoteSegments``): a round is one completion request
+per live candidate that continues its prompt plus response so far for the round's budget; scoring, pruning and
+selection stay in the client. Prompt ``b``'s round ``k`` takes the request seed ``s_bk``, draw ``k`` of its
+``"request"`` stream, and candidate ``j`` the seed ``s_bk + j``; the first round is one request of ``n``
+samples per prompt with ``s_b0``, ``bon``'s request, so with ``alpha=0`` (one round, to the end) the output is
+remote ``bon``'s token for token. The tokens differ from a local run's (another sampler), the law does not.
+
 ``extra``: ``rewards [B, n]`` (final rewards of finished candidates, NaN for stopped ones), ``chosen_index [B]``,
 ``candidates`` (``[B][n]`` token lists: a stopped candidate's tokens up to its round), ``pruned_round [B, n]``
 (the round that stopped a candidate, -1 if never), ``rounds``: one entry per scoring round ``{"round", "tokens"
@@ -46,7 +54,8 @@ import math
 import torch
 
 from ..errors import InputError
-from .base import Context, MethodResult, sample_continuations
+from ..models.remote import RemoteLM
+from .base import Context, MethodResult, RemoteSegments, sample_continuations
 from .selection import check_select, select as select_candidates
 
 
@@ -55,12 +64,9 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
     """Speculative rejection for every prompt; rows of the batch are live candidates (see the module docstring)."""
     _check_options(n, alpha, round_tokens)
     answer = check_select(ctx, select, answer_fn, lam)
-    B, M, lm = len(prompts), ctx.max_new_tokens, ctx.target
-    eos = lm.eos_token_ids
-    logits = lm.prefill(prompts, M)
-    if n > 1:
-        lm.expand(n)
-        logits = logits.repeat_interleave(n, 0)
+    B, M = len(prompts), ctx.max_new_tokens
+    eos = ctx.target.eos_token_ids
+    decoder = (RemoteSegments if isinstance(ctx.target, RemoteLM) else CachedCandidates)(ctx, prompts, n)
     # candidate c = b * n + j; the batch's rows hold candidates `rows` (in that order)
     rows = list(range(B * n))
     responses: list[list[int]] = [[] for _ in rows]
@@ -68,28 +74,25 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
     pruned_round = torch.full((B, n), -1, dtype=torch.long)
     rounds: list[dict] = []
     scored = None  # tokens of each row's response in the reward's cache; None until the first scoring
-    tokens = 0  # generated per unfinished candidate so far
+    tokens = 0  # generated per candidate of a prompt that can still stop some, so far
     while True:
         budget = min(round_tokens, M - tokens)
-        segments = sample_continuations(ctx, lm, logits, [0 if finished[c] else budget for c in rows],
-                                        [c // n for c in rows], [c % n for c in rows])
+        # a prompt that can stop nothing now never can again (U only falls): its candidates run to the end
+        can_stop = _stop_counts(rows, finished, n, B, alpha)
+        budgets = [0 if finished[c] else budget if can_stop[c // n] else M - len(responses[c]) for c in rows]
+        segments = decoder.advance(rows, budgets, responses)
         tokens += budget
         for c, segment in zip(rows, segments):
             if segment:
                 responses[c] += segment
                 finished[c] = segment[-1] in eos or len(responses[c]) >= M
-        unfinished = [r for r, c in enumerate(rows) if not finished[c]]
-        if not unfinished:
+        if all(finished[c] for c in rows):
             break
         stop = _stop_counts(rows, finished, n, B, alpha)
         if any(stop):
-            rows, logits, scored = _prune(ctx, prompts, rows, logits, responses, finished, scored, stop, n,
-                                          pruned_round, rounds, tokens)
-            unfinished = list(range(len(rows)))
-        live = torch.zeros(len(rows), dtype=torch.bool, device=logits.device)
-        live[unfinished] = True
-        last = torch.tensor([responses[c][-1] for c in rows], device=logits.device)
-        logits = lm.extend(last[:, None], live=live[:, None])[:, -1]
+            rows, scored, keep = _prune(ctx, prompts, rows, responses, finished, scored, stop, n, pruned_round,
+                                        rounds, tokens)
+            decoder.keep(keep)
 
     done = [[finished[b * n + j] for j in range(n)] for b in range(B)]
     kept = [c for c in range(B * n) if finished[c]]
@@ -118,9 +121,10 @@ def _stop_counts(rows: list[int], finished: list[bool], n: int, B: int, alpha: f
     return [math.floor(alpha * u) for u in unfinished]
 
 
-def _prune(ctx: Context, prompts, rows, logits, responses, finished, scored, stop, n, pruned_round, rounds, tokens):
+def _prune(ctx: Context, prompts, rows, responses, finished, scored, stop, n, pruned_round, rounds, tokens):
     """Score the rows' partial responses, stop the ``stop[b]`` lowest unfinished candidates of each prompt, and drop
-    the stopped and the finished rows from both caches. Returns the new ``rows``, ``logits`` and ``scored``."""
+    the stopped and the finished rows from the reward's cache. Returns the new ``rows``, ``scored`` and the batch
+    rows kept (for the target's rows: ``keep`` of the decoder)."""
     if scored is None:  # first scoring round: the reward caches the unfinished rows' prompts and partial responses
         scoring = [r for r, c in enumerate(rows) if not finished[c]]
         scores = ctx.reward.prefill([prompts[rows[r] // n] for r in scoring], [responses[rows[r]] for r in scoring])
@@ -142,11 +146,39 @@ def _prune(ctx: Context, prompts, rows, logits, responses, finished, scored, sto
         pruned_round[b, stopped[b]] = len(rounds)
     rounds.append({"round": len(rounds), "tokens": tokens, "partial_rewards": table, "pruned": stopped})
     keep = [r for r, c in enumerate(rows) if not finished[c] and (c % n) not in stopped[c // n]]
-    ctx.target.select_rows(keep)
     reward_row = {r: i for i, r in enumerate(scoring)}
     ctx.reward.select_rows([reward_row[r] for r in keep])
     rows = [rows[r] for r in keep]
-    return rows, logits[keep], [len(responses[c]) for c in rows]
+    return rows, [len(responses[c]) for c in rows], keep
+
+
+class CachedCandidates:
+    """The candidates as rows of a local target's cache: the prompts prefilled once and expanded ``n`` ways; a
+    round samples each live row's next tokens (``sample_continuations``, sub-stream ``j`` of prompt ``b``)."""
+
+    def __init__(self, ctx: Context, prompts: list[list[int]], n: int):
+        self.ctx, self.lm, self.n = ctx, ctx.target, n
+        self.logits = self.lm.prefill(prompts, ctx.max_new_tokens)  # [B * n, V] after the expansion
+        if n > 1:
+            self.lm.expand(n)
+            self.logits = self.logits.repeat_interleave(n, 0)
+        self.started = False
+
+    def advance(self, rows: list[int], budgets: list[int], responses: list[list[int]]) -> list[list[int]]:
+        """Up to ``budgets[r]`` more tokens for the candidate ``rows[r]`` (0: it rides along); one list per row."""
+        n, lm = self.n, self.lm
+        if self.started:  # the cache holds each row's response but its last token: feed it to the live rows
+            live = torch.tensor([b > 0 for b in budgets], device=self.logits.device)
+            last = torch.tensor([responses[c][-1] for c in rows], device=self.logits.device)
+            self.logits = lm.extend(last[:, None], live=live[:, None])[:, -1]
+        self.started = True
+        return sample_continuations(self.ctx, lm, self.logits, budgets, [c // n for c in rows],
+                                    [c % n for c in rows])
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the batch rows ``keep`` (in that order)."""
+        self.lm.select_rows(keep)
+        self.logits = self.logits[keep]
 
 
 def _check_options(n, alpha, round_tokens) -> None:

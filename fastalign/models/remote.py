@@ -7,18 +7,21 @@ prefix caching, continuous batching) or the small ``python -m fastalign.serve``;
     vllm serve POLICY --port 8000 --tensor-parallel-size 4
     vllm serve REWARD_MODEL --port 8001 --runner pooling --convert classify
 
-Generation (``RemoteLM``), used by the whole-response methods (sample, bon, soft_bon, rs, qalign)::
+Generation (``RemoteLM``), used by the whole-response methods (sample, bon, soft_bon, rs, qalign) and the
+segment methods (speculative_rejection, smc: each segment is a request that continues the prompt plus the
+response so far)::
 
     POST {base_url}/v1/completions
     {"model": ..., "prompt": [token ids], "max_tokens": m, "n": n, "seed": s, "temperature": T,
      "top_k": k or 0, "top_p": p or 1, "min_p": 0, "repetition_penalty": 1, ...,   # every knob explicit
-     "stop_token_ids": [EOS ids], "return_token_ids": true}
+     "stop_token_ids": [EOS ids + a segment's delimiters], "return_token_ids": true}
 
 Every sampling parameter is sent, so that the server's defaults (vLLM applies the model's
 ``generation_config.json``) never change the law: the tokens are drawn from the target's truncated tempered
 per-token distributions, as locally. A response stops after its first EOS token (kept, as locally) or at
-``max_tokens``; the EOS ids are sent as ``stop_token_ids``, and a server that stops at a token this client
-does not know as EOS is an error (the law would differ from local decoding). The token ids are read from
+``max_tokens``; the EOS ids are sent as ``stop_token_ids`` (with the delimiters that end a segment, kept like
+EOS, when a method asks for them), and a server that stops at a token this client did not ask for is an error
+(the law would differ from local decoding). The token ids are read from
 ``choices[i].token_ids`` (vLLM >= 0.10.2, fastalign.serve).
 
 Seeds. Sample ``j`` of prompt ``b`` is drawn with the request seed ``seeds[b] + j``: vLLM seeds sample ``j``
@@ -328,11 +331,14 @@ class RemoteLM:
         return self.pool.urls[0]
 
     def complete(self, prompts: list[list[int]], budgets: list[int], temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed=0, n: int = 1) -> list[list[int]]:
+                 top_k: int | None = None, top_p: float | None = None, seed=0, n: int = 1,
+                 stop_token_ids=()) -> list[list[int]]:
         """``n`` sampled continuations per prompt (token ids, at most ``budgets[b]`` tokens, EOS kept); rows
         ``b * n + j`` belong to prompt ``b``. Sample ``j`` of prompt ``b`` is drawn with seed ``seeds[b] + j``:
-        ``seed`` is one request seed per prompt (a list), or an int (prompt ``b`` gets ``row_seed(seed, b)``)."""
+        ``seed`` is one request seed per prompt (a list), or an int (prompt ``b`` gets ``row_seed(seed, b)``).
+        ``stop_token_ids``: more tokens that end a continuation (kept, like EOS): a segment's delimiters."""
         seeds = request_seeds_of(seed, len(prompts))
+        stops = self.eos_token_ids | {int(t) for t in stop_token_ids}
         if len(budgets) != len(prompts) or not (isinstance(n, int) and n >= 1):
             raise InputError(f"complete needs one budget per prompt and n >= 1, got {len(prompts)} prompts, "
                              f"{len(budgets)} budgets, n={n!r}")
@@ -343,7 +349,7 @@ class RemoteLM:
         def job(spec):
             b, j, count = spec
             return self._complete_one(prompts[b], budgets[b], count, temperature, top_k, top_p,
-                                      seeds[b] + j, f"prompt {b}")
+                                      seeds[b] + j, f"prompt {b}", stops)
 
         try:
             results = self.pool.map(job, jobs, self.max_concurrency)
@@ -354,12 +360,12 @@ class RemoteLM:
             raise
         return [tokens for samples in results for tokens in samples]
 
-    def _complete_one(self, prompt, max_tokens, n, temperature, top_k, top_p, seed, row) -> list[list[int]]:
+    def _complete_one(self, prompt, max_tokens, n, temperature, top_k, top_p, seed, row, stops) -> list[list[int]]:
         payload = {"model": self.model, "prompt": [int(t) for t in prompt], "max_tokens": int(max_tokens),
                    "n": n, "seed": int(seed), "temperature": float(temperature),
                    "top_k": 0 if top_k is None else int(top_k), "top_p": 1.0 if top_p is None else float(top_p),
                    "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                   "stop_token_ids": sorted(self.eos_token_ids), "ignore_eos": False, "min_tokens": 0,
+                   "stop_token_ids": sorted(stops), "ignore_eos": False, "min_tokens": 0,
                    "return_token_ids": True}
         what = (f"completion request for {row} ({len(prompt)} prompt tokens, max_tokens {max_tokens}, n {n}, "
                 f"seed {seed})")
@@ -374,12 +380,12 @@ class RemoteLM:
                 raise RemoteError(f"{what}: the server returned no token ids; it must honour return_token_ids "
                                   "(vLLM >= 0.10.2, fastalign.serve)")
             tokens = [int(t) for t in tokens][:max_tokens]
-            end = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
+            end = next((k for k, t in enumerate(tokens) if t in stops), None)
             if end is not None:
                 tokens = tokens[: end + 1]
             elif choice.get("finish_reason") == "stop" and len(tokens) < max_tokens:
-                raise RemoteError(f"{what}: the server stopped at a token that is not an EOS token of this client "
-                                  f"({sorted(self.eos_token_ids)}; stop reason {choice.get('stop_reason')!r}): "
+                raise RemoteError(f"{what}: the server stopped at a token that is not an EOS token or a stop "
+                                  f"token of this client ({sorted(stops)}; stop reason {choice.get('stop_reason')!r}): "
                                   "pass every EOS id in eos_token_ids, or start the server without extra stops")
             out.append(tokens)
         with self._count_lock:

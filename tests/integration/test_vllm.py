@@ -132,6 +132,43 @@ def test_each_whole_response_method_runs_end_to_end(target, reward, models, meth
             assert torch.allclose(rewards, torch.tensor([e["reward"] for e in chains[0]]), atol=1e-4)
 
 
+def test_speculative_rejection_runs_end_to_end_and_alpha_zero_is_bon(target, reward, models):
+    """Rounds of seeded completion requests that continue each candidate's prefix: reproducible, candidates
+    pruned, the output a finished candidate whose reward is the local model's; alpha=0 is vLLM bon token for
+    token (the first round is bon's request: n samples per prompt with the prompt's seed)."""
+    kwargs = dict(target=target, reward=reward, max_new_tokens=8, temperature=1.0, seed=5)
+    out = fastalign.decode(PROMPTS, method="speculative_rejection", n=4, alpha=0.5, round_tokens=2, **kwargs)
+    again = fastalign.decode(PROMPTS, method="speculative_rejection", n=4, alpha=0.5, round_tokens=2, **kwargs)
+    assert out.sequences == again.sequences and out.extra["candidates"] == again.extra["candidates"]
+    assert out.stats["candidates_pruned"] > 0 and out.stats["rejection_rounds"] > 0
+    for y in out.sequences:
+        check_response(y, 8)
+    chosen = out.extra["rewards"][torch.arange(3), out.extra["chosen_index"]]
+    assert torch.allclose(chosen, RewardModel(models["reward"]).score(PROMPTS, out.sequences), atol=1e-4)
+    bon = fastalign.decode(PROMPTS, method="bon", n=4, **kwargs)
+    sr = fastalign.decode(PROMPTS, method="speculative_rejection", n=4, alpha=0.0, round_tokens=2, **kwargs)
+    assert sr.sequences == bon.sequences and sr.stats["target_calls"] == bon.stats["target_calls"] == len(PROMPTS)
+    assert torch.equal(sr.extra["chosen_index"], bon.extra["chosen_index"])
+    assert torch.allclose(sr.extra["rewards"], bon.extra["rewards"], atol=1e-5)
+
+
+def test_smc_runs_end_to_end_with_delimited_segments(target, reward, models):
+    """Each step a seeded request per particle that continues its prefix and stops at a delimiter (kept) or after
+    segment_tokens; resampling in the client: reproducible, finished particles, rewards the local model's."""
+    kwargs = dict(method="smc", target=target, reward=reward, max_new_tokens=8, temperature=1.0, seed=5,
+                  particles=4, segment_tokens=3, delimiters=[1], ess_threshold=1.0)
+    out = fastalign.decode(PROMPTS, **kwargs)
+    again = fastalign.decode(PROMPTS, **kwargs)
+    assert out.sequences == again.sequences and out.extra["particles"] == again.extra["particles"]
+    assert torch.equal(out.extra["log_z"], again.extra["log_z"])
+    assert out.stats["smc_steps"] > 1 and out.stats["smc_resamplings"] > 0
+    for b, particles in enumerate(out.extra["particles"]):
+        for y in particles:
+            check_response(y, 8)
+        local = RewardModel(models["reward"]).score([PROMPTS[b]] * 4, particles)
+        assert torch.allclose(out.extra["rewards"][b], local, atol=1e-4)
+
+
 def test_many_long_seeded_prompts_at_once(target):
     """More prompt tokens than one engine step takes (2048 on CPU): seeded requests stay reproducible."""
     g = torch.Generator().manual_seed(1)
