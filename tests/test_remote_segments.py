@@ -164,3 +164,86 @@ def test_smc_remote_one_segment_is_remote_bon_and_sample(smc_server):
     alone = fastalign.decode(prompts[2:], method="smc", particles=3, segment_tokens=1,
                              **{**kwargs, "seed": kwargs["seed"][2:]})
     assert alone.sequences == steps.sequences[2:]
+
+
+# ------------------------------------------------------------------------------------------------ beam
+def split_steps(response, max_step_tokens, delimiters):
+    """The steps of a response as the search cut it: a step ends at a delimiter or EOS (kept) or after
+    max_step_tokens tokens."""
+    steps, step = [], []
+    for t in response:
+        step.append(t)
+        if t in delimiters or t == EOS or len(step) == max_step_tokens:
+            steps.append(step)
+            step = []
+    return steps + ([step] if step else [])
+
+
+@pytest.mark.parametrize("seed", [0, 2**40 + 7])
+def test_beam_remote_one_step_is_remote_sample_and_bon(server, seed):
+    """A step as long as the response: beams=width=1 is remote sample token for token, and beams=K, width=1 is
+    remote bon with n=K (the K requests of the first step are bon's: seeds s_b0 + i); one step, K finished."""
+    M = 5
+    beam = remote(server, "beam", seed=seed, max_new_tokens=M, beams=1, width=1, max_step_tokens=M)
+    assert beam.sequences == remote(server, "sample", seed=seed, max_new_tokens=M).sequences
+    assert beam.stats["beam_steps"] == 1
+    beam = remote(server, "beam", seed=seed, max_new_tokens=M, beams=3, width=1, max_step_tokens=M)
+    bon = remote(server, "bon", seed=seed, max_new_tokens=M, n=3)
+    assert beam.sequences == bon.sequences
+    assert torch.equal(beam.extra["scores"].sort(1).values, bon.extra["rewards"].double().sort(1).values)
+    assert beam.stats["beam_steps"] == 1 and beam.stats["beam_finished"] == 3 * len(PROMPTS)
+
+
+@pytest.mark.parametrize("dvts", [False, True])
+def test_beam_remote_finishes_beams_step_by_step_and_is_reproducible_per_prompt(server, dvts):
+    """Steps stop at a delimiter (kept) or after max_step_tokens; every step score is the reward of the prefix
+    up to that step; only finished beams (EOS or max_new_tokens) are returned, K of them (one per subtree for
+    DVTS); a seed reproduces the run and a prompt alone (with its own seed) gives the same output."""
+    K, W, S, M, delims = 4, 2, 2, 6, [1]
+    seeds = Randomness(11, len(PROMPTS)).seeds
+    kwargs = dict(max_new_tokens=M, beams=K, width=W, max_step_tokens=S, delimiters=delims, dvts=dvts,
+                  aggregate="min")
+    out = remote(server, "beam", seed=seeds, **kwargs)
+    assert out.stats["beam_steps"] > 1
+    for b, (prompt, finished) in enumerate(zip(PROMPTS, out.extra["finished"])):
+        assert len(finished) == (K // W if dvts else K)
+        if dvts:
+            assert sorted(f["subtree"] for f in finished) == list(range(K // W))
+        for f in finished:
+            y = f["tokens"]
+            assert y[-1] == EOS or len(y) == M
+            steps = split_steps(y, S, delims)
+            assert len(f["step_scores"]) == len(steps) == len(f["path"])
+            prefixes = [sum(steps[:t + 1], []) for t in range(len(steps))]
+            want = weights_reward([prompt] * len(prefixes), prefixes).double().tolist()
+            assert f["step_scores"] == pytest.approx(want) and f["score"] == pytest.approx(min(want))
+        chosen = finished[int(out.extra["chosen_index"][b])]
+        assert out.sequences[b] == chosen["tokens"]
+        assert chosen["score"] == max(f["score"] for f in finished)
+    again = remote(server, "beam", seed=seeds, **kwargs)
+    assert again.sequences == out.sequences and again.extra["finished"] == out.extra["finished"]
+    alone = remote(server, "beam", PROMPTS[2:], seed=seeds[2:], **kwargs)
+    assert alone.sequences == out.sequences[2:] and alone.extra["finished"] == out.extra["finished"][2:]
+    other = remote(server, "beam", seed=12, **kwargs)
+    assert other.extra["finished"] != out.extra["finished"]
+
+
+def test_beam_remote_finds_the_best_path_of_a_step_reward(server):
+    """A hand-made step reward: +1 per token 0, -10 per other token (EOS too). One token per step, the best two
+    beams kept, a flattened target (temperature 3: token 0 has probability >= 0.17 after every prefix): the
+    search follows 0, 0, 0, 0 (sampled among the best beam's 16 expansions), while remote sample rarely draws
+    it (fewer than 10 of 100 samples)."""
+    M = 4
+
+    def step_reward(prompts, responses):
+        return torch.tensor([sum(1.0 if t == 0 else -10.0 for t in y) for y in responses])
+
+    out = remote(server, "beam", reward=step_reward, seed=1, max_new_tokens=M, beams=2, width=16,
+                 max_step_tokens=1, temperature=3.0)
+    assert out.sequences == [[0] * M] * len(PROMPTS)
+    for b, finished in enumerate(out.extra["finished"]):
+        best = finished[int(out.extra["chosen_index"][b])]
+        assert best["step_scores"] == [1.0, 2.0, 3.0, 4.0] and best["score"] == 4.0
+    sampled = remote(server, "sample", PROMPTS * 25, reward=step_reward, seed=1, max_new_tokens=M,
+                     temperature=3.0)
+    assert sum(y == [0] * M for y in sampled.sequences) < 10

@@ -88,7 +88,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("qalign", "qalign:run", ("target", "reward"), remote_target=True),
     Method("speculative_rejection", "specrej:run", ("target", "reward"), remote_target=True),
     Method("smc", "smc:run", ("target", "reward"), remote_target=True),
-    Method("beam", "beam:run", ("target", "reward")),  # the reward role is read as the step reward
+    Method("beam", "beam:run", ("target", "reward"), remote_target=True),  # reward: read as the step reward
 )}
 
 

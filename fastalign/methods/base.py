@@ -162,16 +162,23 @@ def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
 
 
 class RemoteSegments:
-    """Segments of ``n`` responses per prompt continued by a ``RemoteLM`` (``speculative_rejection``, ``smc``).
+    """Segments of responses continued by a ``RemoteLM`` (``speculative_rejection``, ``smc``, ``beam``).
 
-    Response ``c`` belongs to prompt ``c // n`` and is its sub-stream ``j = c % n``. A step (``advance``) is one
-    completion request per live response: its prompt plus its response so far, ``max_tokens`` its budget, and
-    ``stops`` (a segment's delimiters) ending it like EOS (kept). Prompt ``b``'s step ``k`` takes the request
-    seed ``s_bk``, draw ``k`` of its own ``"request"`` stream (counted over the steps where it has live
-    responses), and response ``j`` the seed ``s_bk + j``. The first step, from the prompts alone, is one request
-    of ``n`` samples per prompt with ``s_b0``: ``bon``'s request (``ResponseSampler``), so a first step that runs
-    to the end draws ``bon``'s samples. The server holds no rows: resampling and pruning are the client's lists
-    (vLLM's prefix caching keeps re-prompting the growing prefixes cheap).
+    ``advance`` (``speculative_rejection``, ``smc``): response ``c`` belongs to prompt ``c // n`` and is its
+    sub-stream ``j = c % n``. A step is one completion request per live response: its prompt plus its response
+    so far, ``max_tokens`` its budget, and ``stops`` (a segment's delimiters) ending it like EOS (kept). Prompt
+    ``b``'s step ``k`` takes the request seed ``s_bk``, draw ``k`` of its own ``"request"`` stream (counted over
+    the steps where it has live responses), and response ``j`` the seed ``s_bk + j``. The first step, from the
+    prompts alone, is one request of ``n`` samples per prompt with ``s_b0``: ``bon``'s request
+    (``ResponseSampler``), so a first step that runs to the end draws ``bon``'s samples.
+
+    ``branch`` (``beam``): several samples of each of some prefixes, one request per prefix (``n`` samples,
+    seed ``s_bk + first``: on a server that takes one sample per request, sample ``j`` is drawn with seed
+    ``s_bk + first + j``). ``advance`` is ``branch`` with one sample per request (``first = j``), or, at the
+    first step, one prefix per prompt (the prompt alone) with ``n`` samples (``first = 0``).
+
+    The server holds no rows: resampling and pruning are the client's lists (vLLM's prefix caching keeps
+    re-prompting the growing prefixes cheap).
     """
 
     def __init__(self, ctx: Context, prompts: list[list[int]], n: int, stops=()):
@@ -181,22 +188,33 @@ class RemoteSegments:
     def advance(self, rows: list[int], budgets: list[int], responses: list[list[int]]) -> list[list[int]]:
         """The next segment (at most ``budgets[r]`` tokens; 0: none) of response ``rows[r]``, whose tokens so far
         are ``responses[rows[r]]``; one list per row."""
-        ctx, n, lm = self.ctx, self.n, self.ctx.target
+        n = self.n
         live = [(c, m) for c, m in zip(rows, budgets) if m > 0]
-        owners = sorted({c // n for c, _ in live})
-        seeds = dict(zip(owners, ctx.rng.request_seeds(owners, "request")))
-        sampling = (ctx.temperature, ctx.top_k, ctx.top_p)
         if not self.started:  # every response of every prompt, from the prompt alone: one request per prompt
             budget = dict(live)
-            out = lm.complete([self.prompts[b] for b in owners], [budget[b * n] for b in owners], *sampling,
-                              seed=[seeds[b] for b in owners], n=n, stop_token_ids=self.stops)
+            owners = sorted({c // n for c, _ in live})
+            out = self.branch(owners, [0] * len(owners), [budget[b * n] for b in owners], [[]] * len(owners), n)
             got = {b * n + j: out[i * n + j] for i, b in enumerate(owners) for j in range(n)}
         else:
-            out = lm.complete([self.prompts[c // n] + responses[c] for c, _ in live], [m for _, m in live],
-                              *sampling, seed=[seeds[c // n] + c % n for c, _ in live], stop_token_ids=self.stops)
+            out = self.branch([c // n for c, _ in live], [c % n for c, _ in live], [m for _, m in live],
+                              [responses[c] for c, _ in live], 1)
             got = {c: segment for (c, _), segment in zip(live, out)}
-        self.started = True
         return [got.get(c, []) for c in rows]
+
+    def branch(self, owners: list[int], firsts: list[int], budgets: list[int], responses: list[list[int]],
+               n: int) -> list[list[int]]:
+        """``n`` next segments (at most ``budgets[i]`` >= 1 tokens each) of each prefix ``i``: prompt ``owners[i]``
+        plus ``responses[i]``, one request with seed ``s_bk + firsts[i]`` (``s_bk``: the next draw of prompt
+        ``b``'s ``"request"`` stream, one draw per prompt and call). Rows ``i * n + j``: sample ``j`` of prefix
+        ``i``."""
+        ctx = self.ctx
+        prompts_of = sorted(set(owners))
+        seeds = dict(zip(prompts_of, ctx.rng.request_seeds(prompts_of, "request")))
+        self.started = True
+        return ctx.target.complete([self.prompts[b] + list(y) for b, y in zip(owners, responses)], list(budgets),
+                                   ctx.temperature, ctx.top_k, ctx.top_p,
+                                   seed=[seeds[b] + f for b, f in zip(owners, firsts)], n=n,
+                                   stop_token_ids=self.stops)
 
     def keep(self, keep: list[int]) -> None:
         """Nothing to drop: the server holds no rows."""

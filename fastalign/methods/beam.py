@@ -36,6 +36,17 @@ its counter advancing per drawn token. A prompt's output depends on its own seed
 max_step_tokens=1`` picks at every token the best of ``W`` sampled next tokens by the aggregated step reward
 (greedy by step reward over the sampled tokens).
 
+Remote target (``fastalign.models.remote.RemoteLM``, ``base.RemoteSegments.branch``): the expansion of a live
+beam is one completion request with ``n = width`` samples that continues its prompt plus response, ``max_tokens``
+its step budget (``max_step_tokens``, at most what is left of ``max_new_tokens``), the delimiters sent with the
+EOS ids as stop tokens (kept); scoring, pruning and the DVTS bookkeeping stay in the client (the server holds
+no rows). Prompt ``b``'s step ``k`` takes the request seed ``s_bk`` (draw ``k`` of its ``"request"`` stream) and
+its live beam ``i`` (``i``-th of the prompt's live beams, by rank) the seed ``s_bk + i * width``: on a server
+that takes one sample per request (fastalign's), candidate ``c = i * width + j`` is drawn with ``s_bk + c``
+(vLLM draws a request's ``n`` samples from its one seed). ``beams=width=1`` is remote ``sample`` token for token
+when its first step is the whole response (no delimiters, ``max_step_tokens >= max_new_tokens``); otherwise each
+step is a fresh seeded request, and its response follows the target's law.
+
 Cost: the target processes every candidate's step tokens once (batched ``extend`` per token); the reward
 model processes each step's segments on top of its cached prefixes (a callable scores the whole prefixes).
 Stats: ``beam_steps`` (steps of the batch), ``beam_candidates`` (candidates scored, all prompts),
@@ -51,7 +62,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from .base import Context, MethodResult
+from ..models.remote import RemoteLM
+from .base import Context, MethodResult, RemoteSegments
 from .segments import delimiter_ids, extend_segments
 from .selection import check_select
 from .selection import select as select_candidates
@@ -86,6 +98,21 @@ def check_options(beams, width, max_step_tokens, aggregate, dvts) -> None:
                          f"multiple of width ({width})")
 
 
+def remote_step(ctx: Context, remote: RemoteSegments, live: list[dict], firsts: list[int], W: int,
+                max_step_tokens: int, responses: list[list[int]], done: list[bool]) -> list[list[int]]:
+    """Extend every candidate (rows ``i * W + j``: expansion ``j`` of live beam ``i``) by one step drawn by the
+    server: one request of ``W`` samples per live beam, seed ``s_bk + firsts[i]`` (``firsts[i]``: the prompt's
+    number of its first candidate). ``responses`` and ``done`` are updated in place, as ``extend_segments`` does;
+    returns each candidate's new segment."""
+    budgets = [min(max_step_tokens, ctx.max_new_tokens - len(beam["tokens"])) for beam in live]
+    segments = remote.branch([beam["owner"] for beam in live], firsts, budgets, [beam["tokens"] for beam in live], W)
+    eos = ctx.target.eos_token_ids
+    for c, segment in enumerate(segments):
+        responses[c] += segment
+        done[c] = not segment or segment[-1] in eos or len(responses[c]) >= ctx.max_new_tokens
+    return segments
+
+
 def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, max_step_tokens: int = 32,
         delimiters: list[int] | int | None = None, aggregate: str = "last", dvts: bool = False,
         select: str = "best", answer_fn=None, lam: float = 1.0) -> MethodResult:
@@ -99,7 +126,9 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
     groups, capacity0 = (beams // width, 1) if dvts else (1, beams)
     capacity = [[capacity0] * groups for _ in range(B)]
 
-    logits = target.prefill(prompts, ctx.max_new_tokens)  # [B, V]
+    remote = RemoteSegments(ctx, prompts, W, delimiters) if isinstance(target, RemoteLM) else None
+    if remote is None:
+        logits = target.prefill(prompts, ctx.max_new_tokens)  # [B, V]
     reward.prefill(prompts)
     # the live beams: prompt, group, aggregated score, step scores, path, response
     live = [dict(owner=b, group=g, score=None, steps=[], path=[], tokens=[])
@@ -113,9 +142,10 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
         # 1. expand every live beam W ways: row copies of its caches
         parent = [i for i in range(len(live)) for _ in range(W)]
         order = [rows[i] for i in parent]
-        target.select_rows(order)
+        if remote is None:
+            target.select_rows(order)
+            logits = logits[torch.tensor(order, device=logits.device)]
         reward.select_rows(order)
-        logits = logits[torch.tensor(order, device=logits.device)]
         owner = [live[i]["owner"] for i in parent]
         subs, seen = [], [0] * B  # candidate c of its prompt draws from sub-stream c
         for b in owner:
@@ -125,7 +155,11 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
         # 2. extend every candidate by one step
         responses = [list(live[i]["tokens"]) for i in parent]
         done = [False] * len(parent)
-        segments, logits = extend_segments(ctx, logits, owner, subs, responses, done, max_step_tokens, delimiters)
+        if remote is None:
+            segments, logits = extend_segments(ctx, logits, owner, subs, responses, done, max_step_tokens,
+                                               delimiters)
+        else:
+            segments = remote_step(ctx, remote, live, subs[::W], W, max_step_tokens, responses, done)
 
         # 3. score the candidates' new prefixes and aggregate
         step_scores = reward.append(segments).double().tolist()
@@ -154,9 +188,10 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
                     live.append(cand)
                     kept_rows.append(c)
         if kept_rows:  # pruning: keep the live beams' rows
-            target.select_rows(kept_rows)
+            if remote is None:
+                target.select_rows(kept_rows)
+                logits = logits[torch.tensor(kept_rows, device=logits.device)]
             reward.select_rows(kept_rows)
-            logits = logits[torch.tensor(kept_rows, device=logits.device)]
         rows = list(range(len(live)))
 
     F = max(len(f) for f in finished)
