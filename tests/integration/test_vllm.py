@@ -169,6 +169,34 @@ def test_smc_runs_end_to_end_with_delimited_segments(target, reward, models):
         assert torch.allclose(out.extra["rewards"][b], local, atol=1e-4)
 
 
+def test_beam_runs_end_to_end_with_delimited_steps(target, reward, models):
+    """Each step one request of width samples per live beam that continues its prefix and stops at a delimiter
+    (kept) or after max_step_tokens; pruning in the client: reproducible, K finished beams per prompt, every
+    step score the local reward model's on the prefix up to that step."""
+    K, W, S, M, delims = 2, 3, 3, 8, [1]
+    kwargs = dict(method="beam", target=target, reward=reward, max_new_tokens=M, temperature=1.0, seed=5,
+                  beams=K, width=W, max_step_tokens=S, delimiters=delims)
+    out = fastalign.decode(PROMPTS, **kwargs)
+    again = fastalign.decode(PROMPTS, **kwargs)
+    assert out.sequences == again.sequences and out.extra["finished"] == again.extra["finished"]
+    assert out.stats["beam_steps"] > 1
+    local = RewardModel(models["reward"])
+    for b, finished in enumerate(out.extra["finished"]):
+        assert len(finished) == K
+        for f in finished:
+            check_response(f["tokens"], M)
+            prefixes, step = [], []
+            for i, t in enumerate(f["tokens"]):  # the steps as the search cut them
+                step.append(t)
+                if t in delims or t == EOS or len(step) == S or i == len(f["tokens"]) - 1:
+                    prefixes.append((prefixes[-1] if prefixes else []) + step)
+                    step = []
+            assert len(prefixes) == len(f["step_scores"])
+            want = local.score([PROMPTS[b]] * len(prefixes), prefixes)
+            assert torch.allclose(torch.tensor(f["step_scores"], dtype=torch.float64), want.double(), atol=1e-4)
+        assert out.sequences[b] in [f["tokens"] for f in finished]
+
+
 def test_many_long_seeded_prompts_at_once(target):
     """More prompt tokens than one engine step takes (2048 on CPU): seeded requests stay reproducible."""
     g = torch.Generator().manual_seed(1)
