@@ -2,9 +2,10 @@
 
     python scripts/build_arith_world.py [--out DIR]
 
-A few minutes of CPU time on one thread (one thread and fixed seeds: two builds on the same machine and library
-versions write byte-identical files). Needs no download. The language, the rewards and the checker are in
-``fastalign.eval.arithworld``; the training helpers are the toy world's (``scripts/build_toy_world.py``).
+About 5 minutes of CPU time on one thread, 9 on a busy machine (one thread and fixed seeds: two builds on the
+same machine and library versions write byte-identical files). Needs no download. The language, the rewards
+and the checker are in ``fastalign.eval.arithworld``; the training helpers are the toy world's
+(``scripts/build_toy_world.py``).
 
 Steps (Llama-style ``transformers`` models, random init, trained here):
 
@@ -14,9 +15,11 @@ Steps (Llama-style ``transformers`` models, random init, trained here):
 2. ``target``: a causal LM trained on ``prompt solution </s>`` by maximum likelihood.
 3. ``reward``: a ``LlamaForSequenceClassification`` (one logit) of the target's size, initialised from the
    target's body (a new head), trained by logistic regression on ``REWARD_SIZE`` solutions: half from the
-   generator with injected errors (``REWARD_ERROR_RATE``), half sampled from the target (finished ones): a
-   finished solution is labelled 1 when its final answer is right; a prefix cut after a step (``;``), 1 when
-   no step so far is wrong (``arithworld.check_steps``).
+   generator with injected errors (``REWARD_ERROR_RATE``), half sampled from the target (finished ones). The
+   score head is trained at every response token (``token_labels``; the model is an ordinary sequence
+   classifier, read at the last token): at ``</s>`` the label is 1 when the final answer is right, before it
+   1 while no step decided so far is wrong (``arithworld.check_steps``), so the score of a prefix means
+   something to methods that score partial responses.
 4. Measurements: the target's sampling accuracy at temperature 1 on ``EVAL_PROBLEMS`` held-out problems and on the
    world's prompts, the reward model's accuracy and the accuracy of the best of 8 samples by its score.
 
@@ -51,7 +54,8 @@ REWARD_SIZE, REWARD_SEED, REWARD_ERROR_RATE = 40000, 1, 0.3
 EVAL_PROBLEMS = 512  # held-out problems (the world's prompts are the first NUM_PROMPTS)
 SAMPLE_CAP = 40  # tokens at most per sampled solution (the longest right one has 21)
 TARGET = dict(hidden=96, layers=3, heads=4, steps=1500, lr=3e-3, seed=1)
-REWARD = dict(init="target", steps=1000, lr=1e-3, seed=3)  # the target's size and weights, a new head
+# the reward model: the target's size and body (a new head), a label at every response token
+REWARD = dict(init="target", labels="every token", steps=2500, lr=2e-3, seed=3)
 MEASURE_SEED = 7
 
 
@@ -63,10 +67,38 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def reward_loss(model, rows):
+def token_labels(state: list, text: str) -> list[float]:
+    """A label per response token (the words of ``text``, then ``</s>``): 1 while no step decided so far is wrong.
+
+    A step is decided at its last word (its result; the ``;`` itself for an empty step), the final answer at its
+    number; ``</s>`` is labelled by the answer (right or not)."""
+    verdicts = aw.check_steps(state, text, finished=True)
+    words, labels, k, ok, segment = text.split(), [], 0, True, []
+    for j, word in enumerate(words):
+        if word == aw.SEP:
+            if not segment:  # an empty step: decided at its ";"
+                ok = ok and verdicts[k]
+            k, segment = k + 1, []
+        else:
+            segment.append(word)
+            last_of_segment = j + 1 == len(words) or words[j + 1] == aw.SEP
+            if last_of_segment:
+                ok = ok and verdicts[k]
+        labels.append(float(ok))
+    return labels + [float(aw.answer_of(text) == str(aw.true_answer(state)))]
+
+
+def dense_reward_loss(model, rows):
+    """Logistic loss of the score head read at every labelled position (prompt positions carry no label)."""
     ids, labels = zip(*rows)
-    return torch.nn.functional.binary_cross_entropy_with_logits(toy.reward_scores(model, list(ids)),
-                                                                torch.tensor(labels))
+    tokens, mask = toy.pad_right(list(ids), pad=0)
+    hidden = model.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+    scores = model.score(hidden)[..., 0]  # [B, L]
+    target = torch.full_like(scores, -1.0)
+    for b, row in enumerate(labels):
+        target[b, : len(row)] = torch.tensor([-1.0 if x is None else x for x in row])
+    live = target >= 0
+    return torch.nn.functional.binary_cross_entropy_with_logits(scores[live], target[live])
 
 
 @torch.no_grad()
@@ -117,6 +149,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=aw.DATA_DIR)
     parser.add_argument("--error-rate", type=float, default=aw.ERROR_RATE, help="for tuning runs only")
+    parser.add_argument("--target-from", type=Path, help="for tuning the reward model only: load the target of an "
+                                                         "earlier build with the same settings instead of training it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -141,13 +175,17 @@ def main():
 
     torch.manual_seed(TARGET["seed"])
     target = LlamaForCausalLM(toy.llama_config(V, TARGET["hidden"], TARGET["layers"], TARGET["heads"]))
-    metrics["target_train_nll"] = toy.train(target, toy.lm_loss, encoded, TARGET["steps"], TARGET["lr"],
-                                            TARGET["seed"], "target")
+    if args.target_from is None:
+        metrics["target_train_nll"] = toy.train(target, toy.lm_loss, encoded, TARGET["steps"], TARGET["lr"],
+                                                TARGET["seed"], "target")
+    else:
+        target = LlamaForCausalLM.from_pretrained(args.target_from / "target").eval()
+        metrics["target_train_nll"] = json.loads((args.target_from / "manifest.json").read_text())["metrics"][
+            "target_train_nll"]
 
     # reward model: initialised from the target (it knows the arithmetic), trained on solutions of the generator
-    # with injected errors and on the target's own samples; a finished solution is labelled by its answer, a
-    # prefix cut after a step by "no wrong step so far"
-    gen = random.Random(REWARD_SEED)
+    # with injected errors and on the target's own samples, with a label at every response token
+    # (``token_labels``): the score read at any prefix predicts "no wrong step so far", at </s> "answer right"
     solved = [(state, text) for state, text, _ in corpus(REWARD_SIZE // 2, REWARD_SEED, REWARD_ERROR_RATE)]
     problems = [state for state, _, _ in corpus(REWARD_SIZE // 2, REWARD_SEED + 1, 0.0)]
     prompt_ids = [encode(tokenizer, aw.question(s)) for s in problems]
@@ -157,24 +195,16 @@ def main():
     labelled = []
     for state, text in solved:
         prompt = encode(tokenizer, aw.question(state))
-        steps = [part.strip() for part in text.split(aw.SEP)]
-        checks = aw.check_steps(state, text, finished=True)
-        cut = gen.randrange(len(steps) + 1) if len(steps) > 1 else len(steps)  # len(steps): finished
-        if cut >= len(steps) - 1:
-            ids = encode(tokenizer, aw.question(state) + " " + text) + [eos]
-            label = float(aw.answer_of(text) == str(aw.true_answer(state)))
-        else:
-            partial = " ".join(step + " " + aw.SEP for step in steps[: cut])
-            ids = encode(tokenizer, (aw.question(state) + " " + partial).strip())
-            label = float(all(checks[:cut]))
-        assert ids[: len(prompt)] == prompt
-        labelled.append((ids, label))
-    metrics["reward_data_positive_fraction"] = sum(label for _, label in labelled) / len(labelled)
+        ids = encode(tokenizer, aw.question(state) + " " + text) + [eos]
+        labels = token_labels(state, text)
+        assert ids[: len(prompt)] == prompt and len(ids) == len(prompt) + len(labels)
+        labelled.append((ids, [None] * len(prompt) + labels))
+    metrics["reward_data_positive_fraction"] = sum(labels[-1] for _, labels in labelled) / len(labelled)
     torch.manual_seed(REWARD["seed"])
     reward = LlamaForSequenceClassification(
         toy.llama_config(V, TARGET["hidden"], TARGET["layers"], TARGET["heads"], num_labels=1, pad_token_id=pad))
     reward.model.load_state_dict(target.model.state_dict())
-    metrics["reward_train_bce"] = toy.train(reward, reward_loss, labelled, REWARD["steps"], REWARD["lr"],
+    metrics["reward_train_bce"] = toy.train(reward, dense_reward_loss, labelled, REWARD["steps"], REWARD["lr"],
                                             REWARD["seed"], "reward")
 
     # measurements on held-out problems

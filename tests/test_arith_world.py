@@ -56,19 +56,42 @@ def test_loads_offline_and_the_tokenizer_rebuilds(world):
         assert set(text.split()) <= words
 
 
-def test_corpus_rebuilds_identically_without_the_prompts():
-    """The build script's training corpus hashes to the manifest's and holds none of the held-out problems."""
+@pytest.fixture(scope="module")
+def build():
+    """scripts/build_arith_world.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("build_arith_world", SCRIPT)
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_corpus_rebuilds_identically_without_the_prompts(build):
+    """The build script's training corpus hashes to the manifest's and holds none of the held-out problems."""
     settings = MANIFEST["settings"]
     held = {aw.question(s) for s in aw.held_out_problems(settings["eval_problems"])}
     rows = build.build_corpus(settings["corpus_size"], settings["corpus_seed"], settings["error_rate"], held)
     texts = build.corpus_texts(rows)
     assert hashlib.sha256("\n".join(texts).encode()).hexdigest() == MANIFEST["corpus_sha256"]
     assert set(aw.PROMPTS) <= held and not held & {aw.question(state) for state, _, _ in rows}
+
+
+def test_reward_model_labels_follow_the_checker(build):
+    """The reward model's per-token labels: 1 up to the first wrong step's result, 0 from there on; at </s>
+    the answer's verdict (1 where errors cancel out)."""
+    q = [3, "+", 4, "*", 2]
+    assert build.token_labels(q, "4 * 2 = 8 ; 3 + 8 = 11 ; answer 11") == [1.0] * 15
+    assert build.token_labels(q, "4 * 2 = 9 ; 3 + 9 = 12 ; answer 12") == [1.0] * 4 + [0.0] * 11
+    assert build.token_labels(q, "4 * 2 = 8 ; 3 + 8 = 11 ; answer 12") == [1.0] * 13 + [0.0] * 2
+    rng = random.Random(3)
+    for _ in range(300):
+        state = aw.generate_problem(rng)
+        text, injected = aw.solution(state, rng, error_rate=0.3)
+        labels = build.token_labels(state, text)
+        assert len(labels) == len(text.split()) + 1 and labels[:-1] == sorted(labels[:-1], reverse=True)
+        assert labels[-2] == float(not any(injected))
+        assert labels[-1] == float(aw.answer_of(text) == str(aw.true_answer(state)))
 
 
 def test_missing_files_give_a_clear_error(tmp_path):

@@ -28,10 +28,9 @@ Rewards (all over token ids, ``fastalign`` reward callables ``(prompts, response
   the expression to ``N``. A malformed step is wrong. So a finished response is right on every step exactly
   when its derivation is sound (and then its answer is right).
 * ``ArithWorld.reward``, the **outcome reward model**: a ``LlamaForSequenceClassification`` (one logit) trained
-  to predict whether a finished response's final answer is right, and, on a prefix cut after a step, whether
-  every step so far is right (so its partial scores mean something to ``speculative_rejection``). It is a weak
-  verifier (``manifest.json``: about 72% right on the target's samples; best of 8 by its score is below one
-  sample's accuracy), so the world shows what an imperfect outcome reward does to best-of-N.
+  to predict whether a finished response's final answer is right, and, on any prefix, whether every step
+  decided so far is right (so its partial scores mean something to ``speculative_rejection``). It is an
+  imperfect verifier (``manifest.json``: ``reward_accuracy_on_samples``, ``bon8_accuracy``).
 
 The tokenizer is word level (``build_tokenizer``): ``<pad>`` 0, ``<s>`` 1 (prepended to every text), ``</s>`` 2
 (EOS), ``<unk>`` 3, then ``0`` .. ``99``, ``+ - * = ; q : answer``. ``scripts/build_arith_world.py`` trains the
