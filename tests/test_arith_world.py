@@ -209,3 +209,18 @@ def test_demo_and_eval_run_on_the_world(tmp_path):
                      "--max-new-tokens", "24", "--out-dir", str(tmp_path), "--no-plot", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary and torch.isfinite(torch.tensor([r["gold"] for r in summary if "gold" in r])).all()
+
+
+def test_gold_specs_pick_their_own_world(world):
+    """``--gold arith`` is the answer checker whatever world runs; ``--gold toy`` with the arith world loaded is
+    still the toy world's reward."""
+    from fastalign.eval.gold import GoldReward
+
+    prompt, right = "q : 3 + 4 * 2 =", "4 * 2 = 8 ; 3 + 8 = 11 ; answer 11"
+    p, r = ids(world, [prompt] * 2), [response_ids(world, right), response_ids(world, "answer 12")]
+    gold = GoldReward.from_spec("arith", world.tokenizer)
+    assert gold.name == "arith" and gold(p, r, [prompt] * 2, [right, "answer 12"], [{}, {}]) == [1.0, 0.0]
+    toy = GoldReward.from_spec("toy", world=world)  # the toy world's reward (on these ids: nonsense words)
+    from fastalign.eval.toyworld import load_toy_world
+
+    assert toy(p, r, [prompt] * 2, [right, "answer 12"], [{}, {}]) == load_toy_world().gold_reward(p, r).tolist()
