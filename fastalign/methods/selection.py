@@ -48,7 +48,7 @@ def check_select(ctx: Context, select, answer_fn, lam: float = 1.0, rules=SELECT
     if answer_fn is None:
         if needs_answer:
             raise InputError(f"select={select!r} votes over answers: pass answer_fn (a callable or one of "
-                             "'last_number', 'boxed', 'option')")
+                             "'last_number', 'boxed', 'option', 'answer')")
         return None
     return answer_extractor(ctx.tokenizer, answer_fn)
 
