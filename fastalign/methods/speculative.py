@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import time
 
 import torch
 
@@ -169,6 +170,13 @@ class _Stream:
         self.round_logits, self.fed, self.tail_fed = [], 0, 0
         self._trim()
 
+    def defer(self, tokens: torch.Tensor) -> None:
+        """A round this model sat out (``sd`` at K=0 in every row): append the emitted ``tokens [B]`` to its
+        tail, fed in front of its next call (one forward pass catches it up)."""
+        self.tail = torch.cat([self.tail, tokens[:, None]], 1)
+        self.tail_live = torch.cat([self.tail_live, (tokens >= 0)[:, None]], 1)
+        self._trim()
+
     def _trim(self) -> None:
         while self.tail.shape[1] and not self.tail_live[:, 0].any():
             self.tail, self.tail_live = self.tail[:, 1:], self.tail_live[:, 1:]
@@ -179,6 +187,91 @@ class _Stream:
         self.fed_live = self.fed_live[rows]
         self.tail, self.tail_live = self.tail[rows], self.tail_live[rows]
         self._trim()
+
+
+MAX_AUTO = 8  # the largest K "auto" chooses
+PRIOR = (1.0, 1.0)  # acceptance pseudo-counts (accepted, rejected) before a row's first round: mean 0.5
+PROBE_GAP = 4  # sd: a row at K=0 that could pay drafts K=1 after this many rounds at 0, then twice as long
+_COSTS: dict = {}  # measure_draft_cost's results, per (target, draft, batch size), for the process
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a chain round of ``k`` drafted tokens emits on average when each is accepted with probability
+    ``alpha`` independently: ``1 + alpha + ... + alpha^k`` (the accepted prefix plus the emitted token)."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+class AdaptiveLength:
+    """``num_draft_tokens="auto"``: each row's K for the next round, from that row's own past rounds.
+
+    Row ``b``'s acceptance estimate is ``alpha_b = (a_b + 1) / (a_b + r_b + 2)`` (``a_b`` draft tokens
+    accepted, ``r_b`` rounds that ended in a rejection; the geometric model of a chain round), and its K the
+    ``k`` in ``[floor, MAX_AUTO]`` that maximises tokens per unit of time,
+    ``expected_tokens(alpha_b, k) / (1 + ref_calls * c + (k + bonus_draft_call) * c)`` with ``c`` the cost
+    of a draft call relative to a target call (fixed for the decode call); ``k = 0`` (``sd`` only) costs
+    ``1``: plain sampling from the target. A row at 0 learns nothing, so while drafting could pay at all
+    (``2 > 1 + c``) it drafts K=1 after ``PROBE_GAP`` rounds at 0, then after twice as many, and so on.
+    Everything here is a function of the row's own history and ``c``: never of the round's draws, never of
+    other rows.
+    """
+
+    def __init__(self, n_prompts: int, cost: float, floor: int, ref_calls: int = 0, bonus_draft_call: int = 0):
+        self.cost, self.floor = float(cost), floor
+        self.fixed_cost = 1 + ref_calls * self.cost
+        self.bonus = bonus_draft_call
+        self.accepted = [PRIOR[0]] * n_prompts
+        self.rejected = [PRIOR[1]] * n_prompts
+        self.idle = [0] * n_prompts  # rounds at K=0 since the row last drafted
+        self.gap = [PROBE_GAP] * n_prompts
+        self.can_pay = 2 > 1 + self.cost  # K=1 at full acceptance beats plain sampling
+
+    def best(self, alpha: float) -> int:
+        rates = {k: expected_tokens(alpha, k) / (self.fixed_cost + (k + self.bonus) * self.cost if k else 1.0)
+                 for k in range(self.floor, MAX_AUTO + 1)}
+        return max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter chain
+
+    def choose(self, rows: list[int]) -> list[int]:
+        ks = []
+        for r in rows:
+            k = self.best(self.accepted[r] / (self.accepted[r] + self.rejected[r]))
+            if k == 0 and self.can_pay and self.idle[r] >= self.gap[r]:
+                k, self.gap[r] = 1, 2 * self.gap[r]
+            ks.append(k)
+        return ks
+
+    def update(self, rows: list[int], valid: list[int], accepted: list[int]) -> None:
+        """Row ``rows[i]`` drafted ``valid[i]`` tokens this round and ``accepted[i]`` of them were accepted."""
+        for r, v, a in zip(rows, valid, accepted):
+            self.idle[r] = self.idle[r] + 1 if v == 0 else 0
+            if v:
+                self.accepted[r] += a
+                self.rejected[r] += int(a < v)
+
+
+@torch.no_grad()
+def measure_draft_cost(target, draft, batch: int, repeats: int = 2) -> float:
+    """The time of one draft call over one target call, one token per row at batch ``batch``, measured on the
+    just-prefilled caches (a token is written, then rolled back: the caches are as before) once per process per
+    (target, draft, batch); the fastest of ``repeats`` after a warm-up call."""
+    key = (id(target), id(draft), batch)
+    if key not in _COSTS:
+        times = []
+        for lm in (target, draft):
+            token = torch.zeros(batch, 1, dtype=torch.long, device=lm.device)
+            best = float("inf")
+            for i in range(repeats + 1):
+                if lm.device.type == "cuda":
+                    torch.cuda.synchronize(lm.device)
+                start = time.perf_counter()
+                lm.extend(token)
+                if lm.device.type == "cuda":
+                    torch.cuda.synchronize(lm.device)
+                if i:
+                    best = min(best, time.perf_counter() - start)
+                lm.rollback(1)
+            times.append(best)
+        _COSTS[key] = times[1] / times[0]
+    return _COSTS[key]
 
 
 def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
@@ -192,15 +285,18 @@ def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Te
     return torch.cat([tail_parents, torch.where(parents >= 0, parents + W, root_parent)], 1)
 
 
-def run_sd(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
+def run_sd(ctx: Context, prompts: list[list[int]], num_draft_tokens: int | str | tuple[int, ...] = NUM_DRAFT_TOKENS,
            tree: str | None = None, branching: tuple[int, ...] | None = None) -> MethodResult:
-    """Speculative sampling: the output follows the target exactly. ``num_draft_tokens`` is the chain's K;
+    """Speculative sampling: the output follows the target exactly. ``num_draft_tokens`` is the chain's K
+    (``"auto"``: chosen per row and round, 0 = plain target sampling, from the cost of a draft call relative
+    to a target call measured before decoding; ``"auto:C"``: the same with that cost ratio fixed to ``C``; a
+    tuple: K of round ``n`` is ``K[n % len(K)]``; module docstring, Adaptive length).
     ``tree="sampled" | "topk"`` drafts a tree with ``branching`` children per node at each depth instead."""
     return _speculate(ctx, prompts, "sd", None, num_draft_tokens, tree, branching,
                       lam=0.0, max_log_ratio=None, bonus=True)
 
 
-def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
+def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int | str | tuple[int, ...] = NUM_DRAFT_TOKENS,
             tree: str | None = None, branching: tuple[int, ...] | None = None, variant: str = "exact",
             lam: float = 1.0, max_log_ratio: float | None = None,
             bonus_on_full_accept: bool = True, allow_no_ref: bool = False) -> MethodResult:
@@ -212,6 +308,9 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_
     ``max_log_ratio`` (default None: no clip) clips ``log q_r - log q`` to ``[-M, M]`` before the tilt, which
     bounds how far one token's probability can move (``pi / p <= e^(2 lam M)``); where exactly one of ``q_r``,
     ``q`` is zero (truncated away by top-k / top-p) the log-ratio is taken as ``+-M`` (``+-20`` without a clip).
+
+    ``num_draft_tokens="auto"`` / ``"auto:C"`` / a tuple as for ``sd``, but K never goes below 1 (module
+    docstring, Adaptive length).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -226,10 +325,20 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_
                       lam=float(lam), max_log_ratio=max_log_ratio, bonus=bool(bonus_on_full_accept))
 
 
-def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, lam: float,
+def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: float,
                max_log_ratio, bonus: bool) -> MethodResult:
-    if not isinstance(K, int) or K < 1:
-        raise ValueError(f"num_draft_tokens must be a positive integer, got {K!r}")
+    floor = 0 if ref is None else 1  # sd may stop drafting; sss's law needs the draft at every position
+    fixed = isinstance(K, int) and not isinstance(K, bool)
+    if fixed and K < 1:
+        raise ValueError(f"num_draft_tokens must be a positive integer, 'auto' or a tuple, got {K!r}")
+    if isinstance(K, (tuple, list)):
+        if not K or any(not isinstance(k, int) or isinstance(k, bool) or k < floor for k in K):
+            raise ValueError(f"a num_draft_tokens schedule must be a non-empty tuple of integers >= {floor} "
+                             f"({'sd' if floor == 0 else 'sss'}), got {K!r}")
+    elif not fixed:
+        K, draft_cost = _auto_option(K)
+    if not fixed and tree is not None:
+        raise ValueError("num_draft_tokens='auto' or a schedule is for chains (tree=None)")
     if tree not in TREES:
         raise ValueError(f"tree must be one of {TREES}, got {tree!r}")
     if tree is not None:
@@ -256,16 +365,31 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
     dev = ctx.target.device
     out: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # original index of each live row (host bookkeeping: no syncs)
-    cap = K if tree is None else len(branching)
-    stats = dict(rounds=0, row_rounds=0, proposed=0)
+    cap = K if fixed else len(branching) if tree is not None else None
+    schedule = None
+    if K == "auto":
+        cost = draft_cost if draft_cost is not None else measure_draft_cost(ctx.target, ctx.draft, len(prompts))
+        schedule = AdaptiveLength(len(prompts), cost, floor, ref_calls=int(ref is not None),
+                                  bonus_draft_call=int(draft_at_bonus))
+    stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
     while rows:
         left = [M - len(out[r]) for r in rows]
-        # tokens a row may draft and verify: its emitted tokens (accepted + bonus) must fit in what is left
-        valid = [min(n - int(bonus), cap) for n in left]
-        depth = max(1, max(valid))
         step = stats["rounds"]  # every live row's own round count: rows join at the start and stay to the end
-        if tree is None:
+        # the round's K per row: fixed, from the schedule, or from the row's own past (never this round's draws)
+        ks = (schedule.choose(rows) if schedule is not None else [K[step % len(K)]] * len(rows)
+              if cap is None else [cap] * len(rows))
+        # tokens a row may draft and verify: its emitted tokens (accepted + bonus) must fit in what is left
+        valid = [min(n - int(bonus), k) for n, k in zip(left, ks)]
+        depth = max(1, max(valid))
+        stats["k0"] += valid.count(0)
+        if tree is None and not fixed and max(valid) == 0 and ref is None:  # sd, no row drafts: p alone
+            nodes, accepted, next_token, path = _target_round(ctx, target, verify, rows, step)
+            streams[1].defer(next_token)
+            stats["no_draft"] += 1
+            for s in streams[:1]:
+                s.advance(nodes, path, accepted, next_token, False)
+        elif tree is None:
             nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth, valid, draft_at_bonus,
                                                              verify, rows, step)
             stats["proposed"] += sum(valid)
@@ -273,8 +397,9 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
             nodes, accepted, next_token, path, n_nodes = _tree_round(ctx, streams, ref, tree, branching[:depth],
                                                                      valid, draft_at_bonus, verify, rows, step)
             stats["proposed"] += n_nodes
-        for s in streams:
-            s.advance(nodes, path, accepted, next_token, tree is not None)
+        if not (tree is None and not fixed and max(valid) == 0 and ref is None):
+            for s in streams:
+                s.advance(nodes, path, accepted, next_token, tree is not None)
 
         stats["rounds"] += 1
         stats["row_rounds"] += len(rows)
@@ -282,7 +407,9 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
         emitted = torch.cat([nodes.gather(1, path.clamp(min=0)), next_token[:, None]], 1)
         emitted.scatter_(1, accepted[:, None], next_token[:, None])  # the emitted token follows the path
         n_emit = accepted + (next_token >= 0).long()
-        done = _append(ctx, out, rows, emitted, n_emit, left)
+        done, accepted_rows = _append(ctx, out, rows, emitted, n_emit, left, accepted)
+        if schedule is not None:
+            schedule.update(rows, valid, accepted_rows)
         if any(done):
             keep = [i for i, d in enumerate(done) if not d]
             rows = [rows[i] for i in keep]
@@ -298,7 +425,38 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
         acceptance_rate=accepted_total / proposed if proposed else 0.0,
         accepted_per_target_call=accepted_total / stats["row_rounds"] if stats["row_rounds"] else 0.0,
     )
+    if not fixed:  # (fixed K: the recorded stats of tests/test_behaviour.py stay as they are)
+        ctx.stats.update(mean_draft_tokens=proposed / stats["row_rounds"] if stats["row_rounds"] else 0.0,
+                         row_rounds_k0=stats["k0"], rounds_without_draft=stats["no_draft"])
+    if schedule is not None:
+        ctx.stats["draft_cost"] = schedule.cost
     return MethodResult(out)
+
+
+def _target_round(ctx: Context, target: _Stream, verify, rows: list[int], step: int):
+    """``sd`` when no row drafts (K=0 everywhere): the target alone, one call (its tail), and the emitted token
+    drawn by the verifier at ``num_valid=0`` (the race at position 0 over ``trunc(p)``) with the same streams a
+    chain round uses, so a row's token does not depend on whether the other rows of its batch drafted."""
+    p = target.feed()  # [B, 1, V]
+    B, dev = p.shape[0], p.device
+    nodes = torch.zeros(B, 1, dtype=torch.long, device=dev)  # a dead slot: the verifier wants K >= 1
+    none = torch.zeros(B, dtype=torch.long, device=dev)
+    accepted, next_token = spec_verify(p.expand(B, 2, -1).contiguous(), p, None, nodes, num_valid=none,
+                                       **_verify_randomness(ctx, rows, step, 1, dev), **verify)
+    return nodes, accepted, next_token, torch.full((B, 1), -1, dtype=torch.long, device=dev)
+
+
+def _auto_option(value: str) -> tuple[str, float | None]:
+    """``"auto"`` -> ``("auto", None)`` (cost measured); ``"auto:C"`` -> ``("auto", C)``."""
+    word, _, cost = value.partition(":")
+    try:
+        c = float(cost) if cost else None
+    except ValueError:
+        c = float("nan")
+    if word != "auto" or (c is not None and not (0 <= c < float("inf"))):
+        raise ValueError("num_draft_tokens must be a positive integer, 'auto', 'auto:C' (C >= 0: a draft call's "
+                         f"cost relative to a target call) or a tuple, got {value!r}")
+    return "auto", c
 
 
 def _verify_randomness(ctx: Context, rows: list[int], step: int, n: int, device):
@@ -378,18 +536,19 @@ def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...
 
 
 def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
-            left: list[int]) -> list[bool]:
+            left: list[int], accepted: torch.Tensor) -> tuple[list[bool], list[int]]:
     """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
-    ``left`` tokens the row may still emit; True where a row is finished (EOS or ``max_new_tokens``).  One
-    device-to-host copy."""
+    ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``),
+    and the rows' ``accepted [B]`` counts.  One device-to-host copy."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
     count = torch.minimum(n_emit, first_eos + 1)
     ended = first_eos < count
-    table = torch.cat([count[:, None], ended.long()[:, None], emitted], 1).tolist()
-    done = []
-    for r, n, (c, e, *toks) in zip(rows, left, table):
+    table = torch.cat([count[:, None], ended.long()[:, None], accepted[:, None], emitted], 1).tolist()
+    done, acc = [], []
+    for r, n, (c, e, a, *toks) in zip(rows, left, table):
         out[r].extend(toks[:min(c, n)])
         done.append((bool(e) and c <= n) or c >= n)
-    return done
+        acc.append(a)
+    return done, acc
