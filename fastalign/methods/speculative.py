@@ -61,12 +61,13 @@ from __future__ import annotations
 import itertools
 import operator
 import time
+import weakref
 
 import torch
 
 from ..kernels import spec_verify, tree_verify
 from ..errors import InputError
-from .base import Context, MethodResult
+from .base import Context, MethodResult, sample_continuations
 
 NUM_DRAFT_TOKENS = 4
 BRANCHING = (2, 2, 1, 1)
@@ -192,7 +193,7 @@ class _Stream:
 MAX_AUTO = 8  # the largest K "auto" chooses
 PRIOR = (1.0, 1.0)  # acceptance pseudo-counts (accepted, rejected) before a row's first round: mean 0.5
 PROBE_GAP = 4  # sd: a row at K=0 that could pay drafts K=1 after this many rounds at 0, then twice as long
-_COSTS: dict = {}  # measure_draft_cost's results, per (target, draft, batch size), for the process
+_COSTS = weakref.WeakKeyDictionary()  # measure_draft_cost's results: target -> draft -> {batch size: ratio}
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -253,8 +254,8 @@ def measure_draft_cost(target, draft, batch: int, repeats: int = 2) -> float:
     """The time of one draft call over one target call, one token per row at batch ``batch``, measured on the
     just-prefilled caches (a token is written, then rolled back: the caches are as before) once per process per
     (target, draft, batch); the fastest of ``repeats`` after a warm-up call."""
-    key = (id(target), id(draft), batch)
-    if key not in _COSTS:
+    known = _COSTS.setdefault(target, weakref.WeakKeyDictionary()).setdefault(draft, {})
+    if batch not in known:
         times = []
         for lm in (target, draft):
             token = torch.zeros(batch, 1, dtype=torch.long, device=lm.device)
@@ -270,8 +271,8 @@ def measure_draft_cost(target, draft, batch: int, repeats: int = 2) -> float:
                     best = min(best, time.perf_counter() - start)
                 lm.rollback(1)
             times.append(best)
-        _COSTS[key] = times[1] / times[0]
-    return _COSTS[key]
+        known[batch] = times[1] / times[0]
+    return known[batch]
 
 
 def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
@@ -371,6 +372,13 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         cost = draft_cost if draft_cost is not None else measure_draft_cost(ctx.target, ctx.draft, len(prompts))
         schedule = AdaptiveLength(len(prompts), cost, floor, ref_calls=int(ref is not None),
                                   bonus_draft_call=int(draft_at_bonus))
+        if floor == 0 and not schedule.can_pay:  # K=0 for every row and round: sd is the sample method
+            out = sample_continuations(ctx, ctx.target, target.logits, M, rows)
+            n = [len(o) for o in out]
+            ctx.stats.update(rounds=max(n, default=0), draft_tokens_proposed=0, draft_tokens_accepted=0,
+                             acceptance_rate=0.0, accepted_per_target_call=0.0, mean_draft_tokens=0.0,
+                             row_rounds_k0=sum(n), rounds_without_draft=max(n, default=0), draft_cost=cost)
+            return MethodResult(out)
     stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
     while rows:
@@ -384,14 +392,14 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         depth = max(1, max(valid))
         stats["k0"] += valid.count(0)
         if tree is None and not fixed and max(valid) == 0 and ref is None:  # sd, no row drafts: p alone
-            nodes, accepted, next_token, path = _target_round(ctx, target, verify, rows, step)
+            nodes, accepted, next_token, path = _target_round(ctx, target, rows, step)
             streams[1].defer(next_token)
             stats["no_draft"] += 1
             for s in streams[:1]:
                 s.advance(nodes, path, accepted, next_token, False)
         elif tree is None:
             nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth, valid, draft_at_bonus,
-                                                             verify, rows, step)
+                                                             verify, rows, step, plain=not fixed and ref is None)
             stats["proposed"] += sum(valid)
         else:
             nodes, accepted, next_token, path, n_nodes = _tree_round(ctx, streams, ref, tree, branching[:depth],
@@ -433,17 +441,20 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
     return MethodResult(out)
 
 
-def _target_round(ctx: Context, target: _Stream, verify, rows: list[int], step: int):
+def _target_round(ctx: Context, target: _Stream, rows: list[int], step: int):
     """``sd`` when no row drafts (K=0 everywhere): the target alone, one call (its tail), and the emitted token
-    drawn by the verifier at ``num_valid=0`` (the race at position 0 over ``trunc(p)``) with the same streams a
-    chain round uses, so a row's token does not depend on whether the other rows of its batch drafted."""
-    p = target.feed()  # [B, 1, V]
+    drawn from ``trunc(p)`` by ``_plain_token``, as a K=0 row of a mixed round draws it."""
+    p = target.feed()[:, 0]  # [B, V]
     B, dev = p.shape[0], p.device
-    nodes = torch.zeros(B, 1, dtype=torch.long, device=dev)  # a dead slot: the verifier wants K >= 1
-    none = torch.zeros(B, dtype=torch.long, device=dev)
-    accepted, next_token = spec_verify(p.expand(B, 2, -1).contiguous(), p, None, nodes, num_valid=none,
-                                       **_verify_randomness(ctx, rows, step, 1, dev), **verify)
-    return nodes, accepted, next_token, torch.full((B, 1), -1, dtype=torch.long, device=dev)
+    next_token = _plain_token(ctx, p, rows, step)
+    return (torch.zeros(B, 1, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
+            next_token, torch.full((B, 1), -1, dtype=torch.long, device=dev))
+
+
+def _plain_token(ctx: Context, p: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+    """The token of a row at K=0 (``sd``, adaptive length): one draw from ``trunc(p)`` of ``p [B, V]``, from the
+    row's own stream (purpose ``token``, step = round), whatever the other rows of the round do."""
+    return ctx.sample(p, rows, 0, "token", steps=step)
 
 
 def _auto_option(value: str) -> tuple[str, float | None]:
@@ -466,9 +477,10 @@ def _verify_randomness(ctx: Context, rows: list[int], step: int, n: int, device)
 
 
 def _chain_round(ctx: Context, streams, ref, K: int, valid: list[int], draft_at_bonus: bool, verify,
-                 rows: list[int], step: int):
+                 rows: list[int], step: int, plain: bool = False):
     """Draft ``K`` tokens, score them, verify. Row ``b`` feeds only its first ``valid[b]`` drafted tokens (the
-    rest are dead slots). Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]`` and the accepted
+    rest are dead slots); with ``plain`` (sd, adaptive length) a row at ``valid[b] = 0`` draws its token with
+    ``_plain_token``. Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]`` and the accepted
     ``path [B, K]`` (node indices, -1 padded)."""
     target, draft = streams[0], streams[1]
     dev = target.logits.device
@@ -486,6 +498,8 @@ def _chain_round(ctx: Context, streams, ref, K: int, valid: list[int], draft_at_
     q = streams[2].feed(nodes, live=live) if ref is not None else None
     accepted, next_token = spec_verify(p, torch.stack(q_r, 1), q, nodes, num_valid=n,
                                        **_verify_randomness(ctx, rows, step, K, dev), **verify)
+    if plain and 0 in valid:  # sd with an adaptive length: rows at K=0 draw as in a round without the draft
+        next_token = torch.where(n == 0, _plain_token(ctx, p[:, 0], rows, step), next_token)
     path = torch.where(pos < accepted[:, None], pos, -1)
     return nodes, accepted, next_token, path
 
