@@ -46,6 +46,23 @@ Randomness. Round ``n`` of prompt ``b`` draws from prompt ``b``'s streams only, 
 emission race (``race``); rows join at the start and stay until they finish, so the round counts agree and a
 prompt's tokens do not depend on its batch.
 
+Adaptive length (chains). ``num_draft_tokens="auto"``: row ``b``'s K for round ``n`` is chosen by
+``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (its accepted tokens and rejections) and ``c``, the
+cost of a draft call relative to a target call: K maximises the expected tokens per unit of time
+``(1 + a + ... + a^K) / (1 + K c)`` (``sss``: ``/ (1 + c + (K + 1) c)``, the ref and the draft's bonus call
+counted), ``a`` the row's acceptance estimate. ``c`` is fixed for the decode call: ``"auto:C"`` gives it, else
+``measure_draft_cost`` times one-token calls of both models on the prefilled caches (once per process, engine
+pair and batch size). The law stays exact: a round's K is fixed before its draws, and any K (0 included)
+gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
+its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
+the draft catches up on its next call (``_Stream.defer``); when ``c >= 1`` no K can pay at any acceptance and
+``sd`` is the ``sample`` method, token for token. ``sss`` goes down to K=1: ``pi`` needs the draft's and the
+ref's logits at every emitted position, so the draft runs every round; at K=1 a round costs one target call
+of 2 tokens, one ref call and 2 draft calls and emits 1 or 2 tokens. A tuple ``num_draft_tokens=(k0, k1, ...)``
+forces K of round ``n`` to ``k[n % len]`` (tests; 0 allowed for ``sd``). Reproducibility: with ``"auto:C"`` or
+a tuple a prompt's tokens depend on its seed only (not on its batch: K is per row); with ``"auto"`` they
+depend also on the measured ``c`` (timing), the same for every row of the call.
+
 Defaults. ``num_draft_tokens=4``: the draft length K=4 of Chen et al. 2023 ("Accelerating large language model
 decoding with speculative sampling"). ``branching=(2, 2, 1, 1)`` (trees): depth 4 like the chain, two children
 at the first two levels where a rejection is likeliest (14 nodes); a choice of this library, not from a paper.
@@ -53,7 +70,10 @@ at the first two levels where a rejection is likeliest (14 nodes); a choice of t
 ``ctx.stats``: ``rounds`` (verification passes), ``draft_tokens_proposed`` (drafted tokens verified, summed
 over rows; tree nodes for trees), ``draft_tokens_accepted``, ``acceptance_rate`` (accepted / proposed),
 ``accepted_per_target_call`` (accepted draft tokens per row and verification pass: the mean number of tokens a
-target call saves; each pass also emits one token of its own).
+target call saves; each pass also emits one token of its own). With ``"auto"`` or a tuple (chains) also
+``mean_draft_tokens`` (K per row and round, the cap included), ``row_rounds_k0`` (row-rounds at K=0),
+``rounds_without_draft`` (rounds, or sampling steps, where the draft was not called) and, with ``"auto"``,
+``draft_cost`` (``c``). The target and draft call counters include ``measure_draft_cost``'s calls.
 """
 
 from __future__ import annotations
