@@ -372,6 +372,8 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         raise ValueError("branching is an option of tree='sampled' | 'topk'")
 
     M = ctx.max_new_tokens
+    if K == "auto" and ref is None and draft_cost is not None and draft_cost >= 1:  # the draft is never used
+        return _sample_instead(ctx, ctx.target.prefill(prompts, M), draft_cost)
     target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
     draft = _Stream(ctx.draft, ctx.draft.prefill(prompts, M))
     streams = [target, draft]
@@ -393,12 +395,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         schedule = AdaptiveLength(len(prompts), cost, floor, ref_calls=int(ref is not None),
                                   bonus_draft_call=int(draft_at_bonus))
         if floor == 0 and not schedule.can_pay:  # K=0 for every row and round: sd is the sample method
-            out = sample_continuations(ctx, ctx.target, target.logits, M, rows)
-            n = [len(o) for o in out]
-            ctx.stats.update(rounds=max(n, default=0), draft_tokens_proposed=0, draft_tokens_accepted=0,
-                             acceptance_rate=0.0, accepted_per_target_call=0.0, mean_draft_tokens=0.0,
-                             row_rounds_k0=sum(n), rounds_without_draft=max(n, default=0), draft_cost=cost)
-            return MethodResult(out)
+            return _sample_instead(ctx, target.logits, cost)
     stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
     while rows:
@@ -458,6 +455,17 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
                          row_rounds_k0=stats["k0"], rounds_without_draft=stats["no_draft"])
     if schedule is not None:
         ctx.stats["draft_cost"] = schedule.cost
+    return MethodResult(out)
+
+
+def _sample_instead(ctx: Context, logits: torch.Tensor, cost: float) -> MethodResult:
+    """``sd`` with ``"auto"`` where no K can pay at any acceptance (``c >= 1``): the ``sample`` method from the
+    target's prefilled cache (``logits [B, V]``), token for token."""
+    out = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens, list(range(logits.shape[0])))
+    n = [len(o) for o in out]
+    ctx.stats.update(rounds=max(n, default=0), draft_tokens_proposed=0, draft_tokens_accepted=0,
+                     acceptance_rate=0.0, accepted_per_target_call=0.0, mean_draft_tokens=0.0,
+                     row_rounds_k0=sum(n), rounds_without_draft=max(n, default=0), draft_cost=cost)
     return MethodResult(out)
 
 
