@@ -269,8 +269,9 @@ def test_adaptive_length_follows_the_cost_model():
 
 
 def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
-    """sd with a draft as dear as the target (drafting cannot pay at any acceptance) is the sample method, token
-    for token and call for call: with a given cost the draft never runs; "auto" prefills it and measures."""
+    """sd with a draft as dear as the target (drafting cannot pay at any acceptance), or one that does not pay
+    at the prior acceptance, is the sample method, token for token and call for call: with a given cost the
+    draft never runs; "auto" prefills it and measures."""
     target = without_eos(models[0])
     kw = dict(method="sd", target=target, draft=models[1], max_new_tokens=6, seed=[5, 6])
     dear = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:1")
@@ -278,7 +279,10 @@ def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
     sample = fastalign.decode([[1, 2], [3]], method="sample", target=target, max_new_tokens=6, seed=[5, 6])
     assert dear.sequences == sample.sequences and dear.stats["target_calls"] == sample.stats["target_calls"]
     assert dear.stats["mean_draft_tokens"] == 0.0 and dear.stats["row_rounds_k0"] == 12
-    assert fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:3.5").sequences == dear.sequences
+    for cost in ("auto:3.5", "auto:0.5"):  # c >= 0.5: no K pays at the prior acceptance 0.5
+        other = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens=cost)
+        assert other.sequences == dear.sequences and other.stats["draft_calls"] == 0
+    assert fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:0.45").stats["draft_calls"] > 0
     measured = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto")
     assert measured.stats["draft_cost"] > 0 and measured.stats["draft_calls"] >= 1 + 3  # prefill + measurement
 

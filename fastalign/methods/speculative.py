@@ -55,8 +55,10 @@ counted), ``a`` the row's acceptance estimate. ``c`` is fixed for the decode cal
 pair and batch size). The law stays exact: a round's K is fixed before its draws, and any K (0 included)
 gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
 its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
-the draft catches up on its next call (``_Stream.defer``); when ``c >= 1`` no K can pay at any acceptance and
-``sd`` is the ``sample`` method, token for token. ``sss`` goes down to K=1: ``pi`` needs the draft's and the
+the draft catches up on its next call (``_Stream.defer``). When drafting does not pay at the prior acceptance
+0.5 (``c >= 0.5``: ``AdaptiveLength.drafts``) ``sd`` is the ``sample`` method, token for token, without the
+round machinery (on the toy world a round costs about 2.2 target steps before any drafting: rounds at K=0
+would lose to ``sample``); the price: a pair with ``0.5 <= c < 1`` and a high acceptance never drafts. ``sss`` goes down to K=1: ``pi`` needs the draft's and the
 ref's logits at every emitted position, so the draft runs every round; at K=1 a round costs one target call
 of 2 tokens, one ref call and 2 draft calls and emits 1 or 2 tokens. A tuple ``num_draft_tokens=(k0, k1, ...)``
 forces K of round ``n`` to ``k[n % len]`` (tests; 0 allowed for ``sd``). Reproducibility: with ``"auto:C"`` or
@@ -246,6 +248,12 @@ class AdaptiveLength:
         self.gap = [PROBE_GAP] * n_prompts
         self.can_pay = 2 > 1 + self.cost  # K=1 at full acceptance beats plain sampling
 
+    def drafts(self) -> bool:
+        """Whether a row drafts in its first round (at the prior acceptance 0.5; ``sd``: iff ``c < 0.5``). If
+        not, no row ever does (nothing is learnt at K=0, and the first probe would come after ``PROBE_GAP``
+        rounds at 0: ``sd`` then runs the ``sample`` method instead, cheaper than rounds at K=0)."""
+        return self.best(PRIOR[0] / sum(PRIOR)) > 0
+
     def best(self, alpha: float) -> int:
         rates = {k: expected_tokens(alpha, k) / (self.fixed_cost + (k + self.bonus) * self.cost if k else 1.0)
                  for k in range(self.floor, MAX_AUTO + 1)}
@@ -372,8 +380,8 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         raise ValueError("branching is an option of tree='sampled' | 'topk'")
 
     M = ctx.max_new_tokens
-    if K == "auto" and ref is None and draft_cost is not None and draft_cost >= 1:  # the draft is never used
-        return _sample_instead(ctx, ctx.target.prefill(prompts, M), draft_cost)
+    if K == "auto" and ref is None and draft_cost is not None and not AdaptiveLength(1, draft_cost, 0).drafts():
+        return _sample_instead(ctx, ctx.target.prefill(prompts, M), draft_cost)  # the draft is never used
     target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
     draft = _Stream(ctx.draft, ctx.draft.prefill(prompts, M))
     streams = [target, draft]
@@ -394,7 +402,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         cost = draft_cost if draft_cost is not None else measure_draft_cost(ctx.target, ctx.draft, len(prompts))
         schedule = AdaptiveLength(len(prompts), cost, floor, ref_calls=int(ref is not None),
                                   bonus_draft_call=int(draft_at_bonus))
-        if floor == 0 and not schedule.can_pay:  # K=0 for every row and round: sd is the sample method
+        if floor == 0 and not schedule.drafts():  # K=0 for every row and round: sd is the sample method
             return _sample_instead(ctx, target.logits, cost)
     stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
