@@ -285,6 +285,8 @@ def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
     assert fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:0.45").stats["draft_calls"] > 0
     measured = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto")
     assert measured.stats["draft_cost"] > 0 and measured.stats["draft_calls"] >= 1 + 3  # prefill + measurement
+    again = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto")  # measured once per process
+    assert again.stats["draft_cost"] == measured.stats["draft_cost"] and again.sequences == measured.sequences
 
 
 def test_adaptive_length_errors(models):

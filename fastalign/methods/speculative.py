@@ -52,7 +52,7 @@ cost of a draft call relative to a target call: K maximises the expected tokens 
 ``(1 + a + ... + a^K) / (1 + K c)`` (``sss``: ``/ (1 + c + (K + 1) c)``, the ref and the draft's bonus call
 counted), ``a`` the row's acceptance estimate. ``c`` is fixed for the decode call: ``"auto:C"`` gives it, else
 ``measure_draft_cost`` times one-token calls of both models on the prefilled caches (once per process, engine
-pair and batch size). The law stays exact: a round's K is fixed before its draws, and any K (0 included)
+pair and batch size; later calls reuse it, and skip the draft's prefill when ``sd`` will not draft). The law stays exact: a round's K is fixed before its draws, and any K (0 included)
 gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
 its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
 the draft catches up on its next call (``_Stream.defer``). When drafting does not pay at the prior acceptance
@@ -380,6 +380,8 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         raise ValueError("branching is an option of tree='sampled' | 'topk'")
 
     M = ctx.max_new_tokens
+    if K == "auto" and draft_cost is None:  # measured before in this process: the draft need not be prefilled
+        draft_cost = _COSTS.get(ctx.target, {}).get(ctx.draft, {}).get(len(prompts))
     if K == "auto" and ref is None and draft_cost is not None and not AdaptiveLength(1, draft_cost, 0).drafts():
         return _sample_instead(ctx, ctx.target.prefill(prompts, M), draft_cost)  # the draft is never used
     target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
