@@ -285,8 +285,10 @@ def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
     assert fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:0.45").stats["draft_calls"] > 0
     measured = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto")
     assert measured.stats["draft_cost"] > 0 and measured.stats["draft_calls"] >= 1 + 3  # prefill + measurement
-    again = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto")  # measured once per process
-    assert again.stats["draft_cost"] == measured.stats["draft_cost"] and again.sequences == measured.sequences
+    engine = fastalign.Engine(target=target, draft=models[1])  # measured once per process and engine
+    first, again = (engine.decode([[1, 2], [3]], method="sd", max_new_tokens=6, seed=[5, 6], num_draft_tokens="auto")
+                    for _ in range(2))
+    assert again.stats["draft_cost"] == first.stats["draft_cost"] and again.sequences == first.sequences
 
 
 def test_adaptive_length_errors(models):
