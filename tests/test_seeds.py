@@ -53,6 +53,11 @@ METHODS = [
     ("beam", dict(beams=4, width=2, dvts=True, max_step_tokens=1, aggregate="min", select="sample")),
     ("sd", dict(num_draft_tokens=3, temperature=0.8, top_p=0.9)),
     ("sss", dict(num_draft_tokens=2, temperature=0.8, top_k=5)),
+    # adaptive length: each row's K from its own acceptances (with a fixed cost), and a forced schedule with
+    # rounds where no row drafts (the draft catches up later)
+    ("sd", dict(num_draft_tokens="auto:0.3", temperature=0.8, top_p=0.9)),
+    ("sd", dict(num_draft_tokens=(2, 0, 0, 1, 3))),
+    ("sss", dict(num_draft_tokens="auto:0.3", top_k=5)),
     ("sss", dict(tree="sampled", branching=(2, 2), top_p=0.95)),
     ("sss", dict(tree="topk", branching=(2, 1), variant="paper")),
 ]
@@ -95,6 +100,9 @@ def test_int_seed_is_the_list_of_derived_seeds(models):
     dict(method="sd", num_draft_tokens=4),
     dict(method="sss", num_draft_tokens=3),
     dict(method="sss", num_draft_tokens=3, bonus_on_full_accept=False),
+    dict(method="sd", num_draft_tokens="auto:0.1"),
+    dict(method="sd", num_draft_tokens=(0, 4, 0, 2)),
+    dict(method="sss", num_draft_tokens=(4, 1), bonus_on_full_accept=False),
     dict(method="sd", tree="sampled", branching=(2, 2, 1, 1)),
     dict(method="sss", tree="topk", branching=(2, 2, 2)),
 ])

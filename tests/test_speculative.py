@@ -213,3 +213,96 @@ def test_clear_errors(models):
     ]:
         with pytest.raises(ValueError, match=match):
             fastalign.decode([[1]], method="sss", **kw, **bad)
+
+
+# ------------------------------------------------------------------------------------ adaptive draft length
+# "auto:0.25" (a draft call costs a quarter of a target call) with the prior (alpha 0.5): K starts at 1 and
+# moves with each row's acceptances (0 after rejections, 2 after acceptances), so a batch mixes K = 0, 1, 2.
+@pytest.mark.usefixtures("both_layers")
+@pytest.mark.parametrize("method, K, M, sampling", [
+    ("sd", "auto", 5, dict(temperature=0.7, top_k=3)),
+    ("sd", (3, 0, 1, 0, 0, 2), 5, dict(temperature=1.3, top_k=3)),  # forced: K changes, 0 = the target alone
+    ("sss", "auto", 4, dict(temperature=0.8, top_k=3, lam=0.7)),
+    ("sss", (1, 3, 2), 4, dict(temperature=1.3, top_k=4)),
+])
+def test_adaptive_length_keeps_the_law(models, method, K, M, sampling):
+    out = decode(models, method, num_draft_tokens="auto:0.25" if K == "auto" else K, max_new_tokens=M, **sampling)
+    print(method, K, {k: v for k, v in out.stats.items() if "draft" in k or "k0" in k or k == "rounds"})
+    sampling = dict(sampling)
+    lam = sampling.pop("lam", 1.0)
+    p = p_law(models[0], PROMPT, M, **sampling)
+    if method == "sd":
+        assert_follows(out.sequences, p, p_law(models[1], PROMPT, M, **sampling))
+    else:
+        assert_follows(out.sequences, pi_law(models, PROMPT, M, lam=lam, **sampling), p)
+    st = out.stats
+    assert 0 < st["mean_draft_tokens"] and st["draft_tokens_accepted"] > 0
+    if method == "sd":
+        assert st["row_rounds_k0"] > 0  # rounds at K=0 are exercised
+    else:
+        assert st["rounds_without_draft"] == 0
+    if K == "auto":
+        assert st["draft_cost"] == 0.25
+    else:
+        assert st["rounds_without_draft"] == (2 if method == "sd" else 0)  # rounds 1 and 3 (4 is EOS-only)
+
+
+def test_adaptive_length_follows_the_cost_model():
+    """K maximises expected tokens per unit of time: none when a draft call costs a target call, longer chains
+    as the acceptance grows; sss never goes below 1; a row stuck at 0 probes K=1 at growing gaps."""
+    from fastalign.methods.speculative import AdaptiveLength, expected_tokens
+
+    assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 3) == 4.0
+    free = AdaptiveLength(1, cost=1.0, floor=0)
+    assert [free.best(a) for a in (0.1, 0.5, 0.99, 1.0)] == [0, 0, 0, 0]  # (k + 1) / (1 + k) <= 1
+    cheap = AdaptiveLength(1, cost=0.1, floor=0)
+    ks = [cheap.best(a) for a in (0.05, 0.3, 0.6, 0.8, 0.95)]
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 8
+    assert AdaptiveLength(1, cost=5.0, floor=1, ref_calls=1, bonus_draft_call=1).best(0.0) == 1
+    row = AdaptiveLength(1, cost=0.5, floor=0)
+    row.rejected[0] = 50.0  # a row that rejects: K=0, but drafting could pay, so it probes
+    chosen = []
+    for _ in range(16):
+        chosen += row.choose([0])
+        row.update([0], chosen[-1:], [0])
+    assert [i for i, k in enumerate(chosen) if k] == [4, 13]  # after 4 rounds at 0, then after 8
+
+
+def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
+    """sd with a draft as dear as the target (drafting cannot pay at any acceptance), or one that does not pay
+    at the prior acceptance, is the sample method, token for token and call for call: with a given cost the
+    draft never runs; "auto" prefills it and measures."""
+    target = without_eos(models[0])
+    kw = dict(method="sd", target=target, draft=models[1], max_new_tokens=6, seed=[5, 6])
+    dear = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:1")
+    assert dear.stats["draft_calls"] == 0 and dear.stats["rounds_without_draft"] == dear.stats["rounds"] == 6
+    sample = fastalign.decode([[1, 2], [3]], method="sample", target=target, max_new_tokens=6, seed=[5, 6])
+    assert dear.sequences == sample.sequences and dear.stats["target_calls"] == sample.stats["target_calls"]
+    assert dear.stats["mean_draft_tokens"] == 0.0 and dear.stats["row_rounds_k0"] == 12
+    for cost in ("auto:3.5", "auto:0.5"):  # c >= 0.5: no K pays at the prior acceptance 0.5
+        other = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens=cost)
+        assert other.sequences == dear.sequences and other.stats["draft_calls"] == 0
+    assert fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:0.45").stats["draft_calls"] > 0
+    measured = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto")
+    assert measured.stats["draft_cost"] > 0 and measured.stats["draft_calls"] >= 1 + 3  # prefill + measurement
+    engine = fastalign.Engine(target=target, draft=models[1])  # measured once per process and engine
+    first, again = (engine.decode([[1, 2], [3]], method="sd", max_new_tokens=6, seed=[5, 6], num_draft_tokens="auto")
+                    for _ in range(2))
+    assert again.stats["draft_cost"] == first.stats["draft_cost"] and again.sequences == first.sequences
+
+
+def test_adaptive_length_errors(models):
+    target, draft, ref = models
+    kw = dict(target=target, draft=draft, ref=ref, max_new_tokens=2)
+    for method, bad, match in [
+        ("sd", dict(num_draft_tokens="fast"), "num_draft_tokens"),
+        ("sd", dict(num_draft_tokens=(2, -1)), "schedule"),
+        ("sss", dict(num_draft_tokens=(2, 0)), "integers >= 1"),
+        ("sd", dict(num_draft_tokens=()), "schedule"),
+        ("sd", dict(num_draft_tokens="auto:-1"), "auto:C"),
+        ("sd", dict(num_draft_tokens="auto:x"), "auto:C"),
+        ("sd", dict(num_draft_tokens="auto:inf"), "auto:C"),
+        ("sd", dict(num_draft_tokens="auto", tree="sampled"), "chains"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fastalign.decode([[1]], method=method, **kw, **bad)

@@ -89,7 +89,8 @@ def test_largest_seed_is_accepted(models):
 @pytest.mark.parametrize("method, options, match", [
     ("sss", dict(lam=NAN), "sss option lam must be finite, got nan"),
     ("sss", dict(max_log_ratio=NAN), "sss option max_log_ratio must be finite, got nan"),
-    ("sss", dict(num_draft_tokens=2.5), "sss option num_draft_tokens must be an integer, got 2.5"),
+    ("sss", dict(num_draft_tokens=2.5),
+     r"sss option num_draft_tokens must be an integer or a string or a tuple of integers such as \(2, 2\), got 2.5"),
     ("sss", dict(branching=(2, INF)), "sss option branching must be finite"),
     ("sss", dict(bonus_on_full_accept="no"), "sss option bonus_on_full_accept must be True or False, got 'no'"),
     ("args", dict(w=NAN), "args option w must be finite, got nan"),

@@ -46,6 +46,25 @@ Randomness. Round ``n`` of prompt ``b`` draws from prompt ``b``'s streams only, 
 emission race (``race``); rows join at the start and stay until they finish, so the round counts agree and a
 prompt's tokens do not depend on its batch.
 
+Adaptive length (chains). ``num_draft_tokens="auto"``: row ``b``'s K for round ``n`` is chosen by
+``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (its accepted tokens and rejections) and ``c``, the
+cost of a draft call relative to a target call: K maximises the expected tokens per unit of time
+``(1 + a + ... + a^K) / (1 + K c)`` (``sss``: ``/ (1 + c + (K + 1) c)``, the ref and the draft's bonus call
+counted), ``a`` the row's acceptance estimate. ``c`` is fixed for the decode call: ``"auto:C"`` gives it, else
+``measure_draft_cost`` times one-token calls of both models on the prefilled caches (once per process, engine
+pair and batch size; later calls reuse it, and skip the draft's prefill when ``sd`` will not draft). The law stays exact: a round's K is fixed before its draws, and any K (0 included)
+gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
+its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
+the draft catches up on its next call (``_Stream.defer``). When drafting does not pay at the prior acceptance
+0.5 (``c >= 0.5``: ``AdaptiveLength.drafts``) ``sd`` is the ``sample`` method, token for token, without the
+round machinery (on the toy world a round costs about 2.2 target steps before any drafting: rounds at K=0
+would lose to ``sample``); the price: a pair with ``0.5 <= c < 1`` and a high acceptance never drafts. ``sss`` goes down to K=1: ``pi`` needs the draft's and the
+ref's logits at every emitted position, so the draft runs every round; at K=1 a round costs one target call
+of 2 tokens, one ref call and 2 draft calls and emits 1 or 2 tokens. A tuple ``num_draft_tokens=(k0, k1, ...)``
+forces K of round ``n`` to ``k[n % len]`` (tests; 0 allowed for ``sd``). Reproducibility: with ``"auto:C"`` or
+a tuple a prompt's tokens depend on its seed only (not on its batch: K is per row); with ``"auto"`` they
+depend also on the measured ``c`` (timing), the same for every row of the call.
+
 Defaults. ``num_draft_tokens=4``: the draft length K=4 of Chen et al. 2023 ("Accelerating large language model
 decoding with speculative sampling"). ``branching=(2, 2, 1, 1)`` (trees): depth 4 like the chain, two children
 at the first two levels where a rejection is likeliest (14 nodes); a choice of this library, not from a paper.
@@ -53,19 +72,24 @@ at the first two levels where a rejection is likeliest (14 nodes); a choice of t
 ``ctx.stats``: ``rounds`` (verification passes), ``draft_tokens_proposed`` (drafted tokens verified, summed
 over rows; tree nodes for trees), ``draft_tokens_accepted``, ``acceptance_rate`` (accepted / proposed),
 ``accepted_per_target_call`` (accepted draft tokens per row and verification pass: the mean number of tokens a
-target call saves; each pass also emits one token of its own).
+target call saves; each pass also emits one token of its own). With ``"auto"`` or a tuple (chains) also
+``mean_draft_tokens`` (K per row and round, the cap included), ``row_rounds_k0`` (row-rounds at K=0),
+``rounds_without_draft`` (rounds, or sampling steps, where the draft was not called) and, with ``"auto"``,
+``draft_cost`` (``c``). The target and draft call counters include ``measure_draft_cost``'s calls.
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
+import time
+import weakref
 
 import torch
 
 from ..kernels import spec_verify, tree_verify
 from ..errors import InputError
-from .base import Context, MethodResult
+from .base import Context, MethodResult, sample_continuations
 
 NUM_DRAFT_TOKENS = 4
 BRANCHING = (2, 2, 1, 1)
@@ -169,6 +193,13 @@ class _Stream:
         self.round_logits, self.fed, self.tail_fed = [], 0, 0
         self._trim()
 
+    def defer(self, tokens: torch.Tensor) -> None:
+        """A round this model sat out (``sd`` at K=0 in every row): append the emitted ``tokens [B]`` to its
+        tail, fed in front of its next call (one forward pass catches it up)."""
+        self.tail = torch.cat([self.tail, tokens[:, None]], 1)
+        self.tail_live = torch.cat([self.tail_live, (tokens >= 0)[:, None]], 1)
+        self._trim()
+
     def _trim(self) -> None:
         while self.tail.shape[1] and not self.tail_live[:, 0].any():
             self.tail, self.tail_live = self.tail[:, 1:], self.tail_live[:, 1:]
@@ -179,6 +210,97 @@ class _Stream:
         self.fed_live = self.fed_live[rows]
         self.tail, self.tail_live = self.tail[rows], self.tail_live[rows]
         self._trim()
+
+
+MAX_AUTO = 8  # the largest K "auto" chooses
+PRIOR = (1.0, 1.0)  # acceptance pseudo-counts (accepted, rejected) before a row's first round: mean 0.5
+PROBE_GAP = 4  # sd: a row at K=0 that could pay drafts K=1 after this many rounds at 0, then twice as long
+_COSTS = weakref.WeakKeyDictionary()  # measure_draft_cost's results: target -> draft -> {batch size: ratio}
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a chain round of ``k`` drafted tokens emits on average when each is accepted with probability
+    ``alpha`` independently: ``1 + alpha + ... + alpha^k`` (the accepted prefix plus the emitted token)."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+class AdaptiveLength:
+    """``num_draft_tokens="auto"``: each row's K for the next round, from that row's own past rounds.
+
+    Row ``b``'s acceptance estimate is ``alpha_b = (a_b + 1) / (a_b + r_b + 2)`` (``a_b`` draft tokens
+    accepted, ``r_b`` rounds that ended in a rejection; the geometric model of a chain round), and its K the
+    ``k`` in ``[floor, MAX_AUTO]`` that maximises tokens per unit of time,
+    ``expected_tokens(alpha_b, k) / (1 + ref_calls * c + (k + bonus_draft_call) * c)`` with ``c`` the cost
+    of a draft call relative to a target call (fixed for the decode call); ``k = 0`` (``sd`` only) costs
+    ``1``: plain sampling from the target. A row at 0 learns nothing, so while drafting could pay at all
+    (``2 > 1 + c``) it drafts K=1 after ``PROBE_GAP`` rounds at 0, then after twice as many, and so on.
+    Everything here is a function of the row's own history and ``c``: never of the round's draws, never of
+    other rows.
+    """
+
+    def __init__(self, n_prompts: int, cost: float, floor: int, ref_calls: int = 0, bonus_draft_call: int = 0):
+        self.cost, self.floor = float(cost), floor
+        self.fixed_cost = 1 + ref_calls * self.cost
+        self.bonus = bonus_draft_call
+        self.accepted = [PRIOR[0]] * n_prompts
+        self.rejected = [PRIOR[1]] * n_prompts
+        self.idle = [0] * n_prompts  # rounds at K=0 since the row last drafted
+        self.gap = [PROBE_GAP] * n_prompts
+        self.can_pay = 2 > 1 + self.cost  # K=1 at full acceptance beats plain sampling
+
+    def drafts(self) -> bool:
+        """Whether a row drafts in its first round (at the prior acceptance 0.5; ``sd``: iff ``c < 0.5``). If
+        not, no row ever does (nothing is learnt at K=0, and the first probe would come after ``PROBE_GAP``
+        rounds at 0: ``sd`` then runs the ``sample`` method instead, cheaper than rounds at K=0)."""
+        return self.best(PRIOR[0] / sum(PRIOR)) > 0
+
+    def best(self, alpha: float) -> int:
+        rates = {k: expected_tokens(alpha, k) / (self.fixed_cost + (k + self.bonus) * self.cost if k else 1.0)
+                 for k in range(self.floor, MAX_AUTO + 1)}
+        return max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter chain
+
+    def choose(self, rows: list[int]) -> list[int]:
+        ks = []
+        for r in rows:
+            k = self.best(self.accepted[r] / (self.accepted[r] + self.rejected[r]))
+            if k == 0 and self.can_pay and self.idle[r] >= self.gap[r]:
+                k, self.gap[r] = 1, 2 * self.gap[r]
+            ks.append(k)
+        return ks
+
+    def update(self, rows: list[int], valid: list[int], accepted: list[int]) -> None:
+        """Row ``rows[i]`` drafted ``valid[i]`` tokens this round and ``accepted[i]`` of them were accepted."""
+        for r, v, a in zip(rows, valid, accepted):
+            self.idle[r] = self.idle[r] + 1 if v == 0 else 0
+            if v:
+                self.accepted[r] += a
+                self.rejected[r] += int(a < v)
+
+
+@torch.no_grad()
+def measure_draft_cost(target, draft, batch: int, repeats: int = 2) -> float:
+    """The time of one draft call over one target call, one token per row at batch ``batch``, measured on the
+    just-prefilled caches (a token is written, then rolled back: the caches are as before) once per process per
+    (target, draft, batch); the fastest of ``repeats`` after a warm-up call."""
+    known = _COSTS.setdefault(target, weakref.WeakKeyDictionary()).setdefault(draft, {})
+    if batch not in known:
+        times = []
+        for lm in (target, draft):
+            token = torch.zeros(batch, 1, dtype=torch.long, device=lm.device)
+            best = float("inf")
+            for i in range(repeats + 1):
+                if lm.device.type == "cuda":
+                    torch.cuda.synchronize(lm.device)
+                start = time.perf_counter()
+                lm.extend(token)
+                if lm.device.type == "cuda":
+                    torch.cuda.synchronize(lm.device)
+                if i:
+                    best = min(best, time.perf_counter() - start)
+                lm.rollback(1)
+            times.append(best)
+        known[batch] = times[1] / times[0]
+    return known[batch]
 
 
 def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
@@ -192,15 +314,18 @@ def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Te
     return torch.cat([tail_parents, torch.where(parents >= 0, parents + W, root_parent)], 1)
 
 
-def run_sd(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
+def run_sd(ctx: Context, prompts: list[list[int]], num_draft_tokens: int | str | tuple[int, ...] = NUM_DRAFT_TOKENS,
            tree: str | None = None, branching: tuple[int, ...] | None = None) -> MethodResult:
-    """Speculative sampling: the output follows the target exactly. ``num_draft_tokens`` is the chain's K;
+    """Speculative sampling: the output follows the target exactly. ``num_draft_tokens`` is the chain's K
+    (``"auto"``: chosen per row and round, 0 = plain target sampling, from the cost of a draft call relative
+    to a target call measured before decoding; ``"auto:C"``: the same with that cost ratio fixed to ``C``; a
+    tuple: K of round ``n`` is ``K[n % len(K)]``; module docstring, Adaptive length).
     ``tree="sampled" | "topk"`` drafts a tree with ``branching`` children per node at each depth instead."""
     return _speculate(ctx, prompts, "sd", None, num_draft_tokens, tree, branching,
                       lam=0.0, max_log_ratio=None, bonus=True)
 
 
-def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_DRAFT_TOKENS,
+def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int | str | tuple[int, ...] = NUM_DRAFT_TOKENS,
             tree: str | None = None, branching: tuple[int, ...] | None = None, variant: str = "exact",
             lam: float = 1.0, max_log_ratio: float | None = None,
             bonus_on_full_accept: bool = True, allow_no_ref: bool = False) -> MethodResult:
@@ -212,6 +337,9 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_
     ``max_log_ratio`` (default None: no clip) clips ``log q_r - log q`` to ``[-M, M]`` before the tilt, which
     bounds how far one token's probability can move (``pi / p <= e^(2 lam M)``); where exactly one of ``q_r``,
     ``q`` is zero (truncated away by top-k / top-p) the log-ratio is taken as ``+-M`` (``+-20`` without a clip).
+
+    ``num_draft_tokens="auto"`` / ``"auto:C"`` / a tuple as for ``sd``, but K never goes below 1 (module
+    docstring, Adaptive length).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -226,10 +354,20 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int = NUM_
                       lam=float(lam), max_log_ratio=max_log_ratio, bonus=bool(bonus_on_full_accept))
 
 
-def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, lam: float,
+def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: float,
                max_log_ratio, bonus: bool) -> MethodResult:
-    if not isinstance(K, int) or K < 1:
-        raise ValueError(f"num_draft_tokens must be a positive integer, got {K!r}")
+    floor = 0 if ref is None else 1  # sd may stop drafting; sss's law needs the draft at every position
+    fixed = isinstance(K, int) and not isinstance(K, bool)
+    if fixed and K < 1:
+        raise ValueError(f"num_draft_tokens must be a positive integer, 'auto' or a tuple, got {K!r}")
+    if isinstance(K, (tuple, list)):
+        if not K or any(not isinstance(k, int) or isinstance(k, bool) or k < floor for k in K):
+            raise ValueError(f"a num_draft_tokens schedule must be a non-empty tuple of integers >= {floor} "
+                             f"({'sd' if floor == 0 else 'sss'}), got {K!r}")
+    elif not fixed:
+        K, draft_cost = _auto_option(K)
+    if not fixed and tree is not None:
+        raise ValueError("num_draft_tokens='auto' or a schedule is for chains (tree=None)")
     if tree not in TREES:
         raise ValueError(f"tree must be one of {TREES}, got {tree!r}")
     if tree is not None:
@@ -242,6 +380,10 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
         raise ValueError("branching is an option of tree='sampled' | 'topk'")
 
     M = ctx.max_new_tokens
+    if K == "auto" and draft_cost is None:  # measured before in this process: the draft need not be prefilled
+        draft_cost = _COSTS.get(ctx.target, {}).get(ctx.draft, {}).get(len(prompts))
+    if K == "auto" and ref is None and draft_cost is not None and not AdaptiveLength(1, draft_cost, 0).drafts():
+        return _sample_instead(ctx, ctx.target.prefill(prompts, M), draft_cost)  # the draft is never used
     target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
     draft = _Stream(ctx.draft, ctx.draft.prefill(prompts, M))
     streams = [target, draft]
@@ -256,25 +398,43 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
     dev = ctx.target.device
     out: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # original index of each live row (host bookkeeping: no syncs)
-    cap = K if tree is None else len(branching)
-    stats = dict(rounds=0, row_rounds=0, proposed=0)
+    cap = K if fixed else len(branching) if tree is not None else None
+    schedule = None
+    if K == "auto":
+        cost = draft_cost if draft_cost is not None else measure_draft_cost(ctx.target, ctx.draft, len(prompts))
+        schedule = AdaptiveLength(len(prompts), cost, floor, ref_calls=int(ref is not None),
+                                  bonus_draft_call=int(draft_at_bonus))
+        if floor == 0 and not schedule.drafts():  # K=0 for every row and round: sd is the sample method
+            return _sample_instead(ctx, target.logits, cost)
+    stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
     while rows:
         left = [M - len(out[r]) for r in rows]
-        # tokens a row may draft and verify: its emitted tokens (accepted + bonus) must fit in what is left
-        valid = [min(n - int(bonus), cap) for n in left]
-        depth = max(1, max(valid))
         step = stats["rounds"]  # every live row's own round count: rows join at the start and stay to the end
-        if tree is None:
+        # the round's K per row: fixed, from the schedule, or from the row's own past (never this round's draws)
+        ks = (schedule.choose(rows) if schedule is not None else [K[step % len(K)]] * len(rows)
+              if cap is None else [cap] * len(rows))
+        # tokens a row may draft and verify: its emitted tokens (accepted + bonus) must fit in what is left
+        valid = [min(n - int(bonus), k) for n, k in zip(left, ks)]
+        depth = max(1, max(valid))
+        stats["k0"] += valid.count(0)
+        if tree is None and not fixed and max(valid) == 0 and ref is None:  # sd, no row drafts: p alone
+            nodes, accepted, next_token, path = _target_round(ctx, target, rows, step)
+            streams[1].defer(next_token)
+            stats["no_draft"] += 1
+            for s in streams[:1]:
+                s.advance(nodes, path, accepted, next_token, False)
+        elif tree is None:
             nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth, valid, draft_at_bonus,
-                                                             verify, rows, step)
+                                                             verify, rows, step, plain=not fixed and ref is None)
             stats["proposed"] += sum(valid)
         else:
             nodes, accepted, next_token, path, n_nodes = _tree_round(ctx, streams, ref, tree, branching[:depth],
                                                                      valid, draft_at_bonus, verify, rows, step)
             stats["proposed"] += n_nodes
-        for s in streams:
-            s.advance(nodes, path, accepted, next_token, tree is not None)
+        if not (tree is None and not fixed and max(valid) == 0 and ref is None):
+            for s in streams:
+                s.advance(nodes, path, accepted, next_token, tree is not None)
 
         stats["rounds"] += 1
         stats["row_rounds"] += len(rows)
@@ -282,7 +442,9 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
         emitted = torch.cat([nodes.gather(1, path.clamp(min=0)), next_token[:, None]], 1)
         emitted.scatter_(1, accepted[:, None], next_token[:, None])  # the emitted token follows the path
         n_emit = accepted + (next_token >= 0).long()
-        done = _append(ctx, out, rows, emitted, n_emit, left)
+        done, accepted_rows = _append(ctx, out, rows, emitted, n_emit, left, accepted)
+        if schedule is not None:
+            schedule.update(rows, valid, accepted_rows)
         if any(done):
             keep = [i for i, d in enumerate(done) if not d]
             rows = [rows[i] for i in keep]
@@ -298,7 +460,52 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K: int, tree, branching, l
         acceptance_rate=accepted_total / proposed if proposed else 0.0,
         accepted_per_target_call=accepted_total / stats["row_rounds"] if stats["row_rounds"] else 0.0,
     )
+    if not fixed:  # (fixed K: the recorded stats of tests/test_behaviour.py stay as they are)
+        ctx.stats.update(mean_draft_tokens=proposed / stats["row_rounds"] if stats["row_rounds"] else 0.0,
+                         row_rounds_k0=stats["k0"], rounds_without_draft=stats["no_draft"])
+    if schedule is not None:
+        ctx.stats["draft_cost"] = schedule.cost
     return MethodResult(out)
+
+
+def _sample_instead(ctx: Context, logits: torch.Tensor, cost: float) -> MethodResult:
+    """``sd`` with ``"auto"`` where no K can pay at any acceptance (``c >= 1``): the ``sample`` method from the
+    target's prefilled cache (``logits [B, V]``), token for token."""
+    out = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens, list(range(logits.shape[0])))
+    n = [len(o) for o in out]
+    ctx.stats.update(rounds=max(n, default=0), draft_tokens_proposed=0, draft_tokens_accepted=0,
+                     acceptance_rate=0.0, accepted_per_target_call=0.0, mean_draft_tokens=0.0,
+                     row_rounds_k0=sum(n), rounds_without_draft=max(n, default=0), draft_cost=cost)
+    return MethodResult(out)
+
+
+def _target_round(ctx: Context, target: _Stream, rows: list[int], step: int):
+    """``sd`` when no row drafts (K=0 everywhere): the target alone, one call (its tail), and the emitted token
+    drawn from ``trunc(p)`` by ``_plain_token``, as a K=0 row of a mixed round draws it."""
+    p = target.feed()[:, 0]  # [B, V]
+    B, dev = p.shape[0], p.device
+    next_token = _plain_token(ctx, p, rows, step)
+    return (torch.zeros(B, 1, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
+            next_token, torch.full((B, 1), -1, dtype=torch.long, device=dev))
+
+
+def _plain_token(ctx: Context, p: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+    """The token of a row at K=0 (``sd``, adaptive length): one draw from ``trunc(p)`` of ``p [B, V]``, from the
+    row's own stream (purpose ``token``, step = round), whatever the other rows of the round do."""
+    return ctx.sample(p, rows, 0, "token", steps=step)
+
+
+def _auto_option(value: str) -> tuple[str, float | None]:
+    """``"auto"`` -> ``("auto", None)`` (cost measured); ``"auto:C"`` -> ``("auto", C)``."""
+    word, _, cost = value.partition(":")
+    try:
+        c = float(cost) if cost else None
+    except ValueError:
+        c = float("nan")
+    if word != "auto" or (c is not None and not (0 <= c < float("inf"))):
+        raise ValueError("num_draft_tokens must be a positive integer, 'auto', 'auto:C' (C >= 0: a draft call's "
+                         f"cost relative to a target call) or a tuple, got {value!r}")
+    return "auto", c
 
 
 def _verify_randomness(ctx: Context, rows: list[int], step: int, n: int, device):
@@ -308,9 +515,10 @@ def _verify_randomness(ctx: Context, rows: list[int], step: int, n: int, device)
 
 
 def _chain_round(ctx: Context, streams, ref, K: int, valid: list[int], draft_at_bonus: bool, verify,
-                 rows: list[int], step: int):
+                 rows: list[int], step: int, plain: bool = False):
     """Draft ``K`` tokens, score them, verify. Row ``b`` feeds only its first ``valid[b]`` drafted tokens (the
-    rest are dead slots). Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]`` and the accepted
+    rest are dead slots); with ``plain`` (sd, adaptive length) a row at ``valid[b] = 0`` draws its token with
+    ``_plain_token``. Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]`` and the accepted
     ``path [B, K]`` (node indices, -1 padded)."""
     target, draft = streams[0], streams[1]
     dev = target.logits.device
@@ -328,6 +536,8 @@ def _chain_round(ctx: Context, streams, ref, K: int, valid: list[int], draft_at_
     q = streams[2].feed(nodes, live=live) if ref is not None else None
     accepted, next_token = spec_verify(p, torch.stack(q_r, 1), q, nodes, num_valid=n,
                                        **_verify_randomness(ctx, rows, step, K, dev), **verify)
+    if plain and 0 in valid:  # sd with an adaptive length: rows at K=0 draw as in a round without the draft
+        next_token = torch.where(n == 0, _plain_token(ctx, p[:, 0], rows, step), next_token)
     path = torch.where(pos < accepted[:, None], pos, -1)
     return nodes, accepted, next_token, path
 
@@ -378,18 +588,19 @@ def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...
 
 
 def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
-            left: list[int]) -> list[bool]:
+            left: list[int], accepted: torch.Tensor) -> tuple[list[bool], list[int]]:
     """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
-    ``left`` tokens the row may still emit; True where a row is finished (EOS or ``max_new_tokens``).  One
-    device-to-host copy."""
+    ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``),
+    and the rows' ``accepted [B]`` counts.  One device-to-host copy."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
     count = torch.minimum(n_emit, first_eos + 1)
     ended = first_eos < count
-    table = torch.cat([count[:, None], ended.long()[:, None], emitted], 1).tolist()
-    done = []
-    for r, n, (c, e, *toks) in zip(rows, left, table):
+    table = torch.cat([count[:, None], ended.long()[:, None], accepted[:, None], emitted], 1).tolist()
+    done, acc = [], []
+    for r, n, (c, e, a, *toks) in zip(rows, left, table):
         out[r].extend(toks[:min(c, n)])
         done.append((bool(e) and c <= n) or c >= n)
-    return done
+        acc.append(a)
+    return done, acc

@@ -1,0 +1,111 @@
+"""``sd`` with a fixed draft length K against ``num_draft_tokens="auto"`` and plain ``sample``, on the toy world.
+
+The toy world's draft costs about what its target costs (both overhead-bound), so speculation cannot pay
+there: ``"auto"`` should measure that before decoding and sample from the target alone (K=0), at the speed of
+``sample``. Batch 1 (the prompts one call each: the batched path mixes rows at different K), EOS disabled,
+temperature 1, one thread; per case the minimum over ``--repeats`` of the wall time of all prompts, after an
+untimed warm-up call (compilation on the compiled path; the cost measurement of ``"auto"`` is made once per
+process and engine, on its first call, like a long-running server would); the cases are interleaved in each
+repeat, so that a loaded machine slows them alike. ``sd auto:1`` (a draft as dear as the target: K=0
+throughout) shows what the plain-sampling fallback of ``sd`` costs against ``sample``.
+
+    python bench/bench_adaptive.py                    # eager, about a minute
+    python bench/bench_adaptive.py --compile          # + Engine(compile=True) (compilation: minutes)
+    python bench/bench_adaptive.py --cost 0.3         # also "auto:0.3": the schedule when drafting would pay
+
+Writes ``bench/results/adaptive_cpu_toy.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import command_line, device_info, markdown_table, timed, write_results  # noqa: E402
+import fastalign  # noqa: E402
+
+
+def engine(w, compile_):
+    eng = fastalign.Engine(target=w.target, draft=w.draft, compile=compile_)
+    for lm in (eng.target, eng.draft):
+        lm.eos_token_ids = set()
+        lm.eos_tensor = lm.eos_tensor[:0]
+    return eng
+
+
+def run(eng, prompts, method, options, max_new, seed):
+    stats = []
+    for i, p in enumerate(prompts):
+        out = eng.decode([p], method=method, max_new_tokens=max_new, seed=[seed + i], temperature=1.0, **options)
+        stats.append(out.stats)
+    keys = ("acceptance_rate", "mean_draft_tokens", "row_rounds_k0", "rounds_without_draft", "draft_cost",
+            "target_calls", "draft_calls")
+    merged = {k: [s[k] for s in stats] for k in keys if k in stats[0]}
+    agg = {k: (sum(v) / len(v) if k in ("acceptance_rate", "mean_draft_tokens", "draft_cost") else sum(v))
+           for k, v in merged.items()}
+    return dict(tokens=sum(s["generated_tokens"] for s in stats), **agg)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="also the compiled path, Engine(compile=True)")
+    ap.add_argument("--cost", type=float, default=None, help="also auto with this fixed cost ratio")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from fastalign.eval.toyworld import load_toy_world
+
+    w = load_toy_world()
+    prompts = w.tokenizer(w.prompts)["input_ids"]
+    cases = [("sample", "sample", {})] + [(f"sd K={k}", "sd", dict(num_draft_tokens=k)) for k in (1, 2, 4, 8)]
+    cases.append(("sd auto", "sd", dict(num_draft_tokens="auto")))
+    if args.cost is not None:
+        cases.append((f"sd auto:{args.cost:g}", "sd", dict(num_draft_tokens=f"auto:{args.cost:g}")))
+    cases.append(("sd auto:1", "sd", dict(num_draft_tokens="auto:1")))  # K=0 throughout: the K=0 path's cost
+    paths = ["eager"] + (["compiled"] if args.compile else [])
+    results = {}
+    dev = torch.device("cpu")
+    for path in paths:
+        eng = engine(w, path == "compiled")
+        for name, method, options in cases:  # warm-up (compilation; the cost measurement of "auto")
+            run(eng, prompts, method, options, args.max_new_tokens, args.seed)
+        walls = {name: [] for name, _, _ in cases}
+        info = {}
+        for r in range(args.repeats):  # cases interleaved: a noisy machine slows them alike
+            for name, method, options in cases:
+                info[name], t = timed(lambda: run(eng, prompts, method, options, args.max_new_tokens,
+                                                  args.seed + 100 * (r + 1)), dev)
+                walls[name].append(t)
+        for name, _, _ in cases:
+            best = min(walls[name])
+            results[f"{path}/{name}"] = dict(path=path, case=name, wall_s=best, all_wall_s=walls[name],
+                                             tokens_per_s=info[name]["tokens"] / best, **info[name])
+            print(f"{path:8s} {name:14s} {info[name]['tokens'] / best:8.1f} tok/s  "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in info[name].items() if k != "tokens"), flush=True)
+    rows = []
+    for key, r in results.items():
+        base = results[f"{r['path']}/sample"]["tokens_per_s"]
+        rows.append([r["path"], r["case"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}",
+                     f"{r.get('acceptance_rate', float('nan')):.2f}", f"{r.get('mean_draft_tokens', float('nan')):.2f}",
+                     r.get("row_rounds_k0", ""), f"{r['draft_cost']:.2f}" if "draft_cost" in r else "",
+                     r.get("draft_calls", "")])
+    md = (f"# sd: fixed K vs num_draft_tokens='auto' vs sample, toy world, batch 1\n\n`{command_line()}`\n\n"
+          + markdown_table(["path", "case", "tokens/s", "x sample", "acceptance", "mean K", "rounds at K=0",
+                            "draft cost", "draft calls"], rows))
+    payload = dict(command=command_line(), device=device_info(dev), threads=1, prompts=len(prompts),
+                   max_new_tokens=args.max_new_tokens, repeats=args.repeats, results=results)
+    stem = "adaptive_cpu_toy" + (f"_{args.tag}" if args.tag else "")
+    for p in write_results(stem, payload, md):
+        print("wrote", p)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
