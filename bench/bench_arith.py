@@ -1,4 +1,5 @@
-"""Accuracy against compute on the arith world: sample, majority vote, bon, speculative_rejection and qalign at N.
+"""Accuracy against compute on the arith world: sample, majority vote, bon, speculative_rejection, qalign, smc and
+beam at N.
 
 Each run decodes the arith world's 32 held-out problems (``fastalign.eval.arithworld``) at temperature 1 with the
 world's outcome reward model as the reward. Measured, as means over the seeds: the accuracy (the answer checker,
@@ -10,7 +11,10 @@ of the decode call (CPU, one thread).
 Methods at budget N: ``majority``: ``bon`` with ``n=N``, ``select="majority"``, ``answer_fn="answer"`` (self-
 consistency); ``bon``: the highest outcome reward of N; ``weighted_majority``: votes weighted by
 ``softmax(r)``; ``speculative_rejection``: N candidates, the lowest half of the partial rewards stopped every 8
-tokens; ``qalign``: N MCMC steps (``beta=1``), the majority answer over the chain.
+tokens; ``qalign``: N MCMC steps (``beta=1``), the majority answer over the chain. With the rule-based process
+reward (``world.step_reward``: minus the wrong steps so far) as the reward, steps ending at ``;``: ``smc``: N
+particles, ``beta=0.5``, one particle drawn by weight; ``beam``: ``N/4`` beams (at least 1) expanded 4 ways per
+step, the best finished beam.
 
     python bench/bench_arith.py              # N = 4 16 64, seeds 0 1 2; a few minutes on a CPU
 
@@ -34,7 +38,18 @@ from fastalign.eval.arithworld import load_arith_world  # noqa: E402
 VOTE = dict(select="majority", answer_fn="answer")
 
 
-def runs(ns):
+def runs(ns, separator: int):
+    """``(label, method, options, reward)``: reward ``"outcome"`` (the world's reward model) or ``"process"``."""
+    for label, method, options in outcome_runs(ns):
+        yield label, method, options, "outcome"
+    step = dict(delimiters=[separator], segment_tokens=8)
+    for n in ns:
+        yield f"smc N={n}", "smc", dict(particles=n, beta=0.5, **step), "process"
+        yield f"beam N={n}", "beam", dict(beams=max(1, n // 4), width=4, delimiters=[separator], max_step_tokens=8), \
+            "process"
+
+
+def outcome_runs(ns):
     yield "sample", "sample", {}
     for n in ns:
         yield f"majority N={n}", "bon", dict(n=n, **VOTE)
@@ -54,11 +69,13 @@ def main(argv=None):
     torch.set_num_threads(1)
     world = load_arith_world()
     ids = [world.tokenizer(p)["input_ids"] for p in world.prompts]
-    engine = fastalign.Engine(target=world.target, reward=world.reward, tokenizer=world.tokenizer)
-    engine.decode(ids[:2], method="bon", n=2, max_new_tokens=4, seed=0)  # warm-up
+    engines = {"outcome": fastalign.Engine(target=world.target, reward=world.reward, tokenizer=world.tokenizer),
+               "process": fastalign.Engine(target=world.target, reward=world.step_reward, tokenizer=world.tokenizer)}
+    engines["outcome"].decode(ids[:2], method="bon", n=2, max_new_tokens=4, seed=0)  # warm-up
     prompt_tokens = sum(map(len, ids))
     rows = []
-    for label, method, options in runs(args.n):
+    for label, method, options, reward in runs(args.n, world.tokenizer.convert_tokens_to_ids(";")):
+        engine = engines[reward]
         acc = dict(accuracy=0.0, process=0.0, generated=0.0, target_tokens=0.0, reward_tokens=0.0, target_calls=0.0,
                    wall=0.0)
         for seed in args.seeds:
@@ -88,13 +105,14 @@ def main(argv=None):
                    seeds=args.seeds, rows=rows)
     md = (f"# Accuracy against compute on the arith world ({info['name']}, {info['device_type']})\n\n"
           f"Command: `{command_line()}`  \narith world, {len(ids)} held-out problems, max_new_tokens "
-          f"{args.max_new_tokens}, temperature 1, the outcome reward model as the reward, means over seeds "
+          f"{args.max_new_tokens}, temperature 1, the outcome reward model as the reward (smc and beam: the "
+          "rule-based process reward, steps ending at `;`), means over seeds "
           f"{args.seeds}, one CPU thread. accuracy: the final answer is right (the world's answer checker); "
           "sound: every step right (the rule-based process reward is 0); generated: tokens sampled over all "
           "candidates of all prompts (the target's tokens less the prompts, each prefilled once, and less "
           "qalign's re-fed prefixes); target tokens: every token the target processed; RM tokens: tokens the "
-          "reward model processed; wall: the decode call. N: candidates (bon, votes, speculative_rejection) or "
-          "MCMC steps (qalign).\n\n"
+          "reward model processed; wall: the decode call. N: candidates (bon, votes, speculative_rejection), "
+          "MCMC steps (qalign), particles (smc) or candidates per step (beam: N/4 beams x 4).\n\n"
           + markdown_table(["run", "accuracy", "sound", "generated", "target calls", "target tokens", "RM tokens",
                             "wall (s)"],
                            [[r["run"], f"{r['accuracy']:.3f}", f"{r['process']:.3f}", f"{r['generated']:.0f}",

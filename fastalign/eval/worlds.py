@@ -101,9 +101,9 @@ SMOLLM2_SETTINGS = {
 SMOLLM2_GRID = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], SMOLLM2_SETTINGS["soft_bon"],
                 SMOLLM2_SETTINGS["args"], SMOLLM2_SETTINGS["rs"], SMOLLM2_SETTINGS["cards"],
                 *[("qalign", {"beta": 0.2, "steps": s}) for s in (2, 4, 8)]]
-# arith: the reward is the outcome reward model's logit (about [-8, 8]); votes read "answer N". Step-level
-# methods with the process reward (world.source.step_reward, a callable over token ids) go here as they land:
-# "smc": ("smc", {"particles": 16, "step_reward": ...}), "beam": ("beam", {"beams": 4, "width": 4, ...}).
+# arith: the reward is the outcome reward model's logit (about [-8, 8]); votes read "answer N". The step-level
+# methods read the rule-based process reward (world.source.step_reward, a callable over token ids) as their
+# reward, so they run on an engine of their own: bench/bench_arith.py compares them with these.
 ARITH_SETTINGS = {
     "sample": ("sample", {}),
     "majority": ("bon", {"n": 16, "select": "majority", "answer_fn": "answer"}),
