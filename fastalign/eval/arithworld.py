@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .toyworld import word_level_tokenizer
+from .toyworld import load_shipped_models, word_level_tokenizer
 
 OPERATORS = ("+", "-", "*")
 MAX_VALUE = 99  # every intermediate result and answer lies in 0..MAX_VALUE
@@ -268,25 +268,6 @@ class ArithWorld:
 
 def load_arith_world(device=None, path: str | Path | None = None) -> ArithWorld:
     """Load the shipped arithmetic world from local files only (works with ``HF_HUB_OFFLINE=1``)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    root = Path(path) if path is not None else DATA_DIR
-    missing = [name for name in MODEL_NAMES if not (root / name / "config.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"arith world files missing under {root}: {missing} "
-                                f"(rebuild them with scripts/build_arith_world.py)")
-    local = dict(local_files_only=True, trust_remote_code=False)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        models = {}
-        for name in MODEL_NAMES:
-            cls = AutoModelForSequenceClassification if name == "reward" else AutoModelForCausalLM
-            model = cls.from_pretrained(root / name, dtype=torch.float32, **local).eval()
-            models[name] = model.to(device) if device is not None else model
-        tokenizer = AutoTokenizer.from_pretrained(root / "target", **local)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    models, tokenizer = load_shipped_models(Path(path) if path is not None else DATA_DIR, MODEL_NAMES, "arith",
+                                            "scripts/build_arith_world.py", device)
     return ArithWorld(models["target"], models["reward"], tokenizer)

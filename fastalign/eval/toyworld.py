@@ -261,20 +261,27 @@ class ToyWorld:
 
 def load_toy_world(device=None, path: str | Path | None = None) -> ToyWorld:
     """Load the shipped toy world from local files only (works with ``HF_HUB_OFFLINE=1``; no remote code)."""
+    models, tokenizer = load_shipped_models(Path(path) if path is not None else DATA_DIR, MODEL_NAMES, "toy",
+                                            "scripts/build_toy_world.py", device)
+    return ToyWorld(models["target"], models["draft"], models["aligned_draft"], models["reward"], tokenizer)
+
+
+def load_shipped_models(root: Path, names, world: str, script: str, device=None) -> tuple[dict, object]:
+    """The models ``names`` of a shipped world under ``root`` (``"reward"`` a sequence classifier, the others causal
+    LMs; fp32, eval mode, on ``device``) and the tokenizer saved with the target, from local files only (no remote
+    code). Missing files name the world and the ``script`` that rebuilds them."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    root = Path(path) if path is not None else DATA_DIR
-    missing = [name for name in MODEL_NAMES if not (root / name / "config.json").is_file()]
+    missing = [name for name in names if not (root / name / "config.json").is_file()]
     if missing:
-        raise FileNotFoundError(f"toy world files missing under {root}: {missing} "
-                                f"(rebuild them with scripts/build_toy_world.py)")
+        raise FileNotFoundError(f"{world} world files missing under {root}: {missing} (rebuild them with {script})")
     local = dict(local_files_only=True, trust_remote_code=False)
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # four tiny models: no "Loading weights" bars
+    hf_logging.disable_progress_bar()  # a few tiny models: no "Loading weights" bars
     try:
         models = {}
-        for name in MODEL_NAMES:
+        for name in names:
             cls = AutoModelForSequenceClassification if name == "reward" else AutoModelForCausalLM
             model = cls.from_pretrained(root / name, dtype=torch.float32, **local).eval()
             models[name] = model.to(device) if device is not None else model
@@ -282,4 +289,4 @@ def load_toy_world(device=None, path: str | Path | None = None) -> ToyWorld:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    return ToyWorld(models["target"], models["draft"], models["aligned_draft"], models["reward"], tokenizer)
+    return models, tokenizer
