@@ -121,6 +121,12 @@ class Context:
         seeds = self.rng.streams(prompts, purpose, subs, steps, active, device=logits.device)
         return kernels.sample(logits, self.temperature, self.top_k, self.top_p, seed=seeds, validate=False)
 
+    def response_ended(self, response: list[int]) -> bool:
+        """Whether ``response`` is complete: it ends with an end-of-sequence token of the target, or it has
+        ``max_new_tokens`` tokens (the one rule every method applies)."""
+        return bool(response) and (response[-1] in self.target.eos_token_ids
+                                   or len(response) >= self.max_new_tokens)
+
     def eos_mask(self, tokens: torch.Tensor, lm: CausalLM | None = None) -> torch.Tensor:
         """True where ``tokens`` is an end-of-sequence token of ``lm`` (the target by default)."""
         return torch.isin(tokens, (lm or self.target).eos_tensor)

@@ -106,10 +106,9 @@ def remote_step(ctx: Context, remote: RemoteSegments, live: list[dict], firsts: 
     returns each candidate's new segment."""
     budgets = [min(max_step_tokens, ctx.max_new_tokens - len(beam["tokens"])) for beam in live]
     segments = remote.branch([beam["owner"] for beam in live], firsts, budgets, [beam["tokens"] for beam in live], W)
-    eos = ctx.target.eos_token_ids
     for c, segment in enumerate(segments):
         responses[c] += segment
-        done[c] = not segment or segment[-1] in eos or len(responses[c]) >= ctx.max_new_tokens
+        done[c] = not segment or ctx.response_ended(responses[c])
     return segments
 
 

@@ -189,7 +189,6 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
     responses: list[list[int]] = [[] for _ in range(B)]
     streaks = [Streak() for _ in range(B)]
     stats = {"segments_proposed": 0, "segments_accepted": 0, "rejections": 0, "forced_acceptances": 0}
-    eos = target.eos_token_ids
     round_ = 0
     while ids:
         round_ += 1
@@ -247,8 +246,7 @@ def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,
         stats["segments_accepted"] += len(accepted)
 
         # every row of a prompt takes its accepted row's cache; finished prompts leave the batch
-        keep = [i for i, b in enumerate(ids) if not (responses[b] and (
-            responses[b][-1] in eos or len(responses[b]) >= ctx.max_new_tokens))]
+        keep = [i for i, b in enumerate(ids) if not ctx.response_ended(responses[b])]
         rows = torch.arange(R, device=device).view(P, M)
         for i, j in source.items():
             rows[i] = j

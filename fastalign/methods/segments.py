@@ -39,7 +39,7 @@ def extend_segments(ctx: Context, logits: torch.Tensor, owner: list[int], subs: 
     target's cache then holds every row's response except a finished row's last token.
     """
     R = len(responses)
-    target, eos = ctx.target, ctx.target.eos_token_ids
+    target = ctx.target
     segments: list[list[int]] = [[] for _ in range(R)]
     open_ = [not d for d in done]
     device = logits.device
@@ -51,7 +51,7 @@ def extend_segments(ctx: Context, logits: torch.Tensor, owner: list[int], subs: 
                 continue
             segments[r].append(token)
             responses[r].append(token)
-            if token in eos or len(responses[r]) >= ctx.max_new_tokens:
+            if ctx.response_ended(responses[r]):
                 done[r], open_[r] = True, False  # its last token is never fed
                 continue
             fed[r] = True

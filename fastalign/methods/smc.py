@@ -129,7 +129,6 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     B, N = len(prompts), particles
     R = B * N
     target, reward = ctx.target, ctx.reward
-    eos = target.eos_token_ids
     owner = [b for b in range(B) for _ in range(N)]  # the prompt of each row
     subs = [j for _ in range(B) for j in range(N)]  # each row's particle index: its token sub-stream
 
@@ -158,7 +157,7 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
             for r, segment in enumerate(segments):
                 if segment:
                     responses[r] += segment
-                    done[r] = segment[-1] in eos or len(responses[r]) >= ctx.max_new_tokens
+                    done[r] = ctx.response_ended(responses[r])
 
         # 2. reweight by the twist's increment
         r_new = reward.append(segments).double()

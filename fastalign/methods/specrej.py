@@ -65,7 +65,6 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
     _check_options(n, alpha, round_tokens)
     answer = check_select(ctx, select, answer_fn, lam)
     B, M = len(prompts), ctx.max_new_tokens
-    eos = ctx.target.eos_token_ids
     decoder = (RemoteSegments if isinstance(ctx.target, RemoteLM) else CachedCandidates)(ctx, prompts, n)
     # candidate c = b * n + j; the batch's rows hold candidates `rows` (in that order)
     rows = list(range(B * n))
@@ -85,7 +84,7 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
         for c, segment in zip(rows, segments):
             if segment:
                 responses[c] += segment
-                finished[c] = segment[-1] in eos or len(responses[c]) >= M
+                finished[c] = ctx.response_ended(responses[c])
         if all(finished[c] for c in rows):
             break
         stop = _stop_counts(rows, finished, n, B, alpha)
