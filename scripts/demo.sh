@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv (scripts/setup.sh) and run the main job: every method on the built-in toy world, on the CPU.
+# Set up .venv (scripts/setup.sh) and run the main job: the demo of the alignment methods and baselines on the toy world, on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
