@@ -55,6 +55,11 @@ class Engine:
     ``reward`` may also be a callable ``reward(prompts, responses) -> [N]`` over token-id lists, or a text
     reward by name: ``"vader"`` or ``"module:function"`` (``fastalign.models.text_rewards``).
     ``reward_tokenizer`` is the reward model's own tokenizer, when it differs from the policy's.
+    ``step_reward`` is the reward of partial responses for the step-level methods (``smc``'s twist, ``beam``'s
+    step scores): a process reward model (``*ForTokenClassification``, 2 labels: P(good) at a step's last
+    token), a reward model, or a callable, given like ``reward`` (its tokenizer is its own when it is a path,
+    else the policy's). Without one, those methods read ``reward`` on partial responses; with both, one engine
+    serves the outcome methods (``bon``, ...) and the step-level ones.
     ``chat=True`` renders plain string prompts with the tokenizer's chat template (conversations, lists of
     ``{"role", "content"}`` messages, always are). When the tokenizer has a chat template, its end-of-turn
     token ends a response like EOS (``fastalign.models.chat``).
@@ -74,7 +79,7 @@ class Engine:
     """
 
     def __init__(self, target=None, draft=None, ref=None, reward=None, tokenizer=None,
-                 reward_tokenizer=None, trust_remote_code: bool = False, device=None, dtype=None,
+                 reward_tokenizer=None, step_reward=None, trust_remote_code: bool = False, device=None, dtype=None,
                  chat: bool = False, compile: bool = False, static_cache: bool | None = None):
         for name, flag in (("trust_remote_code", trust_remote_code), ("chat", chat), ("compile", compile)):
             check.check_bool(name, flag)
@@ -82,6 +87,7 @@ class Engine:
         for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
             check.check_model(role, spec, accepted=(CausalLM, RemoteLM))
         check.check_not_tokenizer("reward", reward)
+        check.check_not_tokenizer("step_reward", step_reward)
         build = self.builder = ModelBuilder.from_settings(check.check_device(device), check.check_dtype(dtype),
                                                           compile, static_cache, trust_remote_code)
         self._lock = threading.Lock()
@@ -97,6 +103,8 @@ class Engine:
         with check.loading("reward", reward):
             self.reward = (build.reward(reward, build.tokenizer(reward_tokenizer), self.tokenizer)
                            if reward is not None else None)
+        with check.loading("step_reward", step_reward):
+            self.step_reward = build.reward(step_reward, None, self.tokenizer) if step_reward is not None else None
         for role in ("draft", "ref"):
             lm = getattr(self, role)
             if (isinstance(lm, CausalLM) and isinstance(self.target, CausalLM)
@@ -104,11 +112,15 @@ class Engine:
                 raise InputError(
                     f"vocabularies differ: the {role} has {lm.vocab_size} tokens, the target {self.target.vocab_size}"
                 )
-        if self.reward is not None and self.reward.cached and isinstance(self.target, CausalLM):
-            embedded = self.reward.lm.model.get_input_embeddings().num_embeddings
-            if embedded < self.target.vocab_size:  # the target's ids would index past the reward's embedding
-                raise InputError(f"vocabularies differ: the reward model embeds {embedded} token ids, the target "
-                                 f"emits up to {self.target.vocab_size}; pass reward_tokenizer=... to re-tokenise")
+        for role in ("reward", "step_reward"):
+            scorer = getattr(self, role)
+            if scorer is not None and scorer.cached and isinstance(self.target, CausalLM):
+                embedded = scorer.lm.model.get_input_embeddings().num_embeddings
+                if embedded < self.target.vocab_size:  # the target's ids would index past the reward's embedding
+                    hint = "pass reward_tokenizer=... to re-tokenise" if role == "reward" else \
+                        "give the path of a model with its own tokenizer to re-tokenise"
+                    raise InputError(f"vocabularies differ: the {role} model embeds {embedded} token ids, the "
+                                     f"target emits up to {self.target.vocab_size}; {hint}")
         end_of_turn = chat_prompts.end_of_turn_ids(self.tokenizer)
         for lm in (self.target, self.draft, self.ref):
             if isinstance(lm, CausalLM) and end_of_turn:
@@ -142,22 +154,27 @@ class Engine:
                     raise
                 raise InputError(f"prompt {index}: {e}") from None
 
+    def models(self) -> dict:
+        """This engine's models by role (``MODEL_ROLES``), None where a role is not given."""
+        return {role: getattr(self, role) for role in MODEL_ROLES}
+
     def context(self, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed,
-                num_prompts: int = 1) -> Context:
-        """The context a decode of ``num_prompts`` prompts runs in: this engine's models, the sampling settings and
-        the prompts' randomness (``seed``: checked, see ``decode``). ``decode`` builds its own here, and so does the
-        server for each prompt it samples."""
-        return Context(self.target, self.draft, self.ref, self.reward, self.tokenizer, max_new_tokens,
-                       float(temperature), top_k, top_p, Randomness(seed, num_prompts))
+                num_prompts: int = 1, method: str = "sample") -> Context:
+        """The context a decode of ``num_prompts`` prompts with ``method`` runs in: this engine's models of the
+        roles the method uses (``Method.models_for``), the sampling settings and the prompts' randomness
+        (``seed``: checked, see ``decode``). ``decode`` builds its own here, and so does the server for each
+        prompt it samples."""
+        models = get_method(method).models_for(self.models())
+        return Context(models.get("target"), models.get("draft"), models.get("ref"), models.get("reward"),
+                       self.tokenizer, max_new_tokens, float(temperature), top_k, top_p,
+                       Randomness(seed, num_prompts), step_reward=models.get("step_reward"))
 
     def _decode(self, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
                 options) -> DecodeOutput:
         self._prompt_ids = []
         spec = get_method(method)
         check.check_method_options(method, spec.run, options)
-        for role in spec.requires:
-            if getattr(self, role) is None:
-                raise InputError(f"method {method!r} needs a {role} model (pass {role}=...)")
+        used = spec.models_for(self.models())  # names a missing model
         if isinstance(self.target, RemoteLM) and not spec.remote_target:
             raise InputError(f"method {method!r} needs per-token logits, so a local target (a model or a path); "
                              f"a RemoteLM target works with {', '.join(remote_target_methods())}")
@@ -168,11 +185,13 @@ class Engine:
         temperature, top_k, top_p = spec.sampling_settings(temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)
-        ctx = self.context(max_new_tokens, temperature, top_k, top_p, seed, len(prompt_ids))  # checks the seed
-        models = {role: getattr(self, role) for role in MODEL_ROLES if getattr(self, role) is not None}
-        used = {role: m for role, m in models.items() if role in spec.roles
-                and not getattr(m, "retokenize", False)}  # a re-tokenising reward counts other tokens
-        check.check_context_lengths(used, prompt_ids, max_new_tokens)
+        ctx = self.context(max_new_tokens, temperature, top_k, top_p, seed, len(prompt_ids), method)  # checks the seed
+        check.check_context_lengths({role: m for role, m in used.items() if not getattr(m, "retokenize", False)},
+                                    prompt_ids, max_new_tokens)  # a re-tokenising reward counts other tokens
+        models = {}  # the engine's models by role, each counted once (a model given in two roles: the first)
+        for role, m in self.models().items():
+            if m is not None and all(m is not other for other in models.values()):
+                models[role] = m
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
         start = time.perf_counter()
         result = spec.run(ctx, prompt_ids, **options)
@@ -194,7 +213,7 @@ class Engine:
 
 def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, reward=None, tokenizer=None,
            max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
-           top_p: float | None = None, seed: int | list[int] | None = None, chat: bool = False,
+           top_p: float | None = None, seed: int | list[int] | None = None, chat: bool = False, step_reward=None,
            **options) -> DecodeOutput:
     """Decode ``prompts`` (list of strings, of chat conversations or of token-id lists) with a test-time
     alignment ``method``. Conversations (lists of ``{"role", "content"}`` messages), and strings with
@@ -208,12 +227,14 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
     ``temperature=None`` takes the method's documented sampling defaults (temperature 1.0 unless its paper
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the
     given ``temperature`` / ``top_k`` / ``top_p``.
-    Method options (``n``, ``num_draft_tokens``, ``tree``, ``beta``, ...) are passed as keywords. Model
+    ``step_reward``: the reward of partial responses for ``smc`` and ``beam`` (see ``Engine``; without it they
+    read ``reward``). Method options (``n``, ``num_draft_tokens``, ``tree``, ``beta``, ...) are passed as keywords. Model
     loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``, ``compile``,
     ``static_cache``) go to ``Engine``.
     """
     engine_keys = ("trust_remote_code", "device", "dtype", "reward_tokenizer", "compile", "static_cache")
     engine_options = {k: options.pop(k) for k in engine_keys if k in options}
-    engine = Engine(target=target, draft=draft, ref=ref, reward=reward, tokenizer=tokenizer, **engine_options)
+    engine = Engine(target=target, draft=draft, ref=ref, reward=reward, tokenizer=tokenizer, step_reward=step_reward,
+                    **engine_options)
     return engine.decode(prompts, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, seed=seed, chat=chat, **options)

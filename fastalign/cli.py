@@ -426,6 +426,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reward", help="reward: a reward model (AutoModelForSequenceClassification), 'vader' (VADER "
                                     "sentiment of the response) or 'module:function' (called on texts: prompts, "
                                     "completions)")
+    g.add_argument("--step-reward", help="reward of partial responses for smc and beam: a process reward model "
+                                         "(AutoModelForTokenClassification, 2 labels), a reward model or "
+                                         "'module:function' (default: the world's, else --reward)")
     g.add_argument("--tokenizer", help="tokenizer (default: the target's)")
     g.add_argument("--reward-tokenizer", help="the reward model's tokenizer when it differs from the policy's")
     g.add_argument("--toy", action="store_true", help="use the built-in toy world (offline, tiny models; its prompts "

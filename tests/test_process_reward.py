@@ -5,6 +5,10 @@
   at that step's separator in one forward over the whole sequence: the cached, growing prefix gives the same
   numbers as whole-sequence scoring.
 * A saved token-classification model loads by path as a PRM; a PRM without 2 labels is an ``InputError``.
+* The ``step_reward`` role: one engine holds an outcome reward (for ``bon``) and a PRM (for ``smc`` and ``beam``);
+  each method reads its own, token for token as an engine holding only that one; without a step reward the
+  step-level methods read ``reward``, and without either the error names both.
+* Delimiters given as one-token strings are their token ids.
 """
 
 import pytest
@@ -13,7 +17,7 @@ import torch
 import fastalign
 from fastalign.models.builder import ModelBuilder
 from fastalign.models.reward import RewardModel
-from fastalign.testing import tiny_causal_lm, tiny_process_reward_model, tiny_tokenizer
+from fastalign.testing import tiny_causal_lm, tiny_process_reward_model, tiny_reward_model, tiny_tokenizer
 
 V, SEP, M, STEP = 8, 0, 8, 3
 PROMPTS = [[2, 3, 4], [5], [6, 6]]
@@ -85,3 +89,66 @@ def test_a_prm_needs_two_labels():
                       num_key_value_heads=4, vocab_size=V, num_labels=3, pad_token_id=0)
     with pytest.raises(fastalign.InputError, match="2 labels"):
         RewardModel(LlamaForTokenClassification(cfg))
+
+
+# ------------------------------------------------------------------ the step_reward role
+STEP_OPTIONS = {"beam": dict(beams=2, width=2, max_step_tokens=STEP, delimiters=[SEP]),
+                "smc": dict(particles=4, segment_tokens=STEP, delimiters=[SEP], ess_threshold=1.0)}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.6, seed=0)
+
+
+@pytest.mark.parametrize("method", ["beam", "smc"])
+def test_one_engine_serves_outcome_and_step_level_methods_each_with_its_own_reward(target, prm, method):
+    outcome = tiny_reward_model(vocab_size=V, seed=5)
+    both = fastalign.Engine(target=target, reward=outcome, step_reward=prm)
+    prm_only = fastalign.Engine(target=target, reward=prm)  # the PRM as the reward: read as the step reward
+    rm_only = fastalign.Engine(target=target, reward=outcome)
+    run = dict(max_new_tokens=M, seed=[3, 4, 5], **STEP_OPTIONS[method])
+    scores = {"beam": "scores", "smc": "log_z"}[method]  # what the step reward decides
+    stepped, alone = both.decode(PROMPTS, method=method, **run), prm_only.decode(PROMPTS, method=method, **run)
+    assert stepped.sequences == alone.sequences and torch.equal(stepped.extra[scores], alone.extra[scores])
+    assert stepped.stats["step_reward_calls"] > 0 and stepped.stats["reward_calls"] == 0
+    # the test has power: the outcome reward read on partial responses scores otherwise
+    assert not torch.allclose(stepped.extra[scores], rm_only.decode(PROMPTS, method=method, **run).extra[scores])
+    best = both.decode(PROMPTS, method="bon", n=4, max_new_tokens=M, seed=[3, 4, 5])
+    assert best.sequences == rm_only.decode(PROMPTS, method="bon", n=4, max_new_tokens=M, seed=[3, 4, 5]).sequences
+    assert best.stats["reward_calls"] > 0 and best.stats["step_reward_calls"] == 0
+
+
+def test_a_step_level_method_without_a_reward_names_both_roles(target):
+    with pytest.raises(fastalign.InputError, match=r"needs a step_reward model \(pass step_reward=\.\.\. or reward="):
+        fastalign.decode(PROMPTS, method="beam", target=target, max_new_tokens=M)
+    with pytest.raises(fastalign.InputError, match="needs a reward model"):  # bon has no stand-in
+        fastalign.decode(PROMPTS, method="bon", target=target, step_reward=prm_like(), max_new_tokens=M)
+
+
+def prm_like():
+    return tiny_process_reward_model(vocab_size=V, hidden=16, seed=4)
+
+
+def test_a_method_gets_only_the_models_of_its_roles(target, prm):
+    engine = fastalign.Engine(target=target, reward=prm_like(), step_reward=prm)
+    ctx = engine.context(M, 1.0, None, None, 0, method="beam")
+    assert ctx.step_reward is engine.step_reward and ctx.reward is None
+    ctx = engine.context(M, 1.0, None, None, 0, method="bon")
+    assert ctx.reward is engine.reward and ctx.step_reward is None
+
+
+@pytest.mark.parametrize("method", ["beam", "smc"])
+def test_delimiters_as_one_token_strings(target, prm, method):
+    tokenizer = tiny_tokenizer(V)  # words w0 .. w7: "w0" is token SEP = 0
+    run = dict(target=target, step_reward=prm, tokenizer=tokenizer, max_new_tokens=M, seed=2)
+    options = dict(STEP_OPTIONS[method])
+    by_id = fastalign.decode(PROMPTS, method=method, **run, **options)
+    options["delimiters"] = "w0"
+    assert fastalign.decode(PROMPTS, method=method, **run, **options).sequences == by_id.sequences
+    options["delimiters"] = ["w0 w1"]
+    with pytest.raises(fastalign.InputError, match="'w0 w1' is 2 tokens"):
+        fastalign.decode(PROMPTS, method=method, **run, **options)
+    options["delimiters"] = ["w0"]
+    with pytest.raises(fastalign.InputError, match="needs a tokenizer"):
+        fastalign.decode(PROMPTS, method=method, target=target, step_reward=prm, max_new_tokens=M, **options)

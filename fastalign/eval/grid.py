@@ -78,12 +78,13 @@ def budget_label(options: dict) -> str:
 
 
 def default_grid(engine_for) -> list[tuple[str, dict]]:
-    """A small grid over the methods whose models (every role a method uses) ``engine_for(method)`` has:
+    """A small grid over the methods whose models (every role a method uses, or its stand-in) ``engine_for(method)`` has:
     sample; bon n in {2, 4, 8}; soft_bon n=4; args; rs; cards; sd; sss; qalign steps in {2, 4, 8}."""
     grid = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], ("soft_bon", {"n": 4}), ("args", {}),
             ("rs", {}), ("cards", {}), ("sd", {}), ("sss", {}), *[("qalign", {"steps": s}) for s in (2, 4, 8)]]
     chosen = []
     for method, options in grid:
-        if all(getattr(engine_for(method), role) is not None for role in get_method(method).roles):
+        models, spec = engine_for(method).models(), get_method(method)
+        if spec.runs_with(models) and all(models[role] is not None for role in spec.optional):
             chosen.append((method, options))
     return chosen

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-MODEL_ROLES = ("target", "draft", "ref", "reward")
+from ..errors import InputError
+
+MODEL_ROLES = ("target", "draft", "ref", "reward", "step_reward")
+# A role another given model can fill when the decode has none for it: a reward (a model or a callable) scores
+# partial responses too, so without a step_reward it is read as the step reward (``smc``'s twist, ``beam``'s
+# step scores).
+STAND_INS = MappingProxyType({"step_reward": "reward"})
 
 
 @dataclass(frozen=True)
@@ -25,8 +31,8 @@ class Method:
 
     ``entry``: ``"module:function"`` in ``fastalign.methods``; the function is ``run(ctx, prompts, **options) ->
     MethodResult`` and its keyword defaults are the method's option defaults (``option_defaults``).
-    ``requires``: roles that must be given; ``optional``: roles it uses when given (they count towards the
-    context-length check). ``draft_model``: which of a world's drafts fills the draft role: ``"draft"`` or
+    ``requires``: roles that must be given (or their stand-in, ``STAND_INS``); ``optional``: roles it uses when
+    given (they count towards the context-length check). ``draft_model``: which of a world's drafts fills the draft role: ``"draft"`` or
     ``"aligned_draft"`` (sss: the draft after alignment, its unaligned version being ``ref``); None when it
     drafts nothing. ``sampling``: the paper's sampling settings (``temperature``, ``top_k``), used when a decode
     gives no temperature. ``remote_target``: it needs whole responses only, so its target may be a
@@ -50,6 +56,27 @@ class Method:
     def roles(self) -> tuple[str, ...]:
         """Every role the method uses: the required ones, then the optional ones."""
         return self.requires + self.optional
+
+    def models_for(self, models: Mapping[str, object]) -> dict[str, object]:
+        """The models a decode of this method gets, by role, from ``models`` (role -> model or None): every role
+        it uses that ``models`` fills, itself or through its stand-in (``STAND_INS``). An ``InputError`` names a
+        required role that neither fills."""
+        chosen = {}
+        for role in self.roles:
+            model = models.get(role)
+            if model is None and role in STAND_INS:
+                model = models.get(STAND_INS[role])
+            if model is not None:
+                chosen[role] = model
+            elif role in self.requires:
+                also = f" or {STAND_INS[role]}=..., read on partial responses" if role in STAND_INS else ""
+                raise InputError(f"method {self.name!r} needs a {role} model (pass {role}=...{also})")
+        return chosen
+
+    def runs_with(self, models: Mapping[str, object]) -> bool:
+        """Whether ``models`` (role -> model or None) fill every role the method requires (stand-ins counted)."""
+        return all(models.get(role) is not None or models.get(STAND_INS.get(role)) is not None
+                   for role in self.requires)
 
     def option_defaults(self) -> dict:
         """The options the method takes, with their defaults (from its run function's signature)."""
@@ -87,8 +114,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sss", "speculative:run_sss", ("target", "draft"), optional=("ref",), draft_model="aligned_draft"),
     Method("qalign", "qalign:run", ("target", "reward"), remote_target=True),
     Method("speculative_rejection", "specrej:run", ("target", "reward"), remote_target=True),
-    Method("smc", "smc:run", ("target", "reward"), remote_target=True),
-    Method("beam", "beam:run", ("target", "reward"), remote_target=True),  # reward: read as the step reward
+    Method("smc", "smc:run", ("target", "step_reward"), remote_target=True),
+    Method("beam", "beam:run", ("target", "step_reward"), remote_target=True),
 )}
 
 
@@ -106,7 +133,7 @@ def remote_target_methods() -> list[str]:
 
 def world_roles(method: str | None, models) -> dict:
     """The models a decode with ``method`` gets from ``models`` (an object with ``target``, ``draft``,
-    ``aligned_draft``, ``ref``, ``reward`` attributes, any of them missing or None): the draft role is filled by
+    ``aligned_draft``, ``ref``, ``reward``, ``step_reward`` attributes, any of them missing or None): the draft role is filled by
     the method's ``draft_model`` (sss: the aligned draft, with the unaligned draft as ``ref``); ``method=None``:
     the plain draft."""
     drafter = get_method(method).draft_model if method is not None else None

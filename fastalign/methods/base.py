@@ -88,7 +88,8 @@ class Randomness:
 
 @dataclass
 class Context:
-    """What a method gets: the wrapped models (None when not given), sampling settings and randomness.
+    """What a method gets: the wrapped models of the roles it uses (None otherwise; ``Method.models_for``),
+    sampling settings and randomness.
 
     A ``temperature`` below ``TEMPERATURE_FLOOR`` (1e-20; smaller ones overflow float32 logits) is taken as
     the floor, which decodes greedily (``kernels/truncation.py``): every method then sees a safe temperature.
@@ -105,6 +106,7 @@ class Context:
     top_p: float | None
     rng: Randomness
     stats: dict = field(default_factory=dict)  # method-specific counters, merged into out.stats
+    step_reward: RewardModel | None = None  # the reward read on partial responses (smc's twist, beam's steps)
 
     def __post_init__(self):
         self.temperature = max(float(self.temperature), TEMPERATURE_FLOOR)

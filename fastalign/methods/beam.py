@@ -1,9 +1,10 @@
 """``beam``: step-level beam search with a process (step) reward, and its diverse variant DVTS (docs/design.md
 section 1.3b; Snell et al. 2024, "Scaling LLM Test-Time Compute Optimally"; Beeching et al. 2024, DVTS).
 
-The step reward is the decode's ``reward`` role, read on partial responses: ``r(x, s)`` for a prompt ``x`` and
-a prefix ``s`` that ends at a step boundary (a callable ``reward(prompts, partial_responses) -> [N]``, or a
-reward model scored on the prefix through its cached prefixes, ``RewardModel.append``). Step ``t`` of a beam
+The step reward is the decode's ``step_reward`` (without one, its ``reward`` read on partial responses):
+``r(x, s)`` for a prompt ``x`` and a prefix ``s`` that ends at a step boundary (a callable
+``step_reward(prompts, partial_responses) -> [N]``, or a process reward model or reward model scored on the
+prefix through its cached prefixes, ``RewardModel.append``). Step ``t`` of a beam
 gets the score ``s_t = r(x, y_1..y_t)``; a beam's score aggregates its step scores (``aggregate``)::
 
     last: s_t          min: min_i s_i          prod: prod_i s_i   (meant for scores in [0, 1], e.g. PRM probabilities)
@@ -113,22 +114,22 @@ def remote_step(ctx: Context, remote: RemoteSegments, live: list[dict], firsts: 
 
 
 def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, max_step_tokens: int = 32,
-        delimiters: list[int] | int | None = None, aggregate: str = "last", dvts: bool = False,
+        delimiters: list[int | str] | int | str | None = None, aggregate: str = "last", dvts: bool = False,
         select: str = "best", answer_fn=None, lam: float = 1.0) -> MethodResult:
     """Step-level beam search for every prompt (module docstring). Each row of the caches is one live beam (or,
     within a step, one candidate); ``beam[r]`` holds its bookkeeping."""
     check_options(beams, width, max_step_tokens, aggregate, dvts)
-    delimiters = set(delimiter_ids(delimiters))
+    delimiters = set(delimiter_ids(delimiters, ctx.tokenizer))
     answer = check_select(ctx, select, answer_fn, lam)
     B, W = len(prompts), width
-    target, reward = ctx.target, ctx.reward
+    target, step_reward = ctx.target, ctx.step_reward
     groups, capacity0 = (beams // width, 1) if dvts else (1, beams)
     capacity = [[capacity0] * groups for _ in range(B)]
 
     remote = RemoteSegments(ctx, prompts, W, delimiters) if isinstance(target, RemoteLM) else None
     if remote is None:
         logits = target.prefill(prompts, ctx.max_new_tokens)  # [B, V]
-    reward.prefill(prompts)
+    step_reward.prefill(prompts)
     # the live beams: prompt, group, aggregated score, step scores, path, response
     live = [dict(owner=b, group=g, score=None, steps=[], path=[], tokens=[])
             for b in range(B) for g in range(groups) for _ in range(capacity0)]
@@ -144,7 +145,7 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
         if remote is None:
             target.select_rows(order)
             logits = logits[torch.tensor(order, device=logits.device)]
-        reward.select_rows(order)
+        step_reward.select_rows(order)
         owner = [live[i]["owner"] for i in parent]
         subs, seen = [], [0] * B  # candidate c of its prompt draws from sub-stream c
         for b in owner:
@@ -161,7 +162,7 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
             segments = remote_step(ctx, remote, live, subs[::W], W, max_step_tokens, responses, done)
 
         # 3. score the candidates' new prefixes and aggregate
-        step_scores = reward.append(segments).double().tolist()
+        step_scores = step_reward.append(segments).double().tolist()
         scored += len(parent)
         candidates = [dict(owner=live[i]["owner"], group=live[i]["group"], steps=live[i]["steps"] + [s],
                            score=aggregate_step(aggregate, live[i]["score"], s), path=live[i]["path"],
@@ -190,7 +191,7 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
             if remote is None:
                 target.select_rows(kept_rows)
                 logits = logits[torch.tensor(kept_rows, device=logits.device)]
-            reward.select_rows(kept_rows)
+            step_reward.select_rows(kept_rows)
         rows = list(range(len(live)))
 
     F = max(len(f) for f in finished)

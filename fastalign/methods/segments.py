@@ -13,18 +13,37 @@ from ..errors import InputError
 from .base import Context
 
 
-def delimiter_ids(delimiters, option: str = "delimiters") -> list[int]:
-    """``delimiters`` as a list of token ids: None (none), one id (the command line's ``--opt delimiters=13``) or
-    a list of ids; anything else is an ``InputError`` naming ``option``."""
+def delimiter_ids(delimiters, tokenizer=None, option: str = "delimiters") -> list[int]:
+    """``delimiters`` as a list of token ids: None (none), a token id (the command line's ``--opt delimiters=13``),
+    a string that ``tokenizer`` encodes as exactly one token (``";"``, ``"\\n"``), or a list of these; anything
+    else is an ``InputError`` naming ``option``."""
     given = delimiters
     if delimiters is None:
-        delimiters = []
-    elif isinstance(delimiters, int) and not isinstance(delimiters, bool):
+        return []
+    if not isinstance(delimiters, (list, tuple)):
         delimiters = [delimiters]
-    if not (isinstance(delimiters, (list, tuple)) and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in delimiters)):
-        raise InputError(f"{option} must be a token id or a list of token ids (integers >= 0), got {given!r}")
-    return list(delimiters)
+    ids = []
+    for d in delimiters:
+        if isinstance(d, str):
+            ids.append(single_token_id(d, tokenizer, option))
+        elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
+            ids.append(d)
+        else:
+            raise InputError(f"{option} must be a token id (an integer >= 0), a one-token string or a list of "
+                             f"these, got {given!r}")
+    return ids
+
+
+def single_token_id(text: str, tokenizer, option: str) -> int:
+    """The id of the one token ``tokenizer`` encodes ``text`` as (no special tokens); an ``InputError`` naming
+    ``option`` when there is no tokenizer or ``text`` is not one token."""
+    if tokenizer is None:
+        raise InputError(f"{option}: the string {text!r} needs a tokenizer to become a token id; give token ids")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise InputError(f"{option}: {text!r} is {len(ids)} tokens for this tokenizer ({ids}); a delimiter is "
+                         "one token: give its token id")
+    return int(ids[0])
 
 
 def extend_segments(ctx: Context, logits: torch.Tensor, owner: list[int], subs: list[int],

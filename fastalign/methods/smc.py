@@ -7,8 +7,10 @@ Target law over complete responses ``y`` (EOS kept when there is one)::
 where ``p`` is the target as it samples (its per-token distributions at the decode's temperature / top-k /
 top-p, as in ``qalign``). Per prompt, ``particles = N`` rows share the prompt's prefilled cache (``expand``).
 
-Twist. ``psi(s) = exp(r(x, s) / beta)`` for a partial response ``s``: the reward (model or callable) of the
-prompt and the prefix, as if it were a whole response. ``r_0 = r(x, [])`` is the reward of the prompt alone.
+Twist. ``psi(s) = exp(r(x, s) / beta)`` for a partial response ``s``: the decode's step reward (``step_reward``: a
+process reward model, a reward model or a callable; without one, the ``reward`` read on partial responses) of the
+prompt and the prefix, as if it were a whole response. ``r_0 = r(x, [])`` is the reward of the prompt alone. The
+target's tilt ``r(x, y)`` is the same reward on the complete response.
 
 Weights (log domain, fp64). Every particle starts with the weight ``w = psi(empty) = exp(r_0 / beta)``
 (carried as the constant ``r_0 / beta`` of ``log_z``; the particles' log-weights start at 0). A step extends
@@ -106,8 +108,7 @@ def systematic_resample(log_w: torch.Tensor, u: float) -> torch.Tensor:
     return torch.searchsorted(cdf, positions, right=True).clamp(max=N - 1)
 
 
-def check_options(particles, beta, segment_tokens, delimiters, ess_threshold) -> list[int]:
-    """Validate the options; returns the delimiter ids as a list."""
+def check_options(particles, beta, segment_tokens, ess_threshold) -> None:
     if not (isinstance(particles, int) and particles >= 1):
         raise InputError(f"particles must be an integer >= 1, got {particles!r}")
     if not beta > 0:
@@ -116,19 +117,19 @@ def check_options(particles, beta, segment_tokens, delimiters, ess_threshold) ->
         raise InputError(f"segment_tokens must be an integer >= 1, got {segment_tokens!r}")
     if not 0 <= ess_threshold <= 1:
         raise InputError(f"ess_threshold must be in [0, 1], got {ess_threshold}")
-    return delimiter_ids(delimiters)
 
 
 def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float = 1.0, segment_tokens: int = 16,
-        delimiters: list[int] | int | None = None, ess_threshold: float = 0.5, select: str = "sample",
+        delimiters: list[int | str] | int | str | None = None, ess_threshold: float = 0.5, select: str = "sample",
         answer_fn=None) -> MethodResult:
     """Particle filtering for every prompt (module docstring). Rows ``b * N + j`` are particle ``j`` of prompt
     ``b``; the returned response per prompt is chosen by ``select``."""
-    delimiters = set(check_options(particles, beta, segment_tokens, delimiters, ess_threshold))
+    check_options(particles, beta, segment_tokens, ess_threshold)
+    delimiters = set(delimiter_ids(delimiters, ctx.tokenizer))
     answer = check_select(ctx, select, answer_fn)
     B, N = len(prompts), particles
     R = B * N
-    target, reward = ctx.target, ctx.reward
+    target, step_reward = ctx.target, ctx.step_reward
     owner = [b for b in range(B) for _ in range(N)]  # the prompt of each row
     subs = [j for _ in range(B) for j in range(N)]  # each row's particle index: its token sub-stream
 
@@ -136,8 +137,8 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     if remote is None:
         logits = target.prefill(prompts, ctx.max_new_tokens).repeat_interleave(N, 0)  # [R, V]
         target.expand(N)
-    r_0 = reward.prefill(prompts).double()  # [B]: the reward of the prompt alone
-    reward.select_rows(torch.arange(B).repeat_interleave(N).tolist())
+    r_0 = step_reward.prefill(prompts).double()  # [B]: the reward of the prompt alone
+    step_reward.select_rows(torch.arange(B).repeat_interleave(N).tolist())
     r_prev = r_0.repeat_interleave(N)  # [R]: each particle's reward so far
     log_w = torch.zeros(B, N, dtype=torch.float64)  # relative to the initial weight exp(r_0 / beta)
 
@@ -160,7 +161,7 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
                     done[r] = ctx.response_ended(responses[r])
 
         # 2. reweight by the twist's increment
-        r_new = reward.append(segments).double()
+        r_new = step_reward.append(segments).double()
         inc = log_increment(r_new, r_prev, beta)
         log_w += torch.where(torch.tensor(moved), inc, torch.zeros_like(inc)).view(B, N)
         r_prev = torch.where(torch.tensor(moved), r_new, r_prev)
@@ -186,7 +187,7 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
             if remote is None:
                 target.select_rows(rows)
                 logits = logits[rows.to(logits.device)]
-            reward.select_rows(order)
+            step_reward.select_rows(order)
             r_prev = r_prev[rows]
             responses = [list(responses[i]) for i in order]
             done = [done[i] for i in order]
