@@ -53,7 +53,9 @@ def summarize(records: list[dict], baseline: str = "sample") -> list[dict]:
         row = {"method": method, "budget": budget, "options": rs[0]["options"], "prompts": n,
                "gold_reward": mean, "gold_reward_stderr": std / math.sqrt(n), "win_rate": wins[(method, budget)],
                "baseline": baseline}
-        for key in COUNTERS + ["compute_tokens", "wall_time_s", "generated_tokens"]:
+        for key in COUNTERS:  # records written before a role existed have no counter for it: 0
+            row[key] = sum(r.get(key, 0) for r in rs) / n
+        for key in ("compute_tokens", "wall_time_s", "generated_tokens"):
             row[key] = sum(r[key] for r in rs) / n
         row["accepted_per_target_call"] = sum(per_call) / len(per_call) if per_call else None
         rows.append(row)
@@ -82,6 +84,18 @@ def summary_table(rows: list[dict]) -> str:
                  + [r["compute_tokens"], r["wall_time_s"], r["accepted_per_target_call"]])
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _curves(rows: list[dict]) -> list[list[dict]]:
+    """The plot's curves, in the order first seen: the rows of one method with the same non-numeric options
+    (``select``, ``answer_fn``, ``delimiters``, ...), so that a curve runs through budgets of one variant (bon's
+    majority vote and bon's best-of-n are two curves)."""
+    curves: dict[tuple, list[dict]] = {}
+    for r in rows:
+        variant = tuple(sorted((k, json.dumps(v)) for k, v in r["options"].items()
+                               if isinstance(v, bool) or not isinstance(v, (int, float))))
+        curves.setdefault((r["method"], variant), []).append(r)
+    return list(curves.values())
 
 
 def _budget_labels(rows: list[dict]) -> tuple[str, list[str]]:
@@ -143,15 +157,15 @@ def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str
     except ImportError:
         raise InputError("the reward-versus-compute plot needs matplotlib (pip install matplotlib)") from None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    curves = _curves(rows)
+    used = [role.replace("_", " ") for role in MODEL_ROLES if any(r.get(f"{role}_tokens", 0) for r in rows)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^vP*Xph<>"
     prompts = sorted({r["prompts"] for r in rows})
-    for ax, (key, label) in zip(axes, [("compute_tokens", "tokens processed per prompt (target + draft + ref + reward)"),
+    for ax, (key, label) in zip(axes, [("compute_tokens", f"tokens processed per prompt ({' + '.join(used)})"),
                                        ("wall_time_s", "wall time per prompt (s)")]):
         points = []
-        for m, method in enumerate(methods):
-            pts = [r for r in rows if r["method"] == method]  # in budget order
+        for m, pts in enumerate(curves):  # each in budget order
             legend, labels = _budget_labels(pts)
             color, marker = colors[m % len(colors)], markers[m % len(markers)]
             xs, ys = [r[key] for r in pts], [r["gold_reward"] for r in pts]
@@ -169,10 +183,12 @@ def plot_reward_vs_compute(rows: list[dict], path: str | os.PathLike, title: str
     n = prompts[0] if len(prompts) == 1 else f"{prompts[0]}-{prompts[-1]}"
     axes[0].set_ylabel("mean gold reward (± 1 s.e.)")
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8, frameon=False)
+    # as many columns as the longest entry leaves room for (about 170 characters of 8 pt text across 11 inches)
+    ncol = max(1, min(len(names), 7, 170 // (max(map(len, names)) + 6)))
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(f"{title}\n{n} prompts per point; error bars: ± one standard error of the mean over prompts",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(names) - 1) // 7), 1, 1))
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(names) - 1) // ncol), 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
