@@ -201,14 +201,21 @@ def test_demo_and_eval_run_on_the_world(tmp_path):
     from fastalign.eval.demo import run_demo
 
     printed = io.StringIO()
-    rows = run_demo(methods=["sample", "majority"], num_prompts=2, max_new_tokens=24, world="arith", show=1,
-                    file=printed)
-    assert [r["method"] for r in rows] == ["sample", "majority"] and all(0 <= r["gold"] <= 1 for r in rows)
-    assert "arith world" in printed.getvalue()
+    rows = run_demo(methods=["sample", "majority", "smc", "beam"], num_prompts=2, max_new_tokens=24, world="arith",
+                    show=1, file=printed)
+    assert [r["method"] for r in rows] == ["sample", "majority", "smc", "beam"]
+    assert all(0 <= r["gold"] <= 1 for r in rows)
+    # the step-level methods read the world's process reward, the others its outcome reward model
+    assert [(r["reward_calls"] > 0, r["step_reward_calls"] > 0) for r in rows] == \
+        [(False, False), (True, False), (False, True), (False, True)]
+    assert "arith world" in printed.getvalue() and "| step reward |" in printed.getvalue()
     assert cli.main(["eval", "--world", "arith", "--limit", "2", "--grid", "bon:n=2;select=majority;answer_fn=answer",
-                     "--max-new-tokens", "24", "--out-dir", str(tmp_path), "--no-plot", "--no-progress"]) == 0
+                     "--grid", "smc:particles=2", "--grid", "beam:beams=1;width=2", "--max-new-tokens", "24",
+                     "--out-dir", str(tmp_path), "--no-plot", "--no-progress"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary and torch.isfinite(torch.tensor([r["gold"] for r in summary if "gold" in r])).all()
+    assert [r["method"] for r in summary] == ["sample", "bon", "smc", "beam"]
+    assert all(r["step_reward_calls"] > 0 for r in summary[2:])
+    assert torch.isfinite(torch.tensor([r["gold_reward"] for r in summary])).all()
 
 
 def test_gold_specs_pick_their_own_world(world):

