@@ -34,8 +34,8 @@ already carries the product of the epochs' means (design: ``Z_hat = prod_epochs 
 
 It is unbiased for ``Z`` at every ``N`` (``out.extra["log_z"]``; ``exp`` of it, not the log, is unbiased).
 
-Segments. A segment ends after ``segment_tokens`` tokens, after a token in ``delimiters`` (optional, e.g. the
-ids of a newline), or where the response ends. Particles move in lockstep: a step ends when every live
+Segments. A segment ends after ``segment_tokens`` tokens, after a token in ``delimiters`` (optional: token ids,
+or strings the tokenizer encodes as one token, e.g. a newline), or where the response ends. Particles move in lockstep: a step ends when every live
 particle's segment has ended.
 
 Output (``select``, ``fastalign.methods.selection``): ``"sample"`` (default): one particle per prompt drawn by its
