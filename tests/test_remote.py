@@ -347,3 +347,10 @@ def test_a_connect_that_hangs_fails_on_the_connect_timeout():
     with pytest.raises(RemoteError, match="cannot reach the server: .*refused"):
         RemoteReward(dead_url(), api="fastalign", timeout=30, connect_timeout=30, retries=0)([[1]], [[2]])
     assert time.monotonic() - start < 2
+
+
+def test_a_memory_budget_is_refused_with_a_remote_target(server):
+    """speculative_rejection's max_live_tokens bounds the local cache; the server holds remote candidates."""
+    with pytest.raises(fastalign.InputError, match="max_live_tokens bounds the candidates' tokens in the local"):
+        fastalign.decode([[1, 2]], method="speculative_rejection", target=RemoteLM(server),
+                         reward=RemoteReward(server), n=4, max_live_tokens=8, max_new_tokens=3, seed=0)

@@ -47,6 +47,8 @@ METHODS = [
     ("qalign", dict(steps=3, chains=2, select="best_reward")),
     ("speculative_rejection", dict(n=4, alpha=0.5, round_tokens=2)),
     ("speculative_rejection", dict(n=3, alpha=0.4, round_tokens=1, select="sample")),
+    # a memory budget: each prompt's rounds come when its own candidates fill it, whatever the batch
+    ("speculative_rejection", dict(n=4, alpha=0.5, round_tokens=100, max_live_tokens=9)),
     ("smc", dict(particles=3, segment_tokens=2, ess_threshold=1.0)),
     ("smc", dict(particles=2, segment_tokens=3, delimiters=[1, 4], select="best")),
     ("beam", dict(beams=2, width=2, max_step_tokens=2, delimiters=[1])),

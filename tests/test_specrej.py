@@ -125,6 +125,33 @@ def test_a_hand_made_reward_decides_which_candidates_survive(target):
                 assert max(table[b, stopped]) <= min(table[b, kept])
 
 
+def test_a_memory_budget_triggers_a_round_when_a_prompts_candidates_fill_it(target):
+    """``max_live_tokens``: a prompt's round comes when one more token per unfinished candidate would pass the
+    budget (or every ``round_tokens``). The candidates' tokens never pass it: with n=4, alpha=0.5 and a budget of
+    8, rounds come at 2 tokens (4 x 2), then at 4 (2 x 4); one candidate is left, which runs to the end."""
+    no_eos = tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.6, seed=0)
+    no_eos.generation_config.eos_token_id = None
+    no_eos.config.eos_token_id = None
+    out = decode(no_eos, "speculative_rejection", PROMPTS[:2], seed=1, n=4, alpha=0.5, round_tokens=100,
+                 max_live_tokens=8)
+    assert [rnd["tokens"] for rnd in out.extra["rounds"]] == [2, 4]
+    assert [list(map(len, rnd["pruned"])) for rnd in out.extra["rounds"]] == [[2, 2], [1, 1]]
+    assert all(len(s) == M for s in out.sequences)
+    # with the budget never reached it is the round_tokens schedule, token for token
+    plain = decode(target, "speculative_rejection", seed=2, n=6, alpha=0.5, round_tokens=3)
+    roomy = decode(target, "speculative_rejection", seed=2, n=6, alpha=0.5, round_tokens=3, max_live_tokens=6 * M)
+    assert roomy.sequences == plain.sequences and roomy.stats == {**plain.stats, "wall_time_s": roomy.stats["wall_time_s"]}
+    # on the toy-sized candidates: every scored prompt's candidates hold at most the budget at their round
+    for budget in (5, 9, 13):
+        out = decode(target, "speculative_rejection", seed=3, n=4, alpha=0.5, round_tokens=100, max_live_tokens=budget)
+        assert out.stats["rejection_rounds"] > 0 and all(
+            finished(s) for s in out.sequences)
+        for rnd in out.extra["rounds"]:
+            scored = (~torch.isnan(rnd["partial_rewards"])).sum(1)  # unfinished candidates per prompt at the round
+            assert bool((scored * rnd["tokens"] <= budget).all())
+            assert bool(((scored == 0) | (scored * (rnd["tokens"] + 1) > budget)).all())  # a round only when full
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(n=0), "n must be an integer >= 1"),
     (dict(alpha=1.0), r"alpha must be a number in \[0, 1\)"),
@@ -132,6 +159,8 @@ def test_a_hand_made_reward_decides_which_candidates_survive(target):
     (dict(round_tokens=0), "round_tokens must be an integer >= 1"),
     (dict(select="last"), "select must be one of"),
     (dict(rounds=3), "rounds"),
+    (dict(n=4, max_live_tokens=3), "max_live_tokens must be None or an integer >= n"),
+    (dict(max_live_tokens=2.5), "max_live_tokens"),
 ])
 def test_bad_options(target, options, message):
     with pytest.raises(fastalign.InputError, match=message):

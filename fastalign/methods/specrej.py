@@ -11,9 +11,10 @@ scored whole and ``select`` picks one (``fastalign.methods.selection``; default 
 reward, the first among equal rewards). The output is always a finished candidate::
 
     prefill prompts; expand n
-    repeat: decode round_tokens tokens (sub-stream j of prompt b for candidate j, as bon); a prompt whose
-              floor(alpha * U) is 0 decodes its candidates to the end instead (U only falls: it never stops any)
-            score unfinished partials; stop the floor(alpha * U) lowest per prompt; drop their cache rows
+    repeat: decode up to the next prompt's round (sub-stream j of prompt b for candidate j, as bon); a prompt
+              whose floor(alpha * U) is 0 decodes its candidates to the end instead (U only falls: it never stops any)
+            for the prompts whose round it is: score unfinished partials; stop the floor(alpha * U) lowest;
+            drop the stopped and finished candidates' cache rows
     until every candidate is finished or stopped
     score the finished ones whole; select
 
@@ -22,9 +23,13 @@ stream ``bon``'s sample ``j`` uses, so with ``alpha=0`` (nothing is ever stopped
 rewards (one ``RewardModel.score`` call over the same rows) and the output are ``bon``'s, token for token.
 
 Rounds. The paper stops candidates at a "decision token", when the generation fills the memory budget, and
-again whenever it fills up; here a round comes every ``round_tokens`` generated tokens (default 16: on short
-responses, like the toy world's 24 tokens, one round happens; on long ones ``alpha=0.5`` halves a prompt's
-candidates every 16 tokens). ``alpha=0.5`` is the rejection rate of the paper's main experiments. Partial rewards
+again whenever it fills up; here a prompt's round comes every ``round_tokens`` generated tokens (default 16: on
+short responses, like the toy world's 24 tokens, one round happens; on long ones ``alpha=0.5`` halves a prompt's
+candidates every 16 tokens), and with ``max_live_tokens`` also as soon as its unfinished candidates' generated
+tokens fill that budget (one more token each would pass it; a round that leaves it full is followed by another
+after one token). Both clocks are the prompt's own (its candidates' tokens, not the batch's), so a prompt's
+rounds, and its output, do not depend on its batch; the budget is per prompt, over generated tokens (the prompt's
+prefix is shared). A remote target keeps the candidates on its server: ``max_live_tokens`` is refused there. ``alpha=0.5`` is the rejection rate of the paper's main experiments. Partial rewards
 come from the reward model's cached prefixes (``RewardModel.prefill`` of the partial responses at the first
 round that can stop something, ``append`` of the new tokens afterwards, ``select_rows`` to drop rows); a
 round where no prompt can stop a candidate (``floor(alpha * U) = 0`` everywhere) scores nothing. Stopped and
@@ -60,9 +65,12 @@ from .selection import check_select, select as select_candidates
 
 
 def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5, round_tokens: int = 16,
-        select: str = "best", answer_fn=None, lam: float = 1.0) -> MethodResult:
+        max_live_tokens: int | None = None, select: str = "best", answer_fn=None, lam: float = 1.0) -> MethodResult:
     """Speculative rejection for every prompt; rows of the batch are live candidates (see the module docstring)."""
-    _check_options(n, alpha, round_tokens)
+    _check_options(n, alpha, round_tokens, max_live_tokens)
+    if max_live_tokens is not None and isinstance(ctx.target, RemoteLM):
+        raise InputError("max_live_tokens bounds the candidates' tokens in the local cache; a RemoteLM target "
+                         "holds them on its server: use round_tokens")
     answer = check_select(ctx, select, answer_fn, lam)
     B, M = len(prompts), ctx.max_new_tokens
     decoder = (RemoteSegments if isinstance(ctx.target, RemoteLM) else CachedCandidates)(ctx, prompts, n)
@@ -74,10 +82,27 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
     rounds: list[dict] = []
     scored = None  # tokens of each row's response in the reward's cache; None until the first scoring
     tokens = 0  # generated per candidate of a prompt that can still stop some, so far
+    last_round = [0] * B  # `tokens` at each prompt's last round
+
+    def live_tokens(b: int) -> tuple[int, int]:
+        """Prompt ``b``'s unfinished candidates: their number and their generated tokens."""
+        mine = [len(responses[c]) for c in rows if c // n == b and not finished[c]]
+        return len(mine), sum(mine)
+
+    def tokens_to_round(b: int) -> int:
+        """Tokens per candidate until prompt ``b``'s next round: ``round_tokens`` after its last one, or sooner
+        when its unfinished candidates fill ``max_live_tokens`` (at least 1: a round that leaves it full is
+        followed by another after one token)."""
+        due = round_tokens - (tokens - last_round[b])
+        if max_live_tokens is not None:
+            live, held = live_tokens(b)
+            due = min(due, max(1, (max_live_tokens - held) // max(1, live)))
+        return due
+
     while True:
-        budget = min(round_tokens, M - tokens)
         # a prompt that can stop nothing now never can again (U only falls): its candidates run to the end
         can_stop = _stop_counts(rows, finished, n, B, alpha)
+        budget = min([M - tokens] + [tokens_to_round(b) for b in range(B) if can_stop[b]])
         budgets = [0 if finished[c] else budget if can_stop[c // n] else M - len(responses[c]) for c in rows]
         segments = decoder.advance(rows, budgets, responses)
         tokens += budget
@@ -87,10 +112,15 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
                 finished[c] = ctx.response_ended(responses[c])
         if all(finished[c] for c in rows):
             break
-        stop = _stop_counts(rows, finished, n, B, alpha)
+        # the prompts whose round it is: round_tokens since their last one, or their candidates' tokens full
+        due = [tokens - last_round[b] >= round_tokens for b in range(B)]
+        if max_live_tokens is not None:  # full: one more token each would not fit
+            due = [d or sum(live_tokens(b)) > max_live_tokens for b, d in enumerate(due)]
+        stop = [k if d else 0 for k, d in zip(_stop_counts(rows, finished, n, B, alpha), due)]
         if any(stop):
-            rows, scored, keep = _prune(ctx, prompts, rows, responses, finished, scored, stop, n, pruned_round,
-                                        rounds, tokens)
+            last_round = [tokens if d else t for d, t in zip(due, last_round)]
+            rows, scored, keep = _prune(ctx, prompts, rows, responses, finished, scored, due, stop, n,
+                                        pruned_round, rounds, tokens)
             decoder.keep(keep)
 
     done = [[finished[b * n + j] for j in range(n)] for b in range(B)]
@@ -120,22 +150,25 @@ def _stop_counts(rows: list[int], finished: list[bool], n: int, B: int, alpha: f
     return [math.floor(alpha * u) for u in unfinished]
 
 
-def _prune(ctx: Context, prompts, rows, responses, finished, scored, stop, n, pruned_round, rounds, tokens):
-    """Score the rows' partial responses, stop the ``stop[b]`` lowest unfinished candidates of each prompt, and drop
-    the stopped and the finished rows from the reward's cache. Returns the new ``rows``, ``scored`` and the batch
-    rows kept (for the target's rows: ``keep`` of the decoder)."""
-    if scored is None:  # first scoring round: the reward caches the unfinished rows' prompts and partial responses
+def _prune(ctx: Context, prompts, rows, responses, finished, scored, due, stop, n, pruned_round, rounds, tokens):
+    """Score the partial responses of the prompts whose round it is (``due[b]``), stop the ``stop[b]`` lowest
+    unfinished candidates of each, and drop the stopped and the finished rows from the reward's cache. Returns the
+    new ``rows``, ``scored`` and the batch rows kept (for the target's rows: ``keep`` of the decoder)."""
+    if scored is None:  # first scoring round: the reward caches every unfinished row's prompt and partial response
         scoring = [r for r, c in enumerate(rows) if not finished[c]]
         scores = ctx.reward.prefill([prompts[rows[r] // n] for r in scoring], [responses[rows[r]] for r in scoring])
+        scored = [len(responses[c]) for c in rows]
     else:  # the reward's rows are the batch's rows (all unfinished at the last round): feed the new tokens
         scoring = list(range(len(rows)))
-        scores = ctx.reward.append([[] if finished[c] else responses[c][s:] for c, s in zip(rows, scored)])
+        new = [responses[c][s:] if due[c // n] and not finished[c] else [] for c, s in zip(rows, scored)]
+        scores = ctx.reward.append(new)
+        scored = [s + len(x) for s, x in zip(scored, new)]
     partial = dict(zip(scoring, scores.tolist()))
     B = len(prompts)
     table = torch.full((B, n), math.nan)
     by_prompt: list[list[tuple[float, int]]] = [[] for _ in range(B)]
     for r, c in enumerate(rows):
-        if not finished[c]:
+        if due[c // n] and not finished[c]:
             table[c // n, c % n] = partial[r]
             by_prompt[c // n].append((partial[r], -(c % n)))
     stopped = []
@@ -147,8 +180,7 @@ def _prune(ctx: Context, prompts, rows, responses, finished, scored, stop, n, pr
     keep = [r for r, c in enumerate(rows) if not finished[c] and (c % n) not in stopped[c // n]]
     reward_row = {r: i for i, r in enumerate(scoring)}
     ctx.reward.select_rows([reward_row[r] for r in keep])
-    rows = [rows[r] for r in keep]
-    return rows, [len(responses[c]) for c in rows], keep
+    return [rows[r] for r in keep], [scored[r] for r in keep], keep
 
 
 class CachedCandidates:
@@ -180,7 +212,7 @@ class CachedCandidates:
         self.logits = self.logits[keep]
 
 
-def _check_options(n, alpha, round_tokens) -> None:
+def _check_options(n, alpha, round_tokens, max_live_tokens) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"n must be an integer >= 1, got {n!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < 1:
@@ -188,3 +220,7 @@ def _check_options(n, alpha, round_tokens) -> None:
                          f"round), got {alpha!r}")
     if isinstance(round_tokens, bool) or not isinstance(round_tokens, int) or round_tokens < 1:
         raise InputError(f"round_tokens must be an integer >= 1, got {round_tokens!r}")
+    if max_live_tokens is not None and (isinstance(max_live_tokens, bool) or not isinstance(max_live_tokens, int)
+                                        or max_live_tokens < n):
+        raise InputError(f"max_live_tokens must be None or an integer >= n ({n}: one token per candidate), "
+                         f"got {max_live_tokens!r}")
