@@ -194,6 +194,18 @@ def test_beam_remote_one_step_is_remote_sample_and_bon(server, seed):
     assert beam.stats["beam_steps"] == 1 and beam.stats["beam_finished"] == 3 * len(PROMPTS)
 
 
+def test_beam_remote_response_built_over_requests_follows_the_target_law(server, model):
+    """One token per step, so every response is built over several seeded requests; with a constant step reward
+    every step keeps its first candidate (ties: the first), a fresh sample from the target given the prefix: the
+    law of the answers is the target's (one beam of width 2, whose second candidate loses the tie)."""
+    prompt, copies, M = [2, 3], 400, 3
+    law = enumerate_law(lambda t: next_token_probs(model, t), prompt, M, {EOS})
+    out = remote(server, "beam", [prompt] * copies, reward=constant_reward, seed=6, max_new_tokens=M, beams=1,
+                 width=2, max_step_tokens=1)
+    assert out.stats["beam_steps"] > 1
+    assert total_variation(empirical_law(out.sequences), law) < tv_threshold(law, copies)
+
+
 @pytest.mark.parametrize("dvts", [False, True])
 def test_beam_remote_finishes_beams_step_by_step_and_is_reproducible_per_prompt(server, dvts):
     """Steps stop at a delimiter (kept) or after max_step_tokens; every step score is the reward of the prefix
