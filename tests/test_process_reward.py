@@ -152,3 +152,56 @@ def test_delimiters_as_one_token_strings(target, prm, method):
     options["delimiters"] = ["w0"]
     with pytest.raises(fastalign.InputError, match="needs a tokenizer"):
         fastalign.decode(PROMPTS, method=method, target=target, step_reward=prm, max_new_tokens=M, **options)
+
+
+# ------------------------------------------------------------------ a step tag inserted after every step
+TAG = 1  # the PRM's step tag (a token the policy may write too: the PRM's view is what counts)
+
+
+def tagged_view(prompt: list[int], tokens: list[int]) -> tuple[list[int], list[int]]:
+    """The PRM's view of a response scored step by step (steps as ``step_ends``), with ``TAG`` after every step,
+    and the positions of the tags in it."""
+    view, reads, start = list(prompt), [], 0
+    for end in step_ends(tokens):
+        view += tokens[start:end + 1] + [TAG]
+        reads.append(len(view) - 1)
+        start = end + 1
+    return view, reads
+
+
+@pytest.mark.parametrize("method", ["beam", "smc"])
+def test_a_step_tag_is_read_after_every_step_as_the_prm_is_trained(prm, target, method):
+    tagged = RewardModel(prm, step_tag=TAG)
+    options = STEP_OPTIONS[method] | ({"select": "best"} if method == "smc" else {})
+    out = fastalign.decode(PROMPTS, method=method, target=target, step_reward=tagged, max_new_tokens=M, seed=1,
+                           **options)
+    if method == "beam":
+        for prompt, finished in zip(PROMPTS, out.extra["finished"]):
+            for f in finished:
+                view, reads = tagged_view(prompt, f["tokens"])
+                want = good_probability(prm, view)[reads]
+                torch.testing.assert_close(torch.tensor(f["step_scores"], dtype=torch.float32), want,
+                                           atol=1e-5, rtol=1e-5)
+                # the plausible wrong reading, at the step's own last token without tags, gives other numbers
+                plain = good_probability(prm, prompt + f["tokens"])[[len(prompt) + i for i in step_ends(f["tokens"])]]
+                assert not torch.allclose(plain, want, atol=1e-4)
+    else:  # smc's final rewards: the PRM after the last step's tag, over the tagged steps
+        for b, prompt in enumerate(PROMPTS):
+            for j, particle in enumerate(out.extra["particles"][b]):
+                view, reads = tagged_view(prompt, particle)
+                torch.testing.assert_close(out.extra["rewards"][b, j], good_probability(prm, view)[reads[-1]],
+                                           atol=1e-5, rtol=1e-5)
+    # a whole response scored at once is one step: followed by one tag
+    responses = [[4, 4, 2], [5], [6, 0, 3]]
+    torch.testing.assert_close(tagged.score(PROMPTS, responses),
+                               torch.stack([good_probability(prm, p + r + [TAG])[-1]
+                                            for p, r in zip(PROMPTS, responses)]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_tag_needs_a_process_reward_model_and_a_token_id(prm):
+    with pytest.raises(fastalign.InputError, match="step_tag is for a process reward model"):
+        RewardModel(tiny_reward_model(vocab_size=V, seed=5), step_tag=TAG)
+    with pytest.raises(fastalign.InputError, match="step_tag is for a process reward model"):
+        RewardModel(lambda prompts, responses: torch.zeros(len(responses)), step_tag=TAG)
+    with pytest.raises(fastalign.InputError, match=r"step_tag must be a token id .*0 \.\. 7"):
+        RewardModel(prm, step_tag=V)

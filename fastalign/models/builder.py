@@ -94,7 +94,8 @@ class ModelBuilder:
         if isinstance(spec, RewardModel):
             if not spec.is_model or (self._is_ours(spec.lm.store) and self._keeps(spec.lm.device, spec.lm.dtype)):
                 return spec
-            return RewardModel(self._placed(spec.lm.model), spec.tokenizer, spec.policy_tokenizer, self.new_store)
+            return RewardModel(self._placed(spec.lm.model), spec.tokenizer, spec.policy_tokenizer, self.new_store,
+                               step_tag=spec.step_tag)
         if isinstance(spec, str):
             fn = text_rewards.text_reward_function(spec)
             if fn is not None:

@@ -24,8 +24,13 @@ class RewardModel:
     a (partial) response is ``softmax(logits)[1]``, the probability of a good step, read at the response's last
     token. A step-level method (``beam``, ``smc``) scores each step when it ends, so that token is the step's
     separator when steps end at a delimiter (e.g. a newline): a step's score is the PRM's reading at its
-    separator, over the cached prefix like any reward model. (PRMs that expect a tag *inserted* after each
-    step, such as Math-Shepherd's ``ки``, are not supported: the separator must be a token the policy writes.)
+    separator, over the cached prefix like any reward model. A PRM trained to read a tag *inserted* after each
+    step (Qwen2.5-Math-PRM's ``<extra_0>``) takes ``step_tag`` (its token id): the PRM then sees every scored
+    piece (a step appended, a candidate branch, a prefilled prefix, a whole scored response) followed by the tag,
+    and reads its score there; the tags stay in its cached prefix, so step ``t`` is read after
+    ``prompt, step_1, tag, ..., step_t, tag``, as such a PRM is trained. The policy never sees the tag.
+    (Math-Shepherd's PRM, a causal LM read at ``ки`` through the logits of two tokens, is another kind of model
+    and is not supported.)
 
     A callable has the signature ``reward(prompts: list[list[int]], responses: list[list[int]]) -> [N]``.
 
@@ -39,7 +44,8 @@ class RewardModel:
     engine's kind; the ragged store by default): one for the cached prefixes, one for ``score``.
     """
 
-    def __init__(self, reward, tokenizer=None, policy_tokenizer=None, new_store=RaggedStore):
+    def __init__(self, reward, tokenizer=None, policy_tokenizer=None, new_store=RaggedStore,
+                 step_tag: int | None = None):
         self.is_model = isinstance(reward, torch.nn.Module)
         self.counters = ModelCounters()
         self.fn = None if self.is_model else reward
@@ -62,6 +68,15 @@ class RewardModel:
             self.scorer = CachedModel(reward, new_store(), backbone=reward.base_model)  # score(): no prefix
             self.scorer.counters = self.counters = self.lm.counters
             self.context_length = self.lm.context_length
+        self.step_tag = step_tag
+        if step_tag is not None:
+            if not (self.is_model and self.process and not self.retokenize):
+                raise InputError("step_tag is for a process reward model (token classification) reading the "
+                                 "policy's token ids")
+            vocab = reward.get_input_embeddings().num_embeddings
+            if isinstance(step_tag, bool) or not isinstance(step_tag, int) or not 0 <= step_tag < vocab:
+                raise InputError(f"step_tag must be a token id of the process reward model (0 .. {vocab - 1}), "
+                                 f"got {step_tag!r}")
         self.prefixes: list[list[int]] = []
         self.prompt_lengths: list[int] = []
         self._prefix_score: torch.Tensor | None = None
@@ -74,6 +89,12 @@ class RewardModel:
     def _texts_to_reward_ids(self, rows: list[list[int]]) -> list[list[int]]:
         texts = self.policy_tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+
+    def _tagged(self, piece) -> list[int]:
+        """A scored piece as the reward model sees it: followed by ``step_tag`` when there is one (and the piece
+        is not empty)."""
+        piece = list(piece)
+        return piece + [self.step_tag] if self.step_tag is not None and piece else piece
 
     def _read(self, hidden: torch.Tensor) -> torch.Tensor:
         """The reward at each position of ``hidden [..., H]``: the head's output, or for a process reward model
@@ -89,7 +110,7 @@ class RewardModel:
             self.counters.calls += 1
             self.counters.tokens += sum(len(p) + len(r) for p, r in zip(prompts, responses))
             return check_rewards(self.fn(prompts, responses), prompts)
-        rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        rows = [list(p) + self._tagged(r) for p, r in zip(prompts, responses)]
         if self.retokenize:
             rows = self._texts_to_reward_ids(rows)
         self.scorer.reset()
@@ -104,7 +125,7 @@ class RewardModel:
         prefixes = prefixes or [[] for _ in prompts]
         self._scored = None
         self.prompts = [list(p) for p in prompts]
-        self.prefixes = [list(p) + list(s) for p, s in zip(prompts, prefixes)]
+        self.prefixes = [list(p) + self._tagged(s) for p, s in zip(prompts, prefixes)]
         self.prompt_lengths = [len(p) for p in prompts]
         if not self.cached:
             self._prefix_score = self.score(self.prompts, [r[len(p):] for p, r in zip(self.prompts, self.prefixes)])
@@ -123,6 +144,7 @@ class RewardModel:
         (the block stays in the cache as dead slots, for ``keep_branches`` to revive one candidate per row).
         """
         self._forget_scored()
+        branches = [[self._tagged(c) for c in cands] for cands in branches]
         if not self.cached:
             prompts, responses = [], []
             for b, cands in enumerate(branches):
@@ -183,6 +205,7 @@ class RewardModel:
     def append(self, segments: list[list[int]]) -> torch.Tensor:
         """Extend each row's prefix by its accepted segment; returns the new prefix rewards ``[B]``."""
         self._forget_scored()
+        segments = [self._tagged(s) for s in segments]
         for b, s in enumerate(segments):
             self.prefixes[b] = self.prefixes[b] + list(s)
         if not self.cached:
