@@ -394,9 +394,10 @@ def test_cards_defaults_raise_a_reward_in_the_unit_interval():
     ("args", dict(k=0), "k must"),
     ("args", dict(mode="soft"), "mode"),
     ("args", dict(top_k=5), "pass k="),
+    ("args", dict(w=1e39), "w \\* reward overflows float32"),  # finite, but w * reward is not
 ])
 def test_bad_options(model, method, options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(fastalign.InputError, match=message):
         fastalign.decode([[1, 2]], method=method, target=model, reward=weights_reward, max_new_tokens=2, **options)
 
 

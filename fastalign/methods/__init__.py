@@ -122,7 +122,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 def get_method(name: str) -> Method:
     """The record of method ``name``; a clear error for an unknown name."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+        raise InputError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
     return METHODS[name]
 
 

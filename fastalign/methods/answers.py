@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from ..errors import InputError
+
 _NUMBER = re.compile(r"[-+]?\d*\.\d+|[-+]?\d+")
 _OPTION = re.compile(r"\b([A-E])\b")
 
@@ -64,4 +66,4 @@ def get_extractor(answer_fn) -> Callable:
         return answer_fn
     if answer_fn in EXTRACTORS:
         return EXTRACTORS[answer_fn]
-    raise ValueError(f"answer_fn must be a callable or one of {sorted(EXTRACTORS)}, got {answer_fn!r}")
+    raise InputError(f"answer_fn must be a callable or one of {sorted(EXTRACTORS)}, got {answer_fn!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..errors import InputError
 from .base import Context, MethodResult
 
 MODES = ("greedy", "sampled")
@@ -24,11 +25,11 @@ MODES = ("greedy", "sampled")
 
 def run(ctx: Context, prompts: list[list[int]], k: int = 10, w: float = 1.5, mode: str = "greedy") -> MethodResult:
     if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        raise InputError(f"k must be an integer >= 1, got {k!r}")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if ctx.top_k is not None or ctx.top_p is not None:
-        raise ValueError("args scores its own k candidates per token: pass k=..., not top_k / top_p")
+        raise InputError("args scores its own k candidates per token: pass k=..., not top_k / top_p")
     B = len(prompts)
     logits = ctx.target.prefill(prompts, ctx.max_new_tokens)
     ctx.reward.prefill(prompts)
@@ -46,6 +47,8 @@ def run(ctx: Context, prompts: list[list[int]], k: int = 10, w: float = 1.5, mod
         rewards = ctx.reward.score_branches([[[v] for v in cands[b]] if active[b] else [] for b in range(B)])
         ctx.stats["candidates_scored"] += len(rows) * k
         score = logp[rows] + w * torch.stack([rewards[b] for b in rows])  # [A, k]
+        if not torch.isfinite(score).all():  # finite rewards times a huge w: float32 overflow, no ranking left
+            raise InputError(f"args: w * reward overflows float32 (w={w:g}); use a smaller w")
         picks = (score.argmax(-1) if mode == "greedy"
                  else ctx.rng.categorical(torch.softmax(score, -1), rows, "pick", steps=step))
         choice: list[int | None] = [None] * B

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .base import Context, MethodResult, ResponseSampler
 from .selection import check_select, select as select_candidates
 
@@ -19,7 +20,7 @@ from .selection import check_select, select as select_candidates
 def draw_candidates(ctx: Context, prompts: list[list[int]], n: int) -> tuple[list[list[int]], torch.Tensor]:
     """``n`` samples per prompt (rows ``b*n .. b*n+n-1`` belong to prompt ``b``) and their rewards ``[B, n]``."""
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        raise InputError(f"n must be an integer >= 1, got {n!r}")
     samples = ResponseSampler(ctx, prompts).draw(n, rewind=False)  # prompt b's samples: its sub-streams 0..n-1
     rewards = ctx.reward.score([p for p in prompts for _ in range(n)], samples)
     return samples, rewards.view(len(prompts), n)

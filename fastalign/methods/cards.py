@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from ..errors import InputError
 from .base import Context, MethodResult, ResponseSampler
 from .rs import Streak, acceptance_settings, check_acceptance_options, passes
 
@@ -149,16 +150,16 @@ def propose(ctx: Context, prefix: Frontier, budgets: list[int], entropy_threshol
 
 def check_options(entropy_threshold, alpha, min_segment_tokens, max_segment_tokens, parallel_candidates) -> None:
     if not (isinstance(entropy_threshold, (int, float)) and math.isfinite(entropy_threshold)):
-        raise ValueError(f"entropy_threshold must be a finite number, got {entropy_threshold!r}")
+        raise InputError(f"entropy_threshold must be a finite number, got {entropy_threshold!r}")
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        raise InputError(f"alpha must be in [0, 1], got {alpha!r}")
     if not (isinstance(min_segment_tokens, int) and min_segment_tokens >= 1):
-        raise ValueError(f"min_segment_tokens must be an integer >= 1, got {min_segment_tokens!r}")
+        raise InputError(f"min_segment_tokens must be an integer >= 1, got {min_segment_tokens!r}")
     if not (isinstance(max_segment_tokens, int) and max_segment_tokens >= min_segment_tokens):
-        raise ValueError(f"max_segment_tokens must be an integer >= min_segment_tokens ({min_segment_tokens}), "
+        raise InputError(f"max_segment_tokens must be an integer >= min_segment_tokens ({min_segment_tokens}), "
                          f"got {max_segment_tokens!r}")
     if not (isinstance(parallel_candidates, int) and parallel_candidates >= 1):
-        raise ValueError(f"parallel_candidates must be an integer >= 1, got {parallel_candidates!r}")
+        raise InputError(f"parallel_candidates must be an integer >= 1, got {parallel_candidates!r}")
 
 
 def run(ctx: Context, prompts: list[list[int]], entropy_threshold: float = 3.0,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from .base import Context, MethodResult, ResponseSampler
 
 
@@ -34,13 +35,13 @@ MODES = ("soft", "hard")
 def check_acceptance_options(reward_threshold, accept_beta: float, mode: str, max_rejections: int) -> None:
     if not (reward_threshold == "auto" or (isinstance(reward_threshold, (int, float))
                                            and math.isfinite(reward_threshold))):
-        raise ValueError(f"reward_threshold must be a finite number or 'auto', got {reward_threshold!r}")
+        raise InputError(f"reward_threshold must be a finite number or 'auto', got {reward_threshold!r}")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if not (accept_beta == "auto" or (isinstance(accept_beta, (int, float)) and 0 < accept_beta < math.inf)):
-        raise ValueError(f"accept_beta must be a number > 0 or 'auto', got {accept_beta!r}")
+        raise InputError(f"accept_beta must be a number > 0 or 'auto', got {accept_beta!r}")
     if not (isinstance(max_rejections, int) and max_rejections >= 0):
-        raise ValueError(f"max_rejections must be an integer >= 0, got {max_rejections!r}")
+        raise InputError(f"max_rejections must be an integer >= 0, got {max_rejections!r}")
 
 
 def score_once(ctx: Context, branches: list[list[list[int]]], known: list[dict] | None = None) -> list[torch.Tensor]:

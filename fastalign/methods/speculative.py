@@ -342,9 +342,9 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int | str 
     docstring, Adaptive length).
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if max_log_ratio is not None and max_log_ratio <= 0:
-        raise ValueError(f"max_log_ratio must be > 0 (or None), got {max_log_ratio}")
+        raise InputError(f"max_log_ratio must be > 0 (or None), got {max_log_ratio}")
     if ctx.ref is None and not allow_no_ref:
         raise InputError("sss needs ref=... (the draft before alignment) for its reward tilt; pass "
                          "allow_no_ref=True to run SD with the aligned draft instead")
@@ -359,25 +359,25 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
     floor = 0 if ref is None else 1  # sd may stop drafting; sss's law needs the draft at every position
     fixed = isinstance(K, int) and not isinstance(K, bool)
     if fixed and K < 1:
-        raise ValueError(f"num_draft_tokens must be a positive integer, 'auto' or a tuple, got {K!r}")
+        raise InputError(f"num_draft_tokens must be a positive integer, 'auto' or a tuple, got {K!r}")
     if isinstance(K, (tuple, list)):
         if not K or any(not isinstance(k, int) or isinstance(k, bool) or k < floor for k in K):
-            raise ValueError(f"a num_draft_tokens schedule must be a non-empty tuple of integers >= {floor} "
+            raise InputError(f"a num_draft_tokens schedule must be a non-empty tuple of integers >= {floor} "
                              f"({'sd' if floor == 0 else 'sss'}), got {K!r}")
     elif not fixed:
         K, draft_cost = _auto_option(K)
     if not fixed and tree is not None:
-        raise ValueError("num_draft_tokens='auto' or a schedule is for chains (tree=None)")
+        raise InputError("num_draft_tokens='auto' or a schedule is for chains (tree=None)")
     if tree not in TREES:
-        raise ValueError(f"tree must be one of {TREES}, got {tree!r}")
+        raise InputError(f"tree must be one of {TREES}, got {tree!r}")
     if tree is not None:
         branching = tuple(BRANCHING if branching is None else branching)
         if not branching or any(not isinstance(b, int) or b < 1 for b in branching):
-            raise ValueError(f"branching must be a non-empty tuple of positive integers, got {branching!r}")
+            raise InputError(f"branching must be a non-empty tuple of positive integers, got {branching!r}")
         if tree == "topk" and max(branching) > ctx.target.vocab_size:
-            raise ValueError(f"branching {branching} asks for more children than the vocabulary has")
+            raise InputError(f"branching {branching} asks for more children than the vocabulary has")
     elif branching is not None:
-        raise ValueError("branching is an option of tree='sampled' | 'topk'")
+        raise InputError("branching is an option of tree='sampled' | 'topk'")
 
     M = ctx.max_new_tokens
     if K == "auto" and draft_cost is None:  # measured before in this process: the draft need not be prefilled
@@ -503,7 +503,7 @@ def _auto_option(value: str) -> tuple[str, float | None]:
     except ValueError:
         c = float("nan")
     if word != "auto" or (c is not None and not (0 <= c < float("inf"))):
-        raise ValueError("num_draft_tokens must be a positive integer, 'auto', 'auto:C' (C >= 0: a draft call's "
+        raise InputError("num_draft_tokens must be a positive integer, 'auto', 'auto:C' (C >= 0: a draft call's "
                          f"cost relative to a target call) or a tuple, got {value!r}")
     return "auto", c
 
