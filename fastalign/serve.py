@@ -286,6 +286,10 @@ class _Models:
     def rewards(self, body: dict) -> dict:
         if self.reward is None:
             raise InputError("this server has no reward model")
+        unknown = sorted(set(body) - {"prompts", "responses"})
+        if unknown:  # e.g. a "model" or "truncate" meant for another server: never silently ignored
+            raise InputError(f"/reward takes only prompts and responses; it does not support: "
+                             f"{', '.join(name[:40] for name in unknown[:10])}")
         prompts, responses = body.get("prompts"), body.get("responses")
         if not isinstance(prompts, list) or not isinstance(responses, list) or len(prompts) != len(responses):
             raise InputError("send {'prompts': [[ids], ...], 'responses': [[ids], ...]} of equal lengths")

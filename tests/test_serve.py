@@ -415,6 +415,9 @@ def test_reward_server_checks_the_reward_models_vocabulary():
         assert f"token id {V + 3} is outside the vocabulary of the reward model" in message
         status, out = request(server, "POST", "/reward", {"prompts": [[1, 2]], "responses": [[3]]})
         assert status == 200 and len(out["rewards"]) == 1
+        message = error_of(request(server, "POST", "/reward", {"prompts": [[1, 2]], "responses": [[3]],
+                                                               "normalize": True}), 400)
+        assert "/reward takes only prompts and responses; it does not support: normalize" in message
     finally:
         server.shutdown()
         server.server_close()
