@@ -59,6 +59,17 @@ def check_options(method: str, options: dict) -> None:
     check_method_options(method, run, options)
 
 
+def seed_int(text: str) -> int:
+    """An argparse type: a seed as ``decode`` takes it (``validation.check_seed``), checked before any model loads."""
+    from .validation import check_seed
+
+    try:
+        return check_seed(int(text))
+    except (ValueError, InputError) as e:  # int() of a non-number, or a seed out of range
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, InputError) else
+                                         f"expected an integer seed, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (a count or a size), with a clear message otherwise."""
     try:
@@ -453,7 +464,7 @@ def _sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     g.add_argument("--temperature", type=float, help="default: the method's (from its paper), else 1.0")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: the method's, else all)")
     g.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: off)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="prompt i gets a seed derived from it and i, "
+    g.add_argument("--seed", type=seed_int, default=DEFAULT_SEED, help="prompt i gets a seed derived from it and i, "
                                                                   "whatever --batch-size; the same seed gives the "
                                                                   "same outputs (default: %(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=16, help="prompts per decode call")
@@ -527,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "smollm2)")
     d.add_argument("--max-new-tokens", type=positive_int, help="tokens generated at most (default: 24 on toy, 48 "
                                                                "on smollm2, 32 on arith)")
-    d.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every method")
+    d.add_argument("--seed", type=seed_int, default=DEFAULT_SEED, help="seed of every method")
     d.add_argument("--device", help="e.g. cuda (default: cpu)")
     d.add_argument("--dtype", choices=DTYPES, help="weights dtype of the world's models")
     d.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,

@@ -154,6 +154,19 @@ def test_counts_must_be_positive_integers(flag, value, capsys):
     assert f"argument {flag}: expected a positive integer, got" in err and value in err
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "demo"])
+@pytest.mark.parametrize("value, message", [("-1", "seed must be an integer >= 0"),
+                                            (str(2**64), "seed must be an integer >= 0"),
+                                            ("abc", "expected an integer seed, got 'abc'")])
+def test_a_bad_seed_is_refused_before_any_model_loads(command, value, message, capsys, monkeypatch):
+    import fastalign.eval.worlds
+
+    monkeypatch.setattr(fastalign.eval.worlds, "load_world", lambda *a, **k: pytest.fail("a world was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--seed", value] + (["w1"] if command == "generate" else []))
+    assert exit_.value.code == 2 and f"argument --seed: {message}" in capsys.readouterr().err
+
+
 def test_a_method_missing_from_the_installation_is_named(monkeypatch, capsys):
     from fastalign.methods import METHODS, Method
 
