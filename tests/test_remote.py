@@ -215,6 +215,56 @@ def test_vllm_rewards_read_the_raw_score_of_prompt_plus_response(stubs):
     assert sorted(map(len, (b["input"] for b in bodies))) == [1, 2]
 
 
+def stub_prm_logits(token: int, position: int) -> list[float]:
+    """The (bad, good) logits a stub PRM gives a token at a position: distinct everywhere."""
+    return [0.1 * token, 0.3 * position - 0.2 * token]
+
+
+def test_vllm_process_rewards_read_p_good_at_the_last_token(stubs):
+    def pooling(path, body):
+        if path == "/v1/models":
+            return 200, {"data": [{"id": "prm", "owned_by": "vllm"}]}
+        return 200, {"data": [{"index": i, "object": "pooling",
+                               "data": [stub_prm_logits(t, k) for k, t in enumerate(row)]}
+                              for i, row in enumerate(body["input"])][::-1]}
+
+    stub = stubs(pooling)
+    reward = RemoteReward(stub.url, batch_size=2, process=True)
+    prompts, responses = [[1, 2], [3], [4]], [[5], [1, 1], []]
+    got = reward(prompts, responses)
+    want = [torch.softmax(torch.tensor(stub_prm_logits(row[-1], len(row) - 1)), -1)[1]
+            for row in (p + r for p, r in zip(prompts, responses))]
+    assert got.dtype == torch.float32 and torch.allclose(got, torch.stack(want), atol=1e-6)
+    assert len(set(got.tolist())) == 3 and all(0 < x < 1 for x in got.tolist())
+    bodies = [b for p, b in stub.requests if p == "/pooling"]
+    assert len(bodies) == 2 and not any(p == "/classify" for p, _ in stub.requests)
+    assert all(b["model"] == "prm" and b["task"] == "token_classify" and b["use_activation"] is False
+               for b in bodies)
+    assert sorted(row for b in bodies for row in b["input"]) == [[1, 2, 5], [3, 1, 1], [4]]
+
+
+def test_vllm_process_reward_failures_are_named(stubs):
+    def one_label(path, body):  # a server whose model has 1 label (not a PRM)
+        if path == "/v1/models":
+            return 200, {"data": [{"id": "rm", "owned_by": "vllm"}]}
+        return 200, {"data": [{"index": i, "data": [[0.5]] * len(row)} for i, row in enumerate(body["input"])]}
+
+    with pytest.raises(RemoteError, match="2 logits"):
+        RemoteReward(stubs(one_label).url, process=True)([[1]], [[2]])
+
+    def token_classifier(path, body):  # vLLM serving a token-classification model, asked for /classify
+        if path == "/v1/models":
+            return 200, {"data": [{"id": "prm", "owned_by": "vllm"}]}
+        return 501, {"error": {"message": "The model does not support Classification API", "code": 501}}
+
+    with pytest.raises(RemoteError, match="process=True"):
+        RemoteReward(stubs(token_classifier).url)([[1]], [[2]])
+    with pytest.raises(fastalign.InputError, match="process must be"):
+        RemoteReward("http://127.0.0.1:1", process="yes")
+    with pytest.raises(fastalign.InputError, match="needs one"):
+        RemoteReward("http://127.0.0.1:1", process=True)([[]], [[]])
+
+
 # ------------------------------------------------------------------------- pool and failures
 def test_a_pool_spreads_requests_and_fails_over(stubs):
     a, b = stubs(vllm_like), stubs(vllm_like)

@@ -6,6 +6,7 @@ prefix caching, continuous batching) or the small ``python -m fastalign.serve``;
 
     vllm serve POLICY --port 8000 --tensor-parallel-size 4
     vllm serve REWARD_MODEL --port 8001 --runner pooling --convert classify
+    vllm serve PROCESS_REWARD_MODEL --port 8002 --runner pooling        # RemoteReward(..., process=True)
 
 Generation (``RemoteLM``), used by the whole-response methods (sample, bon, soft_bon, rs, qalign) and the
 segment methods (speculative_rejection, smc: each segment is a request that continues the prompt plus the
@@ -35,10 +36,17 @@ Reward (``RemoteReward``), a callable usable as ``reward=`` anywhere::
 
     vLLM:       POST {base_url}/classify {"model": ..., "input": [[prompt + response ids], ...],
                                           "use_activation": false}  ->  data[i].probs[0]
+    vLLM PRM:   POST {base_url}/pooling  {"model": ..., "input": [[prompt + response ids], ...],
+                                          "task": "token_classify", "use_activation": false}
+                                      ->  softmax(data[i].data[-1])[1]          (process=True)
     fastalign:  POST {base_url}/reward   {"prompts": [[ids], ...], "responses": [[ids], ...]}  ->  rewards
 
 ``use_activation: false`` returns the raw score head (no sigmoid), read at the last token: what a local
-``RewardModel`` computes. Token ids are the policy's: the reward model must share its tokenizer.
+``RewardModel`` computes. A process reward model (a 2-label ``*ForTokenClassification`` model served with
+``--runner pooling``) answers ``/pooling`` with the raw logits ``[T, 2]`` of every token; the client reads the
+last token's and returns ``softmax(logits)[1]`` (fp32), the probability of a good step, as a local
+``RewardModel`` reads a PRM: the step reward of ``beam`` and ``smc`` when the response ends at a step's
+separator. Token ids are the policy's: the reward model must share its tokenizer.
 
 Several servers (``ServerPool``): every client takes one base URL or a list of them, used as one server:
 requests are spread round-robin, a failed request moves to the next server, and a server that keeps failing
@@ -399,7 +407,10 @@ class RemoteReward:
     like a reward: ``reward(prompts, responses) -> [N]`` fp32.
 
     ``api``: ``"vllm"``, ``"fastalign"`` or ``"auto"`` (asks ``/v1/models`` on first use: a server owned by
-    fastalign speaks ``/reward``, any other ``/classify``). Requests hold at most ``batch_size`` pairs and up to
+    fastalign speaks ``/reward``, any other ``/classify``). ``process=True``: the vLLM server serves a process
+    reward model (a 2-label ``*ForTokenClassification`` model, ``vllm serve PRM --runner pooling``), read through
+    ``/pooling`` as the probability of label 1 ("good") at the last token, in ``[0, 1]``; a fastalign server
+    needs no flag (its ``/reward`` reads a PRM itself). Requests hold at most ``batch_size`` pairs and up to
     ``max_concurrency`` are in flight (spread over the pool).
     """
 
@@ -407,9 +418,12 @@ class RemoteReward:
 
     def __init__(self, base_url, model: str | None = None, api: str = "auto", api_key: str | None = None,
                  timeout: float = 600.0, batch_size: int = 64, max_concurrency: int = 8, retries: int = 3,
-                 backoff: float = 0.5, connect_timeout: float = 10.0):
+                 backoff: float = 0.5, connect_timeout: float = 10.0, process: bool = False):
         if api not in self.APIS:
             raise InputError(f"api must be one of {self.APIS}, got {api!r}")
+        if not isinstance(process, bool):
+            raise InputError(f"process must be True or False, got {process!r}")
+        self.process = process
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.pool = ServerPool(base_url, api_key, timeout, retries, backoff, connect_timeout)
@@ -425,6 +439,9 @@ class RemoteReward:
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if self.process and not all(len(p) + len(r) for p, r in zip(prompts, responses)):
+            raise InputError("a process reward (process=True) reads the last token: every prompt + response "
+                             "needs one")
         self._resolve()
         starts = list(range(0, len(prompts), self.batch_size))
         chunks = self.pool.map(lambda s: self._score(prompts[s:s + self.batch_size], responses[s:s + self.batch_size],
@@ -437,13 +454,41 @@ class RemoteReward:
             payload = {"prompts": [[int(t) for t in p] for p in prompts],
                        "responses": [[int(t) for t in r] for r in responses]}
             got = self.pool.request("/reward", payload, what).get("rewards")
+        elif self.process:
+            got = self._score_process(prompts, responses, what)
         else:
             payload = {"model": self.model, "input": [[int(t) for t in p] + [int(t) for t in r]
                                                       for p, r in zip(prompts, responses)],
                        "use_activation": False}
-            data = sorted(self.pool.request("/classify", payload, what).get("data") or [],
-                          key=lambda d: d.get("index", 0))
+            try:
+                answer = self.pool.request("/classify", payload, what)
+            except RemoteError as e:
+                if "does not support Classification" in str(e):  # vLLM serving a token-classification model
+                    raise RemoteError(f"{e} (a process reward model, *ForTokenClassification? pass "
+                                      "RemoteReward(..., process=True))") from None
+                raise
+            data = sorted(answer.get("data") or [], key=lambda d: d.get("index", 0))
             got = [d["probs"][0] for d in data] if all(d.get("probs") for d in data) else None
         if got is None or len(got) != len(prompts):
             raise RemoteError(f"{what}: the server must answer one score per pair, got {got!r:.200}")
         return [float(r) for r in got]
+
+    def _score_process(self, prompts, responses, what: str) -> list[float] | None:
+        """P(good) at the last token of each prompt + response, from vLLM's per-token logits (``/pooling``,
+        task ``token_classify``, raw logits: the softmax is taken here in fp32, as ``RewardModel`` does)."""
+        rows = [[int(t) for t in p] + [int(t) for t in r] for p, r in zip(prompts, responses)]
+        payload = {"model": self.model, "input": rows, "task": "token_classify", "use_activation": False}
+        data = sorted(self.pool.request("/pooling", payload, what).get("data") or [],
+                      key=lambda d: d.get("index", 0))
+        if len(data) != len(rows):
+            return None
+        last = []
+        for row, d in zip(rows, data):
+            logits = d.get("data")
+            # one row of logits per token, 2 labels (bad, good): anything else is not a PRM's answer
+            if not (isinstance(logits, list) and len(logits) == len(row) and isinstance(logits[-1], list)
+                    and len(logits[-1]) == 2):
+                raise RemoteError(f"{what}: /pooling must answer 2 logits (bad, good) for each of the {len(row)} "
+                                  f"tokens of a row (a 2-label token-classification model), got {logits!r:.200}")
+            last.append(logits[-1])
+        return torch.softmax(torch.tensor(last, dtype=torch.float32), -1)[:, 1].tolist()

@@ -28,6 +28,7 @@ from fastalign.testing import (
     next_token_probs,
     qalign_exact_laws,
     tiny_causal_lm,
+    tiny_process_reward_model,
     tiny_reward_model,
     tiny_tokenizer,
     total_variation,
@@ -68,14 +69,16 @@ def vllm_python(request):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """The policy and the reward model, in memory and saved (with a tokenizer) for vLLM."""
+    """The policy, the reward model and a process reward model, in memory and saved (with a tokenizer) for vLLM."""
     root = tmp_path_factory.mktemp("vllm-models")
     policy = tiny_causal_lm(init_range=0.1, **SIZE)
     reward = tiny_reward_model(**SIZE)
-    for name, model in (("policy", policy), ("reward", reward)):
+    prm = tiny_process_reward_model(seed=2, **SIZE)
+    for name, model in (("policy", policy), ("reward", reward), ("prm", prm)):
         model.save_pretrained(root / name)
         tiny_tokenizer(V).save_pretrained(root / name)
-    return {"policy": policy, "reward": reward, "policy_dir": str(root / "policy"), "reward_dir": str(root / "reward")}
+    return {"policy": policy, "reward": reward, "prm": prm, "policy_dir": str(root / "policy"),
+            "reward_dir": str(root / "reward"), "prm_dir": str(root / "prm")}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,20 @@ def servers(request, vllm_python, models):
     finally:
         for server in (policy, reward):
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def prm_server(request, vllm_python, models):
+    """vLLM's pooling runner serving the process reward model (a 2-label LlamaForTokenClassification), started by
+    the first test that needs it; always stopped."""
+    start = time.monotonic()
+    server = VllmServer(vllm_python, models["prm_dir"], args=["--runner", "pooling"])
+    try:
+        server.start().wait_ready(float(os.environ.get("FASTALIGN_VLLM_START_TIMEOUT", "600")))
+        report(request, f"process reward server ready in {time.monotonic() - start:.0f} s")
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +268,63 @@ def test_vllm_rewards_equal_local_rewards(reward, models):
     remote = reward(prompts, responses)
     assert remote.shape == (50,) and torch.allclose(remote, local, atol=1e-4, rtol=1e-4)
     assert local.std() > 0.01  # distinct pairs, distinct rewards: the comparison is not vacuous
+
+
+# ------------------------------------------------------------------------- process reward (pooling runner)
+def test_vllm_process_rewards_equal_local_prm_rewards(prm_server, models):
+    """vLLM's pooling runner serves the PRM: P(good) at the last token of prompt + response, as a local
+    RewardModel reads it (the empty response: the prompt's last token)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (int(k),), generator=g).tolist() for k in torch.randint(1, 12, (50,), generator=g)]
+    responses = [torch.randint(0, V, (int(k),), generator=g).tolist() for k in torch.randint(0, 30, (50,), generator=g)]
+    local = RewardModel(models["prm"])
+    assert local.process
+    want = local.score(prompts, responses)
+    got = RemoteReward(prm_server.url, process=True, batch_size=16)(prompts, responses)
+    assert got.shape == (50,) and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert want.std() > 0.01 and bool(((want > 0) & (want < 1)).all())  # distinct probabilities: not vacuous
+    with pytest.raises(RemoteError, match="process=True"):  # /classify does not serve a token classifier
+        RemoteReward(prm_server.url)(prompts[:1], responses[:1])
+
+
+@pytest.mark.parametrize("method, options", [
+    ("beam", dict(beams=2, width=3, max_step_tokens=3, delimiters=[1], aggregate="min")),
+    ("smc", dict(particles=4, segment_tokens=3, delimiters=[1], ess_threshold=1.0)),
+])
+def test_step_methods_with_a_remote_prm_decode_as_with_the_local_prm(prm_server, models, method, options):
+    """A local target with the PRM as the step reward, remote (vLLM) or local: the same tokens, and step
+    scores / particle rewards equal to float tolerance."""
+    kwargs = dict(method=method, target=models["policy"], max_new_tokens=8, temperature=1.0, seed=5, **options)
+    remote_prm = RemoteReward(prm_server.url, process=True)
+    remote = fastalign.decode(PROMPTS, reward=remote_prm, **kwargs)
+    local = fastalign.decode(PROMPTS, reward=models["prm"], **kwargs)
+    assert remote.sequences == local.sequences
+    if method == "beam":
+        assert [[f["tokens"] for f in fs] for fs in remote.extra["finished"]] == \
+            [[f["tokens"] for f in fs] for fs in local.extra["finished"]]
+        assert remote.stats["beam_steps"] > 1
+        for r_fs, l_fs in zip(remote.extra["finished"], local.extra["finished"]):
+            for r, l in zip(r_fs, l_fs):
+                assert torch.allclose(torch.tensor(r["step_scores"]), torch.tensor(l["step_scores"]), atol=1e-5)
+    else:
+        assert remote.extra["particles"] == local.extra["particles"]
+        assert remote.stats["smc_steps"] > 1 and remote.stats["smc_resamplings"] > 0
+        assert torch.allclose(remote.extra["rewards"], local.extra["rewards"], atol=1e-5)
+        assert torch.allclose(remote.extra["log_z"], local.extra["log_z"], atol=1e-4)
+
+
+def test_beam_with_a_remote_target_and_a_remote_prm(target, prm_server, models):
+    """Everything on vLLM: the steps from the policy's server, the step scores from the PRM's; the same beams
+    as with the local PRM (the same seeded requests), every step score the local PRM's."""
+    kwargs = dict(method="beam", target=target, max_new_tokens=8, temperature=1.0, seed=5, beams=2, width=3,
+                  max_step_tokens=3, delimiters=[1])
+    remote = fastalign.decode(PROMPTS, reward=RemoteReward(prm_server.url, process=True), **kwargs)
+    local = fastalign.decode(PROMPTS, reward=models["prm"], **kwargs)
+    assert remote.sequences == local.sequences and remote.stats["beam_steps"] > 1
+    for r_fs, l_fs in zip(remote.extra["finished"], local.extra["finished"]):
+        assert [f["tokens"] for f in r_fs] == [f["tokens"] for f in l_fs]
+        for r, l in zip(r_fs, l_fs):
+            assert torch.allclose(torch.tensor(r["step_scores"]), torch.tensor(l["step_scores"]), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ pool, failure
