@@ -127,8 +127,9 @@ def test_a_hand_made_reward_decides_which_candidates_survive(target):
 
 def test_a_memory_budget_triggers_a_round_when_a_prompts_candidates_fill_it(target):
     """``max_live_tokens``: a prompt's round comes when one more token per unfinished candidate would pass the
-    budget (or every ``round_tokens``). The candidates' tokens never pass it: with n=4, alpha=0.5 and a budget of
-    8, rounds come at 2 tokens (4 x 2), then at 4 (2 x 4); one candidate is left, which runs to the end."""
+    budget (or every ``round_tokens``). With n=4, alpha=0.5 and a budget of 8, rounds come at 2 tokens (4 x 2),
+    then at 4 (2 x 4); one candidate is left, which runs to the end. (The budget is a trigger, not a bound: a
+    round stops floor(alpha * U), which can leave more than fit.)"""
     no_eos = tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.6, seed=0)
     no_eos.generation_config.eos_token_id = None
     no_eos.config.eos_token_id = None
@@ -141,7 +142,7 @@ def test_a_memory_budget_triggers_a_round_when_a_prompts_candidates_fill_it(targ
     plain = decode(target, "speculative_rejection", seed=2, n=6, alpha=0.5, round_tokens=3)
     roomy = decode(target, "speculative_rejection", seed=2, n=6, alpha=0.5, round_tokens=3, max_live_tokens=6 * M)
     assert roomy.sequences == plain.sequences and roomy.stats == {**plain.stats, "wall_time_s": roomy.stats["wall_time_s"]}
-    # on the toy-sized candidates: every scored prompt's candidates hold at most the budget at their round
+    # every scored prompt's candidates hold at most the budget at their round, and a round comes only when full
     for budget in (5, 9, 13):
         out = decode(target, "speculative_rejection", seed=3, n=4, alpha=0.5, round_tokens=100, max_live_tokens=budget)
         assert out.stats["rejection_rounds"] > 0 and all(
@@ -150,6 +151,39 @@ def test_a_memory_budget_triggers_a_round_when_a_prompts_candidates_fill_it(targ
             scored = (~torch.isnan(rnd["partial_rewards"])).sum(1)  # unfinished candidates per prompt at the round
             assert bool((scored * rnd["tokens"] <= budget).all())
             assert bool(((scored == 0) | (scored * (rnd["tokens"] + 1) > budget)).all())  # a round only when full
+
+
+@pytest.mark.parametrize("reward", ["callable", "tagged_prm"])
+def test_a_prompts_rounds_and_extras_do_not_depend_on_its_batch(target, reward):
+    """With a memory budget the prompts' rounds come at different times (their candidates finish at different
+    times); each prompt's tokens, partial rewards at its own rounds, pruned_round and final rewards are those it
+    gets alone. With a PRM that marks every scored piece with a tag, its cached pieces are the prompt's own
+    rounds, so even its partial rewards are batch-free."""
+    from fastalign.models.reward import RewardModel
+    from fastalign.testing import tiny_process_reward_model
+
+    scorer = weights_reward if reward == "callable" else RewardModel(
+        tiny_process_reward_model(vocab_size=V, hidden=16, seed=3), step_tag=1)
+    seeds = [11, 12, 13, 14, 15]
+    options = dict(n=4, alpha=0.5, round_tokens=100, max_live_tokens=11)
+    batch = decode(target, "speculative_rejection", reward=scorer, seed=seeds, **options)
+
+    def own_rounds(out, b):  # (tokens, partial rewards) of prompt b's scored rounds
+        return [(rnd["tokens"], rnd["partial_rewards"][b].tolist()) for rnd in out.extra["rounds"]
+                if not torch.isnan(rnd["partial_rewards"][b]).all()]
+
+    schedules = set()
+    for b, prompt in enumerate(PROMPTS):
+        alone = decode(target, "speculative_rejection", [prompt], reward=scorer, seed=[seeds[b]], **options)
+        assert alone.sequences[0] == batch.sequences[b]
+        assert torch.equal(alone.extra["pruned_round"][0], batch.extra["pruned_round"][b])
+        torch.testing.assert_close(alone.extra["rewards"][0], batch.extra["rewards"][b], equal_nan=True)
+        mine, theirs = own_rounds(alone, 0), own_rounds(batch, b)
+        assert [t for t, _ in mine] == [t for t, _ in theirs]
+        torch.testing.assert_close(torch.tensor([r for _, r in mine]), torch.tensor([r for _, r in theirs]),
+                                   equal_nan=True, atol=1e-6, rtol=1e-6)
+        schedules.add(tuple(t for t, _ in mine))
+    assert len(schedules) > 1  # the prompts' rounds differ: a batch-wide schedule would fail
 
 
 @pytest.mark.parametrize("options, message", [

@@ -27,9 +27,11 @@ again whenever it fills up; here a prompt's round comes every ``round_tokens`` g
 short responses, like the toy world's 24 tokens, one round happens; on long ones ``alpha=0.5`` halves a prompt's
 candidates every 16 tokens), and with ``max_live_tokens`` also as soon as its unfinished candidates' generated
 tokens fill that budget (one more token each would pass it; a round that leaves it full is followed by another
-after one token). Both clocks are the prompt's own (its candidates' tokens, not the batch's), so a prompt's
-rounds, and its output, do not depend on its batch; the budget is per prompt, over generated tokens (the prompt's
-prefix is shared). A remote target keeps the candidates on its server: ``max_live_tokens`` is refused there. ``alpha=0.5`` is the rejection rate of the paper's main experiments. Partial rewards
+after one token). The budget is a trigger, as in the paper, not a bound: a round stops ``floor(alpha * U)``
+candidates, which may leave more than fit (and a prompt that can stop none runs to the end). Both clocks are the
+prompt's own (its candidates' tokens, not the batch's), so a prompt's rounds, and its output, do not depend on
+its batch; the budget is per prompt, over generated tokens (the prompt's prefix is shared). A remote target keeps
+the candidates on its server: ``max_live_tokens`` is refused there. ``alpha=0.5`` is the rejection rate of the paper's main experiments. Partial rewards
 come from the reward model's cached prefixes (``RewardModel.prefill`` of the partial responses at the first
 round that can stop something, ``append`` of the new tokens afterwards, ``select_rows`` to drop rows); a
 round where no prompt can stop a candidate (``floor(alpha * U) = 0`` everywhere) scores nothing. Stopped and
@@ -45,11 +47,12 @@ remote ``bon``'s token for token. The tokens differ from a local run's (another 
 
 ``extra``: ``rewards [B, n]`` (final rewards of finished candidates, NaN for stopped ones), ``chosen_index [B]``,
 ``candidates`` (``[B][n]`` token lists: a stopped candidate's tokens up to its round), ``pruned_round [B, n]``
-(the round that stopped a candidate, -1 if never), ``rounds``: one entry per scoring round ``{"round", "tokens"
-(generated per live candidate so far), "partial_rewards" [B, n] (NaN where not scored), "pruned" (per prompt, the
-candidates stopped)}``. ``stats``: ``candidates_pruned``,
-``rejection_rounds``, ``candidate_tokens`` (tokens generated over all candidates, stopped ones included) and
-``reward_scorings`` (reward calls: one per round, plus the final one).
+(the prompt's own round, counted from 0, that stopped a candidate; -1 if never), ``rounds``: one entry per
+scoring round of the batch ``{"round", "tokens" (generated per live candidate so far), "partial_rewards" [B, n]
+(NaN where not scored: only the prompts whose round it is and that can stop some are scored), "pruned" (per
+prompt, the candidates stopped)}``; a prompt's rows of these entries are its own, whatever the batch.
+``stats`` (of the batch): ``candidates_pruned``, ``rejection_rounds``, ``candidate_tokens`` (tokens generated over
+all candidates, stopped ones included) and ``reward_scorings`` (reward calls: one per round, plus the final one).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
     scored = None  # tokens of each row's response in the reward's cache; None until the first scoring
     tokens = 0  # generated per candidate of a prompt that can still stop some, so far
     last_round = [0] * B  # `tokens` at each prompt's last round
+    prompt_rounds = [0] * B  # each prompt's rounds so far
 
     def live_tokens(b: int) -> tuple[int, int]:
         """Prompt ``b``'s unfinished candidates: their number and their generated tokens."""
@@ -114,13 +118,16 @@ def run(ctx: Context, prompts: list[list[int]], n: int = 16, alpha: float = 0.5,
             break
         # the prompts whose round it is: round_tokens since their last one, or their candidates' tokens full
         due = [tokens - last_round[b] >= round_tokens for b in range(B)]
-        if max_live_tokens is not None:  # full: one more token each would not fit
-            due = [d or sum(live_tokens(b)) > max_live_tokens for b, d in enumerate(due)]
+        if max_live_tokens is not None:
+            for b in range(B):
+                live, held = live_tokens(b)
+                due[b] = due[b] or held + live > max_live_tokens  # full: one more token each would not fit
+        # a due prompt that can stop none is not scored: it never can again, and it runs to the end
         stop = [k if d else 0 for k, d in zip(_stop_counts(rows, finished, n, B, alpha), due)]
         if any(stop):
-            last_round = [tokens if d else t for d, t in zip(due, last_round)]
-            rows, scored, keep = _prune(ctx, prompts, rows, responses, finished, scored, due, stop, n,
-                                        pruned_round, rounds, tokens)
+            last_round = [tokens if k else t for k, t in zip(stop, last_round)]
+            rows, scored, keep = _prune(ctx, prompts, rows, responses, finished, scored, stop, n, pruned_round,
+                                        prompt_rounds, rounds, tokens)
             decoder.keep(keep)
 
     done = [[finished[b * n + j] for j in range(n)] for b in range(B)]
@@ -150,17 +157,23 @@ def _stop_counts(rows: list[int], finished: list[bool], n: int, B: int, alpha: f
     return [math.floor(alpha * u) for u in unfinished]
 
 
-def _prune(ctx: Context, prompts, rows, responses, finished, scored, due, stop, n, pruned_round, rounds, tokens):
-    """Score the partial responses of the prompts whose round it is (``due[b]``), stop the ``stop[b]`` lowest
-    unfinished candidates of each, and drop the stopped and the finished rows from the reward's cache. Returns the
-    new ``rows``, ``scored`` and the batch rows kept (for the target's rows: ``keep`` of the decoder)."""
-    if scored is None:  # first scoring round: the reward caches every unfinished row's prompt and partial response
-        scoring = [r for r, c in enumerate(rows) if not finished[c]]
-        scores = ctx.reward.prefill([prompts[rows[r] // n] for r in scoring], [responses[rows[r]] for r in scoring])
-        scored = [len(responses[c]) for c in rows]
+def _prune(ctx: Context, prompts, rows, responses, finished, scored, stop, n, pruned_round, prompt_rounds, rounds,
+           tokens):
+    """For the prompts whose round it is and that can stop some (``stop[b] > 0``): score their unfinished
+    candidates' partial responses and stop the ``stop[b]`` lowest; then drop the stopped and the finished rows
+    from the reward's cache. A row's cached prefix only grows at its own prompt's rounds (so a reward that marks
+    each scored piece, a PRM's ``step_tag``, sees the same pieces whatever the batch). Returns the new ``rows``,
+    ``scored`` and the batch rows kept (for the target's rows: ``keep`` of the decoder)."""
+    if scored is None:  # first scoring round: the reward caches every unfinished row, with its partial response
+        scoring = [r for r, c in enumerate(rows) if not finished[c]]  # where its prompt is scored now
+        pieces = [responses[rows[r]] if stop[rows[r] // n] else [] for r in scoring]
+        scores = ctx.reward.prefill([prompts[rows[r] // n] for r in scoring], pieces)
+        scored = [0] * len(rows)
+        for r, piece in zip(scoring, pieces):
+            scored[r] = len(piece)
     else:  # the reward's rows are the batch's rows (all unfinished at the last round): feed the new tokens
         scoring = list(range(len(rows)))
-        new = [responses[c][s:] if due[c // n] and not finished[c] else [] for c, s in zip(rows, scored)]
+        new = [responses[c][s:] if stop[c // n] and not finished[c] else [] for c, s in zip(rows, scored)]
         scores = ctx.reward.append(new)
         scored = [s + len(x) for s, x in zip(scored, new)]
     partial = dict(zip(scoring, scores.tolist()))
@@ -168,14 +181,16 @@ def _prune(ctx: Context, prompts, rows, responses, finished, scored, due, stop, 
     table = torch.full((B, n), math.nan)
     by_prompt: list[list[tuple[float, int]]] = [[] for _ in range(B)]
     for r, c in enumerate(rows):
-        if due[c // n] and not finished[c]:
+        if stop[c // n] and not finished[c]:
             table[c // n, c % n] = partial[r]
             by_prompt[c // n].append((partial[r], -(c % n)))
     stopped = []
     for b in range(B):
         lowest = sorted(by_prompt[b])[: stop[b]]  # lowest partial reward first; the later candidate among ties
         stopped.append(sorted(-j for _, j in lowest))
-        pruned_round[b, stopped[b]] = len(rounds)
+        if stop[b]:
+            pruned_round[b, stopped[b]] = prompt_rounds[b]
+            prompt_rounds[b] += 1
     rounds.append({"round": len(rounds), "tokens": tokens, "partial_rewards": table, "pruned": stopped})
     keep = [r for r, c in enumerate(rows) if not finished[c] and (c % n) not in stopped[c // n]]
     reward_row = {r: i for i, r in enumerate(scoring)}
