@@ -186,8 +186,11 @@ class Engine:
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)
         ctx = self.context(max_new_tokens, temperature, top_k, top_p, seed, len(prompt_ids), method)  # checks the seed
-        check.check_context_lengths({role: m for role, m in used.items() if not getattr(m, "retokenize", False)},
-                                    prompt_ids, max_new_tokens)  # a re-tokenising reward counts other tokens
+        # each model named by the role it was given as (a reward standing in as the step reward: "reward"); a
+        # re-tokenising reward counts other tokens, and a PRM's step tags are checked where they are written
+        given_as = {id(m): role for role, m in reversed(list(self.models().items())) if m is not None}
+        check.check_context_lengths({given_as[id(m)]: m for m in used.values() if not getattr(m, "retokenize", False)},
+                                    prompt_ids, max_new_tokens)
         models = {}  # the engine's models by role, each counted once (a model given in two roles: the first)
         for role, m in self.models().items():
             if m is not None and all(m is not other for other in models.values()):

@@ -205,3 +205,19 @@ def test_a_step_tag_needs_a_process_reward_model_and_a_token_id(prm):
         RewardModel(lambda prompts, responses: torch.zeros(len(responses)), step_tag=TAG)
     with pytest.raises(fastalign.InputError, match=r"step_tag must be a token id .*0 \.\. 7"):
         RewardModel(prm, step_tag=V)
+
+
+def test_a_context_too_short_names_the_role_the_model_was_given_as(target):
+    """A reward standing in as the step reward is named as the reward the caller passed; a tagged PRM's tags are
+    checked where they are written (one per step on top of the tokens)."""
+    short = tiny_process_reward_model(vocab_size=V, hidden=16, seed=4, context=8)
+    with pytest.raises(fastalign.InputError, match="context length of the reward model"):
+        fastalign.decode([[2, 3, 4]], method="beam", target=target, reward=short, max_new_tokens=6, seed=0)
+    with pytest.raises(fastalign.InputError, match="context length of the step_reward model"):
+        fastalign.decode([[2, 3, 4]], method="beam", target=target, step_reward=short, max_new_tokens=6, seed=0)
+    # 3 + 5 tokens fit; with a tag after every one-token step the PRM would need 3 + 10 positions
+    with pytest.raises(fastalign.InputError, match="more than the context length"):
+        fastalign.decode([[2, 3, 4]], method="beam", target=target, step_reward=RewardModel(short, step_tag=TAG),
+                         max_new_tokens=5, max_step_tokens=1, beams=1, width=1, seed=0)
+    fastalign.decode([[2, 3, 4]], method="beam", target=target, step_reward=RewardModel(short, step_tag=TAG),
+                     max_new_tokens=2, max_step_tokens=1, beams=1, width=1, seed=0)  # 3 + 2 + 2 tags: fits

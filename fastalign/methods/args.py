@@ -46,9 +46,10 @@ def run(ctx: Context, prompts: list[list[int]], k: int = 10, w: float = 1.5, mod
         cands = candidates.tolist()
         rewards = ctx.reward.score_branches([[[v] for v in cands[b]] if active[b] else [] for b in range(B)])
         ctx.stats["candidates_scored"] += len(rows) * k
-        score = logp[rows] + w * torch.stack([rewards[b] for b in rows])  # [A, k]
-        if not torch.isfinite(score).all():  # finite rewards times a huge w: float32 overflow, no ranking left
+        tilt = w * torch.stack([rewards[b] for b in rows])  # [A, k]
+        if not torch.isfinite(tilt).all():  # finite rewards times a huge w: float32 overflow, no ranking left
             raise InputError(f"args: w * reward overflows float32 (w={w:g}); use a smaller w")
+        score = logp[rows] + tilt
         picks = (score.argmax(-1) if mode == "greedy"
                  else ctx.rng.categorical(torch.softmax(score, -1), rows, "pick", steps=step))
         choice: list[int | None] = [None] * B
