@@ -231,7 +231,8 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph
 @pytest.mark.parametrize("env", ["1", "0"], ids=["graphs", "no-graphs"])
 def test_cuda_compiled_engine_gives_the_eager_tokens(monkeypatch, env):
     """On a GPU, fp32: ``Engine(compile=True)`` with CUDA graphs (and with them off) gives the eager engine's
-    tokens for ``sample`` and ``sd``, and no graph was skipped (inductor's ``cudagraph_skips`` counter)."""
+    tokens for ``sample`` and ``sd`` (whose draft logits outlive the draft's next replays), and torch captured
+    every step (``cudagraph_or_error``: a skipped graph raises, with its reason; the ``cudagraph_skips`` counter)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv(CUDA_GRAPHS_ENV, env)
@@ -241,9 +242,13 @@ def test_cuda_compiled_engine_gives_the_eager_tokens(monkeypatch, env):
     compiled, eager = fastalign.Engine(**roles, compile=True), fastalign.Engine(**roles)
     assert compiled.target.store.compilation.graphs is (env == "1")
     skips = counters["inductor"]["cudagraph_skips"]
-    for method, options in (("sample", {}), ("sd", {"num_draft_tokens": 3})):
-        for seed in (0, 1):
-            kw = dict(method=method, max_new_tokens=16, seed=seed, **options)
-            assert compiled.decode(prompts, **kw).sequences == eager.decode(prompts, **kw).sequences, (method, seed)
-    assert compiled.target.store.compiled_shapes
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": env == "1"}):
+        for method, options in (("sample", {}), ("sd", {"num_draft_tokens": 3})):
+            for seed in (0, 1):
+                kw = dict(method=method, max_new_tokens=16, seed=seed, **options)
+                got, want = compiled.decode(prompts, **kw), eager.decode(prompts, **kw)
+                assert got.sequences == want.sequences, (method, seed)
+    assert compiled.target.store.compiled_shapes and compiled.draft.store.compiled_shapes
     assert counters["inductor"]["cudagraph_skips"] == skips
+    if env == "1":
+        assert all(layer.keys._dynamo_static_input_type == "unguarded" for layer in compiled.target.store.layers())

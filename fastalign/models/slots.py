@@ -204,7 +204,9 @@ def step_compilation(options: StaticOptions, device: torch.device) -> StepCompil
         return StepCompilation(True, options.mode, inductor, graphs=False)
     wanted = options.cuda_graphs if options.cuda_graphs is not None else cuda_graphs_from_env()
     mode = options.mode if options.mode is not None else ("reduce-overhead" if wanted else None)
-    graphs = mode is not None and bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False))
+    from torch._inductor import list_mode_options
+
+    graphs = mode is not None and bool(list_mode_options(mode).get("triton.cudagraphs", False))
     return StepCompilation(True, mode, None, graphs)
 
 
