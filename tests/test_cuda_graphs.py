@@ -3,9 +3,10 @@ checks that run where one is (``bench/gpu/run_tests_and_kernels.sh``).
 
 Without a GPU: the mode each device gets (``step_compilation``, the one place that decides), the graph-mode code
 path run on the CPU under a stand-in for cudagraph trees that reuses and overwrites every output the way
-replays do (the tokens stay the eager ones; without the clones they do not), the static KV addresses, the
-shapes that would be captured, the fallbacks (graphs off, blocks wider than the buckets, eager), and that the
-step traces as one graph (no host sync that would split the captured region).
+replays do (the tokens stay the eager ones; without the clones they do not), the static KV addresses (marked,
+and seen as static inputs by dynamo), the shapes that would be captured, the fallbacks (graphs off, blocks wider
+than the buckets, eager), and that the step traces as one graph (no host sync that would split the captured
+region).
 """
 
 import pytest
@@ -221,6 +222,40 @@ def test_the_step_traces_as_one_graph():
         store, torch.ones(R, 1, dtype=torch.long), torch.full((R, 1), 3), store._live_buf[:, None, :],
         torch.ones(R, 1, 1, dtype=torch.bool), columns)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "no-graphs"])
+def test_the_kv_buffers_are_static_inputs_of_the_traced_step(monkeypatch, graphs):
+    """What dynamo hands the backend (traced on the CPU, not compiled): in graph mode the KV buffers, which the step
+    writes in place, are static inputs like the weights (cudagraph trees skip a graph that writes a non-static
+    input), and the only non-static inputs are the small per-call tensors torch copies into the graph; without
+    graphs the KV buffers stay ordinary inputs (the CPU path as it was)."""
+    graphs_seen = []
+
+    def backend(gm, example_inputs):
+        graphs_seen.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=backend, dynamic=False))
+    monkeypatch.setattr(slots, "step_compilation", lambda options, device: GRAPHS if graphs else NO_GRAPHS)
+    lm = CausalLM(tiny_causal_lm("llama", layers=2), SlotStore(StaticOptions()))
+    lm.prefill([[1, 2, 3], [4, 5]], 8)
+    lm.extend(torch.ones(2, 1, dtype=torch.long))
+    assert len(graphs_seen) == 1  # one graph: no break
+    placeholders = list(graphs_seen[0].graph.find_nodes(op="placeholder"))
+    static = {n.name for n in placeholders if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")}
+    written = {node.args[0].name for node in graphs_seen[0].graph.nodes  # targets of in-place ops
+               if node.op in ("call_method", "call_function") and str(getattr(node.target, "__name__",
+                                                                              node.target)).endswith("_")
+               and node.args and getattr(node.args[0], "op", None) == "placeholder"}
+    kv = {f"l_self_cache_layers_{i}_{kind}" for i in range(2) for kind in ("keys", "values")}
+    assert written == kv
+    per_call = {"l_tokens_", "l_positions_", "l_seen_", "l_block_", "l_columns_"}
+    if graphs:
+        assert {n.name for n in placeholders} - static == per_call
+    else:
+        assert not static & kv and per_call | kv <= {n.name for n in placeholders} - static
 
 
 # --------------------------------------------------------------------------- on a GPU

@@ -30,11 +30,12 @@ On a CUDA device the compiled steps are also captured as CUDA graphs (``step_com
 options and the device, in one place: ``torch.compile(mode="reduce-overhead")``, i.e. inductor's cudagraph
 trees, one graph per shape). What a graph needs holds here: fixed shapes per bucket; no host sync inside the
 step (the mask is built on the device, every shape decision is made before the call); the keys and values
-are marked as static addresses (``torch._dynamo.mark_static_address``: the graph writes them in place, and
-a new buffer after a resize is re-recorded, not copied); the small per-call inputs (tokens, positions, masks,
-columns) are copied by torch into the graph's static input buffers; and the output (logits or hidden
-states), which the next replay overwrites, is cloned before the step returns, each call starting a new
-cudagraph step (``torch.compiler.cudagraph_mark_step_begin``). ``StaticOptions.cuda_graphs=False`` or
+are marked as static addresses (``torch._dynamo.mark_static_address``: the graph writes them in place, and a
+new buffer, after a resize or for another batch, has the graph recorded again rather than copied or
+recompiled); the small per-call inputs (tokens, positions, masks, columns) are copied by torch into the
+graph's static input buffers; and the output (logits or hidden states), which the next replay overwrites, is
+cloned before the step returns, each call starting a new cudagraph step
+(``torch.compiler.cudagraph_mark_step_begin``). ``StaticOptions.cuda_graphs=False`` or
 ``FASTALIGN_CUDA_GRAPHS=0`` turns the graphs off (torch.compile's default mode, as on a CPU).
 
 The KV write is the gpt-fast recipe: ``index_copy_`` of the block into the preallocated tensors, through a
@@ -149,7 +150,8 @@ class StaticOptions:
 
     ``compile``: compile the fixed-shape steps with ``torch.compile`` (False: run the same steps as they are,
     e.g. in tests). ``mode``: torch.compile's mode (None: chosen by ``step_compilation``: the default on a
-    CPU, ``"reduce-overhead"``, i.e. CUDA graphs, on a CUDA device). ``cpp_wrapper``: inductor's C++ wrapper on the CPU (less Python per call).
+    CPU, ``"reduce-overhead"``, i.e. CUDA graphs, on a CUDA device). ``cpp_wrapper``: inductor's C++ wrapper on
+    the CPU (less Python per call).
     ``skip_guards``: once a shape is compiled, call it with torch's ``skip_guard_eval_unsafe`` stance, so a
     step evaluates only the guards that tell this model's compiled shapes apart. Safe here because every
     model has its own compiled function (its own code object) and the shape key ``(R, Tb, Tq, S)`` is all that
