@@ -269,6 +269,7 @@ def test_cuda_compiled_engine_gives_the_eager_tokens(monkeypatch, env):
     tokens for ``sample`` and ``sd`` (whose draft logits outlive the draft's next replays), and torch captured
     every step (``cudagraph_or_error``: a skipped graph raises, with its reason; the ``cudagraph_skips`` counter)."""
     from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
 
     monkeypatch.setenv(CUDA_GRAPHS_ENV, env)
     target = tiny_causal_lm("llama", vocab_size=64, hidden=32, layers=2, init_range=0.5)
@@ -277,7 +278,7 @@ def test_cuda_compiled_engine_gives_the_eager_tokens(monkeypatch, env):
     compiled, eager = fastalign.Engine(**roles, compile=True), fastalign.Engine(**roles)
     assert compiled.target.store.compilation.graphs is (env == "1")
     skips = counters["inductor"]["cudagraph_skips"]
-    with torch._inductor.config.patch({"triton.cudagraph_or_error": env == "1"}):
+    with inductor_config.patch({"triton.cudagraph_or_error": env == "1"}):
         for method, options in (("sample", {}), ("sd", {"num_draft_tokens": 3})):
             for seed in (0, 1):
                 kw = dict(method=method, max_new_tokens=16, seed=seed, **options)
