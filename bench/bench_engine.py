@@ -28,9 +28,18 @@ call of the compiled engine can still meet a shape its first call did not (anoth
 compile it: the JSON counts these per repeat (``new_shapes_while_timed``), and the table marks a compiled figure
 "(compiling)" when its best run included one.
 
+CUDA graphs: on a CUDA device ``Engine(compile=True)`` captures its compiled steps as CUDA graphs
+(``fastalign.models.slots.step_compilation``). ``--graphs`` times both: ``compiled`` then runs torch.compile's
+default mode (``FASTALIGN_CUDA_GRAPHS=0`` while its engines are built) and ``compiled_graphs`` the graphs
+(``generate``'s static+compile variant uses ``transformers``' default ``reduce-overhead``, i.e. graphs, too).
+Each world records each variant's compile settings and inductor's ``cudagraph_skips`` counter (a graph torch
+declined to capture). On a CPU both variants compile the same way: ``--graphs`` there only checks that the code
+runs.
+
     python bench/bench_engine.py                        # both worlds, all cases (CPU: ~30 min, mostly compiling)
     python bench/bench_engine.py --worlds toy --cases sample_b1,sd_chain
     python bench/bench_engine.py --device cuda --dtype bf16 --worlds 1b --cases sample_b1,sample_b16,sd_chain
+    python bench/bench_engine.py --device cuda --dtype bf16 --worlds 1b --cases sample_b1,sample_b16,sd_chain --graphs
 
 The result files are rewritten after every case, so a run cut short (a ``timeout``) keeps what it measured.
 
@@ -40,6 +49,7 @@ Writes ``bench/results/engine_<device>[_<tag>].json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -51,6 +61,7 @@ from bench.common import (  # noqa: E402
     DTYPES, command_line, device_info, device_tag, markdown_table, timed, write_results,
 )
 import fastalign  # noqa: E402
+from fastalign.models.slots import CUDA_GRAPHS_ENV  # noqa: E402
 
 CASES = {  # name: (method, options, batch)
     "sample_b1": ("sample", {}, 1),
@@ -103,8 +114,25 @@ def random_world(args, world):
     return models, prompts, settings
 
 
-def engines(models, compile_):
-    """The engines of one layer kind: one for sss (aligned draft + ref), one for everything else."""
+@contextlib.contextmanager
+def cuda_graphs_env(graphs: bool | None):
+    """``FASTALIGN_CUDA_GRAPHS`` set to ``graphs`` (None: left as it is) while engines are built (their models'
+    steps decide their compilation when attached)."""
+    before = os.environ.get(CUDA_GRAPHS_ENV)
+    if graphs is not None:
+        os.environ[CUDA_GRAPHS_ENV] = "1" if graphs else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CUDA_GRAPHS_ENV, None)
+        else:
+            os.environ[CUDA_GRAPHS_ENV] = before
+
+
+def engines(models, compile_, graphs: bool | None = None):
+    """The engines of one layer kind: one for sss (aligned draft + ref), one for everything else. ``graphs``: CUDA
+    graphs on (True) or off (False) for the compiled steps on a CUDA device (None: the default, on)."""
     def no_eos(engine):
         for lm in (engine.target, engine.draft, engine.ref):
             if lm is not None:
@@ -112,10 +140,11 @@ def engines(models, compile_):
                 lm.eos_tensor = lm.eos_tensor[:0]
         return engine
 
-    plain = no_eos(fastalign.Engine(target=models["target"], draft=models["draft"], reward=models["reward"],
-                                    compile=compile_))
-    sss = no_eos(fastalign.Engine(target=models["target"], draft=models["sss_draft"], ref=models["ref"],
-                                  compile=compile_))
+    with cuda_graphs_env(graphs):
+        plain = no_eos(fastalign.Engine(target=models["target"], draft=models["draft"], reward=models["reward"],
+                                        compile=compile_))
+        sss = no_eos(fastalign.Engine(target=models["target"], draft=models["sss_draft"], ref=models["ref"],
+                                      compile=compile_))
     sss.target = plain.target  # one compiled target per world
     return {"plain": plain, "sss": sss}
 
@@ -148,37 +177,52 @@ def generate_run(model, prompts, max_new, seed, static: bool):
 def run_case(name, world_models, engs, prompts, args):
     method, options, batch = CASES[name]
     rows = (prompts * batch)[:batch]
-    variants = {
-        "eager": lambda seed: fastalign_run(engs["eager"], method, options, rows, args.max_new_tokens, seed),
-        "compiled": lambda seed: fastalign_run(engs["compiled"], method, options, rows, args.max_new_tokens, seed),
-    }
+    def ours(kind):
+        return lambda seed: fastalign_run(engs[kind], method, options, rows, args.max_new_tokens, seed)
+
+    variants = {kind: ours(kind) for kind in engs}  # eager, compiled (and compiled_graphs)
+    compiled_kinds = [k for k in engs if k != "eager"]
     if name in GENERATE_CASES:
         target = world_models["target"]
         variants["generate"] = lambda seed: generate_run(target, rows, args.max_new_tokens, seed, False)
         variants["generate_static_compiled"] = lambda seed: generate_run(target, rows, args.max_new_tokens, seed,
                                                                          True)
     first, times, info = {}, {k: [] for k in variants}, {}
+    skips = dict.fromkeys(variants, 0)  # graphs inductor declined to capture, per variant
     for k, fn in variants.items():  # first calls: compilation of new shapes
+        before = cudagraph_skips()
         info[k], first[k] = timed(lambda: fn(args.seed), args.device)
-    new_shapes = []  # per repeat: shapes the compiled engines first met (and compiled) inside a timed call
+        skips[k] += cudagraph_skips() - before
+    new_shapes = {k: [] for k in compiled_kinds}  # per repeat: shapes first met (and compiled) inside a timed call
     for r in range(args.repeats):
         for k, fn in variants.items():
-            known = sum(map(len, compiled_shapes(engs["compiled"]).values()))
+            known = sum(map(len, compiled_shapes(engs[k]).values())) if k in new_shapes else 0
+            before = cudagraph_skips()
             info[k], t = timed(lambda: fn(args.seed + 1 + r), args.device)
+            skips[k] += cudagraph_skips() - before
             times[k].append(t)
-            if k == "compiled":
-                new_shapes.append(sum(map(len, compiled_shapes(engs["compiled"]).values())) - known)
+            if k in new_shapes:
+                new_shapes[k].append(sum(map(len, compiled_shapes(engs[k]).values())) - known)
     out = {}
     for k in variants:
         best = min(times[k])
         out[k] = dict(wall_s=best, tokens=info[k]["tokens"], tokens_per_s=info[k]["tokens"] / best,
                       first_call_s=first[k], compile_s=max(0.0, first[k] - best), all_wall_s=times[k],
+                      cudagraph_skips=skips[k],
                       **{x: v for x, v in info[k].items() if x != "tokens"})
-    out["compiled"]["new_shapes_while_timed"] = new_shapes
-    out["compiled"]["best_run_compiled"] = new_shapes[times["compiled"].index(min(times["compiled"]))] > 0
+    for k in compiled_kinds:
+        out[k]["new_shapes_while_timed"] = new_shapes[k]
+        out[k]["best_run_compiled"] = new_shapes[k][times[k].index(min(times[k]))] > 0
     print(f"  {name}: " + ", ".join(f"{k} {v['tokens_per_s']:.1f} tok/s (compile {v['compile_s']:.0f} s)"
                                    for k, v in out.items()), flush=True)
     return out
+
+
+def cudagraph_skips() -> int:
+    """Graphs inductor declined to capture so far in this process (its ``cudagraph_skips`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def compiled_shapes(engs) -> dict:
@@ -201,6 +245,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--tag", help="suffix of the result files: engine_<device>_<tag>")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time the compiled engine with CUDA graphs (compiled_graphs); compiled then runs "
+                         "torch.compile's default mode (on a CPU both are the same: a check that the code runs)")
     args = ap.parse_args(argv)
     worlds, cases = args.worlds.split(","), args.cases.split(",")
     for name, known in (("world", ["toy", *RANDOM_WORLDS]), ("case", CASES)):
@@ -223,9 +270,12 @@ def main(argv=None):
     for world in worlds:
         print(f"{world}:", flush=True)
         models, prompts, settings = toy_world(args) if world == "toy" else random_world(args, world)
-        engs = {"eager": engines(models, False), "compiled": engines(models, True)}
+        engs = {"eager": engines(models, False), "compiled": engines(models, True, False if args.graphs else None)}
+        if args.graphs:
+            engs["compiled_graphs"] = engines(models, True, True)
         results = {}
-        payload["worlds"][world] = dict(settings=settings, cases=results, compiled_shapes={})
+        compilation = {k: vars(engs[k]["plain"].target.store.compilation) for k in engs if k != "eager"}
+        payload["worlds"][world] = dict(settings=settings, cases=results, compiled_shapes={}, compilation=compilation)
         for name in cases:
             results[name] = run_case(name, models, engs, prompts, args)
             payload["worlds"][world]["compiled_shapes"] = compiled_shapes(engs["compiled"])
@@ -247,6 +297,12 @@ def to_markdown(payload) -> str:
              f"{', '.join(f'{x:.1f}' for x in payload['load_after'])}.\n"]
     for world, res in payload["worlds"].items():
         lines.append(f"\n## {world}\n")
+        graphs = any("compiled_graphs" in r for r in res["cases"].values())
+        if res.get("compilation"):  # graphs torch declined to capture, summed over the cases
+            lines.append("Compile settings (cudagraph skips): " + "; ".join(
+                f"{k}: mode {c['mode']}, CUDA graphs {'on' if c['graphs'] else 'off'} "
+                f"({sum(r[k].get('cudagraph_skips', 0) for r in res['cases'].values() if k in r)})"
+                for k, c in res["compilation"].items()) + ".\n")
         if res["settings"]:
             s = res["settings"]
             lines.append(f"target {s['target_params'] / 1e6:.0f}M, draft {s['draft_params'] / 1e6:.0f}M "
@@ -266,11 +322,21 @@ def to_markdown(payload) -> str:
                        if ref_sample and name.startswith(("sd", "sss")) else "")
             row.append(f"{c['acceptance_rate']:.2f}" if "acceptance_rate" in c else "")
             row.append(f"{c['compile_s']:.0f}" + (f" / {gs['compile_s']:.0f}" if gs else ""))
+            if graphs:
+                cg = r.get("compiled_graphs")
+                cg_mark = " (compiling)" if cg and cg.get("best_run_compiled") else ""
+                row += [f"{cg['tokens_per_s']:.1f}{cg_mark}" if cg else "",
+                        f"{cg['tokens_per_s'] / c['tokens_per_s']:.2f}x" if cg else "",
+                        f"{cg['tokens_per_s'] / g['tokens_per_s']:.2f}x" if cg and g else "",
+                        f"{cg['tokens_per_s'] / gs['tokens_per_s']:.2f}x" if cg and gs else "",
+                        f"{cg['compile_s']:.0f}" if cg else ""]
             rows.append(row)
         lines.append(markdown_table(
             ["case", "eager tok/s", "compiled tok/s", "compiled / eager", "generate tok/s",
              "generate static+compile tok/s", "compiled / generate", "compiled / generate static+compile",
-             "compiled / compiled sample_b1", "acceptance", "compile s (ours / generate's)"], rows))
+             "compiled / compiled sample_b1", "acceptance", "compile s (ours / generate's)"]
+            + (["graphs tok/s", "graphs / compiled", "graphs / generate", "graphs / generate static+compile",
+                "graphs compile s"] if graphs else []), rows))
     return "\n".join(lines)
 
 

@@ -69,8 +69,9 @@ class Engine:
     KV cache and fixed-shape steps compiled with ``torch.compile`` once per shape bucket (the first calls of
     each shape pay the compilation, tens of seconds on a CPU); outputs are those of the eager path (the
     default and the reference): the same laws, and the same tokens in fp32 (equal up to float rounding in
-    bf16 / fp16). ``static_cache=True`` without ``compile`` runs the static cache uncompiled
-    (for tests and debugging). CPU threads are the caller's setting (``torch.set_num_threads``); see the
+    bf16 / fp16). On a CUDA device the compiled steps also replay as CUDA graphs (``FASTALIGN_CUDA_GRAPHS=0``
+    turns them off; docs/benchmarks.md, "CUDA graphs"). ``static_cache=True`` without ``compile`` runs the
+    static cache uncompiled (for tests and debugging). CPU threads are the caller's setting (``torch.set_num_threads``); see the
     docs/benchmarks.md ("CPU threads") for the measured defaults of the CLI and benchmarks.
 
     One engine may be shared by several threads: its models hold per-call state (KV caches), so ``decode``

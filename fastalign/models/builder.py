@@ -4,7 +4,8 @@
 ``CausalLM`` or ``RewardModel`` already built, a reward callable or a text reward's name) and the engine's
 settings (device, dtype, compile), and decides everything else: where the weights go, in which dtype, which KV
 store the caches use (the ragged store, or the slot store with or without ``torch.compile``). Nothing else in
-the library chooses a store or compiles.
+the library chooses a store or compiles; how the chosen steps compile on a model's device (torch.compile's mode,
+CUDA graphs on a GPU) is ``fastalign.models.slots.step_compilation``, from the options decided here.
 """
 
 from __future__ import annotations

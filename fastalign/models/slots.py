@@ -26,6 +26,18 @@ reused by every later call of that shape (decode steps, speculative verify block
 branch blocks). Wider blocks (a prefill) run the same step uncompiled. With ``compile=False`` the same
 code runs without ``torch.compile``: that is how the tests check the static cache quickly.
 
+On a CUDA device the compiled steps are also captured as CUDA graphs (``step_compilation`` decides, from the
+options and the device, in one place: ``torch.compile(mode="reduce-overhead")``, i.e. inductor's cudagraph
+trees, one graph per shape). What a graph needs holds here: fixed shapes per bucket; no host sync inside the
+step (the mask is built on the device, every shape decision is made before the call); the keys and values
+are marked as static addresses (``torch._dynamo.mark_static_address``: the graph writes them in place, and a
+new buffer, after a resize or for another batch, has the graph recorded again rather than copied or
+recompiled); the small per-call inputs (tokens, positions, masks, columns) are copied by torch into the
+graph's static input buffers; and the output (logits or hidden states), which the next replay overwrites, is
+cloned before the step returns, each call starting a new cudagraph step
+(``torch.compiler.cudagraph_mark_step_begin``). ``StaticOptions.cuda_graphs=False`` or
+``FASTALIGN_CUDA_GRAPHS=0`` turns the graphs off (torch.compile's default mode, as on a CPU).
+
 The KV write is the gpt-fast recipe: ``index_copy_`` of the block into the preallocated tensors, through a
 ``transformers`` ``Cache`` subclass (``SlotCache``), so any HF causal LM that takes an explicit 4-D mask and
 position ids works unchanged (Llama-, GPT-2- and OPT-style models are tested).
@@ -34,6 +46,7 @@ position ids works unchanged (Llama-, GPT-2- and OPT-style models are tested).
 from __future__ import annotations
 
 import functools
+import os
 import types
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -41,6 +54,7 @@ from types import SimpleNamespace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..errors import InputError
 from ..validation import check_rows
 from . import native
 
@@ -80,15 +94,22 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, write: _Write, rows: int, length: int):
+    def __init__(self, write: _Write, rows: int, length: int, static_addresses: bool = False):
         super().__init__()
         self.write, self.rows, self.length = write, rows, length
+        self.static_addresses = static_addresses
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         H, D, Dv = key_states.shape[1], key_states.shape[3], value_states.shape[3]
         kw = dict(dtype=key_states.dtype, device=key_states.device)
         self.keys = torch.zeros(self.rows, H, self.length, D, **kw)
         self.values = torch.zeros(self.rows, H, self.length, Dv, **kw)
+        if self.static_addresses:
+            # CUDA graphs: the step writes these in place, so they must be static inputs of the graph (else
+            # cudagraph trees skip a graph that mutates an input); unguarded: a new buffer (a resize, another
+            # batch) re-records the graph instead of recompiling
+            torch._dynamo.mark_static_address(self.keys, guard=False)
+            torch._dynamo.mark_static_address(self.values, guard=False)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -111,10 +132,11 @@ class SlotLayer(CacheLayerMixin):
 class SlotCache(Cache):
     """A ``transformers`` cache of ``SlotLayer`` s (created as the model asks for them, on the first call)."""
 
-    def __init__(self, rows: int, length: int):
+    def __init__(self, rows: int, length: int, static_addresses: bool = False):
         self.write = _Write()
-        super().__init__(layer_class_to_replicate=functools.partial(SlotLayer, self.write, rows, length))
-        self.rows, self.length = rows, length
+        super().__init__(layer_class_to_replicate=functools.partial(SlotLayer, self.write, rows, length,
+                                                                    static_addresses))
+        self.rows, self.length, self.static_addresses = rows, length, static_addresses
 
     @property
     def initialized(self) -> bool:
@@ -127,19 +149,67 @@ class StaticOptions:
     """How the static path runs.
 
     ``compile``: compile the fixed-shape steps with ``torch.compile`` (False: run the same steps as they are,
-    e.g. in tests). ``mode``: torch.compile's mode (None: its default; on a GPU ``"reduce-overhead"`` adds
-    CUDA graphs). ``cpp_wrapper``: inductor's C++ wrapper on the CPU (less Python per call).
+    e.g. in tests). ``mode``: torch.compile's mode (None: chosen by ``step_compilation``: the default on a
+    CPU, ``"reduce-overhead"``, i.e. CUDA graphs, on a CUDA device). ``cpp_wrapper``: inductor's C++ wrapper on
+    the CPU (less Python per call).
     ``skip_guards``: once a shape is compiled, call it with torch's ``skip_guard_eval_unsafe`` stance, so a
     step evaluates only the guards that tell this model's compiled shapes apart. Safe here because every
     model has its own compiled function (its own code object) and the shape key ``(R, Tb, Tq, S)`` is all that
     varies between its calls (no grad, no keyword arguments, fixed dtypes); a new shape is always compiled
-    under full guards first.
+    under full guards first. ``cuda_graphs``: on a CUDA device, capture the compiled steps as CUDA graphs
+    (None: yes unless ``FASTALIGN_CUDA_GRAPHS=0``; False: torch.compile's default mode, as on a CPU; ignored
+    when ``mode`` is given). ``step_compilation`` turns these and the device into torch.compile's settings.
     """
 
     compile: bool = True
     mode: str | None = None
     cpp_wrapper: bool = True
     skip_guards: bool = True
+    cuda_graphs: bool | None = None
+
+
+CUDA_GRAPHS_ENV = "FASTALIGN_CUDA_GRAPHS"
+
+
+@dataclass(frozen=True)
+class StepCompilation:
+    """How a store's fixed-shape steps are compiled (``step_compilation``). ``compile``: whether they are;
+    ``mode`` / ``options``: torch.compile's; ``graphs``: whether the steps replay as CUDA graphs, which turns on
+    what graphs need (static KV addresses, a cudagraph step per call, outputs cloned)."""
+
+    compile: bool
+    mode: str | None = None
+    options: dict | None = None
+    graphs: bool = False
+
+
+def cuda_graphs_from_env() -> bool:
+    """``FASTALIGN_CUDA_GRAPHS``: unset or ``1`` (graphs on a CUDA device), ``0`` (off, for debugging)."""
+    value = os.environ.get(CUDA_GRAPHS_ENV, "1").strip().lower()
+    if value not in ("0", "1", "true", "false", "on", "off", "yes", "no", ""):
+        raise InputError(f"{CUDA_GRAPHS_ENV}={value!r}: expected 1 (CUDA graphs on a GPU, the default) or 0 (off)")
+    return value not in ("0", "false", "off", "no")
+
+
+def step_compilation(options: StaticOptions, device: torch.device) -> StepCompilation:
+    """The one place that decides how the steps of a model on ``device`` compile.
+
+    Not compiling: nothing. A CPU: ``options.mode`` (None: torch.compile's default) with inductor's C++ wrapper
+    (``options.cpp_wrapper``), no graphs. A CUDA device: ``options.mode`` when given, else ``"reduce-overhead"``
+    (CUDA graphs) unless ``options.cuda_graphs`` is False, or is None and ``FASTALIGN_CUDA_GRAPHS=0``; then the
+    default mode. ``graphs`` is whether the chosen mode captures CUDA graphs on that device."""
+    if not options.compile:
+        return StepCompilation(compile=False)
+    device = torch.device(device)
+    if device.type != "cuda":
+        inductor = {"cpp_wrapper": True} if options.cpp_wrapper and device.type == "cpu" else None
+        return StepCompilation(True, options.mode, inductor, graphs=False)
+    wanted = options.cuda_graphs if options.cuda_graphs is not None else cuda_graphs_from_env()
+    mode = options.mode if options.mode is not None else ("reduce-overhead" if wanted else None)
+    from torch._inductor import list_mode_options
+
+    graphs = mode is not None and bool(list_mode_options(mode).get("triton.cudagraphs", False))
+    return StepCompilation(True, mode, None, graphs)
 
 
 def _configure_dynamo() -> None:
@@ -165,17 +235,19 @@ class SlotStore:
         self._compiled_step = None
         self._width = 0  # the width of the block opened last (its bucket, when it runs compiled)
         self._compiled = False
+        self.compilation = StepCompilation(compile=False)  # (attach decides)
 
     def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype) -> None:
         """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``; compile its step."""
         self.backbone, self.cache_arg, self.device, self.dtype = backbone, cache_arg, device, dtype
         self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=device)
-        if self.options.compile:
+        self.compilation = step_compilation(self.options, device)
+        if self.compilation.compile:
             _configure_dynamo()
             # a code object of its own: torch's compile cache (and its guards) is per code object
             step = types.FunctionType(SlotStore._step.__code__.replace(), globals(), "_step")
-            inductor = {"cpp_wrapper": True} if self.options.cpp_wrapper and device.type == "cpu" else None
-            self._compiled_step = torch.compile(step, dynamic=False, mode=self.options.mode, options=inductor)
+            self._compiled_step = torch.compile(step, dynamic=False, mode=self.compilation.mode,
+                                                options=self.compilation.options)
 
     def reserve(self, new_tokens: int) -> None:
         """Allocate room for ``new_tokens`` more columns at the next prefill (a decode's ``max_new_tokens``)."""
@@ -216,17 +288,17 @@ class SlotStore:
     # ---------------------------------------------------------------- allocation
     def _allocate(self, rows: int, length: int) -> None:
         """Fresh buffers for ``rows`` rows (a bucket) and ``length`` columns; keys/values appear on the first call."""
-        self.cache = SlotCache(rows, length)
+        self.cache = SlotCache(rows, length, self.compilation.graphs)
         self._live_buf = torch.zeros(rows, length, dtype=torch.bool, device=self.device)
 
     def _resize(self, rows: int, length: int, row_index: torch.Tensor | None = None) -> None:
         """New buffers of ``rows x length`` holding the current rows (or ``row_index`` of them) at the same columns."""
         old, old_live = self.cache, self._live_buf
         index = torch.arange(self.rows, device=self.device) if row_index is None else row_index
-        self.cache = SlotCache(rows, length)
+        self.cache = SlotCache(rows, length, self.compilation.graphs)
         n, w = index.shape[0], min(self.end, length)
         for layer in old.layers:
-            new = SlotLayer(self.cache.write, rows, length)
+            new = SlotLayer(self.cache.write, rows, length, self.compilation.graphs)
             new.lazy_initialization(layer.keys[:1], layer.values[:1])
             new.keys[:n, :, :w] = layer.keys[index, :, :w]
             new.values[:n, :, :w] = layer.values[index, :, :w]
@@ -300,8 +372,13 @@ class SlotStore:
         if self._compiled:
             shape = (R, width, seen.shape[1], S)
             known = shape in self.compiled_shapes and self.options.skip_guards
+            if self.compilation.graphs:
+                # a new cudagraph step: what earlier replays returned may be overwritten (it was cloned)
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.compiler.set_stance(skip_guard_eval_unsafe=known):
                 out = self._compiled_step(self, tokens, positions, seen, block, columns)
+            if self.compilation.graphs:
+                out = out[:B, :T].clone() if out.shape[1] >= T else out[:B].clone()  # the next replay overwrites it
             self.compiled_shapes.add(shape)
         else:
             out = self._step(tokens, positions, seen, block, columns, **kwargs)
