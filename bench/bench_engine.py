@@ -36,6 +36,8 @@ Against the physical limit (the ``sample`` cases): the same run first measures, 
 
 * the memory bandwidth ``BW``: a streaming read of a buffer much larger than the caches (``x.sum()`` over a
   ``--stream-mb`` fp32 tensor, default 1024 MB), best of a few, in GB/s;
+* (for reference) the rate at which fp32 matrix-vector products stream weights, ``F.linear`` of one row over
+  256 MB of distinct ``[4096, 1024]`` matrices, in GB/s: what a batch-1 step's own kernels can reach here;
 * the matmul FLOP rate ``F``: fp32 matmuls ``[16, H] x [H, 4H]`` (the batch-16 decode step's shape, ``H`` the
   target's width) and ``[1024, 1024] x [1024, 1024]``, each the best of a few; ``F`` is the faster of the two,
   in GFLOP/s (both are recorded).
@@ -51,8 +53,8 @@ and per case the work of one generated token (``sample`` runs the target alone: 
   input embedding lookup excluded), the second term the attention scores and the weighted sum of the values.
 
 and reports ``bandwidth fraction = bytes/token * tokens/s / BW`` and, for the batched cases (batch > 1),
-``FLOP fraction = FLOPs/token * tokens/s / F`` for each variant (the table: compiled and generate
-static+compile). Prefill and the compiled path's padding (its attention reads the whole static cache, a
+``FLOP fraction = FLOPs/token * tokens/s / F``, and bytes/token * tokens/s over the matrix-vector rate, for
+each variant (the table: compiled and generate static+compile). Prefill and the compiled path's padding (its attention reads the whole static cache, a
 multiple of 128 columns, with masked columns) are not counted as work: they are overhead against the limit.
 
 The result files are rewritten after every case, so a run cut short (a ``timeout``) keeps what it measured.
@@ -157,6 +159,15 @@ def measure_bandwidth(device, mb: int = 1024, repeats: int = 5) -> float:
     return mb * 2**20 / best / 1e9
 
 
+def measure_gemv(device, mb: int = 256, repeats: int = 3) -> float:
+    """GB/s of fp32 matrix-vector products (``F.linear`` of one row, the kernel of a batch-1 decode step) over
+    distinct ``[4096, 1024]`` weights totalling ``mb`` MB, so that they stream from memory, best of ``repeats``."""
+    ws = [torch.randn(4096, 1024, device=device) for _ in range(max(1, mb // 16))]
+    x = torch.randn(1, 1024, device=device)
+    best = min(timed(lambda: [torch.nn.functional.linear(x, w) for w in ws], device)[1] for _ in range(repeats))
+    return len(ws) * 16 * 2**20 / best / 1e9
+
+
 def measure_matmul(device, m: int, k: int, n: int, repeats: int = 5) -> float:
     """GFLOP/s of an fp32 ``[m, k] x [k, n]`` matmul, best of ``repeats`` (each timing enough calls to last
     about 50 ms)."""
@@ -172,6 +183,7 @@ def measure_limits(device, hidden: int, stream_mb: int) -> dict:
     small = measure_matmul(device, 16, hidden, 4 * hidden)
     large = measure_matmul(device, 1024, 1024, 1024)
     return dict(bandwidth_gbps=measure_bandwidth(device, stream_mb), stream_mb=stream_mb,
+                gemv_gbps=measure_gemv(device),
                 matmul_gflops={f"16x{hidden}x{4 * hidden}": small, "1024x1024x1024": large},
                 flop_rate_gflops=max(small, large))
 
@@ -181,6 +193,8 @@ def add_fractions(case: dict, work: dict, limits: dict, rows: int) -> None:
     for v in case.values():
         if isinstance(v, dict) and "tokens_per_s" in v:
             v["bandwidth_fraction"] = work["bytes_per_token"] * v["tokens_per_s"] / (limits["bandwidth_gbps"] * 1e9)
+            if "gemv_gbps" in limits:
+                v["gemv_fraction"] = work["bytes_per_token"] * v["tokens_per_s"] / (limits["gemv_gbps"] * 1e9)
             if rows > 1:
                 v["flop_fraction"] = work["flops_per_token"] * v["tokens_per_s"] / (limits["flop_rate_gflops"] * 1e9)
 
@@ -380,7 +394,8 @@ def to_markdown(payload) -> str:
         if lim:
             mm = ", ".join(f"{k} {v:.1f}" for k, v in lim["matmul_gflops"].items())
             lines.append(f"Limits measured in this run: streaming read {lim['bandwidth_gbps']:.1f} GB/s "
-                         f"({lim['stream_mb']} MB fp32 `x.sum()`); fp32 matmul GFLOP/s {mm}.\n")
+                         f"({lim['stream_mb']} MB fp32 `x.sum()`); fp32 matrix-vector products "
+                         f"{lim['gemv_gbps']:.1f} GB/s (256 MB of weights); fp32 matmul GFLOP/s {mm}.\n")
         rows = []
         for name, r in res["cases"].items():
             e, c = r["eager"], r["compiled"]
@@ -399,13 +414,14 @@ def to_markdown(payload) -> str:
             w = r.get("work")
             row += [f"{w['bytes_per_token'] / 1e6:.3g}" if w else "", f"{w['flops_per_token'] / 1e6:.3g}" if w else ""]
             row += [" / ".join(f"{v[key]:.0%}" for v in (c, gs) if v and key in v)
-                    for key in ("bandwidth_fraction", "flop_fraction")]
+                    for key in ("bandwidth_fraction", "gemv_fraction", "flop_fraction")]
             rows.append(row)
         lines.append(markdown_table(
             ["case", "eager tok/s", "compiled tok/s", "compiled / eager", "generate tok/s",
              "generate static+compile tok/s", "compiled / generate", "compiled / generate static+compile",
              "compiled / compiled sample_b1", "acceptance", "compile s (ours / generate's)", "MB read / token",
              "MFLOP / token", "of bandwidth limit (compiled / generate static+compile)",
+             "of matrix-vector rate (compiled / generate static+compile)",
              "of FLOP limit (compiled / generate static+compile)"], rows))
     return "\n".join(lines)
 

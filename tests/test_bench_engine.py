@@ -63,9 +63,10 @@ def test_sample_work_per_token():
 def test_fractions_of_the_limits():
     case = {"compiled": {"tokens_per_s": 50.0}, "eager": {"tokens_per_s": 25.0}, "work": {}}
     work = {"bytes_per_token": 2e8, "flops_per_token": 1e9}
-    limits = {"bandwidth_gbps": 20.0, "flop_rate_gflops": 100.0}
+    limits = {"bandwidth_gbps": 20.0, "gemv_gbps": 10.0, "flop_rate_gflops": 100.0}
     add_fractions(case, work, limits, rows=16)
     assert case["compiled"]["bandwidth_fraction"] == pytest.approx(0.5)  # 2e8 B x 50 /s over 20e9 B/s
+    assert case["compiled"]["gemv_fraction"] == pytest.approx(1.0)  # 2e8 B x 50 /s over 10e9 B/s
     assert case["compiled"]["flop_fraction"] == pytest.approx(0.5)  # 1e9 x 50 over 100e9
     assert case["eager"]["bandwidth_fraction"] == pytest.approx(0.25)
     single = {"compiled": {"tokens_per_s": 50.0}}
