@@ -1,4 +1,6 @@
-"""``sd`` with a fixed draft length K against ``num_draft_tokens="auto"`` and plain ``sample``, on the toy world.
+"""``sd`` with a fixed draft length K against ``num_draft_tokens="auto"`` and plain ``sample``, on the toy world
+(or, ``--world 100m``, on ``bench_engine``'s ~82M target and ~13M draft, calibrated to SD acceptance
+``--acceptance``, where a draft call costs a fraction of a target call and drafting pays).
 
 The toy world's draft costs about what its target costs (both overhead-bound), so speculation cannot pay
 there: ``"auto"`` should measure that before decoding and sample from the target alone (K=0), at the speed of
@@ -13,7 +15,9 @@ throughout) shows what the plain-sampling fallback of ``sd`` costs against ``sam
     python bench/bench_adaptive.py --compile          # + Engine(compile=True) (compilation: minutes)
     python bench/bench_adaptive.py --cost 0.3         # also "auto:0.3": the schedule when drafting would pay
 
-Writes ``bench/results/adaptive_cpu_toy.json`` and ``.md``.
+    python bench/bench_adaptive.py --world 100m --prompts 4 --max-new-tokens 32 --repeats 2   # ~5 minutes
+
+Writes ``bench/results/adaptive_cpu_<world>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -58,12 +62,25 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also the compiled path, Engine(compile=True)")
     ap.add_argument("--cost", type=float, default=None, help="also auto with this fixed cost ratio")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--world", choices=["toy", "100m"], default="toy",
+                    help="toy: the shipped toy world; 100m: bench_engine's ~82M target and ~13M draft")
+    ap.add_argument("--prompts", type=int, default=None, help="use only the first N prompts")
+    ap.add_argument("--acceptance", type=float, default=0.8, help="100m: the draft's calibrated SD acceptance")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from fastalign.eval.toyworld import load_toy_world
+    if args.world == "toy":
+        from fastalign.eval.toyworld import load_toy_world
 
-    w = load_toy_world()
-    prompts = w.tokenizer(w.prompts)["input_ids"]
+        w = load_toy_world()
+        prompts = w.tokenizer(w.prompts)["input_ids"]
+    else:
+        from bench.bench_engine import random_world
+
+        world_args = argparse.Namespace(device=torch.device("cpu"), dtype=torch.float32, seed=args.seed,
+                                        acceptance=args.acceptance)
+        models, prompts, settings = random_world(world_args, "100m")
+        w = argparse.Namespace(target=models["target"], draft=models["draft"])
+    prompts = prompts[: args.prompts] if args.prompts else prompts
     cases = [("sample", "sample", {})] + [(f"sd K={k}", "sd", dict(num_draft_tokens=k)) for k in (1, 2, 4, 8)]
     cases.append(("sd auto", "sd", dict(num_draft_tokens="auto")))
     if args.cost is not None:
@@ -96,12 +113,12 @@ def main():
                      f"{r.get('acceptance_rate', float('nan')):.2f}", f"{r.get('mean_draft_tokens', float('nan')):.2f}",
                      r.get("row_rounds_k0", ""), f"{r['draft_cost']:.2f}" if "draft_cost" in r else "",
                      r.get("draft_calls", "")])
-    md = (f"# sd: fixed K vs num_draft_tokens='auto' vs sample, toy world, batch 1\n\n`{command_line()}`\n\n"
+    md = (f"# sd: fixed K vs num_draft_tokens='auto' vs sample, {args.world} world, batch 1\n\n`{command_line()}`\n\n"
           + markdown_table(["path", "case", "tokens/s", "x sample", "acceptance", "mean K", "rounds at K=0",
                             "draft cost", "draft calls"], rows))
     payload = dict(command=command_line(), device=device_info(dev), threads=1, prompts=len(prompts),
                    max_new_tokens=args.max_new_tokens, repeats=args.repeats, results=results)
-    stem = "adaptive_cpu_toy" + (f"_{args.tag}" if args.tag else "")
+    stem = f"adaptive_cpu_{args.world}" + (f"_{args.tag}" if args.tag else "")
     for p in write_results(stem, payload, md):
         print("wrote", p)
     print(md)

@@ -41,6 +41,31 @@ runs.
     python bench/bench_engine.py --device cuda --dtype bf16 --worlds 1b --cases sample_b1,sample_b16,sd_chain
     python bench/bench_engine.py --device cuda --dtype bf16 --worlds 1b --cases sample_b1,sample_b16,sd_chain --graphs
 
+Against the physical limit (the ``sample`` cases): the same run first measures, on the same threads,
+
+* the memory bandwidth ``BW``: a streaming read of a buffer much larger than the caches (``x.sum()`` over a
+  ``--stream-mb`` fp32 tensor, default 1024 MB), best of a few, in GB/s;
+* (for reference) the rate at which fp32 matrix-vector products stream weights, ``F.linear`` of one row over
+  256 MB of distinct ``[4096, 1024]`` matrices, in GB/s: what a batch-1 step's own kernels can reach here;
+* the matmul FLOP rate ``F``: fp32 matmuls ``[16, H] x [H, 4H]`` (the batch-16 decode step's shape, ``H`` the
+  target's width) and ``[1024, 1024] x [1024, 1024]``, each the best of a few; ``F`` is the faster of the two,
+  in GFLOP/s (both are recorded).
+
+and per case the work of one generated token (``sample`` runs the target alone: one call per step, all rows in it):
+
+* bytes read per token ``= W / batch + KV(L)``: ``W`` the bytes of the target's parameters read by one step
+  (every parameter once; an input embedding table not shared with the output layer counts as the ``batch``
+  rows it reads, so it adds one row per token), ``KV(L) = 2 * layers * kv_heads * head_dim * L * dtype bytes``
+  the keys and values attended to at ``L``, the mean context length (prompt length + (new tokens - 1) / 2);
+* FLOPs per token ``= 2 * P_mm + 4 * layers * heads * head_dim * L``: ``P_mm`` the non-embedding matrix
+  parameters (every weight matrix, plus the output layer when it shares the embedding table; norms and the
+  input embedding lookup excluded), the second term the attention scores and the weighted sum of the values.
+
+and reports ``bandwidth fraction = bytes/token * tokens/s / BW`` and, for the batched cases (batch > 1),
+``FLOP fraction = FLOPs/token * tokens/s / F``, and bytes/token * tokens/s over the matrix-vector rate, for
+each variant (the table: compiled and generate static+compile). Prefill and the compiled path's padding (its attention reads the whole static cache, a
+multiple of 128 columns, with masked columns) are not counted as work: they are overhead against the limit.
+
 The result files are rewritten after every case, so a run cut short (a ``timeout``) keeps what it measured.
 
 Writes ``bench/results/engine_<device>[_<tag>].json`` and ``.md``.
@@ -79,6 +104,110 @@ GENERATE_CASES = ("sample_b1", "sample_b16")  # where generate does the same wor
 def even_share(prompts, responses):
     """A rule reward for the random models: the share of even token ids in the response."""
     return torch.tensor([sum(t % 2 == 0 for t in r) / max(1, len(r)) for r in responses])
+
+
+# ------------------------------------------------------------------------------------------- limits
+def _attention_shape(config) -> tuple[int, int, int, int]:
+    """``(layers, heads, kv_heads, head_dim)`` of a decoder's config (Llama names, with GPT-2's as fallback)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return layers, heads, kv_heads, head_dim
+
+
+def _embedding_weights(model) -> list[torch.Tensor]:
+    """The lookup tables (token, position) not shared with the output layer: read one row per token."""
+    out = model.get_output_embeddings()
+    out_w = out.weight if out is not None else None
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not out_w]
+
+
+def weight_bytes_per_step(model, rows: int) -> int:
+    """Bytes of ``model``'s parameters one decode step over ``rows`` rows reads: every parameter once (shared
+    ones once), except unshared embedding tables, of which only the ``rows`` looked-up rows are read."""
+    params = {id(p): p for p in model.parameters()}
+    tables = {id(w): w for w in _embedding_weights(model)}
+    total = sum(p.numel() * p.element_size() for k, p in params.items() if k not in tables)
+    return total + sum(rows * w.shape[1] * w.element_size() for w in tables.values())
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matrix product per token: every weight matrix (dim >= 2) except the
+    unshared embedding tables (a lookup); a table shared with the output layer counts once (the output layer)."""
+    tables = {id(w) for w in _embedding_weights(model)}
+    params = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for k, p in params.items() if p.dim() >= 2 and k not in tables)
+
+
+def kv_bytes(model, length: float) -> float:
+    """Bytes of keys and values one token's attention reads at context ``length`` (all layers)."""
+    layers, _, kv_heads, head_dim = _attention_shape(model.config)
+    elt = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * length * elt
+
+
+def attention_flops(model, length: float) -> float:
+    """FLOPs of one token's attention at context ``length``: scores ``q k^T`` and ``p v``, 2 each per MAC."""
+    layers, heads, _, head_dim = _attention_shape(model.config)
+    return 4 * layers * heads * head_dim * length
+
+
+def sample_work(model, rows: int, prompt_len: float, new_tokens: int) -> dict:
+    """Bytes read and FLOPs per generated token of ``sample`` at batch ``rows`` (module docstring)."""
+    length = prompt_len + (new_tokens - 1) / 2
+    return dict(mean_length=length,
+                bytes_per_token=weight_bytes_per_step(model, rows) / rows + kv_bytes(model, length),
+                flops_per_token=2 * matmul_params(model) + attention_flops(model, length))
+
+
+def measure_bandwidth(device, mb: int = 1024, repeats: int = 5) -> float:
+    """GB/s of a streaming read: ``x.sum()`` over an ``mb`` MB fp32 tensor, best of ``repeats``."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32, device=device)
+    best = min(timed(lambda: x.sum(), device)[1] for _ in range(repeats))
+    return mb * 2**20 / best / 1e9
+
+
+def measure_gemv(device, mb: int = 256, repeats: int = 3) -> float:
+    """GB/s of fp32 matrix-vector products (``F.linear`` of one row, the kernel of a batch-1 decode step) over
+    distinct ``[4096, 1024]`` weights totalling ``mb`` MB, so that they stream from memory, best of ``repeats``."""
+    ws = [torch.randn(4096, 1024, device=device) for _ in range(max(1, mb // 16))]
+    x = torch.randn(1, 1024, device=device)
+    best = min(timed(lambda: [torch.nn.functional.linear(x, w) for w in ws], device)[1] for _ in range(repeats))
+    return len(ws) * 16 * 2**20 / best / 1e9
+
+
+def measure_matmul(device, m: int, k: int, n: int, repeats: int = 5) -> float:
+    """GFLOP/s of an fp32 ``[m, k] x [k, n]`` matmul, best of ``repeats`` (each timing enough calls to last
+    about 50 ms)."""
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    calls = max(1, int(0.05 / max(1e-6, timed(lambda: a @ b, device)[1])))
+    best = min(timed(lambda: [a @ b for _ in range(calls)], device)[1] for _ in range(repeats)) / calls
+    return 2 * m * k * n / best / 1e9
+
+
+def measure_limits(device, hidden: int, stream_mb: int) -> dict:
+    """The machine's limits on the current threads (module docstring)."""
+    small = measure_matmul(device, 16, hidden, 4 * hidden)
+    large = measure_matmul(device, 1024, 1024, 1024)
+    return dict(bandwidth_gbps=measure_bandwidth(device, stream_mb), stream_mb=stream_mb,
+                gemv_gbps=measure_gemv(device),
+                matmul_gflops={f"16x{hidden}x{4 * hidden}": small, "1024x1024x1024": large},
+                flop_rate_gflops=max(small, large))
+
+
+def add_fractions(case: dict, work: dict, limits: dict, rows: int) -> None:
+    """Per variant of ``case``: the fraction of the bandwidth limit and (``rows`` > 1) of the FLOP limit."""
+    for v in case.values():
+        if isinstance(v, dict) and "tokens_per_s" in v:
+            v["bandwidth_fraction"] = work["bytes_per_token"] * v["tokens_per_s"] / (limits["bandwidth_gbps"] * 1e9)
+            if "gemv_gbps" in limits:
+                v["gemv_fraction"] = work["bytes_per_token"] * v["tokens_per_s"] / (limits["gemv_gbps"] * 1e9)
+            if rows > 1:
+                v["flop_fraction"] = work["flops_per_token"] * v["tokens_per_s"] / (limits["flop_rate_gflops"] * 1e9)
 
 
 # ------------------------------------------------------------------------------------------- worlds
@@ -243,6 +372,7 @@ def main(argv=None):
     ap.add_argument("--acceptance", type=float, default=0.8, help="per-token SD acceptance of the 100m draft")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; docs/benchmarks.md, CPU threads)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stream-mb", type=int, default=1024, help="size of the bandwidth probe's buffer (MB)")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--tag", help="suffix of the result files: engine_<device>_<tag>")
     ap.add_argument("--graphs", action="store_true",
@@ -275,9 +405,19 @@ def main(argv=None):
             engs["compiled_graphs"] = engines(models, True, True)
         results = {}
         compilation = {k: vars(engs[k]["plain"].target.store.compilation) for k in engs if k != "eager"}
-        payload["worlds"][world] = dict(settings=settings, cases=results, compiled_shapes={}, compilation=compilation)
+        target = models["target"]
+        limits = measure_limits(args.device, target.config.hidden_size, args.stream_mb)
+        print(f"  limits: {limits['bandwidth_gbps']:.1f} GB/s, {limits['flop_rate_gflops']:.1f} GFLOP/s", flush=True)
+        payload["worlds"][world] = dict(settings=settings, limits=limits, cases=results, compiled_shapes={},
+                                        compilation=compilation)
         for name in cases:
             results[name] = run_case(name, models, engs, prompts, args)
+            method, _, batch = CASES[name]
+            if method == "sample":
+                rows = (prompts * batch)[:batch]
+                work = sample_work(target, batch, sum(map(len, rows)) / batch, args.max_new_tokens)
+                results[name]["work"] = work
+                add_fractions(results[name], work, limits, batch)
             payload["worlds"][world]["compiled_shapes"] = compiled_shapes(engs["compiled"])
             save()
         del models, engs  # free the device before the next world
@@ -307,6 +447,12 @@ def to_markdown(payload) -> str:
             s = res["settings"]
             lines.append(f"target {s['target_params'] / 1e6:.0f}M, draft {s['draft_params'] / 1e6:.0f}M "
                          f"parameters; calibrated SD acceptance {s['sd_acceptance']:.2f}.\n")
+        lim = res.get("limits")
+        if lim:
+            mm = ", ".join(f"{k} {v:.1f}" for k, v in lim["matmul_gflops"].items())
+            lines.append(f"Limits measured in this run: streaming read {lim['bandwidth_gbps']:.1f} GB/s "
+                         f"({lim['stream_mb']} MB fp32 `x.sum()`); fp32 matrix-vector products "
+                         f"{lim['gemv_gbps']:.1f} GB/s (256 MB of weights); fp32 matmul GFLOP/s {mm}.\n")
         rows = []
         for name, r in res["cases"].items():
             e, c = r["eager"], r["compiled"]
@@ -322,6 +468,10 @@ def to_markdown(payload) -> str:
                        if ref_sample and name.startswith(("sd", "sss")) else "")
             row.append(f"{c['acceptance_rate']:.2f}" if "acceptance_rate" in c else "")
             row.append(f"{c['compile_s']:.0f}" + (f" / {gs['compile_s']:.0f}" if gs else ""))
+            w = r.get("work")
+            row += [f"{w['bytes_per_token'] / 1e6:.3g}" if w else "", f"{w['flops_per_token'] / 1e6:.3g}" if w else ""]
+            row += [" / ".join(f"{v[key]:.0%}" for v in (c, gs) if v and key in v)
+                    for key in ("bandwidth_fraction", "gemv_fraction", "flop_fraction")]
             if graphs:
                 cg = r.get("compiled_graphs")
                 cg_mark = " (compiling)" if cg and cg.get("best_run_compiled") else ""
@@ -334,7 +484,10 @@ def to_markdown(payload) -> str:
         lines.append(markdown_table(
             ["case", "eager tok/s", "compiled tok/s", "compiled / eager", "generate tok/s",
              "generate static+compile tok/s", "compiled / generate", "compiled / generate static+compile",
-             "compiled / compiled sample_b1", "acceptance", "compile s (ours / generate's)"]
+             "compiled / compiled sample_b1", "acceptance", "compile s (ours / generate's)", "MB read / token",
+             "MFLOP / token", "of bandwidth limit (compiled / generate static+compile)",
+             "of matrix-vector rate (compiled / generate static+compile)",
+             "of FLOP limit (compiled / generate static+compile)"]
             + (["graphs tok/s", "graphs / compiled", "graphs / generate", "graphs / generate static+compile",
                 "graphs compile s"] if graphs else []), rows))
     return "\n".join(lines)
