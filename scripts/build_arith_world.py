@@ -30,7 +30,6 @@ versions and the measurements.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import shutil
@@ -39,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import DynamicCache, LlamaForCausalLM, LlamaForSequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +57,7 @@ REWARD = dict(init="target", labels="every token", steps=2500, lr=2e-3, seed=3)
 MEASURE_SEED = 7
 
 
-def log(*args):
-    print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
+log = toy.log
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -226,20 +223,12 @@ def main():
         shutil.rmtree(args.out)
     for name, model in (("target", target), ("reward", reward)):
         toy.save(model, tokenizer, args.out / name, eos, bos, pad)
-    files = sorted(p for p in args.out.rglob("*") if p.is_file())
-    manifest = {
-        "files": {str(p.relative_to(args.out)): toy.sha256(p) for p in files},
-        "corpus_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
-        "settings": dict(corpus_size=CORPUS_SIZE, corpus_seed=CORPUS_SEED, error_rate=args.error_rate,
-                         reward_size=REWARD_SIZE, reward_seed=REWARD_SEED, reward_error_rate=REWARD_ERROR_RATE,
-                         eval_problems=EVAL_PROBLEMS, sample_cap=SAMPLE_CAP, context=toy.CONTEXT, batch=toy.BATCH,
-                         target=TARGET, reward=REWARD, measure_seed=MEASURE_SEED),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "metrics": {k: round(v, 4) for k, v in metrics.items()},
-    }
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    total = sum(p.stat().st_size for p in files)
-    log(f"wrote {len(files)} files ({total / 1e6:.2f} MB) to {args.out} in {time.perf_counter() - start:.0f} s")
+    toy.write_manifest(args.out, texts, dict(corpus_size=CORPUS_SIZE, corpus_seed=CORPUS_SEED,
+                                             error_rate=args.error_rate, reward_size=REWARD_SIZE,
+                                             reward_seed=REWARD_SEED, reward_error_rate=REWARD_ERROR_RATE,
+                                             eval_problems=EVAL_PROBLEMS, sample_cap=SAMPLE_CAP, context=toy.CONTEXT,
+                                             batch=toy.BATCH, target=TARGET, reward=REWARD, measure_seed=MEASURE_SEED),
+                       metrics, start)
 
 
 if __name__ == "__main__":

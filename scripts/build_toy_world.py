@@ -164,6 +164,22 @@ def save(model, tokenizer, path: Path, eos: int, bos: int, pad: int) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def write_manifest(out: Path, corpus: list[str], settings: dict, metrics: dict, start: float) -> None:
+    """``out/manifest.json``: the checksum of every file under ``out``, of the corpus, the build settings, the
+    library versions and the measured metrics; then a line on what was written (``start``: ``perf_counter``)."""
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    manifest = {
+        "files": {str(p.relative_to(out)): sha256(p) for p in files},
+        "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
+        "settings": settings,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "metrics": {k: round(v, 4) for k, v in metrics.items()},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    total = sum(p.stat().st_size for p in files)
+    log(f"wrote {len(files)} files ({total / 1e6:.2f} MB) to {out} in {time.perf_counter() - start:.0f} s")
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -234,20 +250,11 @@ def main():
     for name, model in (("target", models["target"]), ("draft", draft), ("aligned_draft", aligned),
                         ("reward", reward)):
         save(model, tokenizer, args.out / name, eos, bos, pad)
-    files = sorted(p for p in args.out.rglob("*") if p.is_file())
-    manifest = {
-        "files": {str(p.relative_to(args.out)): sha256(p) for p in files},
-        "corpus_sha256": hashlib.sha256("\n".join(corpus).encode()).hexdigest(),
-        "settings": dict(corpus_size=CORPUS_SIZE, corpus_seed=CORPUS_SEED, context=CONTEXT, sample_cap=SAMPLE_CAP,
-                         batch=BATCH, target=TARGET, draft=DRAFT, reward=REWARD, align=ALIGN,
-                         align_samples=ALIGN_SAMPLES, align_beta=ALIGN_BETA, align_seed=ALIGN_SEED,
-                         reward_scale=toyworld.REWARD_SCALE),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "metrics": {k: round(v, 4) for k, v in metrics.items()},
-    }
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    total = sum(p.stat().st_size for p in files)
-    log(f"wrote {len(files)} files ({total / 1e6:.2f} MB) to {args.out} in {time.perf_counter() - start:.0f} s")
+    write_manifest(args.out, corpus, dict(corpus_size=CORPUS_SIZE, corpus_seed=CORPUS_SEED, context=CONTEXT,
+                                          sample_cap=SAMPLE_CAP, batch=BATCH, target=TARGET, draft=DRAFT,
+                                          reward=REWARD, align=ALIGN, align_samples=ALIGN_SAMPLES,
+                                          align_beta=ALIGN_BETA, align_seed=ALIGN_SEED,
+                                          reward_scale=toyworld.REWARD_SCALE), metrics, start)
 
 
 if __name__ == "__main__":
