@@ -265,6 +265,14 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id
 
 
 # ------------------------------------------------------------------ exact law of a QAlign chain
+def tilted_law(p: dict[tuple, float], reward, beta: float) -> tuple[dict[tuple, float], float]:
+    """``(P, Z)``: the law ``P(y) = p(y) exp(reward(y) / beta) / Z`` over the responses of ``p`` and its
+    normalising constant ``Z = sum_y p(y) exp(reward(y) / beta)`` (the target of ``qalign`` and ``smc``)."""
+    tilt = {y: q * math.exp(float(reward(y)) / beta) for y, q in p.items()}
+    Z = sum(tilt.values())
+    return {y: w / Z for y, w in tilt.items()}, Z
+
+
 def qalign_exact_laws(next_probs, prompt: list[int], max_new_tokens: int, eos_ids, reward, beta: float,
                       steps: int) -> tuple[dict, dict, dict]:
     """``(p, target, after)``: the exact laws of a QAlign chain (``fastalign.methods.qalign``) started from
@@ -296,8 +304,7 @@ def qalign_exact_laws(next_probs, prompt: list[int], max_new_tokens: int, eos_id
                 K[a, b] += q * accept
                 K[a, a] += q * (1 - accept)
     mu = torch.tensor([p[y] for y in ys], dtype=torch.float64)
-    weights = mu * torch.tensor([math.exp(r[y] / beta) for y in ys], dtype=torch.float64)
-    target = dict(zip(ys, (weights / weights.sum()).tolist()))
+    target, _ = tilted_law(p, r.__getitem__, beta)
     for _ in range(steps):
         mu = mu @ K
     return p, target, dict(zip(ys, mu.tolist()))

@@ -11,8 +11,10 @@ import torch
 import fastalign
 from fastalign.methods.base import Randomness
 from fastalign.models.remote import RemoteLM
-from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, serving, tiny_causal_lm,
+from fastalign.testing import (empirical_law, enumerate_law, next_token_probs, serving, tilted_law, tiny_causal_lm,
                                total_variation, tv_threshold)
+
+import test_smc as smc_case  # its world (a module, not its fixtures: they would shadow this file's)
 
 V, EOS = 6, 5
 PROMPTS = [[1, 2], [3, 1, 4], [2], [4, 4]]
@@ -96,24 +98,14 @@ def test_specrej_candidate_continued_over_requests_follows_the_target_law(server
 
 
 # ------------------------------------------------------------------------------------------------ smc
-SMC_V, SMC_EOS, SMC_M, BETA = 4, 3, 3, 1.0
-SMC_PROMPT = [1, 2]
-SMC_W = [0.3, 1.0, -0.5, 0.4]
-
-
-def smc_reward_of(prompt, response) -> float:
-    """test_smc's reward: not 0 on the prompt alone, not a sum over tokens (a repeat earns a bonus)."""
-    return (0.7 + 0.1 * len(prompt) + sum(SMC_W[t] for t in response)
-            + 0.5 * sum(a == b for a, b in zip(response, response[1:])))
-
-
-def smc_reward(prompts, responses):
-    return torch.tensor([smc_reward_of(p, y) for p, y in zip(prompts, responses)], dtype=torch.float32)
+# test_smc's world: its model, prompt and reward (not additive over tokens, not 0 on the prompt alone)
+SMC_EOS, SMC_M, BETA, SMC_PROMPT = smc_case.EOS, smc_case.MAX_NEW, smc_case.BETA, smc_case.PROMPT
+smc_reward = smc_case.reward
 
 
 @pytest.fixture(scope="module")
 def smc_model():
-    return tiny_causal_lm(vocab_size=SMC_V, hidden=16, layers=1, init_range=0.6, seed=0)
+    return tiny_causal_lm(vocab_size=smc_case.V, hidden=16, layers=1, init_range=0.6, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +123,7 @@ def remote_smc(url, rows, seed=0, **options):
 def z_error(url, model, rows=400, **options) -> tuple[float, float, float]:
     """``(mean of exp(log_z) - Z, its standard error, Z)`` over ``rows`` independent runs of remote smc."""
     p = enumerate_law(lambda t: next_token_probs(model, t), SMC_PROMPT, SMC_M, {SMC_EOS})
-    Z = sum(q * math.exp(smc_reward_of(SMC_PROMPT, y) / BETA) for y, q in p.items())
+    _, Z = tilted_law(p, lambda y: smc_case.reward_of(SMC_PROMPT, y), BETA)
     out = remote_smc(url, rows, **options)
     assert out.stats["smc_resamplings"] > rows // 2
     z = out.extra["log_z"].exp()

@@ -21,6 +21,7 @@ from fastalign.testing import (
     enumerate_law,
     next_token_probs,
     tiny_causal_lm,
+    tilted_law,
     tiny_reward_model,
     total_variation,
     tv_threshold,
@@ -51,9 +52,8 @@ def model():
 def laws(model):
     """``(p, P, Z)``: the model's law of responses, the target law and its normalising constant."""
     p = enumerate_law(lambda t: next_token_probs(model, t), PROMPT, MAX_NEW, {EOS})
-    tilt = {y: q * math.exp(reward_of(PROMPT, y) / BETA) for y, q in p.items()}
-    Z = sum(tilt.values())
-    return p, {y: w / Z for y, w in tilt.items()}, Z
+    P, Z = tilted_law(p, lambda y: reward_of(PROMPT, y), BETA)
+    return p, P, Z
 
 
 def run(model, rows=ROWS, seed=0, **options):
