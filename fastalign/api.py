@@ -71,8 +71,9 @@ class Engine:
     default and the reference): the same laws, and the same tokens in fp32 (equal up to float rounding in
     bf16 / fp16). On a CUDA device the compiled steps also replay as CUDA graphs (``FASTALIGN_CUDA_GRAPHS=0``
     turns them off; docs/benchmarks.md, "CUDA graphs"). ``static_cache=True`` without ``compile`` runs the
-    static cache uncompiled (for tests and debugging). CPU threads are the caller's setting (``torch.set_num_threads``); see the
-    docs/benchmarks.md ("CPU threads") for the measured defaults of the CLI and benchmarks.
+    static cache uncompiled (for tests and debugging). CPU threads are the caller's setting
+    (``torch.set_num_threads``); see docs/benchmarks.md ("CPU threads") for the measured defaults of the CLI and
+    benchmarks.
 
     One engine may be shared by several threads: its models hold per-call state (KV caches), so ``decode``
     calls are serialised by a lock (each call runs alone and gets exactly the tokens it would get alone);
@@ -187,15 +188,14 @@ class Engine:
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)
         ctx = self.context(max_new_tokens, temperature, top_k, top_p, seed, len(prompt_ids), method)  # checks the seed
-        # each model named by the role it was given as (a reward standing in as the step reward: "reward"); a
-        # re-tokenising reward counts other tokens, and a PRM's step tags are checked where they are written
-        given_as = {id(m): role for role, m in reversed(list(self.models().items())) if m is not None}
-        check.check_context_lengths({given_as[id(m)]: m for m in used.values() if not getattr(m, "retokenize", False)},
-                                    prompt_ids, max_new_tokens)
-        models = {}  # the engine's models by role, each counted once (a model given in two roles: the first)
+        models = {}  # the engine's models by the role each was given as (a model given in two roles: the first)
         for role, m in self.models().items():
             if m is not None and all(m is not other for other in models.values()):
                 models[role] = m
+        # a reward standing in as the step reward is named "reward"; a re-tokenising reward counts other tokens,
+        # and a PRM's step tags are checked where they are written
+        check.check_context_lengths({role: m for role, m in models.items() if any(m is u for u in used.values())
+                                     and not getattr(m, "retokenize", False)}, prompt_ids, max_new_tokens)
         before = {role: (m.counters.calls, m.counters.tokens) for role, m in models.items()}
         start = time.perf_counter()
         result = spec.run(ctx, prompt_ids, **options)
@@ -232,8 +232,8 @@ def decode(prompts, method: str = "sample", target=None, draft=None, ref=None, r
     says otherwise, and the paper's top-k where it has one); an explicit ``temperature`` uses exactly the
     given ``temperature`` / ``top_k`` / ``top_p``.
     ``step_reward``: the reward of partial responses for ``smc`` and ``beam`` (see ``Engine``; without it they
-    read ``reward``). Method options (``n``, ``num_draft_tokens``, ``tree``, ``beta``, ...) are passed as keywords. Model
-    loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``, ``compile``,
+    read ``reward``). Method options (``n``, ``num_draft_tokens``, ``tree``, ``beta``, ...) are passed as
+    keywords. Model loading options (``trust_remote_code``, ``device``, ``dtype``, ``reward_tokenizer``, ``compile``,
     ``static_cache``) go to ``Engine``.
     """
     engine_keys = ("trust_remote_code", "device", "dtype", "reward_tokenizer", "compile", "static_cache")

@@ -25,6 +25,12 @@ MODEL_ROLES = ("target", "draft", "ref", "reward", "step_reward")
 STAND_INS = MappingProxyType({"step_reward": "reward"})
 
 
+def filled(role: str, models: Mapping[str, object]):
+    """The model of ``role`` in ``models`` (role -> model or None), else its stand-in's (``STAND_INS``), else None."""
+    model = models.get(role)
+    return model if model is not None or role not in STAND_INS else models.get(STAND_INS[role])
+
+
 @dataclass(frozen=True)
 class Method:
     """One decoding method.
@@ -32,8 +38,8 @@ class Method:
     ``entry``: ``"module:function"`` in ``fastalign.methods``; the function is ``run(ctx, prompts, **options) ->
     MethodResult`` and its keyword defaults are the method's option defaults (``option_defaults``).
     ``requires``: roles that must be given (or their stand-in, ``STAND_INS``); ``optional``: roles it uses when
-    given (they count towards the context-length check). ``draft_model``: which of a world's drafts fills the draft role: ``"draft"`` or
-    ``"aligned_draft"`` (sss: the draft after alignment, its unaligned version being ``ref``); None when it
+    given (they count towards the context-length check). ``draft_model``: which of a world's drafts fills the
+    draft role: ``"draft"`` or ``"aligned_draft"`` (sss: the draft after alignment, its unaligned version being ``ref``); None when it
     drafts nothing. ``sampling``: the paper's sampling settings (``temperature``, ``top_k``), used when a decode
     gives no temperature. ``remote_target``: it needs whole responses only, so its target may be a
     ``fastalign.models.remote.RemoteLM``.
@@ -61,22 +67,16 @@ class Method:
         """The models a decode of this method gets, by role, from ``models`` (role -> model or None): every role
         it uses that ``models`` fills, itself or through its stand-in (``STAND_INS``). An ``InputError`` names a
         required role that neither fills."""
-        chosen = {}
-        for role in self.roles:
-            model = models.get(role)
-            if model is None and role in STAND_INS:
-                model = models.get(STAND_INS[role])
-            if model is not None:
-                chosen[role] = model
-            elif role in self.requires:
+        chosen = {role: filled(role, models) for role in self.roles}
+        for role in self.requires:
+            if chosen[role] is None:
                 also = f" or {STAND_INS[role]}=..., read on partial responses" if role in STAND_INS else ""
                 raise InputError(f"method {self.name!r} needs a {role} model (pass {role}=...{also})")
-        return chosen
+        return {role: model for role, model in chosen.items() if model is not None}
 
     def runs_with(self, models: Mapping[str, object]) -> bool:
         """Whether ``models`` (role -> model or None) fill every role the method requires (stand-ins counted)."""
-        return all(models.get(role) is not None or models.get(STAND_INS.get(role)) is not None
-                   for role in self.requires)
+        return all(filled(role, models) is not None for role in self.requires)
 
     def option_defaults(self) -> dict:
         """The options the method takes, with their defaults (from its run function's signature)."""
@@ -133,8 +133,8 @@ def remote_target_methods() -> list[str]:
 
 def world_roles(method: str | None, models) -> dict:
     """The models a decode with ``method`` gets from ``models`` (an object with ``target``, ``draft``,
-    ``aligned_draft``, ``ref``, ``reward``, ``step_reward`` attributes, any of them missing or None): the draft role is filled by
-    the method's ``draft_model`` (sss: the aligned draft, with the unaligned draft as ``ref``); ``method=None``:
+    ``aligned_draft``, ``ref``, ``reward``, ``step_reward`` attributes, any of them missing or None): the draft
+    role is filled by the method's ``draft_model`` (sss: the aligned draft, with the unaligned draft as ``ref``); ``method=None``:
     the plain draft."""
     drafter = get_method(method).draft_model if method is not None else None
     roles = {role: getattr(models, role, None) for role in MODEL_ROLES}
