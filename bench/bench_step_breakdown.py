@@ -123,7 +123,8 @@ def breakdown(engine, prompt, n: int, repeats: int, seed: int) -> dict:
         "sampling and the method's loop": ((t_decode - t_call) / (n - 1) - extend) * steps,
         "per call (prefill, set-up), per token": t_call / n,
     }
-    return dict(sample_kernel_s=t["sample"] / (n - 1) * steps, guards_saved_s=(t_guards - t_skip) * steps, decode_s_per_token=t_decode / n, extend_s=extend, step_guards_skipped_s=t_skip,
+    return dict(sample_kernel_s=t["sample"] / (n - 1) * steps, guards_saved_s=(t_guards - t_skip) * steps,
+                decode_s_per_token=t_decode / n, extend_s=extend, step_guards_skipped_s=t_skip,
                 step_full_guards_s=t_guards, decode_1_token_s=t_call, parts_s=parts)
 
 
