@@ -7,12 +7,21 @@ The public function dispatches (``_dispatch.use_triton``); ``*_torch`` is the re
 kernels draw from (and the methods, for their host draws) is ``fastalign.kernels.rng`` (docs/design.md 1.4).
 """
 
-from ._dispatch import check_finite, requested_backend, triton_available, use_triton
-from .entropy import entropy, entropy_torch
-from .sample import sample, sample_torch
-from .truncation import truncate_logits
-from .spec_verify import spec_verify, spec_verify_torch
-from .tree_verify import tree_verify, tree_verify_torch
+import sys
+
+if __name__ == "kernels":
+    # Imported under its own name: the checkout's root is on sys.path (``python -m`` from the root, pytest), and
+    # ``import kernels`` means the PyPI package of that name (Hugging Face's, which transformers imports).
+    from ._shadowed import installed_kernels
+
+    sys.modules[__name__] = installed_kernels(__path__[0])
+else:
+    from ._dispatch import check_finite, requested_backend, triton_available, use_triton
+    from .entropy import entropy, entropy_torch
+    from .sample import sample, sample_torch
+    from .truncation import truncate_logits
+    from .spec_verify import spec_verify, spec_verify_torch
+    from .tree_verify import tree_verify, tree_verify_torch
 
 __all__ = [
     "entropy", "entropy_torch", "sample", "sample_torch", "truncate_logits",
