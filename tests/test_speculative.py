@@ -9,6 +9,7 @@ import copy
 import functools
 
 import pytest
+import torch
 
 import fastalign
 from fastalign.kernels import spec_verify_torch
@@ -249,23 +250,72 @@ def test_adaptive_length_keeps_the_law(models, method, K, M, sampling):
 
 def test_adaptive_length_follows_the_cost_model():
     """K maximises expected tokens per unit of time: none when a draft call costs a target call, longer chains
-    as the acceptance grows; sss never goes below 1; a row stuck at 0 probes K=1 at growing gaps."""
-    from fastalign.methods.speculative import AdaptiveLength, expected_tokens
+    as the acceptance grows and when a round has a fixed price; sss never goes below 1; a row's first round
+    drafts; a row stuck at 0 probes at growing gaps, with the K it would draft."""
+    from fastalign.methods.speculative import AdaptiveLength, RoundCosts, expected_tokens
 
-    assert expected_tokens(0.5, 2) == 1.75 and expected_tokens(1.0, 3) == 4.0
-    free = AdaptiveLength(1, cost=1.0, floor=0)
-    assert [free.best(a) for a in (0.1, 0.5, 0.99, 1.0)] == [0, 0, 0, 0]  # (k + 1) / (1 + k) <= 1
-    cheap = AdaptiveLength(1, cost=0.1, floor=0)
-    ks = [cheap.best(a) for a in (0.05, 0.3, 0.6, 0.8, 0.95)]
+    # E[sum_{i<=k} alpha^i] over Beta(a, r): uniform 1/(i + 1); a point mass (large counts) the geometric sum
+    assert expected_tokens(1, 1, 2) == pytest.approx(1 + 1 / 2 + 1 / 3) and expected_tokens(5, 0, 3) == 4.0
+    assert expected_tokens(5e4, 5e4, 2) == pytest.approx(1.75, abs=1e-4)
+    counts = [(1, 20), (3, 7), (6, 4), (8, 2), (60, 3)]  # acceptance growing
+    free = AdaptiveLength(1, RoundCosts(1.0), floor=0)
+    assert [free.best(a, r) for a, r in counts] == [0] * 5  # (k + 1) / (1 + k) <= 1
+    cheap = AdaptiveLength(1, RoundCosts(0.1), floor=0)
+    ks = [cheap.best(a, r) for a, r in counts]
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 8
-    assert AdaptiveLength(1, cost=5.0, floor=1, ref_calls=1, bonus_draft_call=1).best(0.0) == 1
-    row = AdaptiveLength(1, cost=0.5, floor=0)
-    row.rejected[0] = 50.0  # a row that rejects: K=0, but drafting could pay, so it probes
+    assert AdaptiveLength(1, RoundCosts(5.0), floor=1, ref_calls=1, bonus_draft_call=1).best(1, 50) == 1
+    # a target call of 2 or more tokens at 1.7 one-token calls (bench_engine's 82M model at batch 1): a round has
+    # a fixed price, so a row that drafts drafts longer, and a weak row stops sooner
+    priced = AdaptiveLength(1, RoundCosts(0.2, (1.0, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0, 2.05)), floor=0)
+    flat = AdaptiveLength(1, RoundCosts(0.2), floor=0)
+    assert priced.best(8, 2) > flat.best(8, 2) > 0
+    assert priced.best(3, 3) == 0 < flat.best(3, 3)
+    assert priced.best(1, 1) == 0 and priced.choose([0]) == [priced.best(1, 1, floor=1)] and priced.choose([0])[0] > 1
+    row = AdaptiveLength(1, RoundCosts(0.5), floor=0)
+    row.rejected[0] = 50.0  # a row that rejects: K=0 after its first round, but drafting could pay, so it probes
     chosen = []
-    for _ in range(16):
+    for _ in range(17):
         chosen += row.choose([0])
         row.update([0], chosen[-1:], [0])
-    assert [i for i, k in enumerate(chosen) if k] == [4, 13]  # after 4 rounds at 0, then after 8
+    assert [i for i, k in enumerate(chosen) if k] == [0, 5, 14]  # the first round, after 4 rounds at 0, after 8
+    weak = AdaptiveLength(1, priced.costs, floor=0)  # at 0 (priced.best(3, 3) == 0) after 4 rounds there
+    weak.accepted[0], weak.rejected[0], weak.rounds[0], weak.idle[0] = 3.0, 3.0, 5, 4
+    assert weak.choose([0]) == [weak.best(3, 3, floor=1)] and weak.best(3, 3, floor=1) > 1  # a longer probe
+
+
+def test_round_costs_are_measured_per_width_and_interpolated():
+    """measure_round_costs times the draft at one token and the target at 1, 2 and MAX_AUTO + 1 tokens (at most
+    the room left), the widths between interpolated; the caches are rolled back; once per (target, draft, batch)."""
+    import time as time_
+
+    from fastalign.methods.speculative import MAX_AUTO, measure_round_costs
+
+    class Timed:
+        device = torch.device("cpu")
+
+        def __init__(self, seconds):
+            self.seconds, self.calls, self.written = seconds, [], 0
+
+        def extend(self, tokens):
+            self.calls.append(tokens.shape)
+            self.written += tokens.shape[1]
+            time_.sleep(self.seconds(tokens.shape[1]))
+
+        def rollback(self, n):
+            self.written -= n
+
+    target = Timed(lambda w: 0.004 if w == 1 else 0.008 + 0.0005 * (w - 2))
+    draft = Timed(lambda w: 0.002)
+    costs = measure_round_costs(target, draft, batch=3, room=20)
+    assert target.written == draft.written == 0 and {s[0] for s in target.calls + draft.calls} == {3}
+    assert sorted({s[1] for s in target.calls}) == [1, 2, MAX_AUTO + 1] and {s[1] for s in draft.calls} == {1}
+    assert len(costs.target) == MAX_AUTO + 1 and costs.target[0] == 1.0
+    expected = [1.0] + [(0.008 + 0.0005 * (w - 2)) / 0.004 for w in range(2, MAX_AUTO + 2)]
+    assert costs.target == pytest.approx(expected, rel=0.2) and costs.draft == pytest.approx(0.5, rel=0.2)
+    assert costs.target_at(50) == costs.target[-1]
+    assert measure_round_costs(target, draft, batch=3, room=20) is costs  # once per process and batch
+    short = measure_round_costs(target, draft, batch=1, room=4)  # only 4 tokens of room: widths 1, 2 and 4
+    assert len(short.target) == 4 and sorted({s[1] for s in target.calls[-9:]}) == [1, 2, 4]
 
 
 def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):

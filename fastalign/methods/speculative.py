@@ -47,23 +47,28 @@ emission race (``race``); rows join at the start and stay until they finish, so 
 prompt's tokens do not depend on its batch.
 
 Adaptive length (chains). ``num_draft_tokens="auto"``: row ``b``'s K for round ``n`` is chosen by
-``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (its accepted tokens and rejections) and ``c``, the
-cost of a draft call relative to a target call: K maximises the expected tokens per unit of time
-``(1 + a + ... + a^K) / (1 + K c)`` (``sss``: ``/ (1 + c + (K + 1) c)``, the ref and the draft's bonus call
-counted), ``a`` the row's acceptance estimate. ``c`` is fixed for the decode call: ``"auto:C"`` gives it, else
-``measure_draft_cost`` times one-token calls of both models on the prefilled caches (once per process, engine
-pair and batch size; later calls reuse it, and skip the draft's prefill when ``sd`` will not draft). The law stays exact: a round's K is fixed before its draws, and any K (0 included)
+``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (its accepted tokens and rejections) and the costs of
+a round (``RoundCosts``, in target calls of one token): K maximises the expected tokens per unit of time,
+``E[1 + a + ... + a^K] / (T(K + 1) + K c)`` (``sss``: ``/ (T(K + 1) + c + (K + 1) c)``, the ref and the draft's
+bonus call counted), the expectation over the row's Beta posterior of its acceptance ``a``, ``c`` the cost of a
+draft call and ``T(w)`` that of a target call of ``w`` tokens. The costs are fixed for the decode call:
+``"auto:C"`` gives ``c = C`` and ``T = 1``; ``"auto"`` measures them (``measure_round_costs``: the draft and the
+target at 1 token, the target at 2 and 9 tokens, on the prefilled caches; once per process, engine pair and
+batch size; later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters: on
+the 82M target of ``bench/bench_engine.py`` at batch 1 a call of 2 tokens costs about 1.7 one-token calls (the
+matrix products leave the matrix-vector kernel), so a round has a fixed price that short chains do not repay.
+The law stays exact: a round's K is fixed before its draws, and any K (0 included)
 gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
 its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
-the draft catches up on its next call (``_Stream.defer``). When drafting does not pay at the prior acceptance
-0.5 (``c >= 0.5``: ``AdaptiveLength.drafts``) ``sd`` is the ``sample`` method, token for token, without the
+the draft catches up on its next call (``_Stream.defer``). When a draft call costs half a target call or more
+(``c >= 0.5``: ``AdaptiveLength.drafts``) ``sd`` is the ``sample`` method, token for token, without the
 round machinery (on the toy world a round costs about 2.2 target steps before any drafting: rounds at K=0
 would lose to ``sample``); the price: a pair with ``0.5 <= c < 1`` and a high acceptance never drafts. ``sss`` goes down to K=1: ``pi`` needs the draft's and the
 ref's logits at every emitted position, so the draft runs every round; at K=1 a round costs one target call
 of 2 tokens, one ref call and 2 draft calls and emits 1 or 2 tokens. A tuple ``num_draft_tokens=(k0, k1, ...)``
 forces K of round ``n`` to ``k[n % len]`` (tests; 0 allowed for ``sd``). Reproducibility: with ``"auto:C"`` or
 a tuple a prompt's tokens depend on its seed only (not on its batch: K is per row); with ``"auto"`` they
-depend also on the measured ``c`` (timing), the same for every row of the call.
+depend also on the measured costs (timing), the same for every row of the call.
 
 Defaults. ``num_draft_tokens=4``: the draft length K=4 of Chen et al. 2023 ("Accelerating large language model
 decoding with speculative sampling"). ``branching=(2, 2, 1, 1)`` (trees): depth 4 like the chain, two children
@@ -75,7 +80,7 @@ over rows; tree nodes for trees), ``draft_tokens_accepted``, ``acceptance_rate``
 target call saves; each pass also emits one token of its own). With ``"auto"`` or a tuple (chains) also
 ``mean_draft_tokens`` (K per row and round, the cap included), ``row_rounds_k0`` (row-rounds at K=0),
 ``rounds_without_draft`` (rounds, or sampling steps, where the draft was not called) and, with ``"auto"``,
-``draft_cost`` (``c``). The target and draft call counters include ``measure_draft_cost``'s calls.
+``draft_cost`` (``c``). The target and draft call counters include ``measure_round_costs``'s calls.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ import itertools
 import operator
 import time
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -213,64 +219,90 @@ class _Stream:
 
 
 MAX_AUTO = 8  # the largest K "auto" chooses
-PRIOR = (1.0, 1.0)  # acceptance pseudo-counts (accepted, rejected) before a row's first round: mean 0.5
-PROBE_GAP = 4  # sd: a row at K=0 that could pay drafts K=1 after this many rounds at 0, then twice as long
-_COSTS = weakref.WeakKeyDictionary()  # measure_draft_cost's results: target -> draft -> {batch size: ratio}
+PRIOR = (1.0, 1.0)  # Beta prior of a row's acceptance (accepted, rejected) before its first round: uniform
+PROBE_GAP = 4  # sd: a row at K=0 that could pay probes (a round at its best K >= 1) after this many rounds at 0, then twice as long
+_COSTS = weakref.WeakKeyDictionary()  # measure_round_costs's results: target -> draft -> {batch size: RoundCosts}
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens a chain round of ``k`` drafted tokens emits on average when each is accepted with probability
-    ``alpha`` independently: ``1 + alpha + ... + alpha^k`` (the accepted prefix plus the emitted token)."""
-    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+class RoundCosts(NamedTuple):
+    """What a chain round costs, in units of one target call of one token per row: ``draft``, one draft call
+    (``c``), and ``target[w - 1]``, one target call of ``w`` tokens per row (``target[0] = 1``; beyond the
+    widths measured, the last one). A round at ``K >= 1`` feeds the target ``K + 1`` tokens (the last round's
+    token in front of the drafts) and calls the draft ``K`` times."""
+
+    draft: float
+    target: tuple[float, ...] = (1.0,)
+
+    def target_at(self, width: int) -> float:
+        return self.target[min(width, len(self.target)) - 1]
+
+
+def expected_tokens(accepted: float, rejected: float, k: int) -> float:
+    """Tokens a chain round of ``k`` drafted tokens emits on average (the accepted prefix plus the emitted
+    token), each draft token accepted with probability ``alpha`` independently and ``alpha`` drawn from the
+    row's posterior ``Beta(accepted, rejected)``: ``sum_{i=0..k} E[alpha^i]``, with
+    ``E[alpha^i] = prod_{j<i} (accepted + j) / (accepted + rejected + j)``."""
+    total, moment = 1.0, 1.0
+    for j in range(k):
+        moment *= (accepted + j) / (accepted + rejected + j)
+        total += moment
+    return total
 
 
 class AdaptiveLength:
     """``num_draft_tokens="auto"``: each row's K for the next round, from that row's own past rounds.
 
-    Row ``b``'s acceptance estimate is ``alpha_b = (a_b + 1) / (a_b + r_b + 2)`` (``a_b`` draft tokens
-    accepted, ``r_b`` rounds that ended in a rejection; the geometric model of a chain round), and its K the
-    ``k`` in ``[floor, MAX_AUTO]`` that maximises tokens per unit of time,
-    ``expected_tokens(alpha_b, k) / (1 + ref_calls * c + (k + bonus_draft_call) * c)`` with ``c`` the cost
-    of a draft call relative to a target call (fixed for the decode call); ``k = 0`` (``sd`` only) costs
-    ``1``: plain sampling from the target. A row at 0 learns nothing, so while drafting could pay at all
-    (``2 > 1 + c``) it drafts K=1 after ``PROBE_GAP`` rounds at 0, then after twice as many, and so on.
-    Everything here is a function of the row's own history and ``c``: never of the round's draws, never of
-    other rows.
+    Row ``b``'s acceptance is ``alpha_b ~ Beta(a_b + 1, r_b + 1)`` (``a_b`` draft tokens accepted, ``r_b``
+    rounds that ended in a rejection: the geometric model of a chain round, from a uniform prior), and its K
+    the ``k`` in ``[floor, MAX_AUTO]`` that maximises expected tokens per unit of time,
+    ``expected_tokens(a_b + 1, r_b + 1, k) / cost(k)``, where ``cost(k)`` is what the round costs in target
+    calls (``RoundCosts``: the target at ``k + 1`` tokens, ``k`` draft calls, plus ``ref_calls`` and
+    ``bonus_draft_call`` draft-priced calls for ``sss``); ``k = 0`` (``sd`` only) costs ``1``: plain sampling
+    from the target. A row's first round drafts (``k >= 1``): the prior alone says little, and the first round
+    is what it learns from. A row at 0 learns nothing, so while drafting could pay at all (``2 > 1 + c``) it
+    probes after ``PROBE_GAP`` rounds at 0, then after twice as many, and so on: a round at the best ``k >= 1``
+    (longer probes learn more per round than K=1 probes, which left rows at 0 after an early rejection). Everything here is a
+    function of the row's own history and the costs: never of the round's draws, never of other rows.
     """
 
-    def __init__(self, n_prompts: int, cost: float, floor: int, ref_calls: int = 0, bonus_draft_call: int = 0):
-        self.cost, self.floor = float(cost), floor
-        self.fixed_cost = 1 + ref_calls * self.cost
-        self.bonus = bonus_draft_call
+    def __init__(self, n_prompts: int, costs: RoundCosts, floor: int, ref_calls: int = 0, bonus_draft_call: int = 0):
+        self.costs, self.floor = costs, floor
+        c = costs.draft
+        self.round_cost = [1.0] + [costs.target_at(k + 1) + (ref_calls + k + bonus_draft_call) * c
+                                   for k in range(1, MAX_AUTO + 1)]
         self.accepted = [PRIOR[0]] * n_prompts
         self.rejected = [PRIOR[1]] * n_prompts
+        self.rounds = [0] * n_prompts
         self.idle = [0] * n_prompts  # rounds at K=0 since the row last drafted
         self.gap = [PROBE_GAP] * n_prompts
-        self.can_pay = 2 > 1 + self.cost  # K=1 at full acceptance beats plain sampling
+        self.can_pay = 2 > 1 + c  # K=1 at full acceptance beats plain sampling
 
     def drafts(self) -> bool:
-        """Whether a row drafts in its first round (at the prior acceptance 0.5; ``sd``: iff ``c < 0.5``). If
-        not, no row ever does (nothing is learnt at K=0, and the first probe would come after ``PROBE_GAP``
-        rounds at 0: ``sd`` then runs the ``sample`` method instead, cheaper than rounds at K=0)."""
-        return self.best(PRIOR[0] / sum(PRIOR)) > 0
+        """Whether ``sd`` drafts at all: iff a draft call costs less than half a target call (``c < 0.5``: some
+        K pays at acceptance 0.5 when a round costs its model calls alone, ``1 + K c``). If not, ``sd`` runs the
+        ``sample`` method: where calls are that close in cost the rest of a round (verification, bookkeeping)
+        decides, and on the toy world a round costs about 2.2 target steps before any drafting."""
+        return self.costs.draft < 0.5
 
-    def best(self, alpha: float) -> int:
-        rates = {k: expected_tokens(alpha, k) / (self.fixed_cost + (k + self.bonus) * self.cost if k else 1.0)
-                 for k in range(self.floor, MAX_AUTO + 1)}
+    def best(self, accepted: float, rejected: float, floor: int | None = None) -> int:
+        """The K of a row with ``accepted`` / ``rejected`` pseudo-counts (prior included), at least ``floor``."""
+        floor = self.floor if floor is None else floor
+        rates = {k: expected_tokens(accepted, rejected, k) / self.round_cost[k] for k in range(floor, MAX_AUTO + 1)}
         return max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter chain
 
     def choose(self, rows: list[int]) -> list[int]:
         ks = []
         for r in rows:
-            k = self.best(self.accepted[r] / (self.accepted[r] + self.rejected[r]))
-            if k == 0 and self.can_pay and self.idle[r] >= self.gap[r]:
-                k, self.gap[r] = 1, 2 * self.gap[r]
+            k = self.best(self.accepted[r], self.rejected[r], max(self.floor, int(self.rounds[r] == 0)))
+            if k == 0 and self.can_pay and self.idle[r] >= self.gap[r]:  # a probe: the K it would draft
+                k, self.gap[r] = self.best(self.accepted[r], self.rejected[r], 1), 2 * self.gap[r]
             ks.append(k)
         return ks
 
     def update(self, rows: list[int], valid: list[int], accepted: list[int]) -> None:
         """Row ``rows[i]`` drafted ``valid[i]`` tokens this round and ``accepted[i]`` of them were accepted."""
         for r, v, a in zip(rows, valid, accepted):
+            self.rounds[r] += 1
             self.idle[r] = self.idle[r] + 1 if v == 0 else 0
             if v:
                 self.accepted[r] += a
@@ -278,29 +310,41 @@ class AdaptiveLength:
 
 
 @torch.no_grad()
-def measure_draft_cost(target, draft, batch: int, repeats: int = 2) -> float:
-    """The time of one draft call over one target call, one token per row at batch ``batch``, measured on the
-    just-prefilled caches (a token is written, then rolled back: the caches are as before) once per process per
-    (target, draft, batch); the fastest of ``repeats`` after a warm-up call."""
+def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 2) -> RoundCosts:
+    """``RoundCosts`` measured on the just-prefilled caches (tokens are written, then rolled back: the caches are
+    as before), once per process per (target, draft, batch): one-token calls of the draft and the target, and
+    target calls of 2 and ``MAX_AUTO + 1`` tokens (at most ``room``, the tokens the caches have room for); the
+    fastest of ``repeats`` after a warm-up call, the widths between linearly interpolated."""
     known = _COSTS.setdefault(target, weakref.WeakKeyDictionary()).setdefault(draft, {})
     if batch not in known:
-        times = []
-        for lm in (target, draft):
-            token = torch.zeros(batch, 1, dtype=torch.long, device=lm.device)
-            best = float("inf")
-            for i in range(repeats + 1):
-                if lm.device.type == "cuda":
-                    torch.cuda.synchronize(lm.device)
-                start = time.perf_counter()
-                lm.extend(token)
-                if lm.device.type == "cuda":
-                    torch.cuda.synchronize(lm.device)
-                if i:
-                    best = min(best, time.perf_counter() - start)
-                lm.rollback(1)
-            times.append(best)
-        known[batch] = times[1] / times[0]
+        widths = sorted({1, min(2, room), min(MAX_AUTO + 1, room)})
+        times = {w: _call_time(target, batch, w, repeats) for w in widths}
+        one = times[1]
+        target_costs = [1.0]
+        for w in range(2, widths[-1] + 1):
+            lo = max(x for x in widths if x <= w)
+            hi = min(x for x in widths if x >= w)
+            t = times[lo] if hi == lo else times[lo] + (times[hi] - times[lo]) * (w - lo) / (hi - lo)
+            target_costs.append(t / one)
+        known[batch] = RoundCosts(_call_time(draft, batch, 1, repeats) / one, tuple(target_costs))
     return known[batch]
+
+
+def _call_time(lm, batch: int, width: int, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``lm`` on ``width`` tokens per row (after one untimed call)."""
+    tokens = torch.zeros(batch, width, dtype=torch.long, device=lm.device)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)
+        start = time.perf_counter()
+        lm.extend(tokens)
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+        lm.rollback(width)
+    return best
 
 
 def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
@@ -358,6 +402,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
                max_log_ratio, bonus: bool) -> MethodResult:
     floor = 0 if ref is None else 1  # sd may stop drafting; sss's law needs the draft at every position
     fixed = isinstance(K, int) and not isinstance(K, bool)
+    draft_cost = None  # "auto:C": C
     if fixed and K < 1:
         raise InputError(f"num_draft_tokens must be a positive integer, 'auto' or a tuple, got {K!r}")
     if isinstance(K, (tuple, list)):
@@ -380,10 +425,11 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         raise InputError("branching is an option of tree='sampled' | 'topk'")
 
     M = ctx.max_new_tokens
-    if K == "auto" and draft_cost is None:  # measured before in this process: the draft need not be prefilled
-        draft_cost = _COSTS.get(ctx.target, {}).get(ctx.draft, {}).get(len(prompts))
-    if K == "auto" and ref is None and draft_cost is not None and not AdaptiveLength(1, draft_cost, 0).drafts():
-        return _sample_instead(ctx, ctx.target.prefill(prompts, M), draft_cost)  # the draft is never used
+    costs = None if draft_cost is None else RoundCosts(draft_cost)  # "auto:C": every target call costs 1
+    if K == "auto" and costs is None:  # measured before in this process: the draft need not be prefilled
+        costs = _COSTS.get(ctx.target, {}).get(ctx.draft, {}).get(len(prompts))
+    if K == "auto" and ref is None and costs is not None and not AdaptiveLength(1, costs, 0).drafts():
+        return _sample_instead(ctx, ctx.target.prefill(prompts, M), costs.draft)  # the draft is never used
     target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
     draft = _Stream(ctx.draft, ctx.draft.prefill(prompts, M))
     streams = [target, draft]
@@ -401,11 +447,12 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
     cap = K if fixed else len(branching) if tree is not None else None
     schedule = None
     if K == "auto":
-        cost = draft_cost if draft_cost is not None else measure_draft_cost(ctx.target, ctx.draft, len(prompts))
-        schedule = AdaptiveLength(len(prompts), cost, floor, ref_calls=int(ref is not None),
+        if costs is None:
+            costs = measure_round_costs(ctx.target, ctx.draft, len(prompts), M)
+        schedule = AdaptiveLength(len(prompts), costs, floor, ref_calls=int(ref is not None),
                                   bonus_draft_call=int(draft_at_bonus))
         if floor == 0 and not schedule.drafts():  # K=0 for every row and round: sd is the sample method
-            return _sample_instead(ctx, target.logits, cost)
+            return _sample_instead(ctx, target.logits, costs.draft)
     stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
     while rows:
@@ -464,7 +511,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         ctx.stats.update(mean_draft_tokens=proposed / stats["row_rounds"] if stats["row_rounds"] else 0.0,
                          row_rounds_k0=stats["k0"], rounds_without_draft=stats["no_draft"])
     if schedule is not None:
-        ctx.stats["draft_cost"] = schedule.cost
+        ctx.stats["draft_cost"] = schedule.costs.draft
     return MethodResult(out)
 
 
