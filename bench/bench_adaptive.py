@@ -51,6 +51,8 @@ def run(eng, prompts, method, options, max_new, seed):
     merged = {k: [s[k] for s in stats] for k in keys if k in stats[0]}
     agg = {k: (sum(v) / len(v) if k in ("acceptance_rate", "mean_draft_tokens", "draft_cost") else sum(v))
            for k, v in merged.items()}
+    if "target_costs" in stats[0]:  # measured once per process: the same for every prompt
+        agg["target_costs"] = stats[0]["target_costs"]
     return dict(tokens=sum(s["generated_tokens"] for s in stats), **agg)
 
 
@@ -105,17 +107,19 @@ def main():
             results[f"{path}/{name}"] = dict(path=path, case=name, wall_s=best, all_wall_s=walls[name],
                                              tokens_per_s=info[name]["tokens"] / best, **info[name])
             print(f"{path:8s} {name:14s} {info[name]['tokens'] / best:8.1f} tok/s  "
-                  + ", ".join(f"{k} {v:.3g}" for k, v in info[name].items() if k != "tokens"), flush=True)
+                  + ", ".join(f"{k} {v:.3g}" for k, v in info[name].items() if k not in ("tokens", "target_costs")),
+                  flush=True)
     rows = []
     for key, r in results.items():
         base = results[f"{r['path']}/sample"]["tokens_per_s"]
         rows.append([r["path"], r["case"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / base:.2f}",
                      f"{r.get('acceptance_rate', float('nan')):.2f}", f"{r.get('mean_draft_tokens', float('nan')):.2f}",
                      r.get("row_rounds_k0", ""), f"{r['draft_cost']:.2f}" if "draft_cost" in r else "",
+                     " / ".join(f"{c:.2f}" for c in r["target_costs"][1::7]) if "target_costs" in r else "",
                      r.get("draft_calls", "")])
     md = (f"# sd: fixed K vs num_draft_tokens='auto' vs sample, {args.world} world, batch 1\n\n`{command_line()}`\n\n"
           + markdown_table(["path", "case", "tokens/s", "x sample", "acceptance", "mean K", "rounds at K=0",
-                            "draft cost", "draft calls"], rows))
+                            "draft cost", "target cost at 2 / 9 tokens", "draft calls"], rows))
     payload = dict(command=command_line(), device=device_info(dev), threads=1, prompts=len(prompts),
                    max_new_tokens=args.max_new_tokens, repeats=args.repeats, results=results)
     stem = f"adaptive_cpu_{args.world}" + (f"_{args.tag}" if args.tag else "")

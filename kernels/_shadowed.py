@@ -19,9 +19,13 @@ class _Absent(types.ModuleType):
     reads such a module as a namespace folder shadowing the name, i.e. the package is not installed. Raising
     instead would break ``import transformers`` wherever the package is optional (transformers < 5.25)."""
 
+    def __init__(self, folder: str):
+        super().__init__("kernels")
+        self._folder = folder
+
     def __getattr__(self, name):
         raise AttributeError(f"module 'kernels' has no attribute {name!r}: the PyPI package kernels is not "
-                             f"installed, and the folder {self.__folder} is the package fastalign.kernels")
+                             f"installed, and the folder {self._folder} is the package fastalign.kernels")
 
 
 def installed_kernels(folder: str):
@@ -33,10 +37,8 @@ def installed_kernels(folder: str):
     spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
     sys.modules.pop(__name__, None)  # this module: nothing of the folder stays under the name kernels
     if spec is None:
-        module = _Absent("kernels")
-        module._Absent__folder = folder
-        sys.modules["kernels"] = module
-        return module
+        sys.modules["kernels"] = _Absent(folder)
+        return sys.modules["kernels"]
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module  # before running it, as the import system does (it may import itself)
     spec.loader.exec_module(module)

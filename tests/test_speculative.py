@@ -243,7 +243,7 @@ def test_adaptive_length_keeps_the_law(models, method, K, M, sampling):
     else:
         assert st["rounds_without_draft"] == 0
     if K == "auto":
-        assert st["draft_cost"] == 0.25
+        assert st["draft_cost"] == 0.25 and st["target_costs"] == [1.0]  # "auto:C": every target call costs 1
     else:
         assert st["rounds_without_draft"] == (2 if method == "sd" else 0)  # rounds 1 and 3 (4 is EOS-only)
 
@@ -283,12 +283,17 @@ def test_adaptive_length_follows_the_cost_model():
     assert weak.choose([0]) == [weak.best(3, 3, floor=1)] and weak.best(3, 3, floor=1) > 1  # a longer probe
 
 
-def test_round_costs_are_measured_per_width_and_interpolated():
+def test_round_costs_are_measured_per_width_and_interpolated(monkeypatch):
     """measure_round_costs times the draft at one token and the target at 1, 2 and MAX_AUTO + 1 tokens (at most
-    the room left), the widths between interpolated; the caches are rolled back; once per (target, draft, batch)."""
-    import time as time_
+    the room left), the widths between interpolated; the caches are rolled back; once per (target, draft, batch).
+    The models advance a fake clock, so the costs are exact."""
+    import types
 
+    from fastalign.methods import speculative
     from fastalign.methods.speculative import MAX_AUTO, measure_round_costs
+
+    clock = [0.0]
+    monkeypatch.setattr(speculative, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class Timed:
         device = torch.device("cpu")
@@ -299,23 +304,24 @@ def test_round_costs_are_measured_per_width_and_interpolated():
         def extend(self, tokens):
             self.calls.append(tokens.shape)
             self.written += tokens.shape[1]
-            time_.sleep(self.seconds(tokens.shape[1]))
+            clock[0] += self.seconds(tokens.shape[1])
 
         def rollback(self, n):
             self.written -= n
 
-    target = Timed(lambda w: 0.004 if w == 1 else 0.008 + 0.0005 * (w - 2))
-    draft = Timed(lambda w: 0.002)
+    target = Timed(lambda w: 4.0 if w == 1 else 8.0 + 0.5 * (w - 2) + (w == MAX_AUTO + 1))
+    draft = Timed(lambda w: 2.0)
     costs = measure_round_costs(target, draft, batch=3, room=20)
     assert target.written == draft.written == 0 and {s[0] for s in target.calls + draft.calls} == {3}
     assert sorted({s[1] for s in target.calls}) == [1, 2, MAX_AUTO + 1] and {s[1] for s in draft.calls} == {1}
-    assert len(costs.target) == MAX_AUTO + 1 and costs.target[0] == 1.0
-    expected = [1.0] + [(0.008 + 0.0005 * (w - 2)) / 0.004 for w in range(2, MAX_AUTO + 2)]
-    assert costs.target == pytest.approx(expected, rel=0.2) and costs.draft == pytest.approx(0.5, rel=0.2)
-    assert costs.target_at(50) == costs.target[-1]
+    # measured at 1, 2 and 9 tokens (4, 8, 12.5 time units); 3..8 on the line from 8 to 12.5, not the model's
+    expected = [1.0, 2.0] + [(8.0 + 4.5 * (w - 2) / (MAX_AUTO - 1)) / 4.0 for w in range(3, MAX_AUTO + 2)]
+    assert costs.target == pytest.approx(expected) and costs.draft == 0.5
+    assert costs.target_at(1) == 1.0 and costs.target_at(50) == costs.target[-1]
     assert measure_round_costs(target, draft, batch=3, room=20) is costs  # once per process and batch
     short = measure_round_costs(target, draft, batch=1, room=4)  # only 4 tokens of room: widths 1, 2 and 4
     assert len(short.target) == 4 and sorted({s[1] for s in target.calls[-9:]}) == [1, 2, 4]
+    assert short.target == pytest.approx([1.0, 2.0, 2.125, 2.25])
 
 
 def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
@@ -335,6 +341,7 @@ def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
     assert fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto:0.45").stats["draft_calls"] > 0
     measured = fastalign.decode([[1, 2], [3]], **kw, num_draft_tokens="auto")
     assert measured.stats["draft_cost"] > 0 and measured.stats["draft_calls"] >= 1 + 3  # prefill + measurement
+    assert len(measured.stats["target_costs"]) == 6 and measured.stats["target_costs"][0] == 1.0  # widths 1..M
     engine = fastalign.Engine(target=target, draft=models[1])  # measured once per process and engine
     first, again = (engine.decode([[1, 2], [3]], method="sd", max_new_tokens=6, seed=[5, 6], num_draft_tokens="auto")
                     for _ in range(2))

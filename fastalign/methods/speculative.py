@@ -80,7 +80,8 @@ over rows; tree nodes for trees), ``draft_tokens_accepted``, ``acceptance_rate``
 target call saves; each pass also emits one token of its own). With ``"auto"`` or a tuple (chains) also
 ``mean_draft_tokens`` (K per row and round, the cap included), ``row_rounds_k0`` (row-rounds at K=0),
 ``rounds_without_draft`` (rounds, or sampling steps, where the draft was not called) and, with ``"auto"``,
-``draft_cost`` (``c``). The target and draft call counters include ``measure_round_costs``'s calls.
+``draft_cost`` (``c``) and ``target_costs`` (``T(1), T(2), ...``). The target and draft call counters include
+``measure_round_costs``'s calls.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ import time
 import weakref
 from typing import NamedTuple
 
+import numpy
 import torch
 
 from ..kernels import spec_verify, tree_verify
@@ -220,7 +222,7 @@ class _Stream:
 
 MAX_AUTO = 8  # the largest K "auto" chooses
 PRIOR = (1.0, 1.0)  # Beta prior of a row's acceptance (accepted, rejected) before its first round: uniform
-PROBE_GAP = 4  # sd: a row at K=0 that could pay probes (a round at its best K >= 1) after this many rounds at 0, then twice as long
+PROBE_GAP = 4  # sd: a row at K=0 that could pay probes (at its best K >= 1) after this many rounds, then twice as many
 _COSTS = weakref.WeakKeyDictionary()  # measure_round_costs's results: target -> draft -> {batch size: RoundCosts}
 
 
@@ -261,11 +263,13 @@ class AdaptiveLength:
     from the target. A row's first round drafts (``k >= 1``): the prior alone says little, and the first round
     is what it learns from. A row at 0 learns nothing, so while drafting could pay at all (``2 > 1 + c``) it
     probes after ``PROBE_GAP`` rounds at 0, then after twice as many, and so on: a round at the best ``k >= 1``
-    (longer probes learn more per round than K=1 probes, which left rows at 0 after an early rejection). Everything here is a
-    function of the row's own history and the costs: never of the round's draws, never of other rows.
+    (longer probes learn more per round than K=1 probes, which left rows at 0 after an early rejection).
+    Everything here is a function of the row's own history and the costs: never of the round's draws, never of
+    other rows.
     """
 
-    def __init__(self, n_prompts: int, costs: RoundCosts, floor: int, ref_calls: int = 0, bonus_draft_call: int = 0):
+    def __init__(self, n_prompts: int, costs: RoundCosts, floor: int, ref_calls: int = 0,
+                 bonus_draft_call: int = 0):
         self.costs, self.floor = costs, floor
         c = costs.draft
         self.round_cost = [1.0] + [costs.target_at(k + 1) + (ref_calls + k + bonus_draft_call) * c
@@ -319,14 +323,8 @@ def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 2) 
     if batch not in known:
         widths = sorted({1, min(2, room), min(MAX_AUTO + 1, room)})
         times = {w: _call_time(target, batch, w, repeats) for w in widths}
-        one = times[1]
-        target_costs = [1.0]
-        for w in range(2, widths[-1] + 1):
-            lo = max(x for x in widths if x <= w)
-            hi = min(x for x in widths if x >= w)
-            t = times[lo] if hi == lo else times[lo] + (times[hi] - times[lo]) * (w - lo) / (hi - lo)
-            target_costs.append(t / one)
-        known[batch] = RoundCosts(_call_time(draft, batch, 1, repeats) / one, tuple(target_costs))
+        between = numpy.interp(range(1, widths[-1] + 1), widths, [times[w] for w in widths]) / times[1]
+        known[batch] = RoundCosts(_call_time(draft, batch, 1, repeats) / times[1], tuple(between.tolist()))
     return known[batch]
 
 
@@ -402,7 +400,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
                max_log_ratio, bonus: bool) -> MethodResult:
     floor = 0 if ref is None else 1  # sd may stop drafting; sss's law needs the draft at every position
     fixed = isinstance(K, int) and not isinstance(K, bool)
-    draft_cost = None  # "auto:C": C
+    costs = None  # "auto:C": given
     if fixed and K < 1:
         raise InputError(f"num_draft_tokens must be a positive integer, 'auto' or a tuple, got {K!r}")
     if isinstance(K, (tuple, list)):
@@ -410,7 +408,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
             raise InputError(f"a num_draft_tokens schedule must be a non-empty tuple of integers >= {floor} "
                              f"({'sd' if floor == 0 else 'sss'}), got {K!r}")
     elif not fixed:
-        K, draft_cost = _auto_option(K)
+        K, costs = _auto_option(K)
     if not fixed and tree is not None:
         raise InputError("num_draft_tokens='auto' or a schedule is for chains (tree=None)")
     if tree not in TREES:
@@ -425,11 +423,10 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         raise InputError("branching is an option of tree='sampled' | 'topk'")
 
     M = ctx.max_new_tokens
-    costs = None if draft_cost is None else RoundCosts(draft_cost)  # "auto:C": every target call costs 1
     if K == "auto" and costs is None:  # measured before in this process: the draft need not be prefilled
         costs = _COSTS.get(ctx.target, {}).get(ctx.draft, {}).get(len(prompts))
     if K == "auto" and ref is None and costs is not None and not AdaptiveLength(1, costs, 0).drafts():
-        return _sample_instead(ctx, ctx.target.prefill(prompts, M), costs.draft)  # the draft is never used
+        return _sample_instead(ctx, ctx.target.prefill(prompts, M), costs)  # the draft is never used
     target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
     draft = _Stream(ctx.draft, ctx.draft.prefill(prompts, M))
     streams = [target, draft]
@@ -452,7 +449,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         schedule = AdaptiveLength(len(prompts), costs, floor, ref_calls=int(ref is not None),
                                   bonus_draft_call=int(draft_at_bonus))
         if floor == 0 and not schedule.drafts():  # K=0 for every row and round: sd is the sample method
-            return _sample_instead(ctx, target.logits, costs.draft)
+            return _sample_instead(ctx, target.logits, costs)
     stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
     accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
     while rows:
@@ -511,19 +508,23 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         ctx.stats.update(mean_draft_tokens=proposed / stats["row_rounds"] if stats["row_rounds"] else 0.0,
                          row_rounds_k0=stats["k0"], rounds_without_draft=stats["no_draft"])
     if schedule is not None:
-        ctx.stats["draft_cost"] = schedule.costs.draft
+        ctx.stats.update(_cost_stats(schedule.costs))
     return MethodResult(out)
 
 
-def _sample_instead(ctx: Context, logits: torch.Tensor, cost: float) -> MethodResult:
-    """``sd`` with ``"auto"`` where no K can pay at any acceptance (``c >= 1``): the ``sample`` method from the
-    target's prefilled cache (``logits [B, V]``), token for token."""
+def _sample_instead(ctx: Context, logits: torch.Tensor, costs: RoundCosts) -> MethodResult:
+    """``sd`` with ``"auto"`` where drafting is not tried (``AdaptiveLength.drafts``: ``c >= 0.5``): the ``sample``
+    method from the target's prefilled cache (``logits [B, V]``), token for token."""
     out = sample_continuations(ctx, ctx.target, logits, ctx.max_new_tokens, list(range(logits.shape[0])))
     n = [len(o) for o in out]
     ctx.stats.update(rounds=max(n, default=0), draft_tokens_proposed=0, draft_tokens_accepted=0,
                      acceptance_rate=0.0, accepted_per_target_call=0.0, mean_draft_tokens=0.0,
-                     row_rounds_k0=sum(n), rounds_without_draft=max(n, default=0), draft_cost=cost)
+                     row_rounds_k0=sum(n), rounds_without_draft=max(n, default=0), **_cost_stats(costs))
     return MethodResult(out)
+
+
+def _cost_stats(costs: RoundCosts) -> dict:
+    return dict(draft_cost=costs.draft, target_costs=list(costs.target))
 
 
 def _target_round(ctx: Context, target: _Stream, rows: list[int], step: int):
@@ -542,8 +543,9 @@ def _plain_token(ctx: Context, p: torch.Tensor, rows: list[int], step: int) -> t
     return ctx.sample(p, rows, 0, "token", steps=step)
 
 
-def _auto_option(value: str) -> tuple[str, float | None]:
-    """``"auto"`` -> ``("auto", None)`` (cost measured); ``"auto:C"`` -> ``("auto", C)``."""
+def _auto_option(value: str) -> tuple[str, RoundCosts | None]:
+    """``"auto"`` -> ``("auto", None)`` (costs measured); ``"auto:C"`` -> ``("auto", RoundCosts(C))``: a draft
+    call costs ``C`` target calls, and every target call costs 1."""
     word, _, cost = value.partition(":")
     try:
         c = float(cost) if cost else None
@@ -552,7 +554,7 @@ def _auto_option(value: str) -> tuple[str, float | None]:
     if word != "auto" or (c is not None and not (0 <= c < float("inf"))):
         raise InputError("num_draft_tokens must be a positive integer, 'auto', 'auto:C' (C >= 0: a draft call's "
                          f"cost relative to a target call) or a tuple, got {value!r}")
-    return "auto", c
+    return "auto", None if c is None else RoundCosts(c)
 
 
 def _verify_randomness(ctx: Context, rows: list[int], step: int, n: int, device):
