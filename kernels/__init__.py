@@ -20,7 +20,7 @@ else:
     from .entropy import entropy, entropy_torch
     from .sample import sample, sample_torch
     from .truncation import truncate_logits
-    from .spec_verify import spec_verify, spec_verify_torch
+    from .spec_verify import acceptance_probability, spec_verify, spec_verify_torch
     from .tree_verify import tree_verify, tree_verify_torch
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "check_finite", "requested_backend", "triton_available", "use_triton",
     "entropy_triton", "sample_triton", "truncation_threshold",
 ]
-__all__ += ["spec_verify", "spec_verify_torch", "tree_verify", "tree_verify_torch"]
+__all__ += ["acceptance_probability", "spec_verify", "spec_verify_torch", "tree_verify", "tree_verify_torch"]
 
 # The Triton entry points load on first use, so the package (and its references) stays importable without triton.
 _LAZY = {

@@ -123,7 +123,7 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
     dev = target_logits.device
     lp, lqr, lpi = log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, top_k, top_p,
                               max_log_ratio, _wrong)                                  # [B, K1, V] each
-    lt = lpi if mode == "sss_exact" else lp   # acceptance / residual target
+    lt = _acceptance_target(mode, lp, lpi)    # acceptance / residual target
     le = lpi                                  # what sss_paper emits from
 
     n = torch.full((B,), K, dtype=torch.int64, device=dev) if num_valid is None \
@@ -156,6 +156,29 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
     if not bonus:
         next_token = torch.where(j == n, torch.full_like(next_token, -1), next_token)
     return j, next_token
+
+
+def _acceptance_target(mode: str, lp: torch.Tensor, lpi: torch.Tensor) -> torch.Tensor:
+    """``log t``, the distribution the acceptance test uses: ``pi`` for ``sss_exact``, ``p`` otherwise."""
+    return lpi if mode == "sss_exact" else lp
+
+
+def acceptance_probability(target_logits, draft_logits, ref_logits=None, mode: str = "sd", lam: float = 1.0,
+                           temperature: float = 1.0, *, top_k: int | None = None, top_p: float | None = None,
+                           max_log_ratio: float | None = None) -> torch.Tensor:
+    """The probability that position ``i``'s drafted token is accepted, given the position is reached:
+    ``beta [B, K]`` fp32, ``beta[b, i] = sum_v min(t_i(v), q_r,i(v))`` (one minus the total variation between
+    ``t``, the distribution the test uses, and the proposal ``q_r``; module docstring).
+
+    ``target_logits [B, K, V]``, ``draft_logits [B, K, V]``, ``ref_logits`` shaped like the target or None (the
+    first ``K`` positions of each are read, ``K`` the shorter of the two); any float dtype. Plain torch, no randomness: the mean of ``beta`` is what
+    a count of accepted tokens estimates, without the count's noise.
+    """
+    K = min(target_logits.shape[1], draft_logits.shape[1])
+    ref = None if ref_logits is None else ref_logits[:, :K]
+    lp, lqr, lpi = log_dists(target_logits[:, :K], draft_logits[:, :K], ref, mode, lam, temperature, top_k,
+                             top_p, max_log_ratio)                                    # [B, K, V] each
+    return torch.minimum(_acceptance_target(mode, lp, lpi).exp(), lqr.exp()).sum(-1)
 
 
 def spec_verify(target_logits, draft_logits, ref_logits, draft_tokens, mode: str = "sd",

@@ -276,17 +276,46 @@ def test_adaptive_length_follows_the_cost_model():
     chosen = []
     for _ in range(17):
         chosen += row.choose([0])
-        row.update([0], chosen[-1:], [0])
+        row.update([0], [[0.0] * chosen[-1]])  # every drafted position rejected for sure
     assert [i for i, k in enumerate(chosen) if k] == [0, 5, 14]  # the first round, after 4 rounds at 0, after 8
     weak = AdaptiveLength(1, priced.costs, floor=0)  # at 0 (priced.best(3, 3) == 0) after 4 rounds there
     weak.accepted[0], weak.rejected[0], weak.rounds[0], weak.idle[0] = 3.0, 3.0, 5, 4
     assert weak.choose([0]) == [weak.best(3, 3, floor=1)] and weak.best(3, 3, floor=1) > 1  # a longer probe
 
 
-def test_round_costs_are_measured_per_width_and_interpolated(monkeypatch):
-    """measure_round_costs times the draft at one token and the target at 1, 2 and MAX_AUTO + 1 tokens (at most
-    the room left), the widths between interpolated; the caches are rolled back; once per (target, draft, batch).
-    The models advance a fake clock, so the costs are exact."""
+def test_adaptive_length_learns_from_acceptance_probabilities():
+    """A row's estimate follows the acceptance probabilities of the positions it drafted, the recent ones
+    weighing most (MEMORY): easy positions take it to long chains, a few hard ones down to K=0, and a probe of
+    easy positions back up; the prior's weight fades."""
+    from fastalign.methods.speculative import MEMORY, PRIOR, AdaptiveLength, RoundCosts
+
+    costs = RoundCosts(0.2, (1.0, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0, 2.05))
+    row = AdaptiveLength(1, costs, floor=0)
+    row.update([0], [[0.95] * 8])
+    assert row.accepted[0] == pytest.approx(PRIOR[0] * MEMORY ** 8 + 0.95 * sum(MEMORY ** i for i in range(8)))
+    assert row.choose([0]) == [8]
+    row.update([0], [[0.4] * 4])
+    assert row.choose([0]) == [0]
+    for _ in range(3):  # at K=0: nothing learnt, the row waits for its probe
+        row.update([0], [[]])
+        assert row.choose([0]) == [0]
+    row.update([0], [[]])
+    probe = row.choose([0])[0]
+    assert probe >= 1
+    row.update([0], [[0.95] * probe])
+    assert row.choose([0])[0] > probe
+    # the same probabilities in another order: the recent ones decide
+    late_easy, late_hard = AdaptiveLength(1, costs, floor=0), AdaptiveLength(1, costs, floor=0)
+    late_easy.update([0], [[0.4] * 4 + [0.95] * 4])
+    late_hard.update([0], [[0.95] * 4 + [0.4] * 4])
+    assert late_easy.choose([0])[0] > late_hard.choose([0])[0]
+
+
+def test_round_costs_are_measured_at_every_width(monkeypatch):
+    """measure_round_costs times the draft at one token and the target at every width from 1 to MAX_AUTO + 1
+    tokens (at most the room left: a target whose cost is not monotone in the width is priced as it is); the
+    caches are rolled back; once per (target, draft, batch). The models advance a fake clock, so the costs are
+    exact."""
     import types
 
     from fastalign.methods import speculative
@@ -309,19 +338,21 @@ def test_round_costs_are_measured_per_width_and_interpolated(monkeypatch):
         def rollback(self, n):
             self.written -= n
 
-    target = Timed(lambda w: 4.0 if w == 1 else 8.0 + 0.5 * (w - 2) + (w == MAX_AUTO + 1))
-    draft = Timed(lambda w: 2.0)
+    def seconds(w):  # 2 and 3 tokens dearer than 4 (another matrix kernel), then growing
+        return 4.0 if w == 1 else 8.0 if w in (2, 3) else 6.0 + 0.5 * (w - 4)
+
+    target, draft = Timed(seconds), Timed(lambda w: 2.0)
     costs = measure_round_costs(target, draft, batch=3, room=20)
     assert target.written == draft.written == 0 and {s[0] for s in target.calls + draft.calls} == {3}
-    assert sorted({s[1] for s in target.calls}) == [1, 2, MAX_AUTO + 1] and {s[1] for s in draft.calls} == {1}
-    # measured at 1, 2 and 9 tokens (4, 8, 12.5 time units); 3..8 on the line from 8 to 12.5, not the model's
-    expected = [1.0, 2.0] + [(8.0 + 4.5 * (w - 2) / (MAX_AUTO - 1)) / 4.0 for w in range(3, MAX_AUTO + 2)]
-    assert costs.target == pytest.approx(expected) and costs.draft == 0.5
+    assert sorted({s[1] for s in target.calls}) == list(range(1, MAX_AUTO + 2)) and {s[1] for s in draft.calls} == {1}
+    assert costs.target == pytest.approx([seconds(w) / 4.0 for w in range(1, MAX_AUTO + 2)]) and costs.draft == 0.5
+    assert costs.target_at(3) == 2.0 > costs.target_at(4) == 1.5
     assert costs.target_at(1) == 1.0 and costs.target_at(50) == costs.target[-1]
     assert measure_round_costs(target, draft, batch=3, room=20) is costs  # once per process and batch
-    short = measure_round_costs(target, draft, batch=1, room=4)  # only 4 tokens of room: widths 1, 2 and 4
-    assert len(short.target) == 4 and sorted({s[1] for s in target.calls[-9:]}) == [1, 2, 4]
-    assert short.target == pytest.approx([1.0, 2.0, 2.125, 2.25])
+    before = len(target.calls)
+    short = measure_round_costs(target, draft, batch=1, room=4)  # only 4 tokens of room: widths 1 to 4
+    assert sorted({s[1] for s in target.calls[before:]}) == [1, 2, 3, 4]
+    assert short.target == pytest.approx([1.0, 2.0, 2.0, 1.5])
 
 
 def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):

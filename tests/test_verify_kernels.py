@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from fastalign.kernels import spec_verify, spec_verify_torch, tree_verify_torch
+from fastalign.kernels import acceptance_probability, spec_verify, spec_verify_torch, tree_verify_torch
 from fastalign.kernels import truncate_logits
 from fastalign.kernels.rng import uniform_grid_torch
 from fastalign.testing import law_of, tv_threshold
@@ -332,6 +332,36 @@ def test_chain_law(case):
 def test_chain_law_rejects(case, wrong):
     check = _chain_law(case, wrong)
     assert not _passes(check), (wrong, check)
+
+
+@pytest.mark.parametrize("case", CHAIN_LAWS, ids=_case_id)
+def test_acceptance_probability_is_the_acceptance_rate(case):
+    """``acceptance_probability`` (what the adaptive draft length learns from) is the rate at which the verifier
+    accepts a drafted position once it is reached: measured on a law test's draws, within 4.5 binomial standard
+    deviations at each of K=2 positions (a correct rule fails with probability below 1e-5); the same check
+    rejects the probability at temperature 1, untruncated, and (sss) against p instead of pi."""
+    mode, T, top_k, top_p, _ = case
+    K = 2
+    tgt, drf, ref, tok, u = _chain_inputs_law(mode, K, T, top_k, top_p, NDRAW, seed=11)
+    acc, _ = spec_verify_torch(tgt, drf, ref, tok, mode, 1.0, T, u, 5, top_k=top_k, top_p=top_p)
+    reached = [acc >= i for i in range(K)]
+    sizes = torch.tensor([r.sum().item() for r in reached], dtype=torch.float64)
+    rate = torch.stack([(acc[r] > i).double().mean() for i, r in enumerate(reached)])
+
+    def fits(**change):
+        law = dict(mode=mode, lam=1.0, temperature=T, top_k=top_k, top_p=top_p) | change
+        beta = acceptance_probability(tgt[:1, :K], drf[:1, :K], ref[:1, :K], **law)[0].double()
+        assert beta.shape == (K,)
+        return bool(((rate - beta).abs() <= 4.5 * (beta * (1 - beta) / sizes).sqrt()).all())
+
+    assert fits() and sizes.min() > 20_000
+    wrong = [dict(temperature=1.0)]
+    if top_k is not None or top_p is not None:
+        wrong.append(dict(top_k=None, top_p=None))
+    if mode == "sss_exact":
+        wrong.append(dict(mode="sd"))
+    for change in wrong:
+        assert not fits(**change), change
 
 
 @pytest.mark.parametrize("case", [CHAIN_LAWS[0], CHAIN_LAWS[3]], ids=_case_id)

@@ -47,16 +47,18 @@ emission race (``race``); rows join at the start and stay until they finish, so 
 prompt's tokens do not depend on its batch.
 
 Adaptive length (chains). ``num_draft_tokens="auto"``: row ``b``'s K for round ``n`` is chosen by
-``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (its accepted tokens and rejections) and the costs of
-a round (``RoundCosts``, in target calls of one token): K maximises the expected tokens per unit of time,
+``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (the acceptance probabilities of the positions it drafted,
+``kernels.acceptance_probability``, the recent ones weighing most) and the costs of a round (``RoundCosts``, in target calls of one token): K maximises the expected tokens per unit of time,
 ``E[1 + a + ... + a^K] / (T(K + 1) + K c)`` (``sss``: ``/ (T(K + 1) + c + (K + 1) c)``, the ref and the draft's
 bonus call counted), the expectation over the row's Beta posterior of its acceptance ``a``, ``c`` the cost of a
 draft call and ``T(w)`` that of a target call of ``w`` tokens. The costs are fixed for the decode call:
 ``"auto:C"`` gives ``c = C`` and ``T = 1``; ``"auto"`` measures them (``measure_round_costs``: the draft and the
-target at 1 token, the target at 2 and 9 tokens, on the prefilled caches; once per process, engine pair and
-batch size; later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters: on
-the 82M target of ``bench/bench_engine.py`` at batch 1 a call of 2 tokens costs about 1.7 one-token calls (the
-matrix products leave the matrix-vector kernel), so a round has a fixed price that short chains do not repay.
+target at every width from 1 to 9 tokens, on the prefilled caches; once per process, engine pair and batch size;
+later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters: on the 82M target
+of ``bench/bench_engine.py`` at batch 1 a call of 2 tokens costs about 1.7 one-token calls (the matrix products
+leave the matrix-vector kernel), so a round has a fixed price that short chains do not repay, and ``T`` is not
+even monotone there (on one machine 2 and 3 tokens cost 1.7 and 1.8 calls, 5 tokens 1.5: the matrix library
+picks its kernel by shape), so every width is measured.
 The law stays exact: a round's K is fixed before its draws, and any K (0 included)
 gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
 its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
@@ -92,10 +94,9 @@ import time
 import weakref
 from typing import NamedTuple
 
-import numpy
 import torch
 
-from ..kernels import spec_verify, tree_verify
+from ..kernels import acceptance_probability, spec_verify, tree_verify
 from ..errors import InputError
 from .base import Context, MethodResult, sample_continuations
 
@@ -222,6 +223,10 @@ class _Stream:
 
 MAX_AUTO = 8  # the largest K "auto" chooses
 PRIOR = (1.0, 1.0)  # Beta prior of a row's acceptance (accepted, rejected) before its first round: uniform
+# what an observation of a row's acceptance weighs after each later one: the acceptance comes in runs (on the 82M
+# pair of bench_engine, drafted positions with probability ~0.99 for a dozen tokens, then ~0.65), so the recent
+# positions are the ones that predict the next round
+MEMORY = 0.8
 PROBE_GAP = 4  # sd: a row at K=0 that could pay probes (at its best K >= 1) after this many rounds, then twice as many
 _COSTS = weakref.WeakKeyDictionary()  # measure_round_costs's results: target -> draft -> {batch size: RoundCosts}
 
@@ -254,10 +259,14 @@ def expected_tokens(accepted: float, rejected: float, k: int) -> float:
 class AdaptiveLength:
     """``num_draft_tokens="auto"``: each row's K for the next round, from that row's own past rounds.
 
-    Row ``b``'s acceptance is ``alpha_b ~ Beta(a_b + 1, r_b + 1)`` (``a_b`` draft tokens accepted, ``r_b``
-    rounds that ended in a rejection: the geometric model of a chain round, from a uniform prior), and its K
-    the ``k`` in ``[floor, MAX_AUTO]`` that maximises expected tokens per unit of time,
-    ``expected_tokens(a_b + 1, r_b + 1, k) / cost(k)``, where ``cost(k)`` is what the round costs in target
+    Row ``b``'s acceptance is ``alpha_b ~ Beta(a_b, r_b)`` (the geometric model of a chain round). Its
+    pseudo-counts start at ``PRIOR`` (uniform) and learn from each drafted position's acceptance probability
+    ``beta`` (``kernels.acceptance_probability``: known from the round's logits, so a round of ``k`` tokens
+    tells ``k`` probabilities, where a count of accepted tokens would tell one noisy outcome per position
+    reached): ``a_b += beta``, ``r_b += 1 - beta``, every earlier observation (the prior included) first
+    weighted down by ``MEMORY``, so that the estimate follows the runs the acceptance comes in. K is the ``k``
+    in ``[floor, MAX_AUTO]`` that maximises expected tokens per unit of time,
+    ``expected_tokens(a_b, r_b, k) / cost(k)``, where ``cost(k)`` is what the round costs in target
     calls (``RoundCosts``: the target at ``k + 1`` tokens, ``k`` draft calls, plus ``ref_calls`` and
     ``bonus_draft_call`` draft-priced calls for ``sss``); ``k = 0`` (``sd`` only) costs ``1``: plain sampling
     from the target. A row's first round drafts (``k >= 1``): the prior alone says little, and the first round
@@ -303,28 +312,28 @@ class AdaptiveLength:
             ks.append(k)
         return ks
 
-    def update(self, rows: list[int], valid: list[int], accepted: list[int]) -> None:
-        """Row ``rows[i]`` drafted ``valid[i]`` tokens this round and ``accepted[i]`` of them were accepted."""
-        for r, v, a in zip(rows, valid, accepted):
+    def update(self, rows: list[int], betas: list[list[float]]) -> None:
+        """Row ``rows[i]`` drafted ``len(betas[i])`` tokens this round (0: it sampled from the target), whose
+        positions had acceptance probabilities ``betas[i]``, in chain order."""
+        for r, row_betas in zip(rows, betas):
             self.rounds[r] += 1
-            self.idle[r] = self.idle[r] + 1 if v == 0 else 0
-            if v:
-                self.accepted[r] += a
-                self.rejected[r] += int(a < v)
+            self.idle[r] = 0 if row_betas else self.idle[r] + 1
+            for beta in row_betas:
+                self.accepted[r] = MEMORY * self.accepted[r] + beta
+                self.rejected[r] = MEMORY * self.rejected[r] + (1.0 - beta)
 
 
 @torch.no_grad()
-def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 2) -> RoundCosts:
+def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 3) -> RoundCosts:
     """``RoundCosts`` measured on the just-prefilled caches (tokens are written, then rolled back: the caches are
-    as before), once per process per (target, draft, batch): one-token calls of the draft and the target, and
-    target calls of 2 and ``MAX_AUTO + 1`` tokens (at most ``room``, the tokens the caches have room for); the
-    fastest of ``repeats`` after a warm-up call, the widths between linearly interpolated."""
+    as before), once per process per (target, draft, batch): a one-token call of the draft, and target calls of
+    every width from 1 to ``MAX_AUTO + 1`` tokens (at most ``room``, the tokens the caches have room for); each
+    the fastest of ``repeats`` after a warm-up call."""
     known = _COSTS.setdefault(target, weakref.WeakKeyDictionary()).setdefault(draft, {})
     if batch not in known:
-        widths = sorted({1, min(2, room), min(MAX_AUTO + 1, room)})
-        times = {w: _call_time(target, batch, w, repeats) for w in widths}
-        between = numpy.interp(range(1, widths[-1] + 1), widths, [times[w] for w in widths]) / times[1]
-        known[batch] = RoundCosts(_call_time(draft, batch, 1, repeats) / times[1], tuple(between.tolist()))
+        times = [_call_time(target, batch, w, repeats) for w in range(1, min(MAX_AUTO + 1, room) + 1)]
+        known[batch] = RoundCosts(_call_time(draft, batch, 1, repeats) / times[0],
+                                  tuple(t / times[0] for t in times))
     return known[batch]
 
 
@@ -462,6 +471,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         valid = [min(n - int(bonus), k) for n, k in zip(left, ks)]
         depth = max(1, max(valid))
         stats["k0"] += valid.count(0)
+        betas = None  # [B, depth]: the drafted positions' acceptance probabilities, what "auto" learns from
         if tree is None and not fixed and max(valid) == 0 and ref is None:  # sd, no row drafts: p alone
             nodes, accepted, next_token, path = _target_round(ctx, target, rows, step)
             streams[1].defer(next_token)
@@ -469,8 +479,9 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
             for s in streams[:1]:
                 s.advance(nodes, path, accepted, next_token, False)
         elif tree is None:
-            nodes, accepted, next_token, path = _chain_round(ctx, streams, ref, depth, valid, draft_at_bonus,
-                                                             verify, rows, step, plain=not fixed and ref is None)
+            nodes, accepted, next_token, path, betas = _chain_round(
+                ctx, streams, ref, depth, valid, draft_at_bonus, verify, rows, step,
+                plain=not fixed and ref is None, learn=schedule is not None)
             stats["proposed"] += sum(valid)
         else:
             nodes, accepted, next_token, path, n_nodes = _tree_round(ctx, streams, ref, tree, branching[:depth],
@@ -486,9 +497,10 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         emitted = torch.cat([nodes.gather(1, path.clamp(min=0)), next_token[:, None]], 1)
         emitted.scatter_(1, accepted[:, None], next_token[:, None])  # the emitted token follows the path
         n_emit = accepted + (next_token >= 0).long()
-        done, accepted_rows = _append(ctx, out, rows, emitted, n_emit, left, accepted)
+        done = _append(ctx, out, rows, emitted, n_emit, left)
         if schedule is not None:
-            schedule.update(rows, valid, accepted_rows)
+            drafted = [] if betas is None else betas.tolist()
+            schedule.update(rows, [drafted[i][:v] if v else [] for i, v in enumerate(valid)])
         if any(done):
             keep = [i for i, d in enumerate(done) if not d]
             rows = [rows[i] for i in keep]
@@ -564,11 +576,12 @@ def _verify_randomness(ctx: Context, rows: list[int], step: int, n: int, device)
 
 
 def _chain_round(ctx: Context, streams, ref, K: int, valid: list[int], draft_at_bonus: bool, verify,
-                 rows: list[int], step: int, plain: bool = False):
+                 rows: list[int], step: int, plain: bool = False, learn: bool = False):
     """Draft ``K`` tokens, score them, verify. Row ``b`` feeds only its first ``valid[b]`` drafted tokens (the
     rest are dead slots); with ``plain`` (sd, adaptive length) a row at ``valid[b] = 0`` draws its token with
-    ``_plain_token``. Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]`` and the accepted
-    ``path [B, K]`` (node indices, -1 padded)."""
+    ``_plain_token``. Returns ``nodes [B, K]``, ``accepted [B]``, ``next_token [B]``, the accepted
+    ``path [B, K]`` (node indices, -1 padded) and, with ``learn``, the acceptance probabilities of the drafted
+    positions ``[B, K]`` (``kernels.acceptance_probability``; a row's first ``valid[b]`` are its own), else None."""
     target, draft = streams[0], streams[1]
     dev = target.logits.device
     n = torch.tensor(valid, device=dev)
@@ -583,12 +596,17 @@ def _chain_round(ctx: Context, streams, ref, K: int, valid: list[int], draft_at_
     live = pos[None, :] < n[:, None]
     p = target.feed(nodes, live=live)
     q = streams[2].feed(nodes, live=live) if ref is not None else None
-    accepted, next_token = spec_verify(p, torch.stack(q_r, 1), q, nodes, num_valid=n,
+    q_r_all = torch.stack(q_r, 1)
+    accepted, next_token = spec_verify(p, q_r_all, q, nodes, num_valid=n,
                                        **_verify_randomness(ctx, rows, step, K, dev), **verify)
     if plain and 0 in valid:  # sd with an adaptive length: rows at K=0 draw as in a round without the draft
         next_token = torch.where(n == 0, _plain_token(ctx, p[:, 0], rows, step), next_token)
     path = torch.where(pos < accepted[:, None], pos, -1)
-    return nodes, accepted, next_token, path
+    betas = None
+    if learn:
+        law = {k: verify[k] for k in ("mode", "lam", "temperature", "top_k", "top_p", "max_log_ratio")}
+        betas = acceptance_probability(p[:, :K], q_r_all[:, :K], None if q is None else q[:, :K], **law)
+    return nodes, accepted, next_token, path, betas
 
 
 def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...], valid: list[int],
@@ -637,19 +655,18 @@ def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...
 
 
 def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
-            left: list[int], accepted: torch.Tensor) -> tuple[list[bool], list[int]]:
+            left: list[int]) -> list[bool]:
     """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
-    ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``),
-    and the rows' ``accepted [B]`` counts.  One device-to-host copy."""
+    ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``).
+    One device-to-host copy."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
     count = torch.minimum(n_emit, first_eos + 1)
     ended = first_eos < count
-    table = torch.cat([count[:, None], ended.long()[:, None], accepted[:, None], emitted], 1).tolist()
-    done, acc = [], []
-    for r, n, (c, e, a, *toks) in zip(rows, left, table):
+    table = torch.cat([count[:, None], ended.long()[:, None], emitted], 1).tolist()
+    done = []
+    for r, n, (c, e, *toks) in zip(rows, left, table):
         out[r].extend(toks[:min(c, n)])
         done.append((bool(e) and c <= n) or c >= n)
-        acc.append(a)
-    return done, acc
+    return done
