@@ -171,8 +171,8 @@ def acceptance_probability(target_logits, draft_logits, ref_logits=None, mode: s
     ``t``, the distribution the test uses, and the proposal ``q_r``; module docstring).
 
     ``target_logits [B, K, V]``, ``draft_logits [B, K, V]``, ``ref_logits`` shaped like the target or None (the
-    first ``K`` positions of each are read, ``K`` the shorter of the two); any float dtype. Plain torch, no randomness: the mean of ``beta`` is what
-    a count of accepted tokens estimates, without the count's noise.
+    first ``K`` positions of each are read, ``K`` the shorter of the two); any float dtype. Plain torch, no
+    randomness: the mean of ``beta`` is what a count of accepted tokens estimates, without the count's noise.
     """
     K = min(target_logits.shape[1], draft_logits.shape[1])
     ref = None if ref_logits is None else ref_logits[:, :K]

@@ -497,9 +497,8 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         emitted = torch.cat([nodes.gather(1, path.clamp(min=0)), next_token[:, None]], 1)
         emitted.scatter_(1, accepted[:, None], next_token[:, None])  # the emitted token follows the path
         n_emit = accepted + (next_token >= 0).long()
-        done = _append(ctx, out, rows, emitted, n_emit, left)
+        done, drafted = _append(ctx, out, rows, emitted, n_emit, left, betas)
         if schedule is not None:
-            drafted = [] if betas is None else betas.tolist()
             schedule.update(rows, [drafted[i][:v] if v else [] for i, v in enumerate(valid)])
         if any(done):
             keep = [i for i, d in enumerate(done) if not d]
@@ -655,18 +654,24 @@ def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...
 
 
 def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
-            left: list[int]) -> list[bool]:
+            left: list[int], betas: torch.Tensor | None = None) -> tuple[list[bool], list[list[float]]]:
     """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
-    ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``).
-    One device-to-host copy."""
+    ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``),
+    and the rows of ``betas [B, K]`` (the round's acceptance probabilities; ``[]`` when None). One
+    device-to-host copy for both (tokens travel as float64: exact below 2^53)."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
     count = torch.minimum(n_emit, first_eos + 1)
     ended = first_eos < count
-    table = torch.cat([count[:, None], ended.long()[:, None], emitted], 1).tolist()
-    done = []
-    for r, n, (c, e, *toks) in zip(rows, left, table):
+    table = torch.cat([count[:, None], ended.long()[:, None], emitted], 1)
+    width = table.shape[1]
+    if betas is not None:
+        table = torch.cat([table.double(), betas.double()], 1)
+    done, beta_rows = [], []
+    for r, n, row in zip(rows, left, table.tolist()):
+        c, e, *toks = (int(x) for x in row[:width])
         out[r].extend(toks[:min(c, n)])
         done.append((bool(e) and c <= n) or c >= n)
-    return done
+        beta_rows.append(row[width:])
+    return done, beta_rows
