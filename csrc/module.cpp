@@ -6,14 +6,16 @@ namespace py = pybind11;
 namespace fastalign {
 void register_tree(py::module_& m);
 void register_compact(py::module_& m);
+void register_linear(py::module_& m);
 }  // namespace fastalign
 
 // Bumped whenever a signature below changes; fastalign.native refuses a stale build.
-#define FASTALIGN_C_ABI_VERSION 1
+#define FASTALIGN_C_ABI_VERSION 2
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastalign native extension: tree topology and KV-cache slot compaction";
+  m.doc() = "fastalign native extension: tree topology, KV-cache slot compaction, one-thread fp32 linear rows";
   m.attr("ABI_VERSION") = FASTALIGN_C_ABI_VERSION;
   fastalign::register_tree(m);
   fastalign::register_compact(m);
+  fastalign::register_linear(m);
 }

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-_ABI_VERSION = 1  # must match FASTALIGN_C_ABI_VERSION in csrc/module.cpp
+_ABI_VERSION = 2  # must match FASTALIGN_C_ABI_VERSION in csrc/module.cpp
 
 _C_IMPORT_ERROR: str | None = None
 try:  # the optional C++/CUDA extension
@@ -59,6 +59,7 @@ def native_info() -> dict:
         "cuda_gather_disabled": _cuda_gather_broken,
         "import_error": _C_IMPORT_ERROR,
         "forced_off": _C is not None and not native_available(),
+        "linear_isa": getattr(_C, "linear_isa", "") if _C is not None else "",
     }
 
 
@@ -222,3 +223,66 @@ def gather_slots_many(xs: Sequence[torch.Tensor], index: torch.Tensor) -> list[t
     if _native_gather_ok(xs, index):
         return _gather_native(xs, index)
     return [gather_slots_torch(x, index) for x in xs]
+
+
+# ---------------------------------------------------------------------------------------------- linear rows
+LINEAR_MAX_ROWS = 4  # beyond 4 rows BLAS's matrix product is the faster one (bench/bench_kernels.py, linear_rows)
+
+
+def native_linear_supported() -> bool:
+    """Whether the extension is in use and has a few-row linear loop for this CPU (AVX2 or AVX-512)."""
+    return native_available() and bool(getattr(_C, "linear_isa", ""))
+
+
+def native_linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``_C``'s one-thread loop computes ``F.linear(x, weight, bias)``: the extension is in use and has a
+    loop for this CPU (AVX2 or AVX-512), torch runs on one thread (the loop has no others), and ``x [..., I]``
+    (at most ``LINEAR_MAX_ROWS`` rows), ``weight [O, I]`` and ``bias [O]`` are fp32 CPU tensors, the weight and
+    bias contiguous, no gradient asked."""
+    if torch.get_num_threads() != 1 or not native_linear_supported():
+        return False
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return x.numel() <= LINEAR_MAX_ROWS * weight.shape[1]
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x [..., I]``, ``weight [O, I]``, ``bias [O]`` or None -> ``[..., O]``; by
+    ``native_linear`` when ``native_linear_ok`` (a few fp32 rows on one CPU thread), else by ``F.linear``. The two
+    agree up to float rounding (another summation order)."""
+    if native_linear_ok(x, weight, bias):
+        return _linear_loop(x, weight, bias, "")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  isa: str = "") -> torch.Tensor:
+    """``_C``'s loop (``csrc/linear.cpp``) for fp32 CPU tensors ``x [..., I]``, contiguous ``weight [O, I]`` and
+    ``bias [O]`` -> ``[..., O]``, any number of rows, on one thread: the weight is streamed once, in memory order,
+    and each output is one dot product summed in an order that does not depend on the other rows. ``isa``: the
+    loop to run (``"avx512f"``, ``"avx2"``; ``""``: the widest this CPU has)."""
+    if not native_linear_supported():
+        raise RuntimeError(f"no native linear loop here ({native_info()})")
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or weight.dim() != 2:
+        raise ValueError("native_linear takes fp32 CPU tensors and a 2-D weight")
+    if x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError(f"native_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not fit")
+    return _linear_loop(x, weight.contiguous(), None if bias is None else bias.contiguous(), isa)
+
+
+def _linear_loop(x, weight, bias, isa: str) -> torch.Tensor:
+    """``native_linear`` without its checks (contiguous weight and bias)."""
+    rows = x.reshape(-1, weight.shape[1]).contiguous()
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
+    _C._linear_rows_f32(weight.data_ptr(), rows.data_ptr(), out.data_ptr(),
+                        0 if bias is None else bias.data_ptr(), rows.shape[0], weight.shape[0], weight.shape[1], isa)
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,181 @@
+// One-thread fp32 linear layer for a few rows on the CPU: y[m, o] = dot(W[o, :], x[m, :]) (+ b[o]).
+//
+// A decode step of a small batch multiplies a handful of rows by every weight matrix of the model, so its
+// speed is how fast one core streams the weights. BLAS's matrix-vector path reaches about half of what a
+// plain streaming read does on the machines we measured; this loop walks W once, in memory order (row o,
+// then row o + 1: one sequential stream), prefetches a few KiB ahead, and computes every row of x against
+// the W row while it sits in L1. Each output is one dot product summed in the same order whatever M is, so a
+// row's result does not depend on the other rows of the batch.
+//
+// The Python side (fastalign.models.native.linear_rows) checks dtypes, contiguity and shapes and passes raw
+// pointers: W [O, I] and x [M, I] contiguous fp32, y [M, O] contiguous fp32, b [O] or 0.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FASTALIGN_X86 1
+#endif
+
+namespace py = pybind11;
+
+namespace fastalign {
+namespace {
+
+constexpr int64_t kPrefetchFloats = 512;  // 2 KiB ahead of the current W position (1-8 KiB measured alike)
+
+using LinearRowsFn = void (*)(const float* w, const float* x, float* y, const float* b, int64_t M, int64_t O,
+                              int64_t I);
+
+#ifdef FASTALIGN_X86
+// NW rows of W against R rows of x: out[k * R + r] = dot(w + k * I, x + r * I). Two accumulators per output
+// (even and odd 16-column chunks), summed the same way for every NW and R, so an output's value does not
+// depend on which rows share the call; each W chunk is loaded once for all R rows, each x chunk once for all
+// NW rows (2 x 4 outputs: 16 accumulators, 22 of the 32 vector registers).
+template <int NW, int R>
+__attribute__((target("avx512f"))) inline void dots_avx512(const float* w, const float* x, int64_t I, float* out) {
+  __m512 acc0[NW][R], acc1[NW][R];
+  for (int k = 0; k < NW; ++k)
+    for (int r = 0; r < R; ++r) acc0[k][r] = acc1[k][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= I; i += 32) {
+    __m512 w0[NW], w1[NW];
+    for (int k = 0; k < NW; ++k) {
+      w0[k] = _mm512_loadu_ps(w + k * I + i);
+      w1[k] = _mm512_loadu_ps(w + k * I + i + 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 x0 = _mm512_loadu_ps(x + r * I + i), x1 = _mm512_loadu_ps(x + r * I + i + 16);
+      for (int k = 0; k < NW; ++k) {
+        acc0[k][r] = _mm512_fmadd_ps(w0[k], x0, acc0[k][r]);
+        acc1[k][r] = _mm512_fmadd_ps(w1[k], x1, acc1[k][r]);
+      }
+    }
+  }
+  for (; i < I; i += 16) {  // the last 1..31 columns, masked
+    const __mmask16 mask = I - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (I - i)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x0 = _mm512_maskz_loadu_ps(mask, x + r * I + i);
+      for (int k = 0; k < NW; ++k)
+        acc0[k][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + k * I + i), x0, acc0[k][r]);
+    }
+  }
+  for (int k = 0; k < NW; ++k)
+    for (int r = 0; r < R; ++r) out[k * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[k][r], acc1[k][r]));
+}
+
+template <int NW>
+__attribute__((target("avx512f"))) inline void rows_block_avx512(const float* w, const float* x, float* y,
+                                                                  const float* b, int64_t M, int64_t O, int64_t I,
+                                                                  int64_t o) {
+  float out[NW * 4];
+  for (int64_t m = 0; m < M; m += 4) {
+    const int64_t n = M - m < 4 ? M - m : 4;
+    const float* xm = x + m * I;
+    if (n == 4) dots_avx512<NW, 4>(w, xm, I, out);
+    else if (n == 3) dots_avx512<NW, 3>(w, xm, I, out);
+    else if (n == 2) dots_avx512<NW, 2>(w, xm, I, out);
+    else dots_avx512<NW, 1>(w, xm, I, out);
+    for (int k = 0; k < NW; ++k)
+      for (int64_t r = 0; r < n; ++r) y[(m + r) * O + o + k] = b ? out[k * n + r] + b[o + k] : out[k * n + r];
+  }
+}
+
+__attribute__((target("avx512f"))) void linear_rows_avx512(const float* w, const float* x, float* y,
+                                                             const float* b, int64_t M, int64_t O, int64_t I) {
+  int64_t o = 0;
+  for (; o + 2 <= O; o += 2) {
+    const float* rows = w + o * I;
+    for (int64_t i = 0; i < 2 * I; i += 16) _mm_prefetch(reinterpret_cast<const char*>(rows + i + kPrefetchFloats), _MM_HINT_T0);
+    rows_block_avx512<2>(rows, x, y, b, M, O, I, o);
+  }
+  if (o < O) rows_block_avx512<1>(w + o * I, x, y, b, M, O, I, o);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) inline void dots_avx2(const float* row, const float* x, int64_t I, float* out) {
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= I; i += 16) {
+    const __m256 w0 = _mm256_loadu_ps(row + i), w1 = _mm256_loadu_ps(row + i + 8);
+    for (int r = 0; r < R; ++r) {
+      acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * I + i), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * I + i + 8), acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = hsum256(_mm256_add_ps(acc0[r], acc1[r]));
+    for (int64_t j = i; j < I; ++j) s += row[j] * x[r * I + j];  // the last 0..15 columns
+    out[r] = s;
+  }
+}
+
+__attribute__((target("avx2,fma"))) void linear_rows_avx2(const float* w, const float* x, float* y,
+                                                          const float* b, int64_t M, int64_t O, int64_t I) {
+  float out[4];
+  for (int64_t o = 0; o < O; ++o) {
+    const float* row = w + o * I;
+    for (int64_t i = 0; i < I; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i + kPrefetchFloats), _MM_HINT_T0);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t n = M - m < 4 ? M - m : 4;
+      if (n == 4) dots_avx2<4>(row, x + m * I, I, out);
+      else if (n == 3) dots_avx2<3>(row, x + m * I, I, out);
+      else if (n == 2) dots_avx2<2>(row, x + m * I, I, out);
+      else dots_avx2<1>(row, x + m * I, I, out);
+      for (int64_t r = 0; r < n; ++r) y[(m + r) * O + o] = b ? out[r] + b[o] : out[r];
+    }
+  }
+}
+#endif
+
+// The loop for an instruction set this CPU has: "avx512f", "avx2", or "" for the widest one (nullptr: none).
+LinearRowsFn loop_for(const std::string& isa) {
+#ifdef FASTALIGN_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if ((isa.empty() || isa == "avx512f") && avx512) return linear_rows_avx512;
+  if ((isa.empty() || isa == "avx2") && avx2) return linear_rows_avx2;
+#endif
+  return nullptr;
+}
+
+std::string widest_isa() {
+  for (const char* isa : {"avx512f", "avx2"})
+    if (loop_for(isa) != nullptr) return isa;
+  return "";
+}
+
+}  // namespace
+
+void register_linear(py::module_& m) {
+  m.attr("linear_isa") = widest_isa();  // "" when this CPU has no loop
+  m.def(
+      "_linear_rows_f32",
+      [](std::uintptr_t w, std::uintptr_t x, std::uintptr_t y, std::uintptr_t b, int64_t M, int64_t O, int64_t I,
+         const std::string& isa) {
+        const LinearRowsFn loop = loop_for(isa);
+        if (loop == nullptr) throw py::value_error("fastalign._C: no linear loop '" + isa + "' on this CPU");
+        if (M < 0 || O < 0 || I < 0) throw py::value_error("linear_rows: negative size");
+        py::gil_scoped_release release;
+        loop(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y),
+             reinterpret_cast<const float*>(b), M, O, I);
+      },
+      py::arg("w"), py::arg("x"), py::arg("y"), py::arg("b"), py::arg("M"), py::arg("O"), py::arg("I"),
+      py::arg("isa") = "",
+      "y[M, O] = x[M, I] @ w[O, I]^T (+ b[O]) in fp32 on one thread; raw pointers of contiguous buffers, b = 0 for "
+      "no bias; isa: 'avx512f', 'avx2' or '' (the widest this CPU has). Trusts its pointers "
+      "(fastalign.models.native.linear_rows checks the tensors).");
+}
+
+}  // namespace fastalign
