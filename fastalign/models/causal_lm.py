@@ -34,7 +34,7 @@ import torch
 
 from ..kernels import check_finite
 from ..validation import check_context_length, check_positions, check_prompts
-from . import native
+from . import cpu_linear, native
 from .ragged import RaggedStore
 
 
@@ -77,7 +77,9 @@ class CachedModel:
 
     ``store`` holds the keys and values: a ``RaggedStore`` (eager, the default) or a ``SlotStore`` (static,
     with compiled fixed-shape steps). ``backbone`` is the module that runs (default: the model itself; a
-    reward model runs its base model and reads the head itself).
+    reward model runs its base model and reads the head itself). On a CPU in fp32 it runs as a copy sharing the
+    weights whose large linear layers take blocks of up to four rows to the native loop
+    (``fastalign.models.cpu_linear``); the model given is not modified.
     """
 
     def __init__(self, model, store=None, backbone=None):
@@ -89,6 +91,8 @@ class CachedModel:
         self.counters = ModelCounters()
         self.store = store if store is not None else RaggedStore()
         backbone = backbone if backbone is not None else model
+        if cpu_linear.native_linears_apply(self.device, self.dtype):  # the caller's model stays as it is
+            backbone = cpu_linear.with_native_linears(backbone)
         self.store.attach(backbone, cache_argument(backbone), self.device, self.dtype)
 
     # ----------------------------------------------------------------- state

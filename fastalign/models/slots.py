@@ -56,7 +56,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import InputError
 from ..validation import check_rows
-from . import cpu_linear, native
+from . import native
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # beyond 64 rows: multiples of 64
 WIDTH_BUCKETS = (1, 2, 4, 8, 16)  # wider blocks run uncompiled at their own width
@@ -156,9 +156,7 @@ class StaticOptions:
     step evaluates only the guards that tell this model's compiled shapes apart. Safe here because every
     model has its own compiled function (its own code object) and the shape key ``(R, Tb, Tq, S)`` is all that
     varies between its calls (no grad, no keyword arguments, fixed dtypes); a new shape is always compiled
-    under full guards first. ``native_linears``: on a CPU in fp32, run the model's linear layers on blocks of
-    up to four rows with the native loop (``fastalign.models.cpu_linear``; a copy of the model's structure
-    sharing its weights, so the model given is unchanged). ``cuda_graphs``: on a CUDA device, capture the compiled steps as CUDA graphs
+    under full guards first. ``cuda_graphs``: on a CUDA device, capture the compiled steps as CUDA graphs
     (None: yes unless ``FASTALIGN_CUDA_GRAPHS=0``; False: torch.compile's default mode, as on a CPU; ignored
     when ``mode`` is given). ``step_compilation`` turns these and the device into torch.compile's settings.
     """
@@ -167,7 +165,6 @@ class StaticOptions:
     mode: str | None = None
     cpp_wrapper: bool = True
     skip_guards: bool = True
-    native_linears: bool = True
     cuda_graphs: bool | None = None
 
 
@@ -242,8 +239,6 @@ class SlotStore:
 
     def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype) -> None:
         """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``; compile its step."""
-        if self.options.native_linears and cpu_linear.native_linears_apply(device, dtype):
-            backbone = cpu_linear.with_native_linears(backbone)
         self.backbone, self.cache_arg, self.device, self.dtype = backbone, cache_arg, device, dtype
         self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=device)
         self.compilation = step_compilation(self.options, device)
