@@ -14,7 +14,9 @@
 #include <cstdint>
 #include <string>
 
-#if defined(__x86_64__) || defined(_M_X64)
+// The loops use GCC/Clang's per-function target attributes and CPU detection; elsewhere (MSVC, other CPUs) the
+// module has no loop and fastalign uses F.linear.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define FASTALIGN_X86 1
 #endif
@@ -164,7 +166,8 @@ void register_linear(py::module_& m) {
       "_linear_rows_f32",
       [](std::uintptr_t w, std::uintptr_t x, std::uintptr_t y, std::uintptr_t b, int64_t M, int64_t O, int64_t I,
          const std::string& isa) {
-        const LinearRowsFn loop = loop_for(isa);
+        static const LinearRowsFn widest = loop_for("");
+        const LinearRowsFn loop = isa.empty() ? widest : loop_for(isa);
         if (loop == nullptr) throw py::value_error("fastalign._C: no linear loop '" + isa + "' on this CPU");
         if (M < 0 || O < 0 || I < 0) throw py::value_error("linear_rows: negative size");
         py::gil_scoped_release release;

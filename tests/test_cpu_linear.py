@@ -21,6 +21,14 @@ def _one_thread_native_on(monkeypatch):
     torch.set_num_threads(threads)
 
 
+def spy_on_the_loop(monkeypatch) -> list[int]:
+    """Rows of each call that reached ``_C``'s loop from ``linear_rows``."""
+    ran = []
+    real = native._linear_loop
+    monkeypatch.setattr(native, "_linear_loop", lambda x, *a: ran.append(x.shape[:-1].numel()) or real(x, *a))
+    return ran
+
+
 def loops() -> list[str]:
     """The loops this CPU runs (the widest first)."""
     if not native.native_linear_supported():
@@ -57,12 +65,35 @@ def test_linear_rows_is_f_linear(isa, in_features, rows, bias):
 @pytest.mark.parametrize("isa", loops())
 def test_a_rows_value_does_not_depend_on_the_other_rows(isa):
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 200, generator=gen)
-    x = torch.randn(4, 200, generator=gen)
+    w = torch.randn(63, 200, generator=gen)  # odd O: the last output row on its own
+    x = torch.randn(7, 200, generator=gen)  # a group of four rows and one of three
     together = native.native_linear(x, w, isa=isa)
-    for r in range(4):
+    for r in range(7):
         assert torch.equal(native.native_linear(x[r: r + 1], w, isa=isa)[0], together[r])
     assert torch.equal(native.native_linear(x[1:3], w, isa=isa), together[1:3])
+
+
+@requires_loop
+def test_edge_shapes():
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(6, 40, generator=gen)
+    w = big[1:]  # contiguous, at a storage offset
+    assert native.native_linear(torch.randn(0, 40), w).shape == (0, 5)
+    x = torch.randn(2, 40, generator=gen)
+    assert torch.allclose(native.native_linear(x, w), x @ w.T, atol=1e-5)
+    assert torch.allclose(native.native_linear(x, w[:1]), x @ w[:1].T, atol=1e-5)  # one output
+    empty = torch.zeros(3, 0)
+    assert not native.native_linear_ok(torch.zeros(1, 0), empty, None)  # I = 0: F.linear's answer
+    assert torch.equal(native.linear_rows(torch.zeros(1, 0), empty, torch.ones(3)), torch.ones(1, 3))
+
+
+@requires_loop
+def test_the_op_passes_torch_s_checks():
+    gen = torch.Generator().manual_seed(4)
+    w, b = torch.randn(12, 40, generator=gen), torch.randn(12, generator=gen)
+    for x in (torch.randn(1, 40, generator=gen), torch.randn(2, 3, 40, generator=gen)):
+        torch.library.opcheck(cpu_linear.linear_rows_op, (x, w, b))
+        torch.library.opcheck(cpu_linear.linear_rows_op, (x, w, None))
 
 
 @requires_loop
@@ -85,10 +116,12 @@ def test_what_the_loop_does_not_take_goes_to_f_linear(monkeypatch):
         return not native.native_linear_ok(*args, **kwargs)
 
     assert native.native_linear_ok(x, w, None)
-    assert torch.equal(native.linear_rows(x, w), native.native_linear(x, w))  # taken: the loop ran
+    ran = spy_on_the_loop(monkeypatch)
+    native.linear_rows(x, w)
+    assert ran == [1]
     five = torch.randn(5, 16, generator=gen)
     assert refuses(five, w, None)  # more rows than LINEAR_MAX_ROWS
-    assert torch.equal(native.linear_rows(five, w), torch.nn.functional.linear(five, w))
+    assert torch.equal(native.linear_rows(five, w), torch.nn.functional.linear(five, w)) and ran == [1]
     assert refuses(x.double(), w.double(), None)
     assert refuses(x, w.t().contiguous().t(), None)  # a weight that is not contiguous
     assert refuses(x, w, torch.randn(9))  # a bias of another size
@@ -121,9 +154,9 @@ def tiny_llama():
 
 
 @requires_loop
-def test_the_copy_shares_the_weights_and_leaves_the_model_as_it_was():
+def test_the_copy_shares_the_weights_and_leaves_the_model_as_it_was(monkeypatch):
     model = tiny_llama()
-    twin = cpu_linear.with_native_linears(model)
+    twin = cpu_linear.native_twin(model)
     linears = {n: m.weight.numel() for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     big = {n for n, size in linears.items() if size >= cpu_linear.MIN_WEIGHT_ELEMENTS}
     assert big and len(big) < len(linears)
@@ -132,23 +165,86 @@ def test_the_copy_shares_the_weights_and_leaves_the_model_as_it_was():
     mine, theirs = dict(model.named_parameters()), dict(twin.named_parameters())
     assert mine.keys() == theirs.keys() and all(mine[k] is theirs[k] for k in mine)
     assert twin.lm_head.weight is twin.model.embed_tokens.weight  # still tied
+    ran = spy_on_the_loop(monkeypatch)
     ids = torch.tensor([[3, 7, 11, 2]])
     with torch.no_grad():
         assert torch.allclose(twin(ids[:, :1]).logits, model(ids[:, :1]).logits, atol=1e-5)  # one row: the loop
+        assert ran == [1] * len(big)
         assert torch.allclose(twin(ids).logits, model(ids).logits, atol=1e-5)  # four rows: the loop as well
+        assert ran == [1] * len(big) + [4] * len(big)
+    assert cpu_linear.twin_is_current(twin, model)
+
+
+@requires_loop
+def test_a_module_runs_as_it_is_where_a_copy_would_not_serve(monkeypatch):
+    model = tiny_llama()
+    torch.set_num_threads(2)
+    assert cpu_linear.native_twin(model) is model  # the loop has one thread
+    torch.set_num_threads(1)
+    model.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert cpu_linear.native_twin(model) is model  # a copy would call the hook on the copy
+    small = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert cpu_linear.native_twin(small) is small  # nothing worth turning
+    monkeypatch.setenv("FASTALIGN_NATIVE", "0")
+    fresh = tiny_llama()
+    assert cpu_linear.native_twin(fresh) is fresh
+
+
+@requires_loop
+def test_with_a_gradient_asked_the_layer_is_f_linear(monkeypatch):
+    layer = torch.nn.Linear(256, 300)
+    twin = cpu_linear.native_twin(torch.nn.Sequential(layer))
+    ran = spy_on_the_loop(monkeypatch)
+    x = torch.randn(1, 256)
+    twin(x).sum().backward()
+    assert ran == [] and layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.allclose(twin(x), layer(x), atol=1e-5) and ran == [1]
+
+
+@requires_loop
+def test_biases_through_the_compiled_op(monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 300), torch.nn.ReLU(), torch.nn.Linear(300, 256)).eval()
+    twin = cpu_linear.native_twin(net)
+    ran = spy_on_the_loop(monkeypatch)
+    compiled = torch.compile(twin, dynamic=False)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), net(x), atol=1e-5)
+    assert ran == [3, 3]
+
+
+@requires_loop
+def test_a_model_layer_remakes_its_copy_when_the_weights_are_replaced():
+    from fastalign.models.causal_lm import CausalLM
+
+    model = tiny_llama()
+    lm = CausalLM(model)
+    assert lm.backbone is not model
+    first = lm.prefill([[3, 7, 11, 2]])
+    other = tiny_llama()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+    model.load_state_dict(other.state_dict(), assign=True)  # new Parameter objects
+    assert not cpu_linear.twin_is_current(lm.backbone, model)
+    second = lm.prefill([[3, 7, 11, 2]])
+    assert cpu_linear.twin_is_current(lm.backbone, model)
+    with torch.no_grad():
+        expected = model(torch.tensor([[3, 7, 11, 2]])).logits[:, -1]
+    assert torch.allclose(second, expected, atol=1e-4) and not torch.allclose(first, second, atol=1e-2)
 
 
 @requires_loop
 @pytest.mark.parametrize("store", ["ragged", "compiled slots"])
 def test_decode_steps_of_the_model_layer_call_the_loop(monkeypatch, store):
     """On both stores (through torch.compile on the slot store: the op is opaque, its Python body runs at each
-    call) decode steps of one row reach native.linear_rows, and the tokens are those of the model as given."""
+    call) decode steps of one row reach the loop, and the tokens are those of the model as given."""
     from fastalign.models.causal_lm import CausalLM
     from fastalign.models.slots import SlotStore, StaticOptions
 
-    calls = []
-    real = native.linear_rows
-    monkeypatch.setattr(native, "linear_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    ran = spy_on_the_loop(monkeypatch)
     model = tiny_llama()
     lm = CausalLM(model, store=SlotStore(StaticOptions(compile=True)) if store != "ragged" else None)
     logits = lm.prefill([[3, 7, 11, 2]], 8)
@@ -159,6 +255,6 @@ def test_decode_steps_of_the_model_layer_call_the_loop(monkeypatch, store):
             assert tok == int(model(torch.tensor([prefix])).logits[0, -1].argmax())
             prefix.append(tok)
             logits = lm.extend(torch.tensor([[tok]]))
-    assert any(shape[:-1].numel() == 1 for shape in calls)
+    assert 1 in ran
     if store != "ragged":
         assert lm.store.compiled_shapes  # the decode steps ran compiled

@@ -77,9 +77,10 @@ class CachedModel:
 
     ``store`` holds the keys and values: a ``RaggedStore`` (eager, the default) or a ``SlotStore`` (static,
     with compiled fixed-shape steps). ``backbone`` is the module that runs (default: the model itself; a
-    reward model runs its base model and reads the head itself). On a CPU in fp32 it runs as a copy sharing the
-    weights whose large linear layers take blocks of up to four rows to the native loop
-    (``fastalign.models.cpu_linear``); the model given is not modified.
+    reward model runs its base model and reads the head itself). On a CPU in fp32 with one torch thread it runs as
+    a copy sharing the weights whose large linear layers take calls of up to four rows to the native loop
+    (``fastalign.models.cpu_linear.native_twin``; remade at the next batch when the weights were replaced); the
+    model given is not modified.
     """
 
     def __init__(self, model, store=None, backbone=None):
@@ -90,10 +91,13 @@ class CachedModel:
         self.context_length = context_length_of(model.config)
         self.counters = ModelCounters()
         self.store = store if store is not None else RaggedStore()
-        backbone = backbone if backbone is not None else model
-        if cpu_linear.native_linears_apply(self.device, self.dtype):  # the caller's model stays as it is
-            backbone = cpu_linear.with_native_linears(backbone)
-        self.store.attach(backbone, cache_argument(backbone), self.device, self.dtype)
+        self._given_backbone = backbone if backbone is not None else model
+        self._attach()
+
+    def _attach(self) -> None:
+        """Bind the store to what runs: the backbone, or its copy with native linear layers (``cpu_linear``)."""
+        self.backbone = cpu_linear.native_twin(self._given_backbone)
+        self.store.attach(self.backbone, cache_argument(self.backbone), self.device, self.dtype)
 
     # ----------------------------------------------------------------- state
     @property
@@ -111,6 +115,8 @@ class CachedModel:
         return self.live.sum(1)
 
     def reset(self) -> None:
+        if not cpu_linear.twin_is_current(self.backbone, self._given_backbone):  # its weights were replaced
+            self._attach()
         self.store.reset()
 
     @property

@@ -1,15 +1,15 @@
-"""Layer 2: a model's linear layers on the native few-row loop (``native.linear_rows``) for the static path.
+"""Layer 2: a model's linear layers on the native few-row loop (``native.linear_rows``), for ``CachedModel``.
 
 A decode step of a small batch multiplies one to four rows by every weight matrix of the model, so on a CPU its
 speed is how fast one core streams the weights; BLAS's matrix-vector path reaches much less than that
-(``bench/bench_kernels.py --ops linear_rows`` measures both).
+(``bench/bench_linear_rows.py`` measures both).
 
-``with_native_linears(module)`` returns a copy of ``module``'s structure that shares every parameter and buffer
-(no weight is copied; tied weights stay tied) and whose fp32 CPU ``nn.Linear`` layers call
-``torch.ops.fastalign.linear_rows`` on blocks of at most ``native.LINEAR_MAX_ROWS`` rows. The model the caller
-gave is left as it is. The op is opaque to ``torch.compile`` (a compiled step calls it as one kernel) and decides
-at each call, in ``native.linear_rows``, whether the native loop runs or ``F.linear`` does (more than one torch
-thread, ``FASTALIGN_NATIVE=0``, a CPU without AVX2).
+``native_twin(module)`` returns a copy of ``module``'s structure that shares every parameter and buffer (no
+weight is copied; tied weights stay tied) and whose large fp32 CPU ``nn.Linear`` layers are ``RowsLinear``: a
+call with at most ``native.LINEAR_MAX_ROWS`` rows goes to ``torch.ops.fastalign.linear_rows``, any other to
+``F.linear``. The module the caller gave is left as it is. The op is opaque to ``torch.compile`` (a compiled step
+calls it as one kernel) and decides at each call, in ``native.linear_rows``, whether the native loop runs or
+``F.linear`` does (more than one torch thread, ``FASTALIGN_NATIVE=0``).
 """
 
 from __future__ import annotations
@@ -47,28 +47,59 @@ MIN_WEIGHT_ELEMENTS = 2**16  # smaller layers stay on F.linear: their weights st
 
 
 class RowsLinear(torch.nn.Linear):
-    """An ``nn.Linear`` whose blocks of a few rows go to ``linear_rows`` (set as the class of a copied layer)."""
+    """An ``nn.Linear`` whose calls with at most ``LINEAR_MAX_ROWS`` rows of fp32 CPU input, no gradient asked
+    and no autocast, go to ``linear_rows`` (set as the class of a copied layer); any other call is ``F.linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= native.LINEAR_MAX_ROWS * self.in_features:
+        if (x.device.type == "cpu" and x.dim() >= 1 and x.shape[:-1].numel() <= native.LINEAR_MAX_ROWS
+                and not torch.is_autocast_enabled("cpu")
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return linear_rows_op(x, self.weight, self.bias)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def native_linears_apply(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a model on ``device`` in ``dtype`` would gain from ``with_native_linears`` on this machine."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32 and native.native_linear_supported()
+def _layers_to_turn(module: torch.nn.Module) -> list[str]:
+    """The names of the layers ``native_twin`` turns: exactly ``nn.Linear``, fp32 contiguous CPU weights of at
+    least ``MIN_WEIGHT_ELEMENTS``."""
+    return [name for name, layer in module.named_modules()
+            if type(layer) is torch.nn.Linear and layer.weight.device.type == "cpu"
+            and layer.weight.dtype == torch.float32 and layer.weight.layout == torch.strided
+            and layer.weight.is_contiguous() and layer.weight.numel() >= MIN_WEIGHT_ELEMENTS]
 
 
-def with_native_linears(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module``'s structure sharing its parameters and buffers, its fp32 CPU ``nn.Linear`` layers
-    (exactly that class, contiguous weights of at least ``MIN_WEIGHT_ELEMENTS``) turned into ``RowsLinear`` (the
-    module docstring)."""
-    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    twin = copy.deepcopy(module, memo=shared)
-    for layer in twin.modules():
-        if (type(layer) is torch.nn.Linear and layer.weight.device.type == "cpu"
-                and layer.weight.dtype == torch.float32 and layer.weight.is_contiguous()
-                and layer.weight.numel() >= MIN_WEIGHT_ELEMENTS):
-            layer.__class__ = RowsLinear
+def _shared_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return list(itertools.chain(module.parameters(), module.buffers()))
+
+
+def native_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """What a ``CachedModel`` runs for ``module``: its weight-sharing copy with the layers of ``_layers_to_turn``
+    as ``RowsLinear`` (the module docstring), or ``module`` itself when the loop would not run (not one torch
+    thread, no loop on this CPU, ``FASTALIGN_NATIVE=0``), when no layer qualifies, when a module has forward
+    hooks (a copy would call the user's hooks on the copy) or when the module cannot be copied.
+
+    The copy is a snapshot of the module tree: ``twin_is_current`` tells when the module's parameters or buffers
+    were replaced since (``load_state_dict(assign=True)``, ``.to()``, a resize), and the ``CachedModel`` then
+    makes a new one. Other changes to the module tree made later (new hooks, adapters) are not seen."""
+    if torch.get_num_threads() != 1 or not native.native_linear_supported():
+        return module
+    names = _layers_to_turn(module)
+    if not names or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+        return module
+    shared = _shared_tensors(module)
+    try:
+        twin = copy.deepcopy(module, memo={id(t): t for t in shared})
+    except Exception:  # noqa: BLE001 - something in the tree cannot be copied: run the module as it is
+        return module
+    for name in names:
+        twin.get_submodule(name).__class__ = RowsLinear
+    twin._fastalign_shared = shared  # what twin_is_current compares (the same objects: no extra memory)
     return twin
+
+
+def twin_is_current(twin: torch.nn.Module, module: torch.nn.Module) -> bool:
+    """Whether ``twin`` (``native_twin(module)``) still runs ``module``: the module itself, or a copy sharing every
+    parameter and buffer ``module`` has now."""
+    if twin is module:
+        return True
+    now = _shared_tensors(module)
+    return len(now) == len(twin._fastalign_shared) and all(a is b for a, b in zip(now, twin._fastalign_shared))

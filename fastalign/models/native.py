@@ -1,4 +1,5 @@
-"""Layer 2: tree topology and KV-slot gathering, native (``fastalign._C``) when built, else pure PyTorch.
+"""Layer 2: tree topology, KV-slot gathering and a few-row fp32 linear layer on the CPU, native (``fastalign._C``)
+when built, else pure PyTorch (``F.linear`` for the linear layer).
 
 A draft tree of ``T`` nodes is given per row by a parent array ``parents[b, t]`` in ``[-1, t - 1]``: ``-1``
 means the node hangs directly off the accepted prefix, and a parent always precedes its children
@@ -226,7 +227,7 @@ def gather_slots_many(xs: Sequence[torch.Tensor], index: torch.Tensor) -> list[t
 
 
 # ---------------------------------------------------------------------------------------------- linear rows
-LINEAR_MAX_ROWS = 4  # beyond 4 rows BLAS's matrix product is the faster one (bench/bench_kernels.py, linear_rows)
+LINEAR_MAX_ROWS = 4  # beyond 4 rows BLAS's matrix product is about as fast or faster (bench/bench_linear_rows.py)
 
 
 def native_linear_supported() -> bool:
@@ -244,19 +245,21 @@ def native_linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or weight.shape[1] == 0:
+        return False
+    if any(t.layout != torch.strided for t in tensors) or not weight.is_contiguous():
         return False
     if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return x.numel() <= LINEAR_MAX_ROWS * weight.shape[1]
+    return x.shape[:-1].numel() <= LINEAR_MAX_ROWS
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., I]``, ``weight [O, I]``, ``bias [O]`` or None -> ``[..., O]``; by
-    ``native_linear`` when ``native_linear_ok`` (a few fp32 rows on one CPU thread), else by ``F.linear``. The two
-    agree up to float rounding (another summation order)."""
+    ``_C``'s loop (``native_linear``) when ``native_linear_ok`` (a few fp32 rows on one CPU thread, no gradient
+    asked), else by ``F.linear``. The two agree up to float rounding (another summation order)."""
     if native_linear_ok(x, weight, bias):
         return _linear_loop(x, weight, bias, "")
     return torch.nn.functional.linear(x, weight, bias)
@@ -267,13 +270,14 @@ def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``_C``'s loop (``csrc/linear.cpp``) for fp32 CPU tensors ``x [..., I]``, contiguous ``weight [O, I]`` and
     ``bias [O]`` -> ``[..., O]``, any number of rows, on one thread: the weight is streamed once, in memory order,
     and each output is one dot product summed in an order that does not depend on the other rows. ``isa``: the
-    loop to run (``"avx512f"``, ``"avx2"``; ``""``: the widest this CPU has)."""
+    loop to run (``"avx512f"``, ``"avx2"``; ``""``: the widest this CPU has). No autograd: the result has no
+    gradient (``linear_rows`` leaves inputs that ask for one to ``F.linear``)."""
     if not native_linear_supported():
         raise RuntimeError(f"no native linear loop here ({native_info()})")
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or weight.dim() != 2:
         raise ValueError("native_linear takes fp32 CPU tensors and a 2-D weight")
-    if x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
         raise ValueError(f"native_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)} do not fit")
     return _linear_loop(x, weight.contiguous(), None if bias is None else bias.contiguous(), isa)
@@ -281,8 +285,8 @@ def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _linear_loop(x, weight, bias, isa: str) -> torch.Tensor:
     """``native_linear`` without its checks (contiguous weight and bias)."""
-    rows = x.reshape(-1, weight.shape[1]).contiguous()
-    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
+    rows = x.reshape(x.shape[:-1].numel(), weight.shape[1]).contiguous()
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32, device="cpu")
     _C._linear_rows_f32(weight.data_ptr(), rows.data_ptr(), out.data_ptr(),
                         0 if bias is None else bias.data_ptr(), rows.shape[0], weight.shape[0], weight.shape[1], isa)
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -241,6 +241,8 @@ class SlotStore:
         """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``; compile its step."""
         self.backbone, self.cache_arg, self.device, self.dtype = backbone, cache_arg, device, dtype
         self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        self.cache, self.rows, self.end, self.open_from = None, 0, 0, 0  # attached again: start afresh
+        self.compiled_shapes = set()  # a new step function compiles its shapes anew
         self.compilation = step_compilation(self.options, device)
         if self.compilation.compile:
             _configure_dynamo()
