@@ -47,27 +47,29 @@ emission race (``race``); rows join at the start and stay until they finish, so 
 prompt's tokens do not depend on its batch.
 
 Adaptive length (chains). ``num_draft_tokens="auto"``: row ``b``'s K for round ``n`` is chosen by
-``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (the acceptance probabilities of the positions it drafted,
-``kernels.acceptance_probability``, the recent ones weighing most) and the costs of a round (``RoundCosts``, in target calls of one token): K maximises the expected tokens per unit of time,
+``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (the acceptance probabilities of the positions it
+drafted, ``kernels.acceptance_probability``, the recent ones weighing most) and the costs of a round
+(``RoundCosts``, in target calls of one token): K maximises the expected tokens per unit of time,
 ``E[1 + a + ... + a^K] / (T(K + 1) + K c)`` (``sss``: ``/ (T(K + 1) + c + (K + 1) c)``, the ref and the draft's
 bonus call counted), the expectation over the row's Beta posterior of its acceptance ``a``, ``c`` the cost of a
 draft call and ``T(w)`` that of a target call of ``w`` tokens. The costs are fixed for the decode call:
 ``"auto:C"`` gives ``c = C`` and ``T = 1``; ``"auto"`` measures them (``measure_round_costs``: the draft and the
 target at every width from 1 to 9 tokens, on the prefilled caches; once per process, engine pair and batch size;
-later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters: on the 82M target
-of ``bench/bench_engine.py`` at batch 1 a call of 2 tokens costs about 1.7 one-token calls (the matrix products
-leave the matrix-vector kernel), so a round has a fixed price that short chains do not repay, and ``T`` is not
-even monotone there (on one machine 2 and 3 tokens cost 1.7 and 1.8 calls, 5 tokens 1.5: the matrix library
-picks its kernel by shape), so every width is measured.
+later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters and is not even
+monotone, so every width is measured: on the 82M target of ``bench/bench_engine.py`` at batch 1, with BLAS a call
+of 2 or 3 tokens cost 1.7–1.8 one-token calls and one of 5 tokens 1.5 (the matrix library picks its kernel by
+shape); with the native loop for up to 4 rows (``fastalign.models.cpu_linear``) 2 tokens cost 1.04 calls and
+9 tokens 3.0 (``bench/results/adaptive_cpu_100m.md``).
 The law stays exact: a round's K is fixed before its draws, and any K (0 included)
 gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
 its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
 the draft catches up on its next call (``_Stream.defer``). When a draft call costs half a target call or more
 (``c >= 0.5``: ``AdaptiveLength.drafts``) ``sd`` is the ``sample`` method, token for token, without the
 round machinery (on the toy world a round costs about 2.2 target steps before any drafting: rounds at K=0
-would lose to ``sample``); the price: a pair with ``0.5 <= c < 1`` and a high acceptance never drafts. ``sss`` goes down to K=1: ``pi`` needs the draft's and the
-ref's logits at every emitted position, so the draft runs every round; at K=1 a round costs one target call
-of 2 tokens, one ref call and 2 draft calls and emits 1 or 2 tokens. A tuple ``num_draft_tokens=(k0, k1, ...)``
+would lose to ``sample``); the price: a pair with ``0.5 <= c < 1`` and a high acceptance never drafts. ``sss``
+goes down to K=1: ``pi`` needs the draft's and the ref's logits at every emitted position, so the draft runs
+every round; at K=1 a round costs one target call of 2 tokens, one ref call and 2 draft calls and emits 1 or 2
+tokens. A tuple ``num_draft_tokens=(k0, k1, ...)``
 forces K of round ``n`` to ``k[n % len]`` (tests; 0 allowed for ``sd``). Reproducibility: with ``"auto:C"`` or
 a tuple a prompt's tokens depend on its seed only (not on its batch: K is per row); with ``"auto"`` they
 depend also on the measured costs (timing), the same for every row of the call.

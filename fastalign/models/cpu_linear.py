@@ -26,13 +26,7 @@ from . import native
 # layer's product): a CPU kernel and a fake one for torch.compile's tracing.
 _LIBRARY = torch.library.Library("fastalign", "FRAGMENT")
 _LIBRARY.define("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-
-
-def _linear_rows_cpu(x, weight, bias):
-    return native.linear_rows(x, weight, bias)
-
-
-_LIBRARY.impl("linear_rows", _linear_rows_cpu, "CPU")
+_LIBRARY.impl("linear_rows", native.linear_rows, "CPU")
 
 
 @torch.library.register_fake("fastalign::linear_rows", lib=_LIBRARY)
