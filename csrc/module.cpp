@@ -1,4 +1,4 @@
-// fastalign._C: optional native layer (see fastalign/native.py for the Python fallbacks).
+// fastalign._C: the optional native layer (Python fallbacks: fastalign/models/native.py, kernels/rng.py).
 #include <pybind11/pybind11.h>
 
 namespace py = pybind11;
@@ -7,15 +7,17 @@ namespace fastalign {
 void register_tree(py::module_& m);
 void register_compact(py::module_& m);
 void register_linear(py::module_& m);
+void register_philox(py::module_& m);
 }  // namespace fastalign
 
 // Bumped whenever a signature below changes; fastalign.native refuses a stale build.
-#define FASTALIGN_C_ABI_VERSION 2
+#define FASTALIGN_C_ABI_VERSION 3
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastalign native extension: tree topology, KV-cache slot compaction, one-thread fp32 linear rows";
+  m.doc() = "fastalign native extension: tree topology, KV-cache slot compaction, one-thread fp32 linear rows, Philox streams";
   m.attr("ABI_VERSION") = FASTALIGN_C_ABI_VERSION;
   fastalign::register_tree(m);
   fastalign::register_compact(m);
   fastalign::register_linear(m);
+  fastalign::register_philox(m);
 }

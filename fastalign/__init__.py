@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # The public names load on first use (PEP 562), so that `import fastalign.cli` (the `fastalign` command's
 # --help) does not import torch and transformers.
 _LAZY = {"decode": ".api", "Engine": ".api", "DecodeOutput": ".api", "CausalLM": ".models", "RewardModel": ".models",
-         "InputError": ".errors", "native_available": ".models.native",
+         "InputError": ".errors", "native_available": ".kernels.extension",
          "native_info": ".models.native"}
 
 

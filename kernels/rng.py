@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .extension import extension, native_available
+
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
@@ -114,16 +116,38 @@ def bits_to_uniform_torch(bits: torch.Tensor) -> torch.Tensor:
 
 def stream_bits_torch(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
     """The 32-bit numbers (int64) of elements ``0 .. n_cols - 1`` of the rows' streams ``[R, 2]`` (key, ctr):
-    ``[R, n_cols]``. On the CPU the same bits come from NumPy (``_stream_bits_numpy``): Philox is ~140 tiny
-    integer ops, and NumPy's per-op cost is a fraction of torch's, which matters once per decoding step."""
-    if n_cols >= 2**34:
-        raise ValueError(f"a stream has 2**34 elements, asked for {n_cols}")
+    ``[R, n_cols]``. On the CPU the same bits come from ``fastalign._C``'s loop when it is in use, else from NumPy
+    (``stream_bits_numpy``): Philox is ~140 tiny integer ops, and once per decoding step torch's per-op cost
+    would dominate (NumPy's is a fraction of it, the native loop's nothing)."""
+    _check_cols(n_cols)
     if streams.device.type == "cpu":
-        return _stream_bits_numpy(streams, n_cols)
-    return _stream_bits_tensor(streams, n_cols)
+        if native_available():
+            return native_streams(streams, n_cols, torch.int64)
+        return stream_bits_numpy(streams, n_cols)
+    return stream_bits_tensor(streams, n_cols)
 
 
-def _stream_bits_numpy(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
+def _check_cols(n_cols: int) -> None:
+    if not 0 <= n_cols < 2**34:
+        raise ValueError(f"a stream has 2**34 elements, asked for {n_cols}")
+
+
+def native_streams(streams: torch.Tensor, n_cols: int, dtype: torch.dtype, isa: str = "") -> torch.Tensor:
+    """``_C``'s Philox loop (``csrc/philox.cpp``) on CPU ``streams [R, 2]`` int64: the words as int64, or their
+    uniforms as fp32 (``dtype``), ``[R, n_cols]``. ``isa``: the loop's variant (``"avx512f"``, ``"avx2"``,
+    ``"generic"``; ``""``: the widest this CPU has). Needs the extension (``native_available()``)."""
+    if streams.dtype != torch.int64 or streams.dim() != 2 or streams.shape[1] != 2 or streams.device.type != "cpu":
+        raise ValueError(f"streams must be int64 [R, 2] (key, counter) on the CPU, got {streams.dtype} "
+                         f"{tuple(streams.shape)} on {streams.device}")
+    _check_cols(n_cols)
+    s = streams.contiguous()
+    out = torch.empty(s.shape[0], n_cols, dtype=dtype)
+    run = extension._philox_bits if dtype == torch.int64 else extension._philox_uniform
+    run(s.data_ptr(), out.data_ptr(), s.shape[0], n_cols, isa)
+    return out
+
+
+def stream_bits_numpy(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
     """``stream_bits_torch`` in NumPy uint64 arithmetic (CPU tensors; bit for bit the same numbers).
 
     The two multiply lanes of a Philox round run as one array op: ``a = (c0, c2)`` and ``b = (c1, c3)`` are
@@ -150,7 +174,7 @@ def _stream_bits_numpy(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
     return torch.from_numpy(words.astype(np.int64))
 
 
-def _stream_bits_tensor(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
+def stream_bits_tensor(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
     """``stream_bits_torch`` in torch int64 arithmetic (any device)."""
     key = streams[:, 0:1]
     ctr = streams[:, 1:2]
@@ -163,6 +187,8 @@ def _stream_bits_tensor(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def uniform_streams_torch(streams: torch.Tensor, n_cols: int) -> torch.Tensor:
     """fp32 uniforms ``[R, n_cols]``: element ``(r, c)`` of stream ``streams[r]``."""
+    if streams.device.type == "cpu" and native_available():
+        return native_streams(streams, n_cols, torch.float32)
     return bits_to_uniform_torch(stream_bits_torch(streams, n_cols))
 
 

@@ -157,7 +157,9 @@ def test_native_available_when_built():
     if native._C is None:
         pytest.skip(f"fastalign._C is not importable: {native.native_info()['import_error']}")
     assert native.native_available()
-    assert native._C.ABI_VERSION == native._ABI_VERSION
+    from fastalign.kernels.extension import ABI_VERSION
+
+    assert native._C.ABI_VERSION == ABI_VERSION
 
 
 # ----------------------------------------------------------------------------------------------- gather

@@ -145,12 +145,70 @@ def test_uniform_grid_int_seed_rows_differ_and_seeds_resolve():
 
 def test_numpy_and_torch_twins_give_the_same_bits():
     """``stream_bits_torch`` takes NumPy on CPU tensors and torch elsewhere: both must be the same numbers."""
-    from fastalign.kernels.rng import _stream_bits_numpy, _stream_bits_tensor
+    from fastalign.kernels.rng import stream_bits_numpy, stream_bits_tensor
 
     gen = torch.Generator().manual_seed(0)
     for rows, cols in ((1, 1), (3, 5), (4, 144), (2, 4099)):
         streams = torch.randint(-2**63, 2**63 - 1, (rows, 2), dtype=torch.int64, generator=gen)
-        assert torch.equal(_stream_bits_numpy(streams, cols), _stream_bits_tensor(streams, cols))
+        assert torch.equal(stream_bits_numpy(streams, cols), stream_bits_tensor(streams, cols))
+
+
+NATIVE_ISAS = ["generic", "avx2", "avx512f"]
+
+
+@pytest.mark.parametrize("isa", NATIVE_ISAS)
+def test_native_philox_gives_the_same_bits_and_uniforms(isa):
+    """``_C``'s Philox loop (each of its variants this CPU has) against the NumPy twin: the same words and the same
+    uniforms, at lengths around its block of 256 elements, edge keys and counters included."""
+    from fastalign.kernels import rng
+
+    if not rng.native_available():
+        pytest.skip("fastalign._C is not in use here")
+    if isa != "generic" and not _cpu_has(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    gen = torch.Generator().manual_seed(1)
+    edge = torch.tensor([[0, 0], [-1, -1], [2**63 - 1, -2**63], [1, 2**32]], dtype=torch.int64)
+    for rows, cols in ((1, 1), (3, 5), (2, 255), (2, 256), (2, 257), (1, 4099), (4, 1024)):
+        streams = torch.randint(-2**63, 2**63 - 1, (rows, 2), dtype=torch.int64, generator=gen)
+        for s in (streams, edge):
+            want = rng.stream_bits_numpy(s, cols)
+            assert torch.equal(rng.native_streams(s, cols, torch.int64, isa), want), (rows, cols)
+            assert torch.equal(rng.native_streams(s, cols, torch.float32, isa), rng.bits_to_uniform_torch(want))
+    assert rng.native_streams(edge, 0, torch.float32, isa).shape == (4, 0)
+
+
+def _cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (False where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def test_cpu_streams_take_the_native_loop_unless_switched_off(monkeypatch):
+    """On CPU tensors ``stream_bits_torch`` and ``uniform_streams_torch`` run ``_C``'s loop; ``FASTALIGN_NATIVE=0``
+    sends them to NumPy; either way the numbers are the same. Bad streams are refused before any pointer is read."""
+    from fastalign.kernels import rng
+
+    if not rng.native_available():
+        pytest.skip("fastalign._C is not in use here")
+    calls = []
+    real = rng.native_streams
+    monkeypatch.setattr(rng, "native_streams", lambda *a: calls.append(a[2]) or real(*a))
+    streams = Randomness([5, 6], 2).streams([0, 1], "token")
+    bits, uniforms = stream_bits_torch(streams, 300), uniform_streams_torch(streams, 300)
+    assert calls == [torch.int64, torch.float32]
+    monkeypatch.setenv("FASTALIGN_NATIVE", "0")
+    assert torch.equal(stream_bits_torch(streams, 300), bits)
+    assert torch.equal(uniform_streams_torch(streams, 300), uniforms)
+    assert len(calls) == 2
+    monkeypatch.delenv("FASTALIGN_NATIVE")
+    for bad in (streams.to(torch.int32), streams[:, :1], streams[0]):
+        with pytest.raises(ValueError, match="int64 \\[R, 2\\]"):
+            real(bad, 4, torch.int64)
+    with pytest.raises(ValueError, match="2\\*\\*34"):
+        stream_bits_torch(streams, -1)
 
 
 def test_inactive_rows_do_not_advance_their_count():

@@ -1,5 +1,6 @@
 """Layer 2: tree topology, KV-slot gathering and a few-row fp32 linear layer on the CPU, native (``fastalign._C``)
-when built, else pure PyTorch (``F.linear`` for the linear layer).
+when built, else pure PyTorch (``F.linear`` for the linear layer). The extension is loaded, and switched off by
+``FASTALIGN_NATIVE=0``, in ``fastalign.kernels.extension``.
 
 A draft tree of ``T`` nodes is given per row by a parent array ``parents[b, t]`` in ``[-1, t - 1]``: ``-1``
 means the node hangs directly off the accepted prefix, and a parent always precedes its children
@@ -8,46 +9,15 @@ means the node hangs directly off the accepted prefix, and a parent always prece
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from typing import Sequence
 
 import torch
 
-_ABI_VERSION = 2  # must match FASTALIGN_C_ABI_VERSION in csrc/module.cpp
-
-_C_IMPORT_ERROR: str | None = None
-try:  # the optional C++/CUDA extension
-    from fastalign import _C  # type: ignore[attr-defined]
-
-    if getattr(_C, "ABI_VERSION", None) != _ABI_VERSION:
-        _C_IMPORT_ERROR = (
-            f"fastalign._C is a stale build (ABI {getattr(_C, 'ABI_VERSION', None)}, expected {_ABI_VERSION}); "
-            "rebuild it with `pip install --no-build-isolation -e .`"
-        )
-        warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
-        _C = None
-except ImportError as exc:  # not built: the normal pure-Python install
-    _C = None
-    if importlib.util.find_spec("fastalign._C") is None:
-        _C_IMPORT_ERROR = "fastalign._C is not built (installed without the native extension)"
-    else:  # pragma: no cover - present but unloadable
-        _C_IMPORT_ERROR = f"fastalign._C failed to load: {exc}"
-        warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
-except Exception as exc:  # pragma: no cover - a broken build
-    _C, _C_IMPORT_ERROR = None, f"fastalign._C failed to load: {exc!r}"
-    warnings.warn(_C_IMPORT_ERROR + "; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
+from ..kernels.extension import extension as _C  # None when not built, stale or broken
+from ..kernels.extension import import_error, native_available
 
 _cuda_gather_broken: str | None = None  # set when the CUDA path failed once (e.g. driver too old)
-
-
-def native_available() -> bool:
-    """True when the compiled extension ``fastalign._C`` is in use, False on the pure-Python fallback.
-
-    ``FASTALIGN_NATIVE=0`` in the environment forces the fallback (read at each call).
-    """
-    return _C is not None and os.environ.get("FASTALIGN_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def native_info() -> dict:
@@ -58,7 +28,7 @@ def native_info() -> dict:
         "cuda": bool(_C is not None and getattr(_C, "has_cuda", False)),
         "cuda_version": getattr(_C, "cuda_version", 0) if _C is not None else 0,
         "cuda_gather_disabled": _cuda_gather_broken,
-        "import_error": _C_IMPORT_ERROR,
+        "import_error": import_error,
         "forced_off": _C is not None and not native_available(),
         "linear_isa": getattr(_C, "linear_isa", "") if _C is not None else "",
     }
