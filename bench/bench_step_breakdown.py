@@ -4,9 +4,9 @@ Per world (``bench_engine``'s ``toy`` and ``100m``), after a warm-up decode (whi
 each part is timed as the minimum over ``--repeats`` rounds (the parts interleaved in each; loops of
 ``--max-new-tokens`` steps):
 
-* ``step, guards skipped``: the compiled step function alone (``SlotStore._compiled_step`` on a decode step's
-  inputs, the same column rewritten), under the stance the engine uses for a known shape
-  (``skip_guard_eval_unsafe``): the compiled graph plus what calling it costs;
+* ``step, called directly``: the compiled step alone, as the engine calls a known shape: the code torch.compile
+  runs for it, called as a plain function (``slots.compiled_code``) on a decode step's inputs, the same column
+  rewritten: the compiled graph plus the bytecode that gathers its inputs;
 * ``model layer around the step``: ``CausalLM.extend`` of one token per row (positions, the step's padded
   inputs, the live mask, the finiteness check of the logits) minus the step alone;
 * ``sampling and the method's loop``: a whole ``Engine.decode`` per token minus ``extend`` per token, less the
@@ -15,9 +15,9 @@ each part is timed as the minimum over ``--repeats`` rounds (the parts interleav
 
 The parts add up to the decode's time per token by construction. Of the sampling part, the sampling kernel
 alone (``kernels.sample`` on one row of random logits with a decode's per-prompt stream, in a loop) is shown
-too. Apart, not in the total: what evaluating
-dynamo's guards in full would add per token (the same step loop under the default stance, minus the above: what
-``StaticOptions.skip_guards`` saves). Next to them, the floor is the target's bytes per token
+too. Apart, not in the total: what calling the step through ``torch.compile``'s wrapper would add per token, with
+guards skipped (``skip_guard_eval_unsafe``) and with guards evaluated in full (the same step loop, minus the
+direct call: what ``StaticOptions.skip_guards`` saves). Next to them, the floor is the target's bytes per token
 over the streaming bandwidth measured in the same run (``bench_engine.measure_bandwidth``).
 
     python bench/bench_step_breakdown.py                    # toy and 100m (CPU: a few minutes, compiling)
@@ -40,6 +40,7 @@ from bench.bench_engine import (  # noqa: E402
     engines, measure_bandwidth, random_world, sample_work, toy_world,
 )
 from bench.common import command_line, device_info, markdown_table, write_results  # noqa: E402
+from fastalign.models.slots import compiled_code  # noqa: E402
 
 
 def best(fn, repeats: int) -> float:
@@ -63,6 +64,7 @@ def step_inputs(lm, prompt):
         return compiled(*args)
 
     lm.prefill([prompt], 8)
+    store._direct.clear()  # this call through the compiled function (later ones of the shape call its code)
     store._compiled_step = record
     try:
         lm.extend(torch.tensor([[prompt[-1]]]), live=torch.ones(1, 1, dtype=torch.bool))
@@ -84,12 +86,18 @@ def breakdown(engine, prompt, n: int, repeats: int, seed: int) -> dict:
         tok, live = torch.tensor([[prompt[-1]]]), torch.ones(1, 1, dtype=torch.bool)
         return best(lambda: [lm.extend(tok, live=live) for _ in range(n - 1)], 1)
 
-    def step_loop(skip):
+    def step_loop(how):
         store, args = step_inputs(lm, prompt)  # afresh: the store's state as in a decode step
-        compiled = store._compiled_step
+        if how == "direct":
+            with torch.no_grad():  # the global state the store calls it in (its guards check it)
+                compiled = compiled_code(store._step_function, args)
+            if compiled is None:
+                raise RuntimeError("no compiled code found for the decode step")
+        else:
+            compiled = store._compiled_step
 
         def loop():
-            with torch.no_grad(), torch.compiler.set_stance(skip_guard_eval_unsafe=skip):  # as SlotStore.write
+            with torch.no_grad(), torch.compiler.set_stance(skip_guard_eval_unsafe=how == "skip"):  # as the store
                 for _ in range(n - 1):
                     compiled(*args)
         return best(loop, 1)
@@ -105,7 +113,8 @@ def breakdown(engine, prompt, n: int, repeats: int, seed: int) -> dict:
                              for _ in range(n - 1)], 1)
 
     parts = dict(decode=lambda: best(lambda: decode(n), 1), call=lambda: best(lambda: decode(1), 1),
-                 extend=extend_loop, skip=lambda: step_loop(True), guards=lambda: step_loop(False),
+                 extend=extend_loop, direct=lambda: step_loop("direct"), skip=lambda: step_loop("skip"),
+                 guards=lambda: step_loop("guards"),
                  sample=sample_loop)
     t = {k: [] for k in parts}
     for _ in range(repeats):  # interleaved: a busy machine slows every part alike
@@ -114,18 +123,19 @@ def breakdown(engine, prompt, n: int, repeats: int, seed: int) -> dict:
     t = {k: min(v) for k, v in t.items()}
     t_decode, t_call = t["decode"], t["call"]
     extend = t["extend"] / (n - 1)
-    t_skip, t_guards = t["skip"] / (n - 1), t["guards"] / (n - 1)
+    t_direct, t_skip, t_guards = (t[k] / (n - 1) for k in ("direct", "skip", "guards"))
     # decode(n) = decode(1) + (n - 1) * (extend + sampling and loop): n - 1 steps follow the prefill
     steps = (n - 1) / n
     parts = {
-        "step, guards skipped": t_skip * steps,
-        "model layer around the step": (extend - t_skip) * steps,
+        "step, called directly": t_direct * steps,
+        "model layer around the step": (extend - t_direct) * steps,
         "sampling and the method's loop": ((t_decode - t_call) / (n - 1) - extend) * steps,
         "per call (prefill, set-up), per token": t_call / n,
     }
-    return dict(sample_kernel_s=t["sample"] / (n - 1) * steps, guards_saved_s=(t_guards - t_skip) * steps,
-                decode_s_per_token=t_decode / n, extend_s=extend, step_guards_skipped_s=t_skip,
-                step_full_guards_s=t_guards, decode_1_token_s=t_call, parts_s=parts)
+    return dict(sample_kernel_s=t["sample"] / (n - 1) * steps, wrapper_s=(t_skip - t_direct) * steps,
+                guards_saved_s=(t_guards - t_direct) * steps, decode_s_per_token=t_decode / n, extend_s=extend,
+                step_direct_s=t_direct, step_guards_skipped_s=t_skip, step_full_guards_s=t_guards,
+                decode_1_token_s=t_call, parts_s=parts)
 
 
 def main(argv=None):
@@ -178,7 +188,10 @@ def to_markdown(payload) -> str:
     rows.append(["of the sampling and loop: the sampling kernel alone"]
                 + [f"{r['sample_kernel_s'] * 1e3:.3f}" for r in worlds.values()]
                 + [f"{r['sample_kernel_s'] / r['decode_s_per_token']:.0%}" for r in worlds.values()])
-    rows.append(["apart: full guard evaluation would add"]
+    rows.append(["apart: torch.compile's wrapper, guards skipped, would add"]
+                + [f"{r['wrapper_s'] * 1e3:.3f}" for r in worlds.values()]
+                + [f"{r['wrapper_s'] / r['decode_s_per_token']:.0%}" for r in worlds.values()])
+    rows.append(["apart: torch.compile's wrapper, full guards, would add"]
                 + [f"{r['guards_saved_s'] * 1e3:.3f}" for r in worlds.values()]
                 + [f"{r['guards_saved_s'] / r['decode_s_per_token']:.0%}" for r in worlds.values()])
     rows.append(["floor: bytes per token / streaming bandwidth"]

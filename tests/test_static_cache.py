@@ -303,6 +303,72 @@ def test_compiled_steps_match_the_eager_cache():
     assert compiled.store.compiled_shapes == {(4, 1, 1, 128), (4, 4, 1, 128)}
 
 
+def counting(store):
+    """Count the calls that go through the store's torch.compile'd step (the others take its direct code)."""
+    calls, compiled = [], store._compiled_step
+    store._compiled_step = lambda *args: calls.append(1) or compiled(*args)
+    return calls
+
+
+def test_compiled_steps_call_each_shapes_code_directly():
+    """After a shape's first call (under full guards), its later calls on the same buffers run the code torch.compile
+    runs for it as a plain function (``compiled_code``), with the eager cache's logits; new buffers (a new batch
+    bucket, a grown cache) look the code up again; a rollback or new prefill in the same buffers keeps it."""
+    model = tiny_causal_lm("llama")
+    eager, compiled = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
+    store = compiled.store
+    calls = counting(store)
+    for prompts in ([[1, 2, 3], [4, 5], [6]], [[7], [8, 9], [10, 11, 12]]):
+        assert_close(compiled.prefill(prompts, 16), eager.prefill(prompts, 16))
+        for step in range(3):
+            toks = torch.tensor([[step + 1], [step + 2], [step + 3]])
+            assert_close(compiled.extend(toks), eager.extend(toks))
+        for lm in (compiled, eager):
+            lm.rollback(torch.tensor([2, 1, 0]))
+    assert len(calls) == 1  # one shape, one set of buffers: every later step took the direct code
+    assert list(store._direct) == [(4, 1, 1, 128)] and callable(store._direct[(4, 1, 1, 128)])
+
+    prompts = [[1, 2], [3]]  # 2 rows: a new bucket and new buffers, the same code compiled for another shape
+    assert_close(compiled.prefill(prompts, 16), eager.prefill(prompts, 16))
+    for step in range(3):
+        toks = torch.tensor([[step + 4], [step + 5]])
+        assert_close(compiled.extend(toks), eager.extend(toks))
+    assert len(calls) == 2 and list(store._direct) == [(2, 1, 1, 128)]
+
+
+def test_compiled_code_is_found_by_full_guards_or_not_at_all(monkeypatch):
+    """``compiled_code`` picks the cache entry whose guards accept the arguments (one per shape here), gives None
+    for arguments no entry accepts, and None (never an error) when torch's cache cannot be read; the store then
+    keeps calling its compiled step, with the same logits."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    def f(x, y, **kwargs):
+        return x * 2 + y
+
+    function = type(f)(f.__code__.replace(), f.__globals__, "f")
+    compiled = torch.compile(function, dynamic=False)
+    small, large = (torch.ones(2), torch.ones(2)), (torch.ones(3), torch.ones(3))
+    compiled(*small), compiled(*large)
+    for args in (small, large):
+        code = static_cache.compiled_code(function, args)
+        assert code is not None and torch.equal(code(*args), f(*args))
+    assert static_cache.compiled_code(function, (torch.ones(4), torch.ones(4))) is None
+
+    def unreadable(code):
+        raise RuntimeError("no cache here")
+
+    monkeypatch.setattr(eval_frame, "_debug_get_cache_entry_list", unreadable)
+    assert static_cache.compiled_code(function, small) is None
+    model = tiny_causal_lm("llama")
+    eager, lm = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
+    calls = counting(lm.store)
+    assert_close(lm.prefill([[1, 2, 3]], 8), eager.prefill([[1, 2, 3]], 8))
+    for step in range(3):
+        toks = torch.tensor([[step + 1]])
+        assert_close(lm.extend(toks), eager.extend(toks))
+    assert len(calls) == 3 and lm.store._direct == {(1, 1, 1, 128): False}
+
+
 def test_compiled_engine_decodes_what_eager_decodes(world):
     prompts = world.prompts[:2]
     kw = dict(method="sample", max_new_tokens=12, seed=5)

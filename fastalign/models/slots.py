@@ -46,6 +46,7 @@ position ids works unchanged (Llama-, GPT-2- and OPT-style models are tested).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import types
 from dataclasses import dataclass
@@ -156,7 +157,9 @@ class StaticOptions:
     step evaluates only the guards that tell this model's compiled shapes apart. Safe here because every
     model has its own compiled function (its own code object) and the shape key ``(R, Tb, Tq, S)`` is all that
     varies between its calls (no grad, no keyword arguments, fixed dtypes); a new shape is always compiled
-    under full guards first. ``cuda_graphs``: on a CUDA device, capture the compiled steps as CUDA graphs
+    under full guards first. Without CUDA graphs, a shape's later calls on the same buffers go further: they
+    call the code torch.compile runs for it directly (``compiled_code``: no frame hook, no guard dispatch), the
+    entry picked once by its full guards. ``cuda_graphs``: on a CUDA device, capture the compiled steps as CUDA graphs
     (None: yes unless ``FASTALIGN_CUDA_GRAPHS=0``; False: torch.compile's default mode, as on a CPU; ignored
     when ``mode`` is given). ``step_compilation`` turns these and the device into torch.compile's settings.
     """
@@ -219,6 +222,30 @@ def _configure_dynamo() -> None:
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
 
+def compiled_code(function, args: tuple):
+    """What ``torch.compile(function)`` runs for a call with ``args``, as a plain function: the bytecode dynamo
+    wrote for it (it gathers the graph's inputs, calls the compiled graph and returns), found among the entries of
+    torch's compile cache for ``function``'s code by evaluating each entry's guards in full on ``args``.
+
+    Calling it skips dynamo's frame hook and guard dispatch (tens of microseconds a call, much of a small step's
+    time). Valid for the calls whose guards would pick the same entry: ``SlotStore`` uses it per shape, for one
+    set of buffers. None when not exactly one entry accepts ``args``, or this torch does not expose its cache
+    (``_debug_get_cache_entry_list``, a private interface; any failure gives None, and calls stay on the
+    compiled function)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        bound = inspect.signature(function).bind(*args)
+        bound.apply_defaults()
+        frame_locals = dict(bound.arguments)
+        entries = [e for e in _debug_get_cache_entry_list(function.__code__) if e.guard_manager.check(frame_locals)]
+        if len(entries) != 1:
+            return None
+        return types.FunctionType(entries[0].code, function.__globals__, function.__name__)
+    except Exception:
+        return None
+
+
 # --------------------------------------------------------------------------- the store
 class SlotStore:
     """The static storage of one model's cache (see the module docstring). ``attach`` binds it to a model."""
@@ -233,6 +260,8 @@ class SlotStore:
         self.compiled_shapes: set[tuple[int, int, int, int]] = set()  # (R, Tb, Tq, S) compiled so far
         self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self._compiled_step = None
+        self._step_function = None  # the function ``_compiled_step`` compiles (its code keys torch's cache)
+        self._direct: dict[tuple[int, int, int, int], object] = {}  # shape -> compiled code, or False (none)
         self._width = 0  # the width of the block opened last (its bucket, when it runs compiled)
         self._compiled = False
         self.compilation = StepCompilation(compile=False)  # (attach decides)
@@ -243,11 +272,13 @@ class SlotStore:
         self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=device)
         self.cache, self.rows, self.end, self.open_from = None, 0, 0, 0  # attached again: start afresh
         self.compiled_shapes = set()  # a new step function compiles its shapes anew
+        self._direct = {}
         self.compilation = step_compilation(self.options, device)
         if self.compilation.compile:
             _configure_dynamo()
             # a code object of its own: torch's compile cache (and its guards) is per code object
             step = types.FunctionType(SlotStore._step.__code__.replace(), globals(), "_step")
+            self._step_function = step
             self._compiled_step = torch.compile(step, dynamic=False, mode=self.compilation.mode,
                                                 options=self.compilation.options)
 
@@ -292,12 +323,14 @@ class SlotStore:
         """Fresh buffers for ``rows`` rows (a bucket) and ``length`` columns; keys/values appear on the first call."""
         self.cache = SlotCache(rows, length, self.compilation.graphs)
         self._live_buf = torch.zeros(rows, length, dtype=torch.bool, device=self.device)
+        self._direct.clear()  # new buffers: each shape's code is looked up again, under full guards
 
     def _resize(self, rows: int, length: int, row_index: torch.Tensor | None = None) -> None:
         """New buffers of ``rows x length`` holding the current rows (or ``row_index`` of them) at the same columns."""
         old, old_live = self.cache, self._live_buf
         index = torch.arange(self.rows, device=self.device) if row_index is None else row_index
         self.cache = SlotCache(rows, length, self.compilation.graphs)
+        self._direct.clear()
         n, w = index.shape[0], min(self.end, length)
         for layer in old.layers:
             new = SlotLayer(self.cache.write, rows, length, self.compilation.graphs)
@@ -372,16 +405,23 @@ class SlotStore:
         columns = torch.arange(start, start + width, device=dev)
         self.cache.write.columns = columns
         if self._compiled:
+            args = (self, tokens, positions, seen, block, columns)
             shape = (R, width, seen.shape[1], S)
-            known = shape in self.compiled_shapes and self.options.skip_guards
-            if self.compilation.graphs:
-                # a new cudagraph step: what earlier replays returned may be overwritten (it was cloned)
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=known):
-                out = self._compiled_step(self, tokens, positions, seen, block, columns)
-            if self.compilation.graphs:
-                out = out[:B, :T].clone() if out.shape[1] >= T else out[:B].clone()  # the next replay overwrites it
-            self.compiled_shapes.add(shape)
+            direct = self._direct.get(shape)
+            if direct:  # this shape's compiled code, called as a plain function (StaticOptions.skip_guards)
+                out = direct(*args)
+            else:
+                known = shape in self.compiled_shapes and self.options.skip_guards
+                if self.compilation.graphs:
+                    # a new cudagraph step: what earlier replays returned may be overwritten (it was cloned)
+                    torch.compiler.cudagraph_mark_step_begin()
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=known):
+                    out = self._compiled_step(*args)
+                if self.compilation.graphs:
+                    out = out[:B, :T].clone() if out.shape[1] >= T else out[:B].clone()  # the next replay overwrites it
+                elif self.options.skip_guards and shape not in self._direct:
+                    self._direct[shape] = compiled_code(self._step_function, args) or False
+                self.compiled_shapes.add(shape)
         else:
             out = self._step(tokens, positions, seen, block, columns, **kwargs)
 
