@@ -209,21 +209,24 @@ def native_linear_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """Whether ``_C``'s one-thread loop computes ``F.linear(x, weight, bias)``: the extension is in use and has a
     loop for this CPU (AVX2 or AVX-512), torch runs on one thread (the loop has no others), and ``x [..., I]``
     (at most ``LINEAR_MAX_ROWS`` rows), ``weight [O, I]`` and ``bias [O]`` are fp32 CPU tensors, the weight and
-    bias contiguous, no gradient asked."""
+    bias contiguous, no gradient asked. (Written out test by test: a compiled decode step asks this for every
+    layer, and each microsecond here is a few percent of a small model's step.)"""
     if torch.get_num_threads() != 1 or not native_linear_supported():
         return False
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if not (_plain_cpu_f32(x) and _plain_cpu_f32(weight) and weight.dim() == 2 and weight.is_contiguous()):
         return False
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or weight.shape[1] == 0:
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1] or weight.shape[1] == 0:
         return False
-    if any(t.layout != torch.strided for t in tensors) or not weight.is_contiguous():
+    if bias is not None and not (_plain_cpu_f32(bias) and bias.shape == weight.shape[:1] and bias.is_contiguous()):
         return False
-    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_contiguous()):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return False
     return x.shape[:-1].numel() <= LINEAR_MAX_ROWS
+
+
+def _plain_cpu_f32(t: torch.Tensor) -> bool:
+    return t.is_cpu and t.dtype == torch.float32 and t.layout == torch.strided
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,8 +258,9 @@ def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _linear_loop(x, weight, bias, isa: str) -> torch.Tensor:
     """``native_linear`` without its checks (contiguous weight and bias)."""
-    rows = x.reshape(x.shape[:-1].numel(), weight.shape[1]).contiguous()
-    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32, device="cpu")
-    _C._linear_rows_f32(weight.data_ptr(), rows.data_ptr(), out.data_ptr(),
-                        0 if bias is None else bias.data_ptr(), rows.shape[0], weight.shape[0], weight.shape[1], isa)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    O, I = weight.shape
+    x = x.contiguous()  # the loop reads x as M rows of I
+    out = torch.empty(x.shape[:-1] + (O,), dtype=torch.float32)
+    _C._linear_rows_f32(weight.data_ptr(), x.data_ptr(), out.data_ptr(),
+                        0 if bias is None else bias.data_ptr(), x.shape[:-1].numel(), O, I, isa)
+    return out
