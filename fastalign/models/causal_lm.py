@@ -137,7 +137,8 @@ class CachedModel:
         block = ancestry = None
         if parents is None:
             past = self.live.sum(1, keepdim=True)
-            positions = past + (new_live.cumsum(1) - 1).clamp(min=0)
+            # one token (a decode step): its position is the row's length, live or padding alike
+            positions = past if T == 1 else past + (new_live.cumsum(1) - 1).clamp(min=0)
         else:
             parents = parents.to(self.device)
             S = self.live.shape[1]
