@@ -258,3 +258,91 @@ def test_decode_steps_of_the_model_layer_call_the_loop(monkeypatch, store):
     assert 1 in ran
     if store != "ragged":
         assert lm.store.compiled_shapes  # the decode steps ran compiled
+
+
+def anon_huge_pages_kb(address: int) -> int:
+    """``AnonHugePages`` (kB) of this process's mapping that holds ``address`` (Linux ``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(v, 16) for v in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def fresh_pages(n: int) -> torch.Tensor:
+    """``n`` fp32 zeros on a private anonymous mapping of their own: 4 KiB pages (unless THP is "always"), where
+    memory from the allocator may sit on pages an earlier test already backed with huge ones."""
+    import mmap
+
+    memory = mmap.mmap(-1, 4 * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=torch.float32)  # (the tensor keeps the mapping alive)
+
+
+def thp_mode() -> str:
+    """The transparent huge page mode: always, madvise or never ('' where there is none)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def collapse_works_here() -> bool:
+    """Linux 6.1+ with transparent huge pages not switched off: where ``MADV_COLLAPSE`` exists."""
+    import platform
+
+    if thp_mode() in ("", "never"):
+        return False
+    try:
+        major, minor = (int(v) for v in platform.release().split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (6, 1)
+
+
+@requires_loop
+def test_huge_pages_back_a_tensor_without_changing_it(monkeypatch):
+    """``collapse_huge_pages`` backs the whole huge pages of a tensor's storage with huge pages (seen in
+    /proc/self/smaps) and leaves its values as they were; a storage smaller than a huge page, and the switch
+    ``FASTALIGN_NATIVE=0``, give 0 and change nothing."""
+    if not collapse_works_here():
+        pytest.skip("no MADV_COLLAPSE here (not Linux 6.1+, or transparent huge pages are off)")
+    t = fresh_pages(3 * 2**20)
+    want = torch.randn(t.shape)
+    t.copy_(want)
+    before = anon_huge_pages_kb(t.data_ptr())  # (the mapping may have merged with others)
+    done = native.collapse_huge_pages(t)
+    assert done >= 5 * 2**21 and done % 2**21 == 0  # 12 MiB hold at least 5 whole 2 MiB pages
+    gained = anon_huge_pages_kb(t.data_ptr()) - before
+    assert gained >= done // 1024 or (thp_mode() == "always" and gained >= 0)
+    assert torch.equal(t, want)
+    assert native.collapse_huge_pages(torch.randn(1000)) == 0
+    monkeypatch.setenv("FASTALIGN_NATIVE", "0")
+    assert native.collapse_huge_pages(torch.randn(3 * 2**20)) == 0
+
+
+@requires_loop
+def test_the_copy_backs_its_turned_weights_with_huge_pages():
+    """``native_twin`` backs the weights of the layers it turns with huge pages, in a background thread (joined
+    here); the model's outputs do not change."""
+    if not collapse_works_here():
+        pytest.skip("no MADV_COLLAPSE here (not Linux 6.1+, or transparent huge pages are off)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 16))
+    weight = fresh_pages(1024 * 1024).view(1024, 1024)  # 4 MiB, turned: at least one whole huge page
+    weight.copy_(model[0].weight.detach())
+    model[0].weight = torch.nn.Parameter(weight)
+    x = torch.randn(1, 1024)
+    before = anon_huge_pages_kb(weight.data_ptr())
+    with torch.no_grad():
+        want = model(x)
+        twin = cpu_linear.native_twin(model)
+        assert cpu_linear.wait_for_huge_pages(timeout=60)
+        gained = anon_huge_pages_kb(weight.data_ptr()) - before
+        assert gained >= 2048 or (thp_mode() == "always" and gained >= 0)
+        torch.testing.assert_close(twin(x), want)

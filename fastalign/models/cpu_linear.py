@@ -7,15 +7,19 @@ speed is how fast one core streams the weights; BLAS's matrix-vector path reache
 ``native_twin(module)`` returns a copy of ``module``'s structure that shares every parameter and buffer (no
 weight is copied; tied weights stay tied) and whose large fp32 CPU ``nn.Linear`` layers are ``RowsLinear``: a
 call with at most ``native.LINEAR_MAX_ROWS`` rows goes to ``torch.ops.fastalign.linear_rows``, any other to
-``F.linear``. The module the caller gave is left as it is. The op is opaque to ``torch.compile`` (a compiled step
-calls it as one kernel) and decides at each call, in ``native.linear_rows``, whether the native loop runs or
-``F.linear`` does (more than one torch thread, ``FASTALIGN_NATIVE=0``).
+``F.linear``. Their weights are backed with transparent huge pages where the OS allows (Linux, in a background
+thread; the values do not change): the loop streams them faster. The module the caller gave is left as it is.
+The op is opaque to ``torch.compile`` (a compiled step calls it as one kernel) and decides at each call, in
+``native.linear_rows``, whether the native loop runs or ``F.linear`` does (more than one torch thread,
+``FASTALIGN_NATIVE=0``).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import threading
+import time
 
 import torch
 
@@ -87,7 +91,35 @@ def native_twin(module: torch.nn.Module) -> torch.nn.Module:
     for name in names:
         twin.get_submodule(name).__class__ = RowsLinear
     twin._fastalign_shared = shared  # what twin_is_current compares (the same objects: no extra memory)
+    huge = native.huge_page_bytes()
+    weights = [w for w in (twin.get_submodule(name).weight for name in names)
+               if huge and w.untyped_storage().nbytes() >= huge]
+    if weights:
+        thread = threading.Thread(target=_collapse_all, args=(weights,), daemon=True, name="fastalign-huge-pages")
+        _HUGE_PAGE_THREADS[:] = [t for t in _HUGE_PAGE_THREADS if t.is_alive()] + [thread]
+        thread.start()
     return twin
+
+
+_HUGE_PAGE_THREADS: list[threading.Thread] = []  # started by native_twin (the finished ones are dropped)
+
+
+def _collapse_all(weights: list[torch.Tensor]) -> None:
+    """Back the turned layers' weights with huge pages (``native.collapse_huge_pages``: the values do not change).
+    It runs beside the caller (``native_twin`` starts it in a thread): the kernel copies each 2 MiB once, about a
+    second a GB, which a large model should not wait for; the loop is right on either kind of page."""
+    for w in weights:
+        native.collapse_huge_pages(w)
+
+
+def wait_for_huge_pages(timeout: float | None = None) -> bool:
+    """Wait until the weights of every copy made so far are backed with huge pages (``native_twin``'s threads
+    have finished), at most ``timeout`` seconds in all; True when they have. For benchmarks and tests: decoding
+    never needs to wait."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in list(_HUGE_PAGE_THREADS):
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in _HUGE_PAGE_THREADS)
 
 
 def twin_is_current(twin: torch.nn.Module, module: torch.nn.Module) -> bool:

@@ -264,3 +264,20 @@ def _linear_loop(x, weight, bias, isa: str) -> torch.Tensor:
     _C._linear_rows_f32(weight.data_ptr(), x.data_ptr(), out.data_ptr(),
                         0 if bias is None else bias.data_ptr(), x.shape[:-1].numel(), O, I, isa)
     return out
+
+
+def huge_page_bytes() -> int:
+    """The size of a transparent huge page here (2 MiB on x86-64 Linux); 0 where the extension is not in use or
+    the OS has none."""
+    return int(getattr(_C, "huge_page_bytes", 0)) if native_available() else 0
+
+
+def collapse_huge_pages(t: torch.Tensor) -> int:
+    """Back the memory of CPU tensor ``t`` (its whole storage) with transparent huge pages now, where it covers
+    whole ones (Linux ``MADV_COLLAPSE``, kernel 6.1+; the values do not change): the loop streams weights spread
+    over 4 KiB pages ~15% slower. Returns the bytes advised: 0 when none were (no extension, not Linux, a kernel
+    without it, memory the kernel declines, a storage smaller than a huge page)."""
+    if not native_available() or not t.is_cpu or not hasattr(_C, "_collapse_huge_pages"):
+        return 0
+    storage = t.untyped_storage()
+    return _C._collapse_huge_pages(storage.data_ptr(), storage.nbytes())
