@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import command_line, device_info, markdown_table, timed, write_results  # noqa: E402
 import fastalign  # noqa: E402
+from fastalign.models import cpu_linear  # noqa: E402
 
 
 def engine(w, compile_):
@@ -38,6 +39,7 @@ def engine(w, compile_):
     for lm in (eng.target, eng.draft):
         lm.eos_token_ids = set()
         lm.eos_tensor = lm.eos_tensor[:0]
+    cpu_linear.wait_for_huge_pages()  # time the weights as they will stay (backed with huge pages by the model layer)
     return eng
 
 

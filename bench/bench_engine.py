@@ -44,7 +44,8 @@ runs.
 Against the physical limit (the ``sample`` cases): the same run first measures, on the same threads,
 
 * the memory bandwidth ``BW``: a streaming read of a buffer much larger than the caches (``x.sum()`` over a
-  ``--stream-mb`` fp32 tensor, default 1024 MB), best of a few, in GB/s;
+  ``--stream-mb`` fp32 tensor, default 1024 MB, on a CPU backed with huge pages where the OS allows, as the model
+  layer backs the weights it streams), best of a few, in GB/s;
 * (for reference) the rate at which fp32 matrix-vector products stream weights, ``F.linear`` of one row over
   256 MB of distinct ``[4096, 1024]`` matrices, in GB/s: what a batch-1 step's own kernels can reach here;
 * the matmul FLOP rate ``F``: fp32 matmuls ``[16, H] x [H, 4H]`` (the batch-16 decode step's shape, ``H`` the
@@ -86,6 +87,7 @@ from bench.common import (  # noqa: E402
     DTYPES, command_line, device_info, device_tag, markdown_table, timed, write_results,
 )
 import fastalign  # noqa: E402
+from fastalign.models import cpu_linear, native  # noqa: E402
 from fastalign.models.slots import CUDA_GRAPHS_ENV  # noqa: E402
 
 CASES = {  # name: (method, options, batch)
@@ -164,8 +166,12 @@ def sample_work(model, rows: int, prompt_len: float, new_tokens: int) -> dict:
 
 
 def measure_bandwidth(device, mb: int = 1024, repeats: int = 5) -> float:
-    """GB/s of a streaming read: ``x.sum()`` over an ``mb`` MB fp32 tensor, best of ``repeats``."""
+    """GB/s of a streaming read: ``x.sum()`` over an ``mb`` MB fp32 tensor, best of ``repeats``. On a CPU the
+    tensor is backed with huge pages where the OS allows (``native.collapse_huge_pages``), as the model layer backs
+    the weights it streams: the limit is the faster read."""
     x = torch.ones(mb * 2**20 // 4, dtype=torch.float32, device=device)
+    if x.is_cpu:
+        native.collapse_huge_pages(x)
     best = min(timed(lambda: x.sum(), device)[1] for _ in range(repeats))
     return mb * 2**20 / best / 1e9
 
@@ -275,6 +281,7 @@ def engines(models, compile_, graphs: bool | None = None):
         sss = no_eos(fastalign.Engine(target=models["target"], draft=models["sss_draft"], ref=models["ref"],
                                       compile=compile_))
     sss.target = plain.target  # one compiled target per world
+    cpu_linear.wait_for_huge_pages()  # time the weights as they will stay (the model layer backs them with huge pages)
     return {"plain": plain, "sss": sss}
 
 
@@ -451,7 +458,7 @@ def to_markdown(payload) -> str:
         if lim:
             mm = ", ".join(f"{k} {v:.1f}" for k, v in lim["matmul_gflops"].items())
             lines.append(f"Limits measured in this run: streaming read {lim['bandwidth_gbps']:.1f} GB/s "
-                         f"({lim['stream_mb']} MB fp32 `x.sum()`); fp32 matrix-vector products "
+                         f"({lim['stream_mb']} MB fp32 `x.sum()`, huge pages where the OS allows); fp32 matrix-vector products "
                          f"{lim['gemv_gbps']:.1f} GB/s (256 MB of weights); fp32 matmul GFLOP/s {mm}.\n")
         rows = []
         for name, r in res["cases"].items():

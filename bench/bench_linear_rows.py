@@ -6,8 +6,10 @@ The weights are those of one decode step of the 82M model of the ``100m`` world 
 gated MLP, hidden 768, intermediate 2048, 4 of 12 heads for keys and values, and the 8192 x 768 output layer):
 about 330 MB of fp32, so they stream from memory. Per row count, GB/s of weights read by ``F.linear`` (BLAS)
 and by the native loop, and a streaming read (``x.sum()`` over 1 GB) as the limit. The loop runs where it wins
-(``native.LINEAR_MAX_ROWS`` rows); this table is the reason for that number. Writes
-``bench/results/linear_rows_cpu.json`` and ``.md``.
+(``native.LINEAR_MAX_ROWS`` rows); this table is the reason for that number. Everything is measured twice: on
+4 KiB pages, as torch allocates, and backed with transparent huge pages (``native.collapse_huge_pages``, what
+the model layer does to the weights it turns), where the OS allows. Writes ``bench/results/linear_rows_cpu.json``
+and ``.md``.
 """
 
 from __future__ import annotations
@@ -44,39 +46,58 @@ def main(argv=None) -> None:
     if not native.native_linear_supported():
         sys.exit(f"no native linear loop here: {native.native_info()}")
     cpu = torch.device("cpu")
-    weights = step_weights()
-    mb = sum(w.numel() for w in weights) * 4 / 1e6
-    big = torch.ones(2**28)  # 1 GiB
-    stream = 2**30 / (time_fn(big.sum, cpu, warmup=2, iters=5, stat="min") / 1e3) / 1e9
+    pages = {"4 KiB": (step_weights(), torch.ones(2**28))}  # the weights and a 1 GiB buffer to stream
+    huge = step_weights(), torch.ones(2**28)
+    if native.collapse_huge_pages(huge[1]):  # (weights smaller than a huge page stay as they are)
+        for w in huge[0]:
+            native.collapse_huge_pages(w)
+        pages["huge"] = huge
+    mb = sum(w.numel() for w in huge[0]) * 4 / 1e6
+    stream = {kind: 2**30 / (time_fn(big.sum, cpu, warmup=2, iters=5, stat="min") / 1e3) / 1e9
+              for kind, (_, big) in pages.items()}
 
     rows_out = []
     for rows in args.rows:
-        xs = [torch.randn(rows, w.shape[1]) for w in weights]
-        blas = time_fn(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)], cpu,
-                       warmup=2, iters=args.repeats, stat="min")
-        # the loop itself, whatever LINEAR_MAX_ROWS says
-        loop = time_fn(lambda: [native.native_linear(x, w) for x, w in zip(xs, weights)], cpu, warmup=2, iters=args.repeats,
-                       stat="min")
-        rows_out.append(dict(rows=rows, blas_ms=blas, native_ms=loop, blas_gbps=mb / blas, native_gbps=mb / loop,
-                             speedup=blas / loop, used=rows <= native.LINEAR_MAX_ROWS))
-        print(f"rows {rows}: F.linear {mb / blas:.1f} GB/s, native {mb / loop:.1f} GB/s ({blas / loop:.2f}x)",
-              flush=True)
+        row = dict(rows=rows, used=rows <= native.LINEAR_MAX_ROWS)
+        for kind, (weights, _) in pages.items():
+            xs = [torch.randn(rows, w.shape[1]) for w in weights]
+            blas = time_fn(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)], cpu,
+                           warmup=2, iters=args.repeats, stat="min")
+            # the loop itself, whatever LINEAR_MAX_ROWS says
+            loop = time_fn(lambda: [native.native_linear(x, w) for x, w in zip(xs, weights)], cpu, warmup=2,
+                           iters=args.repeats, stat="min")
+            row[kind] = dict(blas_ms=blas, native_ms=loop, blas_gbps=mb / blas, native_gbps=mb / loop,
+                             speedup=blas / loop)
+            print(f"rows {rows}, {kind} pages: F.linear {mb / blas:.1f} GB/s, native {mb / loop:.1f} GB/s "
+                  f"({blas / loop:.2f}x)", flush=True)
+        rows_out.append(row)
 
     payload = dict(command=command_line(), device=device_info(cpu), threads=args.threads,
-                   isa=native.native_info().get("linear_isa"), weights_mb=mb, stream_gbps=stream,
+                   isa=native.native_info().get("linear_isa"), weights_mb=mb, stream_gbps=stream, pages=list(pages),
                    max_rows=native.LINEAR_MAX_ROWS, results=rows_out)
     write_results("linear_rows_cpu", payload, to_markdown(payload))
 
 
 def to_markdown(p: dict) -> str:
-    rows = [[r["rows"], f"{r['blas_gbps']:.1f}", f"{r['native_gbps']:.1f}", f"{r['speedup']:.2f}x",
-             f"{r['native_gbps'] / p['stream_gbps']:.0%}", "yes" if r["used"] else "no"] for r in p["results"]]
+    kinds = p["pages"]
+    header, rows = ["rows"], []
+    for kind in kinds:
+        header += [f"F.linear GB/s ({kind})", f"native GB/s ({kind})", f"native / F.linear ({kind})",
+                   f"native of streaming read ({kind})"]
+    for r in p["results"]:
+        cells = [r["rows"]]
+        for kind in kinds:
+            m = r[kind]
+            cells += [f"{m['blas_gbps']:.1f}", f"{m['native_gbps']:.1f}", f"{m['speedup']:.2f}x",
+                      f"{m['native_gbps'] / p['stream_gbps'][kind]:.0%}"]
+        rows.append(cells + ["yes" if r["used"] else "no"])
+    streams = ", ".join(f"{p['stream_gbps'][kind]:.1f} GB/s on {kind} pages" for kind in kinds)
     return (f"# Few-row fp32 linear layers: native loop vs F.linear ({p['threads']} thread(s), {p['isa']})\n\n"
             f"`{p['command']}`\n\n"
-            f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB); streaming "
-            f"read in this run {p['stream_gbps']:.1f} GB/s; best of the timed passes.\n\n"
-            + markdown_table(["rows", "F.linear GB/s", "native GB/s", "native / F.linear", "native of streaming read",
-                              "used (rows <= LINEAR_MAX_ROWS)"], rows))
+            f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on 4 KiB pages "
+            f"as allocated and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; absent "
+            f"where the OS declines); streaming read in this run {streams}; best of the timed passes.\n\n"
+            + markdown_table(header + ["used (rows <= LINEAR_MAX_ROWS)"], rows))
 
 
 if __name__ == "__main__":
