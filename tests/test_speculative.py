@@ -355,6 +355,39 @@ def test_round_costs_are_measured_at_every_width(monkeypatch):
     assert short.target == pytest.approx([1.0, 2.0, 2.0, 1.5])
 
 
+def test_round_costs_survive_a_slow_moment(monkeypatch):
+    """The calls are interleaved (every width once per repeat): a slow moment of the machine as long as five
+    calls, which would slow every timed call of one width when widths were timed one after the other, slows each
+    width at most once, and the fastest repeats give the exact ratios."""
+    import types
+
+    from fastalign.methods import speculative
+    from fastalign.methods.speculative import MAX_AUTO, measure_round_costs
+
+    clock, calls = [0.0], [0]
+    monkeypatch.setattr(speculative, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    warm = MAX_AUTO + 2  # the warm-up calls: the draft and every target width once
+    slow = range(warm + 3, warm + 8)  # five calls in a row, three times slower
+
+    class Timed:
+        device = torch.device("cpu")
+
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def extend(self, tokens):
+            clock[0] += self.seconds(tokens.shape[1]) * (3 if calls[0] in slow else 1)
+            calls[0] += 1
+
+        def rollback(self, n):
+            pass
+
+    target, draft = Timed(lambda w: 2.0 + w), Timed(lambda w: 1.5)
+    costs = measure_round_costs(target, draft, batch=2, room=20)
+    assert costs.draft == pytest.approx(0.5)
+    assert costs.target == pytest.approx([(2.0 + w) / 3.0 for w in range(1, MAX_AUTO + 2)])
+
+
 def test_adaptive_length_stops_drafting_when_it_cannot_pay(models):
     """sd with a draft as dear as the target (drafting cannot pay at any acceptance), or one that does not pay
     at the prior acceptance, is the sample method, token for token and call for call: with a given cost the

@@ -326,34 +326,37 @@ class AdaptiveLength:
 
 
 @torch.no_grad()
-def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 3) -> RoundCosts:
+def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 5) -> RoundCosts:
     """``RoundCosts`` measured on the just-prefilled caches (tokens are written, then rolled back: the caches are
     as before), once per process per (target, draft, batch): a one-token call of the draft, and target calls of
     every width from 1 to ``MAX_AUTO + 1`` tokens (at most ``room``, the tokens the caches have room for); each
-    the fastest of ``repeats`` after a warm-up call."""
+    the fastest of ``repeats`` after a warm-up call. The calls are interleaved (every width once per repeat), so a
+    slow moment of a shared machine slows all of them a little rather than one of them, which would skew the
+    ratios that choose K."""
     known = _COSTS.setdefault(target, weakref.WeakKeyDictionary()).setdefault(draft, {})
     if batch not in known:
-        times = [_call_time(target, batch, w, repeats) for w in range(1, min(MAX_AUTO + 1, room) + 1)]
-        known[batch] = RoundCosts(_call_time(draft, batch, 1, repeats) / times[0],
-                                  tuple(t / times[0] for t in times))
+        calls = [(draft, 1)] + [(target, w) for w in range(1, min(MAX_AUTO + 1, room) + 1)]
+        for lm, width in calls:  # warm-up (a first call of a shape may compile it)
+            _call_time(lm, batch, width)
+        times = [float("inf")] * len(calls)
+        for _ in range(repeats):
+            times = [min(t, _call_time(lm, batch, width)) for t, (lm, width) in zip(times, calls)]
+        known[batch] = RoundCosts(times[0] / times[1], tuple(t / times[1] for t in times[1:]))
     return known[batch]
 
 
-def _call_time(lm, batch: int, width: int, repeats: int) -> float:
-    """The fastest of ``repeats`` calls of ``lm`` on ``width`` tokens per row (after one untimed call)."""
+def _call_time(lm, batch: int, width: int) -> float:
+    """The time of one call of ``lm`` on ``width`` tokens per row (written, then rolled back)."""
     tokens = torch.zeros(batch, width, dtype=torch.long, device=lm.device)
-    best = float("inf")
-    for i in range(repeats + 1):
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-        start = time.perf_counter()
-        lm.extend(tokens)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)
-        if i:
-            best = min(best, time.perf_counter() - start)
-        lm.rollback(width)
-    return best
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    start = time.perf_counter()
+    lm.extend(tokens)
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    elapsed = time.perf_counter() - start
+    lm.rollback(width)
+    return elapsed
 
 
 def _chain_then_tree(tail_live: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
