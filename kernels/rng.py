@@ -136,6 +136,10 @@ def native_streams(streams: torch.Tensor, n_cols: int, dtype: torch.dtype, isa: 
     """``_C``'s Philox loop (``csrc/philox.cpp``) on CPU ``streams [R, 2]`` int64: the words as int64, or their
     uniforms as fp32 (``dtype``), ``[R, n_cols]``. ``isa``: the loop's variant (``"avx512f"``, ``"avx2"``,
     ``"generic"``; ``""``: the widest this CPU has). Needs the extension (``native_available()``)."""
+    if extension is None:
+        raise RuntimeError("native_streams needs the extension fastalign._C, which is not in use here")
+    if dtype not in (torch.int64, torch.float32):
+        raise ValueError(f"native_streams gives int64 words or float32 uniforms, not {dtype}")
     if streams.dtype != torch.int64 or streams.dim() != 2 or streams.shape[1] != 2 or streams.device.type != "cpu":
         raise ValueError(f"streams must be int64 [R, 2] (key, counter) on the CPU, got {streams.dtype} "
                          f"{tuple(streams.shape)} on {streams.device}")

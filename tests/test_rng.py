@@ -207,6 +207,9 @@ def test_cpu_streams_take_the_native_loop_unless_switched_off(monkeypatch):
     for bad in (streams.to(torch.int32), streams[:, :1], streams[0]):
         with pytest.raises(ValueError, match="int64 \\[R, 2\\]"):
             real(bad, 4, torch.int64)
+    for dtype in (torch.float16, torch.int32, torch.float64):  # the loop writes 8-byte words or 4-byte floats only
+        with pytest.raises(ValueError, match="int64 words or float32"):
+            real(streams, 4, dtype)
     with pytest.raises(ValueError, match="2\\*\\*34"):
         stream_bits_torch(streams, -1)
 
