@@ -326,7 +326,7 @@ def test_compiled_steps_call_each_shapes_code_directly():
         for lm in (compiled, eager):
             lm.rollback(torch.tensor([2, 1, 0]))
     assert len(calls) == 1  # one shape, one set of buffers: every later step took the direct code
-    assert list(store._direct) == [(4, 1, 1, 128)] and callable(store._direct[(4, 1, 1, 128)])
+    assert list(store._direct) == [(4, 1, 1, 128)] and callable(store._direct[(4, 1, 1, 128)][0])
 
     prompts = [[1, 2], [3]]  # 2 rows: a new bucket and new buffers, the same code compiled for another shape
     assert_close(compiled.prefill(prompts, 16), eager.prefill(prompts, 16))
@@ -334,6 +334,31 @@ def test_compiled_steps_call_each_shapes_code_directly():
         toks = torch.tensor([[step + 4], [step + 5]])
         assert_close(compiled.extend(toks), eager.extend(toks))
     assert len(calls) == 2 and list(store._direct) == [(2, 1, 1, 128)]
+
+
+def test_direct_code_runs_only_in_the_global_state_it_was_picked_in():
+    """A shape's direct code was picked under one global state (grad mode, autocast, deterministic algorithms,
+    ...): a call in another state goes through the compiled function under full guards (which compile for that
+    state), and the next call back in the first state takes the direct code again; tokens of another integer
+    dtype are taken as int64."""
+    model = tiny_causal_lm("llama")
+    eager, compiled = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
+    calls = counting(compiled.store)
+    assert_close(compiled.prefill([[1, 2, 3]], 16), eager.prefill([[1, 2, 3]], 16))
+    for step in range(2):
+        toks = torch.tensor([[step + 1]])
+        assert_close(compiled.extend(toks), eager.extend(toks))
+    assert len(calls) == 1
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_close(compiled.extend(torch.tensor([[5]])), eager.extend(torch.tensor([[5]])))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert len(calls) == 2
+    toks = torch.tensor([[6]], dtype=torch.int32)
+    assert_close(compiled.extend(toks), eager.extend(toks.long()))
+    assert len(calls) == 2
 
 
 def test_compiled_code_is_found_by_full_guards_or_not_at_all(monkeypatch):

@@ -173,7 +173,7 @@ class CachedModel:
         written (e.g. the previous levels of a draft tree), which the new nodes see only along their ancestry.
         ``kwargs`` go to the model (e.g. ``logits_to_keep``).
         """
-        tokens = tokens.to(self.device)
+        tokens = tokens.to(self.device, torch.long).contiguous()  # (the compiled steps' inputs: int64, dense)
         B, T = tokens.shape
         self.store.open_block(B, T, compilable=not kwargs)
         new_live = torch.ones(B, T, dtype=torch.bool, device=self.device) if live is None else live.to(self.device)

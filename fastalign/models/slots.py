@@ -159,7 +159,8 @@ class StaticOptions:
     varies between its calls (no grad, no keyword arguments, fixed dtypes); a new shape is always compiled
     under full guards first. Without CUDA graphs, a shape's later calls on the same buffers go further: they
     call the code torch.compile runs for it directly (``compiled_code``: no frame hook, no guard dispatch), the
-    entry picked once by its full guards. ``cuda_graphs``: on a CUDA device, capture the compiled steps as CUDA graphs
+    entry picked once by its full guards, while torch's global state (grad mode, autocast, ...) is the one it was
+    picked in. ``cuda_graphs``: on a CUDA device, capture the compiled steps as CUDA graphs
     (None: yes unless ``FASTALIGN_CUDA_GRAPHS=0``; False: torch.compile's default mode, as on a CPU; ignored
     when ``mode`` is given). ``step_compilation`` turns these and the device into torch.compile's settings.
     """
@@ -229,7 +230,7 @@ def compiled_code(function, args: tuple):
 
     Calling it skips dynamo's frame hook and guard dispatch (tens of microseconds a call, much of a small step's
     time). Valid for the calls whose guards would pick the same entry: ``SlotStore`` uses it per shape, for one
-    set of buffers. None when not exactly one entry accepts ``args``, or this torch does not expose its cache
+    set of buffers, in the global state it was picked in (checked at each call: grad mode, autocast, ...). None when not exactly one entry accepts ``args``, or this torch does not expose its cache
     (``_debug_get_cache_entry_list``, a private interface; any failure gives None, and calls stay on the
     compiled function)."""
     try:
@@ -239,8 +240,8 @@ def compiled_code(function, args: tuple):
         bound.apply_defaults()
         frame_locals = dict(bound.arguments)
         entries = [e for e in _debug_get_cache_entry_list(function.__code__) if e.guard_manager.check(frame_locals)]
-        if len(entries) != 1:
-            return None
+        if len(entries) != 1 or any(name.startswith("__resume_at") for name in entries[0].code.co_names):
+            return None  # (a graph break: its resumed part would run uncompiled outside dynamo's frame hook)
         return types.FunctionType(entries[0].code, function.__globals__, function.__name__)
     except Exception:
         return None
@@ -261,7 +262,8 @@ class SlotStore:
         self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self._compiled_step = None
         self._step_function = None  # the function ``_compiled_step`` compiles (its code keys torch's cache)
-        self._direct: dict[tuple[int, int, int, int], object] = {}  # shape -> compiled code, or False (none)
+        # shape -> (compiled code, the global state it was picked in), or False (none)
+        self._direct: dict[tuple[int, int, int, int], object] = {}
         self._width = 0  # the width of the block opened last (its bucket, when it runs compiled)
         self._compiled = False
         self.compilation = StepCompilation(compile=False)  # (attach decides)
@@ -408,10 +410,11 @@ class SlotStore:
             args = (self, tokens, positions, seen, block, columns)
             shape = (R, width, seen.shape[1], S)
             direct = self._direct.get(shape)
-            if direct:  # this shape's compiled code, called as a plain function (StaticOptions.skip_guards)
-                out = direct(*args)
+            if direct and direct[1].check():  # this shape's compiled code, called as a plain function, in the
+                out = direct[0](*args)        # global state (grad mode, autocast, ...) it was picked in
             else:
-                known = shape in self.compiled_shapes and self.options.skip_guards
+                # (another global state than the direct code's: full guards, which recompile for it)
+                known = shape in self.compiled_shapes and self.options.skip_guards and not direct
                 if self.compilation.graphs:
                     # a new cudagraph step: what earlier replays returned may be overwritten (it was cloned)
                     torch.compiler.cudagraph_mark_step_begin()
@@ -420,7 +423,8 @@ class SlotStore:
                 if self.compilation.graphs:
                     out = out[:B, :T].clone() if out.shape[1] >= T else out[:B].clone()  # the next replay overwrites it
                 elif self.options.skip_guards and shape not in self._direct:
-                    self._direct[shape] = compiled_code(self._step_function, args) or False
+                    code = compiled_code(self._step_function, args)
+                    self._direct[shape] = code is not None and (code, torch._C._dynamo.guards.GlobalStateGuard())
                 self.compiled_shapes.add(shape)
         else:
             out = self._step(tokens, positions, seen, block, columns, **kwargs)
