@@ -36,6 +36,15 @@ def step_weights() -> list[torch.Tensor]:
     return [torch.randn(o, i) for o, i in layer * LAYERS + [(VOCAB, HIDDEN)]]
 
 
+def allocated_pages() -> str:
+    """The pages torch's allocations get: 4 KiB, unless transparent huge pages are "always" on (Linux)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "as allocated (THP always)" if "[always]" in f.read() else "4 KiB"
+    except OSError:
+        return "4 KiB"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
@@ -46,7 +55,7 @@ def main(argv=None) -> None:
     if not native.native_linear_supported():
         sys.exit(f"no native linear loop here: {native.native_info()}")
     cpu = torch.device("cpu")
-    pages = {"4 KiB": (step_weights(), torch.ones(2**28))}  # the weights and a 1 GiB buffer to stream
+    pages = {allocated_pages(): (step_weights(), torch.ones(2**28))}  # the weights and a 1 GiB buffer to stream
     huge = step_weights(), torch.ones(2**28)
     if native.collapse_huge_pages(huge[1]):  # (weights smaller than a huge page stay as they are)
         for w in huge[0]:
@@ -94,8 +103,8 @@ def to_markdown(p: dict) -> str:
     streams = ", ".join(f"{p['stream_gbps'][kind]:.1f} GB/s on {kind} pages" for kind in kinds)
     return (f"# Few-row fp32 linear layers: native loop vs F.linear ({p['threads']} thread(s), {p['isa']})\n\n"
             f"`{p['command']}`\n\n"
-            f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on 4 KiB pages "
-            f"as allocated and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; absent "
+            f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on the pages "
+            f"torch allocates and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; absent "
             f"where the OS declines); streaming read in this run {streams}; best of the timed passes.\n\n"
             + markdown_table(header + ["used (rows <= LINEAR_MAX_ROWS)"], rows))
 

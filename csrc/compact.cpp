@@ -1,6 +1,6 @@
 // KV-cache slot compaction: bindings and the CPU path; the CUDA path lives in compact.cu.
 //
-// The Python side (fastalign.native.gather_slots*) validates the tensors and passes descriptors
+// The Python side (fastalign.models.native.gather_slots*) validates the tensors and passes descriptors
 // (src_ptr, dst_ptr, H, S, row_bytes, stride_b, stride_h, stride_s) with byte strides, the data pointer
 // of a contiguous int64 index [B, S2] and, for CUDA, the device and current stream.  These entry points
 // are private (underscored): they trust the pointers they are given.
@@ -120,11 +120,11 @@ void gather_slots_cuda(const std::vector<std::vector<int64_t>>& raw, std::uintpt
 
 void register_compact(py::module_& m) {
   m.def("_gather_slots_cpu", &gather_slots_cpu, py::arg("descs"), py::arg("index_ptr"), py::arg("B"), py::arg("S2"),
-        py::arg("num_threads") = 1, "CPU KV-slot gather over raw descriptors (private; see fastalign.native).");
+        py::arg("num_threads") = 1, "CPU KV-slot gather over raw descriptors (private; see fastalign.models.native).");
 #ifdef FASTALIGN_WITH_CUDA
   m.def("_gather_slots_cuda", &gather_slots_cuda, py::arg("descs"), py::arg("index_ptr"), py::arg("B"),
         py::arg("S2"), py::arg("device"), py::arg("stream"),
-        "CUDA KV-slot gather over raw descriptors, on the given stream (private; see fastalign.native).");
+        "CUDA KV-slot gather over raw descriptors, on the given stream (private; see fastalign.models.native).");
   m.attr("has_cuda") = true;
   m.attr("cuda_version") = cuda_runtime_version_compiled();
 #else

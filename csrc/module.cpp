@@ -10,7 +10,7 @@ void register_linear(py::module_& m);
 void register_philox(py::module_& m);
 }  // namespace fastalign
 
-// Bumped whenever a signature below changes; fastalign.native refuses a stale build.
+// Bumped whenever a signature below changes; fastalign.kernels.extension refuses a stale build.
 #define FASTALIGN_C_ABI_VERSION 3
 
 PYBIND11_MODULE(_C, m) {

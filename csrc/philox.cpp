@@ -233,7 +233,8 @@ void run(std::uintptr_t streams, std::uintptr_t out, int64_t R, int64_t n, const
   static const RowsFn<Out> widest = rows_for<Out>("");
   const RowsFn<Out> rows = isa.empty() ? widest : rows_for<Out>(isa);
   if (rows == nullptr) throw py::value_error("fastalign._C: no Philox loop '" + isa + "' on this CPU");
-  if (R < 0 || n < 0 || n > (int64_t(1) << 34)) throw py::value_error("philox: sizes out of range");
+  if (R < 0 || n < 0 || n >= (int64_t(1) << 34)) throw py::value_error("philox: sizes out of range");
+  py::gil_scoped_release release;  // a large batch of vocabulary-wide rows takes milliseconds
   rows(reinterpret_cast<const int64_t*>(streams), R, n, reinterpret_cast<Out*>(out));
 }
 

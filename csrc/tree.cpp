@@ -1,8 +1,8 @@
-// Tree topology from a parent array, the native counterpart of fastalign.native.*_torch.
+// Tree topology from a parent array, the native counterpart of fastalign.models.native.*_torch.
 //
 // parents[b, t] in [-1, t - 1]: -1 hangs the node off the accepted prefix and a parent always precedes
 // its children, so every quantity below is one left-to-right sweep.  Inputs and outputs are NumPy
-// arrays (int64 / bool); fastalign.native converts torch tensors without copying on the CPU.
+// arrays (int64 / bool); fastalign.models.native converts torch tensors without copying on the CPU.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 

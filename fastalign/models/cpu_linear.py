@@ -96,12 +96,14 @@ def native_twin(module: torch.nn.Module) -> torch.nn.Module:
                if huge and w.untyped_storage().nbytes() >= huge]
     if weights:
         thread = threading.Thread(target=_collapse_all, args=(weights,), daemon=True, name="fastalign-huge-pages")
-        _HUGE_PAGE_THREADS[:] = [t for t in _HUGE_PAGE_THREADS if t.is_alive()] + [thread]
+        with _HUGE_PAGE_LOCK:  # (engines may be built on several threads)
+            _HUGE_PAGE_THREADS[:] = [t for t in _HUGE_PAGE_THREADS if t.is_alive()] + [thread]
         thread.start()
     return twin
 
 
 _HUGE_PAGE_THREADS: list[threading.Thread] = []  # started by native_twin (the finished ones are dropped)
+_HUGE_PAGE_LOCK = threading.Lock()
 
 
 def _collapse_all(weights: list[torch.Tensor]) -> None:
@@ -113,13 +115,15 @@ def _collapse_all(weights: list[torch.Tensor]) -> None:
 
 
 def wait_for_huge_pages(timeout: float | None = None) -> bool:
-    """Wait until the weights of every copy made so far are backed with huge pages (``native_twin``'s threads
-    have finished), at most ``timeout`` seconds in all; True when they have. For benchmarks and tests: decoding
-    never needs to wait."""
+    """Wait until ``native_twin``'s threads have asked the kernel for huge pages for every copy made so far (what
+    the kernel granted is up to it), at most ``timeout`` seconds in all; True when they have finished. For
+    benchmarks and tests: decoding never needs to wait."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    for thread in list(_HUGE_PAGE_THREADS):
+    with _HUGE_PAGE_LOCK:
+        threads = list(_HUGE_PAGE_THREADS)
+    for thread in threads:
         thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    return not any(t.is_alive() for t in _HUGE_PAGE_THREADS)
+    return not any(t.is_alive() for t in threads)
 
 
 def twin_is_current(twin: torch.nn.Module, module: torch.nn.Module) -> bool:
