@@ -310,6 +310,19 @@ def counting(store):
     return calls
 
 
+def compiled_decode_steps(steps: int):
+    """An eager and a compiled model layer over one tiny Llama, a prompt prefilled and ``steps`` one-token steps
+    taken with equal logits; with the count of calls through the compiled function (``counting``)."""
+    model = tiny_causal_lm("llama")
+    eager, compiled = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
+    calls = counting(compiled.store)
+    assert_close(compiled.prefill([[1, 2, 3]], 16), eager.prefill([[1, 2, 3]], 16))
+    for step in range(steps):
+        toks = torch.tensor([[step + 1]])
+        assert_close(compiled.extend(toks), eager.extend(toks))
+    return eager, compiled, calls
+
+
 def test_compiled_steps_call_each_shapes_code_directly():
     """After a shape's first call (under full guards), its later calls on the same buffers run the code torch.compile
     runs for it as a plain function (``compiled_code``), with the eager cache's logits; new buffers (a new batch
@@ -341,13 +354,7 @@ def test_direct_code_runs_only_in_the_global_state_it_was_picked_in():
     ...): a call in another state goes through the compiled function under full guards (which compile for that
     state), and the next call back in the first state takes the direct code again; tokens of another integer
     dtype are taken as int64."""
-    model = tiny_causal_lm("llama")
-    eager, compiled = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
-    calls = counting(compiled.store)
-    assert_close(compiled.prefill([[1, 2, 3]], 16), eager.prefill([[1, 2, 3]], 16))
-    for step in range(2):
-        toks = torch.tensor([[step + 1]])
-        assert_close(compiled.extend(toks), eager.extend(toks))
+    eager, compiled, calls = compiled_decode_steps(2)
     assert len(calls) == 1
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -384,13 +391,7 @@ def test_compiled_code_is_found_by_full_guards_or_not_at_all(monkeypatch):
 
     monkeypatch.setattr(eval_frame, "_debug_get_cache_entry_list", unreadable)
     assert static_cache.compiled_code(function, small) is None
-    model = tiny_causal_lm("llama")
-    eager, lm = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
-    calls = counting(lm.store)
-    assert_close(lm.prefill([[1, 2, 3]], 8), eager.prefill([[1, 2, 3]], 8))
-    for step in range(3):
-        toks = torch.tensor([[step + 1]])
-        assert_close(lm.extend(toks), eager.extend(toks))
+    _, lm, calls = compiled_decode_steps(3)
     assert len(calls) == 3 and lm.store._direct == {(1, 1, 1, 128): False}
 
 
