@@ -104,7 +104,8 @@ def to_markdown(p: dict) -> str:
     return (f"# Few-row fp32 linear layers: native loop vs F.linear ({p['threads']} thread(s), {p['isa']})\n\n"
             f"`{p['command']}`\n\n"
             f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on the pages "
-            f"torch allocates and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; absent "
+            f"torch allocates and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; "
+            f"absent "
             f"where the OS declines); streaming read in this run {streams}; best of the timed passes.\n\n"
             + markdown_table(header + ["used (rows <= LINEAR_MAX_ROWS)"], rows))
 

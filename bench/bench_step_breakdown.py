@@ -78,7 +78,8 @@ def step_inputs(lm, prompt):
 def breakdown(engine, prompt, n: int, repeats: int, seed: int) -> dict:
     """The parts of a decode's time per token (module docstring), in seconds."""
     lm = engine.target
-    decode = lambda k: engine.decode([prompt], method="sample", max_new_tokens=k, seed=seed, temperature=1.0)  # noqa: E731
+    def decode(k):
+        return engine.decode([prompt], method="sample", max_new_tokens=k, seed=seed, temperature=1.0)
     decode(n)  # compiles the decode step (the prefill runs eager)
 
     def extend_loop():

@@ -4,8 +4,9 @@
 // speed is how fast one core streams the weights. BLAS's matrix-vector path reaches about half of what a
 // plain streaming read does on the machines we measured; this loop walks W once, in memory order (row o,
 // then row o + 1: one sequential stream), prefetches a few KiB ahead when x has several rows (for one row the
-// hardware prefetcher alone is faster), and computes every row of x against the W row while it sits in L1. Each output is one dot product summed in the same order whatever M is, so a
-// row's result does not depend on the other rows of the batch.
+// hardware prefetcher alone is faster), and computes every row of x against the W row while it sits in L1.
+// Each output is one dot product summed in the same order whatever M is, so a row's result does not depend on
+// the other rows of the batch.
 //
 // The Python side (fastalign.models.native.linear_rows) checks dtypes, contiguity and shapes and passes raw
 // pointers: W [O, I] and x [M, I] contiguous fp32, y [M, O] contiguous fp32, b [O] or 0.
@@ -108,7 +109,8 @@ __attribute__((target("avx512f"))) void linear_rows_avx512(const float* w, const
   int64_t o = 0;
   for (; o + 2 <= O; o += 2) {
     const float* rows = w + o * I;
-    for (int64_t i = 0; i < 2 * I; i += 16) _mm_prefetch(reinterpret_cast<const char*>(rows + i + kPrefetchFloats), _MM_HINT_T0);
+    for (int64_t i = 0; i < 2 * I; i += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(rows + i + kPrefetchFloats), _MM_HINT_T0);
     rows_block_avx512<2>(rows, x, y, b, M, O, I, o);
   }
   if (o < O) rows_block_avx512<1>(w + o * I, x, y, b, M, O, I, o);
@@ -146,7 +148,8 @@ __attribute__((target("avx2,fma"))) void linear_rows_avx2(const float* w, const 
   for (int64_t o = 0; o < O; ++o) {
     const float* row = w + o * I;
     if (M > 1)  // one row of x: the hardware prefetcher alone is faster (see linear_rows_avx512)
-      for (int64_t i = 0; i < I; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i + kPrefetchFloats), _MM_HINT_T0);
+      for (int64_t i = 0; i < I; i += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(row + i + kPrefetchFloats), _MM_HINT_T0);
     for (int64_t m = 0; m < M; m += 4) {
       const int64_t n = M - m < 4 ? M - m : 4;
       if (n == 4) dots_avx2<4>(row, x + m * I, I, out);

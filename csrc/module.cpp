@@ -14,7 +14,9 @@ void register_philox(py::module_& m);
 #define FASTALIGN_C_ABI_VERSION 3
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastalign native extension: tree topology, KV-cache slot compaction, one-thread fp32 linear rows, Philox streams";
+  m.doc() =
+      "fastalign native extension: tree topology, KV-cache slot compaction, one-thread fp32 linear rows, Philox "
+      "streams";
   m.attr("ABI_VERSION") = FASTALIGN_C_ABI_VERSION;
   fastalign::register_tree(m);
   fastalign::register_compact(m);

@@ -230,7 +230,8 @@ def compiled_code(function, args: tuple):
 
     Calling it skips dynamo's frame hook and guard dispatch (tens of microseconds a call, much of a small step's
     time). Valid for the calls whose guards would pick the same entry: ``SlotStore`` uses it per shape, for one
-    set of buffers, in the global state it was picked in (checked at each call: grad mode, autocast, ...). None when not exactly one entry accepts ``args``, or this torch does not expose its cache
+    set of buffers, in the global state it was picked in (checked at each call: grad mode, autocast, ...). None
+    when not exactly one entry accepts ``args``, or this torch does not expose its cache
     (``_debug_get_cache_entry_list``, a private interface; any failure gives None, and calls stay on the
     compiled function)."""
     try:
