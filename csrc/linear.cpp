@@ -1,12 +1,21 @@
-// One-thread fp32 linear layer for a few rows on the CPU: y[m, o] = dot(W[o, :], x[m, :]) (+ b[o]).
+// One-thread fp32 linear layer for a batch of rows on the CPU: y[m, o] = dot(W[o, :], x[m, :]) (+ b[o]).
 //
 // A decode step of a small batch multiplies a handful of rows by every weight matrix of the model, so its
-// speed is how fast one core streams the weights. BLAS's matrix-vector path reaches about half of what a
-// plain streaming read does on the machines we measured; this loop walks W once, in memory order (row o,
-// then row o + 1: one sequential stream), prefetches a few KiB ahead when x has several rows (for one row the
-// hardware prefetcher alone is faster), and computes every row of x against the W row while it sits in L1.
-// Each output is one dot product summed in the same order whatever M is, so a row's result does not depend on
-// the other rows of the batch.
+// speed is how fast one core streams the weights (a few rows) or how close it comes to the core's peak
+// multiply-add rate (more rows). BLAS reaches about half of either on the machines we measured, for lack of
+// one or the other: its matrix-vector path streams slowly, and its matrix product packs W on every call.
+// Two loops, both walking W once in memory order:
+//
+// * dot loop (M <= kDotMaxRows): each W row against every row of x while it sits in L1, as dot products over
+//   I (two interleaved partial sums, then added); it prefetches a few KiB ahead when x has several rows (for one
+//   row the hardware prefetcher alone is faster);
+// * column loop (more rows): the rows of x in the lanes of one vector (x copied transposed, zero-padded), and
+//   each output a chain of fused multiply-adds over i in order, W[o, i] broadcast from memory: one FMA per
+//   weight and 8 or 16 rows, no horizontal sums, W read by a few rows at a time with a software prefetch a
+//   block ahead. The lanes do not mix, so 8- and 16-lane vectors give the same bits.
+//
+// Within each loop an output's value is summed in the same order whatever the other rows are, so a row's result
+// depends on the number of rows only through which loop runs (at most kDotMaxRows rows, or more).
 //
 // The Python side (fastalign.models.native.linear_rows) checks dtypes, contiguity and shapes and passes raw
 // pointers: W [O, I] and x [M, I] contiguous fp32, y [M, O] contiguous fp32, b [O] or 0.
@@ -15,6 +24,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -40,7 +50,8 @@ namespace py = pybind11;
 namespace fastalign {
 namespace {
 
-constexpr int64_t kPrefetchFloats = 512;  // 2 KiB ahead of the current W position (1-8 KiB measured alike)
+constexpr int64_t kPrefetchFloats = 512;  // dot loop: 2 KiB ahead of the current W position (1-8 KiB alike)
+constexpr int64_t kDotMaxRows = 4;        // more rows: the column loop
 
 using LinearRowsFn = void (*)(const float* w, const float* x, float* y, const float* b, int64_t M, int64_t O,
                               int64_t I);
@@ -99,8 +110,96 @@ __attribute__((target("avx512f"))) inline void rows_block_avx512(const float* w,
   }
 }
 
+// ---- the column loop (more than kDotMaxRows rows)
+
+// x [M, I] as ceil(M / lanes) groups of [I][lanes]: row g * lanes + l in lane l of group g, lanes past M zero. In
+// a buffer of this thread, 64-byte aligned; valid until its next call.
+const float* rows_in_lanes(const float* x, int64_t M, int64_t I, int64_t lanes) {
+  thread_local std::vector<float> buffer;
+  const int64_t groups = (M + lanes - 1) / lanes;
+  buffer.assign(groups * I * lanes + 16, 0.f);
+  float* xt = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buffer.data()) + 63) & ~std::uintptr_t{63});
+  for (int64_t m = 0; m < M; ++m) {
+    float* dst = xt + (m / lanes) * I * lanes + m % lanes;
+    const float* src = x + m * I;
+    for (int64_t i = 0; i < I; ++i) dst[i * lanes] = src[i];
+  }
+  return xt;
+}
+
+// One block of NO outputs against one group of rows in lanes: out[k * lanes + l] = sum over i, in order, of
+// w[k * I + i] * xt[i * lanes + l] (one FMA chain per output). `ahead`: W rows to prefetch alongside (the
+// block kAheadBlocks further on), or null.
+using ColumnsBlockFn = void (*)(const float* w, const float* xt, int64_t I, float* out, const float* ahead);
+
+constexpr int64_t kAheadBlocks = 2;  // column loop: prefetch this many blocks ahead, into L2 (1-4 measured alike;
+                                     // into L1 the lines were evicted by x's before their turn, 5-10% slower)  // prefetch distance of the column loop, in blocks (1-4 measured alike)
+
+template <int NO>
+__attribute__((target("avx512f"))) void columns_avx512(const float* w, const float* xt, int64_t I, float* out,
+                                                        const float* ahead) {
+  __m512 acc[NO];
+  for (int k = 0; k < NO; ++k) acc[k] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= I; i += 16) {  // 16 weights of each row: one cache line, one prefetch
+    if (ahead)
+      for (int k = 0; k < NO; ++k) _mm_prefetch(reinterpret_cast<const char*>(ahead + k * I + i), _MM_HINT_T1);
+    for (int j = 0; j < 16; ++j) {
+      const __m512 xv = _mm512_load_ps(xt + (i + j) * 16);
+      for (int k = 0; k < NO; ++k) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(w[k * I + i + j]), xv, acc[k]);
+    }
+  }
+  for (; i < I; ++i) {
+    const __m512 xv = _mm512_load_ps(xt + i * 16);
+    for (int k = 0; k < NO; ++k) acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(w[k * I + i]), xv, acc[k]);
+  }
+  for (int k = 0; k < NO; ++k) _mm512_store_ps(out + k * 16, acc[k]);
+}
+
+template <int NO>
+__attribute__((target("avx2,fma"))) void columns_avx2(const float* w, const float* xt, int64_t I, float* out,
+                                                      const float* ahead) {
+  __m256 acc[NO];
+  for (int k = 0; k < NO; ++k) acc[k] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= I; i += 16) {
+    if (ahead)
+      for (int k = 0; k < NO; ++k) _mm_prefetch(reinterpret_cast<const char*>(ahead + k * I + i), _MM_HINT_T1);
+    for (int j = 0; j < 16; ++j) {
+      const __m256 xv = _mm256_load_ps(xt + (i + j) * 8);
+      for (int k = 0; k < NO; ++k) acc[k] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + k * I + i + j), xv, acc[k]);
+    }
+  }
+  for (; i < I; ++i) {
+    const __m256 xv = _mm256_load_ps(xt + i * 8);
+    for (int k = 0; k < NO; ++k) acc[k] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + k * I + i), xv, acc[k]);
+  }
+  for (int k = 0; k < NO; ++k) _mm256_store_ps(out + k * 8, acc[k]);
+}
+
+// The column loop: blocks of NO outputs (`block`; `single` for the last O % NO), each against every group of
+// `lanes` rows while its W rows sit in L1; the prefetch runs with the first group.
+void columns_loop(ColumnsBlockFn block, ColumnsBlockFn single, int64_t NO, int64_t lanes, const float* w,
+                  const float* x, float* y, const float* b, int64_t M, int64_t O, int64_t I) {
+  const float* xt = rows_in_lanes(x, M, I, lanes);
+  alignas(64) float out[64];  // NO * lanes <= 64
+  for (int64_t o = 0; o < O;) {
+    const int64_t n = O - o >= NO ? NO : 1;
+    const float* ahead = o + (kAheadBlocks + 1) * NO <= O ? w + (o + kAheadBlocks * NO) * I : nullptr;
+    for (int64_t g = 0; g * lanes < M; ++g) {
+      (n == NO ? block : single)(w + o * I, xt + g * I * lanes, I, out, g == 0 ? ahead : nullptr);
+      const int64_t rows = M - g * lanes < lanes ? M - g * lanes : lanes;
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t l = 0; l < rows; ++l)
+          y[(g * lanes + l) * O + o + k] = b ? out[k * lanes + l] + b[o + k] : out[k * lanes + l];
+    }
+    o += n;
+  }
+}
+
 __attribute__((target("avx512f"))) void linear_rows_avx512(const float* w, const float* x, float* y,
                                                              const float* b, int64_t M, int64_t O, int64_t I) {
+  if (M > kDotMaxRows) return columns_loop(columns_avx512<4>, columns_avx512<1>, 4, 16, w, x, y, b, M, O, I);
   if (M == 1) {  // one W row at a time, no software prefetch: one sequential stream, which the hardware
                  // prefetcher alone keeps at the streaming rate (measured ~25% faster than two rows + prefetch)
     for (int64_t o = 0; o < O; ++o) rows_block_avx512<1>(w + o * I, x, y, b, M, O, I, o);
@@ -144,6 +243,7 @@ __attribute__((target("avx2,fma"))) inline void dots_avx2(const float* row, cons
 
 __attribute__((target("avx2,fma"))) void linear_rows_avx2(const float* w, const float* x, float* y,
                                                           const float* b, int64_t M, int64_t O, int64_t I) {
+  if (M > kDotMaxRows) return columns_loop(columns_avx2<6>, columns_avx2<1>, 6, 8, w, x, y, b, M, O, I);
   float out[4];
   for (int64_t o = 0; o < O; ++o) {
     const float* row = w + o * I;

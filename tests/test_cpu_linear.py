@@ -45,7 +45,7 @@ def reference(x, w, b):
 @requires_loop
 @pytest.mark.parametrize("isa", loops())
 @pytest.mark.parametrize("in_features", [1, 7, 16, 31, 33, 64, 100, 768])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16, 17, 33])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_rows_is_f_linear(isa, in_features, rows, bias):
     gen = torch.Generator().manual_seed(in_features * 10 + rows)
@@ -63,14 +63,31 @@ def test_linear_rows_is_f_linear(isa, in_features, rows, bias):
 
 @requires_loop
 @pytest.mark.parametrize("isa", loops())
-def test_a_rows_value_does_not_depend_on_the_other_rows(isa):
+def test_a_rows_value_depends_only_on_which_loop_runs(isa):
+    # each loop sums an output in one order whatever the other rows are: up to four rows the dot loop, beyond
+    # that the column loop (groups of 8 or 16 rows in the lanes of a vector, the last one zero-padded)
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(63, 200, generator=gen)  # odd O: the last output row on its own
-    x = torch.randn(7, 200, generator=gen)  # a group of four rows and one of three
-    together = native.native_linear(x, w, isa=isa)
-    for r in range(7):
-        assert torch.equal(native.native_linear(x[r: r + 1], w, isa=isa)[0], together[r])
-    assert torch.equal(native.native_linear(x[1:3], w, isa=isa), together[1:3])
+    w = torch.randn(63, 200, generator=gen)  # odd O: the last outputs outside a block
+    x = torch.randn(40, 200, generator=gen)
+    dot = native.native_linear(x[:4], w, isa=isa)
+    for r in range(4):
+        assert torch.equal(native.native_linear(x[r: r + 1], w, isa=isa)[0], dot[r])
+    assert torch.equal(native.native_linear(x[1:3], w, isa=isa), dot[1:3])
+    columns = native.native_linear(x, w, isa=isa)
+    for start, rows in [(0, 5), (3, 9), (7, 16), (20, 17), (35, 5), (1, 33)]:
+        assert torch.equal(native.native_linear(x[start: start + rows], w, isa=isa), columns[start: start + rows])
+    assert not torch.equal(columns[:4], dot)  # two summation orders: the test tells the loops apart
+
+
+@requires_loop
+@pytest.mark.skipif(len(loops()) < 2, reason="this CPU runs only one loop")
+def test_the_column_loops_of_both_instruction_sets_give_the_same_bits():
+    # one fused multiply-add chain per output and row, lanes that do not mix: 8 and 16 lanes agree exactly
+    gen = torch.Generator().manual_seed(5)
+    w, b = torch.randn(70, 300, generator=gen), torch.randn(70, generator=gen)
+    for rows in (5, 8, 9, 16, 23):
+        x = torch.randn(rows, 300, generator=gen)
+        assert torch.equal(native.native_linear(x, w, b, isa="avx512f"), native.native_linear(x, w, b, isa="avx2"))
 
 
 @requires_loop
@@ -119,9 +136,9 @@ def test_what_the_loop_does_not_take_goes_to_f_linear(monkeypatch):
     ran = spy_on_the_loop(monkeypatch)
     native.linear_rows(x, w)
     assert ran == [1]
-    five = torch.randn(5, 16, generator=gen)
-    assert refuses(five, w, None)  # more rows than LINEAR_MAX_ROWS
-    assert torch.equal(native.linear_rows(five, w), torch.nn.functional.linear(five, w)) and ran == [1]
+    many = torch.randn(native.LINEAR_MAX_ROWS + 1, 16, generator=gen)
+    assert refuses(many, w, None)  # more rows than LINEAR_MAX_ROWS
+    assert torch.equal(native.linear_rows(many, w), torch.nn.functional.linear(many, w)) and ran == [1]
     assert refuses(x.double(), w.double(), None)
     assert refuses(x, w.t().contiguous().t(), None)  # a weight that is not contiguous
     assert refuses(x, w, torch.randn(9))  # a bias of another size

@@ -78,7 +78,7 @@ class CachedModel:
     ``store`` holds the keys and values: a ``RaggedStore`` (eager, the default) or a ``SlotStore`` (static,
     with compiled fixed-shape steps). ``backbone`` is the module that runs (default: the model itself; a
     reward model runs its base model and reads the head itself). On a CPU in fp32 with one torch thread it runs as
-    a copy sharing the weights whose large linear layers take calls of up to four rows to the native loop
+    a copy sharing the weights whose large linear layers take calls of a few rows to the native loop
     (``fastalign.models.cpu_linear.native_twin``; remade at the next batch when the weights were replaced); the
     model given is not modified.
     """

@@ -1,8 +1,9 @@
-"""Layer 2: a model's linear layers on the native few-row loop (``native.linear_rows``), for ``CachedModel``.
+"""Layer 2: a model's linear layers on the native loop for a batch of rows (``native.linear_rows``), for
+``CachedModel``.
 
-A decode step of a small batch multiplies one to four rows by every weight matrix of the model, so on a CPU its
-speed is how fast one core streams the weights; BLAS's matrix-vector path reaches much less than that
-(``bench/bench_linear_rows.py`` measures both).
+A decode step of a small batch multiplies a few rows by every weight matrix of the model, so on a CPU its speed
+is how fast one core streams the weights (one to four rows) or how close it comes to the core's multiply-add peak
+(more); BLAS reaches much less than either at these shapes (``bench/bench_linear_rows.py`` measures both).
 
 ``native_twin(module)`` returns a copy of ``module``'s structure that shares every parameter and buffer (no
 weight is copied; tied weights stay tied) and whose large fp32 CPU ``nn.Linear`` layers are ``RowsLinear``: a

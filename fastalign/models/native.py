@@ -197,7 +197,10 @@ def gather_slots_many(xs: Sequence[torch.Tensor], index: torch.Tensor) -> list[t
 
 
 # ---------------------------------------------------------------------------------------------- linear rows
-LINEAR_MAX_ROWS = 4  # beyond 4 rows BLAS's matrix product is about as fast or faster (bench/bench_linear_rows.py)
+# Up to how many rows the widest loop here beats BLAS's matrix product (bench/bench_linear_rows.py): AVX-512's
+# column loop stays ahead up to about 256 rows, AVX2's (eight lanes) ties it at 16.
+_MAX_ROWS_BY_ISA = {"avx512f": 128, "avx2": 16}
+LINEAR_MAX_ROWS = _MAX_ROWS_BY_ISA.get(getattr(_C, "linear_isa", ""), 0)
 
 
 def native_linear_supported() -> bool:
@@ -241,8 +244,10 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   isa: str = "") -> torch.Tensor:
     """``_C``'s loop (``csrc/linear.cpp``) for fp32 CPU tensors ``x [..., I]``, contiguous ``weight [O, I]`` and
-    ``bias [O]`` -> ``[..., O]``, any number of rows, on one thread: the weight is streamed once, in memory order,
-    and each output is one dot product summed in an order that does not depend on the other rows. ``isa``: the
+    ``bias [O]`` -> ``[..., O]``, any number of rows, on one thread: the weight is streamed once, in memory order;
+    up to four rows each output is a dot product, beyond that a chain of multiply-adds with the rows in the lanes
+    of a vector, summed in an order that does not depend on the other rows (a row's value depends on the number
+    of rows only through which of the two loops runs). ``isa``: the
     loop to run (``"avx512f"``, ``"avx2"``; ``""``: the widest this CPU has). No autograd: the result has no
     gradient (``linear_rows`` leaves inputs that ask for one to ``F.linear``)."""
     if not native_linear_supported():
