@@ -8,7 +8,8 @@ is how fast one core streams the weights (one to four rows) or how close it come
 ``native_twin(module)`` returns a copy of ``module``'s structure that shares every parameter and buffer (no
 weight is copied; tied weights stay tied) and whose large fp32 CPU ``nn.Linear`` layers are ``RowsLinear``: a
 call with at most ``native.LINEAR_MAX_ROWS`` rows goes to ``torch.ops.fastalign.linear_rows``, any other to
-``F.linear``. Their weights are backed with transparent huge pages where the OS allows (Linux, in a background
+``F.linear``; its attention, where it was transformers' ``"sdpa"``, is ``attention.grouped_sdpa`` (no copy
+of the cache's key-value heads per layer and step). Their weights are backed with transparent huge pages where the OS allows (Linux, in a background
 thread; the values do not change): the loop streams them faster. The module the caller gave is left as it is.
 The op is opaque to ``torch.compile`` (a compiled step calls it as one kernel) and decides at each call, in
 ``native.linear_rows``, whether the native loop runs or ``F.linear`` does (more than one torch thread,
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from . import native
+from . import attention, native
 
 
 # A plain dispatcher op (not ``torch.library.custom_op``, whose Python wrapper costs more per call than a small
@@ -91,6 +92,7 @@ def native_twin(module: torch.nn.Module) -> torch.nn.Module:
         return module
     for name in names:
         twin.get_submodule(name).__class__ = RowsLinear
+    attention.use_grouped_sdpa(twin)  # the copy's own config: the caller's model keeps its attention
     twin._fastalign_shared = shared  # what twin_is_current compares (the same objects: no extra memory)
     huge = native.huge_page_bytes()
     weights = [w for w in (twin.get_submodule(name).weight for name in names)

@@ -1,0 +1,55 @@
+"""Layer 2: the attention that the model layer's CPU copy of a model runs (``cpu_linear.native_twin``):
+transformers' ``"sdpa"`` attention, with SDPA's own grouped-query attention on a CPU.
+
+With an attention mask under torch.compile, transformers' SDPA attention copies each key-value head to every
+query head of its group (``repeat_kv``) before the kernel; with a static cache that is the whole cache, for every
+layer and step. On the 82M model of ``bench/bench_engine.py`` at batch 16 (4 key-value heads for 12 query heads,
+a few hundred slots) the copies cost more than the step's matrix products. The CPU kernel of
+``torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)`` reads each shared head where it is and
+gives the same bits. Elsewhere (CUDA, where a masked grouped call falls back to the slow math kernel, no mask,
+position biases, soft caps) the call is transformers' own.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "fastalign_grouped_sdpa"  # the name registered in transformers' AttentionInterface
+
+
+def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """An attention function of transformers' interface: ``query [B, H, T, D]``, ``key``/``value [B, Hkv, S, D]``
+    (``H`` a multiple of ``Hkv``), ``attention_mask [B, 1, T, S]`` (bool, or additive float) -> ``([B, T, H, D],
+    None)``, as ``sdpa_attention_forward`` returns it; grouped in place on a CPU with a mask, else that function."""
+    grouped = (query.device.type == "cpu" and attention_mask is not None
+               and getattr(module, "num_key_value_groups", 1) > 1 and key.shape[1] != query.shape[1]
+               and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+               and not kwargs.get("output_attentions", False))
+    if not grouped:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, grouped_sdpa)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks transformers makes for "sdpa"
+
+
+def use_grouped_sdpa(model: torch.nn.Module) -> bool:
+    """Switch ``model`` (a transformers model whose own config is not shared with another's) from ``"sdpa"`` to
+    ``grouped_sdpa``; True when it did. Other implementations (eager, flash, a kernel) stay as they are."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, ImportError):  # a model that cannot switch: it runs as it is
+        return False
+    return config._attn_implementation == NAME
