@@ -52,7 +52,8 @@ Against the physical limit (the ``sample`` cases): the same run first measures, 
   256 MB of distinct ``[4096, 1024]`` matrices, in GB/s: what a batch-1 step's own kernels can reach here;
 * the matmul FLOP rate ``F``: fp32 matmuls ``[16, H] x [H, 4H]`` (the batch-16 decode step's shape, ``H`` the
   target's width) and ``[1024, 1024] x [1024, 1024]``, each the best of a few; ``F`` is the faster of the two,
-  in GFLOP/s (both are recorded).
+  in GFLOP/s (both are recorded), and like the bandwidth the best of the run: the large one is timed again
+  after each round of repeats (the core's clock drifts with the host's load).
 
 and per case the work of one generated token (``sample`` runs the target alone: one call per step, all rows in it):
 
@@ -213,7 +214,7 @@ def measure_limits(device, hidden: int, stream_mb: int) -> dict:
     return dict(bandwidth_gbps=bandwidth, bandwidth_samples_gbps=[bandwidth], stream_mb=stream_mb,
                 gemv_gbps=measure_gemv(device),
                 matmul_gflops={f"16x{hidden}x{4 * hidden}": small, "1024x1024x1024": large},
-                flop_rate_gflops=max(small, large))
+                flop_rate_gflops=max(small, large), flop_samples_gflops=[max(small, large)])
 
 
 def add_fractions(case: dict, work: dict, limits: dict, rows: int) -> None:
@@ -350,9 +351,11 @@ def run_case(name, world_models, engs, prompts, args, limits=None):
             times[k].append(t)
             if k in new_shapes:
                 new_shapes[k].append(sum(map(len, compiled_shapes(engs[k]).values())) - known)
-        if limits is not None:  # the bandwidth drifts on a shared host: the limit is the best read of the run
+        if limits is not None:  # bandwidth and clock drift on a shared host: the limits are the best of the run
             limits["bandwidth_samples_gbps"].append(measure_bandwidth(args.device, limits["stream_mb"], 2))
             limits["bandwidth_gbps"] = max(limits["bandwidth_samples_gbps"])
+            limits["flop_samples_gflops"].append(measure_matmul(args.device, 1024, 1024, 1024, 2))
+            limits["flop_rate_gflops"] = max(limits["flop_samples_gflops"])
     out = {}
     for k in variants:
         best = min(times[k])
@@ -438,7 +441,7 @@ def main(argv=None):
             if method == "sample":
                 rows = (prompts * batch)[:batch]
                 results[name]["work"] = sample_work(target, batch, sum(map(len, rows)) / batch, args.max_new_tokens)
-            for done, case in results.items():  # every case against the best read so far (limits["bandwidth_gbps"])
+            for done, case in results.items():  # every case against the best limits read so far
                 if "work" in case:
                     add_fractions(case, case["work"], limits, CASES[done][2])
             payload["worlds"][world]["compiled_shapes"] = compiled_shapes(engs["compiled"])
@@ -474,11 +477,14 @@ def to_markdown(payload) -> str:
         if lim:
             mm = ", ".join(f"{k} {v:.1f}" for k, v in lim["matmul_gflops"].items())
             samples = lim.get("bandwidth_samples_gbps", [lim["bandwidth_gbps"]])
+            flops = lim.get("flop_samples_gflops", [lim["flop_rate_gflops"]])
             lines.append(f"Limits measured in this run: streaming read {lim['bandwidth_gbps']:.1f} GB/s, the best "
                          f"of {len(samples)} reads from {min(samples):.1f} ({lim['stream_mb']} MB fp32 `x.sum()`, "
                          f"huge pages where the OS allows; read before the cases and after each round of "
                          f"repeats); fp32 matrix-vector products "
-                         f"{lim['gemv_gbps']:.1f} GB/s (256 MB of weights); fp32 matmul GFLOP/s {mm}.\n")
+                         f"{lim['gemv_gbps']:.1f} GB/s (256 MB of weights); fp32 matmul GFLOP/s {mm} at the "
+                         f"start; FLOP limit {lim['flop_rate_gflops']:.1f} GFLOP/s, the best of {len(flops)} "
+                         f"timings from {min(flops):.1f} (1024x1024x1024 again after each round).\n")
         rows = []
         for name, r in res["cases"].items():
             e, c = r["eager"], r["compiled"]
