@@ -1,11 +1,13 @@
-"""The native few-row linear loop (``fastalign.models.native.linear_rows``, csrc/linear.cpp) against ``F.linear``.
+"""The native linear loop (``fastalign.models.native.linear_rows``, csrc/linear.cpp) against ``F.linear``.
 
-    python bench/bench_linear_rows.py                 # the 82M model's weights, 1..16 rows, one thread
+    python bench/bench_linear_rows.py                 # the 82M model's weights, 1..256 rows, one thread
 
 The weights are those of one decode step of the 82M model of the ``100m`` world (12 layers of q/k/v/o and a
 gated MLP, hidden 768, intermediate 2048, 4 of 12 heads for keys and values, and the 8192 x 768 output layer):
 about 330 MB of fp32, so they stream from memory. Per row count, GB/s of weights read by ``F.linear`` (BLAS)
-and by the native loop, and a streaming read (``x.sum()`` over 1 GB) as the limit. The loop runs where it wins
+and by the native loop, with a streaming read (``x.sum()`` over 1 GB) as the limit of the few-row case, and the
+GFLOP/s of both (what bounds the case of more rows: the dot loop runs up to four rows, the column loop beyond).
+The loop runs where it wins
 (``native.LINEAR_MAX_ROWS`` rows); this table is the reason for that number. Everything is measured twice: on
 4 KiB pages, as torch allocates, and backed with transparent huge pages (``native.collapse_huge_pages``, what
 the model layer does to the weights it turns), where the OS allows. Writes ``bench/results/linear_rows_cpu.json``
@@ -47,7 +49,7 @@ def allocated_pages() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -75,10 +77,11 @@ def main(argv=None) -> None:
             # the loop itself, whatever LINEAR_MAX_ROWS says
             loop = time_fn(lambda: [native.native_linear(x, w) for x, w in zip(xs, weights)], cpu, warmup=2,
                            iters=args.repeats, stat="min")
+            mflop = 2 * rows * mb / 4  # (mb / 4: millions of weights)
             row[kind] = dict(blas_ms=blas, native_ms=loop, blas_gbps=mb / blas, native_gbps=mb / loop,
-                             speedup=blas / loop)
-            print(f"rows {rows}, {kind} pages: F.linear {mb / blas:.1f} GB/s, native {mb / loop:.1f} GB/s "
-                  f"({blas / loop:.2f}x)", flush=True)
+                             blas_gflops=mflop / blas, native_gflops=mflop / loop, speedup=blas / loop)
+            print(f"rows {rows}, {kind} pages: F.linear {mb / blas:.1f} GB/s {mflop / blas:.1f} GFLOP/s, native "
+                  f"{mb / loop:.1f} GB/s {mflop / loop:.1f} GFLOP/s ({blas / loop:.2f}x)", flush=True)
         rows_out.append(row)
 
     payload = dict(command=command_line(), device=device_info(cpu), threads=args.threads,
@@ -92,16 +95,17 @@ def to_markdown(p: dict) -> str:
     header, rows = ["rows"], []
     for kind in kinds:
         header += [f"F.linear GB/s ({kind})", f"native GB/s ({kind})", f"native / F.linear ({kind})",
-                   f"native of streaming read ({kind})"]
+                   f"native of streaming read ({kind})", f"F.linear GFLOP/s ({kind})", f"native GFLOP/s ({kind})"]
     for r in p["results"]:
         cells = [r["rows"]]
         for kind in kinds:
             m = r[kind]
             cells += [f"{m['blas_gbps']:.1f}", f"{m['native_gbps']:.1f}", f"{m['speedup']:.2f}x",
-                      f"{m['native_gbps'] / p['stream_gbps'][kind]:.0%}"]
+                      f"{m['native_gbps'] / p['stream_gbps'][kind]:.0%}", f"{m['blas_gflops']:.1f}",
+                      f"{m['native_gflops']:.1f}"]
         rows.append(cells + ["yes" if r["used"] else "no"])
     streams = ", ".join(f"{p['stream_gbps'][kind]:.1f} GB/s on {kind} pages" for kind in kinds)
-    return (f"# Few-row fp32 linear layers: native loop vs F.linear ({p['threads']} thread(s), {p['isa']})\n\n"
+    return (f"# fp32 linear layers of a few rows: native loop vs F.linear ({p['threads']} thread(s), {p['isa']})\n\n"
             f"`{p['command']}`\n\n"
             f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on the pages "
             f"torch allocates and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; "
