@@ -5,10 +5,10 @@
 The weights are those of one decode step of the 82M model of the ``100m`` world (12 layers of q/k/v/o and a
 gated MLP, hidden 768, intermediate 2048, 4 of 12 heads for keys and values, and the 8192 x 768 output layer):
 about 330 MB of fp32, so they stream from memory. Per row count, GB/s of weights read by ``F.linear`` (BLAS)
-and by the native loop, with a streaming read (``x.sum()`` over 1 GB) as the limit of the few-row case, and the
+and by the native loop, with a streaming read (``x.sum()`` over 1 GB) as the limit with a few rows, and the
 GFLOP/s of both (what bounds the case of more rows: the dot loop runs up to four rows, the column loop beyond).
-The loop runs where it wins
-(``native.LINEAR_MAX_ROWS`` rows); this table is the reason for that number. Everything is measured twice: on
+The loop runs where it wins (up to
+``native.LINEAR_MAX_ROWS`` rows); this table is the reason for that number. Everything is measured twice: on
 4 KiB pages, as torch allocates, and backed with transparent huge pages (``native.collapse_huge_pages``, what
 the model layer does to the weights it turns), where the OS allows. Writes ``bench/results/linear_rows_cpu.json``
 and ``.md``.

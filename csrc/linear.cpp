@@ -11,8 +11,8 @@
 //   row the hardware prefetcher alone is faster);
 // * column loop (more rows): the rows of x in the lanes of one vector (x copied transposed, zero-padded), and
 //   each output a chain of fused multiply-adds over i in order, W[o, i] broadcast from memory: one FMA per
-//   weight and 8 or 16 rows, no horizontal sums, W read by a few rows at a time with a software prefetch a
-//   block ahead. The lanes do not mix, so 8- and 16-lane vectors give the same bits.
+//   weight and 8 or 16 rows, no horizontal sums, W read a few rows at a time with a software prefetch
+//   kAheadBlocks blocks ahead. The lanes do not mix, so 8- and 16-lane vectors give the same bits.
 //
 // Within each loop an output's value is summed in the same order whatever the other rows are, so a row's result
 // depends on the number of rows only through which loop runs (at most kDotMaxRows rows, or more).
@@ -21,6 +21,7 @@
 // pointers: W [O, I] and x [M, I] contiguous fp32, y [M, O] contiguous fp32, b [O] or 0.
 #include <pybind11/pybind11.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -115,14 +116,21 @@ __attribute__((target("avx512f"))) inline void rows_block_avx512(const float* w,
 // x [M, I] as ceil(M / lanes) groups of [I][lanes]: row g * lanes + l in lane l of group g, lanes past M zero. In
 // a buffer of this thread, 64-byte aligned; valid until its next call.
 const float* rows_in_lanes(const float* x, int64_t M, int64_t I, int64_t lanes) {
+  constexpr std::size_t kKeptFloats = std::size_t{1} << 22;  // a buffer grown past 16 MiB shrinks at the next
+                                                              // call that needs no more than that
   thread_local std::vector<float> buffer;
   const int64_t groups = (M + lanes - 1) / lanes;
-  buffer.assign(groups * I * lanes + 16, 0.f);
+  const std::size_t need = static_cast<std::size_t>(groups * I * lanes + 16);
+  if (buffer.size() < need || (buffer.size() > kKeptFloats && need <= kKeptFloats))
+    std::vector<float>(need).swap(buffer);
   float* xt = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buffer.data()) + 63) & ~std::uintptr_t{63});
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < groups * lanes; ++m) {
     float* dst = xt + (m / lanes) * I * lanes + m % lanes;
     const float* src = x + m * I;
-    for (int64_t i = 0; i < I; ++i) dst[i * lanes] = src[i];
+    if (m < M)
+      for (int64_t i = 0; i < I; ++i) dst[i * lanes] = src[i];
+    else
+      for (int64_t i = 0; i < I; ++i) dst[i * lanes] = 0.f;
   }
   return xt;
 }
@@ -133,7 +141,7 @@ const float* rows_in_lanes(const float* x, int64_t M, int64_t I, int64_t lanes) 
 using ColumnsBlockFn = void (*)(const float* w, const float* xt, int64_t I, float* out, const float* ahead);
 
 constexpr int64_t kAheadBlocks = 2;  // column loop: prefetch this many blocks ahead, into L2 (1-4 measured alike;
-                                     // into L1 the lines were evicted by x's before their turn, 5-10% slower)  // prefetch distance of the column loop, in blocks (1-4 measured alike)
+                                     // into L1 the lines were evicted by x's before their turn, 5-10% slower)
 
 template <int NO>
 __attribute__((target("avx512f"))) void columns_avx512(const float* w, const float* xt, int64_t I, float* out,
@@ -177,12 +185,14 @@ __attribute__((target("avx2,fma"))) void columns_avx2(const float* w, const floa
   for (int k = 0; k < NO; ++k) _mm256_store_ps(out + k * 8, acc[k]);
 }
 
-// The column loop: blocks of NO outputs (`block`; `single` for the last O % NO), each against every group of
-// `lanes` rows while its W rows sit in L1; the prefetch runs with the first group.
-void columns_loop(ColumnsBlockFn block, ColumnsBlockFn single, int64_t NO, int64_t lanes, const float* w,
-                  const float* x, float* y, const float* b, int64_t M, int64_t O, int64_t I) {
+// The column loop: blocks of NO outputs (`block`, of NO outputs and `lanes` lanes; `single`, of one output, for
+// the last O % NO), each against every group of `lanes` rows while its W rows sit in L1; the prefetch runs with
+// the first group.
+template <int NO, int lanes>
+void columns_loop(ColumnsBlockFn block, ColumnsBlockFn single, const float* w, const float* x, float* y,
+                  const float* b, int64_t M, int64_t O, int64_t I) {
   const float* xt = rows_in_lanes(x, M, I, lanes);
-  alignas(64) float out[64];  // NO * lanes <= 64
+  alignas(64) float out[NO * lanes];
   for (int64_t o = 0; o < O;) {
     const int64_t n = O - o >= NO ? NO : 1;
     const float* ahead = o + (kAheadBlocks + 1) * NO <= O ? w + (o + kAheadBlocks * NO) * I : nullptr;
@@ -199,7 +209,7 @@ void columns_loop(ColumnsBlockFn block, ColumnsBlockFn single, int64_t NO, int64
 
 __attribute__((target("avx512f"))) void linear_rows_avx512(const float* w, const float* x, float* y,
                                                              const float* b, int64_t M, int64_t O, int64_t I) {
-  if (M > kDotMaxRows) return columns_loop(columns_avx512<4>, columns_avx512<1>, 4, 16, w, x, y, b, M, O, I);
+  if (M > kDotMaxRows) return columns_loop<4, 16>(columns_avx512<4>, columns_avx512<1>, w, x, y, b, M, O, I);
   if (M == 1) {  // one W row at a time, no software prefetch: one sequential stream, which the hardware
                  // prefetcher alone keeps at the streaming rate (measured ~25% faster than two rows + prefetch)
     for (int64_t o = 0; o < O; ++o) rows_block_avx512<1>(w + o * I, x, y, b, M, O, I, o);
@@ -243,7 +253,8 @@ __attribute__((target("avx2,fma"))) inline void dots_avx2(const float* row, cons
 
 __attribute__((target("avx2,fma"))) void linear_rows_avx2(const float* w, const float* x, float* y,
                                                           const float* b, int64_t M, int64_t O, int64_t I) {
-  if (M > kDotMaxRows) return columns_loop(columns_avx2<6>, columns_avx2<1>, 6, 8, w, x, y, b, M, O, I);
+  if (M > kDotMaxRows)  // six chains (4-8 measured alike here): two FMA units busy at a latency of four cycles
+    return columns_loop<6, 8>(columns_avx2<6>, columns_avx2<1>, w, x, y, b, M, O, I);
   float out[4];
   for (int64_t o = 0; o < O; ++o) {
     const float* row = w + o * I;

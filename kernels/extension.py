@@ -1,7 +1,7 @@
 """The optional compiled extension ``fastalign._C`` (sources in ``csrc/``), loaded once for every layer.
 
 It is loaded here, at the bottom, so that the kernels' CPU random-number streams (``rng``) and the model layer's
-native parts (``fastalign.models.native``: tree topology, KV-slot gathering, the few-row linear loop) share one
+native parts (``fastalign.models.native``: tree topology, KV-slot gathering, the linear loop) share one
 loader and one switch: ``FASTALIGN_NATIVE=0`` in the environment turns every use off (read at each call). A
 missing, stale or broken build leaves ``extension`` None and each user on its pure-Python twin.
 """

@@ -1,4 +1,4 @@
-"""The native few-row linear loop (csrc/linear.cpp, fastalign.models.native.linear_rows) against F.linear, and
+"""The native linear loop (csrc/linear.cpp, fastalign.models.native.linear_rows) against F.linear, and
 the model copy that runs it on the static path (fastalign.models.cpu_linear)."""
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ a few hundred slots) the copies cost more than the step's matrix products. The C
 ``torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)`` reads each shared head where it is and
 gives the same bits. Elsewhere (CUDA, where a masked grouped call falls back to the slow math kernel, no mask,
 position biases, soft caps) the call is transformers' own.
+
+Only text models of the families in ``MODEL_TYPES`` switch: a few modeling files compare the implementation's
+name with ``"sdpa"`` (to skip a mask, or to pick a mask's kind), and a multimodal model's towers have their own
+implementations; those models keep transformers' attention.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-NAME = "fastalign_grouped_sdpa"  # the name registered in transformers' AttentionInterface
+# The name registered in transformers' AttentionInterface. (It contains "sdpa": transformers then checks, as for
+# its own "sdpa", that torch's SDPA is available.)
+NAME = "fastalign_grouped_sdpa"
+# Model types whose modeling code reads the implementation only through the interfaces (no comparison with "sdpa")
+# and that have no sub-models: checked against transformers 5.25's modeling files.
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
+                         "olmo2", "granite"})
 
 
 def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -43,10 +53,13 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks transformers makes
 
 
 def use_grouped_sdpa(model: torch.nn.Module) -> bool:
-    """Switch ``model`` (a transformers model whose own config is not shared with another's) from ``"sdpa"`` to
-    ``grouped_sdpa``; True when it did. Other implementations (eager, flash, a kernel) stay as they are."""
+    """Switch ``model`` (a transformers model of ``MODEL_TYPES`` whose config is not shared with another's) from
+    ``"sdpa"`` to ``grouped_sdpa``; True when it did. Other implementations (eager, flash, a kernel) and other
+    models stay as they are."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+    if (getattr(config, "_attn_implementation", None) != "sdpa"
+            or getattr(config, "model_type", None) not in MODEL_TYPES or getattr(config, "sub_configs", None)
+            or not hasattr(model, "set_attn_implementation")):
         return False
     try:
         model.set_attn_implementation(NAME)

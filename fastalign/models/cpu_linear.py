@@ -9,7 +9,8 @@ is how fast one core streams the weights (one to four rows) or how close it come
 weight is copied; tied weights stay tied) and whose large fp32 CPU ``nn.Linear`` layers are ``RowsLinear``: a
 call with at most ``native.LINEAR_MAX_ROWS`` rows goes to ``torch.ops.fastalign.linear_rows``, any other to
 ``F.linear``; its attention, where it was transformers' ``"sdpa"``, is ``attention.grouped_sdpa`` (no copy
-of the cache's key-value heads per layer and step). Their weights are backed with transparent huge pages where the OS allows (Linux, in a background
+of the cache's key-value heads per layer and step; ``attention.use_grouped_sdpa`` says which models switch).
+The turned layers' weights are backed with transparent huge pages where the OS allows (Linux, in a background
 thread; the values do not change): the loop streams them faster. The module the caller gave is left as it is.
 The op is opaque to ``torch.compile`` (a compiled step calls it as one kernel) and decides at each call, in
 ``native.linear_rows``, whether the native loop runs or ``F.linear`` does (more than one torch thread,

@@ -1,4 +1,4 @@
-"""Layer 2: tree topology, KV-slot gathering and a few-row fp32 linear layer on the CPU, native (``fastalign._C``)
+"""Layer 2: tree topology, KV-slot gathering and an fp32 linear layer for a batch of rows on the CPU, native (``fastalign._C``)
 when built, else pure PyTorch (``F.linear`` for the linear layer). The extension is loaded, and switched off by
 ``FASTALIGN_NATIVE=0``, in ``fastalign.kernels.extension``.
 
@@ -204,7 +204,7 @@ LINEAR_MAX_ROWS = _MAX_ROWS_BY_ISA.get(getattr(_C, "linear_isa", ""), 0)
 
 
 def native_linear_supported() -> bool:
-    """Whether the extension is in use and has a few-row linear loop for this CPU (AVX2 or AVX-512)."""
+    """Whether the extension is in use and has a linear loop for this CPU (AVX2 or AVX-512)."""
     return native_available() and bool(getattr(_C, "linear_isa", ""))
 
 
