@@ -58,8 +58,9 @@ target at every width from 1 to 9 tokens, on the prefilled caches; once per proc
 later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters and is not even
 monotone, so every width is measured: on the 82M target of ``bench/bench_engine.py`` at batch 1, with BLAS a call
 of 2 or 3 tokens cost 1.7–1.8 one-token calls and one of 5 tokens 1.5 (the matrix library picks its kernel by
-shape); with the native loop for up to 4 rows (``fastalign.models.cpu_linear``) 2 tokens cost 1.0–1.2 calls and
-9 tokens 3.0 (``bench/results/adaptive_cpu_100m.md``, over runs).
+shape); with fastalign's native loop (``fastalign.models.cpu_linear``) 2 tokens cost 1.0–1.2 calls, and 9 tokens
+3.0 with the loop's dot products alone, 1.8–1.9 since its column loop takes more than four rows
+(``bench/results/adaptive_cpu_100m.md``, over runs).
 The law stays exact: a round's K is fixed before its draws, and any K (0 included)
 gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
 its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
