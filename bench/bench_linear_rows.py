@@ -8,10 +8,11 @@ about 330 MB of fp32, so they stream from memory. Per row count, GB/s of weights
 and by the native loop, with a streaming read (``x.sum()`` over 1 GB) as the limit with a few rows, and the
 GFLOP/s of both (what bounds the case of more rows: the dot loop runs up to four rows, the column loop beyond).
 The loop runs where it wins (up to
-``native.LINEAR_MAX_ROWS`` rows); this table is the reason for that number. Everything is measured twice: on
-4 KiB pages, as torch allocates, and backed with transparent huge pages (``native.collapse_huge_pages``, what
-the model layer does to the weights it turns), where the OS allows. Writes ``bench/results/linear_rows_cpu.json``
-and ``.md``.
+``native.MAX_ROWS_BY_ISA`` rows for its instruction set); this table is the reason for those numbers
+(``--isa avx2`` measures the AVX2 loop on a CPU that has AVX-512 too). Everything is measured twice: on 4 KiB
+pages, as torch allocates, and backed with transparent huge pages (``native.collapse_huge_pages``, what the model
+layer does to the weights it turns), where the OS allows. Writes ``bench/results/linear_rows_cpu.json`` and
+``.md`` (``linear_rows_cpu_<isa>`` for a loop other than the widest).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--isa", default="", help="the loop's instruction set (avx512f, avx2; default: the widest "
+                        "here); another than the widest writes linear_rows_cpu_<isa>")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not native.native_linear_supported():
@@ -67,16 +70,18 @@ def main(argv=None) -> None:
     stream = {kind: 2**30 / (time_fn(big.sum, cpu, warmup=2, iters=5, stat="min") / 1e3) / 1e9
               for kind, (_, big) in pages.items()}
 
+    isa = args.isa or native.native_info().get("linear_isa")
+    max_rows = native.MAX_ROWS_BY_ISA.get(isa, 0)
     rows_out = []
     for rows in args.rows:
-        row = dict(rows=rows, used=rows <= native.LINEAR_MAX_ROWS)
+        row = dict(rows=rows, used=rows <= max_rows)
         for kind, (weights, _) in pages.items():
             xs = [torch.randn(rows, w.shape[1]) for w in weights]
             blas = time_fn(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)], cpu,
                            warmup=2, iters=args.repeats, stat="min")
             # the loop itself, whatever LINEAR_MAX_ROWS says
-            loop = time_fn(lambda: [native.native_linear(x, w) for x, w in zip(xs, weights)], cpu, warmup=2,
-                           iters=args.repeats, stat="min")
+            loop = time_fn(lambda: [native.native_linear(x, w, isa=args.isa) for x, w in zip(xs, weights)], cpu,
+                           warmup=2, iters=args.repeats, stat="min")
             mflop = 2 * rows * mb / 4  # (mb / 4: millions of weights)
             row[kind] = dict(blas_ms=blas, native_ms=loop, blas_gbps=mb / blas, native_gbps=mb / loop,
                              blas_gflops=mflop / blas, native_gflops=mflop / loop, speedup=blas / loop)
@@ -85,9 +90,10 @@ def main(argv=None) -> None:
         rows_out.append(row)
 
     payload = dict(command=command_line(), device=device_info(cpu), threads=args.threads,
-                   isa=native.native_info().get("linear_isa"), weights_mb=mb, stream_gbps=stream, pages=list(pages),
-                   max_rows=native.LINEAR_MAX_ROWS, results=rows_out)
-    write_results("linear_rows_cpu", payload, to_markdown(payload))
+                   isa=isa, weights_mb=mb, stream_gbps=stream, pages=list(pages),
+                   max_rows=max_rows, results=rows_out)
+    widest = native.native_info().get("linear_isa")
+    write_results("linear_rows_cpu" + (f"_{isa}" if isa != widest else ""), payload, to_markdown(payload))
 
 
 def to_markdown(p: dict) -> str:
@@ -111,7 +117,7 @@ def to_markdown(p: dict) -> str:
             f"torch allocates and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; "
             f"absent "
             f"where the OS declines); streaming read in this run {streams}; best of the timed passes.\n\n"
-            + markdown_table(header + ["used (rows <= LINEAR_MAX_ROWS)"], rows))
+            + markdown_table(header + [f"used (rows <= {p['max_rows']}, this loop's limit)"], rows))
 
 
 if __name__ == "__main__":

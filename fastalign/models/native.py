@@ -1,6 +1,6 @@
-"""Layer 2: tree topology, KV-slot gathering and an fp32 linear layer for a batch of rows on the CPU, native (``fastalign._C``)
-when built, else pure PyTorch (``F.linear`` for the linear layer). The extension is loaded, and switched off by
-``FASTALIGN_NATIVE=0``, in ``fastalign.kernels.extension``.
+"""Layer 2: tree topology, KV-slot gathering and an fp32 linear layer for a batch of rows on the CPU, native
+(``fastalign._C``) when built, else pure PyTorch (``F.linear`` for the linear layer). The extension is loaded,
+and switched off by ``FASTALIGN_NATIVE=0``, in ``fastalign.kernels.extension``.
 
 A draft tree of ``T`` nodes is given per row by a parent array ``parents[b, t]`` in ``[-1, t - 1]``: ``-1``
 means the node hangs directly off the accepted prefix, and a parent always precedes its children
@@ -197,10 +197,11 @@ def gather_slots_many(xs: Sequence[torch.Tensor], index: torch.Tensor) -> list[t
 
 
 # ---------------------------------------------------------------------------------------------- linear rows
-# Up to how many rows the widest loop here beats BLAS's matrix product (bench/bench_linear_rows.py): AVX-512's
-# column loop stays ahead up to about 256 rows, AVX2's (eight lanes) ties it at 16.
-_MAX_ROWS_BY_ISA = {"avx512f": 128, "avx2": 16}
-LINEAR_MAX_ROWS = _MAX_ROWS_BY_ISA.get(getattr(_C, "linear_isa", ""), 0)
+# Up to how many rows each loop beats BLAS's matrix product (bench/bench_linear_rows.py, --isa): AVX-512's column
+# loop stays ahead up to about 256 rows, AVX2's (eight lanes) 1.3x ahead at 8 and 6% behind at 16 (measured on
+# an AVX-512 CPU).
+MAX_ROWS_BY_ISA = {"avx512f": 128, "avx2": 8}
+LINEAR_MAX_ROWS = MAX_ROWS_BY_ISA.get(getattr(_C, "linear_isa", ""), 0)  # the widest loop's, which runs
 
 
 def native_linear_supported() -> bool:
