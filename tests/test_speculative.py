@@ -311,6 +311,47 @@ def test_adaptive_length_learns_from_acceptance_probabilities():
     assert late_easy.choose([0])[0] > late_hard.choose([0])[0]
 
 
+def test_adaptive_length_learns_only_the_emitted_path(models, monkeypatch):
+    """A round teaches a row's schedule the acceptance probabilities of its drafted positions on the emitted
+    path (the accepted ones and the first rejected), never those drafted after a rejection, whose contexts
+    hold the draft's rejected tokens."""
+    from fastalign.methods import speculative
+
+    rounds = []  # per round: [ks], [(left, appended, full row of betas)], [learnt]
+    choose, append, update = (speculative.AdaptiveLength.choose, speculative._append,
+                              speculative.AdaptiveLength.update)
+
+    def spy_choose(self, rows):
+        ks = choose(self, rows)
+        rounds.append([ks])
+        return ks
+
+    def spy_append(ctx, out, rows, emitted, n_emit, left, betas=None):
+        before = [len(out[r]) for r in rows]
+        result = append(ctx, out, rows, emitted, n_emit, left, betas)
+        full = betas.tolist() if betas is not None else [[] for _ in rows]
+        rounds[-1].append([(n, len(out[r]) - b, f) for r, n, b, f in zip(rows, left, before, full)])
+        return result
+
+    def spy_update(self, rows, betas):
+        rounds[-1].append(betas)
+        return update(self, rows, betas)
+
+    monkeypatch.setattr(speculative.AdaptiveLength, "choose", spy_choose)
+    monkeypatch.setattr(speculative, "_append", spy_append)
+    monkeypatch.setattr(speculative.AdaptiveLength, "update", spy_update)
+    fastalign.decode([[1, 2], [3], [2, 2, 1]] * 4, method="sd", target=without_eos(models[0]), draft=models[1],
+                     ref=None, num_draft_tokens="auto:0.1", max_new_tokens=12, seed=list(range(12)))
+    cut = 0
+    for ks, rows, learnt in rounds:
+        for k, (left, appended, full), seen in zip(ks, rows, learnt):
+            valid = min(left - 1, k)  # sd emits a bonus token: a row drafts at most left - 1
+            on_path = min(valid, appended)
+            assert seen == pytest.approx(full[:on_path])
+            cut += on_path < valid
+    assert cut > 0  # rounds where a rejection left drafted positions off the path were exercised
+
+
 def test_round_costs_are_measured_at_every_width(monkeypatch):
     """measure_round_costs times the draft at one token and the target at every width from 1 to MAX_AUTO + 1
     tokens (at most the room left: a target whose cost is not monotone in the width is priced as it is); the

@@ -47,9 +47,9 @@ emission race (``race``); rows join at the start and stay until they finish, so 
 prompt's tokens do not depend on its batch.
 
 Adaptive length (chains). ``num_draft_tokens="auto"``: row ``b``'s K for round ``n`` is chosen by
-``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (the acceptance probabilities of the positions it
-drafted, ``kernels.acceptance_probability``, the recent ones weighing most) and the costs of a round
-(``RoundCosts``, in target calls of one token): K maximises the expected tokens per unit of time,
+``AdaptiveLength`` from row ``b``'s own rounds before ``n`` (the acceptance probabilities of its drafted
+positions on the emitted path, ``kernels.acceptance_probability``, the recent ones weighing most) and the
+costs of a round (``RoundCosts``, in target calls of one token): K maximises the expected tokens per unit of time,
 ``E[1 + a + ... + a^K] / (T(K + 1) + K c)`` (``sss``: ``/ (T(K + 1) + c + (K + 1) c)``, the ref and the draft's
 bonus call counted), the expectation over the row's Beta posterior of its acceptance ``a``, ``c`` the cost of a
 draft call and ``T(w)`` that of a target call of ``w`` tokens. The costs are fixed for the decode call:
@@ -263,10 +263,13 @@ class AdaptiveLength:
     """``num_draft_tokens="auto"``: each row's K for the next round, from that row's own past rounds.
 
     Row ``b``'s acceptance is ``alpha_b ~ Beta(a_b, r_b)`` (the geometric model of a chain round). Its
-    pseudo-counts start at ``PRIOR`` (uniform) and learn from each drafted position's acceptance probability
-    ``beta`` (``kernels.acceptance_probability``: known from the round's logits, so a round of ``k`` tokens
-    tells ``k`` probabilities, where a count of accepted tokens would tell one noisy outcome per position
-    reached): ``a_b += beta``, ``r_b += 1 - beta``, every earlier observation (the prior included) first
+    pseudo-counts start at ``PRIOR`` (uniform) and learn from the acceptance probability ``beta``
+    (``kernels.acceptance_probability``: known from the round's logits, where a count of accepted tokens would
+    tell one noisy outcome per position) of each drafted position on the row's emitted path, the accepted ones
+    and the first rejected (``_append``). The positions drafted after a rejection are left out: their contexts
+    hold the draft's own rejected tokens and are never emitted, and their ``beta`` is lower (on the 82M pair
+    of ``bench/bench_engine.py`` at K=8, 0.80 against 0.89 on the path), which pulled K down.
+    ``a_b += beta``, ``r_b += 1 - beta``, every earlier observation (the prior included) first
     weighted down by ``MEMORY``, so that the estimate follows the runs the acceptance comes in. K is the ``k``
     in ``[floor, MAX_AUTO]`` that maximises expected tokens per unit of time,
     ``expected_tokens(a_b, r_b, k) / cost(k)``, where ``cost(k)`` is what the round costs in target
@@ -316,8 +319,8 @@ class AdaptiveLength:
         return ks
 
     def update(self, rows: list[int], betas: list[list[float]]) -> None:
-        """Row ``rows[i]`` drafted ``len(betas[i])`` tokens this round (0: it sampled from the target), whose
-        positions had acceptance probabilities ``betas[i]``, in chain order."""
+        """Row ``rows[i]``'s drafted positions on its emitted path this round had acceptance probabilities
+        ``betas[i]``, in chain order (``[]``: it sampled from the target)."""
         for r, row_betas in zip(rows, betas):
             self.rounds[r] += 1
             self.idle[r] = 0 if row_betas else self.idle[r] + 1
@@ -663,8 +666,10 @@ def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: t
             left: list[int], betas: torch.Tensor | None = None) -> tuple[list[bool], list[list[float]]]:
     """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
     ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``),
-    and the rows of ``betas [B, K]`` (the round's acceptance probabilities; ``[]`` when None). One
-    device-to-host copy for both (tokens travel as float64: exact below 2^53)."""
+    and each row's acceptance probabilities (``betas [B, K]``; ``[]`` when None) at the positions on its
+    emitted path: the first ``n_emit`` (the accepted ones and the first rejected), cut at an EOS like the
+    tokens. A position drafted after the first rejection has a context that is never emitted (the draft's
+    own rejected tokens). One device-to-host copy for both (tokens travel as float64: exact below 2^53)."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
@@ -679,5 +684,5 @@ def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: t
         c, e, *toks = (int(x) for x in row[:width])
         out[r].extend(toks[:min(c, n)])
         done.append((bool(e) and c <= n) or c >= n)
-        beta_rows.append(row[width:])
+        beta_rows.append(row[width:width + c])
     return done, beta_rows
