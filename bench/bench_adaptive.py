@@ -5,7 +5,10 @@
 The toy world's draft costs about what its target costs (both overhead-bound), so speculation cannot pay
 there: ``"auto"`` should measure that before decoding and sample from the target alone (K=0), at the speed of
 ``sample``. Batch 1 (the prompts one call each: the batched path mixes rows at different K), EOS disabled,
-temperature 1, one thread; per case the minimum over ``--repeats`` of the wall time of all prompts, after an
+temperature 1, one thread; per case the minimum over ``--repeats`` of the wall time of all prompts, every
+repeat with the same seeds (the same work: the minimum filters the machine's noise; with other seeds per repeat
+it would pick each case's luckiest text, and the text moves a case by more than the cases differ: at 8 prompts
+of 48 tokens on the 100m world, auto against K=8 went from 0.91x to 1.12x between two sets of seeds), after an
 untimed warm-up call (compilation on the compiled path; the cost measurement of ``"auto"`` is made once per
 process and engine, on its first call, like a long-running server would); the cases are interleaved in each
 repeat, so that a loaded machine slows them alike. ``sd auto:1`` (a draft as dear as the target: K=0
@@ -16,6 +19,7 @@ throughout) shows what the plain-sampling fallback of ``sd`` costs against ``sam
     python bench/bench_adaptive.py --cost 0.3         # also "auto:0.3": the schedule when drafting would pay
 
     python bench/bench_adaptive.py --world 100m --prompts 4 --max-new-tokens 32 --repeats 2   # ~5 minutes
+    python bench/bench_adaptive.py --world 100m --prompts 16 --max-new-tokens 96 --repeats 2 --ks 4 6 8 12
 
 Writes ``bench/results/adaptive_cpu_<world>.json`` and ``.md``.
 """
@@ -70,6 +74,7 @@ def main():
                     help="toy: the shipped toy world; 100m: bench_engine's ~82M target and ~13M draft")
     ap.add_argument("--prompts", type=int, default=None, help="use only the first N prompts")
     ap.add_argument("--acceptance", type=float, default=0.8, help="100m: the draft's calibrated SD acceptance")
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="the fixed draft lengths to run")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.world == "toy":
@@ -85,7 +90,7 @@ def main():
         models, prompts, settings = random_world(world_args, "100m")
         w = argparse.Namespace(target=models["target"], draft=models["draft"])
     prompts = prompts[: args.prompts] if args.prompts else prompts
-    cases = [("sample", "sample", {})] + [(f"sd K={k}", "sd", dict(num_draft_tokens=k)) for k in (1, 2, 4, 8)]
+    cases = [("sample", "sample", {})] + [(f"sd K={k}", "sd", dict(num_draft_tokens=k)) for k in args.ks]
     cases.append(("sd auto", "sd", dict(num_draft_tokens="auto")))
     if args.cost is not None:
         cases.append((f"sd auto:{args.cost:g}", "sd", dict(num_draft_tokens=f"auto:{args.cost:g}")))
@@ -99,10 +104,10 @@ def main():
             run(eng, prompts, method, options, args.max_new_tokens, args.seed)
         walls = {name: [] for name, _, _ in cases}
         info = {}
-        for r in range(args.repeats):  # cases interleaved: a noisy machine slows them alike
+        for _ in range(args.repeats):  # cases interleaved: a noisy machine slows them alike
             for name, method, options in cases:
                 info[name], t = timed(lambda: run(eng, prompts, method, options, args.max_new_tokens,
-                                                  args.seed + 100 * (r + 1)), dev)
+                                                  args.seed + 100), dev)
                 walls[name].append(t)
         for name, _, _ in cases:
             best = min(walls[name])
