@@ -67,8 +67,9 @@ and per case the work of one generated token (``sample`` runs the target alone: 
 
 and reports ``bandwidth fraction = bytes/token * tokens/s / BW`` and, for the batched cases (batch > 1),
 ``FLOP fraction = FLOPs/token * tokens/s / F``, and bytes/token * tokens/s over the matrix-vector rate, for
-each variant (the table: compiled and generate static+compile). Prefill and the compiled path's padding (its attention reads the whole static cache, a
-multiple of 128 columns, with masked columns) are not counted as work: they are overhead against the limit.
+each variant (the table: compiled and generate static+compile). Prefill and the compiled path's padding (its
+attention reads a view of the static cache, a power of two from 32 columns, with masked columns) are not
+counted as work: they are overhead against the limit.
 
 The result files are rewritten after every case, so a run cut short (a ``timeout``) keeps what it measured.
 

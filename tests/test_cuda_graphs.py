@@ -178,7 +178,9 @@ def test_the_shapes_captured_and_the_fallbacks(monkeypatch):
         assert fake.calls == before + (width <= 16), width
     for out, want in zip(outs, wants):  # every output kept its values through the later replays
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    assert lm.store.compiled_shapes == {(4, 1, 1, S), (4, 4, 1, S), (4, 8, 1, S), (4, 16, 1, S)}
+    # the attention views: the first 32 columns up to the 16-wide block (columns 13-28), then 128 (column 66)
+    assert S == 128 and lm.store.compiled_shapes == {(4, 1, 1, 32, S), (4, 4, 1, 32, S), (4, 8, 1, 32, S),
+                                                     (4, 16, 1, 32, S), (4, 1, 1, 128, S)}
     assert {shape for _, shape in fake.buffers} == {(4, w, 64) for w in (1, 4, 8, 16)}  # one buffer per shape
 
     off = FakeCudagraphs(monkeypatch, NO_GRAPHS)
@@ -217,9 +219,10 @@ def test_the_step_traces_as_one_graph():
     store.open_block(2, 1, compilable=True)
     R = store.cache.rows
     columns = torch.arange(store.end, store.end + 1)
-    store.cache.write.columns = columns
+    view = slots.view_length(store.end + 1, store.cache.length)
+    store.cache.write.columns, store.cache.write.view = columns, view  # as ``write`` sets them
     explained = torch._dynamo.explain(SlotStore._step)(
-        store, torch.ones(R, 1, dtype=torch.long), torch.full((R, 1), 3), store._live_buf[:, None, :],
+        store, torch.ones(R, 1, dtype=torch.long), torch.full((R, 1), 3), store._live_buf[:, None, :view],
         torch.ones(R, 1, 1, dtype=torch.bool), columns)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 

@@ -286,6 +286,36 @@ def test_engine_options_and_errors(world):
         lm.extend(torch.ones(2, 1, dtype=torch.long))
 
 
+def test_steps_attend_over_a_view_of_the_cache(monkeypatch):
+    """A step attends over the cache's first ``view_length`` columns (powers of two from 32, at most the
+    cache): the keys and values the layers hand the attention, and the mask, are that long, and the logits are
+    the eager cache's as the view grows from 32 to 64 to 128 columns of a 256-column cache."""
+    assert [static_cache.view_length(n, 256) for n in (1, 32, 33, 64, 65, 200, 256)] == [32, 32, 64, 64, 128,
+                                                                                          256, 256]
+    assert static_cache.view_length(200, 128) == 128 and static_cache.view_length(5, 16) == 16
+    model = tiny_causal_lm("llama", context=256)
+    eager, lm = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=False)))
+    handed = []  # the key length each layer-0 update hands the attention
+    update = static_cache.SlotLayer.update
+
+    def spy(layer, *args, **kwargs):
+        keys, values = update(layer, *args, **kwargs)
+        if layer is lm.store.cache.layers[0]:
+            handed.append((keys.shape[2], values.shape[2]))
+        return keys, values
+
+    monkeypatch.setattr(static_cache.SlotLayer, "update", spy)
+    prompts = [[1, 2, 3], [4, 5]]
+    assert_close(lm.prefill(prompts, 100), eager.prefill(prompts, 100))
+    assert lm.store.cache.length == 256
+    for step in range(80):  # the block ends at columns 4 .. 83
+        toks = torch.tensor([[step % 50 + 1], [step % 40 + 2]])
+        assert_close(lm.extend(toks), eager.extend(toks))
+    ends = range(4, 84)
+    assert handed[1:] == [(static_cache.view_length(end, 256),) * 2 for end in ends]  # (after the prefill's)
+    assert {view for view, _ in handed[1:]} == {32, 64, 128}
+
+
 def test_compiled_steps_match_the_eager_cache():
     """torch.compile for real: a decode step (width 1) and a verify block (width 3 -> bucket 4) over 3 rows
     (bucket 4), reused across calls and across a new prefill, equal the eager cache's logits."""
@@ -300,7 +330,7 @@ def test_compiled_steps_match_the_eager_cache():
             assert_close(compiled.extend(block), eager.extend(block))
             for lm in (compiled, eager):
                 lm.rollback(torch.tensor([3, 1, 2]))
-    assert compiled.store.compiled_shapes == {(4, 1, 1, 128), (4, 4, 1, 128)}
+    assert compiled.store.compiled_shapes == {(4, 1, 1, 32, 128), (4, 4, 1, 32, 128)}
 
 
 def counting(store):
@@ -339,14 +369,14 @@ def test_compiled_steps_call_each_shapes_code_directly():
         for lm in (compiled, eager):
             lm.rollback(torch.tensor([2, 1, 0]))
     assert len(calls) == 1  # one shape, one set of buffers: every later step took the direct code
-    assert list(store._direct) == [(4, 1, 1, 128)] and callable(store._direct[(4, 1, 1, 128)][0])
+    assert list(store._direct) == [(4, 1, 1, 32, 128)] and callable(store._direct[(4, 1, 1, 32, 128)][0])
 
     prompts = [[1, 2], [3]]  # 2 rows: a new bucket and new buffers, the same code compiled for another shape
     assert_close(compiled.prefill(prompts, 16), eager.prefill(prompts, 16))
     for step in range(3):
         toks = torch.tensor([[step + 4], [step + 5]])
         assert_close(compiled.extend(toks), eager.extend(toks))
-    assert len(calls) == 2 and list(store._direct) == [(2, 1, 1, 128)]
+    assert len(calls) == 2 and list(store._direct) == [(2, 1, 1, 32, 128)]
 
 
 def test_direct_code_runs_only_in_the_global_state_it_was_picked_in():
@@ -392,7 +422,7 @@ def test_compiled_code_is_found_by_full_guards_or_not_at_all(monkeypatch):
     monkeypatch.setattr(eval_frame, "_debug_get_cache_entry_list", unreadable)
     assert static_cache.compiled_code(function, small) is None
     _, lm, calls = compiled_decode_steps(3)
-    assert len(calls) == 3 and lm.store._direct == {(1, 1, 1, 128): False}
+    assert len(calls) == 3 and lm.store._direct == {(1, 1, 1, 32, 128): False}
 
 
 def test_compiled_engine_decodes_what_eager_decodes(world):
