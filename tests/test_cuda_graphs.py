@@ -255,8 +255,11 @@ def test_the_kv_buffers_are_static_inputs_of_the_traced_step(monkeypatch, graphs
     kv = {f"l_self_cache_layers_{i}_{kind}" for i in range(2) for kind in ("keys", "values")}
     assert written == kv
     per_call = {"l_tokens_", "l_positions_", "l_seen_", "l_block_", "l_columns_"}
+    # and the sizes of the attention's view of the cache (a dynamic dimension: ``slots.SlotStore.write``)
+    sizes = {n.name for n in placeholders if isinstance(n.meta.get("example_value"), torch.SymInt)}
+    assert sizes
     if graphs:
-        assert {n.name for n in placeholders} - static == per_call
+        assert {n.name for n in placeholders} - static - sizes == per_call
     else:
         assert not static & kv and per_call | kv <= {n.name for n in placeholders} - static
 

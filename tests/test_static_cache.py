@@ -316,6 +316,23 @@ def test_steps_attend_over_a_view_of_the_cache(monkeypatch):
     assert {view for view, _ in handed[1:]} == {32, 64, 128}
 
 
+def test_one_compiled_step_serves_every_view_shorter_than_the_cache():
+    """Under torch.compile the view's length is a dynamic size: the decode steps of views 32, 64 and 128 of a
+    256-column cache run one compiled graph (a graph per view would multiply the compilations), with the eager
+    cache's logits."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = tiny_causal_lm("llama", context=256)
+    eager, lm = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
+    prompts = [[1, 2, 3], [4, 5]]
+    assert_close(lm.prefill(prompts, 100), eager.prefill(prompts, 100))
+    for step in range(80):
+        toks = torch.tensor([[step % 50 + 1], [step % 40 + 2]])
+        assert_close(lm.extend(toks), eager.extend(toks))
+    assert {shape[3] for shape in lm.store.compiled_shapes} == {32, 64, 128}
+    assert len(_debug_get_cache_entry_list(lm.store._step_function.__code__)) == 1
+
+
 def test_compiled_steps_match_the_eager_cache():
     """torch.compile for real: a decode step (width 1) and a verify block (width 3 -> bucket 4) over 3 rows
     (bucket 4), reused across calls and across a new prefill, equal the eager cache's logits."""

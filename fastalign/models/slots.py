@@ -25,9 +25,10 @@ the live mask and the block's own visibility (causal, or a tree). A short sequen
 not pay for the whole cache at every step (the 82M model at batch 16, 80 tokens in 128 columns: the attention
 went from 11.7 to 7.0 ms a step). Its shapes depend only on ``(R, Tb, V, S)``: a block of ``T`` tokens is
 padded to the width bucket ``Tb`` (``WIDTH_BUCKETS``: 1, 2, 4, 8, 16; the padding is dead, beyond ``end``)
-and compiled once per shape with ``torch.compile(dynamic=False)``, then
-reused by every later call of that shape (decode steps, speculative verify blocks, tree blocks, reward
-branch blocks). Wider blocks (a prefill) run the same step uncompiled. With ``compile=False`` the same
+and compiled with ``torch.compile(dynamic=False)``, ``V`` as the one dynamic size: one graph per ``(R, Tb,
+S)`` serves every ``V < S`` and one ``V = S`` (a graph per view would multiply the compilations, 25-30 s each
+for the 82M model on this CPU before torch's cache has them), reused by every later call of those shapes
+(decode steps, speculative verify blocks, tree blocks, reward branch blocks). Wider blocks (a prefill) run the same step uncompiled. With ``compile=False`` the same
 code runs without ``torch.compile``: that is how the tests check the static cache quickly.
 
 On a CUDA device the compiled steps are also captured as CUDA graphs (``step_compilation`` decides, from the
@@ -135,10 +136,8 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.keys.index_copy_(2, self.write.columns, key_states)
         self.values.index_copy_(2, self.write.columns, value_states)
-        view = self.write.view
-        if view < self.length:
-            return self.keys[:, :, :view], self.values[:, :, :view]
-        return self.keys, self.values
+        view = self.write.view  # (no branch on it: under torch.compile it is a dynamic size)
+        return self.keys[:, :, :view], self.values[:, :, :view]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.write.view, 0
@@ -384,6 +383,9 @@ class SlotStore:
         """One forward of ``tokens [R, Tb]`` written at ``columns [Tb]``: query ``t`` of row ``b`` sees the cached
         slots ``seen [R, 1 or Tb, S]`` and the block's tokens ``block [R, Tb, Tb]``. Returns logits or hidden states."""
         R, Tb = tokens.shape
+        # the layers' updates return this many columns; under torch.compile a size of one graph for every view
+        # shorter than the cache (``write``)
+        self.cache.write.view = seen.shape[2]
         visible = seen.expand(R, Tb, seen.shape[2]).index_copy(2, columns, block)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
         mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None]
@@ -427,8 +429,12 @@ class SlotStore:
                 padded[:B, :T, :T] = block
                 block = padded
         columns = torch.arange(start, start + width, device=dev)
-        self.cache.write.columns, self.cache.write.view = columns, view
+        self.cache.write.columns = columns
         if self._compiled:
+            # the view's length is a dynamic size of the compiled step, not a constant: one graph serves every
+            # view shorter than the cache (and one the whole cache), where a graph per view would multiply the
+            # compilations (tens of seconds each on a CPU, before torch's cache has them)
+            torch._dynamo.maybe_mark_dynamic(seen, 2)
             args = (self, tokens, positions, seen, block, columns)
             shape = (R, width, seen.shape[1], view, S)
             direct = self._direct.get(shape)
