@@ -181,7 +181,7 @@ def test_the_shapes_captured_and_the_fallbacks(monkeypatch):
     # the attention views: the first 32 columns up to the 16-wide block (columns 13-28), then 128 (column 66)
     assert S == 128 and lm.store.compiled_shapes == {(4, 1, 1, 32, S), (4, 4, 1, 32, S), (4, 8, 1, 32, S),
                                                      (4, 16, 1, 32, S), (4, 1, 1, 128, S)}
-    assert {shape for _, shape in fake.buffers} == {(4, w, 64) for w in (1, 4, 8, 16)}  # one buffer per shape
+    assert {shape for _, shape in fake.buffers} == {(4, w, 64) for w in (1, 4, 8, 16)}  # outputs: one per width
 
     off = FakeCudagraphs(monkeypatch, NO_GRAPHS)
     lm = CausalLM(model, SlotStore(StaticOptions()))
@@ -219,11 +219,12 @@ def test_the_step_traces_as_one_graph():
     store.open_block(2, 1, compilable=True)
     R = store.cache.rows
     columns = torch.arange(store.end, store.end + 1)
-    view = slots.view_length(store.end + 1, store.cache.length)
-    store.cache.write.columns, store.cache.write.view = columns, view  # as ``write`` sets them
+    store.cache.write.columns = columns
+    seen = store._live_buf[:, None, :slots.view_length(store.end + 1, store.cache.length)].contiguous()
+    torch._dynamo.maybe_mark_dynamic(seen, 2)  # as ``write`` passes it: the view's length a dynamic size
     explained = torch._dynamo.explain(SlotStore._step)(
-        store, torch.ones(R, 1, dtype=torch.long), torch.full((R, 1), 3), store._live_buf[:, None, :view],
-        torch.ones(R, 1, 1, dtype=torch.bool), columns)
+        store, torch.ones(R, 1, dtype=torch.long), torch.full((R, 1), 3), seen, torch.ones(R, 1, 1, dtype=torch.bool),
+        columns)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 

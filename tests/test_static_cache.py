@@ -316,19 +316,36 @@ def test_steps_attend_over_a_view_of_the_cache(monkeypatch):
     assert {view for view, _ in handed[1:]} == {32, 64, 128}
 
 
-def test_one_compiled_step_serves_every_view_shorter_than_the_cache():
+def test_a_view_gives_the_bits_of_the_whole_cache(monkeypatch):
+    """Attending over a view or over the whole cache (its extra columns masked) gives the same bits: a chain
+    decode and a verify block, over views of 32 and 64 columns against the cache's 128."""
+    model = tiny_causal_lm("llama", context=256)
+    outs = {}
+    for name, view_min in (("view", 32), ("whole", 1024)):
+        monkeypatch.setattr(static_cache, "VIEW_MIN", view_min)
+        lm = CausalLM(model, SlotStore(StaticOptions(compile=False)))
+        got = [lm.prefill([[1, 2, 3], [4, 5]], 60)]
+        for step in range(40):
+            got.append(lm.extend(torch.tensor([[step % 50 + 1], [step % 40 + 2]])))
+        got.append(lm.extend(torch.tensor([[1, 2, 3], [4, 5, 6]])))
+        outs[name] = got
+    assert all(torch.equal(a, b) for a, b in zip(outs["view"], outs["whole"]))
+
+
+def test_one_compiled_step_serves_every_view():
     """Under torch.compile the view's length is a dynamic size: the decode steps of views 32, 64 and 128 of a
-    256-column cache run one compiled graph (a graph per view would multiply the compilations), with the eager
-    cache's logits."""
+    128-column cache (the whole cache included), then 32 again after a new prefill in the same buffers, run one
+    compiled entry (a graph per view would multiply the compilations), with the eager cache's logits."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     model = tiny_causal_lm("llama", context=256)
     eager, lm = CausalLM(model), CausalLM(model, SlotStore(StaticOptions(compile=True)))
-    prompts = [[1, 2, 3], [4, 5]]
-    assert_close(lm.prefill(prompts, 100), eager.prefill(prompts, 100))
-    for step in range(80):
-        toks = torch.tensor([[step % 50 + 1], [step % 40 + 2]])
-        assert_close(lm.extend(toks), eager.extend(toks))
+    for prompts, steps in (([[1, 2, 3], [4, 5]], 80), ([[6], [7, 8, 9]], 5)):
+        assert_close(lm.prefill(prompts, 60), eager.prefill(prompts, 60))
+        assert lm.store.cache.length == 128
+        for step in range(steps):
+            toks = torch.tensor([[step % 50 + 1], [step % 40 + 2]])
+            assert_close(lm.extend(toks), eager.extend(toks))
     assert {shape[3] for shape in lm.store.compiled_shapes} == {32, 64, 128}
     assert len(_debug_get_cache_entry_list(lm.store._step_function.__code__)) == 1
 

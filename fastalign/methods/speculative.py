@@ -480,7 +480,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         valid = [min(n - int(bonus), k) for n, k in zip(left, ks)]
         depth = max(1, max(valid))
         stats["k0"] += valid.count(0)
-        betas = None  # [B, depth]: the drafted positions' acceptance probabilities, what "auto" learns from
+        betas = None  # [B, depth]: the drafted positions' acceptance probabilities ("auto" learns those on the path)
         if tree is None and not fixed and max(valid) == 0 and ref is None:  # sd, no row drafts: p alone
             nodes, accepted, next_token, path = _target_round(ctx, target, rows, step)
             streams[1].defer(next_token)
@@ -666,10 +666,13 @@ def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: t
             left: list[int], betas: torch.Tensor | None = None) -> tuple[list[bool], list[list[float]]]:
     """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
     ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``),
-    and each row's acceptance probabilities (``betas [B, K]``; ``[]`` when None) at the positions on its
-    emitted path: the first ``n_emit`` (the accepted ones and the first rejected), cut at an EOS like the
-    tokens. A position drafted after the first rejection has a context that is never emitted (the draft's
-    own rejected tokens). One device-to-host copy for both (tokens travel as float64: exact below 2^53)."""
+    and each row's acceptance probabilities (``betas [B, K]``; ``[]`` when None) at the positions of its
+    emitted tokens: the first ``n_emit``, cut at an EOS like the tokens. Where the row drafted, these are the
+    accepted positions and the first rejected one; at full acceptance the last is the bonus token's, and a
+    row at K=0 has the one of a position it did not draft, so the caller keeps the first ``valid[b]`` (the
+    positions the row drafted). A position drafted after the first rejection has a context that is never
+    emitted (the draft's own rejected tokens). One device-to-host copy for both (tokens travel as float64:
+    exact below 2^53)."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)

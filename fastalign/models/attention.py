@@ -2,8 +2,8 @@
 transformers' ``"sdpa"`` attention, with SDPA's own grouped-query attention on a CPU.
 
 With an attention mask under torch.compile, transformers' SDPA attention copies each key-value head to every
-query head of its group (``repeat_kv``) before the kernel; with a static cache that is the whole cache, for every
-layer and step. On the 82M model of ``bench/bench_engine.py`` at batch 16 (4 key-value heads for 12 query heads,
+query head of its group (``repeat_kv``) before the kernel; with a static cache that is the cache's whole view, for
+every layer and step. On the 82M model of ``bench/bench_engine.py`` at batch 16 (4 key-value heads for 12 query heads,
 128 slots) the copies cost more than the step's matrix products. The CPU kernel of
 ``torch.nn.functional.scaled_dot_product_attention(..., enable_gqa=True)`` reads each shared head where it is and
 gives the same bits. Elsewhere (CUDA, where a masked grouped call falls back to the slow math kernel, no mask,

@@ -23,17 +23,21 @@ of two from 32 that holds every live slot and the block, at most ``S``; the same
 ``S``, whose extra columns are masked), with an additive mask ``[R, 1, Tb, V]`` built inside the step from
 the live mask and the block's own visibility (causal, or a tree). A short sequence in a long cache then does
 not pay for the whole cache at every step (the 82M model at batch 16, 80 tokens in 128 columns: the attention
-went from 11.7 to 7.0 ms a step). Its shapes depend only on ``(R, Tb, V, S)``: a block of ``T`` tokens is
-padded to the width bucket ``Tb`` (``WIDTH_BUCKETS``: 1, 2, 4, 8, 16; the padding is dead, beyond ``end``)
-and compiled with ``torch.compile(dynamic=False)``, ``V`` as the one dynamic size: one graph per ``(R, Tb,
-S)`` serves every ``V < S`` and one ``V = S`` (a graph per view would multiply the compilations, 25-30 s each
-for the 82M model on this CPU before torch's cache has them), reused by every later call of those shapes
-(decode steps, speculative verify blocks, tree blocks, reward branch blocks). Wider blocks (a prefill) run the same step uncompiled. With ``compile=False`` the same
+went from 11.7 to 7.0 ms a step). Its shapes depend only on ``(R, Tb, Tq, V, S)`` (``Tq``: 1, or ``Tb`` for
+a tree's block): a block of ``T`` tokens is padded to the width bucket ``Tb`` (``WIDTH_BUCKETS``: 1, 2, 4,
+8, 16; the padding is dead, beyond ``end``) and compiled with ``torch.compile(dynamic=False)``, ``V`` as the
+one dynamic size: one graph per ``(R, Tb, Tq, S)`` serves every view (a graph per view would multiply the
+compilations: a cold compile of the 82M model's decode step, before torch's on-disk cache has it, took 39 s
+for one graph over the whole cache, 78 s for a graph per view of three, 31 s for the one graph of every
+view), reused by every later call of those shapes (decode steps,
+speculative verify blocks, tree blocks, reward branch blocks). Every live slot lies before ``end`` (each
+operation on the live mask keeps it so), which is why the view holds them all. Wider blocks (a prefill) run the same step uncompiled. With ``compile=False`` the same
 code runs without ``torch.compile``: that is how the tests check the static cache quickly.
 
 On a CUDA device the compiled steps are also captured as CUDA graphs (``step_compilation`` decides, from the
 options and the device, in one place: ``torch.compile(mode="reduce-overhead")``, i.e. inductor's cudagraph
-trees, one graph per shape). What a graph needs holds here: fixed shapes per bucket; no host sync inside the
+trees, one graph per shape, a view's length included: the trees record a graph for each size of a dynamic
+dimension). What a graph needs holds here: fixed shapes per bucket; no host sync inside the
 step (the mask is built on the device, every shape decision is made before the call); the keys and values
 are marked as static addresses (``torch._dynamo.mark_static_address``: the graph writes them in place, and a
 new buffer, after a resize or for another batch, has the graph recorded again rather than copied or
@@ -87,11 +91,12 @@ def _round_length(n: int) -> int:
     return max(LENGTH_STEP, -(-n // LENGTH_STEP) * LENGTH_STEP)
 
 
-def view_length(columns: int, length: int) -> int:
-    """The columns a step attends over when its block ends at column ``columns`` of a cache of ``length``: the
-    smallest power of two from ``VIEW_MIN`` that holds them, at most ``length``."""
+def view_length(used: int, length: int) -> int:
+    """The columns a step attends over when the columns ``[0, used)`` of a cache of ``length`` hold its live
+    slots and its block: the smallest power of two from ``VIEW_MIN`` that is at least ``used``, at most
+    ``length``."""
     view = VIEW_MIN
-    while view < columns:
+    while view < used:
         view *= 2
     return min(view, length)
 
@@ -106,9 +111,12 @@ class _Write:
 
 
 class SlotLayer(CacheLayerMixin):
-    """One layer's preallocated keys and values ``[R, H, S, D]``; ``update`` writes the block at the shared
-    columns (``index_copy_``) and returns the buffers' first ``view`` columns (attention is masked by the 4-D
-    mask, of as many columns)."""
+    """One layer's preallocated keys and values ``[R, H, S + 1, D]``; ``update`` writes the block at the shared
+    columns (``index_copy_``) and returns the buffers' first ``view`` columns, ``view <= S`` (attention is
+    masked by the 4-D mask, of as many columns). The spare last column is never written or read: it keeps
+    every view a strict prefix of the buffer, so that one compiled step serves every view (torch compiles a
+    view of the whole buffer, which is contiguous, apart, and the guards that tell the two apart are not among
+    those a call with ``skip_guard_eval_unsafe`` evaluates)."""
 
     is_compileable = True
     is_sliding = False
@@ -121,8 +129,8 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         H, D, Dv = key_states.shape[1], key_states.shape[3], value_states.shape[3]
         kw = dict(dtype=key_states.dtype, device=key_states.device)
-        self.keys = torch.zeros(self.rows, H, self.length, D, **kw)
-        self.values = torch.zeros(self.rows, H, self.length, Dv, **kw)
+        self.keys = torch.zeros(self.rows, H, self.length + 1, D, **kw)
+        self.values = torch.zeros(self.rows, H, self.length + 1, Dv, **kw)
         if self.static_addresses:
             # CUDA graphs: the step writes these in place, so they must be static inputs of the graph (else
             # cudagraph trees skip a graph that mutates an input); unguarded: a new buffer (a resize, another
@@ -136,7 +144,7 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.keys.index_copy_(2, self.write.columns, key_states)
         self.values.index_copy_(2, self.write.columns, value_states)
-        view = self.write.view  # (no branch on it: under torch.compile it is a dynamic size)
+        view = self.write.view  # a dynamic size under torch.compile (no branch on it)
         return self.keys[:, :, :view], self.values[:, :, :view]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -381,11 +389,10 @@ class SlotStore:
     # ---------------------------------------------------------------- forward
     def _step(self, tokens, positions, seen, block, columns, **kwargs):
         """One forward of ``tokens [R, Tb]`` written at ``columns [Tb]``: query ``t`` of row ``b`` sees the cached
-        slots ``seen [R, 1 or Tb, S]`` and the block's tokens ``block [R, Tb, Tb]``. Returns logits or hidden states."""
+        slots ``seen [R, 1 or Tb, V]`` (the view's columns) and the block's tokens ``block [R, Tb, Tb]``. Returns
+        logits or hidden states."""
         R, Tb = tokens.shape
-        # the layers' updates return this many columns; under torch.compile a size of one graph for every view
-        # shorter than the cache (``write``)
-        self.cache.write.view = seen.shape[2]
+        self.cache.write.view = seen.shape[2]  # the columns the layers hand the attention (a dynamic size)
         visible = seen.expand(R, Tb, seen.shape[2]).index_copy(2, columns, block)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
         mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None]
@@ -410,8 +417,9 @@ class SlotStore:
         dev = self.device
         view = view_length(start + width, S)  # every live slot and the block lie in the first `view` columns
 
-        # the step's inputs, padded to R rows and `width` columns (padding: dead, sees only itself)
-        seen = self._live_buf[:, None, :view]
+        # the step's inputs, padded to R rows and `width` columns (padding: dead, sees only itself); `seen`
+        # contiguous: one layout for every call of a shape
+        seen = self._live_buf[:, None, :view].contiguous()
         if ancestry is not None:
             P = ancestry.shape[2]
             seen = seen.expand(R, width, view).clone()
@@ -432,8 +440,7 @@ class SlotStore:
         self.cache.write.columns = columns
         if self._compiled:
             # the view's length is a dynamic size of the compiled step, not a constant: one graph serves every
-            # view shorter than the cache (and one the whole cache), where a graph per view would multiply the
-            # compilations (tens of seconds each on a CPU, before torch's cache has them)
+            # view, where a graph per view would multiply the compilations (module docstring)
             torch._dynamo.maybe_mark_dynamic(seen, 2)
             args = (self, tokens, positions, seen, block, columns)
             shape = (R, width, seen.shape[1], view, S)
