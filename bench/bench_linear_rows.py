@@ -111,7 +111,8 @@ def to_markdown(p: dict) -> str:
                       f"{m['native_gflops']:.1f}"]
         rows.append(cells + ["yes" if r["used"] else "no"])
     streams = ", ".join(f"{p['stream_gbps'][kind]:.1f} GB/s on {kind} pages" for kind in kinds)
-    return (f"# fp32 linear layers of a few rows: native loop vs F.linear ({p['threads']} thread(s), {p['isa']})\n\n"
+    return (f"# fp32 linear layers of a batch of rows: native loop vs F.linear ({p['threads']} thread(s), "
+            f"{p['isa']})\n\n"
             f"`{p['command']}`\n\n"
             f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on the pages "
             f"torch allocates and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; "

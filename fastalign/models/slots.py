@@ -29,10 +29,11 @@ a tree's block): a block of ``T`` tokens is padded to the width bucket ``Tb`` (`
 one dynamic size: one graph per ``(R, Tb, Tq, S)`` serves every view (a graph per view would multiply the
 compilations: a cold compile of the 82M model's decode step, before torch's on-disk cache has it, took 39 s
 for one graph over the whole cache, 78 s for a graph per view of three, 31 s for the one graph of every
-view), reused by every later call of those shapes (decode steps,
-speculative verify blocks, tree blocks, reward branch blocks). Every live slot lies before ``end`` (each
-operation on the live mask keeps it so), which is why the view holds them all. Wider blocks (a prefill) run the same step uncompiled. With ``compile=False`` the same
-code runs without ``torch.compile``: that is how the tests check the static cache quickly.
+view), reused by every later call of those shapes (decode steps, speculative verify blocks, tree blocks,
+reward branch blocks). Every live slot lies before ``end`` (each operation on the live mask keeps it so),
+which is why the view holds them all. Wider blocks (a prefill) run the same step uncompiled. With
+``compile=False`` the same code runs without ``torch.compile``: that is how the tests check the static cache
+quickly.
 
 On a CUDA device the compiled steps are also captured as CUDA graphs (``step_compilation`` decides, from the
 options and the device, in one place: ``torch.compile(mode="reduce-overhead")``, i.e. inductor's cudagraph
@@ -286,7 +287,7 @@ class SlotStore:
         self.end = 0
         self.open_from = 0  # the first column of the open block
         self.cache = None
-        self.compiled_shapes: set[tuple[int, int, int, int, int]] = set()  # (R, Tb, Tq, view, S) compiled so far
+        self.compiled_shapes: set[tuple[int, int, int, int, int]] = set()  # (R, Tb, Tq, V, S) run compiled so far
         self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self._compiled_step = None
         self._step_function = None  # the function ``_compiled_step`` compiles (its code keys torch's cache)
@@ -439,9 +440,6 @@ class SlotStore:
         columns = torch.arange(start, start + width, device=dev)
         self.cache.write.columns = columns
         if self._compiled:
-            # the view's length is a dynamic size of the compiled step, not a constant: one graph serves every
-            # view, where a graph per view would multiply the compilations (module docstring)
-            torch._dynamo.maybe_mark_dynamic(seen, 2)
             args = (self, tokens, positions, seen, block, columns)
             shape = (R, width, seen.shape[1], view, S)
             direct = self._direct.get(shape)
@@ -450,6 +448,11 @@ class SlotStore:
             else:
                 # (another global state than the direct code's: full guards, which recompile for it)
                 known = shape in self.compiled_shapes and self.options.skip_guards and not direct
+                if not known:
+                    # a call that may trace: the view's length is a dynamic size of the compiled step, not a
+                    # constant (one graph serves every view; module docstring). Marked only here: it costs ~40 us,
+                    # a tenth of a toy-world step
+                    torch._dynamo.maybe_mark_dynamic(seen, 2)
                 if self.compilation.graphs:
                     # a new cudagraph step: what earlier replays returned may be overwritten (it was cloned)
                     torch.compiler.cudagraph_mark_step_begin()
