@@ -9,10 +9,12 @@ and by the native loop, with a streaming read (``x.sum()`` over 1 GB) as the lim
 GFLOP/s of both (what bounds the case of more rows: the dot loop runs up to four rows, the column loop beyond).
 The loop runs where it wins (up to
 ``native.MAX_ROWS_BY_ISA`` rows for its instruction set); this table is the reason for those numbers
-(``--isa avx2`` measures the AVX2 loop on a CPU that has AVX-512 too). Everything is measured twice: on 4 KiB
-pages, as torch allocates, and backed with transparent huge pages (``native.collapse_huge_pages``, what the model
-layer does to the weights it turns), where the OS allows. Writes ``bench/results/linear_rows_cpu.json`` and
-``.md`` (``linear_rows_cpu_<isa>`` for a loop other than the widest).
+(``--isa avx2`` measures the AVX2 loop on a CPU that has AVX-512 too). Where the OS has transparent huge pages,
+everything is measured three times: on 4 KiB pages, as torch allocates; on huge pages where each tensor, as
+allocated, holds whole ones (``native.collapse_huge_pages``); and moved into one mapping aligned to a huge page in
+the order the step reads them, all of it on huge pages (``cpu_linear.into_one_mapping``, what the model layer does
+to the weights it turns). Writes ``bench/results/linear_rows_cpu.json`` and ``.md`` (``linear_rows_cpu_<isa>``
+for a loop other than the widest).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 
 from bench.common import command_line, device_info, markdown_table, time_fn, write_results  # noqa: E402
-from fastalign.models import native  # noqa: E402
+from fastalign.models import cpu_linear, native  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB, KV_FRACTION = 768, 2048, 12, 8192, 4 / 12
 
@@ -60,13 +62,18 @@ def main(argv=None) -> None:
     if not native.native_linear_supported():
         sys.exit(f"no native linear loop here: {native.native_info()}")
     cpu = torch.device("cpu")
-    pages = {allocated_pages(): (step_weights(), torch.ones(2**28))}  # the weights and a 1 GiB buffer to stream
-    huge = step_weights(), torch.ones(2**28)
-    if native.collapse_huge_pages(huge[1]):  # (weights smaller than a huge page stay as they are)
-        for w in huge[0]:
+    weights = step_weights()
+    pages = {allocated_pages(): (weights, torch.ones(2**28))}  # the weights and a 1 GiB buffer to stream
+    big = torch.ones(2**28)
+    if native.collapse_huge_pages(big):
+        scattered = step_weights()
+        for w in scattered:  # (only whole huge pages inside each tensor)
             native.collapse_huge_pages(w)
-        pages["huge"] = huge
-    mb = sum(w.numel() for w in huge[0]) * 4 / 1e6
+        pages["huge, scattered"] = scattered, big
+        mapped = step_weights()
+        native.collapse_huge_pages(cpu_linear.into_one_mapping(mapped))
+        pages["huge, one mapping"] = mapped, big
+    mb = sum(w.numel() for w in weights) * 4 / 1e6
     stream = {kind: 2**30 / (time_fn(big.sum, cpu, warmup=2, iters=5, stat="min") / 1e3) / 1e9
               for kind, (_, big) in pages.items()}
 
@@ -82,11 +89,16 @@ def main(argv=None) -> None:
             # the loop itself, whatever LINEAR_MAX_ROWS says
             loop = time_fn(lambda: [native.native_linear(x, w, isa=args.isa) for x, w in zip(xs, weights)], cpu,
                            warmup=2, iters=args.repeats, stat="min")
+            # the loop alone, layer after layer with nothing between
+            pass_through = native.loop_calls(xs, weights, isa=args.isa)
+            raw = time_fn(pass_through, cpu, warmup=2, iters=args.repeats, stat="min")
             mflop = 2 * rows * mb / 4  # (mb / 4: millions of weights)
-            row[kind] = dict(blas_ms=blas, native_ms=loop, blas_gbps=mb / blas, native_gbps=mb / loop,
-                             blas_gflops=mflop / blas, native_gflops=mflop / loop, speedup=blas / loop)
+            row[kind] = dict(blas_ms=blas, native_ms=loop, raw_ms=raw, blas_gbps=mb / blas, native_gbps=mb / loop,
+                             raw_gbps=mb / raw, blas_gflops=mflop / blas, native_gflops=mflop / loop,
+                             raw_gflops=mflop / raw, speedup=blas / loop)
             print(f"rows {rows}, {kind} pages: F.linear {mb / blas:.1f} GB/s {mflop / blas:.1f} GFLOP/s, native "
-                  f"{mb / loop:.1f} GB/s {mflop / loop:.1f} GFLOP/s ({blas / loop:.2f}x)", flush=True)
+                  f"{mb / loop:.1f} GB/s {mflop / loop:.1f} GFLOP/s ({blas / loop:.2f}x), back to back "
+                  f"{mb / raw:.1f} GB/s", flush=True)
         rows_out.append(row)
 
     payload = dict(command=command_line(), device=device_info(cpu), threads=args.threads,
@@ -101,23 +113,26 @@ def to_markdown(p: dict) -> str:
     header, rows = ["rows"], []
     for kind in kinds:
         header += [f"F.linear GB/s ({kind})", f"native GB/s ({kind})", f"native / F.linear ({kind})",
-                   f"native of streaming read ({kind})", f"F.linear GFLOP/s ({kind})", f"native GFLOP/s ({kind})"]
+                   f"back to back GB/s ({kind})", f"back to back of streaming read ({kind})",
+                   f"F.linear GFLOP/s ({kind})", f"back to back GFLOP/s ({kind})"]
     for r in p["results"]:
         cells = [r["rows"]]
         for kind in kinds:
             m = r[kind]
             cells += [f"{m['blas_gbps']:.1f}", f"{m['native_gbps']:.1f}", f"{m['speedup']:.2f}x",
-                      f"{m['native_gbps'] / p['stream_gbps'][kind]:.0%}", f"{m['blas_gflops']:.1f}",
-                      f"{m['native_gflops']:.1f}"]
+                      f"{m['raw_gbps']:.1f}", f"{m['raw_gbps'] / p['stream_gbps'][kind]:.0%}",
+                      f"{m['blas_gflops']:.1f}", f"{m['raw_gflops']:.1f}"]
         rows.append(cells + ["yes" if r["used"] else "no"])
     streams = ", ".join(f"{p['stream_gbps'][kind]:.1f} GB/s on {kind} pages" for kind in kinds)
     return (f"# fp32 linear layers of a batch of rows: native loop vs F.linear ({p['threads']} thread(s), "
             f"{p['isa']})\n\n"
             f"`{p['command']}`\n\n"
             f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on the pages "
-            f"torch allocates and backed with huge pages (`native.collapse_huge_pages`, as the model layer does; "
-            f"absent "
-            f"where the OS declines); streaming read in this run {streams}; best of the timed passes.\n\n"
+            f"torch allocates, on huge pages where each tensor holds whole ones, and moved into one mapping on huge "
+            f"pages in the step's order (`cpu_linear.into_one_mapping`, as the model layer does; the huge kinds are "
+            f"absent where the OS has none); streaming read in this run {streams}; best of the timed passes. "
+            f"native: a call of `native.native_linear` per layer (its checks and Python between layers); back to "
+            f"back: the loop alone, layer after layer with nothing between (`native.loop_calls`).\n\n"
             + markdown_table(header + [f"used (rows <= {p['max_rows']}, this loop's limit)"], rows))
 
 

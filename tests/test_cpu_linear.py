@@ -345,21 +345,64 @@ def test_huge_pages_back_a_tensor_without_changing_it(monkeypatch):
 
 @requires_loop
 def test_the_copy_backs_its_turned_weights_with_huge_pages():
-    """``native_twin`` backs the weights of the layers it turns with huge pages, in a background thread (joined
-    here); the model's outputs do not change."""
+    """``native_twin`` backs the weights of the layers it turns with huge pages (their mapping, in a background
+    thread joined here): every byte of an aligned 4 MiB weight; the model's outputs do not change."""
     if not collapse_works_here():
         pytest.skip("no MADV_COLLAPSE here (not Linux 6.1+, or transparent huge pages are off)")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 16))
-    weight = fresh_pages(1024 * 1024).view(1024, 1024)  # 4 MiB, turned: at least one whole huge page
+    weight = fresh_pages(1024 * 1024).view(1024, 1024)  # 4 MiB on 4 KiB pages, turned
     weight.copy_(model[0].weight.detach())
     model[0].weight = torch.nn.Parameter(weight)
     x = torch.randn(1, 1024)
-    before = anon_huge_pages_kb(weight.data_ptr())
     with torch.no_grad():
         want = model(x)
         twin = cpu_linear.native_twin(model)
         assert cpu_linear.wait_for_huge_pages(timeout=60)
-        gained = anon_huge_pages_kb(weight.data_ptr()) - before
-        assert gained >= 2048 or (thp_mode() == "always" and gained >= 0)
+        assert anon_huge_pages_kb(model[0].weight.data_ptr()) >= 4096  # two whole huge pages: all of it
         torch.testing.assert_close(twin(x), want)
+
+
+@requires_loop
+def test_the_turned_weights_move_into_one_mapping_in_their_order():
+    """``native_twin`` moves the weights of the layers it turns into one mapping aligned to a huge page, one after
+    the other in the layers' order, each on a storage of its own: the parameter objects, their values and the
+    ties stay; a second copy of the model moves nothing."""
+    huge = native.huge_page_bytes()
+    if not huge:
+        pytest.skip("no transparent huge pages here")
+    model = tiny_llama()  # 4.5 MB of turned weights: more than a huge page
+    params = dict(model.named_parameters())
+    values = {name: p.detach().clone() for name, p in params.items()}
+    ids = torch.tensor([[3, 7, 11, 2]])
+    with torch.no_grad():
+        want = model(ids).logits
+        twin = cpu_linear.native_twin(model)
+        turned = [m.weight for m in twin.modules() if type(m) is cpu_linear.RowsLinear]  # (the layers' order)
+        starts = [w.data_ptr() for w in turned]
+        assert starts[0] % huge == 0
+        for w, following in zip(turned, turned[1:]):
+            end = w.data_ptr() + 4 * w.numel()
+            assert end <= following.data_ptr() < end + cpu_linear.WEIGHT_ALIGNMENT
+        assert all(w.untyped_storage().nbytes() == 4 * w.numel() for w in turned)  # a storage each
+        assert len({w.untyped_storage().data_ptr() for w in turned}) == len(turned)
+        assert dict(model.named_parameters()) == params  # the same objects
+        assert all(torch.equal(p, values[name]) for name, p in params.items())
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert torch.equal(model(ids).logits, want)
+        cpu_linear.native_twin(model)
+        assert [w.data_ptr() for w in turned] == starts  # laid out already
+
+
+@requires_loop
+def test_a_weight_that_shares_its_storage_stays_where_it_is():
+    """Moving a weight whose storage another tensor of the module also uses would untie the two: it stays."""
+    huge = native.huge_page_bytes()
+    if not huge:
+        pytest.skip("no transparent huge pages here")
+    net = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
+    net.register_buffer("rows", net[1].weight.detach()[:2])  # a view of the second weight's storage
+    second = net[1].weight.data_ptr()
+    cpu_linear.native_twin(net)
+    assert net[0].weight.data_ptr() % huge == 0  # moved
+    assert net[1].weight.data_ptr() == second and net.rows.data_ptr() == second  # still one storage

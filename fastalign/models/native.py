@@ -272,6 +272,27 @@ def _linear_loop(x, weight, bias, isa: str) -> torch.Tensor:
     return out
 
 
+def loop_calls(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], isa: str = ""):
+    """For benchmarks of the loop alone: a function that runs ``_C``'s loop on each pair of ``xs [M, I]`` and
+    ``weights [O, I]`` (fp32 CPU, contiguous) one after the other, with nothing between (outputs allocated here,
+    no checks per call). The tensors must stay alive and unchanged while it is used."""
+    for x, w in zip(xs, weights):
+        native_linear(x[:1], w, isa=isa)  # the checks, once
+        if not (x.is_contiguous() and w.is_contiguous() and x.dim() == 2):
+            raise ValueError("loop_calls takes contiguous 2-D inputs and weights")
+    outs = [torch.empty(x.shape[0], w.shape[0]) for x, w in zip(xs, weights)]
+    calls = [(w.data_ptr(), x.data_ptr(), y.data_ptr(), 0, x.shape[0], w.shape[0], w.shape[1], isa)
+             for x, w, y in zip(xs, weights, outs)]
+    loop = _C._linear_rows_f32
+
+    def run() -> list[torch.Tensor]:
+        for call in calls:
+            loop(*call)
+        return outs
+
+    return run
+
+
 def huge_page_bytes() -> int:
     """The size of a transparent huge page here (2 MiB on x86-64 Linux); 0 where the extension is not in use or
     the OS has none."""
