@@ -1,5 +1,6 @@
 """The attention of the model layer's CPU copy (fastalign.models.attention): SDPA's grouped-query attention in
-place of transformers' copies of the key-value heads, the same bits."""
+place of transformers' copies of the key-value heads, the same bits; a few queries per row by the native cache
+attention (csrc/attention.cpp, fastalign.models.native.cache_attention) against SDPA."""
 
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ def copied_heads(x, groups):  # transformers' repeat_kv: query head h reads key-
     return x.repeat_interleave(groups, dim=1)
 
 
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4, 5])
 @pytest.mark.parametrize("additive", [False, True])
 def test_grouped_attention_is_sdpa_over_copied_heads_bit_for_bit(T, additive, monkeypatch):
+    monkeypatch.setattr(native, "CACHE_ATTENTION_MAX_QUERIES", 0)  # where the cache loop does not run
     q, k, v, visible = heads(T=T)
     mask = visible if not additive else torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
     fallback = spy_on_the_fallback(monkeypatch)
@@ -63,6 +65,7 @@ def test_grouped_attention_is_sdpa_over_copied_heads_bit_for_bit(T, additive, mo
 
 
 def test_without_a_mask_or_groups_it_is_transformers_function(monkeypatch):
+    monkeypatch.setattr(native, "CACHE_ATTENTION_MAX_QUERIES", 0)  # where the cache loop does not run
     q, k, v, visible = heads()
     fallback = spy_on_the_fallback(monkeypatch)
     for args in ((Grouped(3), q, k, v, None), (Grouped(1), q, torch.cat([k] * 3, 1), torch.cat([v] * 3, 1), visible)):
@@ -70,6 +73,114 @@ def test_without_a_mask_or_groups_it_is_transformers_function(monkeypatch):
         theirs, _ = sdpa_attention_forward(*args)
         assert torch.equal(ours, theirs)  # (no mask: causal, as transformers decides)
     assert fallback == [4, 4]
+
+
+# ---------------------------------------------------------------------------------------------- cache attention
+requires_cache_loop = pytest.mark.skipif(
+    not (native.native_available() and getattr(native._C, "has_cache_attention", False)),
+    reason="fastalign._C is not built here or this CPU has no AVX2")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cache_heads(B=3, H=6, Hkv=2, T=1, S=37, D=20, seed=0, mask="bool"):
+    """A query made as a model makes it (a transposed view), keys and values as views of a cache with spare
+    columns, and a mask of ``mask``'s kind ("bool", "additive", "shared" across rows, or None)."""
+    q, k, v, visible = heads(B, H, Hkv, T, S, D, seed)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, T, D] with the strides of [B, T, H, D]
+    cache = torch.randn(2, B, Hkv, S + 3, D)
+    cache[0, :, :, :S], cache[1, :, :, :S] = k, v
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    if mask == "additive":
+        visible = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    elif mask == "shared":
+        visible = visible[:1, :, :1]
+    return q, k, v, (None if mask is None else visible)
+
+
+@requires_cache_loop
+@pytest.mark.parametrize("T,mask", [(1, "bool"), (1, "additive"), (1, "shared"), (2, None), (3, "additive"),
+                                    (4, "bool")])
+@pytest.mark.parametrize("D", [8, 20, 64])
+def test_cache_attention_is_attention(T, mask, D, one_thread):
+    q, k, v, m = cache_heads(T=T, D=D, mask=mask)
+    assert native.cache_attention_ok(q, k, v, m)
+    out = native.cache_attention(q, k, v, m, 0.3)
+    expected = F.scaled_dot_product_attention(q, copied_heads(k, 3), copied_heads(v, 3), attn_mask=m, scale=0.3)
+    assert out.shape == (3, T, 6, D) and out.is_contiguous()
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=2e-6)
+    # the plausible wrong variants are told apart: the other grouping, the mask ignored, the scale ignored
+    tiled = F.scaled_dot_product_attention(q, k.repeat(1, 3, 1, 1), v.repeat(1, 3, 1, 1), attn_mask=m, scale=0.3)
+    wrong = [tiled, F.scaled_dot_product_attention(q, copied_heads(k, 3), copied_heads(v, 3), attn_mask=m)]
+    if m is not None:
+        wrong.append(F.scaled_dot_product_attention(q, copied_heads(k, 3), copied_heads(v, 3), scale=0.3))
+    for variant in wrong:
+        assert not torch.allclose(out, variant.transpose(1, 2), atol=1e-4)
+
+
+@requires_cache_loop
+@pytest.mark.parametrize("mask", ["bool", "additive"])
+def test_cache_attention_masked_columns_and_other_rows_change_no_bit(mask, one_thread):
+    """A wider view of the cache (more columns, masked, holding other values) and the other rows of the batch
+    change no bit of a row's result."""
+    q, k, v, m = cache_heads(B=4, T=2, S=37, D=24, mask=mask)
+    out = native.cache_attention(q, k, v, m, 0.3)
+    extra = torch.randn(2, 4, 2, 27, 24)
+    wider = torch.cat([m, torch.zeros(4, 1, 2, 27, dtype=m.dtype).fill_(False if mask == "bool" else
+                                                                        torch.finfo(torch.float32).min)], 3)
+    assert torch.equal(native.cache_attention(q, torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2), wider,
+                                              0.3), out)
+    for b in range(4):
+        alone = native.cache_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], m[b:b + 1], 0.3)
+        assert torch.equal(alone, out[b:b + 1])
+
+
+@requires_cache_loop
+def test_cache_attention_edges(one_thread):
+    """A query that sees nothing gets zeros; a non-finite key it sees spreads; beyond the loop's reach (more
+    queries, two threads) the result is SDPA's."""
+    q, k, v, m = cache_heads(T=1)
+    m = m.clone()
+    m[1] = False
+    out = native.cache_attention(q, k, v, m, 0.3)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
+    k = k.clone()
+    k[0, 0, 0] = float("nan")  # slot 0 is seen by every query (heads())
+    out = native.cache_attention(q, k, v, m, 0.3)
+    assert out[0, :, :3].isnan().all() and not out[0, :, 3:].isnan().any()  # key-value head 0: query heads 0-2
+    q, k, v, m = cache_heads(T=native.CACHE_ATTENTION_MAX_QUERIES + 1)
+    assert not native.cache_attention_ok(q, k, v, m)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3, enable_gqa=True).transpose(1, 2)
+    assert torch.equal(native.cache_attention(q, k, v, m, 0.3), sdpa)
+    q, k, v, m = cache_heads(T=1)
+    torch.set_num_threads(2)
+    assert not native.cache_attention_ok(q, k, v, m)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3, enable_gqa=True).transpose(1, 2)
+    assert torch.equal(native.cache_attention(q, k, v, m, 0.3), sdpa)
+
+
+@requires_cache_loop
+def test_a_few_queries_go_to_the_cache_loop_as_one_op_also_compiled(one_thread, monkeypatch):
+    """``grouped_sdpa`` hands a few queries with a mask to the op (also without groups), and the op compiles."""
+    calls = []
+    real = attention.cache_attention_op
+    monkeypatch.setattr(attention, "cache_attention_op", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    fallback = spy_on_the_fallback(monkeypatch)
+    q, k, v, m = cache_heads(T=1)
+    out, _ = attention.grouped_sdpa(Grouped(3), q, k, v, m, scaling=0.3)
+    assert torch.equal(out, native.cache_attention(q, k, v, m, 0.3))
+    attention.grouped_sdpa(Grouped(1), q, copied_heads(k, 3), copied_heads(v, 3), m, scaling=0.3)
+    q5, k5, v5, m5 = cache_heads(T=native.CACHE_ATTENTION_MAX_QUERIES + 1)
+    attention.grouped_sdpa(Grouped(3), q5, k5, v5, m5, scaling=0.3)  # grouped SDPA
+    assert calls == [1, 1] and fallback == []
+    compiled = torch.compile(lambda *a: real(*a, 0.3), dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, m), out, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not native.native_linear_supported(), reason="no native loop here: no CPU copy of the model")

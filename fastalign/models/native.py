@@ -293,6 +293,86 @@ def loop_calls(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], isa:
     return run
 
 
+# ---------------------------------------------------------------------------------------------- cache attention
+# Queries per row and head (a decode step's 1, a draft block's few) up to which cache_attention runs the loop:
+# 2.2x SDPA at one (16 rows over 128 columns, 12 heads reading 4), 1.3x at four, even at eight, behind at 16 (its
+# products win there); measured with bench/bench_kernels.py.
+CACHE_ATTENTION_MAX_QUERIES = 4
+
+
+def cache_attention_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                         max_queries: int | None = None) -> bool:
+    """Whether ``_C``'s loop takes these tensors (what a traced model can ask: their properties only): ``query
+    [B, H, T, D]`` (``T`` at most ``max_queries``, default ``CACHE_ATTENTION_MAX_QUERIES``), ``key``/``value [B, Hkv, S, D]`` (``H`` a
+    multiple of ``Hkv``) fp32 CPU tensors with unit stride over ``D``, ``mask`` None or ``[B or 1, 1, T or 1, S]``
+    (fp32, added, or bool, True where a query sees), and no gradient asked."""
+    if not all(_plain_cpu_f32(t) and t.dim() == 4 and t.stride(3) == 1 for t in (query, key, value)):
+        return False
+    B, H, T, D = query.shape
+    if key.shape != value.shape or key.shape[0] != B or key.shape[3] != D or key.shape[1] == 0:
+        return False
+    if H % key.shape[1] or not 0 < T <= (CACHE_ATTENTION_MAX_QUERIES if max_queries is None else max_queries):
+        return False
+    if mask is not None:
+        if not (mask.is_cpu and mask.dtype in (torch.float32, torch.bool) and mask.layout == torch.strided
+                and mask.dim() == 4 and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[2] in (1, T)
+                and mask.shape[3] == key.shape[2]):
+            return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+
+
+def cache_attention_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       mask: torch.Tensor | None) -> bool:
+    """Whether ``_C``'s loop computes ``cache_attention(query, key, value, mask)``: the extension is in use and has
+    the loop for this CPU (AVX2 and FMA), torch runs on one thread (the loop has no others) and the tensors fit
+    (``cache_attention_fits``)."""
+    if torch.get_num_threads() != 1 or not native_available() or not getattr(_C, "has_cache_attention", False):
+        return False
+    return cache_attention_fits(query, key, value, mask)
+
+
+def cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """Attention of a few queries per row over a cache: ``query [B, H, T, D]``, ``key``/``value [B, Hkv, S, D]``
+    (query head ``h`` reads key-value head ``h // (H / Hkv)`` in place), ``mask [B or 1, 1, T or 1, S]`` (fp32,
+    added to the scores, or bool, True where a query sees) or None -> ``[B, T, H, D]`` (contiguous: the layout an
+    attention layer's output projection reads). By ``_C``'s loop (``csrc/attention.cpp``) when
+    ``cache_attention_ok``, else by SDPA; the two agree up to float rounding. In the loop a masked column adds an
+    exact zero, so a row's result is the same over any view of the cache that holds its live columns."""
+    if not cache_attention_ok(query, key, value, mask):
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale,
+            enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2).contiguous()
+    return _attention_loop(query, key, value, mask, scale)
+
+
+def cache_attention_loop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    """``_C``'s loop itself for ``cache_attention``'s arguments, for any number of queries (for benchmarks and
+    tests; ``cache_attention`` runs it up to ``CACHE_ATTENTION_MAX_QUERIES``)."""
+    if not (native_available() and getattr(_C, "has_cache_attention", False)):
+        raise RuntimeError(f"no native cache attention here ({native_info()})")
+    if not cache_attention_fits(query, key, value, mask, max_queries=query.shape[2]):
+        raise ValueError("cache_attention_loop: the tensors do not fit the loop (cache_attention_fits)")
+    return _attention_loop(query, key, value, mask, scale)
+
+
+def _attention_loop(query, key, value, mask, scale: float) -> torch.Tensor:
+    B, H, T, D = query.shape
+    H_kv, S = key.shape[1], key.shape[2]
+    out = torch.empty(B, T, H, D)
+    if mask is None:
+        masked, kind = (0, 0, 0, 0, 0), 0
+    else:
+        masked = (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, 0,
+                  mask.stride(2) if mask.shape[2] > 1 else 0, mask.stride(3))
+        kind = 1 if mask.dtype == torch.float32 else 2
+    _C._cache_attention_f32((query.data_ptr(), *query.stride()), (key.data_ptr(), *key.stride()),
+                            (value.data_ptr(), *value.stride()), masked, kind, (out.data_ptr(), *out.stride()),
+                            B, H, H_kv, T, S, D, float(scale))
+    return out
+
+
 def huge_page_bytes() -> int:
     """The size of a transparent huge page here (2 MiB on x86-64 Linux); 0 where the extension is not in use or
     the OS has none."""
