@@ -82,16 +82,22 @@ def main(argv=None) -> None:
     rows_out = []
     for rows in args.rows:
         row = dict(rows=rows, used=rows <= max_rows)
+        calls = {}  # (kind, what) -> a pass over the step's weights
         for kind, (weights, _) in pages.items():
             xs = [torch.randn(rows, w.shape[1]) for w in weights]
-            blas = time_fn(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)], cpu,
-                           warmup=2, iters=args.repeats, stat="min")
+            calls[kind, "blas"] = lambda xs=xs, ws=weights: [torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)]
             # the loop itself, whatever LINEAR_MAX_ROWS says
-            loop = time_fn(lambda: [native.native_linear(x, w, isa=args.isa) for x, w in zip(xs, weights)], cpu,
-                           warmup=2, iters=args.repeats, stat="min")
+            calls[kind, "native"] = lambda xs=xs, ws=weights: [native.native_linear(x, w, isa=args.isa)
+                                                               for x, w in zip(xs, ws)]
             # the loop alone, layer after layer with nothing between
-            pass_through = native.loop_calls(xs, weights, isa=args.isa)
-            raw = time_fn(pass_through, cpu, warmup=2, iters=args.repeats, stat="min")
+            calls[kind, "raw"] = native.loop_calls(xs, weights, isa=args.isa)
+        # the passes interleaved, repeat by repeat: a drift of the shared machine's speed reaches every kind alike
+        best = {key: time_fn(call, cpu, warmup=2, iters=1, stat="min") for key, call in calls.items()}
+        for _ in range(args.repeats - 1):
+            for key, call in calls.items():
+                best[key] = min(best[key], time_fn(call, cpu, warmup=0, iters=1, stat="min"))
+        for kind in pages:
+            blas, loop, raw = best[kind, "blas"], best[kind, "native"], best[kind, "raw"]
             mflop = 2 * rows * mb / 4  # (mb / 4: millions of weights)
             row[kind] = dict(blas_ms=blas, native_ms=loop, raw_ms=raw, blas_gbps=mb / blas, native_gbps=mb / loop,
                              raw_gbps=mb / raw, blas_gflops=mflop / blas, native_gflops=mflop / loop,
@@ -130,7 +136,8 @@ def to_markdown(p: dict) -> str:
             f"torch {p['device'].get('torch')}; the 82M model's step weights ({p['weights_mb']:.0f} MB), on the pages "
             f"torch allocates, on huge pages where each tensor holds whole ones, and moved into one mapping on huge "
             f"pages in the step's order (`cpu_linear.into_one_mapping`, as the model layer does; the huge kinds are "
-            f"absent where the OS has none); streaming read in this run {streams}; best of the timed passes. "
+            f"absent where the OS has none); streaming read in this run {streams}; best of the timed passes, the "
+            f"kinds interleaved pass by pass. "
             f"native: a call of `native.native_linear` per layer (its checks and Python between layers); back to "
             f"back: the loop alone, layer after layer with nothing between (`native.loop_calls`).\n\n"
             + markdown_table(header + [f"used (rows <= {p['max_rows']}, this loop's limit)"], rows))

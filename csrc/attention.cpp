@@ -175,7 +175,8 @@ __attribute__((target("avx2,fma"))) void attend_head(const Strided4& q, const St
     }
     const float sum = hsum8(total);
     const float inv = sum == 0.f ? 0.f : 1.f / sum;  // a query that sees nothing gets zeros
-    for (int64_t s = 0; s < P; s += 8) _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(inv)));
+    for (int64_t s = 0; s < P; s += 8)
+      _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(inv)));
   }
 
   // the weighted values: queries three at a time, the head 32 columns at a time

@@ -6,10 +6,11 @@ is how fast one core streams the weights (one to four rows) or how close it come
 (more); BLAS reaches much less than either at these shapes (``bench/bench_linear_rows.py`` measures both).
 
 ``native_twin(module)`` returns a copy of ``module``'s structure that shares every parameter and buffer (the
-same objects: no weight is duplicated; tied weights stay tied) and whose large fp32 CPU ``nn.Linear`` layers are ``RowsLinear``: a
-call with at most ``native.LINEAR_MAX_ROWS`` rows goes to ``torch.ops.fastalign.linear_rows``, any other to
-``F.linear``; its attention, where it was transformers' ``"sdpa"``, is ``attention.grouped_sdpa`` (no copy
-of the cache's key-value heads per layer and step; ``attention.use_grouped_sdpa`` says which models switch).
+same objects: no weight is duplicated; tied weights stay tied) and whose large fp32 CPU ``nn.Linear`` layers are
+``RowsLinear``: a call with at most ``native.LINEAR_MAX_ROWS`` rows goes to ``torch.ops.fastalign.linear_rows``,
+any other to ``F.linear``; its attention, where it was transformers' ``"sdpa"``, is ``attention.grouped_sdpa``
+(a decode step's few queries on the native cache attention, more without a copy of the cache's key-value heads
+per layer and step; ``attention.use_grouped_sdpa`` says which models switch).
 Where the OS has transparent huge pages (Linux), the turned layers' weights move into one mapping aligned to a
 huge page, one after the other in the layers' order, which a background thread backs with huge pages: the loop
 streams weights on huge pages faster, and only there does every byte of a layer sit on one (``into_one_mapping``).
@@ -126,8 +127,8 @@ def into_one_mapping(weights: list[torch.Tensor], shared: list[torch.Tensor] | N
     to back (180 of the 82M model's 327 MB of turned weights), and its other pages cost a TLB entry each 4 KiB. In
     one aligned mapping every byte is on a huge page, and in the layers' order (their call order in a decoder)
     the hardware prefetcher runs on from one layer's weights into the next. One row through the 82M model's step
-    weights, the loop alone: 28.7 GB/s against 25.7 scattered (``bench/bench_linear_rows.py``, "back to back");
-    in its compiled decode step, 27.0 against 25.4.
+    weights, the loop alone: 30.8 GB/s against 29.4 scattered, the two interleaved (``bench/bench_linear_rows.py``,
+    "back to back").
 
     Moved: each weight that is the only tensor of ``shared`` (the module's parameters and buffers; default
     ``weights``) on its storage and covers all of it (moving one that shares would untie the two); only where

@@ -303,9 +303,9 @@ CACHE_ATTENTION_MAX_QUERIES = 4
 def cache_attention_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                          max_queries: int | None = None) -> bool:
     """Whether ``_C``'s loop takes these tensors (what a traced model can ask: their properties only): ``query
-    [B, H, T, D]`` (``T`` at most ``max_queries``, default ``CACHE_ATTENTION_MAX_QUERIES``), ``key``/``value [B, Hkv, S, D]`` (``H`` a
-    multiple of ``Hkv``) fp32 CPU tensors with unit stride over ``D``, ``mask`` None or ``[B or 1, 1, T or 1, S]``
-    (fp32, added, or bool, True where a query sees), and no gradient asked."""
+    [B, H, T, D]`` (``T`` at most ``max_queries``, default ``CACHE_ATTENTION_MAX_QUERIES``), ``key``/``value
+    [B, Hkv, S, D]`` (``H`` a multiple of ``Hkv``) fp32 CPU tensors with unit stride over ``D``, ``mask`` None or
+    ``[B or 1, 1, T or 1, S]`` (fp32, added, or bool, True where a query sees), and no gradient asked."""
     if not all(_plain_cpu_f32(t) and t.dim() == 4 and t.stride(3) == 1 for t in (query, key, value)):
         return False
     B, H, T, D = query.shape
