@@ -71,8 +71,10 @@ def main(argv=None) -> None:
             native.collapse_huge_pages(w)
         pages["huge, scattered"] = scattered, big
         mapped = step_weights()
-        native.collapse_huge_pages(cpu_linear.into_one_mapping(mapped))
-        pages["huge, one mapping"] = mapped, big
+        mapping = cpu_linear.into_one_mapping(mapped)
+        if mapping is not None:
+            native.collapse_huge_pages(mapping)
+            pages["huge, one mapping"] = mapped, big
     mb = sum(w.numel() for w in weights) * 4 / 1e6
     stream = {kind: 2**30 / (time_fn(big.sum, cpu, warmup=2, iters=5, stat="min") / 1e3) / 1e9
               for kind, (_, big) in pages.items()}

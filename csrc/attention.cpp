@@ -8,11 +8,12 @@
 //
 //   score[q, s] = scale * dot(query[q], key[s]) + mask[q, s]     (a bool mask: -inf where False)
 //   p[q, s]     = exp(score[q, s] - max_s score[q, s])            (0 below exp's normal range: exactly 0 for masked)
-//   out[q]      = sum_s p[q, s] * value[s] / sum_s p[q, s]
+//   out[q]      = sum_s p[q, s] * value[s] / sum_s p[q, s]        (zeros where every p is 0: a bool mask hiding all)
 //
 // Sums over s run in fixed lanes (column s in lane s % 8, the tail padded with zeros) and then a fixed tree, and
-// the value sum in column order, so masked columns (p = 0) change no bit: a row's result is the same over any
-// view of the cache that holds its live columns, and does not depend on the other rows.
+// the value sum in column order, so masked columns (p = 0, finite keys and values) change no bit: a row's result
+// is the same over any view of the cache that holds its live columns, and does not depend on the other rows. (An
+// added mask of finfo.min that hides every column leaves all scores equal: the mean of the values, as SDPA.)
 //
 // The Python side (fastalign.models.native.cache_attention) checks dtypes and shapes and passes raw pointers and
 // strides in elements: query [B, H, T, D], key and value [B, Hkv, S, D] (unit stride over D), mask [B, 1, T, S]
@@ -174,7 +175,7 @@ __attribute__((target("avx2,fma"))) void attend_head(const Strided4& q, const St
       total = _mm256_add_ps(total, e);
     }
     const float sum = hsum8(total);
-    const float inv = sum == 0.f ? 0.f : 1.f / sum;  // a query that sees nothing gets zeros
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;  // (a bool mask hiding every column: zeros)
     for (int64_t s = 0; s < P; s += 8)
       _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(inv)));
   }

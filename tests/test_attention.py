@@ -125,6 +125,42 @@ def test_cache_attention_is_attention(T, mask, D, one_thread):
 
 
 @requires_cache_loop
+@pytest.mark.parametrize("B,T,S,D,mask", [(2, 3, 19, 16, "shared"), (2, 2, 11, 8, "rows"), (1, 1, 1, 1, "bool"),
+                                          (2, 2, 3, 7, "additive"), (1, 4, 5, 1, None)])
+def test_cache_attention_shapes_and_broadcast_masks(B, T, S, D, mask, one_thread):
+    """Masks shared by the rows and the queries of a block, a mask per row shared by its queries; one column,
+    a partial group of four keys, heads narrower than a vector."""
+    q, k, v, m = cache_heads(B=B, T=T, S=S, D=D, mask="bool" if mask == "rows" else mask)
+    if mask == "rows":
+        m = m[:, :, :1]
+    assert native.cache_attention_ok(q, k, v, m)
+    expected = F.scaled_dot_product_attention(q, copied_heads(k, 3), copied_heads(v, 3), attn_mask=m, scale=0.3)
+    torch.testing.assert_close(native.cache_attention(q, k, v, m, 0.3), expected.transpose(1, 2),
+                               rtol=1e-5, atol=2e-6)
+
+
+@requires_cache_loop
+def test_cache_attention_weights_over_exps_whole_range(one_thread):
+    """Scores spread over [-87, 0] below the largest (every weight exp's polynomial makes, down to the smallest
+    normal float), against float64: the weights stay within a few float roundings."""
+    S = 256
+    q = torch.ones(1, 3, 1, 1)
+    k = torch.cat([torch.zeros(1), -torch.linspace(0.01, 87.2, S - 1)]).view(1, 1, S, 1)
+    v = torch.rand(1, 1, S, 1, generator=torch.Generator().manual_seed(0)) + 0.5
+    out = native.cache_attention(q, k, v, None, 1.0)
+    weights = torch.softmax(k.double().view(S), 0)
+    want = (weights * v.double().view(S)).sum()
+    assert abs(out[0, 0, 0, 0].double() - want) < 4e-7 * want
+    torch.testing.assert_close(out.view(3), want.float().expand(3), rtol=4e-7, atol=0)
+    # each weight: one column of values at a time
+    for s in (1, 40, 120, 200, 254):
+        one = torch.zeros_like(v)
+        one[0, 0, s] = 1.0
+        got = native.cache_attention(q, k, one, None, 1.0)[0, 0, 0, 0].double()
+        assert abs(got - weights[s]) <= 3 * 2**-23 * weights[s], s
+
+
+@requires_cache_loop
 @pytest.mark.parametrize("mask", ["bool", "additive"])
 def test_cache_attention_masked_columns_and_other_rows_change_no_bit(mask, one_thread):
     """A wider view of the cache (more columns, masked, holding other values) and the other rows of the batch
@@ -181,6 +217,15 @@ def test_a_few_queries_go_to_the_cache_loop_as_one_op_also_compiled(one_thread, 
     assert calls == [1, 1] and fallback == []
     compiled = torch.compile(lambda *a: real(*a, 0.3), dynamic=False, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, m), out, rtol=0, atol=0)
+    # a traced model's attention: the op in the graph, the loop at the call
+    monkeypatch.undo()
+    loops = []
+    loop = native._attention_loop
+    monkeypatch.setattr(native, "_attention_loop", lambda *a: loops.append(a[0].shape) or loop(*a))
+    traced = torch.compile(lambda *a: attention.grouped_sdpa(Grouped(3), *a, scaling=0.3)[0], dynamic=False,
+                           fullgraph=True)
+    torch.testing.assert_close(traced(q, k, v, m), out, rtol=0, atol=0)
+    assert loops == [q.shape]
 
 
 @pytest.mark.skipif(not native.native_linear_supported(), reason="no native loop here: no CPU copy of the model")

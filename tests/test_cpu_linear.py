@@ -388,7 +388,6 @@ def test_the_turned_weights_move_into_one_mapping_in_their_order():
         assert len({w.untyped_storage().data_ptr() for w in turned}) == len(turned)
         assert dict(model.named_parameters()) == params  # the same objects
         assert all(torch.equal(p, values[name]) for name, p in params.items())
-        assert model.lm_head.weight is model.model.embed_tokens.weight
         assert torch.equal(model(ids).logits, want)
         cpu_linear.native_twin(model)
         assert [w.data_ptr() for w in turned] == starts  # laid out already
@@ -396,13 +395,32 @@ def test_the_turned_weights_move_into_one_mapping_in_their_order():
 
 @requires_loop
 def test_a_weight_that_shares_its_storage_stays_where_it_is():
-    """Moving a weight whose storage another tensor of the module also uses would untie the two: it stays."""
+    """Moving a weight whose storage another tensor also uses, of the module or not, would untie the two: it
+    stays. The mapping is whole huge pages."""
     huge = native.huge_page_bytes()
-    if not huge:
+    if not huge or not native.huge_pages_on():
+        pytest.skip("no transparent huge pages here")
+    net = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
+    net.register_buffer("rows", net[1].weight.detach()[:2])  # a view of the second weight's storage
+    alias = net[2].weight.detach()  # the third's, held outside the module
+    other = torch.nn.Parameter(net[3].weight.data)  # the fourth's, another model's parameter
+    kept = [net[i].weight.data_ptr() for i in (1, 2, 3)]
+    mapping = cpu_linear.into_one_mapping([m.weight for m in net], list(net.parameters()) + list(net.buffers()))
+    assert net[0].weight.data_ptr() == mapping.data_ptr() and mapping.numel() % huge == 0  # moved; whole pages
+    assert [net[i].weight.data_ptr() for i in (1, 2, 3)] == kept  # still shared
+    assert net.rows.data_ptr() == kept[0] and alias.data_ptr() == kept[1] and other.data_ptr() == kept[2]
+
+
+@requires_loop
+def test_weights_moved_inside_inference_mode_can_still_be_trained():
+    """The copy made under ``torch.inference_mode`` (an engine built there) leaves ordinary tensors: the caller
+    may train the model afterwards."""
+    huge = native.huge_page_bytes()
+    if not huge or not native.huge_pages_on():
         pytest.skip("no transparent huge pages here")
     net = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
-    net.register_buffer("rows", net[1].weight.detach()[:2])  # a view of the second weight's storage
-    second = net[1].weight.data_ptr()
-    cpu_linear.native_twin(net)
-    assert net[0].weight.data_ptr() % huge == 0  # moved
-    assert net[1].weight.data_ptr() == second and net.rows.data_ptr() == second  # still one storage
+    with torch.inference_mode():
+        cpu_linear.native_twin(net)
+    assert net[0].weight.data_ptr() % huge == 0 and not net[0].weight.is_inference()
+    net(torch.randn(2, 1024)).sum().backward()
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0

@@ -12,8 +12,9 @@ position biases, soft caps) the call is transformers' own.
 
 A decode step asks a handful of queries per row and head of a cache; SDPA's CPU kernel then runs two small matrix
 products per row and head, ~2 us each, which at batch 16 costs several times the reading of the keys and values.
-``native.cache_attention`` (one pass over each key-value head for all the queries of its group) took the 82M model's
-attention at 16 rows over 128 columns from ~370 to ~165 us a layer; it runs where ``native.cache_attention_ok``
+``native.cache_attention`` (one pass over each key-value head for all the queries of its group) runs the 82M
+model's attention at 16 rows over 128 columns 2.4x faster than SDPA (``bench/results/cache_attention_cpu.md``,
+``bench/bench_cache_attention.py``); it runs where ``native.cache_attention_ok``
 says (one torch thread, fp32, at most ``native.CACHE_ATTENTION_MAX_QUERIES`` queries), as an op that
 torch.compile calls as one kernel.
 

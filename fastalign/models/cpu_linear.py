@@ -23,6 +23,7 @@ The op is opaque to ``torch.compile`` (a compiled step calls it as one kernel) a
 
 from __future__ import annotations
 
+import atexit
 import copy
 import itertools
 import mmap
@@ -117,32 +118,31 @@ WEIGHT_ALIGNMENT = 64  # bytes: where each weight starts in into_one_mapping's m
 
 
 def into_one_mapping(weights: list[torch.Tensor], shared: list[torch.Tensor] | None = None) -> torch.Tensor | None:
-    """Move ``weights`` (the turned layers' parameters, in the layers' order) into one private anonymous mapping
-    whose start is a huge page's, one after the other at ``WEIGHT_ALIGNMENT``, each on a storage of its own:
-    ``weight.data`` becomes the copy there (the parameter objects and values stay; the old memory is freed where
-    nothing else holds it). Returns the moved weights' range as a uint8 tensor on the mapping, for the background
-    thread to back with huge pages; None where nothing moved.
+    """Move ``weights`` (the turned layers' fp32 CPU parameters, in the layers' order) into one private anonymous
+    mapping whose start is a huge page's, one after the other at ``WEIGHT_ALIGNMENT``, each on a storage of its own
+    (which cannot be resized): ``weight.data`` becomes the copy there (the parameter objects and values stay; the
+    old memory is freed). Returns the mapping's range, whole huge pages, as a uint8 tensor, for the background
+    thread to back with huge pages; None where nothing moved. Not to overlap with other use of the weights (the
+    old memory goes): ``native_twin`` calls it while it builds the copy, one call at a time.
 
     Why: huge pages are aligned 2 MiB, so a tensor of a few MiB allocated anywhere has only its whole ones inside
     to back (180 of the 82M model's 327 MB of turned weights), and its other pages cost a TLB entry each 4 KiB. In
-    one aligned mapping every byte is on a huge page, and in the layers' order (their call order in a decoder)
+    one aligned mapping every byte can be on a huge page, and in the layers' order (their call order in a decoder)
     the hardware prefetcher runs on from one layer's weights into the next. One row through the 82M model's step
     weights, the loop alone: 30.8 GB/s against 29.4 scattered, the two interleaved (``bench/bench_linear_rows.py``,
     "back to back").
 
-    Moved: each weight that is the only tensor of ``shared`` (the module's parameters and buffers; default
-    ``weights``) on its storage and covers all of it (moving one that shares would untie the two); only where
-    the OS has huge pages, the moved weights fill at least one, and they are not laid out so already (a second
-    copy of one model)."""
+    Moved: each fp32 CPU weight that is the only tensor on its storage and covers all of it: of ``shared`` (the
+    module's parameters and buffers; default ``weights``) and of any other tensor alive (moving one that shares
+    would untie the two); only where the OS has transparent huge pages on (``native.huge_pages_on``), the moved
+    weights fill at least one, and they are not laid out so already (a second copy of one model)."""
     huge = native.huge_page_bytes()
-    if not huge:
+    if not huge or not native.huge_pages_on():
         return None
     owners: dict[int, set[int]] = {}
     for t in weights if shared is None else shared:
         owners.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
-    movable = list({id(w): w for w in weights
-                    if len(owners.get(w.untyped_storage().data_ptr(), ())) == 1 and w.storage_offset() == 0
-                    and w.untyped_storage().nbytes() == w.numel() * w.element_size()}.values())
+    movable = list({id(w): w for w in weights if _alone_on_its_storage(w, owners)}.values())
     if not movable:
         return None
     offsets, end = [], 0
@@ -152,18 +152,40 @@ def into_one_mapping(weights: list[torch.Tensor], shared: list[torch.Tensor] | N
     first = movable[0].data_ptr()
     if end < huge or (first % huge == 0 and all(w.data_ptr() - first == o for w, o in zip(movable, offsets))):
         return None
+    pages = -(-end // huge) * huge  # the last huge page whole, so that it can be backed as well
+    with _MOVE_LOCK:
+        try:
+            memory = memoryview(mmap.mmap(-1, pages + huge, flags=mmap.MAP_PRIVATE))
+        except (OSError, ValueError):  # no memory for it, or no anonymous private mappings here: leave them
+            return None
+        start = -torch.frombuffer(memory[:1], dtype=torch.uint8).data_ptr() % huge
+        # ordinary tensors even inside inference_mode: the caller's model may be trained afterwards
+        with torch.inference_mode(False), torch.no_grad():
+            for w, offset in zip(movable, offsets):
+                at = start + offset
+                moved = torch.frombuffer(memory[at:at + w.untyped_storage().nbytes()], dtype=w.dtype).view(w.shape)
+                moved.copy_(w)
+                w.data = moved  # (the tensors keep the mapping alive)
+            return torch.frombuffer(memory[start:start + pages], dtype=torch.uint8)
+
+
+_MOVE_LOCK = threading.Lock()  # (engines may be built on several threads, over one model)
+
+
+def _alone_on_its_storage(w: torch.Tensor, owners: dict[int, set[int]]) -> bool:
+    """Whether ``w`` (a CPU fp32 tensor) covers its whole storage and no other tensor uses it: none of ``owners``
+    (storage address -> ids of the module's tensors on it) and none alive elsewhere (a view, a ``detach()``, a
+    parameter of another model), by the storage's count of users."""
+    if not (w.is_cpu and w.dtype == torch.float32 and w.layout == torch.strided and w.storage_offset() == 0):
+        return False
+    storage = w.untyped_storage()
+    if storage.nbytes() != w.numel() * w.element_size() or len(owners.get(storage.data_ptr(), ())) != 1:
+        return False
     try:
-        memory = memoryview(mmap.mmap(-1, end + huge, flags=mmap.MAP_PRIVATE))
-    except (OSError, ValueError):  # no memory for it, or no anonymous private mappings here: leave them
-        return None
-    start = -torch.frombuffer(memory[:1], dtype=torch.uint8).data_ptr() % huge
-    with torch.no_grad():
-        for w, offset in zip(movable, offsets):
-            at = start + offset
-            moved = torch.frombuffer(memory[at:at + w.untyped_storage().nbytes()], dtype=w.dtype).view(w.shape)
-            moved.copy_(w)
-            w.data = moved  # (the tensors keep the mapping alive)
-    return torch.frombuffer(memory[start:start + end], dtype=torch.uint8)
+        users = torch._C._storage_Use_Count(storage._cdata)  # w's tensor and ``storage`` itself
+    except (AttributeError, RuntimeError):  # (a torch without the count: move nothing)
+        return False
+    return users == 2
 
 
 def _inside(t: torch.Tensor, mapping: torch.Tensor | None) -> bool:
@@ -193,6 +215,11 @@ def wait_for_huge_pages(timeout: float | None = None) -> bool:
     for thread in threads:
         thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return not any(t.is_alive() for t in threads)
+
+
+# A thread still inside MADV_COLLAPSE when the interpreter finalises takes the process down ("terminate called
+# without an active exception"): exit waits for them, a minute at most (about a second a GB).
+atexit.register(wait_for_huge_pages, 60.0)
 
 
 def twin_is_current(twin: torch.nn.Module, module: torch.nn.Module) -> bool:

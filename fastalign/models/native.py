@@ -295,8 +295,8 @@ def loop_calls(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], isa:
 
 # ---------------------------------------------------------------------------------------------- cache attention
 # Queries per row and head (a decode step's 1, a draft block's few) up to which cache_attention runs the loop:
-# 2.2x SDPA at one (16 rows over 128 columns, 12 heads reading 4), 1.3x at four, even at eight, behind at 16 (its
-# products win there); measured with bench/bench_kernels.py.
+# 1.6-2.4x SDPA at one or two (12 heads reading 4), 1.1-1.4x at four, even at eight, behind at 16 (its products
+# win there): bench/bench_cache_attention.py.
 CACHE_ATTENTION_MAX_QUERIES = 4
 
 
@@ -337,8 +337,10 @@ def cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (query head ``h`` reads key-value head ``h // (H / Hkv)`` in place), ``mask [B or 1, 1, T or 1, S]`` (fp32,
     added to the scores, or bool, True where a query sees) or None -> ``[B, T, H, D]`` (contiguous: the layout an
     attention layer's output projection reads). By ``_C``'s loop (``csrc/attention.cpp``) when
-    ``cache_attention_ok``, else by SDPA; the two agree up to float rounding. In the loop a masked column adds an
-    exact zero, so a row's result is the same over any view of the cache that holds its live columns."""
+    ``cache_attention_ok``, else by SDPA; the two agree up to float rounding. In the loop a masked column (with
+    finite keys and values, as a cache's are) adds an exact zero, so a row's result is the same over any view of
+    the cache that holds its live columns, and whatever the other rows; it depends on the batch only through
+    which of the two runs (the block's queries, the threads)."""
     if not cache_attention_ok(query, key, value, mask):
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scale,
@@ -377,6 +379,17 @@ def huge_page_bytes() -> int:
     """The size of a transparent huge page here (2 MiB on x86-64 Linux); 0 where the extension is not in use or
     the OS has none."""
     return int(getattr(_C, "huge_page_bytes", 0)) if native_available() else 0
+
+
+def huge_pages_on() -> bool:
+    """Whether the OS gives transparent huge pages to a process that asks (Linux: the mode ``always`` or
+    ``madvise``), not ``never`` or no such pages."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
 
 
 def collapse_huge_pages(t: torch.Tensor) -> int:
