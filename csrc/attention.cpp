@@ -25,10 +25,7 @@
 #include <limits>
 #include <vector>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#define FASTALIGN_X86 1
-#endif
+#include "x86.h"  // FASTALIGN_X86 where the loop exists (elsewhere SDPA runs); hsum256
 
 namespace py = pybind11;
 
@@ -41,13 +38,6 @@ struct Strided4 {  // a 4-d fp32 (or bool) array: base pointer and strides in el
 };
 
 #ifdef FASTALIGN_X86
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 __attribute__((target("avx2,fma"))) inline float hmax8(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -174,7 +164,7 @@ __attribute__((target("avx2,fma"))) void attend_head(const Strided4& q, const St
       _mm256_storeu_ps(row + s, e);
       total = _mm256_add_ps(total, e);
     }
-    const float sum = hsum8(total);
+    const float sum = hsum256(total);
     const float inv = sum == 0.f ? 0.f : 1.f / sum;  // (a bool mask hiding every column: zeros)
     for (int64_t s = 0; s < P; s += 8)
       _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), _mm256_set1_ps(inv)));

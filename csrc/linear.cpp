@@ -34,12 +34,7 @@
 #endif
 #endif
 
-// The loops use GCC/Clang's per-function target attributes and CPU detection; elsewhere (MSVC, other CPUs) the
-// module has no loop and fastalign uses F.linear.
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#include <immintrin.h>
-#define FASTALIGN_X86 1
-#endif
+#include "x86.h"  // FASTALIGN_X86 where the loops exist (elsewhere fastalign uses F.linear); hsum256
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12 reads the deliberately undefined pass-through operand inside the AVX-512 intrinsics as uninitialised
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -223,13 +218,6 @@ __attribute__((target("avx512f"))) void linear_rows_avx512(const float* w, const
     rows_block_avx512<2>(rows, x, y, b, M, O, I, o);
   }
   if (o < O) rows_block_avx512<1>(w + o * I, x, y, b, M, O, I, o);
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 template <int R>
