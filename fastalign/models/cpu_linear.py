@@ -136,11 +136,19 @@ def into_one_mapping(weights: list[torch.Tensor], shared: list[torch.Tensor] | N
     module's parameters and buffers; default ``weights``) and of any other tensor alive (moving one that shares
     would untie the two); only where the OS has transparent huge pages on (``native.huge_pages_on``), the moved
     weights fill at least one, and they are not laid out so already (a second copy of one model)."""
+    with _MOVE_LOCK:  # (engines may be built on several threads, over one model)
+        return _move(weights, weights if shared is None else shared)
+
+
+_MOVE_LOCK = threading.Lock()
+
+
+def _move(weights: list[torch.Tensor], shared: list[torch.Tensor]) -> torch.Tensor | None:
     huge = native.huge_page_bytes()
     if not huge or not native.huge_pages_on():
         return None
     owners: dict[int, set[int]] = {}
-    for t in weights if shared is None else shared:
+    for t in shared:
         owners.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
     movable = list({id(w): w for w in weights if _alone_on_its_storage(w, owners)}.values())
     if not movable:
@@ -153,23 +161,19 @@ def into_one_mapping(weights: list[torch.Tensor], shared: list[torch.Tensor] | N
     if end < huge or (first % huge == 0 and all(w.data_ptr() - first == o for w, o in zip(movable, offsets))):
         return None
     pages = -(-end // huge) * huge  # the last huge page whole, so that it can be backed as well
-    with _MOVE_LOCK:
-        try:
-            memory = memoryview(mmap.mmap(-1, pages + huge, flags=mmap.MAP_PRIVATE))
-        except (OSError, ValueError):  # no memory for it, or no anonymous private mappings here: leave them
-            return None
-        start = -torch.frombuffer(memory[:1], dtype=torch.uint8).data_ptr() % huge
-        # ordinary tensors even inside inference_mode: the caller's model may be trained afterwards
-        with torch.inference_mode(False), torch.no_grad():
-            for w, offset in zip(movable, offsets):
-                at = start + offset
-                moved = torch.frombuffer(memory[at:at + w.untyped_storage().nbytes()], dtype=w.dtype).view(w.shape)
-                moved.copy_(w)
-                w.data = moved  # (the tensors keep the mapping alive)
-            return torch.frombuffer(memory[start:start + pages], dtype=torch.uint8)
-
-
-_MOVE_LOCK = threading.Lock()  # (engines may be built on several threads, over one model)
+    try:
+        memory = memoryview(mmap.mmap(-1, pages + huge, flags=mmap.MAP_PRIVATE))
+    except (OSError, ValueError):  # no memory for it, or no anonymous private mappings here: leave them
+        return None
+    start = -torch.frombuffer(memory[:1], dtype=torch.uint8).data_ptr() % huge
+    # ordinary tensors even inside inference_mode: the caller's model may be trained afterwards
+    with torch.inference_mode(False), torch.no_grad():
+        for w, offset in zip(movable, offsets):
+            at = start + offset
+            moved = torch.frombuffer(memory[at:at + w.untyped_storage().nbytes()], dtype=w.dtype).view(w.shape)
+            moved.copy_(w)
+            w.data = moved  # (the tensors keep the mapping alive)
+        return torch.frombuffer(memory[start:start + pages], dtype=torch.uint8)
 
 
 def _alone_on_its_storage(w: torch.Tensor, owners: dict[int, set[int]]) -> bool:
