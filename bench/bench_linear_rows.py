@@ -43,11 +43,7 @@ def step_weights() -> list[torch.Tensor]:
 
 def allocated_pages() -> str:
     """The pages torch's allocations get: 4 KiB, unless transparent huge pages are "always" on (Linux)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "as allocated (THP always)" if "[always]" in f.read() else "4 KiB"
-    except OSError:
-        return "4 KiB"
+    return "as allocated (THP always)" if native.huge_page_mode() == "always" else "4 KiB"
 
 
 def main(argv=None) -> None:

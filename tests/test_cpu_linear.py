@@ -302,11 +302,7 @@ def fresh_pages(n: int) -> torch.Tensor:
 
 def thp_mode() -> str:
     """The transparent huge page mode: always, madvise or never ('' where there is none)."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return ""
+    return native.huge_page_mode()
 
 
 def collapse_works_here() -> bool:

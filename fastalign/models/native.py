@@ -381,15 +381,18 @@ def huge_page_bytes() -> int:
     return int(getattr(_C, "huge_page_bytes", 0)) if native_available() else 0
 
 
-def huge_pages_on() -> bool:
-    """Whether the OS gives transparent huge pages to a process that asks (Linux: the mode ``always`` or
-    ``madvise``), not ``never`` or no such pages."""
+def huge_page_mode() -> str:
+    """The OS's transparent huge page mode: ``always``, ``madvise`` or ``never`` (Linux); "" where there is none."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            mode = f.read()
-    except OSError:
-        return False
-    return "[always]" in mode or "[madvise]" in mode
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def huge_pages_on() -> bool:
+    """Whether the OS gives transparent huge pages to a process that asks (the mode ``always`` or ``madvise``)."""
+    return huge_page_mode() in ("always", "madvise")
 
 
 def collapse_huge_pages(t: torch.Tensor) -> int:
