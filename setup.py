@@ -10,6 +10,9 @@ Intended install (torch first, so that no isolated build env pulls a multi-GB CU
 nor libpython (NumPy arrays and raw pointers cross the boundary), so it does not need torch to compile;
 torch is only asked whether it is a CUDA build.  If anything about the native build fails, the package
 still installs (with a warning; ``pip install -v`` shows it) and runs on the pure-PyTorch fallback.
+A second step builds ``fastalign/_torch_ops.so`` (csrc/torch_ops.cpp) against the installed torch's headers
+and libraries: C++ kernels of fastalign's torch ops on _C's loops. Where it fails, the ops keep their Python
+kernels (a warning, as above); it is used only under the torch it was built for.
 
 Environment switches:
     FASTALIGN_NO_NATIVE=1       do not build fastalign._C at all
@@ -35,6 +38,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+TORCH_OPS_LIBRARY = "_torch_ops.so"  # next to fastalign._C (fastalign.models.native loads it)
 
 
 def _flag(name: str) -> bool | None:
@@ -148,8 +152,9 @@ class CMakeBuild(build_ext):
                 )
                 self.extensions.remove(ext)
                 stale = os.path.abspath(self.get_ext_fullpath(ext.name))
-                if os.path.exists(stale):  # never ship an old build next to a failed one
-                    os.remove(stale)
+                for path in (stale, os.path.join(os.path.dirname(stale), TORCH_OPS_LIBRARY)):
+                    if os.path.exists(path):  # never ship an old build next to a failed one
+                        os.remove(path)
         others = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
         if others:
             saved, self.extensions = self.extensions, others
@@ -216,6 +221,31 @@ class CMakeBuild(build_ext):
         if not os.path.exists(out_path):
             raise RuntimeError(f"CMake finished but {out_path} was not produced")
         _log(f"built {out_path} ({'CPU + CUDA' if use_cuda else 'CPU'})")
+        self._build_torch_ops(cmake, build_dir, out_dir)
+
+    def _build_torch_ops(self, cmake: str, build_dir: str, out_dir: str) -> None:
+        """fastalign/_torch_ops.so, where torch's headers compile here; else none (the ops' Python kernels run)."""
+        library = os.path.join(out_dir, TORCH_OPS_LIBRARY)
+        if os.path.exists(library):  # never keep one built for another torch
+            os.remove(library)
+        try:
+            import torch
+            from torch.utils import cpp_extension
+
+            args = [f"-DFASTALIGN_TORCH_INCLUDE={';'.join(cpp_extension.include_paths())}",
+                    f"-DFASTALIGN_TORCH_LIBRARY_DIR={cpp_extension.library_paths()[0]}",
+                    f"-DFASTALIGN_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+            _log("cmake " + " ".join(args))
+            subprocess.run([cmake, "-S", ROOT, "-B", build_dir, *args], check=True)
+            jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(self.parallel or os.cpu_count() or 1)
+            subprocess.run([cmake, "--build", build_dir, "--target", "fastalign_torch_ops", "--parallel", jobs],
+                           check=True)
+        except Exception as exc:  # noqa: BLE001 - the ops keep their Python kernels
+            if _flag("FASTALIGN_REQUIRE_NATIVE"):
+                raise
+            _warn(f"building {TORCH_OPS_LIBRARY} failed ({exc}); fastalign's torch ops keep their Python kernels")
+            return
+        _log(f"built {library}")
 
     def _cmake(self, cmake: str, build_dir: str, args: list[str]) -> None:
         _log("cmake " + " ".join(args))
@@ -232,7 +262,7 @@ class BuildPy(build_py):
         pkg_dir = os.path.join(self.build_lib, "fastalign")
         if os.path.isdir(pkg_dir):
             for name in os.listdir(pkg_dir):
-                if name.startswith("_C.") and name.endswith((".so", ".pyd", ".dylib")):
+                if name.startswith(("_C.", "_torch_ops.")) and name.endswith((".so", ".pyd", ".dylib")):
                     os.remove(os.path.join(pkg_dir, name))
         super().run()
 

@@ -25,17 +25,13 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"  // Strided4, count_attention_run
 #include "x86.h"  // FASTALIGN_X86 where the loop exists (elsewhere SDPA runs); hsum256
 
 namespace py = pybind11;
 
 namespace fastalign {
 namespace {
-
-struct Strided4 {  // a 4-d fp32 (or bool) array: base pointer and strides in elements
-  std::uintptr_t ptr;
-  int64_t s0, s1, s2, s3;
-};
 
 #ifdef FASTALIGN_X86
 __attribute__((target("avx2,fma"))) inline float hmax8(__m256 v) {
@@ -209,6 +205,21 @@ bool has_avx2() {
 
 }  // namespace
 
+// Every row and key-value head (the loop's entry for the pybind function below and for _C's kernel table); only
+// called where has_avx2().
+void cache_attention_f32(const Strided4& q, const Strided4& k, const Strided4& v, const Strided4& mask, int mask_kind,
+                         const Strided4& out, int64_t B, int64_t H, int64_t H_kv, int64_t T, int64_t S, int64_t D,
+                         float scale) {
+  count_attention_run(T);
+#ifdef FASTALIGN_X86
+  std::vector<float> work;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H_kv; ++h) attend_head(q, k, v, mask, mask_kind, out, b, h, H / H_kv, T, S, D, scale, work);
+#endif
+}
+
+bool has_cache_attention() { return has_avx2(); }
+
 void register_attention(py::module_& m) {
   m.attr("has_cache_attention") = has_avx2();
   m.def(
@@ -223,13 +234,8 @@ void register_attention(py::module_& m) {
         if (B < 0 || H <= 0 || H_kv <= 0 || H % H_kv || T < 0 || S < 0 || D < 0 || mask_kind < 0 || mask_kind > 2)
           throw py::value_error("cache_attention: bad sizes");
         const Strided4 qs = strided(q), ks = strided(k), vs = strided(v), ms = strided(mask), os = strided(out);
-#ifdef FASTALIGN_X86
         py::gil_scoped_release release;
-        std::vector<float> work;
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t h = 0; h < H_kv; ++h)
-            attend_head(qs, ks, vs, ms, mask_kind, os, b, h, H / H_kv, T, S, D, scale, work);
-#endif
+        cache_attention_f32(qs, ks, vs, ms, mask_kind, os, B, H, H_kv, T, S, D, scale);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("mask_kind"), py::arg("out"), py::arg("B"),
       py::arg("H"), py::arg("H_kv"), py::arg("T"), py::arg("S"), py::arg("D"), py::arg("scale"),

@@ -34,6 +34,7 @@
 #endif
 #endif
 
+#include "kernels.h"  // LinearRowsFn, count_linear_run
 #include "x86.h"  // FASTALIGN_X86 where the loops exist (elsewhere fastalign uses F.linear); hsum256
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12 reads the deliberately undefined pass-through operand inside the AVX-512 intrinsics as uninitialised
@@ -48,9 +49,6 @@ namespace {
 
 constexpr int64_t kPrefetchFloats = 512;  // dot loop: 2 KiB ahead of the current W position (1-8 KiB alike)
 constexpr int64_t kDotMaxRows = 4;        // more rows: the column loop
-
-using LinearRowsFn = void (*)(const float* w, const float* x, float* y, const float* b, int64_t M, int64_t O,
-                              int64_t I);
 
 #ifdef FASTALIGN_X86
 // NW rows of W against R rows of x: out[k * R + r] = dot(w + k * I, x + r * I). Two accumulators per output
@@ -317,6 +315,16 @@ int64_t collapse_huge_pages(std::uintptr_t ptr, int64_t nbytes) {
 
 }  // namespace
 
+// The widest loop, its run counted: what _C's kernel table gives the torch ops (module.cpp). Only there when this
+// CPU has a loop.
+void linear_rows_widest(const float* w, const float* x, float* y, const float* b, int64_t M, int64_t O, int64_t I) {
+  static const LinearRowsFn loop = loop_for("");
+  count_linear_run(M);
+  loop(w, x, y, b, M, O, I);
+}
+
+bool has_linear_loop() { return loop_for("") != nullptr; }
+
 void register_linear(py::module_& m) {
   m.attr("huge_page_bytes") = huge_page_bytes();
   m.def(
@@ -337,6 +345,7 @@ void register_linear(py::module_& m) {
         const LinearRowsFn loop = isa.empty() ? widest : loop_for(isa);
         if (loop == nullptr) throw py::value_error("fastalign._C: no linear loop '" + isa + "' on this CPU");
         if (M < 0 || O < 0 || I < 0) throw py::value_error("linear_rows: negative size");
+        count_linear_run(M);
         py::gil_scoped_release release;
         loop(reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y),
              reinterpret_cast<const float*>(b), M, O, I);

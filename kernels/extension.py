@@ -12,7 +12,7 @@ import importlib.util
 import os
 import warnings
 
-ABI_VERSION = 4  # must match FASTALIGN_C_ABI_VERSION in csrc/module.cpp
+ABI_VERSION = 5  # must match FASTALIGN_C_ABI_VERSION in csrc/module.cpp
 
 import_error: str | None = None  # why ``extension`` is None (None when it loaded)
 try:

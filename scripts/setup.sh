@@ -25,7 +25,7 @@ build_hash() {
     echo "torch==$TORCH_VERSION extras=$1"
     cat setup.py pyproject.toml CMakeLists.txt scripts/setup.sh
     find csrc -type f | LC_ALL=C sort | xargs cat
-    ls fastalign/_C.* 2>/dev/null || true  # the built extension, when the last install produced one
+    ls fastalign/_C.* fastalign/_torch_ops.so 2>/dev/null || true  # the built native parts, when the last install produced them
   } | sha256sum | cut -d' ' -f1
 }
 

@@ -219,13 +219,11 @@ def test_a_few_queries_go_to_the_cache_loop_as_one_op_also_compiled(one_thread, 
     torch.testing.assert_close(compiled(q, k, v, m), out, rtol=0, atol=0)
     # a traced model's attention: the op in the graph, the loop at the call
     monkeypatch.undo()
-    loops = []
-    loop = native._attention_loop
-    monkeypatch.setattr(native, "_attention_loop", lambda *a: loops.append(a[0].shape) or loop(*a))
+    start = native.loop_runs()["attention"]
     traced = torch.compile(lambda *a: attention.grouped_sdpa(Grouped(3), *a, scaling=0.3)[0], dynamic=False,
                            fullgraph=True)
     torch.testing.assert_close(traced(q, k, v, m), out, rtol=0, atol=0)
-    assert loops == [q.shape]
+    assert native.loop_runs()["attention"] - start == {1: 1}  # one run of the loop, of one query
 
 
 @pytest.mark.skipif(not native.native_linear_supported(), reason="no native loop here: no CPU copy of the model")

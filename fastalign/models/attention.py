@@ -41,19 +41,7 @@ MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"
                          "olmo2", "granite"})
 
 
-# A plain dispatcher op, as cpu_linear's linear_rows: a CPU kernel and a fake one for torch.compile's tracing.
-_LIBRARY = torch.library.Library("fastalign", "FRAGMENT")
-_LIBRARY.define("cache_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor")
-_LIBRARY.impl("cache_attention", native.cache_attention, "CPU")
-
-
-@torch.library.register_fake("fastalign::cache_attention", lib=_LIBRARY)
-def _(query, key, value, mask, scale):
-    B, H, T, D = query.shape
-    return query.new_empty(B, T, H, D)
-
-
-cache_attention_op = torch.ops.fastalign.cache_attention  # ``native.cache_attention`` as a torch op
+cache_attention_op = native.cache_attention_op  # ``native.cache_attention`` as a torch op
 
 
 def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -35,19 +35,7 @@ import torch
 from . import attention, native
 
 
-# A plain dispatcher op (not ``torch.library.custom_op``, whose Python wrapper costs more per call than a small
-# layer's product): a CPU kernel and a fake one for torch.compile's tracing.
-_LIBRARY = torch.library.Library("fastalign", "FRAGMENT")
-_LIBRARY.define("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("linear_rows", native.linear_rows, "CPU")
-
-
-@torch.library.register_fake("fastalign::linear_rows", lib=_LIBRARY)
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-linear_rows_op = torch.ops.fastalign.linear_rows  # ``native.linear_rows`` as a torch op
+linear_rows_op = native.linear_rows_op  # ``native.linear_rows`` as a torch op
 
 
 MIN_WEIGHT_ELEMENTS = 2**16  # smaller layers stay on F.linear: their weights stay in cache, and a call costs ~10 us

@@ -9,6 +9,10 @@ means the node hangs directly off the accepted prefix, and a parent always prece
 
 from __future__ import annotations
 
+import collections
+import ctypes
+import os
+import re
 import warnings
 from typing import Sequence
 
@@ -31,6 +35,8 @@ def native_info() -> dict:
         "import_error": import_error,
         "forced_off": _C is not None and not native_available(),
         "linear_isa": getattr(_C, "linear_isa", "") if _C is not None else "",
+        "op_kernels": op_kernels,  # "c++" (fastalign/_torch_ops.so) or "python"
+        "op_kernels_why": op_kernels_why,  # why not C++ (None when they are)
     }
 
 
@@ -404,3 +410,78 @@ def collapse_huge_pages(t: torch.Tensor) -> int:
         return 0
     storage = t.untyped_storage()
     return _C._collapse_huge_pages(storage.data_ptr(), storage.nbytes())
+
+
+# ---------------------------------------------------------------------------------------------- the torch ops
+# ``linear_rows`` and ``cache_attention`` as plain dispatcher ops (not ``torch.library.custom_op``, whose Python
+# wrapper costs more per call than a small layer's product), which torch.compile calls as one kernel each: their
+# fake kernels here, for tracing, and their CPU kernels either C++ (``fastalign/_torch_ops.so``, csrc/torch_ops.cpp,
+# on _C's loops) or the Python functions above. Both decide at each call the same way and run the same loops; the
+# C++ ones cost about a microsecond a call where Python's cost about ten, which at batch 1 on the 82M model is a
+# fifth of a compiled decode step (docs/internals.md).
+_LIBRARY = torch.library.Library("fastalign", "FRAGMENT")
+_LIBRARY.define("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.define("cache_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor")
+
+
+@torch.library.register_fake("fastalign::linear_rows", lib=_LIBRARY)
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.register_fake("fastalign::cache_attention", lib=_LIBRARY)
+def _(query, key, value, mask, scale):
+    B, H, T, D = query.shape
+    return query.new_empty(B, T, H, D)
+
+
+TORCH_OPS_LIBRARY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_torch_ops.so")
+
+
+def _register_kernels() -> tuple[str, str | None]:
+    """Register the ops' CPU kernels: C++ where ``_torch_ops.so`` is there, was built for this torch and fits
+    this ``_C``, else Python. Returns ("c++" or "python", why not C++)."""
+    why = _register_cpp_kernels()
+    if why is not None and os.path.exists(TORCH_OPS_LIBRARY) and _C is not None:  # there, but not usable
+        warnings.warn(why + "; the ops run their Python kernels", RuntimeWarning, stacklevel=2)
+    if why is not None:
+        _LIBRARY.impl("linear_rows", linear_rows, "CPU")
+        _LIBRARY.impl("cache_attention", cache_attention, "CPU")
+    return ("python", why) if why else ("c++", None)
+
+
+def _register_cpp_kernels() -> str | None:
+    if _C is None or not hasattr(_C, "kernel_table"):
+        return "fastalign._C is not in use"
+    if not os.path.exists(TORCH_OPS_LIBRARY):
+        return f"{TORCH_OPS_LIBRARY} is not built"
+    try:
+        library = ctypes.CDLL(TORCH_OPS_LIBRARY)
+        library.fastalign_torch_ops_built_for.restype = ctypes.c_char_p
+        built_for = library.fastalign_torch_ops_built_for().decode()
+    except (OSError, AttributeError) as exc:
+        return f"{TORCH_OPS_LIBRARY} failed to load: {exc}"
+    running = re.match(r"\d+\.\d+\.\d+", torch.__version__)
+    if running is None or running.group(0) != built_for:
+        return f"{TORCH_OPS_LIBRARY} was built for torch {built_for}, not {torch.__version__}: rebuild fastalign"
+    register = library.fastalign_register_torch_ops
+    register.argtypes = (ctypes.c_size_t, ctypes.c_int64, ctypes.c_int64)
+    code = register(_C.kernel_table, LINEAR_MAX_ROWS, CACHE_ATTENTION_MAX_QUERIES)
+    return None if code == 0 else f"{TORCH_OPS_LIBRARY} refused _C's kernel table (code {code}): rebuild fastalign"
+
+
+op_kernels, op_kernels_why = _register_kernels()
+linear_rows_op = torch.ops.fastalign.linear_rows  # ``linear_rows`` as a torch op
+cache_attention_op = torch.ops.fastalign.cache_attention  # ``cache_attention`` as a torch op
+
+
+def loop_runs() -> dict[str, collections.Counter]:
+    """How many times each of ``_C``'s loops has run in this process, by its size: ``{"linear": Counter(rows ->
+    runs), "attention": Counter(queries per row and head -> runs)}`` (256 and more share 256), from Python and
+    from the ops' C++ kernels alike; empty without the extension. For tests and diagnostics: which calls reached a
+    loop."""
+    if _C is None:
+        return {"linear": collections.Counter(), "attention": collections.Counter()}
+    linear, attention = _C._loop_runs()
+    return {"linear": collections.Counter({i: n for i, n in enumerate(linear) if n}),
+            "attention": collections.Counter({i: n for i, n in enumerate(attention) if n})}

@@ -1,0 +1,186 @@
+"""The CPU kernels of fastalign's torch ops (``torch.ops.fastalign.linear_rows`` and ``cache_attention``): in C++
+(``fastalign/_torch_ops.so``, csrc/torch_ops.cpp) where that library is built for this torch, else the Python
+functions of fastalign.models.native. The C++ kernels take the same decisions as their Python twins, call by call
+(the loop or the ATen fallback), and give the same bits."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import pytest
+import torch
+
+from fastalign.models import native
+
+requires_cpp = pytest.mark.skipif(native.op_kernels != "c++",
+                                  reason=f"the ops run their Python kernels here ({native.op_kernels_why})")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_native_on(monkeypatch):
+    monkeypatch.delenv("FASTALIGN_NATIVE", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_kernels_are_cpp_wherever_the_extension_is_built():
+    """A build of ``_C`` (``pip install -e .``, scripts/setup.sh) builds the library too, for the torch installed."""
+    assert native.native_info()["op_kernels"] == native.op_kernels
+    if native._C is None:
+        assert native.op_kernels == "python"
+        pytest.skip(f"fastalign._C is not importable: {native.native_info()['import_error']}")
+    assert os.path.exists(native.TORCH_OPS_LIBRARY) and native.op_kernels == "c++", native.op_kernels_why
+
+
+def runs_and_result(kind: str, call):
+    """(the loop runs of ``kind`` during ``call()``, its result)."""
+    start = native.loop_runs()[kind]
+    out = call()
+    return native.loop_runs()[kind] - start, out
+
+
+def same_as_python(kind, op, twin, *args):
+    """The op (its registered kernel) and the Python twin take the same path and give the same bits."""
+    op_runs, op_out = runs_and_result(kind, lambda: op(*args))
+    twin_runs, twin_out = runs_and_result(kind, lambda: twin(*args))
+    assert op_runs == twin_runs
+    assert op_out.shape == twin_out.shape and op_out.dtype == twin_out.dtype
+    assert torch.equal(op_out, twin_out)
+    return op_runs
+
+
+def linear_cases():
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+    x = torch.randn(3, 40, generator=gen)
+    many = native.LINEAR_MAX_ROWS + 1
+    return {  # name: (arguments, whether the loop takes them)
+        "rows": ((x, w, b), True),
+        "no bias": ((x, w, None), True),
+        "one dim": ((x[0], w, b), True),
+        "leading dims": ((torch.randn(2, 2, 40, generator=gen), w, b), True),
+        "strided x": ((torch.randn(3, 80, generator=gen)[:, ::2], w, b), True),
+        "no rows": ((torch.randn(0, 40), w, b), True),
+        "most rows": ((torch.randn(native.LINEAR_MAX_ROWS, 40, generator=gen), w, None), True),
+        "too many rows": ((torch.randn(many, 40, generator=gen), w, b), False),
+        "fp64": ((x.double(), w.double(), b.double()), False),
+        "weight not contiguous": ((x, w.t().contiguous().t(), b), False),
+        "a bias that broadcasts": ((x, w, torch.randn(1)), False),
+        "bias not contiguous": ((x, w, torch.randn(48)[::2]), False),
+        "no inputs": ((torch.randn(3, 0), torch.randn(24, 0), b), False),
+    }
+
+
+@requires_cpp
+@pytest.mark.parametrize("case", list(linear_cases()))
+def test_linear_rows_decides_and_computes_as_its_python_twin(case):
+    args, loop = linear_cases()[case]
+    runs = same_as_python("linear", native.linear_rows_op, native.linear_rows, *args)
+    assert (sum(runs.values()) == 1) == loop
+
+
+@requires_cpp
+def test_linear_rows_leaves_to_f_linear_what_the_loop_does_not_take(monkeypatch):
+    args, _ = linear_cases()["rows"]
+    with torch.enable_grad():
+        asks = (args[0], args[1].clone().requires_grad_(), args[2])
+        assert not same_as_python("linear", native.linear_rows_op, native.linear_rows, *asks)
+    torch.set_num_threads(2)
+    assert not same_as_python("linear", native.linear_rows_op, native.linear_rows, *args)
+    torch.set_num_threads(1)
+    for off in ("0", " Off ", "false", "NO"):  # read at each call, as native_available reads it
+        monkeypatch.setenv("FASTALIGN_NATIVE", off)
+        assert not same_as_python("linear", native.linear_rows_op, native.linear_rows, *args)
+    monkeypatch.setenv("FASTALIGN_NATIVE", "1")
+    assert same_as_python("linear", native.linear_rows_op, native.linear_rows, *args) == {3: 1}
+
+
+def attention_cases():
+    gen = torch.Generator().manual_seed(1)
+    B, H, Hkv, S, D = 3, 6, 2, 9, 8
+
+    def qkv(T, Hkv=Hkv):
+        return (torch.randn(B, H, T, D, generator=gen), torch.randn(B, Hkv, S, D, generator=gen),
+                torch.randn(B, Hkv, S, D, generator=gen))
+
+    seen = torch.rand(B, 1, 2, S, generator=gen) > 0.3
+    seen[..., 0] = True
+    added = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)
+    q, k, v = qkv(2)
+    most = native.CACHE_ATTENTION_MAX_QUERIES
+    long_q, long_k, long_v = qkv(most + 1)
+    return {  # name: (arguments, whether the loop takes them)
+        "bool mask": ((q, k, v, seen, 0.3), True),
+        "added mask": ((q, k, v, added, 0.3), True),
+        "no mask": ((q, k, v, None, 0.3), True),
+        "a mask shared over rows": ((q, k, v, seen[:1], 0.3), True),
+        "a mask shared over queries": ((q, k, v, seen[:, :, :1], 0.3), True),
+        "no groups": ((q, *(t.repeat_interleave(3, 1) for t in (k, v)), seen, 0.3), True),
+        "keys strided over rows": ((q, k.transpose(0, 1).contiguous().transpose(0, 1), v, seen, 0.3), True),
+        "most queries": ((*qkv(most), None, 0.3), True),
+        "too many queries": ((long_q, long_k, long_v, None, 0.3), False),
+        "fp64": ((q.double(), k.double(), v.double(), None, 0.3), False),
+        "head dim strided": ((q, torch.randn(B, Hkv, S, 2 * D, generator=gen)[..., ::2], v, None, 0.3), False),
+        "mask of another length": ((q, k, v, seen[..., :-1], 0.3), False),
+        "mask over heads": ((q, k, v, seen.expand(B, H, 2, S).contiguous(), 0.3), False),
+        "fp16 mask": ((q, k, v, added.half(), 0.3), False),
+    }
+
+
+def sdpa_fallback_runs(case) -> bool:
+    """Whether SDPA itself can answer this case's arguments (a mask over heads broadcasts there)."""
+    return case not in ("mask of another length", "fp16 mask")
+
+
+@requires_cpp
+@pytest.mark.parametrize("case", list(attention_cases()))
+def test_cache_attention_decides_and_computes_as_its_python_twin(case):
+    args, loop = attention_cases()[case]
+    if not sdpa_fallback_runs(case):  # both hand it to SDPA, which refuses it alike
+        for kernel in (native.cache_attention_op, native.cache_attention):
+            with pytest.raises(RuntimeError):
+                kernel(*args)
+        return
+    runs = same_as_python("attention", native.cache_attention_op, native.cache_attention, *args)
+    assert (sum(runs.values()) == 1) == loop
+
+
+@requires_cpp
+def test_cache_attention_leaves_to_sdpa_what_the_loop_does_not_take(monkeypatch):
+    args, _ = attention_cases()["bool mask"]
+    q, k, v, m, scale = args
+    with torch.enable_grad():
+        asks = (q.clone().requires_grad_(), k, v, m, scale)
+        assert not same_as_python("attention", native.cache_attention_op, native.cache_attention, *asks)
+    torch.set_num_threads(2)
+    assert not same_as_python("attention", native.cache_attention_op, native.cache_attention, *args)
+    torch.set_num_threads(1)
+    monkeypatch.setenv("FASTALIGN_NATIVE", "off")
+    assert not same_as_python("attention", native.cache_attention_op, native.cache_attention, *args)
+    monkeypatch.delenv("FASTALIGN_NATIVE")
+    assert same_as_python("attention", native.cache_attention_op, native.cache_attention, *args) == {2: 1}
+
+
+@requires_cpp
+def test_the_ops_pass_torch_s_checks_on_the_cpp_kernels():
+    for args, _ in list(linear_cases().values())[:3]:
+        torch.library.opcheck(native.linear_rows_op, args)
+    for name in ("bool mask", "added mask", "no mask"):
+        torch.library.opcheck(native.cache_attention_op, attention_cases()[name][0])
+
+
+@requires_cpp
+def test_the_library_registers_once_and_only_on_the_torch_it_was_built_for(monkeypatch):
+    library = ctypes.CDLL(native.TORCH_OPS_LIBRARY)
+    register = library.fastalign_register_torch_ops
+    register.argtypes = (ctypes.c_size_t, ctypes.c_int64, ctypes.c_int64)
+    assert register(native._C.kernel_table, 1, 1) == 2  # registered already: the limits stay
+    assert register(0, 1, 1) == 1  # no table
+    wrong = (ctypes.c_int32 * 8)(native._C.kernel_table_version + 1)
+    assert register(ctypes.addressof(wrong), 1, 1) == 1  # a table of another version
+    monkeypatch.setattr(torch, "__version__", "2.1.0")
+    assert "was built for torch" in native._register_cpp_kernels()
+    assert same_as_python("linear", native.linear_rows_op, native.linear_rows, *linear_cases()["most rows"][0])
