@@ -16,7 +16,8 @@ kernels (a warning, as above); it is used only under the torch it was built for.
 
 Environment switches:
     FASTALIGN_NO_NATIVE=1       do not build fastalign._C at all
-    FASTALIGN_REQUIRE_NATIVE=1  make a failed native build an error instead of a warning
+    FASTALIGN_REQUIRE_NATIVE=1  make a failed native build an error instead of a warning (the torch ops
+                                library's included: it then needs torch importable at build time)
     FASTALIGN_CUDA=1 / 0        force the CUDA sources on / off (default: on when a CUDA toolkit is found
                                 AND the installed torch is a CUDA build)
     FASTALIGN_CUDA_ARCHS        CMake CUDA architectures, e.g. "80-real;90" (default: TORCH_CUDA_ARCH_LIST
@@ -133,6 +134,14 @@ def _cuda_archs() -> str:
     return ";".join(out) if out else "all-major"
 
 
+def torch_build() -> str:
+    """The installed torch's version and git commit: ``fastalign/_torch_ops.so`` is used under that torch only
+    (``fastalign.models.native`` compares)."""
+    import torch
+
+    return f"{torch.__version__} {torch.version.git_version}"
+
+
 class CMakeBuild(build_ext):
     """Builds CMakeExtensions with CMake; a failure only warns (unless FASTALIGN_REQUIRE_NATIVE=1)."""
 
@@ -234,7 +243,8 @@ class CMakeBuild(build_ext):
 
             args = [f"-DFASTALIGN_TORCH_INCLUDE={';'.join(cpp_extension.include_paths())}",
                     f"-DFASTALIGN_TORCH_LIBRARY_DIR={cpp_extension.library_paths()[0]}",
-                    f"-DFASTALIGN_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+                    f"-DFASTALIGN_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                    f"-DFASTALIGN_TORCH_BUILT_FOR={torch_build()}"]
             _log("cmake " + " ".join(args))
             subprocess.run([cmake, "-S", ROOT, "-B", build_dir, *args], check=True)
             jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(self.parallel or os.cpu_count() or 1)
@@ -270,10 +280,10 @@ class BuildPy(build_py):
 def _ext_modules() -> list[Extension]:
     if _flag("FASTALIGN_NO_NATIVE"):
         _log("FASTALIGN_NO_NATIVE set: skipping the native extension")
-        in_tree = [n for n in os.listdir(os.path.join(ROOT, "fastalign")) if n.startswith("_C.")]
+        in_tree = [n for n in os.listdir(os.path.join(ROOT, "fastalign")) if n.startswith(("_C.", "_torch_ops."))]
         if in_tree:
-            _warn(f"fastalign/{in_tree[0]} from an earlier in-place build is still in the source tree; an "
-                  "editable install will import it (delete it to run on the pure-PyTorch fallback)")
+            _warn(f"{', '.join('fastalign/' + n for n in in_tree)} from an earlier in-place build is still in the "
+                  "source tree; an editable install will load it (delete it to run on the pure-PyTorch fallback)")
         return []
     return [CMakeExtension("fastalign._C")]
 

@@ -13,9 +13,10 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/GradMode.h>
-#include <torch/headeronly/version.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
+#include <atomic>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
@@ -28,9 +29,11 @@
 namespace {
 
 const fastalign::KernelTable* table = nullptr;
-int64_t linear_max_rows = 0, attention_max_queries = 0;  // Python's LINEAR_MAX_ROWS, CACHE_ATTENTION_MAX_QUERIES
+// Python's LINEAR_MAX_ROWS and CACHE_ATTENTION_MAX_QUERIES, set with them (native.set_loop_limits)
+std::atomic<int64_t> linear_max_rows{0}, attention_max_queries{0};
 
-// FASTALIGN_NATIVE=0 (false, off, no) switches the loops off, read at each call (kernels/extension.py).
+// FASTALIGN_NATIVE=0 (false, off, no; ASCII blanks around ignored) switches the loops off, read at each call as
+// kernels/extension.py reads it. (getenv under the GIL, which a call from Python holds, as os.environ's writes do.)
 bool native_on() {
   const char* value = std::getenv("FASTALIGN_NATIVE");
   if (value == nullptr) return true;
@@ -59,7 +62,7 @@ bool linear_loop_takes(const at::Tensor& x, const at::Tensor& w, const std::opti
   if (x.dim() < 1 || x.size(-1) != w.size(1) || w.size(1) == 0) return false;
   if (b && !(plain_cpu_f32(*b) && b->dim() == 1 && b->size(0) == w.size(0) && b->is_contiguous())) return false;
   if (asks_gradient({&x, &w, b ? &*b : nullptr})) return false;
-  return x.numel() / x.size(-1) <= linear_max_rows;
+  return x.numel() / x.size(-1) <= linear_max_rows.load(std::memory_order_relaxed);
 }
 
 // native.linear_rows
@@ -83,7 +86,7 @@ bool attention_loop_takes(const at::Tensor& q, const at::Tensor& k, const at::Te
     if (!(plain_cpu_f32(*t) && t->dim() == 4 && t->stride(3) == 1)) return false;
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   if (k.sizes() != v.sizes() || k.size(0) != B || k.size(3) != D || k.size(1) == 0) return false;
-  if (H % k.size(1) != 0 || !(0 < T && T <= attention_max_queries)) return false;
+  if (H % k.size(1) != 0 || !(0 < T && T <= attention_max_queries.load(std::memory_order_relaxed))) return false;
   if (mask) {
     const at::Tensor& m = *mask;
     if (!(m.is_cpu() && (m.scalar_type() == at::kFloat || m.scalar_type() == at::kBool) &&
@@ -127,29 +130,36 @@ std::unique_ptr<torch::Library> kernels;  // the registration (kept for the life
 
 extern "C" {
 
-// The torch this library was built against, "major.minor.patch": Python registers it only under that torch.
+// The torch this library was built against (setup.py: its version and git commit): Python registers it only
+// under that torch.
 __attribute__((visibility("default"))) const char* fastalign_torch_ops_built_for() {
-#define FASTALIGN_STR2(x) #x
-#define FASTALIGN_STR(x) FASTALIGN_STR2(x)
-  return FASTALIGN_STR(TORCH_VERSION_MAJOR) "." FASTALIGN_STR(TORCH_VERSION_MINOR) "." FASTALIGN_STR(TORCH_VERSION_PATCH);
+#ifdef FASTALIGN_TORCH_BUILT_FOR
+  return FASTALIGN_TORCH_BUILT_FOR;
+#else
+  return "";
+#endif
 }
 
 // Register the CPU kernels of fastalign::linear_rows and fastalign::cache_attention (their schemas and fake
-// kernels are Python's) on _C's kernel table at `table_address`; the loops run up to `max_rows` rows and
-// `max_queries` queries. 0: registered; 1: a table of another version; 2: registered already.
-__attribute__((visibility("default"))) int fastalign_register_torch_ops(std::uintptr_t table_address,
-                                                                       int64_t max_rows, int64_t max_queries) {
+// kernels are Python's) on _C's kernel table at `table_address`. 0: registered; 1: no table, or one of another
+// version; 2: registered already.
+__attribute__((visibility("default"))) int fastalign_register_torch_ops(std::uintptr_t table_address) {
   const auto* given = reinterpret_cast<const fastalign::KernelTable*>(table_address);
   if (given == nullptr || given->version != fastalign::kKernelTableVersion) return 1;
   if (kernels) return 2;
   table = given;
-  linear_max_rows = max_rows;
-  attention_max_queries = max_queries;
   kernels = std::make_unique<torch::Library>(torch::Library::IMPL, "fastalign", c10::DispatchKey::CPU, __FILE__,
                                              __LINE__);
   kernels->impl("linear_rows", TORCH_FN(linear_rows));
   kernels->impl("cache_attention", TORCH_FN(cache_attention));
   return 0;
+}
+
+// The loops run up to `max_rows` rows (linear_rows) and `max_queries` queries per row and head
+// (cache_attention).
+__attribute__((visibility("default"))) void fastalign_set_torch_ops_limits(int64_t max_rows, int64_t max_queries) {
+  linear_max_rows.store(max_rows, std::memory_order_relaxed);
+  attention_max_queries.store(max_queries, std::memory_order_relaxed);
 }
 
 }  // extern "C"

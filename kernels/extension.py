@@ -42,5 +42,10 @@ def native_available() -> bool:
 
     ``FASTALIGN_NATIVE=0`` in the environment forces the fallback (read at each call).
     """
-    return extension is not None and os.environ.get("FASTALIGN_NATIVE", "1").strip().lower() not in (
-        "0", "false", "off", "no")
+    return extension is not None and switched_on("FASTALIGN_NATIVE")
+
+
+def switched_on(name: str) -> bool:
+    """Whether the environment leaves switch ``name`` on: anything but 0, false, off or no (any case, ASCII
+    blanks around ignored, as ``csrc/torch_ops.cpp`` reads ``FASTALIGN_NATIVE``); unset is on."""
+    return os.environ.get(name, "1").strip(" \t\n\r\f\v").lower() not in ("0", "false", "off", "no")

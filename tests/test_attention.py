@@ -40,14 +40,21 @@ def spy_on_the_fallback(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def no_cache_loop():
+    """Where the cache loop does not run: its query limit 0, for the ops' Python and C++ kernels alike."""
+    previous = native.set_loop_limits(cache_attention_queries=0)
+    yield
+    native.set_loop_limits(*previous)
+
+
 def copied_heads(x, groups):  # transformers' repeat_kv: query head h reads key-value head h // groups
     return x.repeat_interleave(groups, dim=1)
 
 
 @pytest.mark.parametrize("T", [1, 4, 5])
 @pytest.mark.parametrize("additive", [False, True])
-def test_grouped_attention_is_sdpa_over_copied_heads_bit_for_bit(T, additive, monkeypatch):
-    monkeypatch.setattr(native, "CACHE_ATTENTION_MAX_QUERIES", 0)  # where the cache loop does not run
+def test_grouped_attention_is_sdpa_over_copied_heads_bit_for_bit(T, additive, monkeypatch, no_cache_loop):
     q, k, v, visible = heads(T=T)
     mask = visible if not additive else torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
     fallback = spy_on_the_fallback(monkeypatch)
@@ -64,8 +71,7 @@ def test_grouped_attention_is_sdpa_over_copied_heads_bit_for_bit(T, additive, mo
     assert not torch.allclose(out, tiled.transpose(1, 2))
 
 
-def test_without_a_mask_or_groups_it_is_transformers_function(monkeypatch):
-    monkeypatch.setattr(native, "CACHE_ATTENTION_MAX_QUERIES", 0)  # where the cache loop does not run
+def test_without_a_mask_or_groups_it_is_transformers_function(monkeypatch, no_cache_loop):
     q, k, v, visible = heads()
     fallback = spy_on_the_fallback(monkeypatch)
     for args in ((Grouped(3), q, k, v, None), (Grouped(1), q, torch.cat([k] * 3, 1), torch.cat([v] * 3, 1), visible)):

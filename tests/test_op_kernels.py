@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,10 @@ from fastalign.models import native
 
 requires_cpp = pytest.mark.skipif(native.op_kernels != "c++",
                                   reason=f"the ops run their Python kernels here ({native.op_kernels_why})")
+
+
+def has_cache_loop() -> bool:
+    return native.native_available() and bool(getattr(native._C, "has_cache_attention", False))
 
 
 @pytest.fixture(autouse=True)
@@ -79,23 +85,49 @@ def linear_cases():
 def test_linear_rows_decides_and_computes_as_its_python_twin(case):
     args, loop = linear_cases()[case]
     runs = same_as_python("linear", native.linear_rows_op, native.linear_rows, *args)
-    assert (sum(runs.values()) == 1) == loop
+    assert (sum(runs.values()) == 1) == (loop and native.native_linear_supported())
 
 
 @requires_cpp
+@pytest.mark.skipif(not native.native_linear_supported(), reason="no linear loop on this CPU")
 def test_linear_rows_leaves_to_f_linear_what_the_loop_does_not_take(monkeypatch):
-    args, _ = linear_cases()["rows"]
-    with torch.enable_grad():
-        asks = (args[0], args[1].clone().requires_grad_(), args[2])
-        assert not same_as_python("linear", native.linear_rows_op, native.linear_rows, *asks)
+    (x, w, b), _ = linear_cases()["rows"]
+    twins = ("linear", native.linear_rows_op, native.linear_rows)
+    with torch.enable_grad():  # a gradient asked through any input
+        for asks in ((x.clone().requires_grad_(), w, b), (x, w.clone().requires_grad_(), b),
+                     (x, w, b.clone().requires_grad_())):
+            assert not same_as_python(*twins, *asks)
+    with torch.no_grad():  # none asked: the loop
+        assert same_as_python(*twins, x, w.clone().requires_grad_(), b) == {3: 1}
+    with torch.inference_mode():
+        assert same_as_python(*twins, x, w, b) == {3: 1}
     torch.set_num_threads(2)
-    assert not same_as_python("linear", native.linear_rows_op, native.linear_rows, *args)
+    assert not same_as_python(*twins, x, w, b)
     torch.set_num_threads(1)
-    for off in ("0", " Off ", "false", "NO"):  # read at each call, as native_available reads it
+    for off in ("0", " Off ", "false", "NO", "\tno\n"):  # read at each call, as native_available reads it
         monkeypatch.setenv("FASTALIGN_NATIVE", off)
-        assert not same_as_python("linear", native.linear_rows_op, native.linear_rows, *args)
-    monkeypatch.setenv("FASTALIGN_NATIVE", "1")
-    assert same_as_python("linear", native.linear_rows_op, native.linear_rows, *args) == {3: 1}
+        assert not same_as_python(*twins, x, w, b)
+    for on in ("1", "", "yes", "0ff"):
+        monkeypatch.setenv("FASTALIGN_NATIVE", on)
+        assert same_as_python(*twins, x, w, b) == {3: 1}
+
+
+@requires_cpp
+def test_the_loop_limits_are_one_setting_for_both_kernels():
+    (x, w, b), _ = linear_cases()["rows"]
+    (q, k, v, m, scale), _ = attention_cases()["bool mask"]
+    previous = native.set_loop_limits(2, 1)
+    try:
+        assert native.LINEAR_MAX_ROWS == 2 and native.CACHE_ATTENTION_MAX_QUERIES == 1
+        assert not same_as_python("linear", native.linear_rows_op, native.linear_rows, x, w, b)
+        assert not same_as_python("attention", native.cache_attention_op, native.cache_attention, q, k, v, m, scale)
+        native.set_loop_limits(3, 2)
+        assert (same_as_python("linear", native.linear_rows_op, native.linear_rows, x, w, b) == {3: 1}) == \
+            native.native_linear_supported()
+        assert (same_as_python("attention", native.cache_attention_op, native.cache_attention, q, k, v, m, scale)
+                == {2: 1}) == has_cache_loop()
+    finally:
+        assert native.set_loop_limits(*previous) == (3, 2)
 
 
 def attention_cases():
@@ -120,6 +152,9 @@ def attention_cases():
         "a mask shared over queries": ((q, k, v, seen[:, :, :1], 0.3), True),
         "no groups": ((q, *(t.repeat_interleave(3, 1) for t in (k, v)), seen, 0.3), True),
         "keys strided over rows": ((q, k.transpose(0, 1).contiguous().transpose(0, 1), v, seen, 0.3), True),
+        "queries as a layer's view": ((torch.randn(B, 2, H, D, generator=gen).transpose(1, 2), k, v, seen, 0.3), True),
+        "a mask expanded over rows": ((q, k, v, seen[:1].expand(B, 1, 2, S), 0.3), True),
+        "a mask strided over columns": ((q, k, v, torch.stack([seen, seen], -1)[..., 0], 0.3), True),
         "most queries": ((*qkv(most), None, 0.3), True),
         "too many queries": ((long_q, long_k, long_v, None, 0.3), False),
         "fp64": ((q.double(), k.double(), v.double(), None, 0.3), False),
@@ -145,23 +180,27 @@ def test_cache_attention_decides_and_computes_as_its_python_twin(case):
                 kernel(*args)
         return
     runs = same_as_python("attention", native.cache_attention_op, native.cache_attention, *args)
-    assert (sum(runs.values()) == 1) == loop
+    assert (sum(runs.values()) == 1) == (loop and has_cache_loop())
 
 
 @requires_cpp
+@pytest.mark.skipif(not has_cache_loop(), reason="no cache attention loop on this CPU")
 def test_cache_attention_leaves_to_sdpa_what_the_loop_does_not_take(monkeypatch):
-    args, _ = attention_cases()["bool mask"]
-    q, k, v, m, scale = args
-    with torch.enable_grad():
-        asks = (q.clone().requires_grad_(), k, v, m, scale)
-        assert not same_as_python("attention", native.cache_attention_op, native.cache_attention, *asks)
+    (q, k, v, m, scale), _ = attention_cases()["bool mask"]
+    twins = ("attention", native.cache_attention_op, native.cache_attention)
+    with torch.enable_grad():  # a gradient asked through any input
+        for asks in ((q.clone().requires_grad_(), k, v), (q, k.clone().requires_grad_(), v),
+                     (q, k, v.clone().requires_grad_())):
+            assert not same_as_python(*twins, *asks, m, scale)
+    with torch.no_grad():
+        assert same_as_python(*twins, q.clone().requires_grad_(), k, v, m, scale) == {2: 1}
     torch.set_num_threads(2)
-    assert not same_as_python("attention", native.cache_attention_op, native.cache_attention, *args)
+    assert not same_as_python(*twins, q, k, v, m, scale)
     torch.set_num_threads(1)
     monkeypatch.setenv("FASTALIGN_NATIVE", "off")
-    assert not same_as_python("attention", native.cache_attention_op, native.cache_attention, *args)
-    monkeypatch.delenv("FASTALIGN_NATIVE")
-    assert same_as_python("attention", native.cache_attention_op, native.cache_attention, *args) == {2: 1}
+    assert not same_as_python(*twins, q, k, v, m, scale)
+    monkeypatch.setenv("FASTALIGN_NATIVE", "")
+    assert same_as_python(*twins, q, k, v, m, scale) == {2: 1}
 
 
 @requires_cpp
@@ -176,11 +215,31 @@ def test_the_ops_pass_torch_s_checks_on_the_cpp_kernels():
 def test_the_library_registers_once_and_only_on_the_torch_it_was_built_for(monkeypatch):
     library = ctypes.CDLL(native.TORCH_OPS_LIBRARY)
     register = library.fastalign_register_torch_ops
-    register.argtypes = (ctypes.c_size_t, ctypes.c_int64, ctypes.c_int64)
-    assert register(native._C.kernel_table, 1, 1) == 2  # registered already: the limits stay
-    assert register(0, 1, 1) == 1  # no table
+    register.argtypes = (ctypes.c_size_t,)
+    assert register(native._C.kernel_table) == 2  # registered already
+    assert register(0) == 1  # no table
     wrong = (ctypes.c_int32 * 8)(native._C.kernel_table_version + 1)
-    assert register(ctypes.addressof(wrong), 1, 1) == 1  # a table of another version
-    monkeypatch.setattr(torch, "__version__", "2.1.0")
-    assert "was built for torch" in native._register_cpp_kernels()
-    assert same_as_python("linear", native.linear_rows_op, native.linear_rows, *linear_cases()["most rows"][0])
+    assert register(ctypes.addressof(wrong)) == 1  # a table of another version
+    library.fastalign_torch_ops_built_for.restype = ctypes.c_char_p
+    assert library.fastalign_torch_ops_built_for().decode() == f"{torch.__version__} {torch.version.git_version}"
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".post1")  # another build of torch
+    library, why = native._load_cpp_kernels()
+    assert library is None and "was built for torch" in why
+
+
+def test_the_python_kernels_where_the_cpp_ones_are_switched_off():
+    """``FASTALIGN_TORCH_OPS=0`` (read at import): the ops' Python kernels, the same loops and bits."""
+    script = """
+import torch
+torch.set_num_threads(1)
+from fastalign.models import native
+assert native.op_kernels == "python" and "FASTALIGN_TORCH_OPS" in native.op_kernels_why, native.op_kernels_why
+x, w = torch.randn(3, 40), torch.randn(24, 40)
+runs = native.loop_runs()["linear"]
+assert torch.equal(native.linear_rows_op(x, w, None), native.linear_rows(x, w, None))
+assert (native.loop_runs()["linear"] - runs == {3: 2}) == native.native_linear_supported()
+"""
+    env = dict(os.environ, FASTALIGN_TORCH_OPS="0", OMP_NUM_THREADS="1")
+    env.pop("FASTALIGN_NATIVE", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

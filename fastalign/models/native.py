@@ -12,14 +12,13 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
-import re
 import warnings
 from typing import Sequence
 
 import torch
 
 from ..kernels.extension import extension as _C  # None when not built, stale or broken
-from ..kernels.extension import import_error, native_available
+from ..kernels.extension import import_error, native_available, switched_on
 
 _cuda_gather_broken: str | None = None  # set when the CUDA path failed once (e.g. driver too old)
 
@@ -272,7 +271,7 @@ def _linear_loop(x, weight, bias, isa: str) -> torch.Tensor:
     """``native_linear`` without its checks (contiguous weight and bias)."""
     O, I = weight.shape
     x = x.contiguous()  # the loop reads x as M rows of I
-    out = torch.empty(x.shape[:-1] + (O,), dtype=torch.float32)
+    out = x.new_empty(x.shape[:-1] + (O,))
     _C._linear_rows_f32(weight.data_ptr(), x.data_ptr(), out.data_ptr(),
                         0 if bias is None else bias.data_ptr(), x.shape[:-1].numel(), O, I, isa)
     return out
@@ -368,7 +367,7 @@ def cache_attention_loop(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def _attention_loop(query, key, value, mask, scale: float) -> torch.Tensor:
     B, H, T, D = query.shape
     H_kv, S = key.shape[1], key.shape[2]
-    out = torch.empty(B, T, H, D)
+    out = query.new_empty(B, T, H, D)
     if mask is None:
         masked, kind = (0, 0, 0, 0, 0), 0
     else:
@@ -436,38 +435,64 @@ def _(query, key, value, mask, scale):
 
 
 TORCH_OPS_LIBRARY = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_torch_ops.so")
+_torch_ops = None  # the library (ctypes) when its kernels are registered
 
 
 def _register_kernels() -> tuple[str, str | None]:
     """Register the ops' CPU kernels: C++ where ``_torch_ops.so`` is there, was built for this torch and fits
-    this ``_C``, else Python. Returns ("c++" or "python", why not C++)."""
-    why = _register_cpp_kernels()
-    if why is not None and os.path.exists(TORCH_OPS_LIBRARY) and _C is not None:  # there, but not usable
-        warnings.warn(why + "; the ops run their Python kernels", RuntimeWarning, stacklevel=2)
-    if why is not None:
+    this ``_C``, and ``FASTALIGN_TORCH_OPS=0`` is not set (read once, here); else Python. Returns ("c++" or
+    "python", why not C++)."""
+    global _torch_ops
+    _torch_ops, why = _load_cpp_kernels()
+    if why is not None and _C is not None and os.path.exists(TORCH_OPS_LIBRARY) and switched_on("FASTALIGN_TORCH_OPS"):
+        warnings.warn(why + "; the ops run their Python kernels", RuntimeWarning, stacklevel=2)  # there, not usable
+    if _torch_ops is None:
         _LIBRARY.impl("linear_rows", linear_rows, "CPU")
         _LIBRARY.impl("cache_attention", cache_attention, "CPU")
-    return ("python", why) if why else ("c++", None)
+        return "python", why
+    _torch_ops.fastalign_set_torch_ops_limits(LINEAR_MAX_ROWS, CACHE_ATTENTION_MAX_QUERIES)
+    return "c++", None
 
 
-def _register_cpp_kernels() -> str | None:
+def _load_cpp_kernels():
+    """(the library with its kernels registered, None) or (None, why not)."""
+    if not switched_on("FASTALIGN_TORCH_OPS"):
+        return None, "switched off by FASTALIGN_TORCH_OPS"
     if _C is None or not hasattr(_C, "kernel_table"):
-        return "fastalign._C is not in use"
+        return None, "fastalign._C is not in use"
     if not os.path.exists(TORCH_OPS_LIBRARY):
-        return f"{TORCH_OPS_LIBRARY} is not built"
+        return None, f"{TORCH_OPS_LIBRARY} is not built"
     try:
         library = ctypes.CDLL(TORCH_OPS_LIBRARY)
         library.fastalign_torch_ops_built_for.restype = ctypes.c_char_p
         built_for = library.fastalign_torch_ops_built_for().decode()
     except (OSError, AttributeError) as exc:
-        return f"{TORCH_OPS_LIBRARY} failed to load: {exc}"
-    running = re.match(r"\d+\.\d+\.\d+", torch.__version__)
-    if running is None or running.group(0) != built_for:
-        return f"{TORCH_OPS_LIBRARY} was built for torch {built_for}, not {torch.__version__}: rebuild fastalign"
-    register = library.fastalign_register_torch_ops
-    register.argtypes = (ctypes.c_size_t, ctypes.c_int64, ctypes.c_int64)
-    code = register(_C.kernel_table, LINEAR_MAX_ROWS, CACHE_ATTENTION_MAX_QUERIES)
-    return None if code == 0 else f"{TORCH_OPS_LIBRARY} refused _C's kernel table (code {code}): rebuild fastalign"
+        return None, f"{TORCH_OPS_LIBRARY} failed to load: {exc}"
+    running = f"{torch.__version__} {torch.version.git_version}"
+    if built_for != running:
+        return None, f"{TORCH_OPS_LIBRARY} was built for torch {built_for!r}, not {running!r}: reinstall fastalign"
+    library.fastalign_register_torch_ops.argtypes = (ctypes.c_size_t,)
+    library.fastalign_set_torch_ops_limits.argtypes = (ctypes.c_int64, ctypes.c_int64)
+    code = library.fastalign_register_torch_ops(_C.kernel_table)
+    if code != 0:
+        return None, f"{TORCH_OPS_LIBRARY} refused _C's kernel table (code {code}): reinstall fastalign"
+    return library, None
+
+
+def set_loop_limits(linear_rows: int | None = None, cache_attention_queries: int | None = None) -> tuple[int, int]:
+    """Set up to how many rows ``linear_rows`` runs its loop (``LINEAR_MAX_ROWS``) and up to how many queries per
+    row and head ``cache_attention`` runs its (``CACHE_ATTENTION_MAX_QUERIES``), for the Python kernels and the
+    C++ ones alike (None: as it is); returns the previous ``(rows, queries)``. For experiments and tests (0: the
+    loop never runs); the defaults are measured. Set them here, not on the module: the C++ kernels keep a copy."""
+    global LINEAR_MAX_ROWS, CACHE_ATTENTION_MAX_QUERIES
+    previous = LINEAR_MAX_ROWS, CACHE_ATTENTION_MAX_QUERIES
+    if linear_rows is not None:
+        LINEAR_MAX_ROWS = int(linear_rows)
+    if cache_attention_queries is not None:
+        CACHE_ATTENTION_MAX_QUERIES = int(cache_attention_queries)
+    if _torch_ops is not None:
+        _torch_ops.fastalign_set_torch_ops_limits(LINEAR_MAX_ROWS, CACHE_ATTENTION_MAX_QUERIES)
+    return previous
 
 
 op_kernels, op_kernels_why = _register_kernels()
