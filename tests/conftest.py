@@ -26,6 +26,16 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", f"ignore:{message}:RuntimeWarning:triton.runtime.interpreter")
 
 
+@pytest.fixture
+def one_thread_native_on(monkeypatch):
+    """One torch thread (the native loops' condition) and ``FASTALIGN_NATIVE`` unset, for the test."""
+    monkeypatch.delenv("FASTALIGN_NATIVE", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

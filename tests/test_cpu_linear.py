@@ -12,13 +12,7 @@ requires_loop = pytest.mark.skipif(not native.native_linear_supported(),
                                    reason="fastalign._C is not built here or this CPU has no linear loop")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_native_on(monkeypatch):
-    monkeypatch.delenv("FASTALIGN_NATIVE", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_native_on")
 
 
 def spy_on_the_loop():

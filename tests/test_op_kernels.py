@@ -23,13 +23,7 @@ def has_cache_loop() -> bool:
     return native.native_available() and bool(getattr(native._C, "has_cache_attention", False))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_native_on(monkeypatch):
-    monkeypatch.delenv("FASTALIGN_NATIVE", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_native_on")
 
 
 def test_the_kernels_are_cpp_wherever_the_extension_is_built():
