@@ -94,7 +94,7 @@ bool attention_loop_takes(const at::Tensor& q, const at::Tensor& k, const at::Te
           (m.size(2) == 1 || m.size(2) == T) && m.size(3) == k.size(2)))
       return false;
   }
-  return !asks_gradient({&q, &k, &v});
+  return !asks_gradient({&q, &k, &v, mask ? &*mask : nullptr});
 }
 
 fastalign::Strided4 strided(const at::Tensor& t) {

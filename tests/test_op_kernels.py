@@ -186,6 +186,9 @@ def test_cache_attention_leaves_to_sdpa_what_the_loop_does_not_take(monkeypatch)
         for asks in ((q.clone().requires_grad_(), k, v), (q, k.clone().requires_grad_(), v),
                      (q, k, v.clone().requires_grad_())):
             assert not same_as_python(*twins, *asks, m, scale)
+        added = torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
+        assert same_as_python(*twins, q, k, v, added, scale) == {2: 1}
+        assert not same_as_python(*twins, q, k, v, added.requires_grad_(), scale)  # a mask that learns
     with torch.no_grad():
         assert same_as_python(*twins, q.clone().requires_grad_(), k, v, m, scale) == {2: 1}
     torch.set_num_threads(2)

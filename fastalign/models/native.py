@@ -310,7 +310,7 @@ def cache_attention_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """Whether ``_C``'s loop takes these tensors (what a traced model can ask: their properties only): ``query
     [B, H, T, D]`` (``T`` at most ``max_queries``, default ``CACHE_ATTENTION_MAX_QUERIES``), ``key``/``value
     [B, Hkv, S, D]`` (``H`` a multiple of ``Hkv``) fp32 CPU tensors with unit stride over ``D``, ``mask`` None or
-    ``[B or 1, 1, T or 1, S]`` (fp32, added, or bool, True where a query sees), and no gradient asked."""
+    ``[B or 1, 1, T or 1, S]`` (fp32, added, or bool, True where a query sees), and no gradient asked of any."""
     if not all(_plain_cpu_f32(t) and t.dim() == 4 and t.stride(3) == 1 for t in (query, key, value)):
         return False
     B, H, T, D = query.shape
@@ -323,7 +323,7 @@ def cache_attention_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                 and mask.dim() == 4 and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[2] in (1, T)
                 and mask.shape[3] == key.shape[2]):
             return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, mask)))
 
 
 def cache_attention_ok(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
