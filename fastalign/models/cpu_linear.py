@@ -16,9 +16,9 @@ huge page, one after the other in the layers' order, which a background thread b
 streams weights on huge pages faster, and only there does every byte of a layer sit on one (``into_one_mapping``).
 The module the caller gave keeps its structure, its parameter objects and their values; only where the turned
 weights' memory lies changes.
-The op is opaque to ``torch.compile`` (a compiled step calls it as one kernel) and decides at each call, in
-``native.linear_rows``, whether the native loop runs or ``F.linear`` does (more than one torch thread,
-``FASTALIGN_NATIVE=0``).
+The op is opaque to ``torch.compile`` (a compiled step calls it as one kernel) and its kernel (``native.linear_rows``
+or its C++ twin, ``native.py``'s ops section) decides at each call whether the native loop runs or ``F.linear``
+does (more than one torch thread, ``FASTALIGN_NATIVE=0``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from . import attention, native
 linear_rows_op = native.linear_rows_op  # ``native.linear_rows`` as a torch op
 
 
-MIN_WEIGHT_ELEMENTS = 2**16  # smaller layers stay on F.linear: their weights stay in cache, and a call costs ~10 us
+MIN_WEIGHT_ELEMENTS = 2**16  # smaller layers stay on F.linear: their weights stay in cache (chosen when a call
+# of the op cost ~10 us; its C++ kernel costs ~1 us, and moving the toy world's layers would change its bits)
 
 
 class RowsLinear(torch.nn.Linear):
