@@ -245,11 +245,7 @@ class CMakeBuild(build_ext):
                     f"-DFASTALIGN_TORCH_LIBRARY_DIR={cpp_extension.library_paths()[0]}",
                     f"-DFASTALIGN_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                     f"-DFASTALIGN_TORCH_BUILT_FOR={torch_build()}"]
-            _log("cmake " + " ".join(args))
-            subprocess.run([cmake, "-S", ROOT, "-B", build_dir, *args], check=True)
-            jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(self.parallel or os.cpu_count() or 1)
-            subprocess.run([cmake, "--build", build_dir, "--target", "fastalign_torch_ops", "--parallel", jobs],
-                           check=True)
+            self._cmake(cmake, build_dir, args, target="fastalign_torch_ops")
         except Exception as exc:  # noqa: BLE001 - the ops keep their Python kernels
             if _flag("FASTALIGN_REQUIRE_NATIVE"):
                 raise
@@ -257,11 +253,13 @@ class CMakeBuild(build_ext):
             return
         _log(f"built {library}")
 
-    def _cmake(self, cmake: str, build_dir: str, args: list[str]) -> None:
+    def _cmake(self, cmake: str, build_dir: str, args: list[str], target: str | None = None) -> None:
+        """Configure ``build_dir`` with ``args``, then build ``target`` (default: all, which is ``_C``)."""
         _log("cmake " + " ".join(args))
         subprocess.run([cmake, "-S", ROOT, "-B", build_dir, *args], check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(self.parallel or os.cpu_count() or 1)
-        subprocess.run([cmake, "--build", build_dir, "--parallel", jobs], check=True)
+        subprocess.run([cmake, "--build", build_dir, *(["--target", target] if target else []), "--parallel", jobs],
+                       check=True)
 
 
 class BuildPy(build_py):

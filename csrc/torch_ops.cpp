@@ -14,12 +14,10 @@
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <atomic>
 #include <cctype>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -133,11 +131,7 @@ extern "C" {
 // The torch this library was built against (setup.py: its version and git commit): Python registers it only
 // under that torch.
 __attribute__((visibility("default"))) const char* fastalign_torch_ops_built_for() {
-#ifdef FASTALIGN_TORCH_BUILT_FOR
-  return FASTALIGN_TORCH_BUILT_FOR;
-#else
-  return "";
-#endif
+  return FASTALIGN_TORCH_BUILT_FOR;  // (CMakeLists.txt defines it, "" when not given: then no torch matches)
 }
 
 // Register the CPU kernels of fastalign::linear_rows and fastalign::cache_attention (their schemas and fake

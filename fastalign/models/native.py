@@ -416,8 +416,8 @@ def collapse_huge_pages(t: torch.Tensor) -> int:
 # wrapper costs more per call than a small layer's product), which torch.compile calls as one kernel each: their
 # fake kernels here, for tracing, and their CPU kernels either C++ (``fastalign/_torch_ops.so``, csrc/torch_ops.cpp,
 # on _C's loops) or the Python functions above. Both decide at each call the same way and run the same loops; the
-# C++ ones cost about a microsecond a call where Python's cost about ten, which at batch 1 on the 82M model is a
-# fifth of a compiled decode step (docs/internals.md).
+# C++ ones cost about a microsecond a call where Python's cost about ten (bench/bench_op_calls.py), which at batch
+# 1 on the 82M model was a fifth of a compiled decode step (docs/internals.md).
 _LIBRARY = torch.library.Library("fastalign", "FRAGMENT")
 _LIBRARY.define("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIBRARY.define("cache_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor")
