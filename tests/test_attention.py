@@ -87,14 +87,6 @@ requires_cache_loop = pytest.mark.skipif(
     reason="fastalign._C is not built here or this CPU has no AVX2")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cache_heads(B=3, H=6, Hkv=2, T=1, S=37, D=20, seed=0, mask="bool"):
     """A query made as a model makes it (a transposed view), keys and values as views of a cache with spare
     columns, and a mask of ``mask``'s kind ("bool", "additive", "shared" across rows, or None)."""
@@ -114,7 +106,7 @@ def cache_heads(B=3, H=6, Hkv=2, T=1, S=37, D=20, seed=0, mask="bool"):
 @pytest.mark.parametrize("T,mask", [(1, "bool"), (1, "additive"), (1, "shared"), (2, None), (3, "additive"),
                                     (4, "bool")])
 @pytest.mark.parametrize("D", [8, 20, 64])
-def test_cache_attention_is_attention(T, mask, D, one_thread):
+def test_cache_attention_is_attention(T, mask, D, one_thread_native_on):
     q, k, v, m = cache_heads(T=T, D=D, mask=mask)
     assert native.cache_attention_ok(q, k, v, m)
     out = native.cache_attention(q, k, v, m, 0.3)
@@ -133,7 +125,7 @@ def test_cache_attention_is_attention(T, mask, D, one_thread):
 @requires_cache_loop
 @pytest.mark.parametrize("B,T,S,D,mask", [(2, 3, 19, 16, "shared"), (2, 2, 11, 8, "rows"), (1, 1, 1, 1, "bool"),
                                           (2, 2, 3, 7, "additive"), (1, 4, 5, 1, None)])
-def test_cache_attention_shapes_and_broadcast_masks(B, T, S, D, mask, one_thread):
+def test_cache_attention_shapes_and_broadcast_masks(B, T, S, D, mask, one_thread_native_on):
     """Masks shared by the rows and the queries of a block, a mask per row shared by its queries; one column,
     a partial group of four keys, heads narrower than a vector."""
     q, k, v, m = cache_heads(B=B, T=T, S=S, D=D, mask="bool" if mask == "rows" else mask)
@@ -146,7 +138,7 @@ def test_cache_attention_shapes_and_broadcast_masks(B, T, S, D, mask, one_thread
 
 
 @requires_cache_loop
-def test_cache_attention_weights_over_exps_whole_range(one_thread):
+def test_cache_attention_weights_over_exps_whole_range(one_thread_native_on):
     """Scores spread over [-87, 0] below the largest (every weight exp's polynomial makes, down to the smallest
     normal float), against float64: the weights stay within a few float roundings."""
     S = 256
@@ -168,7 +160,7 @@ def test_cache_attention_weights_over_exps_whole_range(one_thread):
 
 @requires_cache_loop
 @pytest.mark.parametrize("mask", ["bool", "additive"])
-def test_cache_attention_masked_columns_and_other_rows_change_no_bit(mask, one_thread):
+def test_cache_attention_masked_columns_and_other_rows_change_no_bit(mask, one_thread_native_on):
     """A wider view of the cache (more columns, masked, holding other values) and the other rows of the batch
     change no bit of a row's result."""
     q, k, v, m = cache_heads(B=4, T=2, S=37, D=24, mask=mask)
@@ -184,7 +176,7 @@ def test_cache_attention_masked_columns_and_other_rows_change_no_bit(mask, one_t
 
 
 @requires_cache_loop
-def test_cache_attention_edges(one_thread):
+def test_cache_attention_edges(one_thread_native_on):
     """A query that sees nothing gets zeros; a non-finite key it sees spreads; beyond the loop's reach (more
     queries, two threads) the result is SDPA's."""
     q, k, v, m = cache_heads(T=1)
@@ -208,7 +200,7 @@ def test_cache_attention_edges(one_thread):
 
 
 @requires_cache_loop
-def test_a_few_queries_go_to_the_cache_loop_as_one_op_also_compiled(one_thread, monkeypatch):
+def test_a_few_queries_go_to_the_cache_loop_as_one_op_also_compiled(one_thread_native_on, monkeypatch):
     """``grouped_sdpa`` hands a few queries with a mask to the op (also without groups), and the op compiles."""
     calls = []
     real = attention.cache_attention_op
