@@ -257,6 +257,10 @@ def test_adaptive_length_follows_the_cost_model():
     # E[sum_{i<=k} alpha^i] over Beta(a, r): uniform 1/(i + 1); a point mass (large counts) the geometric sum
     assert expected_tokens(1, 1, 2) == pytest.approx(1 + 1 / 2 + 1 / 3) and expected_tokens(5, 0, 3) == 4.0
     assert expected_tokens(5e4, 5e4, 2) == pytest.approx(1.75, abs=1e-4)
+    # a round's cost: the target at K + 1 tokens (the widest measured beyond them), K draft calls and the extra ones
+    two_widths = RoundCosts(0.2, (1.0, 1.5))
+    assert [two_widths.chain_round(k) for k in (0, 1, 3)] == pytest.approx([1.0, 1.7, 2.1])
+    assert two_widths.chain_round(2, extra_draft_calls=2) == pytest.approx(2.3)
     counts = [(1, 20), (3, 7), (6, 4), (8, 2), (60, 3)]  # acceptance growing
     free = AdaptiveLength(1, RoundCosts(1.0), floor=0)
     assert [free.best(a, r) for a, r in counts] == [0] * 5  # (k + 1) / (1 + k) <= 1

@@ -246,6 +246,11 @@ class RoundCosts(NamedTuple):
     def target_at(self, width: int) -> float:
         return self.target[min(width, len(self.target)) - 1]
 
+    def chain_round(self, k: int, extra_draft_calls: int = 0) -> float:
+        """A round at ``K = k``: the target at ``k + 1`` tokens and ``k`` draft calls, plus ``extra_draft_calls``
+        draft-priced calls (``sss``: the ref's and the draft's bonus call); ``k = 0`` (``sd``) is one target call."""
+        return 1.0 if k == 0 else self.target_at(k + 1) + (k + extra_draft_calls) * self.draft
+
 
 def expected_tokens(accepted: float, rejected: float, k: int) -> float:
     """Tokens a chain round of ``k`` drafted tokens emits on average (the accepted prefix plus the emitted
@@ -286,15 +291,13 @@ class AdaptiveLength:
     def __init__(self, n_prompts: int, costs: RoundCosts, floor: int, ref_calls: int = 0,
                  bonus_draft_call: int = 0):
         self.costs, self.floor = costs, floor
-        c = costs.draft
-        self.round_cost = [1.0] + [costs.target_at(k + 1) + (ref_calls + k + bonus_draft_call) * c
-                                   for k in range(1, MAX_AUTO + 1)]
+        self.round_cost = [costs.chain_round(k, ref_calls + bonus_draft_call) for k in range(MAX_AUTO + 1)]
         self.accepted = [PRIOR[0]] * n_prompts
         self.rejected = [PRIOR[1]] * n_prompts
         self.rounds = [0] * n_prompts
         self.idle = [0] * n_prompts  # rounds at K=0 since the row last drafted
         self.gap = [PROBE_GAP] * n_prompts
-        self.can_pay = 2 > 1 + c  # K=1 at full acceptance beats plain sampling
+        self.can_pay = 2 > 1 + costs.draft  # K=1 at full acceptance beats plain sampling
 
     def drafts(self) -> bool:
         """Whether ``sd`` drafts at all: iff a draft call costs less than half a target call (``c < 0.5``: some
