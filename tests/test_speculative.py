@@ -252,7 +252,7 @@ def test_adaptive_length_follows_the_cost_model():
     """K maximises expected tokens per unit of time: none when a draft call costs a target call, longer chains
     as the acceptance grows and when a round has a fixed price; sss never goes below 1; a row's first round
     drafts; a row stuck at 0 probes at growing gaps, with the K it would draft."""
-    from fastalign.methods.speculative import AdaptiveLength, RoundCosts, expected_tokens
+    from fastalign.methods.speculative import MAX_AUTO, AdaptiveLength, RoundCosts, expected_tokens
 
     # E[sum_{i<=k} alpha^i] over Beta(a, r): uniform 1/(i + 1); a point mass (large counts) the geometric sum
     assert expected_tokens(1, 1, 2) == pytest.approx(1 + 1 / 2 + 1 / 3) and expected_tokens(5, 0, 3) == 4.0
@@ -266,7 +266,7 @@ def test_adaptive_length_follows_the_cost_model():
     assert [free.best(a, r) for a, r in counts] == [0] * 5  # (k + 1) / (1 + k) <= 1
     cheap = AdaptiveLength(1, RoundCosts(0.1), floor=0)
     ks = [cheap.best(a, r) for a, r in counts]
-    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 8
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == MAX_AUTO
     assert AdaptiveLength(1, RoundCosts(5.0), floor=1, ref_calls=1, bonus_draft_call=1).best(1, 50) == 1
     # a target call of 2 or more tokens at 1.7 one-token calls (bench_engine's 82M model at batch 1): a round has
     # a fixed price, so a row that drafts drafts longer, and a weak row stops sooner
@@ -291,13 +291,13 @@ def test_adaptive_length_learns_from_acceptance_probabilities():
     """A row's estimate follows the acceptance probabilities of the positions it drafted, the recent ones
     weighing most (MEMORY): easy positions take it to long chains, a few hard ones down to K=0, and a probe of
     easy positions back up; the prior's weight fades."""
-    from fastalign.methods.speculative import MEMORY, PRIOR, AdaptiveLength, RoundCosts
+    from fastalign.methods.speculative import MAX_AUTO, MEMORY, PRIOR, AdaptiveLength, RoundCosts
 
     costs = RoundCosts(0.2, (1.0, 1.7, 1.75, 1.8, 1.85, 1.9, 1.95, 2.0, 2.05))
     row = AdaptiveLength(1, costs, floor=0)
     row.update([0], [[0.95] * 8])
     assert row.accepted[0] == pytest.approx(PRIOR[0] * MEMORY ** 8 + 0.95 * sum(MEMORY ** i for i in range(8)))
-    assert row.choose([0]) == [8]
+    assert row.choose([0]) == [MAX_AUTO]
     row.update([0], [[0.4] * 4])
     assert row.choose([0]) == [0]
     for _ in range(3):  # at K=0: nothing learnt, the row waits for its probe
