@@ -54,13 +54,13 @@ costs of a round (``RoundCosts``, in target calls of one token): K maximises the
 bonus call counted), the expectation over the row's Beta posterior of its acceptance ``a``, ``c`` the cost of a
 draft call and ``T(w)`` that of a target call of ``w`` tokens. The costs are fixed for the decode call:
 ``"auto:C"`` gives ``c = C`` and ``T = 1``; ``"auto"`` measures them (``measure_round_costs``: the draft and the
-target at every width from 1 to ``MAX_AUTO + 1`` = 13 tokens, on the prefilled caches; once per process, engine pair and batch size;
-later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters and is not even
-monotone, so every width is measured: on the 82M target of ``bench/bench_engine.py`` at batch 1, with BLAS a call
-of 2 or 3 tokens cost 1.7–1.8 one-token calls and one of 5 tokens 1.5 (the matrix library picks its kernel by
-shape); with fastalign's native loop (``fastalign.models.cpu_linear``) 2 tokens cost 1.0–1.2 calls, and 9 tokens
-3.0 with the loop's dot products alone, 1.8–1.9 since its column loop takes more than four rows
-(``bench/results/adaptive_cpu_100m.md``, over runs).
+target at every width from 1 to ``MAX_AUTO + 1`` = 9 tokens, on the prefilled caches; once per process, engine
+pair and batch size; later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T``
+matters and is not even monotone, so every width is measured: on the 82M target of ``bench/bench_engine.py`` at
+batch 1, with BLAS a call of 2 or 3 tokens cost 1.7–1.8 one-token calls and one of 5 tokens 1.5 (the matrix
+library picks its kernel by shape); with fastalign's native loop (``fastalign.models.cpu_linear``) 2 tokens cost
+1.0–1.3 calls, and 9 tokens 3.0 with the loop's dot products alone, 1.8–2.1 since its column loop takes more than
+four rows (``bench/results/adaptive_cpu_100m.md``, over runs).
 The law stays exact: a round's K is fixed before its draws, and any K (0 included)
 gives a round that follows ``t``. ``sd`` goes down to K=0: a row at K=0 draws its token from ``trunc(p)`` with
 its stream ``token`` at step ``n`` (no verification); a round where no row drafts calls the target alone and
@@ -224,9 +224,10 @@ class _Stream:
         self._trim()
 
 
-# the largest K "auto" chooses: long enough for the acceptance runs of the 82M/13M pair of bench_engine (over its
-# recorded acceptance, bench/bench_adaptive_replay.py, a cap of 12 gained 0-1% over 8 and the best fixed K was 8-10)
-MAX_AUTO = 12
+# the largest K "auto" chooses. On the 82M/13M pair of bench_engine a cap of 12 against 8 gained 0-1% replayed on
+# recorded acceptance (bench_adaptive_replay.py), and over three sets of seeds in real runs went from 1.06x to 1.00x
+# the best fixed K on one pair and stayed at 0.97x K=8 on the other: no gain measured, so 8
+MAX_AUTO = 8
 PRIOR = (1.0, 1.0)  # Beta prior of a row's acceptance (accepted, rejected) before its first round: uniform
 # what an observation of a row's acceptance weighs after each later one: the acceptance comes in runs (on the 82M
 # pair of bench_engine, drafted positions with probability ~0.99 for a dozen tokens, then ~0.65), so the recent
