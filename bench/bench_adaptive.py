@@ -14,12 +14,12 @@ process and engine, on its first call, like a long-running server would); the ca
 repeat, so that a loaded machine slows them alike.
 
 The text is the larger noise: each case samples its own text (K changes which draws a token uses), and on the
-100m world one set of 16 prompts of 96 tokens moves a case's rounds by about 3% (sd) from text alone, so auto
-against the best of three fixed K from one set is a draw with a spread of about 4%, biased low by taking the
-best (a replay of the acceptance along the target's samples put that bias at about 1.5%, with auto equal to the
-best fixed K in expectation). ``--seed-sets S`` runs every case on ``S`` sets of seeds (the
-minimum over repeats per set, tokens/s over all sets) and reports auto against each fixed K per set. ``sd auto:1`` (a draft as dear as the target: K=0
-throughout) shows what the plain-sampling fallback of ``sd`` costs against ``sample``.
+100m world one set of 16 prompts of 96 tokens moves a case by about 3% (sd) from its draws alone, so auto
+against the best fixed K from one set is itself a draw (``bench_adaptive_replay.py`` replays it on recorded
+acceptance, without the machine's noise). ``--seed-sets S`` runs every case on ``S`` sets of seeds (the minimum
+over repeats per set, tokens/s over all sets) and reports auto against each fixed K per set. ``sd auto:1`` (a
+draft as dear as the target: K=0 throughout) shows what the plain-sampling fallback of ``sd`` costs against
+``sample``.
 
     python bench/bench_adaptive.py                    # eager, about a minute
     python bench/bench_adaptive.py --compile          # + Engine(compile=True) (compilation: minutes)
