@@ -60,6 +60,8 @@ def record(eng, models, prompts, max_new: int, seed: int) -> list[list[float]]:
 
 
 class Fixed:
+    """A fixed draft length, behind ``AdaptiveLength``'s interface (one row)."""
+
     def __init__(self, k: int):
         self.k = k
 
