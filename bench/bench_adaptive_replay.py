@@ -25,6 +25,7 @@ widths past ``MAX_AUTO + 1``, costed as the widest measured. Checked against rea
 replay's rounds per prompt at K = 6, 8 and 12 were within 3% of ``bench_adaptive.py``'s.
 
     python bench/bench_adaptive_replay.py --prompts 16 --max-new-tokens 96 --seed-sets 3   # ~5 minutes
+    python bench/bench_adaptive_replay.py --ks 4 6 8 10 12 --caps 12   # also fixed K past 8, and auto up to 12
 
 Writes ``bench/results/adaptive_replay_cpu_100m.json`` and ``.md``.
 """
@@ -94,6 +95,8 @@ def main():
     ap.add_argument("--acceptance", type=float, default=0.8, help="the draft's calibrated SD acceptance")
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 6, 8], help="the fixed draft lengths")
     ap.add_argument("--replays", type=int, default=200, help="replays of every trace per policy")
+    ap.add_argument("--caps", type=int, nargs="*", default=[],
+                    help="also auto with these largest K (beside MAX_AUTO's; widths past the measured costed as it)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -111,6 +114,8 @@ def main():
 
     policies = {f"K={k}": (lambda k=k: Fixed(k)) for k in args.ks}
     policies["auto"] = lambda: AdaptiveLength(1, costs, floor=0)
+    for cap in args.caps:
+        policies[f"auto, K <= {cap}"] = lambda cap=cap: AdaptiveLength(1, costs, floor=0, max_k=cap)
     rng = random.Random(args.seed)
     # per policy and replay: (cost, rounds, tokens) of one draw of a whole set (every trace of one set of seeds)
     draws = {name: [] for name in policies}

@@ -298,6 +298,9 @@ def test_adaptive_length_learns_from_acceptance_probabilities():
     row.update([0], [[0.95] * 8])
     assert row.accepted[0] == pytest.approx(PRIOR[0] * MEMORY ** 8 + 0.95 * sum(MEMORY ** i for i in range(8)))
     assert row.choose([0]) == [MAX_AUTO]
+    capped = AdaptiveLength(1, costs, floor=0, max_k=3)  # a caller's own cap (bench_adaptive_replay's --caps)
+    capped.update([0], [[0.95] * 8])
+    assert capped.choose([0]) == [3]
     row.update([0], [[0.4] * 4])
     assert row.choose([0]) == [0]
     for _ in range(3):  # at K=0: nothing learnt, the row waits for its probe

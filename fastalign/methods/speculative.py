@@ -224,9 +224,9 @@ class _Stream:
         self._trim()
 
 
-# the largest K "auto" chooses. On the 82M/13M pair of bench_engine a cap of 12 against 8 gained 0-1% replayed on
-# recorded acceptance (bench_adaptive_replay.py), and over three sets of seeds in real runs went from 1.06x to 1.00x
-# the best fixed K on one pair and stayed at 0.97x K=8 on the other: no gain measured, so 8
+# the largest K "auto" chooses. On the 82M/13M pair of bench_engine a cap of 12 gained 1.5% over 8 replayed on
+# recorded acceptance, its target calls past 9 tokens costed as 9 (bench/results/adaptive_replay_cpu_100m.md), and
+# nothing in real runs over three sets of seeds (docs/usage.md)
 MAX_AUTO = 8
 PRIOR = (1.0, 1.0)  # Beta prior of a row's acceptance (accepted, rejected) before its first round: uniform
 # what an observation of a row's acceptance weighs after each later one: the acceptance comes in runs (on the 82M
@@ -279,7 +279,7 @@ class AdaptiveLength:
     of ``bench/bench_engine.py`` at K=8, 0.80 against 0.89 on the path), which pulled K down.
     ``a_b += beta``, ``r_b += 1 - beta``, every earlier observation (the prior included) first
     weighted down by ``MEMORY``, so that the estimate follows the runs the acceptance comes in. K is the ``k``
-    in ``[floor, MAX_AUTO]`` that maximises expected tokens per unit of time,
+    in ``[floor, max_k]`` (default ``MAX_AUTO``) that maximises expected tokens per unit of time,
     ``expected_tokens(a_b, r_b, k) / cost(k)``, where ``cost(k)`` is what the round costs in target
     calls (``RoundCosts``: the target at ``k + 1`` tokens, ``k`` draft calls, plus ``ref_calls`` and
     ``bonus_draft_call`` draft-priced calls for ``sss``); ``k = 0`` (``sd`` only) costs ``1``: plain sampling
@@ -292,9 +292,9 @@ class AdaptiveLength:
     """
 
     def __init__(self, n_prompts: int, costs: RoundCosts, floor: int, ref_calls: int = 0,
-                 bonus_draft_call: int = 0):
-        self.costs, self.floor = costs, floor
-        self.round_cost = [costs.chain_round(k, ref_calls + bonus_draft_call) for k in range(MAX_AUTO + 1)]
+                 bonus_draft_call: int = 0, max_k: int = MAX_AUTO):
+        self.costs, self.floor, self.max_k = costs, floor, max_k
+        self.round_cost = [costs.chain_round(k, ref_calls + bonus_draft_call) for k in range(max_k + 1)]
         self.accepted = [PRIOR[0]] * n_prompts
         self.rejected = [PRIOR[1]] * n_prompts
         self.rounds = [0] * n_prompts
@@ -312,7 +312,7 @@ class AdaptiveLength:
     def best(self, accepted: float, rejected: float, floor: int | None = None) -> int:
         """The K of a row with ``accepted`` / ``rejected`` pseudo-counts (prior included), at least ``floor``."""
         floor = self.floor if floor is None else floor
-        rates = {k: expected_tokens(accepted, rejected, k) / self.round_cost[k] for k in range(floor, MAX_AUTO + 1)}
+        rates = {k: expected_tokens(accepted, rejected, k) / self.round_cost[k] for k in range(floor, self.max_k + 1)}
         return max(rates, key=lambda k: (rates[k], -k))  # ties: the shorter chain
 
     def choose(self, rows: list[int]) -> list[int]:
