@@ -76,7 +76,7 @@ def streams_tensor(seed, rows: int, device=None) -> torch.Tensor:
         if seed.dtype != torch.int64 or tuple(seed.shape) != (rows, 2):
             raise ValueError(f"seed as a tensor must be int64 [R, 2] = [{rows}, 2] (key, counter) per row, "
                              f"got {seed.dtype} {tuple(seed.shape)}")
-        return seed.to(device).contiguous()
+        return (seed if device is None or seed.device == torch.device(device) else seed.to(device)).contiguous()
     key = as_signed64(prompt_key(int(seed)))
     out = torch.empty(rows, 2, dtype=torch.int64, device=device)
     out[:, 0] = key

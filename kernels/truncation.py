@@ -45,7 +45,7 @@ def truncate_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
     (greedy decoding is ``top_k=1``).
     """
     check_truncation_args(temperature, top_k, top_p)
-    x = logits.float() / temperature
+    x = (logits if logits.dtype == torch.float32 else logits.float()) / temperature
     V = x.shape[-1]
     if top_k is not None and top_k < V:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]

@@ -63,7 +63,8 @@ class Randomness:
         elif isinstance(steps, int):
             steps = [steps] * R
         table = [[self.keys[p], as_signed64(counter(int(t), purpose, sub))] for p, sub, t in zip(prompts, subs, steps)]
-        return torch.tensor(table, dtype=torch.int64).view(R, 2).to(device)
+        out = torch.tensor(table, dtype=torch.int64) if R else torch.empty(0, 2, dtype=torch.int64)
+        return out if device is None or out.device == torch.device(device) else out.to(device)
 
     def uniform(self, prompts, n: int, purpose: str, subs=0, steps=None, active=None, device=None) -> torch.Tensor:
         """fp32 uniforms in (0, 1), ``[R, n]``: ``n`` numbers of each row's stream."""
@@ -165,7 +166,7 @@ def sample_continuations(ctx: Context, lm: CausalLM, next_logits: torch.Tensor,
                 active[r] = token not in eos and len(out[r]) < budgets[r]
         if not any(active):
             return out
-        live = torch.tensor(active, device=logits.device)[:, None]
+        live = None if all(active) else torch.tensor(active, device=logits.device)[:, None]  # (None: all live)
         logits = lm.extend(tokens[:, None], live=live)[:, -1]
 
 

@@ -90,6 +90,7 @@ class CachedModel:
         self.device, self.dtype = param.device, param.dtype
         self.context_length = context_length_of(model.config)
         self.counters = ModelCounters()
+        self._ones: dict[tuple[int, int], torch.Tensor] = {}  # _all_live's masks
         self.store = store if store is not None else RaggedStore()
         self._given_backbone = backbone if backbone is not None else model
         self._attach()
@@ -173,15 +174,28 @@ class CachedModel:
         written (e.g. the previous levels of a draft tree), which the new nodes see only along their ancestry.
         ``kwargs`` go to the model (e.g. ``logits_to_keep``).
         """
-        tokens = tokens.to(self.device, torch.long).contiguous()  # (the compiled steps' inputs: int64, dense)
+        # (once per decode token: the checks skip torch calls that would change nothing; each costs microseconds)
+        if tokens.dtype != torch.long or tokens.device != self.device:
+            tokens = tokens.to(self.device, torch.long)
+        tokens = tokens.contiguous()  # (the compiled steps' inputs: int64, dense)
         B, T = tokens.shape
         self.store.open_block(B, T, compilable=not kwargs)
-        new_live = torch.ones(B, T, dtype=torch.bool, device=self.device) if live is None else live.to(self.device)
+        if live is None:
+            new_live = self._all_live(B, T)
+        else:
+            new_live = live if live.device == self.device else live.to(self.device)
         positions, block, ancestry = self._layout(new_live, parents)
         out = self.store.write(tokens, positions, new_live, block, ancestry, live is not None, **kwargs)
         self.counters.calls += 1
-        self.counters.tokens += int(new_live.sum())
+        self.counters.tokens += B * T if live is None else int(new_live.sum())
         return out
+
+    def _all_live(self, B: int, T: int) -> torch.Tensor:
+        """``[B, T]`` bool, all True (a block without padding; kept per shape and only read)."""
+        ones = self._ones.get((B, T))
+        if ones is None:
+            ones = self._ones[(B, T)] = torch.ones(B, T, dtype=torch.bool, device=self.device)
+        return ones
 
     # --------------------------------------------------------- cache surgery
     def rollback(self, num_tokens: torch.Tensor | int) -> None:
@@ -288,7 +302,8 @@ class CausalLM(CachedModel):
         """
         if tokens.dim() == 1:
             tokens = tokens[:, None]
-        return self._check(self.write(tokens, parents, live).logits.float())
+        logits = self.write(tokens, parents, live).logits
+        return self._check(logits if logits.dtype == torch.float32 else logits.float())
 
     def _check(self, logits: torch.Tensor) -> torch.Tensor:
         if logits.shape[-1] != self.vocab_size:  # some models pad the output embedding

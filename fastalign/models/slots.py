@@ -469,7 +469,8 @@ class SlotStore:
 
         self._live_buf[:B, start: start + T] = new_live
         self.end = start + T
-        out = out[:B, :T] if out.shape[1] >= T else out[:B]  # (logits_to_keep may have cut the block)
+        if out.shape[:2] != (B, T):  # padding rows or columns (or logits_to_keep cut the block)
+            out = out[:B, :T] if out.shape[1] >= T else out[:B]
         return SimpleNamespace(logits=out, last_hidden_state=out)
 
     def _causal_block(self, R: int, width: int, B: int, T: int) -> torch.Tensor:
