@@ -13,12 +13,13 @@ each part is timed as the minimum over ``--repeats`` rounds (the parts interleav
   fixed per-call part below: the sampling kernel, the token's copy to the host and the loop's Python;
 * ``per call (prefill, set-up), per token``: ``decode`` of 1 new token, divided by the tokens of a decode.
 
-The parts add up to the decode's time per token by construction. Of the sampling part, the sampling kernel
-alone (``kernels.sample`` on one row of random logits with a decode's per-prompt stream, in a loop) is shown
-too. Apart, not in the total: what calling the step through ``torch.compile``'s wrapper would add per token, with
-guards skipped (``skip_guard_eval_unsafe``) and with guards evaluated in full (the same step loop, minus the
-direct call: what ``StaticOptions.skip_guards`` saves). Next to them, the floor is the target's bytes per token
-over the streaming bandwidth measured in the same run (``bench_engine.measure_bandwidth``).
+The parts add up to the decode's time per token by construction. Of the sampling part, the sampling kernel alone
+(``kernels.sample`` on one row of random logits with a decode's per-prompt stream, in a loop) is shown too, and
+below the table the number of torch operations a token calls outside the compiled step. Apart, not in the total:
+what calling the step through ``torch.compile``'s wrapper would add per token, with guards skipped
+(``skip_guard_eval_unsafe``) and with guards evaluated in full (the same step loop, minus the direct call: what
+``StaticOptions.skip_guards`` saves). Next to them, the floor is the target's bytes per token over the streaming
+bandwidth measured in the same run (``bench_engine.measure_bandwidth``).
 
     python bench/bench_step_breakdown.py                    # toy and 100m (CPU: a few minutes, compiling)
 
@@ -73,6 +74,25 @@ def step_inputs(lm, prompt):
     if len(seen) != 1:
         raise RuntimeError("the decode step did not run compiled")
     return store, seen[0]
+
+
+def torch_calls_per_token(decode, n: int) -> float:
+    """The torch operations a decode token calls outside the compiled step: top-level ``aten`` calls (an operation
+    called inside another, or inside the compiled step, is not counted) of ``decode(n)`` minus ``decode(1)``, per
+    later token (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(k):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode(k)
+        total = 0
+        for event in prof.events():
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith(("aten::", "## Call CompiledFxGraph")):
+                parent = parent.cpu_parent
+            total += parent is None and event.name.startswith("aten::")
+        return total
+    return (count(n) - count(1)) / (n - 1)
 
 
 def breakdown(engine, prompt, n: int, repeats: int, seed: int) -> dict:
@@ -133,7 +153,7 @@ def breakdown(engine, prompt, n: int, repeats: int, seed: int) -> dict:
         "sampling and the method's loop": ((t_decode - t_call) / (n - 1) - extend) * steps,
         "per call (prefill, set-up), per token": t_call / n,
     }
-    return dict(sample_kernel_s=t["sample"] / (n - 1) * steps, wrapper_s=(t_skip - t_direct) * steps,
+    return dict(torch_calls_per_token=torch_calls_per_token(decode, n), sample_kernel_s=t["sample"] / (n - 1) * steps, wrapper_s=(t_skip - t_direct) * steps,
                 guards_saved_s=(t_guards - t_direct) * steps, decode_s_per_token=t_decode / n, extend_s=extend,
                 step_direct_s=t_direct, step_guards_skipped_s=t_skip, step_full_guards_s=t_guards,
                 decode_1_token_s=t_call, parts_s=parts)
@@ -199,6 +219,10 @@ def to_markdown(payload) -> str:
                 + [f"{r['floor_s_per_token'] * 1e3:.3f}" for r in worlds.values()]
                 + [f"{r['floor_s_per_token'] / r['decode_s_per_token']:.0%}" for r in worlds.values()])
     lines.append(markdown_table(header, rows))
+    if all("torch_calls_per_token" in r for r in worlds.values()):
+        lines.append("\nTorch operations a token calls outside the compiled step (top-level `aten` calls, "
+                     "`torch.profiler`): " + ", ".join(f"{w} {r['torch_calls_per_token']:.1f}" for w, r in worlds.items())
+                     + ".")
     return "\n".join(lines)
 
 
