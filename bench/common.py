@@ -33,6 +33,18 @@ PEAK_GBPS = [
 ]
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name where the OS tells it (Linux: ``/proc/cpuinfo``), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
+
+
 def device_info(device: torch.device) -> dict:
     """Name, library versions and (on CUDA) multiprocessors and the known peak bandwidth of ``device``."""
     info = {
@@ -56,6 +68,9 @@ def device_info(device: torch.device) -> dict:
         info["peak_gbps"] = known_peak_gbps(props.name)
     else:
         info["name"] = platform.processor() or platform.machine()
+        model = cpu_model()
+        if model:  # (results differ between hosts of one architecture far more than between runs)
+            info["name"] += f" ({model})"
         info["cpu_threads"] = torch.get_num_threads()
         info["peak_gbps"] = None
     return info
