@@ -55,6 +55,11 @@ def engine(w, compile_):
     return eng
 
 
+def set_seed(seed: int, s: int) -> int:
+    """The first prompt's seed in seed set ``s`` (prompt ``i`` of the set: this plus ``i``; ``run``)."""
+    return seed + 100 * (s + 1)
+
+
 MEANS = ("acceptance_rate", "mean_draft_tokens", "draft_cost")  # stats averaged over prompts (the others: summed)
 
 
@@ -121,7 +126,7 @@ def main():
             for s in sets:
                 for name, method, options in cases:
                     info[name, s], t = timed(lambda: run(eng, prompts, method, options, args.max_new_tokens,
-                                                         args.seed + 100 * (s + 1)), dev)
+                                                         set_seed(args.seed, s)), dev)
                     walls[name, s].append(t)
         for name, _, _ in cases:
             best = [min(walls[name, s]) for s in sets]  # per set: the minimum over repeats

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_adaptive import engine  # noqa: E402
+from bench.bench_adaptive import engine, set_seed  # noqa: E402
 from bench.bench_engine import random_world  # noqa: E402
 from bench.common import command_line, device_info, markdown_table, write_results  # noqa: E402
 from fastalign.kernels import acceptance_probability  # noqa: E402
@@ -108,7 +108,7 @@ def main():
     eng.target.prefill(prompts[:1], args.max_new_tokens)
     eng.draft.prefill(prompts[:1], args.max_new_tokens)
     costs = measure_round_costs(eng.target, eng.draft, 1, args.max_new_tokens)
-    sets = [record(eng, models, prompts, args.max_new_tokens, args.seed + 100 * (s + 1)) for s in range(args.seed_sets)]
+    sets = [record(eng, models, prompts, args.max_new_tokens, set_seed(args.seed, s)) for s in range(args.seed_sets)]
     traces = [t for s in sets for t in s]
     print(f"costs: draft {costs.draft:.3f}, target " + " ".join(f"{c:.2f}" for c in costs.target), flush=True)
 
@@ -143,7 +143,8 @@ def main():
     mean_beta = sum(map(sum, traces)) / sum(map(len, traces))
     md = (f"# sd on the 100m world: auto against fixed K, replayed on recorded acceptance\n\n`{command_line()}`\n\n"
           f"{len(traces)} traces ({args.seed_sets} sets of {args.prompts} prompts, {args.max_new_tokens} tokens), "
-          f"mean beta along them {mean_beta:.3f}; costs measured: draft {costs.draft:.3f}, target at 1..9 tokens "
+          f"mean beta along them {mean_beta:.3f}; costs measured: draft {costs.draft:.3f}, "
+          f"target at 1..{len(costs.target)} tokens "
           + " ".join(f"{c:.2f}" for c in costs.target) + f"; {args.replays} replays of a set per policy.\n\n"
           + markdown_table(["policy", "tokens per target call", "x best fixed K", "rounds per prompt",
                             "sd of one set's draw"], rows)
