@@ -7,7 +7,7 @@ import torch
 
 import fastalign
 import fastalign.serve
-from fastalign.methods.answers import boxed, last_number, option_letter
+from fastalign.methods.answers import after_answer, boxed, last_number, option_letter
 from fastalign.methods.qalign import rouge1, select_state
 from fastalign.models.reward import RewardModel
 from fastalign.models.remote import RemoteError, RemoteLM, RemoteReward
@@ -176,6 +176,10 @@ def test_selection_rules():
 def test_answer_extractors():
     assert last_number("3 apples and 1,250.5 pears, so 1,234") == "1234"
     assert last_number("it is -7.") == "-7" and last_number("none") is None
+    # every separator of a long number goes, not every other one; a comma before 2 or 4 digits separates
+    assert last_number("1,234,567") == "1234567" and last_number("so 12,000,000.") == "12000000"
+    assert last_number("1,2345") == "2345" and last_number("pick 3,45") == "45"
+    assert after_answer("The answer is 1,234,567.") == "1234567" and after_answer("answer: 12") == "12"
     assert boxed(r"so \boxed{\frac{1}{2}} and \boxed{x + 1}") == "x+1"
     assert boxed(r"\boxed{\frac{a}{b}}") == r"\frac{a}{b}" and boxed(r"\boxed{unclosed") is None
     assert option_letter("Between (B) and C, the answer is (D).") == "D" and option_letter("I think so") is None

@@ -14,12 +14,15 @@ from typing import Callable
 from ..errors import InputError
 
 _NUMBER = re.compile(r"[-+]?\d*\.\d+|[-+]?\d+")
+# A comma between a digit and exactly three digits groups thousands ("12,000,000"); the lookarounds let
+# consecutive groups match (a plain ``(\d),(\d{3})`` would consume the digit the next group needs).
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _OPTION = re.compile(r"\b([A-E])\b")
 
 
 def last_number(text: str) -> str | None:
     """The last number in ``text`` (thousands separators removed, a trailing ``.0`` kept as written)."""
-    numbers = _NUMBER.findall(re.sub(r"(\d),(\d{3})", r"\1\2", text))
+    numbers = _NUMBER.findall(_THOUSANDS.sub("", text))
     return numbers[-1].lstrip("+") if numbers else None
 
 
@@ -40,9 +43,9 @@ _AFTER_ANSWER = re.compile(r"\banswer\b[\s:=]*(?:is[\s:]*)?([-+]?\d*\.\d+|[-+]?\
 
 
 def after_answer(text: str) -> str | None:
-    """The number right after the last word ``answer`` (``"answer 11"``, ``"The answer is 11."``; a ``+`` sign
-    dropped); None if no ``answer`` is followed by a number (e.g. an unfinished response)."""
-    found = _AFTER_ANSWER.findall(text)
+    """The number right after the last word ``answer`` (``"answer 11"``, ``"The answer is 11."``; thousands
+    separators removed, a ``+`` sign dropped); None if no ``answer`` is followed by a number (e.g. an unfinished response)."""
+    found = _AFTER_ANSWER.findall(_THOUSANDS.sub("", text))
     return found[-1].lstrip("+") if found else None
 
 
