@@ -206,6 +206,9 @@ def test_threshold_schedule_by_hand():
                                                   torch.tensor([[0], [5]]), 10),
                                torch.tensor([[1.0, -3.0], [2.5, -1.0]]))
     assert float(threshold_schedule(-1.0, 3.0, 1.0, torch.tensor(0), 10)) == 3.0
+    # rewards near the fp32 limit: L (r_star - r0) would overflow fp32 to inf, which the min turns into r_star
+    huge = threshold_schedule(torch.tensor(-2e38), torch.tensor(2e38), 0.5, torch.tensor([2, 4, 8]), 8)
+    torch.testing.assert_close(huge, torch.tensor([0.5e38, 1e38, 2e38]), rtol=1e-6, atol=0)
 
 
 def full_entropy(model, tokens) -> float:

@@ -57,11 +57,13 @@ def threshold_schedule(r_prompt: torch.Tensor, r_star: torch.Tensor, alpha: floa
     """``tau(L) = min(r_star, r0 + L (r_star - r0) / max_new_tokens)`` with ``r0 = (1 - alpha) R(x) + alpha r_star``.
 
     ``r_prompt`` is ``R(x)``, the reward of the prompt alone; ``generated`` is ``L``, the response length with
-    the candidate segment. All tensor arguments broadcast; returns fp32.
+    the candidate segment. All tensor arguments broadcast; returns fp32. The arithmetic is fp64: rewards near
+    the fp32 limit (which pass validation) would overflow ``L (r_star - r0)`` to infinity in fp32.
     """
-    r_prompt, r_star = torch.as_tensor(r_prompt, dtype=torch.float32), torch.as_tensor(r_star, dtype=torch.float32)
+    r_prompt, r_star = torch.as_tensor(r_prompt, dtype=torch.float64), torch.as_tensor(r_star, dtype=torch.float64)
     r0 = (1 - alpha) * r_prompt + alpha * r_star
-    return torch.minimum(r_star, r0 + generated * (r_star - r0) / max_new_tokens)
+    fraction = torch.as_tensor(generated, dtype=torch.float64) / max_new_tokens
+    return torch.minimum(r_star, r0 + fraction * (r_star - r0)).to(torch.float32)
 
 
 @dataclass
