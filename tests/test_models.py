@@ -236,3 +236,19 @@ def test_reward_with_its_own_tokenizer_scores_re_tokenised_text():
     rewards = out.extra["rewards"][0]
     best = out.sequences[0]
     torch.testing.assert_close(rewards.max(), rm.score([policy_tok("w1 w2")["input_ids"]], [best])[0])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("parents", [None, [[-1, 0]] * 2], ids=["chain", "tree"])
+def test_padding_rides_along_a_row_at_its_context_length(arch, layer, parents):
+    """Row 0 holds all 16 positions and rides along as padding while row 1 goes on: learned position tables
+    (gpt2, opt) have no row for its padding's position, and row 1's logits are those of a full recompute."""
+    model = tiny_causal_lm(arch, context=16)
+    lm = wrap(model, layer)
+    lm.prefill([[1] * 15, [2]])
+    lm.extend(torch.tensor([[3], [4]]))  # row 0 at the context length (allowed)
+    block = torch.tensor([[5, 5], [6, 7]])
+    parents = None if parents is None else torch.tensor(parents)
+    logits = lm.extend(block, parents=parents, live=torch.tensor([[False, False], [True, True]]))
+    assert_close(logits[1].float(), full_logits(model, [2, 4, 6, 7])[-2:])
+    assert lm.lengths.tolist() == [16, 4]

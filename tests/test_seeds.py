@@ -108,12 +108,13 @@ def test_int_seed_is_the_list_of_derived_seeds(models):
     dict(method="sd", tree="sampled", branching=(2, 2, 1, 1)),
     dict(method="sss", tree="topk", branching=(2, 2, 2)),
 ])
-def test_no_row_is_fed_past_its_context(options):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_no_row_is_fed_past_its_context(options, arch):
     """A 16-position model: prompt 10 + max_new_tokens 6 is valid, in a batch with short prompts that draft
-    deeper than the long row may (the long row always stops at position 15)."""
-    target = tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.6, seed=0, context=16)
-    draft = tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.6, seed=1, context=16)
-    ref = tiny_causal_lm(vocab_size=V, hidden=16, layers=1, init_range=0.6, seed=2, context=16)
+    deeper than the long row may (the long row always stops at position 15). gpt2's learned position table
+    has exactly 16 rows, so a padding token placed past it (the long row riding along) would fail there."""
+    target, draft, ref = (tiny_causal_lm(arch, vocab_size=V, hidden=16, layers=1, init_range=0.6, seed=seed,
+                                         context=16) for seed in (0, 1, 2))
     for m in (target, draft, ref):  # no EOS: every row runs to max_new_tokens
         m.config.eos_token_id = None
         m.generation_config.eos_token_id = None

@@ -160,6 +160,9 @@ class CachedModel:
         near_limit = self.context_length is not None and self.live.shape[1] + T > self.context_length
         if near_limit:
             check_positions(int((positions * new_live).max()) + 1, self.context_length)
+            # a padding token's position (its row's length) may pass the limit; learned position tables (gpt2,
+            # opt) would index out of range, so clamp it. After the check only padding can be clamped.
+            positions = positions.clamp(max=self.context_length - 1)
         return positions, block, ancestry
 
     # --------------------------------------------------------------- forward
