@@ -202,6 +202,27 @@ def test_columns_before_the_open_block_are_refused(layer):
         lm.keep_new(torch.ones(2, 1, dtype=torch.bool))
 
 
+def test_set_block_live_addresses_only_the_open_block(layer):
+    """Like ``keep_new``: marking columns before the open block is an error (the stores' earlier columns differ
+    after a rollback); zero columns change nothing; dead slots of the open block can be revived."""
+    model = tiny_causal_lm("llama")
+    lm = wrap(model, layer)
+    lm.prefill([[1] * 8, [2, 3, 4]])
+    lm.rollback(torch.tensor([7, 0]))
+    lm.extend(torch.tensor([[5, 6], [7, 8]]))
+    with pytest.raises(ValueError, match="only 2 were written since the cache was last tidied"):
+        lm.set_block_live(torch.ones(2, 4, dtype=torch.bool))
+    lm.set_block_live(torch.zeros(2, 0, dtype=torch.bool))
+    assert lm.lengths.tolist() == [3, 5]
+    lm.set_block_live(torch.zeros(2, 2, dtype=torch.bool))
+    assert lm.lengths.tolist() == [1, 3]
+    lm.set_block_live(torch.tensor([[True, False], [True, True]]))
+    lm.tidy()
+    logits = lm.extend(torch.tensor([[9], [9]]))
+    assert_close(logits[0, -1].float(), full_logits(model, [1, 5, 9])[-1])
+    assert_close(logits[1, -1].float(), full_logits(model, [2, 3, 4, 7, 8, 9])[-1])
+
+
 def test_reward_with_its_own_tokenizer_scores_re_tokenised_text():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

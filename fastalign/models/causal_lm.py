@@ -223,8 +223,14 @@ class CachedModel:
 
     def set_block_live(self, live: torch.Tensor) -> None:
         """Mark which slots of the last block written (``live [B, T]``) are live, without cropping the dead ones:
-        a later call may revive them (a reward model's scored candidates, until one is kept)."""
-        self.live[:, -live.shape[1]:] = live.to(self.device)
+        a later call may revive them (a reward model's scored candidates, until one is kept). They must all be in
+        the open block, as for ``keep_new`` (before it, the stores' columns need not agree)."""
+        T = live.shape[1]
+        if T > self.open_width:
+            raise ValueError(f"set_block_live over {T} columns, but only {self.open_width} were written since the "
+                             "cache was last tidied")
+        if T:  # (live[:, -0:] would be every slot)
+            self.live[:, -T:] = live.to(self.device)
 
     def tidy(self) -> None:
         """Crop trailing all-dead columns (and compact when the store decides it pays)."""
