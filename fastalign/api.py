@@ -59,7 +59,9 @@ class Engine:
     step scores): a process reward model (``*ForTokenClassification``, 2 labels: P(good) at a step's last
     token), a reward model, or a callable, given like ``reward`` (its tokenizer is its own when it is a path,
     else the policy's). Without one, those methods read ``reward`` on partial responses; with both, one engine
-    serves the outcome methods (``bon``, ...) and the step-level ones.
+    serves the outcome methods (``bon``, ...) and the step-level ones. ``smc``'s twist and its final tilt are
+    then both the step reward (its target is ``p exp(step_reward / beta)``, as in particle filtering with a
+    PRM): the ``reward`` beside it is not read by ``smc``.
     ``chat=True`` renders plain string prompts with the tokenizer's chat template (conversations, lists of
     ``{"role", "content"}`` messages, always are). When the tokenizer has a chat template, its end-of-turn
     token ends a response like EOS (``fastalign.models.chat``).
