@@ -174,6 +174,17 @@ def test_stats_with_a_draft_equal_to_the_target(models):
     assert st["target_tokens"] == 3 + 2 * (3 + (1 + 3) + (1 + 0))  # the last round feeds no dead draft token
 
 
+@pytest.mark.parametrize("num_draft_tokens", [2, 4, 8])
+def test_a_tree_is_as_deep_as_its_branching(models, num_draft_tokens):
+    """``num_draft_tokens`` is K of a chain: a tree of depth 6 drafts 6 levels whatever it is (4 by default).
+    With a draft equal to the target every node is accepted: 14 tokens in rounds of 6 + 1."""
+    target = without_eos(models[0])
+    out = fastalign.decode([[1, 2]], method="sd", target=target, draft=copy.deepcopy(target), tree="sampled",
+                           branching=(1,) * 6, num_draft_tokens=num_draft_tokens, max_new_tokens=14, seed=0)
+    assert len(out.sequences[0]) == 14
+    assert out.stats["rounds"] == 2 and out.stats["draft_tokens_accepted"] == 6 + 6
+
+
 @pytest.mark.parametrize("options", [
     dict(method="sd", num_draft_tokens=3),
     dict(method="sss", num_draft_tokens=2, variant="paper", bonus_on_full_accept=False),

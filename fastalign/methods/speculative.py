@@ -465,7 +465,8 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
     dev = ctx.target.device
     out: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # original index of each live row (host bookkeeping: no syncs)
-    cap = K if fixed else len(branching) if tree is not None else None
+    # a tree's depth is its branching's length (num_draft_tokens is K of a chain); a fixed K caps a chain's rounds
+    cap = len(branching) if tree is not None else K if fixed else None
     schedule = None
     if K == "auto":
         if costs is None:
