@@ -412,6 +412,11 @@ def test_round_costs_are_measured_at_every_width(monkeypatch):
     short = measure_round_costs(target, draft, batch=1, room=4)  # only 4 tokens of room: widths 1 to 4
     assert sorted({s[1] for s in target.calls[before:]}) == [1, 2, 3, 4]
     assert short.target == pytest.approx([1.0, 2.0, 2.0, 1.5])
+    assert measure_round_costs(target, draft, batch=1, room=3) is short  # less room: the widths are there
+    before = len(target.calls)
+    wide = measure_round_costs(target, draft, batch=1, room=20)  # more room than measured: measured again
+    assert sorted({s[1] for s in target.calls[before:]}) == list(range(1, MAX_AUTO + 2))
+    assert len(wide.target) == MAX_AUTO + 1 and measure_round_costs(target, draft, batch=1, room=20) is wide
 
 
 def test_round_costs_survive_a_slow_moment(monkeypatch):

@@ -55,9 +55,10 @@ bonus call counted), the expectation over the row's Beta posterior of its accept
 draft call and ``T(w)`` that of a target call of ``w`` tokens. The costs are fixed for the decode call:
 ``"auto:C"`` gives ``c = C`` and ``T = 1``; ``"auto"`` measures them (``measure_round_costs``: the draft and the
 target at every width from 1 to ``MAX_AUTO + 1`` = 9 tokens, on the prefilled caches; once per process, engine
-pair and batch size; later calls reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T``
-matters and is not even monotone, so every width is measured: on the 82M target of ``bench/bench_engine.py`` at
-batch 1, with BLAS a call of 2 or 3 tokens cost 1.7–1.8 one-token calls and one of 5 tokens 1.5 (the matrix
+pair and batch size, and again when a call has room for wider target calls than were measured; later calls
+reuse them, and skip the draft's prefill when ``sd`` will not draft). ``T`` matters and is not even
+monotone, so every width is measured: on the 82M target of ``bench/bench_engine.py`` at batch 1, with BLAS a
+call of 2 or 3 tokens cost 1.7–1.8 one-token calls and one of 5 tokens 1.5 (the matrix
 library picks its kernel by shape); with fastalign's native loop (``fastalign.models.cpu_linear``) 2 tokens cost
 1.0–1.3 calls, and 9 tokens 3.0 with the loop's dot products alone, 1.8–2.1 since its column loop takes more than
 four rows (``bench/results/adaptive_cpu_100m.md``, over runs).
@@ -338,13 +339,13 @@ class AdaptiveLength:
 @torch.no_grad()
 def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 5) -> RoundCosts:
     """``RoundCosts`` measured on the just-prefilled caches (tokens are written, then rolled back: the caches are
-    as before), once per process per (target, draft, batch): a one-token call of the draft, and target calls of
-    every width from 1 to ``MAX_AUTO + 1`` tokens (at most ``room``, the tokens the caches have room for); each
-    the fastest of ``repeats`` after a warm-up call. The calls are interleaved (every width once per repeat), so a
-    slow moment of a shared machine slows all of them a little rather than one of them, which would skew the
-    ratios that choose K."""
+    as before), once per process per (target, draft, batch), and again when a decode has room for wider calls than
+    were measured: a one-token call of the draft, and target calls of every width from 1 to ``MAX_AUTO + 1``
+    tokens (at most ``room``, the tokens the caches have room for); each the fastest of ``repeats`` after a
+    warm-up call. The calls are interleaved (every width once per repeat), so a slow moment of a shared machine
+    slows all of them a little rather than one of them, which would skew the ratios that choose K."""
     known = _COSTS.setdefault(target, weakref.WeakKeyDictionary()).setdefault(draft, {})
-    if batch not in known:
+    if measured_costs(target, draft, batch, room) is None:
         calls = [(draft, 1)] + [(target, w) for w in range(1, min(MAX_AUTO + 1, room) + 1)]
         for lm, width in calls:  # warm-up (a first call of a shape may compile it)
             _call_time(lm, batch, width)
@@ -353,6 +354,13 @@ def measure_round_costs(target, draft, batch: int, room: int, repeats: int = 5) 
             times = [min(t, _call_time(lm, batch, width)) for t, (lm, width) in zip(times, calls)]
         known[batch] = RoundCosts(times[0] / times[1], tuple(t / times[1] for t in times[1:]))
     return known[batch]
+
+
+def measured_costs(target, draft, batch: int, room: int) -> RoundCosts | None:
+    """The ``RoundCosts`` measured before in this process for (target, draft, batch), if they hold every target
+    width a decode with ``room`` tokens may call (a first decode with less room measured fewer); else None."""
+    costs = _COSTS.get(target, {}).get(draft, {}).get(batch)
+    return costs if costs is not None and len(costs.target) >= min(MAX_AUTO + 1, room) else None
 
 
 def _call_time(lm, batch: int, width: int) -> float:
@@ -448,7 +456,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
 
     M = ctx.max_new_tokens
     if K == "auto" and costs is None:  # measured before in this process: the draft need not be prefilled
-        costs = _COSTS.get(ctx.target, {}).get(ctx.draft, {}).get(len(prompts))
+        costs = measured_costs(ctx.target, ctx.draft, len(prompts), M)
     if K == "auto" and ref is None and costs is not None and not AdaptiveLength(1, costs, 0).drafts():
         return _sample_instead(ctx, ctx.target.prefill(prompts, M), costs)  # the draft is never used
     target = _Stream(ctx.target, ctx.target.prefill(prompts, M))
