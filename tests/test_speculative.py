@@ -486,6 +486,7 @@ def test_adaptive_length_errors(models):
         ("sd", dict(num_draft_tokens=()), "schedule"),
         ("sd", dict(num_draft_tokens="auto:-1"), "auto:C"),
         ("sd", dict(num_draft_tokens="auto:x"), "auto:C"),
+        ("sd", dict(num_draft_tokens="auto:"), "auto:C"),
         ("sd", dict(num_draft_tokens="auto:inf"), "auto:C"),
         ("sd", dict(num_draft_tokens="auto", tree="sampled"), "chains"),
     ]:

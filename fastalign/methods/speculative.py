@@ -581,9 +581,9 @@ def _plain_token(ctx: Context, p: torch.Tensor, rows: list[int], step: int) -> t
 def _auto_option(value: str) -> tuple[str, RoundCosts | None]:
     """``"auto"`` -> ``("auto", None)`` (costs measured); ``"auto:C"`` -> ``("auto", RoundCosts(C))``: a draft
     call costs ``C`` target calls, and every target call costs 1."""
-    word, _, cost = value.partition(":")
+    word, colon, cost = value.partition(":")
     try:
-        c = float(cost) if cost else None
+        c = float(cost) if colon else None  # ("auto:", no C: float("") raises)
     except ValueError:
         c = float("nan")
     if word != "auto" or (c is not None and not (0 <= c < float("inf"))):
