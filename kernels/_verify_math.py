@@ -13,7 +13,7 @@ import torch
 
 from ._dispatch import check_finite
 from .rng import uniform_grid_torch
-from .truncation import truncate_logits
+from .truncation import check_temperature, truncate_logits
 
 MODES = ("sd", "sss_exact", "sss_paper")
 RATIO_INF = 20.0  # log-ratio used where exactly one of q_r, q is zero (unless max_log_ratio is given)
@@ -73,8 +73,7 @@ def validate_common(target_logits, ref_logits, mode, temperature, positions: str
     if ref_logits is not None and ref_logits.shape != target_logits.shape:
         raise ValueError(f"ref_logits must be [B, {positions}, V] = {tuple(target_logits.shape)}, "
                          f"got {tuple(ref_logits.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
 
 
 def check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam) -> None:

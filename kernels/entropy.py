@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import check_finite, use_triton
+from .truncation import check_temperature
 
 
 def entropy_torch(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +30,7 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0, *,
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
+    check_temperature(temperature)
     if validate:
         check_finite(logits)
     if use_triton(logits):

@@ -24,10 +24,16 @@ import torch
 TEMPERATURE_FLOOR = 1e-20
 
 
+def check_temperature(temperature: float) -> None:
+    """A temperature is a finite number > 0 (NaN and inf pass ``<= 0`` checks and would scale every logit into
+    NaN or 0): the error of every kernel that divides by it."""
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature} (use top_k=1 for greedy)")
+
+
 def check_truncation_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """The argument errors of ``truncate_logits`` (also raised by the kernels that truncate without it)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy)")
+    check_temperature(temperature)
     if temperature < TEMPERATURE_FLOOR:
         raise ValueError(f"temperature must be >= {TEMPERATURE_FLOOR} (a smaller one overflows float32), got "
                          f"{temperature} (use top_k=1 for greedy)")

@@ -333,6 +333,22 @@ def test_the_kernels_refuse_a_temperature_below_the_floor():
             call()
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])
+def test_the_kernels_refuse_a_temperature_that_is_not_a_finite_positive_number(temperature):
+    """NaN passes a ``<= 0`` check: every kernel that divides by the temperature names it instead."""
+    from fastalign.kernels import entropy, sample, spec_verify, tree_verify, truncate_logits
+
+    logits, chain, tree = torch.randn(2, 10), torch.randn(1, 3, 10), torch.randn(1, 4, 10)
+    calls = [lambda: sample(logits, temperature), lambda: truncate_logits(logits, temperature),
+             lambda: entropy(logits, temperature),
+             lambda: spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]), temperature=temperature),
+             lambda: tree_verify(tree, tree[:, :3], None, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]),
+                                 temperature=temperature)]
+    for call in calls:
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            call()
+
+
 @pytest.mark.parametrize("method, options, match", [
     ("sss", dict(lam=1e39), r"sss option lam must be in \[-1e6, 1e6\] \(a larger tilt overflows float32\), got 1e\+39"),
     ("sss", dict(lam=-2e6), r"lam must be in \[-1e6, 1e6\]"),
