@@ -74,8 +74,8 @@ def _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mod
     if tuple(draft_logits.shape) != (B, N1, V):
         raise ValueError(f"draft_logits must be [B, N+1, V] = {(B, N1, V)}, got {tuple(draft_logits.shape)}")
     for name, x in (("tree_tokens", tree_tokens), ("parents", parents), ("uniforms", uniforms)):
-        if tuple(x.shape) != (B, N):
-            raise ValueError(f"{name} must be [B, N] = {(B, N)}, got {tuple(x.shape)}")
+        if x is None or tuple(x.shape) != (B, N):
+            raise ValueError(f"{name} must be [B, N] = {(B, N)}, got {x if x is None else tuple(x.shape)}")
     if max_depth is not None and max_depth < 0:
         raise ValueError("max_depth must be >= 0")
     if num_nodes is not None and tuple(num_nodes.shape) != (B,):

@@ -349,6 +349,17 @@ def test_the_kernels_refuse_a_temperature_that_is_not_a_finite_positive_number(t
             call()
 
 
+def test_the_verifiers_name_missing_uniforms():
+    """``uniforms`` (the acceptance tests' randomness) defaults to None in the signature but is required."""
+    from fastalign.kernels import spec_verify, tree_verify
+
+    chain, tree = torch.randn(1, 3, 10), torch.randn(1, 4, 10)
+    with pytest.raises(ValueError, match=r"uniforms must be \[B, K\] = \(1, 2\), got None"):
+        spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match=r"uniforms must be \[B, N\] = \(1, 3\), got None"):
+        tree_verify(tree, tree, None, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]))
+
+
 @pytest.mark.parametrize("method, options, match", [
     ("sss", dict(lam=1e39), r"sss option lam must be in \[-1e6, 1e6\] \(a larger tilt overflows float32\), got 1e\+39"),
     ("sss", dict(lam=-2e6), r"lam must be in \[-1e6, 1e6\]"),

@@ -150,6 +150,8 @@ def test_chain_paper_bonus_and_num_valid(kernel_device):
         bad = tgt.clone()
         bad[0, 0, 0] = float("nan")
         spec_verify(bad, drf, ref, tok, "sd", 1.0, 1.0, u, 1)
+    with pytest.raises(ValueError, match=r"uniforms must be \[B, K\] = \(3, 3\), got None"):
+        spec_verify(tgt, drf, ref, tok, "sd")  # the acceptance tests' uniforms are not optional
 
 
 # ------------------------------------------------------------------------------------ tree: token for token
