@@ -63,9 +63,10 @@ def tilt_active(mode: str, ref_logits, lam: float) -> bool:
     return mode != "sd" and ref_logits is not None and float(lam) != 0.0
 
 
-def validate_common(target_logits, ref_logits, mode, temperature, positions: str) -> None:
+def validate_common(target_logits, ref_logits, mode, temperature, lam, max_log_ratio, positions: str) -> None:
     """The checks ``spec_verify`` and ``tree_verify`` share: mode, ``target_logits [B, positions, V]``, ref shaped
-    like the target, temperature."""
+    like the target, temperature, and the tilt's ``lam`` (finite) and ``max_log_ratio`` (None or finite > 0: NaN
+    or a negative clip would tilt by NaN or by a reversed interval)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if target_logits.dim() != 3:
@@ -74,6 +75,10 @@ def validate_common(target_logits, ref_logits, mode, temperature, positions: str
         raise ValueError(f"ref_logits must be [B, {positions}, V] = {tuple(target_logits.shape)}, "
                          f"got {tuple(ref_logits.shape)}")
     check_temperature(temperature)
+    if not abs(float(lam)) < float("inf"):
+        raise ValueError(f"lam must be a finite number, got {lam}")
+    if max_log_ratio is not None and not 0 < float(max_log_ratio) < float("inf"):
+        raise ValueError(f"max_log_ratio must be None or a finite number > 0, got {max_log_ratio}")
 
 
 def check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam) -> None:

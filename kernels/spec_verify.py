@@ -85,8 +85,8 @@ from ._verify_math import check_finite_logits, gumbel_noise, log_dists, tilt_act
 
 
 def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
-              bonus, num_valid):
-    validate_common(target_logits, ref_logits, mode, temperature, "K+1")
+              max_log_ratio, bonus, num_valid):
+    validate_common(target_logits, ref_logits, mode, temperature, lam, max_log_ratio, "K+1")
     B, K1, V = target_logits.shape
     K = K1 - 1
     if K < 1:
@@ -117,7 +117,7 @@ def spec_verify_torch(target_logits, draft_logits, ref_logits, draft_tokens, mod
     """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
-                  bonus, num_valid)
+                  max_log_ratio, bonus, num_valid)
     B, K1, V = target_logits.shape
     K = K1 - 1
     dev = target_logits.device
@@ -194,7 +194,7 @@ def spec_verify(target_logits, draft_logits, ref_logits, draft_tokens, mode: str
     """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
-                  bonus, num_valid)
+                  max_log_ratio, bonus, num_valid)
         check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
     if use_triton(target_logits):
         from ._spec_verify_triton import spec_verify_triton

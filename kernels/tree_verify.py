@@ -65,8 +65,8 @@ TREE_KINDS = ("sampled", "topk")
 
 
 def _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature, uniforms,
-              tree_kind, max_depth, num_nodes=None):
-    validate_common(target_logits, ref_logits, mode, temperature, "N+1")
+              max_log_ratio, tree_kind, max_depth, num_nodes=None):
+    validate_common(target_logits, ref_logits, mode, temperature, lam, max_log_ratio, "N+1")
     if tree_kind not in TREE_KINDS:
         raise ValueError(f"tree_kind must be one of {TREE_KINDS}, got {tree_kind!r}")
     B, N1, V = target_logits.shape
@@ -100,7 +100,7 @@ def tree_verify_torch(target_logits, draft_logits, ref_logits, tree_tokens, pare
     """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
-                  uniforms, tree_kind, max_depth, num_nodes)
+                  uniforms, max_log_ratio, tree_kind, max_depth, num_nodes)
         _check_parents(parents)
     B, N1, V = target_logits.shape
     N = N1 - 1
@@ -188,7 +188,7 @@ def tree_verify(target_logits, draft_logits, ref_logits, tree_tokens, parents, m
     """
     if validate:
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
-                  uniforms, tree_kind, max_depth, num_nodes)
+                  uniforms, max_log_ratio, tree_kind, max_depth, num_nodes)
         _check_parents(parents)
         check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
     if use_triton(target_logits):

@@ -349,6 +349,26 @@ def test_the_kernels_refuse_a_temperature_that_is_not_a_finite_positive_number(t
             call()
 
 
+@pytest.mark.parametrize("options, match", [
+    (dict(lam=float("nan")), "lam must be a finite number, got nan"),
+    (dict(lam=float("-inf")), "lam must be a finite number, got -inf"),
+    (dict(max_log_ratio=float("nan")), "max_log_ratio must be None or a finite number > 0, got nan"),
+    (dict(max_log_ratio=-1.0), "max_log_ratio must be None or a finite number > 0, got -1.0"),
+])
+def test_the_verifiers_refuse_a_tilt_that_is_not_a_number(options, match):
+    """The method layer bounds lam and max_log_ratio; the verifiers called directly name them too (a NaN tilt
+    gave token 0, a negative clip a reversed interval)."""
+    from fastalign.kernels import spec_verify, tree_verify
+
+    chain, tree = torch.randn(1, 3, 10), torch.randn(1, 4, 10)
+    with pytest.raises(ValueError, match=match):
+        spec_verify(chain, chain, chain + 0.1, torch.tensor([[1, 2]]), "sss_exact", uniforms=torch.rand(1, 2),
+                    **options)
+    with pytest.raises(ValueError, match=match):
+        tree_verify(tree, tree, tree + 0.1, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]), "sss_exact",
+                    uniforms=torch.rand(1, 3), **options)
+
+
 def test_the_verifiers_name_missing_uniforms():
     """``uniforms`` (the acceptance tests' randomness) defaults to None in the signature but is required."""
     from fastalign.kernels import spec_verify, tree_verify
