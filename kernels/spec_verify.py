@@ -101,7 +101,8 @@ def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, 
     if tuple(draft_tokens.shape) != (B, K):
         raise ValueError(f"draft_tokens must be [B, K] = {(B, K)}, got {tuple(draft_tokens.shape)}")
     if uniforms is None or tuple(uniforms.shape) != (B, K):
-        raise ValueError(f"uniforms must be [B, K] = {(B, K)}, got {uniforms if uniforms is None else tuple(uniforms.shape)}")
+        got = None if uniforms is None else tuple(uniforms.shape)
+        raise ValueError(f"uniforms must be [B, K] = {(B, K)}, got {got}")
     if num_valid is not None and tuple(num_valid.shape) != (B,):
         raise ValueError(f"num_valid must be [B], got {tuple(num_valid.shape)}")
 
