@@ -28,7 +28,8 @@ EOS, when a method asks for them), and a server that stops at a token this clien
 Seeds. Sample ``j`` of prompt ``b`` is drawn with the request seed ``seeds[b] + j``: vLLM seeds sample ``j``
 of a request asking for ``n`` samples with ``seed + j``, so a request with ``n`` samples draws what ``n``
 single-sample requests would. Servers that do not take ``n > 1`` (fastalign.serve) get one request per sample
-instead. The methods derive ``seeds[b]`` from prompt ``b``'s own seed, the per-prompt seed of local decoding
+instead, seeded ``seeds[b] + j``: below ``2**31 - 1 + n`` (vLLM and fastalign.serve take 64-bit seeds). The
+methods derive ``seeds[b]`` from prompt ``b``'s own seed, the per-prompt seed of local decoding
 (``fastalign.methods.base.Randomness.request_seeds``); a direct call ``complete(..., seed=s)`` gives prompt ``b``
 the request seed ``row_seed(s, b)``, which is ``s`` itself for prompt 0, as one vLLM request would use it.
 
