@@ -19,6 +19,8 @@ than 100 apart, beyond what the sampling noise spans (about 19.5), so only the m
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 TEMPERATURE_FLOOR = 1e-20
@@ -37,6 +39,8 @@ def check_truncation_args(temperature: float, top_k: int | None, top_p: float | 
     if temperature < TEMPERATURE_FLOOR:
         raise ValueError(f"temperature must be >= {TEMPERATURE_FLOOR} (a smaller one overflows float32), got "
                          f"{temperature} (use top_k=1 for greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)):
+        raise ValueError(f"top_k must be an integer or None, got {top_k!r}")  # (torch.topk takes no float)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

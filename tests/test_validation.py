@@ -349,6 +349,17 @@ def test_the_kernels_refuse_a_temperature_that_is_not_a_finite_positive_number(t
             call()
 
 
+def test_the_kernels_refuse_a_top_k_that_is_not_an_integer():
+    from fastalign.kernels import sample, truncate_logits
+
+    logits = torch.randn(2, 10)
+    for top_k in (2.5, True, "3"):
+        for call in (lambda: sample(logits, 1.0, top_k), lambda: truncate_logits(logits, 1.0, top_k)):
+            with pytest.raises(ValueError, match="top_k must be an integer or None, got"):
+                call()
+    assert torch.equal(truncate_logits(logits, 1.0, torch.tensor(3).numpy()[()]), truncate_logits(logits, 1.0, 3))
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(lam=float("nan")), "lam must be a finite number, got nan"),
     (dict(lam=float("-inf")), "lam must be a finite number, got -inf"),
