@@ -44,7 +44,8 @@ _AFTER_ANSWER = re.compile(r"\banswer\b[\s:=]*(?:is[\s:]*)?([-+]?\d*\.\d+|[-+]?\
 
 def after_answer(text: str) -> str | None:
     """The number right after the last word ``answer`` (``"answer 11"``, ``"The answer is 11."``; thousands
-    separators removed, a ``+`` sign dropped); None if no ``answer`` is followed by a number (e.g. an unfinished response)."""
+    separators removed, a ``+`` sign dropped); None if no ``answer`` is followed by a number (e.g. an unfinished
+    response)."""
     found = _AFTER_ANSWER.findall(_THOUSANDS.sub("", text))
     return found[-1].lstrip("+") if found else None
 
