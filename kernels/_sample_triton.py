@@ -19,8 +19,10 @@ Two steps, neither materialises a softmax nor sorts the vocabulary:
    the order-preserving integer image of fp32 (at most 32 more halvings), so the loop always ends.
    Typical rows take 10-20 passes; bf16 rows (few distinct values) fewer.
 
-2. ``_draw_kernel`` computes ``argmax_v (x_v - log(-log u_r(v)))`` over the kept entries, with ``u_r`` row
-   ``r``'s stream of the shared counter-based generator (``kernels.rng``), first index on ties like ``torch.argmax``.
+2. ``_draw_kernel`` computes ``argmax_v ((x_v - m) - log(-log u_r(v)))`` over the kept entries, with ``u_r`` row
+   ``r``'s stream of the shared counter-based generator (``kernels.rng``), first index on ties like ``torch.argmax``,
+   and ``m`` the row maximum of ``x`` (0 where not finite; why: ``sample.sample_torch``). ``m`` is the scaled
+   maximum of the raw row, which torch reduces beforehand: scaling by a positive number is monotone in fp32.
    With few rows the vocabulary is split across programs (partial argmax per chunk, then the first
    chunk holding the maximum wins, which keeps the first-index rule).
 
@@ -197,7 +199,7 @@ def _threshold_kernel(
 
 @triton.jit
 def _draw_kernel(
-    logits_ptr, stride_r, V, scale, tau_ptr, streams,
+    logits_ptr, stride_r, V, scale, tau_ptr, row_max_ptr, streams,
     out_ptr,                      # [R] int64 tokens (one chunk per row)
     part_val_ptr, part_idx_ptr,   # [R, n_chunks] fp32 / int64 partial argmax (split vocabulary)
     chunk_size, n_chunks,
@@ -209,6 +211,8 @@ def _draw_kernel(
         tau = tl.load(tau_ptr + row)
     else:
         tau = float("-inf")
+    m = _scale(tl.load(row_max_ptr + row).to(tl.float32), scale, CUDA_MATH)
+    m = tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
 
     best = tl.full((), float("-inf"), tl.float32)
     best_idx = start.to(tl.int64)
@@ -216,7 +220,8 @@ def _draw_kernel(
         cols = off + offs
         x = _load_scaled(row_ptr, cols, end, scale, CUDA_MATH)
         u = uniform_triton(streams, row, cols)
-        g = tl.where((x >= tau) & (cols < end), x - _log(-_log(u, CUDA_MATH), CUDA_MATH), float("-inf"))
+        g = tl.where((x >= tau) & (cols < end), (x - m) - _log(-_log(u, CUDA_MATH), CUDA_MATH),
+                     float("-inf"))
         g_max = tl.max(g, axis=0)
         g_idx = tl.min(tl.where(g == g_max, cols, 2147483647), axis=0).to(tl.int64)
         take = g_max > best  # strict: an earlier block keeps a tie (first index, like torch.argmax)
@@ -281,7 +286,7 @@ def sample_triton(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         part_idx = torch.empty(R, n_chunks, device=device, dtype=torch.int64)
     _draw_kernel[(R, n_chunks)](
         logits, logits.stride(0), V, _scale_arg(temperature, device), tau if tau is not None else out,
-        streams_tensor(seed, R, device), out, part_val, part_idx, chunk_size, n_chunks,
+        logits.amax(dim=1), streams_tensor(seed, R, device), out, part_val, part_idx, chunk_size, n_chunks,
         HAS_TAU=tau is not None, SINGLE=single, CUDA_MATH=logits.is_cuda, BLOCK=BLOCK_V,
         enable_fp_fusion=False,  # no FMA contraction: x and x - log(E) rounded exactly as torch does
     )

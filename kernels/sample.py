@@ -14,13 +14,24 @@ def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     """Reference. logits ``[R, V]`` -> tokens ``[R]`` int64, one draw per row from the truncated
     ``softmax(logits / temperature)`` (``kernels.truncation``).
 
-    The draw is ``argmax_v x_v - log E_v`` with ``E_v = -log u_r(v)`` (Exp(1) noise from row ``r``'s stream of the
-    shared counter-based generator), which picks ``v`` with probability ``softmax(x)_v`` and needs no
+    The draw is ``argmax_v (x_v - m) - log E_v`` with ``E_v = -log u_r(v)`` (Exp(1) noise from row ``r``'s stream
+    of the shared counter-based generator), which picks ``v`` with probability ``softmax(x)_v`` and needs no
     normalisation. ``seed``: an int, or per-row streams ``[R, 2]`` int64 (``kernels.rng``).
+
+    ``m`` is the row maximum of ``x`` (0 where it is not finite): at a small temperature ``x`` is huge, and noise
+    added to it would be rounded away (at ``x = 3e7`` the fp32 spacing is 2), so tied logits would go to the
+    first index instead of an even draw. Shifted, the top tokens sit at 0 where the noise keeps its precision.
     """
     x = truncate_logits(logits, temperature, top_k, top_p)
     u = uniform_grid_torch(seed, x.shape[0], x.shape[1], device=x.device)
-    return torch.argmax(x - torch.log(-torch.log(u)), dim=-1)
+    return torch.argmax((x - row_shift(x)) - torch.log(-torch.log(u)), dim=-1)
+
+
+def row_shift(x: torch.Tensor) -> torch.Tensor:
+    """The draw's shift ``[R, 1]`` fp32 for scaled logits ``x [R, V]``: the row maximum, 0 where not finite
+    (an all-masked or +inf row, which ``validate=False`` lets through with unspecified tokens)."""
+    m = x.amax(dim=-1, keepdim=True)
+    return torch.where(m.isfinite(), m, torch.zeros_like(m))
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -12,6 +12,7 @@ import torch
 from fastalign.kernels import entropy, entropy_torch, sample, sample_torch, truncate_logits
 from fastalign.kernels._entropy_triton import entropy_triton
 from fastalign.kernels._sample_triton import sample_triton, truncation_threshold
+from fastalign.kernels.rng import uniform_grid_torch
 
 NEG_INF = float("-inf")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -247,6 +248,33 @@ def test_sample_triton_follows_truncated_softmax(kernel_device):
     assert_law(empirical(sample_triton(row.expand(N, V), 1.0, None, None, seed=5), V), probs, N)
     probs = torch.softmax(truncate_logits(row, 1.0, 2, None), -1)[0]  # keeps the tie at 1.0
     assert_law(empirical(sample_triton(row.expand(40, V), 1.0, 2, None, seed=6), V), probs, 40)
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-6, 1e-9])
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (2, None), (None, 0.9)])
+def test_sample_splits_tied_logits_evenly_at_a_small_temperature(temperature, top_k, top_p):
+    """Logits (30, 30, -20): the law is 1/2, 1/2, 0 at every temperature. At a small T the scaled logits are huge
+    (3e7 at T = 1e-6, where fp32 spacing is 2), and noise added to them without the row maximum taken out is
+    rounded away, so the tie went to the first index (P(0) = 0.73 at T = 1e-6, 1.0 at 1e-9). The unshifted rule
+    on the same uniforms fails this check at the two smaller temperatures: the test can tell them apart."""
+    N = 40000
+    row = torch.tensor([[30.0, 30.0, -20.0]])
+    probs = torch.tensor([0.5, 0.5, 0.0])
+    assert_law(empirical(sample_torch(row.expand(N, 3), temperature, top_k, top_p, seed=3), 3), probs, N)
+    if temperature < 1e-5:
+        x = truncate_logits(row.expand(N, 3), temperature, top_k, top_p)
+        unshifted = torch.argmax(x - torch.log(-torch.log(uniform_grid_torch(3, N, 3))), dim=-1)
+        with pytest.raises(AssertionError):
+            assert_law(empirical(unshifted, 3), probs, N)
+
+
+def test_sample_triton_splits_tied_logits_evenly_at_a_small_temperature(kernel_device):
+    N = 200  # interpreted: one program per row
+    row = torch.tensor([[30.0, -20.0, 30.0, 30.0]], device=kernel_device)
+    for temperature, top_k in ((1e-9, None), (1e-7, 3)):
+        got = sample_triton(row.expand(N, 4), temperature, top_k, None, seed=4)
+        assert torch.equal(got, sample_torch(row.expand(N, 4), temperature, top_k, None, seed=4))
+        assert_law(empirical(got.cpu(), 4), torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]), N)
 
 
 def test_top_p_with_the_mass_exactly_p_keeps_the_smallest_nucleus(kernel_device):
