@@ -27,18 +27,18 @@ TEMPERATURE_FLOOR = 1e-20
 
 
 def check_temperature(temperature: float) -> None:
-    """A temperature is a finite number > 0 (NaN and inf pass ``<= 0`` checks and would scale every logit into
-    NaN or 0): the error of every kernel that divides by it."""
+    """A temperature is a finite number >= ``TEMPERATURE_FLOOR`` (NaN and inf pass ``<= 0`` checks and would scale
+    every logit into NaN or 0; a smaller one overflows): the error of every kernel that divides by it."""
     if not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature} (use top_k=1 for greedy)")
+    if temperature < TEMPERATURE_FLOOR:
+        raise ValueError(f"temperature must be >= {TEMPERATURE_FLOOR} (a smaller one overflows float32), got "
+                         f"{temperature} (use top_k=1 for greedy)")
 
 
 def check_truncation_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """The argument errors of ``truncate_logits`` (also raised by the kernels that truncate without it)."""
     check_temperature(temperature)
-    if temperature < TEMPERATURE_FLOOR:
-        raise ValueError(f"temperature must be >= {TEMPERATURE_FLOOR} (a smaller one overflows float32), got "
-                         f"{temperature} (use top_k=1 for greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)):
         raise ValueError(f"top_k must be an integer or None, got {top_k!r}")  # (torch.topk takes no float)
     if top_k is not None and top_k < 1:

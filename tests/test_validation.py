@@ -4,6 +4,7 @@ One test per hang and per silent wrong answer that was found by probing the API 
 run under ``within`` (a SIGALRM deadline), so a regression fails instead of stalling the suite.
 """
 
+import os
 import threading
 
 import pytest
@@ -324,11 +325,23 @@ def test_a_temperature_below_the_float32_floor_decodes_greedily(toy, method, opt
     assert all(t > 3 for s in greedy.sequences for t in s[:-1])  # words: no <pad>, <s>, </s> or <unk> inside
 
 
-def test_the_kernels_refuse_a_temperature_below_the_floor():
-    from fastalign.kernels import sample, truncate_logits
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_kernels_refuse_a_temperature_below_the_floor(backend, monkeypatch):
+    """Every kernel that divides by the temperature, on both backends (Triton's verifiers drew token -1 and its
+    entropy gave NaN at T = 1e-39, where the references raised or gave inf)."""
+    from fastalign.kernels import entropy, sample, spec_verify, tree_verify, truncate_logits
 
-    logits = torch.randn(2, 10)
-    for call in (lambda: sample(logits, 1e-39), lambda: truncate_logits(logits, 1e-21)):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTALIGN_KERNELS", backend)
+    logits, chain, tree = torch.randn(2, 10), torch.randn(1, 3, 10), torch.randn(1, 4, 10)
+    u = torch.full((1, 3), 0.5)
+    calls = [lambda: sample(logits, 1e-39), lambda: truncate_logits(logits, 1e-21), lambda: entropy(logits, 1e-39),
+             lambda: spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]), temperature=1e-39,
+                                 uniforms=u[:, :2]),
+             lambda: tree_verify(tree, tree[:, :3], None, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]),
+                                 temperature=1e-39, uniforms=u)]
+    for call in calls:
         with pytest.raises(ValueError, match=r"temperature must be >= 1e-20 \(a smaller one overflows float32\)"):
             call()
 
