@@ -22,6 +22,8 @@ Uniforms are ``(bits >> 9) + 0.5`` times ``2**-23``: 23 random bits, every value
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -52,8 +54,16 @@ def prompt_seed(seed: int, index: int) -> int:
 
 
 def prompt_key(seed: int) -> int:
-    """The Philox key (64 bits) of a prompt with this seed."""
-    return mix64(int(seed) ^ 0x5851F42D4C957F2D)
+    """The Philox key (64 bits) of a prompt with this seed, an integer in ``[0, 2**64)``.
+
+    Checked here, where the kernels take a seed: ``int()`` would turn 1.5 and True into seeds, and a seed outside
+    the range would share its key with the one 2**64 away.
+    """
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if not 0 <= operator.index(seed) < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    return mix64(operator.index(seed) ^ 0x5851F42D4C957F2D)
 
 
 def counter(step: int, purpose: str, sub: int = 0) -> int:
@@ -77,7 +87,7 @@ def streams_tensor(seed, rows: int, device=None) -> torch.Tensor:
             raise ValueError(f"seed as a tensor must be int64 [R, 2] = [{rows}, 2] (key, counter) per row, "
                              f"got {seed.dtype} {tuple(seed.shape)}")
         return (seed if device is None or seed.device == torch.device(device) else seed.to(device)).contiguous()
-    key = as_signed64(prompt_key(int(seed)))
+    key = as_signed64(prompt_key(seed))
     out = torch.empty(rows, 2, dtype=torch.int64, device=device)
     out[:, 0] = key
     r = torch.arange(rows, device=device, dtype=torch.int64)

@@ -7,6 +7,7 @@ run under ``within`` (a SIGALRM deadline), so a regression fails instead of stal
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -371,6 +372,25 @@ def test_the_kernels_refuse_a_top_k_that_is_not_an_integer():
             with pytest.raises(ValueError, match="top_k must be an integer or None, got"):
                 call()
     assert torch.equal(truncate_logits(logits, 1.0, torch.tensor(3).numpy()[()]), truncate_logits(logits, 1.0, 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_kernels_refuse_a_seed_that_is_not_a_64_bit_integer(backend, monkeypatch):
+    """A float or bool seed was truncated by ``int()``, and -1 or 2**64 + 5 shared the key of 2**64 - 1 or 5."""
+    from fastalign.kernels import sample, spec_verify
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTALIGN_KERNELS", backend)
+    logits, chain = torch.randn(2, 10), torch.randn(1, 3, 10)
+    for seed in (1.5, True, -1, 2**64, 2**64 + 5, "3"):
+        for call in (lambda: sample(logits, seed=seed),
+                     lambda: spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]),
+                                         uniforms=torch.full((1, 2), 0.5), seed=seed)):
+            with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\), got"):
+                call()
+    assert torch.equal(sample(logits, seed=np.int64(5)), sample(logits, seed=5))
+    sample(logits, seed=2**64 - 1)
 
 
 @pytest.mark.parametrize("options, match", [
