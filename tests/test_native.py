@@ -63,6 +63,8 @@ def tree_cases():
         "mixed_rows": torch.stack([chain(1, 7)[0], star(1, 7, True)[0], star(1, 7, False)[0],
                                    torch.tensor([-1, 0, 0, 1, 1, 2, 2])]),
         "binary_full": torch.tensor([[-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]]),
+        "no_rows_0x5": torch.empty(0, 5, dtype=torch.int64),
+        "no_nodes_2x0": torch.empty(2, 0, dtype=torch.int64),
     }
     for B, T in [(1, 5), (4, 12), (3, 33), (2, 64), (8, 3)]:
         cases[f"random_{B}x{T}"] = random_parents(B, T, gen)

@@ -78,8 +78,8 @@ def retrieve_paths_torch(parents: torch.Tensor) -> torch.Tensor:
         is_parent[b, p[p >= 0]] = True
     leaves = ~is_parent
     depth = anc.sum(-1)  # path lengths
-    n_leaves = int(leaves.sum(1).max()) if T else 0
-    L = int(depth.max()) if T else 0
+    n_leaves = int(leaves.sum(1).max()) if B and T else 0
+    L = int(depth.max()) if B and T else 0
     out = torch.full((B, n_leaves, L), -1, dtype=torch.int64, device=parents.device)
     for b in range(B):
         for k, leaf in enumerate(torch.nonzero(leaves[b]).flatten().tolist()):
