@@ -2,8 +2,8 @@
 
 The reward tilt (``tilted_logits``, ``RATIO_INF``, ``tilt_active``), the references' distributions
 (``log_dists``), the race noise (``gumbel_noise``), the input checks both verifiers make (``validate_common``,
-``check_finite_logits``) and the wrong rules the law tests inject (``WRONG_VARIANTS``). The references and the
-Triton host code (``_verify_common.prepare_verify_inputs``) import them from here, so neither verifier imports
+``check_uniforms``, ``check_finite_logits``) and the wrong rules the law tests inject (``WRONG_VARIANTS``). The
+references and the Triton host code (``_verify_common.prepare_verify_inputs``) import them from here, so neither verifier imports
 the other.
 """
 
@@ -79,6 +79,13 @@ def validate_common(target_logits, ref_logits, mode, temperature, lam, max_log_r
         raise ValueError(f"lam must be a finite number, got {lam}")
     if max_log_ratio is not None and not 0 < float(max_log_ratio) < float("inf"):
         raise ValueError(f"max_log_ratio must be None or a finite number > 0, got {max_log_ratio}")
+
+
+def check_uniforms(uniforms: torch.Tensor) -> None:
+    """The acceptance uniforms lie in [0, 1] (a NaN, negative or larger value would skew the acceptance test
+    ``u * q_r <= p`` silently). One host sync, made only when validating."""
+    if uniforms.numel() and not bool(((uniforms >= 0) & (uniforms <= 1)).all()):
+        raise ValueError("uniforms must lie in [0, 1] (the acceptance tests' randomness), got values outside it")
 
 
 def check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam) -> None:

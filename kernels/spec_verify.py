@@ -81,7 +81,8 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
-from ._verify_math import check_finite_logits, gumbel_noise, log_dists, tilt_active, validate_common
+from ._verify_math import (check_finite_logits, check_uniforms, gumbel_noise, log_dists, tilt_active,
+                           validate_common)
 
 
 def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
@@ -103,6 +104,7 @@ def _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, 
     if uniforms is None or tuple(uniforms.shape) != (B, K):
         got = None if uniforms is None else tuple(uniforms.shape)
         raise ValueError(f"uniforms must be [B, K] = {(B, K)}, got {got}")
+    check_uniforms(uniforms)
     if num_valid is not None and tuple(num_valid.shape) != (B,):
         raise ValueError(f"num_valid must be [B], got {tuple(num_valid.shape)}")
 

@@ -59,7 +59,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
-from ._verify_math import check_finite_logits, gumbel_noise, log_dists, validate_common
+from ._verify_math import check_finite_logits, check_uniforms, gumbel_noise, log_dists, validate_common
 
 TREE_KINDS = ("sampled", "topk")
 
@@ -76,6 +76,7 @@ def _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mod
     for name, x in (("tree_tokens", tree_tokens), ("parents", parents), ("uniforms", uniforms)):
         if x is None or tuple(x.shape) != (B, N):
             raise ValueError(f"{name} must be [B, N] = {(B, N)}, got {x if x is None else tuple(x.shape)}")
+    check_uniforms(uniforms)
     if max_depth is not None and max_depth < 0:
         raise ValueError("max_depth must be >= 0")
     if num_nodes is not None and tuple(num_nodes.shape) != (B,):

@@ -340,7 +340,7 @@ def test_the_kernels_refuse_a_temperature_below_the_floor(backend, monkeypatch):
     calls = [lambda: sample(logits, 1e-39), lambda: truncate_logits(logits, 1e-21), lambda: entropy(logits, 1e-39),
              lambda: spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]), temperature=1e-39,
                                  uniforms=u[:, :2]),
-             lambda: tree_verify(tree, tree[:, :3], None, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]),
+             lambda: tree_verify(tree, tree, None, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]),
                                  temperature=1e-39, uniforms=u)]
     for call in calls:
         with pytest.raises(ValueError, match=r"temperature must be >= 1e-20 \(a smaller one overflows float32\)"):
@@ -356,7 +356,7 @@ def test_the_kernels_refuse_a_temperature_that_is_not_a_finite_positive_number(t
     calls = [lambda: sample(logits, temperature), lambda: truncate_logits(logits, temperature),
              lambda: entropy(logits, temperature),
              lambda: spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]), temperature=temperature),
-             lambda: tree_verify(tree, tree[:, :3], None, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]),
+             lambda: tree_verify(tree, tree, None, torch.tensor([[1, 2, 3]]), torch.tensor([[-1, 0, 0]]),
                                  temperature=temperature)]
     for call in calls:
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
@@ -391,6 +391,21 @@ def test_the_kernels_refuse_a_seed_that_is_not_a_64_bit_integer(backend, monkeyp
                 call()
     assert torch.equal(sample(logits, seed=np.int64(5)), sample(logits, seed=5))
     sample(logits, seed=2**64 - 1)
+
+
+def test_the_verifiers_refuse_uniforms_outside_the_unit_interval():
+    """``u * q_r <= p`` with u = 2 or NaN accepts with a wrong probability, silently."""
+    from fastalign.kernels import spec_verify, tree_verify
+
+    chain, tree = torch.randn(1, 3, 10), torch.randn(1, 4, 10)
+    for bad in (2.0, -0.5, float("nan")):
+        u = torch.tensor([[0.5, bad, 0.5]])
+        for call in (lambda: spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]), uniforms=u[:, :2]),
+                     lambda: tree_verify(tree, tree, None, torch.tensor([[1, 2, 3]]),
+                                         torch.tensor([[-1, 0, 0]]), uniforms=u)):
+            with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\]"):
+                call()
+    spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]), uniforms=torch.tensor([[0.0, 1.0]]))
 
 
 @pytest.mark.parametrize("options, match", [
