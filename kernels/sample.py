@@ -6,7 +6,7 @@ import torch
 
 from ._dispatch import check_finite, use_triton
 from .rng import uniform_grid_torch
-from .truncation import truncate_logits
+from .truncation import finite_row_max, truncate_logits
 
 
 def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -24,14 +24,7 @@ def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     """
     x = truncate_logits(logits, temperature, top_k, top_p)
     u = uniform_grid_torch(seed, x.shape[0], x.shape[1], device=x.device)
-    return torch.argmax((x - row_shift(x)) - torch.log(-torch.log(u)), dim=-1)
-
-
-def row_shift(x: torch.Tensor) -> torch.Tensor:
-    """The draw's shift ``[R, 1]`` fp32 for scaled logits ``x [R, V]``: the row maximum, 0 where not finite
-    (an all-masked or +inf row, which ``validate=False`` lets through with unspecified tokens)."""
-    m = x.amax(dim=-1, keepdim=True)
-    return torch.where(m.isfinite(), m, torch.zeros_like(m))
+    return torch.argmax((x - finite_row_max(x)) - torch.log(-torch.log(u)), dim=-1)
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -69,3 +69,11 @@ def truncate_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
         threshold = sorted_p.gather(-1, n_keep - 1)
         x = x.masked_fill(probs < threshold, float("-inf"))
     return x
+
+
+def finite_row_max(x: torch.Tensor) -> torch.Tensor:
+    """The row maximum ``[..., 1]`` of scaled logits ``x [..., V]``, 0 where it is not finite (an all-masked row,
+    or +inf let through unchecked). Kernels work relative to it: at a small temperature ``x`` is huge, and what is
+    added to it (sampling noise, ``-logsumexp``) would be rounded away in fp32."""
+    m = x.amax(dim=-1, keepdim=True)
+    return torch.where(m.isfinite(), m, torch.zeros_like(m))

@@ -81,14 +81,23 @@ def test_entropy_single_token_and_uniform_rows(chunk, kernel_device):
 
 def test_entropy_large_logits_stay_accurate(kernel_device):
     # entropy is computed relative to the running max: no cancellation of lse - E[x] at |x| ~ 1e4
-    # (the reference itself loses ~1e-3 there, so compare with it on the exactly shifted logits)
+    # (compared with the reference on the exactly shifted logits, and with the reference on x itself)
     x = (torch.randn(3, 400) + 1e4).to(kernel_device)
     shifted = x - 1e4  # exact (Sterbenz)
     h_ref, lse_ref = entropy_torch(shifted)
-    for chunk in (None, 128):
-        h, lse = entropy_triton(x, chunk_size=chunk)
+    for h, lse in [entropy_triton(x, chunk_size=chunk) for chunk in (None, 128)] + [entropy_torch(x)]:
         torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, lse_ref + 1e4, rtol=1e-7, atol=2e-3)
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-6, 1e-9])
+def test_entropy_of_tied_logits_at_a_small_temperature(temperature, kernel_device):
+    """Two tied maxima are a fair coin at every temperature: log 2 nats (the reference gave 0 at T = 1e-6, where
+    ``x - logsumexp(x)`` at x = 3e7 rounds the log 2 away), and a single maximum 0."""
+    x = torch.tensor([[30.0, 30.0, -20.0], [1.0, 2.0, 3.0]], device=kernel_device)
+    expected = torch.tensor([math.log(2), 0.0], device=kernel_device)
+    for h, _ in [entropy_torch(x, temperature)] + [entropy_triton(x, temperature, chunk_size=c) for c in (None, 2)]:
+        torch.testing.assert_close(h, expected, rtol=0, atol=1e-6)
 
 
 def test_entropy_dispatch_and_errors(triton_backend, kernel_device):
