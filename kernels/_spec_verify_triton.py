@@ -1,19 +1,18 @@
 """Triton implementation of ``spec_verify`` (see ``kernels.spec_verify`` for the definitions and launch plan).
 
 Launch 1 ``_stats_kernel``, grid ``(B*(K+1), C1)``: partial statistics per (row, position, vocab chunk), one
-read of every logits tensor. Slots of ``stats [B*(K+1), C1, 10]`` (each an online (max, sum-exp) pair over
+read of every logits tensor. Slots of ``stats [B*(K+1), C1, 8]`` (each an online (max, sum-exp) pair over
 the chunk, of scaled logits ``x = l / T``):
 
-    0,1  x_t                      (target logsumexp)
+    0,1  x_t                      (target normaliser)
     2,3  x_d                      (draft)
-    4,5  x_r                      (ref)
-    6,7  x_t + lam*(x_d - x_r)    over tokens where q_r, q > 0   (unclipped logZ, shifted by lam*(lse_r-lse_d))
-    8,9  x_t + lam*o(v)           over the other tokens, o = +R, -R or 0 (the zero-probability stand-ins)
+    4,5  x_r                      (ref; with ``GIVEN``, the normaliser of the given ``log pi``)
+    6,7  log p + lam * d          (the tilt's logZ, written by launch 1b)
 
-so ``logZ = logaddexp(A + lam*(lse_r - lse_d), S) - lse_t`` needs no second pass. With ``GIVEN`` (top-k /
-top-p with the tilt) slots 4,5 are the normaliser of the given ``log pi`` and 6..9 are unused. With ``max_log_ratio`` the
-clip depends on the normalisers, so ``_logz_clip_kernel`` (same grid) rereads the logits and overwrites slots
-6,7 with the partial logsumexp of ``log p + lam * clip(d)`` itself (slots 8,9 emptied).
+Launch 1b ``_logz_kernel`` (with the tilt, unless ``GIVEN``), same grid: rereads the logits once the first three
+normalisers are known and writes slots 6,7 (``d`` clipped with ``max_log_ratio``). Normalisers are carried as
+``(max, log sum)`` pairs (``_verify_common.log_norm``), never folded into one logsumexp, which would lose the
+log-sum at a small temperature.
 
 Launch 2 ``_decide_race_kernel``, grid ``(B, C2)``: each program recombines the row's partials for every
 position (a few hundred floats), gathers the drafted tokens' logits, runs the acceptance tests, takes the first
@@ -29,56 +28,55 @@ import triton
 import triton.language as tl
 
 from ._entropy_triton import sm_count
-from ._verify_common import (MODE_IDS, argmax_fold, clipped_logz, log_ratio, logprobs, norms,
+from ._verify_common import (MODE_IDS, argmax_fold, log_norm, log_ratio, logprobs, logz_pass, norms,
                              prepare_verify_inputs)
 from .rng import streams_tensor, uniform_triton
 
-NSTAT = 10
+NSTAT = tl.constexpr(8)  # floats per (row, position, chunk) in ``stats`` (module doc)
 
 
 @triton.jit
 def _stats_kernel(T, D, R, stats,
                   stb, stk, sdb, sdk, srb, srk,
-                  K1, Kd, V, chunk, n_chunks, temperature, lam, r_inf,
-                  TILT: tl.constexpr, GIVEN: tl.constexpr, BLOCK: tl.constexpr):
+                  K1, Kd, V, chunk, n_chunks, temperature,
+                  TILT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // K1
     i = row % K1
     start = c * chunk
-    m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = norms(
+    m_t, s_t, m_d, s_d, m_r, s_r = norms(
         T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk, R + b.to(tl.int64) * srb + i * srk,
-        start, start + chunk, tl.where(i < Kd, V, 0), V, temperature, lam, r_inf, TILT, TILT, BLOCK, GIVEN)
-    out = stats + (row.to(tl.int64) * n_chunks + c) * 10
+        start, start + chunk, tl.where(i < Kd, V, 0), V, temperature, TILT, BLOCK)
+    out = stats + (row.to(tl.int64) * n_chunks + c) * NSTAT
     tl.store(out + 0, m_t)
     tl.store(out + 1, s_t)
     tl.store(out + 2, m_d)
     tl.store(out + 3, s_d)
     tl.store(out + 4, m_r)
     tl.store(out + 5, s_r)
-    tl.store(out + 6, m_a)
-    tl.store(out + 7, s_a)
-    tl.store(out + 8, m_s)
-    tl.store(out + 9, s_s)
+    tl.store(out + 6, float("-inf"))
+    tl.store(out + 7, 0.0)
 
 
 @triton.jit
 def _combine(stats, rows, n_chunks, slot, offs_c, cmask, rmask):
-    """logsumexp over chunks of the (max, sum) pair in ``slot`` for a vector of ``rows``."""
-    ptr = stats + (rows.to(tl.int64)[:, None] * n_chunks + offs_c[None, :]) * 10 + slot
+    """The normaliser ``(m, log s)`` (``log_norm``) over chunks of the (max, sum) pair in ``slot``, for a vector of
+    ``rows``."""
+    ptr = stats + (rows.to(tl.int64)[:, None] * n_chunks + offs_c[None, :]) * NSTAT + slot
     msk = rmask[:, None] & cmask[None, :]
     m = tl.load(ptr, mask=msk, other=float("-inf"))
     s = tl.load(ptr + 1, mask=msk, other=0.0)
     mm = tl.max(m, 1)
     safe = tl.where(mm == float("-inf"), 0.0, mm)
-    return mm + tl.log(tl.sum(s * tl.exp(m - safe[:, None]), 1))
+    return log_norm(mm, tl.sum(s * tl.exp(m - safe[:, None]), 1))
 
 
 @triton.jit
-def _logz_clip_kernel(T, D, R, stats,
-                      stb, stk, sdb, sdk, srb, srk,
-                      K1, Kd, V, chunk, n_chunks, temperature, lam, r_inf, max_ratio,
-                      BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _logz_kernel(T, D, R, stats,
+                 stb, stk, sdb, sdk, srb, srk,
+                 K1, Kd, V, chunk, n_chunks, temperature, lam, r_inf, max_ratio,
+                 CLIP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     c = tl.program_id(1)
     b = row // K1
@@ -87,19 +85,18 @@ def _logz_clip_kernel(T, D, R, stats,
     cmask = offs_c < n_chunks
     rows = row + tl.arange(0, 1)
     rmask = rows >= 0
-    lse_t = tl.sum(_combine(stats, rows, n_chunks, 0, offs_c, cmask, rmask), 0)
-    lse_d = tl.sum(_combine(stats, rows, n_chunks, 2, offs_c, cmask, rmask), 0)
-    lse_r = tl.sum(_combine(stats, rows, n_chunks, 4, offs_c, cmask, rmask), 0)
+    m_t, l_t = _combine(stats, rows, n_chunks, 0, offs_c, cmask, rmask)
+    m_d, l_d = _combine(stats, rows, n_chunks, 2, offs_c, cmask, rmask)
+    m_r, l_r = _combine(stats, rows, n_chunks, 4, offs_c, cmask, rmask)
     start = c * chunk
-    m_a, s_a = clipped_logz(T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk,
-                            R + b.to(tl.int64) * srb + i * srk, start, start + chunk, tl.where(i < Kd, V, 0), V,
-                            lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio, BLOCK)
-    # every program reads the lse slots of all chunks above, so it may only overwrite slots 6..9 (disjoint)
-    out = stats + (row.to(tl.int64) * n_chunks + c) * 10
+    m_a, s_a = logz_pass(T + b.to(tl.int64) * stb + i * stk, D + b.to(tl.int64) * sdb + i * sdk,
+                         R + b.to(tl.int64) * srb + i * srk, start, start + chunk, tl.where(i < Kd, V, 0), V,
+                         tl.sum(m_t, 0), tl.sum(l_t, 0), tl.sum(m_d, 0), tl.sum(l_d, 0), tl.sum(m_r, 0),
+                         tl.sum(l_r, 0), temperature, lam, r_inf, max_ratio, CLIP, BLOCK)
+    # every program reads the normaliser slots of all chunks above, so it may only write slots 6,7 (disjoint)
+    out = stats + (row.to(tl.int64) * n_chunks + c) * NSTAT
     tl.store(out + 6, m_a)
     tl.store(out + 7, s_a)
-    tl.store(out + 8, float("-inf"))
-    tl.store(out + 9, 0.0)
 
 
 @triton.jit
@@ -123,24 +120,16 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < n_chunks
     rows = b * K1 + offs_k
-    lse_t = _combine(stats, rows, n_chunks, 0, offs_c, cmask, kmask)
-    lse_d = _combine(stats, rows, n_chunks, 2, offs_c, cmask, kmask)
-    if GIVEN:
-        lse_r = _combine(stats, rows, n_chunks, 4, offs_c, cmask, kmask)
-        logz = lse_t * 0.0
-    elif TILT:
-        lse_r = _combine(stats, rows, n_chunks, 4, offs_c, cmask, kmask)
-        za = _combine(stats, rows, n_chunks, 6, offs_c, cmask, kmask)
-        if CLIP:
-            logz = za
-        else:
-            zs = _combine(stats, rows, n_chunks, 8, offs_c, cmask, kmask)
-            za = za + lam * (lse_r - lse_d)
-            mz = tl.maximum(za, zs)
-            logz = mz + tl.log(tl.exp(za - mz) + tl.exp(zs - mz)) - lse_t
-    else:
-        lse_r = lse_t
-        logz = lse_t * 0.0
+    m_t, l_t = _combine(stats, rows, n_chunks, 0, offs_c, cmask, kmask)
+    m_d, l_d = _combine(stats, rows, n_chunks, 2, offs_c, cmask, kmask)
+    m_r = m_t * 0.0
+    l_r = m_r
+    m_z = m_r
+    l_z = m_r
+    if TILT:
+        m_r, l_r = _combine(stats, rows, n_chunks, 4, offs_c, cmask, kmask)
+        if not GIVEN:
+            m_z, l_z = _combine(stats, rows, n_chunks, 6, offs_c, cmask, kmask)
 
     # acceptance tests at the drafted tokens
     dmask = offs_k < K
@@ -150,16 +139,18 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     gm = dmask & in_range
     xt = tl.load(T + b.to(tl.int64) * stb + offs_k * stk + tokc, mask=gm, other=ninf).to(tl.float32) / temperature
     xd = tl.load(D + b.to(tl.int64) * sdb + offs_k * sdk + tokc, mask=gm, other=ninf).to(tl.float32) / temperature
-    lp_tok = xt - lse_t
-    lqr_tok = xd - lse_d
+    lp_tok = (xt - m_t) - l_t
+    lqr_tok = (xd - m_d) - l_d
     lt_tok = lp_tok
     if TILT:
         if MODE == 1:
-            xr = tl.load(R + b.to(tl.int64) * srb + offs_k * srk + tokc, mask=gm, other=ninf).to(tl.float32) / temperature
+            xr = tl.load(R + b.to(tl.int64) * srb + offs_k * srk + tokc, mask=gm, other=ninf).to(tl.float32)
+            xr = xr / temperature
+            lq_tok = (xr - m_r) - l_r
             if GIVEN:
-                lt_tok = xr - lse_r
+                lt_tok = lq_tok
             else:
-                lt_tok = lp_tok + lam * log_ratio(lqr_tok, xr - lse_r, r_inf, max_ratio, CLIP) - logz
+                lt_tok = ((lp_tok + lam * log_ratio(lqr_tok, lq_tok, r_inf, max_ratio, CLIP)) - m_z) - l_z
     t_tok = tl.where(gm, tl.exp(lt_tok), 0.0)
     qr_tok = tl.where(gm, tl.exp(lqr_tok), 0.0)
     u = tl.load(u_ptr + b.to(tl.int64) * K + offs_k, mask=dmask, other=0.5)
@@ -173,13 +164,13 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     j = tl.min(tl.where(rej, offs_k, n), 0)
     need_res = (j < n) & (MODE != 2)
 
-    lse_t_j = _pick(lse_t, offs_k, j)
-    lse_d_j = _pick(lse_d, offs_k, j)
-    lse_r_j = _pick(lse_r, offs_k, j)
-    logz_j = _pick(logz, offs_k, j)
+    m_t_j, l_t_j = _pick(m_t, offs_k, j), _pick(l_t, offs_k, j)
+    m_r_j, l_r_j = _pick(m_r, offs_k, j), _pick(l_r, offs_k, j)
+    m_z_j, l_z_j = _pick(m_z, offs_k, j), _pick(l_z, offs_k, j)
     has_d = j < Kd
     vd = tl.where(has_d, V, 0)
-    lse_d_j = tl.where(has_d, lse_d_j, 0.0)
+    m_d_j = tl.where(has_d, _pick(m_d, offs_k, j), 0.0)
+    l_d_j = tl.where(has_d, _pick(l_d, offs_k, j), 0.0)
 
     # exponential race over this program's vocabulary chunk at position j
     t_base = T + b.to(tl.int64) * stb + j * stk
@@ -193,8 +184,8 @@ def _decide_race_kernel(T, D, R, tok_ptr, u_ptr, nv_ptr, stats, pkey, pidx, info
     for off in range(start, start + chunk2, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        lp, lqr, le = logprobs(t_base, d_base, r_base, v, vm, v < vd, lse_t_j, lse_d_j, lse_r_j, logz_j,
-                               temperature, lam, r_inf, max_ratio, TILT, CLIP, GIVEN)
+        lp, lqr, le = logprobs(t_base, d_base, r_base, v, vm, v < vd, m_t_j, l_t_j, m_d_j, l_d_j, m_r_j, l_r_j,
+                               m_z_j, l_z_j, temperature, lam, r_inf, max_ratio, TILT, CLIP, GIVEN)
         if MODE == 1:
             lt = le
         else:
@@ -283,13 +274,14 @@ def spec_verify_triton(target_logits, draft_logits, ref_logits, draft_tokens, mo
     chunk2, c2 = _chunks(V, B, x.block, target, _chunk2)
     logits = (x.tgt, x.drf, x.ref)
 
-    stats = torch.empty(B * K1 * c1 * NSTAT, device=dev, dtype=torch.float32)
-    _stats_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature, x.lam, x.r_inf,
-                                TILT=x.tilt, GIVEN=x.given, BLOCK=x.block, num_warps=x.num_warps)
+    stats = torch.empty(B * K1 * c1 * NSTAT.value, device=dev, dtype=torch.float32)
+    _stats_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature,
+                                TILT=x.tilt, BLOCK=x.block, num_warps=x.num_warps)
     block_c = max(triton.next_power_of_2(c1), 2)
-    if x.clip:
-        _logz_clip_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature, x.lam,
-                                        x.r_inf, x.max_ratio, BLOCK=x.block, BLOCK_C=block_c, num_warps=x.num_warps)
+    if x.tilt and not x.given:
+        _logz_kernel[(B * K1, c1)](*logits, stats, *x.strides, K1, Kd, V, chunk1, c1, x.temperature, x.lam,
+                                   x.r_inf, x.max_ratio, CLIP=x.clip, BLOCK=x.block, BLOCK_C=block_c,
+                                   num_warps=x.num_warps)
     pkey = torch.empty(B * c2 * 2, device=dev, dtype=torch.float32)
     pidx = torch.empty(B * c2 * 2, device=dev, dtype=torch.int32)
     info = torch.empty(B * 3, device=dev, dtype=torch.int32)

@@ -2,8 +2,8 @@
 
 One launch, grid ``(B,)``: a program walks its row's tree exactly as the reference does (nodes in index order;
 a node is tested iff its parent is the current node). Per visited node it makes one pass over the vocabulary
-for the normalisers (target, draft, ref and the separable ``logZ``; a second one with ``max_log_ratio``) and one
-pass writing the residual ``t(.|node)`` into an fp32 scratch row; a rejected sampled child costs two passes
+for the normalisers (target, draft, ref; a second one for the tilt's ``logZ``) and one pass writing the
+residual ``t(.|node)`` into an fp32 scratch row; a rejected sampled child costs two passes
 (sum, then write of ``(res - q_r)+``), a rejected top-k child one store; the emission is one race pass.
 """
 
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._verify_common import MODE_IDS, argmax_fold, clipped_logz, logprobs, norms, prepare_verify_inputs
+from ._verify_common import MODE_IDS, argmax_fold, log_norm, logprobs, logz_pass, norms, prepare_verify_inputs
 from .rng import streams_tensor, uniform_triton
 
 
@@ -21,41 +21,35 @@ from .rng import streams_tensor, uniform_triton
 def _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
                 MODE: tl.constexpr, TILT: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
                 GIVEN: tl.constexpr):
-    """Normalisers ``(lse_t, lse_d, lse_r, logZ)`` at a node, and its residual ``t(.|node)`` (``p``, or ``pi`` for
-    sss_exact) written to the scratch row ``wb``."""
-    m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s = norms(tb, db, rb, 0, V, V, V, temperature, lam, r_inf,
-                                                             TILT, not CLIP, BLOCK, GIVEN)
-    lse_t = m_t + tl.log(s_t)
-    lse_d = m_d + tl.log(s_d)
-    lse_r = m_r + tl.log(s_r)
-    logz = lse_t * 0.0
+    """Normalisers ``(m, log s)`` of the target, draft, ref and ``logZ`` at a node (``log_norm``), and its residual
+    ``t(.|node)`` (``p``, or ``pi`` for sss_exact) written to the scratch row ``wb``."""
+    m_t, s_t, m_d, s_d, m_r, s_r = norms(tb, db, rb, 0, V, V, V, temperature, TILT, BLOCK)
+    m_t, l_t = log_norm(m_t, s_t)
+    m_d, l_d = log_norm(m_d, s_d)
+    m_r, l_r = log_norm(m_r, s_r)
+    m_z = 0.0
+    l_z = 0.0
     if TILT and not GIVEN:
-        if CLIP:
-            m_a, s_a = clipped_logz(tb, db, rb, 0, V, V, V, lse_t, lse_d, lse_r, temperature, lam, r_inf,
-                                    max_ratio, BLOCK)
-            logz = m_a + tl.log(s_a)
-        else:
-            za = m_a + tl.log(s_a) + lam * (lse_r - lse_d)
-            zs = m_s + tl.log(s_s)
-            mz = tl.maximum(za, zs)
-            logz = mz + tl.log(tl.exp(za - mz) + tl.exp(zs - mz)) - lse_t
+        m_a, s_a = logz_pass(tb, db, rb, 0, V, V, V, m_t, l_t, m_d, l_d, m_r, l_r, temperature, lam, r_inf,
+                             max_ratio, CLIP, BLOCK)
+        m_z, l_z = log_norm(m_a, s_a)
     for off in range(0, V, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        lp, lqr, lpi = logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
-                                max_ratio, TILT, CLIP, GIVEN)
+        lp, lqr, lpi = logprobs(tb, db, rb, v, vm, vm, m_t, l_t, m_d, l_d, m_r, l_r, m_z, l_z, temperature, lam,
+                                r_inf, max_ratio, TILT, CLIP, GIVEN)
         if MODE == 1:
             tl.store(wb + v, tl.exp(lpi), mask=vm)
         else:
             tl.store(wb + v, tl.exp(lp), mask=vm)
     tl.debug_barrier()
-    return lse_t, lse_d, lse_r, logz
+    return m_t, l_t, m_d, l_d, m_r, l_r, m_z, l_z
 
 
 @triton.jit
-def _minus_draft(wb, dpos, v, vm, Z, lse_d, temperature):
+def _minus_draft(wb, dpos, v, vm, Z, m_d, l_d, temperature):
     """``(res - q_r)+`` on the vocabulary block ``v``: the residual after rejecting a sampled child."""
-    qr = tl.exp(tl.load(dpos + v, mask=vm, other=float("-inf")).to(tl.float32) / temperature - lse_d)
+    qr = tl.exp((tl.load(dpos + v, mask=vm, other=float("-inf")).to(tl.float32) / temperature - m_d) - l_d)
     w = tl.load(wb + v, mask=vm, other=0.0)
     return tl.maximum(w / Z - qr, 0.0)
 
@@ -73,8 +67,8 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
     tb = T + b * stb
     db = D + b * sdb
     rb = R + b * srb
-    lse_t, lse_d, lse_r, logz = _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
-                                            MODE, TILT, CLIP, BLOCK, GIVEN)
+    m_t, l_t, m_d, l_d, m_r, l_r, m_z, l_z = _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
+                                                         MODE, TILT, CLIP, BLOCK, GIVEN)
     Z = 1.0
     cur = -1
     has_child = 0
@@ -97,7 +91,7 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
                 ok = u <= res_c
             else:
                 xd = tl.load(D + b * sdb + pos * sdn + cc).to(tl.float32) / temperature
-                qr_c = tl.where(valid, tl.exp(xd - lse_d), 0.0)
+                qr_c = tl.where(valid, tl.exp((xd - m_d) - l_d), 0.0)
                 ok = (u * qr_c <= res_c) & (res_c > 0.0)
             if ok:
                 tl.store(path_ptr + b * DP + depth, n, mask=depth < DP)
@@ -106,8 +100,8 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
                 tb = T + b * stb + (n + 1) * stn
                 db = D + b * sdb + (n + 1) * sdn
                 rb = R + b * srb + (n + 1) * srn
-                lse_t, lse_d, lse_r, logz = _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf, max_ratio,
-                                                        MODE, TILT, CLIP, BLOCK, GIVEN)
+                m_t, l_t, m_d, l_d, m_r, l_r, m_z, l_z = _enter_node(tb, db, rb, wb, V, temperature, lam, r_inf,
+                                                                     max_ratio, MODE, TILT, CLIP, BLOCK, GIVEN)
                 Z = 1.0
                 has_child = 0
             else:
@@ -122,12 +116,12 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
                     s = 0.0
                     for off in range(0, V, BLOCK):
                         v = off + tl.arange(0, BLOCK)
-                        s += tl.sum(_minus_draft(wb, dpos, v, v < V, Z, lse_d, temperature), 0)
+                        s += tl.sum(_minus_draft(wb, dpos, v, v < V, Z, m_d, l_d, temperature), 0)
                     if s > 0.0:
                         for off in range(0, V, BLOCK):
                             v = off + tl.arange(0, BLOCK)
                             vm = v < V
-                            tl.store(wb + v, _minus_draft(wb, dpos, v, vm, Z, lse_d, temperature), mask=vm)
+                            tl.store(wb + v, _minus_draft(wb, dpos, v, vm, Z, m_d, l_d, temperature), mask=vm)
                         Z = s
                     tl.debug_barrier()
     # emission at the current node
@@ -138,8 +132,8 @@ def _tree_kernel(T, D, R, tok_ptr, par_ptr, u_ptr, W, path_ptr, len_ptr, next_pt
         vm = v < V
         g = -tl.log(-tl.log(uniform_triton(streams, b, v)))
         if MODE == 2:
-            lp, lqr, lpi = logprobs(tb, db, rb, v, vm, vm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf,
-                                    max_ratio, TILT, CLIP, GIVEN)
+            lp, lqr, lpi = logprobs(tb, db, rb, v, vm, vm, m_t, l_t, m_d, l_d, m_r, l_r, m_z, l_z, temperature,
+                                    lam, r_inf, max_ratio, TILT, CLIP, GIVEN)
             key = lpi + g
         else:
             key = tl.log(tl.load(wb + v, mask=vm, other=0.0)) + g

@@ -1,10 +1,11 @@
 """What the Triton ``spec_verify`` and ``tree_verify`` kernels share (definitions in ``kernels.spec_verify``).
 
 Device side, ``@triton.jit`` helpers (inlined when compiled): the online ``(max, sum exp)`` fold, the log-ratio
-with its zero-probability stand-ins (``log_ratio``), the normalisers of one vocabulary range (``norms``, and the
-clipped ``logZ`` pass ``clipped_logz``), the per-block ``(log p, log q_r, log pi)`` (``logprobs``), and the
-exponential race's running argmax (``argmax_fold``). Host side: ``prepare_verify_inputs`` (truncation, layout,
-block size and the tilt's constants). The torch-side math (the tilt, ``RATIO_INF``) is in ``kernels._verify_math``.
+with its zero-probability stand-ins (``log_ratio``), the normalisers of one vocabulary range (``norms``, kept as
+``(max, log sum)`` pairs by ``log_norm``, and the tilt's ``logZ`` pass ``logz_pass``), the per-block
+``(log p, log q_r, log pi)`` (``logprobs``), and the exponential race's running argmax (``argmax_fold``). Host
+side: ``prepare_verify_inputs`` (truncation, layout, block size and the tilt's constants). The torch-side math
+(the tilt, ``RATIO_INF``) is in ``kernels._verify_math``.
 
 ``GIVEN`` (with top-k / top-p): the third logits tensor holds ``log pi`` itself (the truncated tilt, prepared in
 torch by ``_verify_math.tilted_logits``), not the ref's logits; the kernels then read ``pi`` instead of forming it.
@@ -45,14 +46,11 @@ def log_ratio(lqr, lq, r_inf, max_ratio, CLIP: tl.constexpr):
 
 
 @triton.jit
-def norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
-          TILT: tl.constexpr, SEPARABLE_Z: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr = False):
+def norms(tb, db, rb, start, end, vd, V, temperature, TILT: tl.constexpr, BLOCK: tl.constexpr):
     """Online (max, sum-exp) pairs over the vocabulary range ``[start, end)`` of one position, one read per tensor.
 
     ``tb`` / ``db`` / ``rb``: the target / draft / ref logits row; the draft reads ``v < vd`` only (``vd = 0``:
-    the draft has no such position). Returns ``(m, s)`` of ``x_t``, ``x_d``, ``x_r`` (with TILT) and, with TILT
-    and SEPARABLE_Z, of the two sums that give the unclipped ``logZ`` without a second pass (``A``: tokens where
-    ``q_r, q > 0``, shifted by ``lam * (lse_r - lse_d)``; ``S``: the others, with the ``+-R`` / 0 stand-ins).
+    the draft has no such position). Returns ``(m, s)`` of ``x_t``, ``x_d`` and, with TILT, ``x_r``.
     """
     ninf = float("-inf")
     m_t = ninf
@@ -61,60 +59,54 @@ def norms(tb, db, rb, start, end, vd, V, temperature, lam, r_inf,
     s_d = 0.0
     m_r = ninf
     s_r = 0.0
-    m_a = ninf
-    s_a = 0.0
-    m_s = ninf
-    s_s = 0.0
     for off in range(start, end, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        xt = tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature
-        xd = tl.load(db + v, mask=v < vd, other=ninf).to(tl.float32) / temperature
-        m_t, s_t = _acc(m_t, s_t, xt)
-        m_d, s_d = _acc(m_d, s_d, xd)
+        m_t, s_t = _acc(m_t, s_t, tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature)
+        m_d, s_d = _acc(m_d, s_d, tl.load(db + v, mask=v < vd, other=ninf).to(tl.float32) / temperature)
         if TILT:
-            xr = tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature
-            m_r, s_r = _acc(m_r, s_r, xr)
-            if SEPARABLE_Z and not GIVEN:
-                fd = xd > ninf
-                fr = xr > ninf
-                both = fd & fr
-                ka = tl.where(both, xt + lam * (xd - xr), ninf)
-                o = tl.where(fd, r_inf, tl.where(fr, -r_inf, 0.0))
-                ks = tl.where(both, ninf, xt + lam * o)
-                m_a, s_a = _acc(m_a, s_a, ka)
-                m_s, s_s = _acc(m_s, s_s, ks)
-    return m_t, s_t, m_d, s_d, m_r, s_r, m_a, s_a, m_s, s_s
+            m_r, s_r = _acc(m_r, s_r, tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature)
+    return m_t, s_t, m_d, s_d, m_r, s_r
 
 
 @triton.jit
-def logprobs(tb, db, rb, v, vm, dm, lse_t, lse_d, lse_r, logz, temperature, lam, r_inf, max_ratio,
+def log_norm(m, s):
+    """A normaliser kept as the pair ``(m, log s)``, so that ``log p = (x - m) - log s``: folded into one
+    ``m + log s`` it would lose ``log s`` when ``m`` is huge (a small temperature). ``m`` is 0 where no entry is
+    finite (then ``log s = -inf``, as ``m + log s`` was)."""
+    return tl.where(m == float("-inf"), 0.0, m), tl.log(s)
+
+
+@triton.jit
+def logprobs(tb, db, rb, v, vm, dm, m_t, l_t, m_d, l_d, m_r, l_r, m_z, l_z, temperature, lam, r_inf, max_ratio,
              TILT: tl.constexpr, CLIP: tl.constexpr, GIVEN: tl.constexpr = False):
-    """``(log p, log q_r, log pi)`` of the vocabulary block ``v`` at one position (``dm``: the draft's mask)."""
+    """``(log p, log q_r, log pi)`` of the vocabulary block ``v`` at one position (``dm``: the draft's mask), from
+    the normalisers ``(m_*, l_*)`` of ``log_norm`` (``_z``: that of ``log p + lam * d``, the tilt's ``logZ``)."""
     ninf = float("-inf")
-    lp = tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_t
-    lqr = tl.load(db + v, mask=dm, other=ninf).to(tl.float32) / temperature - lse_d
+    lp = (tl.load(tb + v, mask=vm, other=ninf).to(tl.float32) / temperature - m_t) - l_t
+    lqr = (tl.load(db + v, mask=dm, other=ninf).to(tl.float32) / temperature - m_d) - l_d
     lpi = lp
     if TILT:
-        lq = tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature - lse_r
+        lq = (tl.load(rb + v, mask=vm, other=ninf).to(tl.float32) / temperature - m_r) - l_r
         if GIVEN:
             lpi = lq
         else:
-            lpi = lp + lam * log_ratio(lqr, lq, r_inf, max_ratio, CLIP) - logz
+            lpi = ((lp + lam * log_ratio(lqr, lq, r_inf, max_ratio, CLIP)) - m_z) - l_z
     return lp, lqr, lpi
 
 
 @triton.jit
-def clipped_logz(tb, db, rb, start, end, vd, V, lse_t, lse_d, lse_r, temperature, lam, r_inf, max_ratio,
-                 BLOCK: tl.constexpr):
-    """(max, sum-exp) of ``log p + lam * clip(d)`` over ``[start, end)``: the second pass ``max_log_ratio`` needs."""
+def logz_pass(tb, db, rb, start, end, vd, V, m_t, l_t, m_d, l_d, m_r, l_r, temperature, lam, r_inf, max_ratio,
+              CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """(max, sum-exp) of ``log p + lam * d`` (``d`` clipped with CLIP) over ``[start, end)``: the tilt's ``logZ``,
+    a second pass once the three normalisers are known (the log-probabilities are then exact near their tops)."""
     m_a = float("-inf")
     s_a = 0.0
     for off in range(start, end, BLOCK):
         v = off + tl.arange(0, BLOCK)
         vm = v < V
-        lp, lqr, key = logprobs(tb, db, rb, v, vm, v < vd, lse_t, lse_d, lse_r, 0.0, temperature, lam, r_inf,
-                                max_ratio, True, True)
+        lp, lqr, key = logprobs(tb, db, rb, v, vm, v < vd, m_t, l_t, m_d, l_d, m_r, l_r, 0.0, 0.0, temperature,
+                                lam, r_inf, max_ratio, True, CLIP)
         m_a, s_a = _acc(m_a, s_a, tl.where(vm, key, float("-inf")))
     return m_a, s_a
 

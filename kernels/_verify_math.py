@@ -3,8 +3,8 @@
 The reward tilt (``tilted_logits``, ``RATIO_INF``, ``tilt_active``), the references' distributions
 (``log_dists``), the race noise (``gumbel_noise``), the input checks both verifiers make (``validate_common``,
 ``check_uniforms``, ``check_finite_logits``) and the wrong rules the law tests inject (``WRONG_VARIANTS``). The
-references and the Triton host code (``_verify_common.prepare_verify_inputs``) import them from here, so neither verifier imports
-the other.
+references and the Triton host code (``_verify_common.prepare_verify_inputs``) import them from here, so neither
+verifier imports the other.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from ._dispatch import check_finite
 from .rng import uniform_grid_torch
-from .truncation import check_temperature, truncate_logits
+from .truncation import check_temperature, finite_row_max, truncate_logits
 
 MODES = ("sd", "sss_exact", "sss_paper")
 RATIO_INF = 20.0  # log-ratio used where exactly one of q_r, q is zero (unless max_log_ratio is given)
@@ -26,6 +26,7 @@ WRONG_VARIANTS = (
     "residual_from_p",        # sss: the residual (p - q_r)+ instead of (pi - q_r)+
     "bonus_from_p",           # sss: the bonus drawn from p instead of pi
     "residual_unnormalised",  # sampled tree: (res - q_r)+ not renormalised
+    "normaliser_unshifted",   # log p = x - logsumexp(x), which rounds logsumexp's log-sum away at a small T
 )
 
 
@@ -42,14 +43,16 @@ def _log_ratio_torch(lqr: torch.Tensor, lq: torch.Tensor, max_log_ratio: float |
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    return x - torch.logsumexp(x, dim=-1, keepdim=True)
+    """``log softmax(x)`` as ``(x - m) - log sum exp(x - m)``, ``m`` the row maximum: at a small temperature
+    ``x - logsumexp(x)`` of huge ``x`` rounds the log-normaliser away (two tied tokens got probability 1 each)."""
+    y = x - finite_row_max(x)
+    return y - torch.logsumexp(y, dim=-1, keepdim=True)
 
 
 def _tilted(lp: torch.Tensor, lqr: torch.Tensor, lq: torch.Tensor, lam: float,
             max_log_ratio: float | None) -> torch.Tensor:
     """log pi = log p + lam * d - logZ (all ``[..., V]``)."""
-    s = lp + lam * _log_ratio_torch(lqr, lq, max_log_ratio)
-    return s - torch.logsumexp(s, dim=-1, keepdim=True)
+    return _log_softmax(lp + lam * _log_ratio_torch(lqr, lq, max_log_ratio))
 
 
 def gumbel_noise(seed, B: int, V: int, device) -> torch.Tensor:
@@ -122,7 +125,10 @@ def log_dists(target_logits, draft_logits, ref_logits, mode, lam, temperature, t
     ``log p``: that position is never read.
     """
     lp = _log_softmax(truncate_logits(target_logits, temperature, top_k, top_p))
-    if _wrong == "ratio_at_T1":
+    if _wrong == "normaliser_unshifted":
+        lp, lqr = (x - torch.logsumexp(x, dim=-1, keepdim=True)
+                   for x in (truncate_logits(y, temperature, top_k, top_p) for y in (target_logits, draft_logits)))
+    elif _wrong == "ratio_at_T1":
         lqr = _log_softmax(truncate_logits(draft_logits, 1.0, top_k, top_p))
     elif _wrong == "ratio_untruncated":
         lqr = _log_softmax(draft_logits.float() / temperature)

@@ -390,6 +390,64 @@ def test_chain_law_sss_paper_differs_from_pi():
     assert 0.5 * (closed - pi).abs().sum() > 10 * thr
 
 
+# a small temperature: tied maxima at logit 30, where x = 30 / T is huge (3e7 at T = 1e-6, fp32 spacing 2)
+SMALL_T_TARGET = torch.tensor([30.0, 30.0, 30.0, -20.0])  # p = (1/3, 1/3, 1/3, 0) at every temperature
+SMALL_T_DRAFT = torch.tensor([30.0, 30.0, -20.0, -20.0])  # q = (1/2, 1/2, 0, 0)
+
+
+def _small_t_first_tokens(T, n, tree, wrong=None):
+    """The first emitted token of ``n`` verifications of one drafted token (drawn from q) at each of 2 positions,
+    chain (``spec_verify``) or a root with one child (``tree_verify``)."""
+    g = torch.Generator().manual_seed(5)
+    tgt, drf = (x.expand(n, 2, 4).contiguous() for x in (SMALL_T_TARGET, SMALL_T_DRAFT))
+    tok = torch.randint(0, 2, (n, 1), generator=g)
+    u = torch.rand(n, 1, generator=g)
+    if tree:
+        _, ln, nxt = tree_verify_torch(tgt, drf, None, tok, torch.full((n, 1), -1), temperature=T, uniforms=u,
+                                       seed=9, _wrong=wrong)
+    else:
+        ln, nxt = spec_verify_torch(tgt, drf, None, tok, temperature=T, uniforms=u, seed=9, _wrong=wrong)
+    return torch.where(ln > 0, tok[:, 0], nxt)
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("T", [1.0, 1e-4, 1e-6, 1e-9])
+def test_verify_law_at_a_small_temperature(T, tree):
+    """The first token's law is p = (1/3, 1/3, 1/3, 0) at every temperature. With log p = x - logsumexp(x) the
+    log-sum of the three ties (log 3) rounds away once x is huge: each tied token got probability 1, the drafted
+    one was always accepted, and the law became (1/2, 1/2, 0, 0). The check rejects that rule."""
+    n = 20_000
+    want = torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=torch.float64)
+    thr = tv_threshold(want, n, quantile=0.999, simulations=4000)
+    assert 0.5 * (law_of(_small_t_first_tokens(T, n, tree), 4) - want).abs().sum().item() <= thr
+    if T <= 1e-6:
+        wrong = law_of(_small_t_first_tokens(T, n, tree, "normaliser_unshifted"), 4)
+        assert 0.5 * (wrong - want).abs().sum().item() > thr
+
+
+@pytest.mark.parametrize("mode", ["sd", "sss_exact", "sss_paper"])
+@pytest.mark.parametrize("max_log_ratio", [None, 3.0])
+def test_verify_triton_is_the_reference_at_a_small_temperature(mode, max_log_ratio, kernel_device):
+    """Token for token at T = 1e-6 (the kernels keep each normaliser as (max, log-sum), as the reference does),
+    chain and tree, with the tilt's logZ pass clipped and unclipped."""
+    n, T = 12, 1e-6
+    g = torch.Generator().manual_seed(2)
+    ref_row = torch.tensor([30.0, -20.0, 30.0, 30.0])
+    tgt, drf, ref = (x.expand(n, 3, 4).contiguous().to(kernel_device)
+                     for x in (SMALL_T_TARGET, SMALL_T_DRAFT, ref_row))
+    tok = torch.randint(0, 2, (n, 2), generator=g).to(kernel_device)
+    u = torch.rand(n, 2, generator=g).to(kernel_device)
+    chain = (tgt, drf, ref, tok, mode, 0.7, T, u, 4)
+    want = spec_verify_torch(*chain, max_log_ratio=max_log_ratio)
+    got = spec_verify_triton(*chain, max_log_ratio=max_log_ratio)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    parents = torch.tensor([[-1, 0]], device=kernel_device).expand(n, 2)
+    tree = (tgt, drf, ref, tok, parents, mode, 0.7, T, u, 4, "sampled")
+    want = tree_verify_torch(*tree, max_log_ratio=max_log_ratio)
+    got = tree_verify_triton(*tree, max_log_ratio=max_log_ratio)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
 # trees: branching (2, 2), nodes in level order; logits depend on the depth only
 TREE_PARENTS = torch.tensor([-1, -1, 0, 0, 1, 1])
 TREE_DEPTH_OF_POS = [0, 1, 1, 2, 2, 2, 2]  # position 0 = the root, position n + 1 = node n
