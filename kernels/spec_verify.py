@@ -64,12 +64,14 @@ truncated fp32 logits of the target and the draft, and, for the tilt, the trunca
 Without them the kernel reads the raw logits and forms ``pi`` itself.
 
 **Triton** (``_spec_verify_triton``): the vocabulary is split into chunks so that few rows still fill the GPU.
-Launch 1, grid ``(B*(K+1), chunks)``: per (row, position, chunk) partial logsumexps of target, draft, ref and
-the two partial sums that give ``logZ`` (one read of each logits tensor; with ``max_log_ratio`` a second
-partial pass computes the clipped ``logZ``). Launch 2, grid ``(B, chunks)``: every program combines its row's
-partials (tiny), gathers the drafted tokens' logits, runs the acceptance tests, finds the first rejection
-``j`` and races its vocabulary chunk at position ``j`` only (residual and fallback race at once). Launch 3,
-grid ``(B,)``: combines the partial argmaxes. The logits are read about ``1 + 1/(K+1)`` times.
+Launch 1, grid ``(B*(K+1), chunks)``: per (row, position, chunk) partial (max, sum-exp) pairs of target,
+draft and ref (one read of each logits tensor); with the tilt a second partial pass then computes ``logZ`` from
+the combined normalisers. Launch 2, grid ``(B, chunks)``: every program combines its row's partials (tiny),
+gathers the drafted tokens' logits, runs the acceptance tests, finds the first rejection ``j`` and races its
+vocabulary chunk at position ``j`` only (residual and fallback race at once). Launch 3, grid ``(B,)``: combines
+the partial argmaxes. The logits are read about ``1 + 1/(K+1)`` times (once more with the tilt). Normalisers
+stay (max, log-sum) pairs throughout: ``log p = (x - m) - log s`` keeps the log-sum at a small temperature,
+where ``x - (m + log s)`` rounds it away.
 
 **Code.** The torch math this module shares with ``tree_verify`` (the tilt, ``RATIO_INF``, the distributions,
 the race noise, the input checks, ``WRONG_VARIANTS``) is in ``kernels._verify_math``; the Triton helpers the two
