@@ -50,16 +50,25 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and triton_available()
 
 
-def check_finite(logits: torch.Tensor, name: str = "logits") -> None:
-    """Raise on NaN or +inf logits (-inf is a legal mask); every row must keep a finite entry.
+def check_finite(logits: torch.Tensor, name: str = "logits", temperature: float | None = None) -> None:
+    """Raise on NaN or +inf logits (-inf is a legal mask); every row must keep a finite entry. With
+    ``temperature`` (checked beforehand), each row's maximum must also stay finite once divided by it: a
+    maximum above ``3.4e38 * T`` scales to +inf, and tokens tied at +inf would be drawn by index.
 
     One pass and one host sync: a row's max is NaN or +inf exactly when the row holds one, and -inf when
     the whole row is masked. The slower precise diagnosis runs only on failure.
     """
-    if logits.numel() == 0 or bool(torch.isfinite(logits.amax(dim=-1)).all()):
+    if logits.numel() == 0:
+        return
+    m = logits.amax(dim=-1)
+    ok = torch.isfinite(m) if temperature is None else torch.isfinite(m) & torch.isfinite(m.float() / temperature)
+    if bool(ok.all()):
         return
     if torch.isnan(logits).any():
         raise ValueError(f"{name} contain NaN")
     if torch.isposinf(logits).any():
         raise ValueError(f"{name} contain +inf")
+    if bool(torch.isfinite(m).all()):
+        raise ValueError(f"{name} / temperature overflows float32: a row's maximum {float(m.abs().max()):g} at "
+                         f"temperature {temperature:g} (keep |logits| below 3.4e38 * temperature)")
     raise ValueError(f"{name}: a row is entirely -inf (no token can be drawn)")

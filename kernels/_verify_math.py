@@ -91,12 +91,13 @@ def check_uniforms(uniforms: torch.Tensor) -> None:
         raise ValueError("uniforms must lie in [0, 1] (the acceptance tests' randomness), got values outside it")
 
 
-def check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam) -> None:
-    """``check_finite`` on every logits tensor the verifier reads (ref only when the tilt is active)."""
-    check_finite(target_logits, "target_logits")
-    check_finite(draft_logits, "draft_logits")
+def check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam, temperature) -> None:
+    """``check_finite`` on every logits tensor the verifier reads (ref only when the tilt is active), scaled by
+    ``temperature``."""
+    check_finite(target_logits, "target_logits", temperature)
+    check_finite(draft_logits, "draft_logits", temperature)
     if tilt_active(mode, ref_logits, lam):
-        check_finite(ref_logits, "ref_logits")
+        check_finite(ref_logits, "ref_logits", temperature)
 
 
 def tilted_logits(target_logits, draft_logits, ref_logits, lam, temperature, top_k, top_p, max_log_ratio,

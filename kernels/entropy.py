@@ -36,7 +36,7 @@ def entropy(logits: torch.Tensor, temperature: float = 1.0, *,
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
     check_temperature(temperature)
     if validate:
-        check_finite(logits)
+        check_finite(logits, temperature=temperature)
     if use_triton(logits):
         from ._entropy_triton import entropy_triton
 

@@ -6,7 +6,7 @@ import torch
 
 from ._dispatch import check_finite, use_triton
 from .rng import uniform_grid_torch
-from .truncation import finite_row_max, truncate_logits
+from .truncation import check_truncation_args, finite_row_max, truncate_logits
 
 
 def sample_torch(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -38,7 +38,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     if logits.dim() != 2:
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
     if validate:
-        check_finite(logits)
+        check_truncation_args(temperature, top_k, top_p)
+        check_finite(logits, temperature=temperature)
     if use_triton(logits):
         from ._sample_triton import sample_triton
 

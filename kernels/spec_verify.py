@@ -200,7 +200,7 @@ def spec_verify(target_logits, draft_logits, ref_logits, draft_tokens, mode: str
     if validate:
         _validate(target_logits, draft_logits, ref_logits, draft_tokens, mode, lam, temperature, uniforms,
                   max_log_ratio, bonus, num_valid)
-        check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
+        check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam, temperature)
     if use_triton(target_logits):
         from ._spec_verify_triton import spec_verify_triton
 

@@ -191,7 +191,7 @@ def tree_verify(target_logits, draft_logits, ref_logits, tree_tokens, parents, m
         _validate(target_logits, draft_logits, ref_logits, tree_tokens, parents, mode, lam, temperature,
                   uniforms, max_log_ratio, tree_kind, max_depth, num_nodes)
         _check_parents(parents)
-        check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam)
+        check_finite_logits(target_logits, draft_logits, ref_logits, mode, lam, temperature)
     if use_triton(target_logits):
         from ._tree_verify_triton import tree_verify_triton
 

@@ -12,7 +12,8 @@ renormalised distribution is the proposal *and* the one used in every ratio (doc
 
 A tiny temperature overflows: ``logits / T`` leaves the float32 range once ``T < |logit| / 3.4e38`` (and below
 1.2e-38 ``T`` is not even a normal float32). The kernels refuse ``T < TEMPERATURE_FLOOR`` (1e-20, which leaves
-room for logits up to 1e18 and for ``sss``'s tilt); a decode takes such a temperature as the floor
+room for logits up to 1e18 and for ``sss``'s tilt), and, when validating, a row whose maximum overflows once
+scaled (``_dispatch.check_finite``); a decode takes such a temperature as the floor
 (``methods.base.Context``), and that is greedy: at ``T = 1e-20`` two logits more than 1e-18 apart end up more
 than 100 apart, beyond what the sampling noise spans (about 19.5), so only the maximum (or a tie) is drawn.
 """

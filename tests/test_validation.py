@@ -393,6 +393,32 @@ def test_the_kernels_refuse_a_seed_that_is_not_a_64_bit_integer(backend, monkeyp
     sample(logits, seed=2**64 - 1)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_kernels_refuse_logits_that_overflow_once_scaled(backend, monkeypatch):
+    """Finite logits above 3.4e38 * T scaled to +inf: (5e29, 1e30) at T = 1e-9 drew token 0, by index, where
+    token 1 is the maximum. The public kernels name the overflow; a logit that scales to -inf (probability 0
+    anyway) is fine, and so is the largest maximum that still fits."""
+    from fastalign.kernels import entropy, sample, spec_verify, tree_verify
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTALIGN_KERNELS", backend)
+    T = 1e-9
+    logits = torch.tensor([[5e29, 1e30, 0.0], [1.0, 2.0, 3.0]])
+    chain, tree = logits[:1].expand(1, 3, 3), logits[:1].expand(1, 4, 3)
+    u = torch.full((1, 3), 0.5)
+    calls = [lambda: sample(logits, T), lambda: entropy(logits, T),
+             lambda: spec_verify(chain, chain[:, :2], None, torch.tensor([[1, 2]]), temperature=T,
+                                 uniforms=u[:, :2]),
+             lambda: tree_verify(tree, tree, None, torch.tensor([[1, 2, 0]]), torch.tensor([[-1, 0, 0]]),
+                                 temperature=T, uniforms=u)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"logits / temperature overflows float32: a row's maximum 1e\+30"):
+            call()
+    assert sample(torch.tensor([[-1e30, 2.0, 3.0]]), T, seed=1).tolist() == [2]
+    assert sample(torch.tensor([[3.3e29, 3.2e29]]), T, seed=1).tolist() == [0]
+
+
 def test_the_verifiers_refuse_uniforms_outside_the_unit_interval():
     """``u * q_r <= p`` with u = 2 or NaN accepts with a wrong probability, silently."""
     from fastalign.kernels import spec_verify, tree_verify
