@@ -62,10 +62,11 @@ def run(model, rows=ROWS, seed=0, **options):
                             seed=seed, **options)
 
 
-def z_error(model, Z, **options) -> tuple[float, float]:
-    """``(mean of exp(log_z) - Z, its standard error)`` over ``ROWS`` independent runs."""
+def z_error(model, Z, min_resampled=ROWS // 2, **options) -> tuple[float, float]:
+    """``(mean of exp(log_z) - Z, its standard error)`` over ``ROWS`` independent runs, of which more than
+    ``min_resampled`` resample at least once (the resampling path is what is under test)."""
     out = run(model, **options)
-    assert out.stats["smc_resamplings"] > ROWS // 2  # resampling happens (in most runs)
+    assert sum(n > 0 for n in out.extra["resamplings"]) > min_resampled
     z = out.extra["log_z"].exp()
     return float(z.mean()) - Z, float(z.std()) / math.sqrt(len(z))
 
@@ -81,7 +82,8 @@ def test_log_z_is_unbiased(model, laws, particles):
 
 def test_log_z_is_unbiased_with_delimited_segments(model, laws):
     _, _, Z = laws
-    error, se = z_error(model, Z, particles=4, segment_tokens=2, delimiters=[1], ess_threshold=1.0)
+    # 2-token segments over 3 tokens: most runs end at their first boundary, and about 37% resample before it
+    error, se = z_error(model, Z, ROWS // 4, particles=4, segment_tokens=2, delimiters=[1], ess_threshold=1.0)
     assert abs(error) < 4 * se, (error, se, Z)
 
 
@@ -175,6 +177,34 @@ def test_votes_over_the_particles_answers(model):
             for a, w in zip(answers, weights):
                 totals[a] = totals.get(a, 0.0) + w
             assert first_token(seq) == max(totals, key=totals.get)
+
+
+def test_a_prompt_does_not_depend_on_its_batch_once_its_particles_have_ended():
+    """A prompt whose particles had all ended stayed in the loop while another prompt decoded on: it recorded its
+    ESS again after every step and was resampled again when that fell below the threshold, which it would not be
+    alone (the loop ends). Seed 78 returned [6, 0, 3] alone and [6, 3] beside a longer prompt."""
+    model = tiny_causal_lm(vocab_size=8, hidden=16, layers=1, init_range=0.6, seed=0, eos_token_id=3)
+    weights = [0.3, 1.0, -0.5, 0.4, 0.2, -0.1, 0.7, 0.0]
+
+    def reward(prompts, responses):
+        return torch.tensor([3 * sum(weights[t] for t in y) for y in responses])
+
+    options = dict(method="smc", target=model, reward=reward, max_new_tokens=10, particles=4, segment_tokens=1,
+                   ess_threshold=1.0)
+    for seed in (78, 5, 11, 23, 40):
+        alone = fastalign.decode([[1, 2]], seed=[seed], **options)
+        beside = fastalign.decode([[1, 2], [3, 1, 4, 5, 6]], seed=[seed, 1000 + seed], **options)
+        assert beside.sequences[0] == alone.sequences[0]
+        assert torch.equal(beside.extra["weights"][0], alone.extra["weights"][0])
+        assert beside.extra["ess"][0] == alone.extra["ess"][0]
+        assert beside.extra["resamplings"][0] == alone.extra["resamplings"][0]
+        assert beside.extra["particles"][0] == alone.extra["particles"][0]
+
+
+def test_a_beta_that_overflows_the_log_weights_is_an_input_error(model):
+    """(r_t - r_(t-1)) / beta with beta = 1e-310 is inf: the weights and log_z came out NaN, with no error."""
+    with pytest.raises(fastalign.InputError, match=r"reward / beta overflows float64 \(beta=1e-310\)"):
+        run(model, rows=2, beta=1e-310)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -87,6 +87,13 @@ def log_increment(r_new: torch.Tensor, r_old: torch.Tensor, beta: float) -> torc
     return (r_new.double() - r_old.double()) / beta
 
 
+def check_log_weights(log_w: torch.Tensor, beta: float) -> None:
+    """Log-weights are finite: finite rewards over a tiny ``beta`` overflow float64, and the weights, ``log_z`` and
+    the resampling would all be NaN."""
+    if not bool(torch.isfinite(log_w).all()):
+        raise InputError(f"smc: reward / beta overflows float64 (beta={beta:g}); use a larger beta")
+
+
 def reset_weights(log_w: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
     """Log-weights of one prompt's particles after resampling ``ancestors [N]``: all equal to the log of the
     mean weight before resampling (so the final mean weight still carries the epoch's mean)."""
@@ -138,6 +145,7 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
         logits = target.prefill(prompts, ctx.max_new_tokens).repeat_interleave(N, 0)  # [R, V]
         target.expand(N)
     r_0 = step_reward.prefill(prompts).double()  # [B]: the reward of the prompt alone
+    check_log_weights(initial_log_weight(r_0, beta), beta)
     step_reward.select_rows(torch.arange(B).repeat_interleave(N).tolist())
     r_prev = r_0.repeat_interleave(N)  # [R]: each particle's reward so far
     log_w = torch.zeros(B, N, dtype=torch.float64)  # relative to the initial weight exp(r_0 / beta)
@@ -148,6 +156,8 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     steps = 0
     while not all(done):
         steps += 1
+        # a prompt whose particles have all ended is left alone, as it would be decoded alone (the loop ends)
+        ended = [all(done[b * N:(b + 1) * N]) for b in range(B)]
         # 1. extend every live particle by one segment
         moved = [not d for d in done]
         if remote is None:
@@ -163,19 +173,18 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
         # 2. reweight by the twist's increment
         r_new = step_reward.append(segments).double()
         inc = log_increment(r_new, r_prev, beta)
+        check_log_weights(inc, beta)
         log_w += torch.where(torch.tensor(moved), inc, torch.zeros_like(inc)).view(B, N)
         r_prev = torch.where(torch.tensor(moved), r_new, r_prev)
 
-        # 3. resample the prompts whose ESS fell below the threshold
-        if all(done):
-            for b, ess in enumerate(effective_sample_size(log_w).tolist()):
-                ess_path[b].append(ess)
-            break
+        # 3. resample the prompts whose ESS fell below the threshold (not once all their particles have ended)
         rows = torch.arange(R)
         resampled = False
         for b, ess in enumerate(effective_sample_size(log_w).tolist()):
+            if ended[b]:
+                continue
             ess_path[b].append(ess)
-            if ess < ess_threshold * N:
+            if not all(done[b * N:(b + 1) * N]) and ess < ess_threshold * N:
                 u = float(ctx.rng.uniform([b], 1, "resample")[0, 0])
                 ancestors = systematic_resample(log_w[b], u)
                 log_w[b] = reset_weights(log_w[b], ancestors)
