@@ -136,6 +136,18 @@ def test_aggregations():
     assert aggregate_step("prod", 0.5, 0.4) == pytest.approx(0.2)
 
 
+def test_a_product_that_overflows_is_an_input_error(peaky):
+    """Step rewards of 1e30 multiplied over 12 steps overflowed to inf: the inf beams tied, and ``select="sample"``
+    (inf - inf = NaN in its weights) returned a beam scored 1e150 instead."""
+    huge = lambda prompts, responses: torch.full((len(responses),), 1e30)  # noqa: E731
+    with pytest.raises(fastalign.InputError, match=r"aggregate='prod' overflows float64 \(1e\+300 \* 1e\+30\)"):
+        decode(peaky, reward=huge, prompts=[[1, 2]], beams=2, width=2, max_step_tokens=1, aggregate="prod",
+               max_new_tokens=12, select="sample")
+    out = decode(peaky, reward=huge, prompts=[[1, 2]], beams=2, width=2, max_step_tokens=1, aggregate="prod",
+                 max_new_tokens=10, select="sample")  # 1e300 fits
+    assert max(out.extra["scores"][0].tolist()) == pytest.approx(1e300)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(beams=0), "beams"),
     (dict(width=1.5), "width"),

@@ -60,6 +60,8 @@ finished beams in the order they were set aside: ``{"tokens", "score" (aggregate
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import InputError
@@ -78,7 +80,11 @@ def aggregate_step(rule: str, previous: float | None, score: float) -> float:
         return score
     if rule == "min":
         return min(previous, score)
-    return previous * score  # "prod"
+    product = previous * score  # "prod"
+    if not math.isfinite(product):  # inf scores tie, and inf - inf in the selection weights is NaN
+        raise InputError(f"beam: aggregate='prod' overflows float64 ({previous:g} * {score:g}); rescale the reward "
+                         "or use aggregate='last' or 'min'")
+    return product
 
 
 def rank(scores: list[float]) -> list[int]:
