@@ -56,7 +56,10 @@ drawn at position ``num_valid[b]`` (so ``target_logits[b, num_valid[b]]`` must b
 **Randomness.** ``uniforms [B, K]`` fp32 in (0, 1) for the acceptance tests. The single draw per row is an
 exponential race ``argmax_v log w(v) - log(-log u_b(v))`` over the unnormalised weight ``w`` (residual or
 distribution) with ``u_b`` row ``b``'s stream of the shared counter-based generator (``kernels.rng``; ``seed``
-is an int or per-row streams ``[B, 2]``): Triton and reference agree token for token.
+is an int or per-row streams ``[B, 2]``): Triton and reference agree token for token under the CPU interpreter
+(the same fp32 operations). On CUDA the compiled kernel's ``exp``, ``log`` and division (and its FMA contraction)
+may differ from torch's in the last bits, unlike ``sample``'s kernel, so there a token can differ when two race
+keys, or the two sides of an acceptance test, agree to within a few ulp: never for generic inputs.
 
 **Truncation.** With ``top_k`` / ``top_p`` the kernels' inputs are prepared in torch (``prepare_verify_inputs``):
 truncated fp32 logits of the target and the draft, and, for the tilt, the truncated tilted logits of ``pi``

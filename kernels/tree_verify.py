@@ -41,7 +41,8 @@ emitted token, at a rejection or at the bonus, is drawn from ``pi`` at the final
 ``-1``, where ``D = max_depth`` if given (must be at least the tree depth; deeper accepted nodes are not
 stored) else ``N``; ``accepted_len [B]``; ``next_token [B]``. The draw is an exponential race over
 ``log res(v) - log(-log u_b(v))`` with row ``b``'s stream of the shared generator (``seed``: an int or per-row
-streams ``[B, 2]``; Triton equals the reference token for token).
+streams ``[B, 2]``; Triton equals the reference token for token under the CPU interpreter, and on CUDA up to
+last-bit differences of the arithmetic, as for ``spec_verify``).
 
 **Using it** (methods): feed ``[last accepted token] + tree_tokens`` to the target (and ref) with the tree
 mask, take all ``N+1`` logits; the draft's logits at the root and at each expanded node are the ones its
