@@ -127,7 +127,7 @@ class Engine:
                                      f"target emits up to {self.target.vocab_size}; {hint}")
         end_of_turn = chat_prompts.end_of_turn_ids(self.tokenizer)
         for lm in (self.target, self.draft, self.ref):
-            if isinstance(lm, CausalLM) and end_of_turn:
+            if isinstance(lm, (CausalLM, RemoteLM)) and end_of_turn:
                 lm.add_stop_tokens(end_of_turn)
 
     def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:

@@ -13,9 +13,11 @@ from fastalign.models.chat import end_of_turn_ids, render
 from fastalign.cli import main
 from fastalign.eval.gold import GoldReward
 from fastalign.models.loading import is_gguf
+from fastalign.models.remote import RemoteLM
 from fastalign.models.text_rewards import TextReward, text_reward_function, vader
 from fastalign.eval.toyworld import load_toy_world
 from fastalign.eval.worlds import NAMES, SMOLLM2_PROMPTS, UNAVAILABLE, load_world, world_prompts
+from fastalign.testing import serving
 
 # a chat template in the toy language: each message's content, then <pad> as the end-of-turn token
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }} <pad> {% endfor %}"
@@ -74,6 +76,25 @@ def test_the_end_of_turn_token_is_found_and_ends_responses(world, chat_tokenizer
         for seq in out.sequences:
             assert comma not in seq[:-1] and chat_tokenizer.eos_token_id not in seq[:-1], (method, seq)
         assert any(seq[-1] == comma for seq in out.sequences), method
+
+
+def test_the_end_of_turn_token_ends_responses_of_a_remote_target(world):
+    """A served target gets the template's end-of-turn ids as stop tokens too (the engine added them to local
+    targets only: remote responses ran past ",", the end of a turn here, and rarely ended at it)."""
+    tokenizer = copy.deepcopy(world.tokenizer)
+    tokenizer.chat_template = TEMPLATE.replace("<pad>", ",")
+    tokenizer.add_special_tokens({"additional_special_tokens": [","]})
+    comma = tokenizer.convert_tokens_to_ids(",")
+    assert end_of_turn_ids(tokenizer) == {comma}
+    prompts = ["the pasta", "the coffee", "our waiter", "my phone"] * 2
+    with serving(world.target) as url:
+        engine = fastalign.Engine(target=RemoteLM(url), reward=world.reward, tokenizer=tokenizer)
+        assert comma in engine.target.eos_token_ids
+        for method, options in (("sample", {}), ("bon", {"n": 2}), ("smc", {"particles": 2, "segment_tokens": 4})):
+            out = engine.decode(prompts, method=method, max_new_tokens=24, temperature=1.0, seed=0, chat=True,
+                                **options)
+            assert all(comma not in seq[:-1] for seq in out.sequences), method
+            assert any(seq[-1] == comma for seq in out.sequences), method
 
 
 # ------------------------------------------------------------------ rewards

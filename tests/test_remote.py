@@ -404,3 +404,20 @@ def test_a_memory_budget_is_refused_with_a_remote_target(server):
     with pytest.raises(fastalign.InputError, match="max_live_tokens bounds the candidates' tokens in the local"):
         fastalign.decode([[1, 2]], method="speculative_rejection", target=RemoteLM(server),
                          reward=RemoteReward(server), n=4, max_live_tokens=8, max_new_tokens=3, seed=0)
+
+
+def test_a_local_reward_model_with_fewer_token_ids_than_a_remote_target_is_an_input_error():
+    """The engine compares vocabularies with a local target only; with a served one, ids past the reward model's
+    embedding table raised a raw IndexError inside it."""
+    with serving(tiny_causal_lm(vocab_size=12, hidden=16, init_range=0.25)) as url:
+        with pytest.raises(fastalign.InputError, match="vocabularies differ: the reward model embeds 6 token ids"):
+            for seed in range(5):  # some seed draws an id >= 6 within 8 tokens
+                fastalign.decode([[1, 2]], method="bon", n=2, target=RemoteLM(url), max_new_tokens=8, seed=seed,
+                                 reward=tiny_reward_model(vocab_size=6))
+
+
+@pytest.mark.parametrize("url", ["not a url", "127.0.0.1:8000", "ftp://host/v1", "http://"])
+def test_a_malformed_base_url_is_an_input_error(url):
+    """urllib raised a bare ValueError ("unknown url type") at the first request."""
+    with pytest.raises(fastalign.InputError, match="a server base URL must look like http://HOST:PORT"):
+        RemoteLM(url, retries=0)

@@ -72,6 +72,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +140,11 @@ def eos_token_ids_of(name_or_path: str, trust_remote_code: bool = False) -> set[
 
 
 def _base(url: str) -> str:
+    """A server's base URL without a trailing ``/`` or ``/v1``; it must be an http(s) URL with a host (urllib
+    would raise a bare ValueError for ``"not a url"`` at the first request)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or " " in url:
+        raise InputError(f"a server base URL must look like http://HOST:PORT (https too), got {url!r}")
     url = url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
@@ -334,6 +340,11 @@ class RemoteLM:
             raise InputError(f"the server does not list the EOS token ids of {self.model!r}: pass "
                              "eos_token_ids=... (fastalign.models.remote.eos_token_ids_of(PATH) reads them from the model)")
         self.eos_token_ids = {int(eos_token_ids)} if isinstance(eos_token_ids, int) else set(map(int, eos_token_ids))
+
+    def add_stop_tokens(self, ids) -> None:
+        """Make ``ids`` end a response like EOS (e.g. a chat template's end-of-turn token): sent as stop tokens
+        with every request, as ``CausalLM.add_stop_tokens`` makes them end a local decode."""
+        self.eos_token_ids = self.eos_token_ids | {int(i) for i in ids}
 
     @property
     def base_url(self) -> str:

@@ -64,6 +64,7 @@ class RewardModel:
             if self.process and getattr(reward.config, "num_labels", None) != 2:
                 raise InputError("reward: a process reward model (token classification) needs 2 labels (bad, "
                                  f"good), got num_labels={getattr(reward.config, 'num_labels', None)}")
+            self.embedded = reward.get_input_embeddings().num_embeddings
             self.lm = CachedModel(reward, new_store(), backbone=reward.base_model)
             self.scorer = CachedModel(reward, new_store(), backbone=reward.base_model)  # score(): no prefix
             self.scorer.counters = self.counters = self.lm.counters
@@ -96,6 +97,13 @@ class RewardModel:
         piece = list(piece)
         return piece + [self.step_tag] if self.step_tag is not None and piece else piece
 
+    def _check_ids(self, tokens: torch.Tensor) -> None:
+        """Every id the reward model is fed has an embedding. The engine compares vocabularies with a local
+        target; a remote target's is unknown, and its ids would index past the table (a raw IndexError)."""
+        if tokens.numel() and int(tokens.max()) >= self.embedded:
+            raise InputError(f"vocabularies differ: the reward model embeds {self.embedded} token ids, a sequence "
+                             f"to score holds id {int(tokens.max())}; pass reward_tokenizer=... to re-tokenise")
+
     def _read(self, hidden: torch.Tensor) -> torch.Tensor:
         """The reward at each position of ``hidden [..., H]``: the head's output, or for a process reward model
         the probability of the "good" label (label 1).  ``[...]`` fp32."""
@@ -115,6 +123,7 @@ class RewardModel:
             rows = self._texts_to_reward_ids(rows)
         self.scorer.reset()
         tokens, live = left_pad(rows, device=self.scorer.device)
+        self._check_ids(tokens)
         hidden = self.scorer.write(tokens, None, live).last_hidden_state[:, -1]
         return check_rewards(self._read(hidden), prompts, "the reward model's score")
 
@@ -132,6 +141,7 @@ class RewardModel:
             return self._prefix_score
         self.lm.reset()
         tokens, live = left_pad(self.prefixes, device=self.lm.device)
+        self._check_ids(tokens)
         self._prefix_score = check_rewards(self._read(self.lm.write(tokens, None, live).last_hidden_state[:, -1]),
                                            self.prompts, "the reward model's score")
         self.lm.close_block()  # the prefixes: never addressed as a block, so compaction may move them
@@ -156,6 +166,7 @@ class RewardModel:
             self._scored = (branches, None, 0, out)
             return out
         tokens, parents, live, ends = pack_branches(branches, device=self.lm.device)
+        self._check_ids(tokens)
         hidden = self.lm.write(tokens, parents, live).last_hidden_state  # [B, T, H]
         self.lm.set_block_live(torch.zeros_like(live))  # dead until keep_branches revives a chosen candidate
         scores = self._read(hidden).cpu()  # [B, T]
@@ -215,6 +226,7 @@ class RewardModel:
             return self._prefix_score
         if any(len(s) for s in segments):
             tokens, live = right_pad(segments, device=self.lm.device)
+            self._check_ids(tokens)
             hidden = self.lm.write(tokens, None, live).last_hidden_state
             last = (live.sum(1) - 1).clamp(min=0)
             new = self._read(hidden[torch.arange(len(segments)), last]).cpu()
