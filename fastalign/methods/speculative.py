@@ -81,7 +81,8 @@ decoding with speculative sampling"). ``branching=(2, 2, 1, 1)`` (trees): depth 
 at the first two levels where a rejection is likeliest (14 nodes); a choice of this library, not from a paper.
 
 ``ctx.stats``: ``rounds`` (verification passes), ``draft_tokens_proposed`` (drafted tokens verified, summed
-over rows; tree nodes for trees), ``draft_tokens_accepted``, ``acceptance_rate`` (accepted / proposed),
+over rows; tree nodes for trees), ``draft_tokens_accepted`` (those in the output: an EOS drops the ones
+accepted after it), ``acceptance_rate`` (accepted / proposed),
 ``accepted_per_target_call`` (accepted draft tokens per row and verification pass: the mean number of tokens a
 target call saves; each pass also emits one token of its own). With ``"auto"`` or a tuple (chains) also
 ``mean_draft_tokens`` (K per row and round, the cap included), ``row_rounds_k0`` (row-rounds at K=0),
@@ -409,8 +410,9 @@ def run_sss(ctx: Context, prompts: list[list[int]], num_draft_tokens: int | str 
     the aligned draft only when asked, ``allow_no_ref=True`` (a baseline of its own), never silently.
 
     ``max_log_ratio`` (default None: no clip) clips ``log q_r - log q`` to ``[-M, M]`` before the tilt, which
-    bounds how far one token's probability can move (``pi / p <= e^(2 lam M)``); where exactly one of ``q_r``,
-    ``q`` is zero (truncated away by top-k / top-p) the log-ratio is taken as ``+-M`` (``+-20`` without a clip).
+    bounds how far one token's probability can move (``pi / p <= e^(2 |lam| M)``); where exactly one of ``q_r``,
+    ``q`` is zero (a ``-inf`` logit: the tilt uses the untruncated distributions, so top-k / top-p never zero
+    them) the log-ratio is taken as ``+-M`` (``+-20`` without a clip).
 
     ``num_draft_tokens="auto"`` / ``"auto:C"`` / a tuple as for ``sd``, but K never goes below 1 (module
     docstring, Adaptive length).
@@ -484,7 +486,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
         if floor == 0 and not schedule.drafts():  # K=0 for every row and round: sd is the sample method
             return _sample_instead(ctx, target.logits, costs)
     stats = dict(rounds=0, row_rounds=0, proposed=0, k0=0, no_draft=0)
-    accepted_total = torch.zeros((), dtype=torch.long, device=dev)  # read once, at the end
+    accepted_total = 0  # accepted draft tokens that reach the output (none after an EOS)
     while rows:
         left = [M - len(out[r]) for r in rows]
         step = stats["rounds"]  # every live row's own round count: rows join at the start and stay to the end
@@ -517,11 +519,10 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
 
         stats["rounds"] += 1
         stats["row_rounds"] += len(rows)
-        accepted_total += accepted.sum()
         emitted = torch.cat([nodes.gather(1, path.clamp(min=0)), next_token[:, None]], 1)
         emitted.scatter_(1, accepted[:, None], next_token[:, None])  # the emitted token follows the path
-        n_emit = accepted + (next_token >= 0).long()
-        done, drafted = _append(ctx, out, rows, emitted, n_emit, left, betas)
+        done, drafted, kept = _append(ctx, out, rows, emitted, accepted, left, betas)
+        accepted_total += kept
         if schedule is not None:
             schedule.update(rows, [drafted[i][:v] if v else [] for i, v in enumerate(valid)])
         if any(done):
@@ -531,7 +532,7 @@ def _speculate(ctx: Context, prompts, mode: str, ref, K, tree, branching, lam: f
                 for s in streams:
                     s.select_rows(torch.tensor(keep, device=dev))
 
-    proposed, accepted_total = stats["proposed"], int(accepted_total)
+    proposed = stats["proposed"]
     ctx.stats.update(
         rounds=stats["rounds"],
         draft_tokens_proposed=proposed,
@@ -677,30 +678,34 @@ def _tree_round(ctx: Context, streams, ref, kind: str, branching: tuple[int, ...
     return nodes, accepted, next_token, path, live_nodes
 
 
-def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, n_emit: torch.Tensor,
-            left: list[int], betas: torch.Tensor | None = None) -> tuple[list[bool], list[list[float]]]:
-    """Append each row's first ``n_emit`` tokens of ``emitted [B, D+1]``, cut after an EOS (kept) and at the
-    ``left`` tokens the row may still emit; returns True where a row is finished (EOS or ``max_new_tokens``),
-    and each row's acceptance probabilities (``betas [B, K]``; ``[]`` when None) at the positions of its
-    emitted tokens: the first ``n_emit``, cut at an EOS like the tokens. Where the row drafted, these are the
-    accepted positions and the first rejected one; at full acceptance the last is the bonus token's, and a
-    row at K=0 has the one of a position it did not draft, so the caller keeps the first ``valid[b]`` (the
-    positions the row drafted). A position drafted after the first rejection has a context that is never
-    emitted (the draft's own rejected tokens). One device-to-host copy for both (tokens travel as float64:
-    exact below 2^53)."""
+def _append(ctx: Context, out, rows: list[int], emitted: torch.Tensor, accepted: torch.Tensor,
+            left: list[int], betas: torch.Tensor | None = None) -> tuple[list[bool], list[list[float]], int]:
+    """Append each row's emitted tokens to ``out``: ``emitted [B, D+1]`` holds its ``accepted [B]`` draft tokens
+    and then the verifier's own token (-1 where there is none: no bonus at full acceptance). Rows are cut after
+    an EOS (kept) and at the ``left`` tokens they may still emit. Returns True where a row is finished (EOS or
+    ``max_new_tokens``); each row's acceptance probabilities (``betas [B, K]``; ``[]`` when None) at the
+    positions of its emitted tokens, cut at an EOS like the tokens (where the row drafted, these are the
+    accepted positions and the first rejected one; at full acceptance the last is the bonus token's, and a row
+    at K=0 has the one of a position it did not draft, so the caller keeps the first ``valid[b]``, the
+    positions the row drafted; a position drafted after the first rejection has a context that is never
+    emitted, the draft's own rejected tokens); and how many accepted draft tokens were appended (those after
+    an EOS are not). One device-to-host copy for all three (tokens travel as float64: exact below 2^53)."""
     idx = torch.arange(emitted.shape[1], device=emitted.device)
+    n_emit = accepted + (emitted.gather(1, accepted[:, None])[:, 0] >= 0).long()
     eos = ctx.eos_mask(emitted) & (idx < n_emit[:, None])
     first_eos = torch.where(eos, idx, emitted.shape[1]).amin(1)
     count = torch.minimum(n_emit, first_eos + 1)
     ended = first_eos < count
-    table = torch.cat([count[:, None], ended.long()[:, None], emitted], 1)
+    table = torch.cat([count[:, None], ended.long()[:, None], accepted[:, None], emitted], 1)
     width = table.shape[1]
     if betas is not None:
         table = torch.cat([table.double(), betas.double()], 1)
-    done, beta_rows = [], []
+    done, beta_rows, kept_accepted = [], [], 0
     for r, n, row in zip(rows, left, table.tolist()):
-        c, e, *toks = (int(x) for x in row[:width])
-        out[r].extend(toks[:min(c, n)])
+        c, e, a, *toks = (int(x) for x in row[:width])
+        kept = min(c, n)
+        out[r].extend(toks[:kept])
+        kept_accepted += min(a, kept)
         done.append((bool(e) and c <= n) or c >= n)
         beta_rows.append(row[width:width + c])
-    return done, beta_rows
+    return done, beta_rows, kept_accepted
