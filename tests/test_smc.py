@@ -125,6 +125,30 @@ def test_without_resampling_the_weights_are_the_tilt():
             assert out.stats["smc_resamplings"] > 0
 
 
+def test_equal_weights_have_an_effective_sample_size_of_n_and_are_not_resampled():
+    """``ess_threshold=1`` resamples whenever the weights differ, and only then. ESS computed as
+    ``exp(2 logsumexp(w) - logsumexp(2w))`` rounded equal weights below N (at N=4, 31 of 101 values) and counted a
+    resampling of particles that were all alike."""
+    for n in (2, 3, 4, 16):
+        for value in torch.linspace(-30, 30, 101, dtype=torch.float64).tolist():
+            assert float(smc.effective_sample_size(torch.full((n,), value, dtype=torch.float64))) == n
+    log_w = torch.tensor([[0.0, 1e-9, 0.0], [5.0, -700.0, -700.0]], dtype=torch.float64)
+    ess = smc.effective_sample_size(log_w)
+    assert ess[0] < 3 and abs(float(ess[0]) - 3) < 1e-15 and abs(float(ess[1]) - 1) < 1e-12
+
+    # greedy decoding: every particle is the same response, and a reward of its length gives each the same
+    # increment at every step
+    lm = tiny_causal_lm(vocab_size=8, hidden=16, layers=1, init_range=0.6, seed=0)
+
+    def length(prompts, responses):
+        return torch.tensor([len(y) / 10 for y in responses])
+
+    out = fastalign.decode([[1]], method="smc", target=lm, reward=length, max_new_tokens=6, particles=4,
+                           segment_tokens=2, ess_threshold=1.0, top_k=1, seed=0)
+    assert out.extra["particles"][0] == [out.extra["particles"][0][0]] * 4
+    assert out.extra["ess"][0] == [4.0] * len(out.extra["ess"][0]) and out.stats["smc_resamplings"] == 0
+
+
 # ------------------------------------------------------------------ the output law
 def test_output_law_approaches_the_target(model, laws):
     p, P, _ = laws

@@ -102,8 +102,13 @@ def reset_weights(log_w: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
 
 
 def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
-    """``(sum w)^2 / sum w^2`` of each row of ``log_w [..., N]`` (fp64)."""
-    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+    """``(sum w)^2 / sum w^2`` of each row of ``log_w [..., N]`` (fp64), exactly ``N`` where the weights are equal.
+
+    Relative to the row's largest weight (``w / w_max``: equal weights are exactly 1) rather than as
+    ``exp(2 logsumexp(log_w) - logsumexp(2 log_w))``, which rounds equal weights to just below or above N, so
+    that ``ess_threshold=1`` resampled particles whose weights did not differ."""
+    w = torch.exp(log_w - log_w.amax(-1, keepdim=True))
+    return (w.sum(-1) ** 2 / (w * w).sum(-1)).clamp(max=log_w.shape[-1])
 
 
 def systematic_resample(log_w: torch.Tensor, u: float) -> torch.Tensor:
