@@ -139,6 +139,9 @@ def test_chains_one_and_seeds(model):
     assert a.sequences == [a.extra["final_states"][0][0], a.extra["final_states"][1][0]]
     zero = fastalign.decode([[1, 2]], seed=9, **{**kwargs, "steps": 0})
     assert len(zero.extra["state_path"][0][0]) == 1 and zero.sequences[0] == zero.extra["state_path"][0][0][0]["proposal"]
+    # no step: no proposal, and the counters are there (at 0) as after any step
+    counters = ("qalign_proposals", "qalign_accepted", "qalign_refed_tokens")
+    assert [zero.stats.get(k) for k in counters] == [0, 0, 0]
 
 
 # ------------------------------------------------------------------------------------ selection

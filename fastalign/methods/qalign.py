@@ -173,6 +173,7 @@ class CachedProposer:
         samples = sample_continuations(_round(ctx, seeds), self.lm, self.prompt_logits, ctx.max_new_tokens,
                                        range(len(seeds)))
         self.cached = [y[:-1] for y in samples]  # response tokens in each row's cache
+        ctx.stats["qalign_refed_tokens"] = 0  # (reported at steps=0 too)
         return samples
 
     def propose(self, ctx: Context, states, index: list[int], seeds: list[int]) -> list[list[int]]:
@@ -186,7 +187,7 @@ class CachedProposer:
             fed = self.lm.extend(tokens, live=live)  # [R, T, V]
             last = fed[torch.arange(len(feed), device=fed.device), (live.sum(1) - 1).clamp(min=0)]
             logits = torch.where(live.any(1)[:, None], last, self.prompt_logits)
-        ctx.stats["qalign_refed_tokens"] = ctx.stats.get("qalign_refed_tokens", 0) + sum(map(len, feed))
+        ctx.stats["qalign_refed_tokens"] += sum(map(len, feed))
         budgets = [ctx.max_new_tokens - i for i in index]
         suffixes = sample_continuations(_round(ctx, seeds), self.lm, logits, budgets, range(len(seeds)))
         proposals = [y[:i] + s for y, i, s in zip(states, index, suffixes)]
