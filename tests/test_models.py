@@ -153,6 +153,26 @@ def test_callable_reward_and_bad_input():
         lm.prefill([])
 
 
+def test_a_reward_model_without_one_trained_output_is_an_input_error(tmp_path):
+    """A causal LM's folder loads as a sequence classifier with a freshly initialised 2-label head, and any
+    2-label classifier was read at label 0 (a sentiment model's negative logit): random or wrong rewards."""
+    from fastalign.eval.toyworld import build_tokenizer
+    from fastalign.models.builder import ModelBuilder
+
+    one = tiny_reward_model(vocab_size=64)
+    one.config.num_labels = 2
+    two = type(one)(one.config)  # a 2-label classifier
+    with pytest.raises(InputError, match="num_labels=2"):
+        RewardModel(two)
+    for name, model, message in [("lm", tiny_causal_lm("llama", vocab_size=64), "no trained reward head"),
+                                 ("two", two, "num_labels=2")]:
+        model.save_pretrained(tmp_path / name)
+        build_tokenizer().save_pretrained(tmp_path / name)
+        with pytest.raises(InputError, match=message):
+            ModelBuilder().reward(str(tmp_path / name))
+    RewardModel(tiny_reward_model(vocab_size=64))  # one output: a reward
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_tree_grown_over_several_calls_matches_full_recompute(arch, layer):
     model = tiny_causal_lm(arch)

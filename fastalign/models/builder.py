@@ -109,7 +109,13 @@ class ModelBuilder:
             architectures = AutoConfig.from_pretrained(spec, trust_remote_code=self.trust_remote_code).architectures
             process = any(a.endswith("ForTokenClassification") for a in architectures or ())
             auto = AutoModelForTokenClassification if process else AutoModelForSequenceClassification
-            spec = auto.from_pretrained(spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+            path = spec
+            spec, info = auto.from_pretrained(spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype,
+                                              output_loading_info=True)
+            head = {"score", "classifier"} & {key.split(".")[0] for key in info["missing_keys"]}
+            if head:  # e.g. a causal LM's folder: its head would be freshly initialised, its rewards random
+                raise InputError(f"{path} has no trained reward head ({head.pop()} would be random): it is not a "
+                                 "reward model saved for sequence or token classification")
         if isinstance(spec, torch.nn.Module):
             spec = self._placed(spec)
         elif not callable(spec):

@@ -61,9 +61,14 @@ class RewardModel:
                 raise InputError("reward model has neither a `score` nor a `classifier` head")
             self.head = head
             self.process = is_process_reward_model(reward)
-            if self.process and getattr(reward.config, "num_labels", None) != 2:
+            labels = getattr(reward.config, "num_labels", None)
+            if self.process and labels != 2:
                 raise InputError("reward: a process reward model (token classification) needs 2 labels (bad, "
-                                 f"good), got num_labels={getattr(reward.config, 'num_labels', None)}")
+                                 f"good), got num_labels={labels}")
+            if not self.process and labels != 1:  # its label 0 would be read as the reward (for a sentiment
+                raise InputError(  # classifier, the negative class's logit)
+                    f"reward: a reward model (sequence classification) has one output, got num_labels={labels}; "
+                    "for a classifier, pass a callable reward(prompts, responses) that reads the label you mean")
             self.embedded = reward.get_input_embeddings().num_embeddings
             self.lm = CachedModel(reward, new_store(), backbone=reward.base_model)
             self.scorer = CachedModel(reward, new_store(), backbone=reward.base_model)  # score(): no prefix
