@@ -241,8 +241,21 @@ def test_a_beta_that_overflows_the_log_weights_is_an_input_error(model):
     (dict(delimiters=[-1]), "delimiters"),
     (dict(delimiters="\n"), "delimiters"),
     (dict(delimiters=[1.5]), "delimiters"),
+    (dict(delimiters=[2, V]), "delimiters: token id 4 is outside the target's vocabulary"),  # never emitted
     (dict(particle=2), "particle"),
 ])
 def test_bad_options_are_input_errors(model, options, message):
     with pytest.raises(fastalign.InputError, match=message):
         run(model, rows=1, **options)
+
+
+def test_a_delimiter_string_the_tokenizer_does_not_know_is_an_input_error():
+    """A word outside the vocabulary encodes as the one unknown token, which would become the delimiter."""
+    from fastalign.eval.toyworld import load_toy_world
+
+    world = load_toy_world()
+    options = dict(target=world.target, tokenizer=world.tokenizer, reward=world.reward, max_new_tokens=4, seed=0)
+    for method in ("smc", "beam"):
+        with pytest.raises(fastalign.InputError, match="'semicolon-typo' is not in the tokenizer's vocabulary"):
+            fastalign.decode(world.prompts[:1], method=method, delimiters="semicolon-typo", **options)
+        fastalign.decode(world.prompts[:1], method=method, delimiters=".", **options)  # a known word

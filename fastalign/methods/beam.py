@@ -125,7 +125,7 @@ def run(ctx: Context, prompts: list[list[int]], beams: int = 4, width: int = 2, 
     """Step-level beam search for every prompt (module docstring). Each row of the caches is one live beam (or,
     within a step, one candidate); ``beam[r]`` holds its bookkeeping."""
     check_options(beams, width, max_step_tokens, aggregate, dvts)
-    delimiters = set(delimiter_ids(delimiters, ctx.tokenizer))
+    delimiters = set(delimiter_ids(delimiters, ctx.tokenizer, getattr(ctx.target, "vocab_size", None)))
     answer = check_select(ctx, select, answer_fn, lam)
     B, W = len(prompts), width
     target, step_reward = ctx.target, ctx.step_reward

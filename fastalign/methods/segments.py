@@ -13,10 +13,11 @@ from ..errors import InputError
 from .base import Context
 
 
-def delimiter_ids(delimiters, tokenizer=None, option: str = "delimiters") -> list[int]:
-    """``delimiters`` as a list of token ids: None (none), a token id (the command line's ``--opt delimiters=13``),
-    a string that ``tokenizer`` encodes as exactly one token (``";"``, ``"\\n"``), or a list of these; anything
-    else is an ``InputError`` naming ``option``."""
+def delimiter_ids(delimiters, tokenizer=None, vocab_size: int | None = None, option: str = "delimiters") -> list[int]:
+    """``delimiters`` as a list of token ids: None (none), a token id below ``vocab_size`` (the target's, where
+    known; the command line's ``--opt delimiters=13``), a string that ``tokenizer`` encodes as exactly one
+    known token (``";"``, ``"\\n"``), or a list of these; anything else is an ``InputError`` naming ``option``
+    (a delimiter the target never emits would silently never end a segment)."""
     given = delimiters
     if delimiters is None:
         return []
@@ -27,6 +28,8 @@ def delimiter_ids(delimiters, tokenizer=None, option: str = "delimiters") -> lis
         if isinstance(d, str):
             ids.append(single_token_id(d, tokenizer, option))
         elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
+            if vocab_size is not None and d >= vocab_size:
+                raise InputError(f"{option}: token id {d} is outside the target's vocabulary (0 .. {vocab_size - 1})")
             ids.append(d)
         else:
             raise InputError(f"{option} must be a token id (an integer >= 0), a one-token string or a list of "
@@ -43,6 +46,9 @@ def single_token_id(text: str, tokenizer, option: str) -> int:
     if len(ids) != 1:
         raise InputError(f"{option}: {text!r} is {len(ids)} tokens for this tokenizer ({ids}); a delimiter is "
                          "one token: give its token id")
+    if ids[0] == tokenizer.unk_token_id and text != tokenizer.unk_token:
+        raise InputError(f"{option}: {text!r} is not in the tokenizer's vocabulary (it encodes as the unknown "
+                         f"token {tokenizer.unk_token!r})")
     return int(ids[0])
 
 

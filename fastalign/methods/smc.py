@@ -137,7 +137,7 @@ def run(ctx: Context, prompts: list[list[int]], particles: int = 16, beta: float
     """Particle filtering for every prompt (module docstring). Rows ``b * N + j`` are particle ``j`` of prompt
     ``b``; the returned response per prompt is chosen by ``select``."""
     check_options(particles, beta, segment_tokens, ess_threshold)
-    delimiters = set(delimiter_ids(delimiters, ctx.tokenizer))
+    delimiters = set(delimiter_ids(delimiters, ctx.tokenizer, getattr(ctx.target, "vocab_size", None)))
     answer = check_select(ctx, select, answer_fn)
     B, N = len(prompts), particles
     R = B * N
