@@ -145,6 +145,28 @@ def test_generate_errors_name_the_problem(model_dirs, tmp_path, capsys, monkeypa
     assert "no prompts" in capsys.readouterr().err
 
 
+def test_load_errors_name_the_flag_and_file(model_dirs, tmp_path, capsys):
+    """Each failure names what the user gave: before, a missing --gold or --reward-tokenizer printed the Hub's
+    own text (the latter blamed on the reward), a missing .jsonl was an 'unknown prompt source' and a file
+    that is not UTF-8 a codec message without its name."""
+    lm, rm = model_dirs
+    missing = str(tmp_path / "nowhere")
+    assert cli.main(["generate", "--target", str(lm), "--method", "bon", "--reward", str(rm),
+                     "--reward-tokenizer", missing, "w1"]) == 2
+    assert f"cannot load the reward tokenizer '{missing}': no such file or folder" in capsys.readouterr().err
+    common = ["eval", "--target", str(lm), "--reward", str(rm), "--grid", "sample", "--max-new-tokens", "2",
+              "--out-dir", str(tmp_path / "eval"), "--no-progress"]
+    assert cli.main(common + ["--prompts", missing + ".jsonl", "--gold", "test_evaluate:count_w1"]) == 2
+    assert f"prompt file not found: {missing}.jsonl" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1\n")
+    assert cli.main(common + ["--prompts", str(prompts), "--gold", missing]) == 2
+    assert f"cannot load the gold reward '{missing}': no such file or folder" in capsys.readouterr().err
+    prompts.write_bytes(b"\xff\xfe w1\n")
+    assert cli.main(["generate", "--target", str(lm), "--prompts-file", str(prompts)]) == 2
+    assert f"prompt file {prompts} is not UTF-8 text" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--max-new-tokens", "-1"), ("--batch-size", "two")])
 def test_counts_must_be_positive_integers(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:

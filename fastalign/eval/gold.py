@@ -10,7 +10,7 @@ from ..methods.answers import EXTRACTORS
 from ..models.builder import ModelBuilder
 from ..models.reward import RewardModel
 from ..models.text_rewards import call_text_reward, text_reward_function
-from ..validation import check_scores
+from ..validation import check_scores, loading
 from .worlds import load_world
 
 
@@ -74,4 +74,5 @@ class GoldReward:
         if fn is not None:
             return cls.from_text_fn(fn, spec)
         build = ModelBuilder(device, dtype, trust_remote_code=trust_remote_code)
-        return cls.from_reward(build.reward(spec, None, policy_tokenizer), spec)
+        with loading("gold reward", spec):
+            return cls.from_reward(build.reward(spec, None, policy_tokenizer), spec)

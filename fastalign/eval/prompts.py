@@ -31,7 +31,10 @@ def read_prompt_file(path: str | os.PathLike, prompt_field: str = "prompt") -> l
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompt file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"prompt file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     return parse_prompt_lines(lines, prompt_field, jsonl=path.suffix in (".jsonl", ".json") or None, where=str(path))
 
 
@@ -107,7 +110,7 @@ def load_prompts(source: str, limit: int | None = None, split: str | None = None
     if source in WORLD_NAMES:
         same = world is not None and getattr(world, "name", "toy") == source
         records = [{"prompt": p} for p in (world.prompts if same else world_prompts(source))]
-    elif Path(source).is_file():
+    elif Path(source).is_file() or Path(source).suffix in (".jsonl", ".json", ".txt"):  # (a missing file: named)
         records = read_prompt_file(source, prompt_field or "prompt")
     elif source in DATASETS:
         name, config, default_split, field, answer, template = DATASETS[source]
