@@ -3,6 +3,7 @@ toy world (the real models are in tests/real)."""
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -298,3 +299,16 @@ def test_a_truncated_gguf_file_is_named(tmp_path):
     with pytest.raises(InputError) as caught:
         fastalign.Engine(target=str(whole))
     assert "not a complete GGUF file" not in str(caught.value)
+
+
+def test_a_module_in_the_current_folder_is_found_without_it_on_the_path(tmp_path, monkeypatch):
+    """``python -m fastalign`` puts the current folder on the path; the ``fastalign`` console script does not,
+    and ``--reward myrewards:good`` then failed there with 'No module named'."""
+    (tmp_path / "rewards_here_only.py").write_text("def good(prompts, completions):\n"
+                                                   "    return [float(len(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    fn = text_reward_function("rewards_here_only:good")
+    assert fn(["p"], ["abc"]) == [3.0] and str(tmp_path) not in sys.path  # the path is left as it was
+    with pytest.raises(InputError, match="No module named 'not_here_either'"):
+        text_reward_function("not_here_either:good")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import re
+import sys
 
 import torch
 
@@ -73,6 +75,22 @@ def call_text_reward(fn, what: str, prompts: list[str], completions: list[str]):
         raise InputError(f"{what} raised {type(err).__name__}: {err}") from err
 
 
+def _import_module(name: str):
+    """``name`` imported from the Python path or else from the current folder, which ``python -m fastalign``
+    puts on the path and the ``fastalign`` console script does not: both find ``myrewards.py`` there."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        if e.name != name.split(".")[0] or "" in sys.path or here in sys.path:
+            raise
+        sys.path.insert(0, here)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(here)
+
+
 def text_reward_function(spec: str, role: str = "reward"):
     """The text reward a string names: a built-in name (``"vader"``) or ``"module:function"``; None otherwise
     (then the string names a reward model). A module that fails to import, a missing or non-callable name, or
@@ -84,7 +102,7 @@ def text_reward_function(spec: str, role: str = "reward"):
         return None
     where = f"cannot load the {role} function {spec!r}"
     try:
-        fn = getattr(importlib.import_module(module), function)
+        fn = getattr(_import_module(module), function)
     except (ImportError, AttributeError) as e:
         raise InputError(f"{where}: {e}") from e
     except Exception as e:  # the module's own code failed while it was imported
