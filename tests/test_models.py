@@ -171,6 +171,9 @@ def test_a_reward_model_without_one_trained_output_is_an_input_error(tmp_path):
         with pytest.raises(InputError, match=message):
             ModelBuilder().reward(str(tmp_path / name))
     RewardModel(tiny_reward_model(vocab_size=64))  # one output: a reward
+    (tmp_path / "rm.gguf").write_bytes(b"GGUF")
+    with pytest.raises(InputError, match="a reward model cannot be a .gguf file"):
+        ModelBuilder().reward(str(tmp_path / "rm.gguf"))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -101,6 +101,9 @@ class ModelBuilder:
             fn = text_rewards.text_reward_function(spec)
             if fn is not None:
                 return RewardModel(text_rewards.TextReward(fn, policy_tokenizer, name=spec))
+        if loading.is_gguf(spec):  # GGUF holds causal LMs (llama.cpp's format), not classification heads
+            raise InputError(f"a reward model cannot be a .gguf file ({spec}): GGUF files hold causal LMs; give a "
+                             "folder or Hub name of a sequence (or token) classification model")
         if isinstance(spec, (str, os.PathLike)):
             from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
