@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import InputError
 from .eval.grid import parse_value
 from .eval.worlds import NAMES as WORLDS
+from .arguments import positive_int
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
@@ -68,17 +69,6 @@ def seed_int(text: str) -> int:
     except (ValueError, InputError) as e:  # int() of a non-number, or a seed out of range
         raise argparse.ArgumentTypeError(str(e) if isinstance(e, InputError) else
                                          f"expected an integer seed, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count or a size), with a clear message otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _torch_dtype(name: str | None):

@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 
 from .api import Engine
+from .arguments import port_number, positive_float, positive_int
 from .errors import InputError
 from .kernels import truncate_logits
 from .validation import (
@@ -178,7 +179,7 @@ class _Models:
         return {"object": "list", "data": [entry]}
 
     def _sampling(self, body: dict) -> _Sampling:
-        cap = self.limits.max_tokens or self.target.context_length
+        cap = self.target.context_length if self.limits.max_tokens is None else self.limits.max_tokens
         max_tokens = body.get("max_tokens")
         max_tokens = check_int("max_tokens", 16 if max_tokens is None else max_tokens, minimum=0, maximum=cap)
         temperature = check_float("temperature", body.get("temperature", 1.0), low=0.0)
@@ -618,21 +619,21 @@ def main(argv=None) -> None:
     parser.add_argument("--reward-tokenizer", help="the reward model's tokenizer when it differs")
     parser.add_argument("--model-name", default=None, help="name listed at /v1/models (default: --target)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     parser.add_argument("--device", default=None)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--api-key", default=os.environ.get("FASTALIGN_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $FASTALIGN_API_KEY, else none)")
     defaults = Limits()
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
-    parser.add_argument("--max-prompts", type=int, default=defaults.max_prompts, help="prompts per request")
-    parser.add_argument("--max-tokens", type=int, default=None, help="cap of max_tokens (default: context length)")
-    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
+    parser.add_argument("--max-body-bytes", type=positive_int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-prompts", type=positive_int, default=defaults.max_prompts, help="prompts per request")
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="cap of max_tokens (default: context length)")
+    parser.add_argument("--idle-timeout", type=positive_float, default=defaults.idle_timeout,
                         help="seconds a connection may wait for its next request")
-    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout,
+    parser.add_argument("--request-timeout", type=positive_float, default=defaults.request_timeout,
                         help="seconds a request may take to arrive (headers and body)")
-    parser.add_argument("--max-workers", type=int, default=defaults.max_workers, help="requests worked on at once")
-    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+    parser.add_argument("--max-workers", type=positive_int, default=defaults.max_workers, help="requests worked on at once")
+    parser.add_argument("--max-connections", type=positive_int, default=defaults.max_connections,
                         help="connections open at once")
     args = parser.parse_args(argv)
     if args.target is None and args.reward is None:

@@ -238,7 +238,10 @@ def test_eval_needs_a_gold_reward_and_prompts(model_dirs, tmp_path, capsys):
     assert "eval needs --gold" in capsys.readouterr().err
     assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", "nowhere.jsonl",
                      "--gold", "x:y"]) == 2
-    assert "unknown prompt source 'nowhere.jsonl'" in capsys.readouterr().err
+    assert "prompt file not found: nowhere.jsonl" in capsys.readouterr().err
+    assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", "nowhere",
+                     "--gold", "x:y"]) == 2
+    assert "unknown prompt source 'nowhere'" in capsys.readouterr().err
 
 
 def test_bench_lists_and_runs_scripts_or_says_where_they_are(tmp_path, monkeypatch, capsys):

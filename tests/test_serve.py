@@ -476,3 +476,18 @@ def test_fuzzed_requests_get_200_or_a_4xx_json_error(server):
         assert status == 200 or (400 <= status < 500 and payload["error"]["code"] == status), (body, payload)
 
     check()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--port", "99999", "expected a port number from 0 to 65535, got 99999"),  # was bound modulo 65536
+    ("--port", "-1", "expected a port number from 0 to 65535, got -1"),
+    ("--max-tokens", "0", "expected a positive integer, got 0"),  # was 'no cap'
+    ("--max-tokens", "-5", "expected a positive integer, got -5"),
+    ("--max-prompts", "0", "expected a positive integer, got 0"),  # refused every list of prompts
+    ("--idle-timeout", "nan", "expected a positive number, got nan"),
+])
+def test_bad_limits_are_refused_before_anything_loads(flag, value, message, capsys, monkeypatch):
+    monkeypatch.setattr(fastalign.serve, "Engine", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        fastalign.serve.main(["--target", "anything", flag, value])
+    assert exit_.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
