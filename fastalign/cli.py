@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import InputError
 from .eval.grid import parse_value
 from .eval.worlds import NAMES as WORLDS
-from .arguments import positive_int
+from .arguments import Parser, positive_int
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
@@ -464,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.demo import LABELS as DEMO_METHODS
     from .methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="fastalign", description="Fast, exact test-time alignment decoding.",
-                                     formatter_class=HelpFormatter)
+    parser = Parser(prog="fastalign", description="Fast, exact test-time alignment decoding.",
+                    formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name, **kwargs):

@@ -41,7 +41,6 @@ local path.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import ipaddress
@@ -61,7 +60,7 @@ from pathlib import Path
 import torch
 
 from .api import Engine
-from .arguments import port_number, positive_float, positive_int
+from .arguments import Parser, port_number, positive_float, positive_int
 from .errors import InputError
 from .kernels import truncate_logits
 from .validation import (
@@ -612,7 +611,7 @@ def start(target=None, reward=None, tokenizer=None, host: str = "127.0.0.1", por
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastalign.serve", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m fastalign.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", help="causal LM (HF name or path) served at /v1/completions")
     parser.add_argument("--reward", help="sequence-classification reward model served at /reward")
     parser.add_argument("--tokenizer", help="tokenizer (defaults to the target's)")

@@ -176,6 +176,16 @@ def test_counts_must_be_positive_integers(flag, value, capsys):
     assert f"argument {flag}: expected a positive integer, got" in err and value in err
 
 
+@pytest.mark.parametrize("argv", [["generate", "--method", "nope", "w1"], ["generate", "--dtype", "float64", "w1"],
+                                  ["eval", "--threads", "0"], []])
+def test_argument_errors_are_one_line(argv, capsys):
+    """docs/cli.md: errors are one line on stderr; argparse printed its usage block before them."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and ": error: " in err and "--help)" in err
+
+
 @pytest.mark.parametrize("command", ["generate", "eval", "demo"])
 @pytest.mark.parametrize("value, message", [("-1", "seed must be an integer >= 0"),
                                             (str(2**64), "seed must be an integer >= 0"),
