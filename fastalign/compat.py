@@ -43,6 +43,7 @@ import torch
 
 from .api import DecodeOutput, Engine
 from .errors import InputError
+from .models.loading import load_reward_model
 
 _DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
@@ -98,7 +99,7 @@ class RewardSampling(_SeededCalls):
         model_load = dict(load, dtype=_DTYPES[fp_bit], **({"device_map": device_map} if device_map else {}))
         self.tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else llm_dir, load)
         self.LLM = _load(llm_dir, "AutoModelForCausalLM", model_load)
-        self.RM = _load(rm_dir, "AutoModelForSequenceClassification", dict(model_load, num_labels=1))
+        self.RM = load_reward_model(rm_dir, **model_load) if isinstance(rm_dir, str) else rm_dir
         self.draft = _load(draft_dir, "AutoModelForCausalLM", model_load)
         self.draft_r = _load(draft_r_dir, "AutoModelForCausalLM", model_load)
         if rm_tokenizer is None and isinstance(rm_dir, str):

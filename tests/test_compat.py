@@ -88,6 +88,12 @@ def test_reward_sampling_loads_by_path_and_checks_arguments(models, tmp_path):
         RewardSampling(llm_dir=str(tmp_path / "lm"), fp_bit=8)
     with pytest.raises(InputError, match="tokenizer"):
         RewardSampling(llm_dir=models["target"])
+    with pytest.raises(InputError, match="no trained reward head"):  # a causal LM as rm_dir: random rewards
+        RewardSampling(llm_dir=str(tmp_path / "lm"), rm_dir=str(tmp_path / "lm"), fp_bit=32)
+    models["rm"].save_pretrained(tmp_path / "rm")
+    models["tok"].save_pretrained(tmp_path / "rm")
+    by_path = RewardSampling(llm_dir=str(tmp_path / "lm"), rm_dir=str(tmp_path / "rm"), fp_bit=32)
+    assert by_path.rm_score(["w1"]).shape == (1,)
 
 
 def test_qalign_run_returns_the_state_path_of_decode(models):

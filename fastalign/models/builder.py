@@ -101,24 +101,10 @@ class ModelBuilder:
             fn = text_rewards.text_reward_function(spec)
             if fn is not None:
                 return RewardModel(text_rewards.TextReward(fn, policy_tokenizer, name=spec))
-        if loading.is_gguf(spec):  # GGUF holds causal LMs (llama.cpp's format), not classification heads
-            raise InputError(f"a reward model cannot be a .gguf file ({spec}): GGUF files hold causal LMs; give a "
-                             "folder or Hub name of a sequence (or token) classification model")
         if isinstance(spec, (str, os.PathLike)):
-            from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-            if tokenizer is None:
+            if tokenizer is None and not loading.is_gguf(spec):
                 tokenizer = self.tokenizer(spec)
-            architectures = AutoConfig.from_pretrained(spec, trust_remote_code=self.trust_remote_code).architectures
-            process = any(a.endswith("ForTokenClassification") for a in architectures or ())
-            auto = AutoModelForTokenClassification if process else AutoModelForSequenceClassification
-            path = spec
-            spec, info = auto.from_pretrained(spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype,
-                                              output_loading_info=True)
-            head = {"score", "classifier"} & {key.split(".")[0] for key in info["missing_keys"]}
-            if head:  # e.g. a causal LM's folder: its head would be freshly initialised, its rewards random
-                raise InputError(f"{path} has no trained reward head ({head.pop()} would be random): it is not a "
-                                 "reward model saved for sequence or token classification")
+            spec = loading.load_reward_model(spec, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
         if isinstance(spec, torch.nn.Module):
             spec = self._placed(spec)
         elif not callable(spec):

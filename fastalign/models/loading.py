@@ -93,6 +93,30 @@ def load_causal_lm(spec, trust_remote_code: bool = False, dtype=None, role: str 
     return model.eval()
 
 
+def load_reward_model(spec, trust_remote_code: bool = False, **kwargs):
+    """A reward model from an HF name or a local folder: sequence classification, or token classification (a
+    process reward model) where the saved architecture says so; ``kwargs`` go to ``from_pretrained``.
+
+    Refused (``InputError``): a ``.gguf`` file (GGUF holds causal LMs, not classification heads), and a model
+    whose head is not in the checkpoint, e.g. a causal LM's folder: transformers would attach a freshly
+    initialised head and only print a load report, and its rewards would be random."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    if is_gguf(spec):
+        raise InputError(f"a reward model cannot be a .gguf file ({spec}): GGUF files hold causal LMs; give a "
+                         "folder or Hub name of a sequence (or token) classification model")
+    where = {k: kwargs[k] for k in ("cache_dir", "token") if k in kwargs}  # (the rest is the model's)
+    architectures = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, **where).architectures
+    process = any(a.endswith("ForTokenClassification") for a in architectures or ())
+    auto = AutoModelForTokenClassification if process else AutoModelForSequenceClassification
+    model, info = auto.from_pretrained(spec, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs)
+    head = {"score", "classifier"} & {key.split(".")[0] for key in info["missing_keys"]}
+    if head:
+        raise InputError(f"{spec} has no trained reward head ({head.pop()} would be random): it is not a reward "
+                         "model saved for sequence or token classification")
+    return model.eval()
+
+
 def load_tokenizer(spec, trust_remote_code: bool = False, role: str = "tokenizer"):
     """A tokenizer from an HF name, a local folder or a ``.gguf`` file (which carries its own); other objects
     (already a tokenizer, or None) are returned as they are. ``role`` names the file in errors."""
