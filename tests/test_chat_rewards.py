@@ -305,10 +305,12 @@ def test_a_module_in_the_current_folder_is_found_without_it_on_the_path(tmp_path
     """``python -m fastalign`` puts the current folder on the path; the ``fastalign`` console script does not,
     and ``--reward myrewards:good`` then failed there with 'No module named'."""
     (tmp_path / "rewards_here_only.py").write_text("def good(prompts, completions):\n"
-                                                   "    return [float(len(c)) for c in completions]\n")
+                                                   "    import neighbour_here_only\n"  # a neighbour, at call time
+                                                   "    return [neighbour_here_only.score(c) for c in completions]\n")
+    (tmp_path / "neighbour_here_only.py").write_text("def score(c):\n    return float(len(c))\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     fn = text_reward_function("rewards_here_only:good")
-    assert fn(["p"], ["abc"]) == [3.0] and str(tmp_path) not in sys.path  # the path is left as it was
+    assert fn(["p"], ["abc"]) == [3.0] and sys.path[-1] == str(tmp_path)  # left on the path, as python -m does
     with pytest.raises(InputError, match="No module named 'not_here_either'"):
         text_reward_function("not_here_either:good")

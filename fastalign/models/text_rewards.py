@@ -77,18 +77,17 @@ def call_text_reward(fn, what: str, prompts: list[str], completions: list[str]):
 
 def _import_module(name: str):
     """``name`` imported from the Python path or else from the current folder, which ``python -m fastalign``
-    puts on the path and the ``fastalign`` console script does not: both find ``myrewards.py`` there."""
+    puts on the path and the ``fastalign`` console script does not: both find ``myrewards.py`` there. Once
+    needed, the folder stays on the path (at its end), as under ``python -m``: the module may import its
+    neighbours later, when it is called."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         here = os.getcwd()
         if e.name != name.split(".")[0] or "" in sys.path or here in sys.path:
             raise
-        sys.path.insert(0, here)
-        try:
-            return importlib.import_module(name)
-        finally:
-            sys.path.remove(here)
+        sys.path.append(here)
+        return importlib.import_module(name)
 
 
 def text_reward_function(spec: str, role: str = "reward"):
