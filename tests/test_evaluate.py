@@ -231,3 +231,16 @@ def test_progress_lines_when_not_on_a_terminal():
     assert lines[0].startswith("eval: 0/4 decodes (0%), bon n=2, ")
     assert lines[1].startswith("eval: 2/4 decodes (50%), bon n=2, ")
     assert lines[-1].startswith("eval: 4/4 decodes (100%), finished, ")
+
+
+def test_a_missing_prompt_file_is_named_but_a_hub_dataset_is_not_a_file(monkeypatch, tmp_path):
+    from fastalign.eval import prompts as prompt_sources
+
+    with pytest.raises(InputError, match="prompt file not found"):
+        prompt_sources.load_prompts(str(tmp_path / "nowhere.jsonl"))
+    asked = []
+    monkeypatch.setattr(prompt_sources, "load_hf_prompts",
+                        lambda name, config, *a, **k: asked.append((name, config)) or [{"prompt": "p"}])
+    assert prompt_sources.load_prompts("hf:org/prompts.jsonl") == [{"prompt": "p"}]
+    assert prompt_sources.load_prompts("hf:org/name:config.txt") == [{"prompt": "p"}]
+    assert asked == [("org/prompts.jsonl", None), ("org/name", "config.txt")]

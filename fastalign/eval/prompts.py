@@ -110,7 +110,7 @@ def load_prompts(source: str, limit: int | None = None, split: str | None = None
     if source in WORLD_NAMES:
         same = world is not None and getattr(world, "name", "toy") == source
         records = [{"prompt": p} for p in (world.prompts if same else world_prompts(source))]
-    elif Path(source).is_file() or Path(source).suffix in (".jsonl", ".json", ".txt"):  # (a missing file: named)
+    elif Path(source).is_file():
         records = read_prompt_file(source, prompt_field or "prompt")
     elif source in DATASETS:
         name, config, default_split, field, answer, template = DATASETS[source]
@@ -118,6 +118,8 @@ def load_prompts(source: str, limit: int | None = None, split: str | None = None
     elif source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
         return load_hf_prompts(name, config or None, split or "test", prompt_field or "prompt", limit=limit)
+    elif Path(source).suffix in (".jsonl", ".json", ".txt"):
+        raise InputError(f"prompt file not found: {source}")
     else:
         raise InputError(f"unknown prompt source {source!r}: expected a world ({', '.join(WORLD_NAMES)}), a .jsonl/.txt file, "
                          f"one of {sorted(DATASETS)} or 'hf:NAME[:CONFIG]'")
