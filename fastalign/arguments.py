@@ -1,5 +1,5 @@
 """Argument types of the ``fastalign`` and ``python -m fastalign.serve`` commands: a bad value is argparse's one
-error line naming the flag. No torch here, so that ``--help`` stays instant."""
+error line naming the flag. No torch here: the ``fastalign`` command's ``--help`` stays instant."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
     return value
 
 
@@ -44,4 +44,4 @@ class Parser(argparse.ArgumentParser):
     """argparse's parser with its errors on one line (argparse prints the whole usage block first)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")

@@ -590,8 +590,9 @@ def make_server(target=None, reward=None, tokenizer=None, host: str = "127.0.0.1
     Models are given as to ``fastalign.Engine`` (objects, names/paths, a reward callable). ``api_key``: when
     set, requests need ``Authorization: Bearer KEY``. ``limits``: see ``Limits``."""
     limits = limits or Limits()
-    check_int("max_workers", limits.max_workers, minimum=1)
-    check_int("max_connections", limits.max_connections, minimum=1)
+    for name in ("max_body_bytes", "max_prompts", "max_reward_rows", "max_workers", "max_connections"):
+        check_int(name, getattr(limits, name), minimum=1)
+    check_int("max_tokens", limits.max_tokens, minimum=1, optional=True)
     check_float("idle_timeout", limits.idle_timeout, low=0.0, low_open=True)
     check_float("request_timeout", limits.request_timeout, low=0.0, low_open=True)
     if not is_loopback(host):
@@ -626,12 +627,14 @@ def main(argv=None) -> None:
     defaults = Limits()
     parser.add_argument("--max-body-bytes", type=positive_int, default=defaults.max_body_bytes)
     parser.add_argument("--max-prompts", type=positive_int, default=defaults.max_prompts, help="prompts per request")
-    parser.add_argument("--max-tokens", type=positive_int, default=None, help="cap of max_tokens (default: context length)")
+    parser.add_argument("--max-tokens", type=positive_int, default=None,
+                        help="cap of max_tokens (default: context length)")
     parser.add_argument("--idle-timeout", type=positive_float, default=defaults.idle_timeout,
                         help="seconds a connection may wait for its next request")
     parser.add_argument("--request-timeout", type=positive_float, default=defaults.request_timeout,
                         help="seconds a request may take to arrive (headers and body)")
-    parser.add_argument("--max-workers", type=positive_int, default=defaults.max_workers, help="requests worked on at once")
+    parser.add_argument("--max-workers", type=positive_int, default=defaults.max_workers,
+                        help="requests worked on at once")
     parser.add_argument("--max-connections", type=positive_int, default=defaults.max_connections,
                         help="connections open at once")
     args = parser.parse_args(argv)

@@ -183,7 +183,7 @@ def test_argument_errors_are_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and ": error: " in err and "--help)" in err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and ": error: " in err
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "demo"])

@@ -484,10 +484,20 @@ def test_fuzzed_requests_get_200_or_a_4xx_json_error(server):
     ("--max-tokens", "0", "expected a positive integer, got 0"),  # was 'no cap'
     ("--max-tokens", "-5", "expected a positive integer, got -5"),
     ("--max-prompts", "0", "expected a positive integer, got 0"),  # refused every list of prompts
-    ("--idle-timeout", "nan", "expected a positive number, got nan"),
+    ("--idle-timeout", "nan", "expected a finite number > 0, got nan"),
 ])
 def test_bad_limits_are_refused_before_anything_loads(flag, value, message, capsys, monkeypatch):
     monkeypatch.setattr(fastalign.serve, "Engine", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_:
         fastalign.serve.main(["--target", "anything", flag, value])
     assert exit_.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limits", [dict(max_tokens=0), dict(max_prompts=0), dict(max_body_bytes=0),
+                                    dict(max_reward_rows=-1), dict(max_workers=0)])
+def test_bad_limits_are_refused_through_the_python_api_too(limits, monkeypatch):
+    """The same minimums as the command line's, in one place: Limits(max_tokens=0) would answer every request
+    of the default 16 tokens with a 400."""
+    monkeypatch.setattr(fastalign.serve, "Engine", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(fastalign.InputError, match=next(iter(limits))):
+        fastalign.serve.make_server(target="anything", limits=Limits(**limits))
