@@ -104,8 +104,9 @@ class Engine:
         for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
             with check.loading(role, spec):
                 setattr(self, role, build.causal_lm(spec, role=role) if spec is not None else None)
-        with check.loading("reward tokenizer", reward_tokenizer):
-            reward_tokenizer = build.tokenizer(reward_tokenizer, role="reward tokenizer")
+        if reward is not None:
+            with check.loading("reward tokenizer", reward_tokenizer):
+                reward_tokenizer = build.tokenizer(reward_tokenizer, role="reward tokenizer")
         with check.loading("reward", reward):
             self.reward = build.reward(reward, reward_tokenizer, self.tokenizer) if reward is not None else None
         with check.loading("step_reward", step_reward):

@@ -127,8 +127,8 @@ def test_without_resampling_the_weights_are_the_tilt():
 
 def test_equal_weights_have_an_effective_sample_size_of_n_and_are_not_resampled():
     """``ess_threshold=1`` resamples whenever the weights differ, and only then. ESS computed as
-    ``exp(2 logsumexp(w) - logsumexp(2w))`` rounded equal weights below N (at N=4, 31 of 101 values) and counted a
-    resampling of particles that were all alike."""
+    ``exp(2 logsumexp(w) - logsumexp(2w))`` missed N for equal weights (for 98 of these 101 values at N=4; below
+    N for 50 at N=2, 32 at N=3) and counted a resampling of particles that were all alike."""
     for n in (2, 3, 4, 16):
         for value in torch.linspace(-30, 30, 101, dtype=torch.float64).tolist():
             assert float(smc.effective_sample_size(torch.full((n,), value, dtype=torch.float64))) == n

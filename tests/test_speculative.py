@@ -66,8 +66,8 @@ def test_sd_chain_follows_the_target(models, K, M, sampling, monkeypatch):
     kept = kept_acceptances(monkeypatch)
     out = decode(models, "sd", num_draft_tokens=K, max_new_tokens=M, **sampling)
     assert_follows(out.sequences, p_law(models[0], PROMPT, M, **sampling), p_law(models[1], PROMPT, M, **sampling))
-    # multi-token acceptances are exercised: rounds that keep min(K, 2) accepted draft tokens (10% and 67% of
-    # rounds here; most responses end at an EOS within two tokens)
+    # multi-token acceptances are exercised: rounds that keep min(K, 2) accepted draft tokens (67% of rounds at
+    # K=1, 10% at K=3: most responses end at an EOS within two tokens)
     assert sum(k >= min(K, 2) for k in kept) > 0.05 * len(kept)
 
 
@@ -201,7 +201,7 @@ def test_accepted_draft_tokens_after_an_eos_are_not_counted(models):
     out = fastalign.decode([[1, 2], [3], [4, 4, 0]] * 10, method="sd", target=target, draft=copy.deepcopy(target),
                            num_draft_tokens=3, max_new_tokens=40, seed=0)
     lengths = [len(s) for s in out.sequences]
-    assert any(n % 4 in (1, 2, 3) for n in lengths)  # some row ended on a drafted token, before its bonus
+    assert any(n % 4 in (1, 2) for n in lengths)  # some row ended at a drafted EOS, with drafts after it
     st = out.stats
     assert st["draft_tokens_proposed"] == sum(3 * -(-n // 4) for n in lengths)
     assert st["draft_tokens_accepted"] == sum(3 * (n // 4) + min(n % 4, 3) for n in lengths)

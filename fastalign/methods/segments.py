@@ -13,7 +13,8 @@ from ..errors import InputError
 from .base import Context
 
 
-def delimiter_ids(delimiters, tokenizer=None, vocab_size: int | None = None, option: str = "delimiters") -> list[int]:
+def delimiter_ids(delimiters, tokenizer=None, vocab_size: int | None = None, *,
+                  option: str = "delimiters") -> list[int]:
     """``delimiters`` as a list of token ids: None (none), a token id below ``vocab_size`` (the target's, where
     known; the command line's ``--opt delimiters=13``), a string that ``tokenizer`` encodes as exactly one
     known token (``";"``, ``"\\n"``), or a list of these; anything else is an ``InputError`` naming ``option``
