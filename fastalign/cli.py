@@ -424,7 +424,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", help="the target (policy) causal LM (a .gguf file brings its tokenizer)")
     g.add_argument("--draft", help="draft causal LM (sd; the aligned draft for sss)")
     g.add_argument("--ref", help="reference causal LM: the draft before alignment (sss)")
-    g.add_argument("--reward", help="reward: a reward model (AutoModelForSequenceClassification), 'vader' (VADER "
+    g.add_argument("--reward", help="reward: a reward model (AutoModelForSequenceClassification, num_labels=1), "
+                                    "'vader' (VADER "
                                     "sentiment of the response) or 'module:function' (called on texts: prompts, "
                                     "completions)")
     g.add_argument("--step-reward", help="reward of partial responses for smc and beam: a process reward model "
