@@ -7,37 +7,30 @@ import argparse
 import math
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count or a size), with a clear message otherwise."""
+def _argument(text: str, parse, valid, expected: str):
+    """``parse(text)`` when it parses and is ``valid``, else argparse's error ``expected ..., got ...``."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a count or a size)."""
+    return _argument(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
-    return value
+    """A finite number > 0 (seconds)."""
+    return _argument(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 0 (any free port) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {value}")
-    return value
+    """A TCP port, 0 (any free port) to 65535."""
+    return _argument(text, int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
 
 
 class Parser(argparse.ArgumentParser):
