@@ -102,12 +102,14 @@ class RewardModel:
         piece = list(piece)
         return piece + [self.step_tag] if self.step_tag is not None and piece else piece
 
-    def _check_ids(self, tokens: torch.Tensor) -> None:
-        """Every id the reward model is fed has an embedding. The engine compares vocabularies with a local
-        target; a remote target's is unknown, and its ids would index past the table (a raw IndexError)."""
-        if tokens.numel() and int(tokens.max()) >= self.embedded:
+    def _check_ids(self, rows) -> None:
+        """Every id the reward model is fed (``rows``: token lists, on the host: no device sync) has an embedding.
+        The engine compares vocabularies with a local target; a remote target's is unknown, and its ids would
+        index past the table (a raw IndexError)."""
+        top = max((max(row) for row in rows if len(row)), default=-1)
+        if top >= self.embedded:
             raise InputError(f"vocabularies differ: the reward model embeds {self.embedded} token ids, a sequence "
-                             f"to score holds id {int(tokens.max())}; pass reward_tokenizer=... to re-tokenise")
+                             f"to score holds id {top}; pass reward_tokenizer=... to re-tokenise")
 
     def _read(self, hidden: torch.Tensor) -> torch.Tensor:
         """The reward at each position of ``hidden [..., H]``: the head's output, or for a process reward model
@@ -127,8 +129,8 @@ class RewardModel:
         if self.retokenize:
             rows = self._texts_to_reward_ids(rows)
         self.scorer.reset()
+        self._check_ids(rows)
         tokens, live = left_pad(rows, device=self.scorer.device)
-        self._check_ids(tokens)
         hidden = self.scorer.write(tokens, None, live).last_hidden_state[:, -1]
         return check_rewards(self._read(hidden), prompts, "the reward model's score")
 
@@ -145,8 +147,8 @@ class RewardModel:
             self._prefix_score = self.score(self.prompts, [r[len(p):] for p, r in zip(self.prompts, self.prefixes)])
             return self._prefix_score
         self.lm.reset()
+        self._check_ids(self.prefixes)
         tokens, live = left_pad(self.prefixes, device=self.lm.device)
-        self._check_ids(tokens)
         self._prefix_score = check_rewards(self._read(self.lm.write(tokens, None, live).last_hidden_state[:, -1]),
                                            self.prompts, "the reward model's score")
         self.lm.close_block()  # the prefixes: never addressed as a block, so compaction may move them
@@ -170,8 +172,8 @@ class RewardModel:
             out = list(torch.split(flat, [len(cands) for cands in branches]))
             self._scored = (branches, None, 0, out)
             return out
+        self._check_ids([c for cands in branches for c in cands])
         tokens, parents, live, ends = pack_branches(branches, device=self.lm.device)
-        self._check_ids(tokens)
         hidden = self.lm.write(tokens, parents, live).last_hidden_state  # [B, T, H]
         self.lm.set_block_live(torch.zeros_like(live))  # dead until keep_branches revives a chosen candidate
         scores = self._read(hidden).cpu()  # [B, T]
@@ -230,8 +232,8 @@ class RewardModel:
             )
             return self._prefix_score
         if any(len(s) for s in segments):
+            self._check_ids(segments)
             tokens, live = right_pad(segments, device=self.lm.device)
-            self._check_ids(tokens)
             hidden = self.lm.write(tokens, None, live).last_hidden_state
             last = (live.sum(1) - 1).clamp(min=0)
             new = self._read(hidden[torch.arange(len(segments)), last]).cpu()
