@@ -23,10 +23,10 @@ import time
 import warnings
 from pathlib import Path
 
+from .arguments import Parser, positive_int
 from .errors import InputError
 from .eval.grid import parse_value
 from .eval.worlds import NAMES as WORLDS
-from .arguments import Parser, positive_int
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DEFAULT_SEED = 0  # generate and eval: reproducible unless another --seed is given
@@ -425,9 +425,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", help="draft causal LM (sd; the aligned draft for sss)")
     g.add_argument("--ref", help="reference causal LM: the draft before alignment (sss)")
     g.add_argument("--reward", help="reward: a reward model (AutoModelForSequenceClassification, num_labels=1), "
-                                    "'vader' (VADER "
-                                    "sentiment of the response) or 'module:function' (called on texts: prompts, "
-                                    "completions)")
+                                    "'vader' (VADER sentiment of the response) or 'module:function' (called on "
+                                    "texts: prompts, completions)")
     g.add_argument("--step-reward", help="reward of partial responses for smc and beam: a process reward model "
                                          "(AutoModelForTokenClassification, 2 labels), a reward model or "
                                          "'module:function' (default: the world's, else --reward)")
