@@ -76,5 +76,4 @@ def finite_row_max(x: torch.Tensor) -> torch.Tensor:
     """The row maximum ``[..., 1]`` of scaled logits ``x [..., V]``, 0 where it is not finite (an all-masked row,
     or +inf let through unchecked). Kernels work relative to it: at a small temperature ``x`` is huge, and what is
     added to it (sampling noise, ``-logsumexp``) would be rounded away in fp32."""
-    m = x.amax(dim=-1, keepdim=True)
-    return torch.where(m.isfinite(), m, torch.zeros_like(m))
+    return x.amax(dim=-1, keepdim=True).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # one op, not three
