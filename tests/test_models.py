@@ -1,5 +1,7 @@
 """Cache correctness: prefill + extend + rollback / tree keep / compaction equal a full recompute."""
 
+import json
+
 import pytest
 import torch
 
@@ -171,6 +173,15 @@ def test_a_reward_model_without_one_trained_output_is_an_input_error(tmp_path):
         with pytest.raises(InputError, match=message):
             ModelBuilder().reward(str(tmp_path / name))
     RewardModel(tiny_reward_model(vocab_size=64))  # one output: a reward
+    # a one-output head under a config that lists no labels, which transformers reads as two
+    tiny_reward_model(vocab_size=64).save_pretrained(tmp_path / "unlabelled")
+    build_tokenizer().save_pretrained(tmp_path / "unlabelled")
+    config = json.loads((tmp_path / "unlabelled" / "config.json").read_text())
+    for key in ("id2label", "label2id", "num_labels"):
+        config.pop(key, None)
+    (tmp_path / "unlabelled" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="num_labels \\(here 2, two when it lists no labels\\)"):
+        ModelBuilder().reward(str(tmp_path / "unlabelled"))
     (tmp_path / "rm.gguf").write_bytes(b"GGUF")
     with pytest.raises(InputError, match="a reward model cannot be a .gguf file"):
         ModelBuilder().reward(str(tmp_path / "rm.gguf"))

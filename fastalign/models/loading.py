@@ -97,19 +97,29 @@ def load_reward_model(spec, trust_remote_code: bool = False, **kwargs):
     """A reward model from an HF name or a local folder: sequence classification, or token classification (a
     process reward model) where the saved architecture says so; ``kwargs`` go to ``from_pretrained``.
 
-    Refused (``InputError``): a ``.gguf`` file (GGUF holds causal LMs, not classification heads), and a model
+    Refused (``InputError``): a ``.gguf`` file (GGUF holds causal LMs, not classification heads), a model
     whose head is not in the checkpoint, e.g. a causal LM's folder: transformers would attach a freshly
-    initialised head and only print a load report, and its rewards would be random."""
+    initialised head and only print a load report, and its rewards would be random; and weights whose shapes
+    differ from the config's, e.g. a one-output head under a config that lists no labels (read as two)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     if is_gguf(spec):
         raise InputError(f"a reward model cannot be a .gguf file ({spec}): GGUF files hold causal LMs; give a "
                          "folder or Hub name of a sequence (or token) classification model")
     where = {k: kwargs[k] for k in ("cache_dir", "token") if k in kwargs}  # (the rest is the model's)
-    architectures = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, **where).architectures
-    process = any(a.endswith("ForTokenClassification") for a in architectures or ())
+    config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, **where)
+    process = any(a.endswith("ForTokenClassification") for a in config.architectures or ())
     auto = AutoModelForTokenClassification if process else AutoModelForSequenceClassification
-    model, info = auto.from_pretrained(spec, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs)
+    try:
+        model, info = auto.from_pretrained(spec, trust_remote_code=trust_remote_code, output_loading_info=True,
+                                           **kwargs)
+    except RuntimeError as error:  # transformers' size-mismatch refusal, its load report printed above it
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise InputError(f"{spec}: the checkpoint's weights do not fit its config.json (the load report above "
+                         f"names them); for the reward head, config.json's num_labels (here {config.num_labels}, "
+                         "two when it lists no labels) must be its number of outputs: 1 for a reward model, 2 "
+                         "for a process reward model") from error
     head = {"score", "classifier"} & {key.split(".")[0] for key in info["missing_keys"]}
     if head:
         raise InputError(f"{spec} has no trained reward head ({head.pop()} would be random): it is not a reward "
