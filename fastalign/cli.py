@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .arguments import Parser, positive_int
 from .errors import InputError
-from .eval.grid import parse_value
+from .eval.grid import option_key, parse_value
 from .eval.worlds import NAMES as WORLDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -43,7 +43,7 @@ def parse_options(pairs: list[str]) -> dict:
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"--opt expects key=value, got {pair!r}")
-        options[key.strip().replace("-", "_")] = parse_value(value)
+        options[option_key(key)] = parse_value(value)
     return options
 
 
@@ -258,7 +258,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval.gold import GoldReward
-    from .eval.grid import default_grid, parse_grid
+    from .eval.grid import check_grid, default_grid, parse_grid
     from .eval.harness import evaluate
     from .eval.prompts import load_prompts
     from .eval.records import append_jsonl
@@ -286,10 +286,11 @@ def cmd_eval(args) -> int:
         grid = list(world.grid)
     else:
         grid = default_grid(engine_for)
-    for method, options in grid:
-        check_options(method, options)
     if not any(method == args.baseline for method, _ in grid):
         grid.insert(0, (args.baseline, {}))  # the win rate needs the baseline
+    for method, options in grid:  # all refused before the output folder is touched
+        check_options(method, options)
+    check_grid(grid, engine_for, getattr(world, "unavailable", None))
     sampling = _sampling(args, world)
     # the grid as JSON reads it back (tuples as lists), so that a resume compares like with like
     grid_setting = json.loads(json.dumps([[method, options] for method, options in grid]))

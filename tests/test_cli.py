@@ -236,6 +236,16 @@ def test_eval_command_writes_results_summary_and_plot(model_dirs, tmp_path, caps
     assert summary.split("\n")[-2] in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     assert (out_dir / "reward_vs_compute.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a grid that cannot run is refused before the folder is touched: the earlier run's files stay as they are
+    files = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    for extra, message in [(["--baseline", "smaple"], "unknown method 'smaple'"),
+                           (["--grid", "sd"], "method 'sd' needs a draft model"),
+                           (["--grid", "bon:n=2", "--grid", "bon:n=2"], "the grid gives bon at n=2 twice")]:
+        assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", str(prompts),
+                         "--gold", "test_evaluate:count_w1", "--grid", "bon:n=4", *extra, "--max-new-tokens", "3",
+                         "--out-dir", str(out_dir), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == files
 
 
 def test_eval_needs_a_gold_reward_and_prompts(model_dirs, tmp_path, capsys):

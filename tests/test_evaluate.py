@@ -66,9 +66,35 @@ def test_parse_grid():
     assert parse_grid("sss:tree=sampled;branching=(2,2),(4,2)") == [
         ("sss", {"tree": "sampled", "branching": (2, 2)}), ("sss", {"tree": "sampled", "branching": (4, 2)})]
     assert len(parse_grid("cards:reward_threshold=1,2;alpha=0.3,0.5,0.7")) == 6
-    for bad in (":n=2", "bon:n", "bon:=3"):
-        with pytest.raises(InputError):
+    assert parse_grid("sd:num-draft-tokens=2,4") == [("sd", {"num_draft_tokens": 2}), ("sd", {"num_draft_tokens": 4})]
+    assert parse_grid("bon:n=2;") == [("bon", {"n": 2})]
+    with pytest.raises(InputError, match="no method name"):
+        parse_grid(":n=2")
+    for bad in ("bon:n", "bon:=3", "bon:n="):
+        with pytest.raises(InputError, match="expected key=value"):
             parse_grid(bad)
+    # each silently dropped or repeated budgets: n=2,4;n=8 gave n=8 twice, n=4,4 n=4 twice, n=2,,4 only 2 and 4
+    with pytest.raises(InputError, match="gives 'n' twice"):
+        parse_grid("bon:n=2,4;n=8")
+    with pytest.raises(InputError, match="repeats a value of 'n'"):
+        parse_grid("bon:n=4,4")
+    with pytest.raises(InputError, match="expected key=value"):
+        parse_grid("bon:n=2,,4")
+
+
+def test_check_grid_refuses_a_repeated_budget_and_a_method_without_its_models():
+    from fastalign.eval.grid import check_grid
+
+    engine = fastalign.Engine(target=tiny_causal_lm("llama", vocab_size=64), reward=tiny_reward_model(vocab_size=64))
+    check_grid([("sample", {}), ("bon", {"n": 2}), ("bon", {"n": 4})], lambda method: engine)
+    with pytest.raises(InputError, match="the grid gives bon at n=4 twice"):
+        check_grid([("bon", {"n": 4}), ("sample", {}), ("bon", {"n": 4})], lambda method: engine)
+    with pytest.raises(InputError, match="'sd' needs a draft model"):
+        check_grid([("sample", {}), ("sd", {})], lambda method: engine)
+    with pytest.raises(InputError, match="cannot run here: no draft in this world"):
+        check_grid([("sd", {})], lambda method: engine, {"sd": "no draft in this world"})
+    with pytest.raises(InputError, match="twice"):  # evaluate refuses it too, before any decode
+        evaluate([{"prompt": "x"}], [("sample", {}), ("sample", {})], engine, gold=None)
 
 
 def test_prompt_files(tmp_path):

@@ -37,8 +37,14 @@ def parse_value(text: str):
     return value if isinstance(value, (int, float, tuple, str)) else text
 
 
+def option_key(text: str) -> str:
+    """An option's name as written on the command line (``num-draft-tokens``) -> as the method takes it
+    (``num_draft_tokens``)."""
+    return text.strip().replace("-", "_")
+
+
 def _split_top_level(text: str, sep: str) -> list[str]:
-    """Split at ``sep`` outside parentheses and brackets."""
+    """Split at ``sep`` outside parentheses and brackets; the parts stripped, empty ones kept."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
         if ch in "([":
@@ -49,27 +55,49 @@ def _split_top_level(text: str, sep: str) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
+    return [p.strip() for p in parts]
 
 
 def parse_grid(spec: str) -> list[tuple[str, dict]]:
     """``"METHOD[:key=v1,v2;key2=w1,w2]"`` -> one ``(method, options)`` per combination of values.
 
     Values are parsed like ``--opt`` values (int, float, bool, tuple, str); a tuple value is written in
-    parentheses: ``"sss:tree=sampled;branching=(2,2),(4,2)"``.
+    parentheses: ``"sss:tree=sampled;branching=(2,2),(4,2)"``. A key given twice, a value given twice under
+    one key and an empty value are input errors: each would drop or repeat budgets silently.
     """
     method, _, rest = spec.partition(":")
     method = method.strip()
     if not method:
         raise InputError(f"grid entry {spec!r} has no method name")
-    axes = []
-    for item in _split_top_level(rest, ";"):
-        key, eq, values = item.partition("=")
-        values = _split_top_level(values, ",")
-        if not eq or not key.strip() or not values:
+    axes = {}
+    for item in filter(None, _split_top_level(rest, ";")):
+        key, eq, text = item.partition("=")
+        key, texts = option_key(key), _split_top_level(text, ",")
+        if not eq or not key or not all(texts):
             raise InputError(f"grid entry {spec!r}: expected key=value[,value...], got {item!r}")
-        axes.append([(key.strip(), parse_value(v)) for v in values])
-    return [(method, dict(combo)) for combo in itertools.product(*axes)]
+        if key in axes:
+            raise InputError(f"grid entry {spec!r} gives {key!r} twice; list its values once: {key}=v1,v2")
+        values = [parse_value(v) for v in texts]
+        if len({budget_label({key: v}) for v in values}) < len(values):
+            raise InputError(f"grid entry {spec!r} repeats a value of {key!r}")
+        axes[key] = values
+    return [(method, dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
+
+
+def check_grid(grid: list[tuple[str, dict]], engine_for, why_missing: dict | None = None) -> None:
+    """Refuse a grid before anything runs: an entry given twice (the same method and budget: its records would
+    count twice in the summary), and a method whose models ``engine_for(method)`` lacks (an ``InputError``
+    naming the model, or ``why_missing[method]`` where given: why the models are not there)."""
+    seen = set()
+    for method, options in grid:
+        label = budget_label(options)
+        if (method, label) in seen:
+            raise InputError(f"the grid gives {method} at {label} twice")
+        seen.add((method, label))
+        spec = get_method(method)
+        if why_missing and method in why_missing and not spec.runs_with(engine_for(method).models()):
+            raise InputError(f"method {method!r} cannot run here: {why_missing[method]}")
+        spec.models_for(engine_for(method).models())  # names a missing model
 
 
 def budget_label(options: dict) -> str:

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..methods import MODEL_ROLES
 from ..methods.base import prompt_seeds
 from .gold import GoldReward
-from .grid import budget_label
+from .grid import budget_label, check_grid
 from .records import finished_batches, jsonable
 
 COUNTERS = [f"{role}_{kind}" for role in MODEL_ROLES for kind in ("calls", "tokens")]
@@ -58,6 +58,7 @@ def evaluate(prompts: list[dict], grid: list[tuple[str, dict]], engine, gold: Go
     if not prompts or not grid:
         raise InputError("evaluate needs at least one prompt record and one (method, options) grid entry")
     engine_for = (lambda method: engine) if isinstance(engine, Engine) else engine
+    check_grid(grid, engine_for)
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     seeds = prompt_seeds(seed, len(prompts))
     previous = {record_key(r): r for r in done or []}
