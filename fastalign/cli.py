@@ -127,14 +127,14 @@ def _sampling(args, world) -> dict:
 
 # ------------------------------------------------------------------------------------------- commands
 def _read_generate_prompts(args) -> list[str]:
-    from .eval.prompts import parse_prompt_lines, read_prompt_file
+    from .eval.prompts import parse_prompt_text, read_prompt_file
 
     if args.prompts_file:
         records = read_prompt_file(args.prompts_file, args.prompt_field)
     elif args.prompts:
         records = [{"prompt": p} for p in args.prompts]
     elif not sys.stdin.isatty():
-        records = parse_prompt_lines(sys.stdin.read().splitlines(), args.prompt_field, where="stdin")
+        records = parse_prompt_text(sys.stdin.read(), args.prompt_field, where="stdin")
     else:
         records = []
     if not records:

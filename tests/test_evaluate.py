@@ -108,6 +108,19 @@ def test_prompt_files(tmp_path):
         read_prompt_file(tmp_path / "c.jsonl")
     with pytest.raises(InputError, match="not found"):
         read_prompt_file(tmp_path / "missing.txt")
+    # lines end at \n only: a JSON string may hold U+2028 (json.dumps with ensure_ascii=False writes it raw),
+    # a text prompt a form feed; \r\n ends a line too
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "one\u2028two\x85three"}, ensure_ascii=False) + "\r\n",
+                                      encoding="utf-8", newline="")
+    assert read_prompt_file(tmp_path / "d.jsonl") == [{"prompt": "one\u2028two\x85three"}]
+    (tmp_path / "e.txt").write_bytes(b"a\x0cb\r\nc\n")
+    assert read_prompt_file(tmp_path / "e.txt") == [{"prompt": "a\x0cb"}, {"prompt": "c"}]
+    # a .txt file is text even when a line starts with {; a .jsonl error names the line in the file
+    (tmp_path / "f.txt").write_text("{curly} review: the pasta\n")
+    assert read_prompt_file(tmp_path / "f.txt") == [{"prompt": "{curly} review: the pasta"}]
+    (tmp_path / "g.jsonl").write_text('{"prompt": "x"}\n\n\n{"prompt": "y"}\n{"prompt": 5}\n')
+    with pytest.raises(InputError, match="line 5: expected an object"):
+        read_prompt_file(tmp_path / "g.jsonl")
 
 
 def test_hub_datasets_fail_clearly_offline():

@@ -26,28 +26,34 @@ DATASETS = {
 
 
 def read_prompt_file(path: str | os.PathLike, prompt_field: str = "prompt") -> list[dict]:
-    """Records ``{"prompt": str, ...}`` from a JSONL file (a ``prompt_field`` per line; other fields kept,
-    e.g. ``answer``) or from a text file (one prompt per non-empty line)."""
+    """Records ``{"prompt": str, ...}`` from a JSONL file (``.jsonl``, ``.json``: a ``prompt_field`` per line;
+    other fields kept, e.g. ``answer``) or a text file (``.txt``: one prompt per non-empty line); a file with
+    another suffix is JSONL when its first line is an object."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"prompt file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"prompt file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
-    return parse_prompt_lines(lines, prompt_field, jsonl=path.suffix in (".jsonl", ".json") or None, where=str(path))
+    jsonl = {".jsonl": True, ".json": True, ".txt": False}.get(path.suffix)
+    return parse_prompt_text(text, prompt_field, jsonl=jsonl, where=str(path))
 
 
-def parse_prompt_lines(lines: list[str], prompt_field: str = "prompt", jsonl: bool | None = None,
-                       where: str = "input") -> list[dict]:
-    """Prompt records from lines of text or JSONL (``jsonl=None``: JSONL when the first line is an object)."""
-    lines = [line for line in lines if line.strip()]
+def parse_prompt_text(text: str, prompt_field: str = "prompt", jsonl: bool | None = None,
+                      where: str = "input") -> list[dict]:
+    """Prompt records from text or JSONL (``jsonl=None``: JSONL when the first non-empty line is an object).
+
+    Lines end at ``\n`` (or ``\r\n``) only: JSON strings may hold other line separators (U+2028, U+0085, form
+    feeds), which ``str.splitlines`` would split at. Errors give the line's number in the file."""
+    lines = [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
     if jsonl is None:
-        jsonl = bool(lines) and lines[0].lstrip().startswith("{")
+        jsonl = bool(lines) and lines[0][1].lstrip().startswith("{")
     if not jsonl:
-        return [{"prompt": line} for line in lines]
+        return [{"prompt": line} for _, line in lines]
     records = []
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
