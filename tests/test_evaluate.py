@@ -194,6 +194,26 @@ def test_evaluate_records_costs_and_reproducibility(engine, tmp_path):
     assert json.loads(paths["summary_json"].read_text())[1]["budget"] == "n=2"
 
 
+def test_summary_numbers_keep_their_size():
+    from fastalign.eval.report import _fmt
+
+    # 0.0004 s a prompt printed as 0, and -0.0004 as -0
+    assert [_fmt(v) for v in (0.0004, -0.0004, 0.00049, 0.0, 0.0123, 2.5, 1234.5678, 123456.0)] == [
+        "0.0004", "-0.0004", "0.00049", "0", "0.012", "2.5", "1234.568", "1.23e+05"]
+
+
+def test_plot_curves_run_through_numeric_budgets_tuples_included():
+    from fastalign.eval.report import _curves
+
+    def row(options):
+        return {"method": "sss", "options": options}
+    rows = [row({"tree": "sampled", "branching": [2, 2]}), row({"tree": "sampled", "branching": [4, 2]}),
+            row({"tree": "chain", "num_draft_tokens": 4}), row({"tree": "chain", "num_draft_tokens": 8})]
+    # a branching sweep was one single-point curve per value
+    assert [[r["options"] for r in curve] for curve in _curves(rows)] == [[o["options"] for o in rows[:2]],
+                                                                         [o["options"] for o in rows[2:]]]
+
+
 def test_reward_vs_compute_plot(tmp_path):
     pytest.importorskip("matplotlib")
     records = [record("sample", "default", i, float(i)) for i in range(3)]

@@ -65,8 +65,9 @@ def summarize(records: list[dict], baseline: str = "sample") -> list[dict]:
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) >= 1e4 or value == 0 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    if isinstance(value, float):  # significant digits where fixed ones would round to 0 or drop the size
+        plain = 1e-2 <= abs(value) < 1e4
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if plain else f"{value:.{digits}g}"
     return str(value)
 
 
@@ -89,11 +90,17 @@ def summary_table(rows: list[dict]) -> str:
 def _curves(rows: list[dict]) -> list[list[dict]]:
     """The plot's curves, in the order first seen: the rows of one method with the same non-numeric options
     (``select``, ``answer_fn``, ``delimiters``, ...), so that a curve runs through budgets of one variant (bon's
-    majority vote and bon's best-of-n are two curves)."""
+    majority vote and bon's best-of-n are two curves); numbers and tuples of numbers (``branching=(2,2)``) are
+    budgets."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def budget(v):
+        return number(v) or (isinstance(v, (list, tuple)) and bool(v) and all(map(number, v)))
+
     curves: dict[tuple, list[dict]] = {}
     for r in rows:
-        variant = tuple(sorted((k, json.dumps(v)) for k, v in r["options"].items()
-                               if isinstance(v, bool) or not isinstance(v, (int, float))))
+        variant = tuple(sorted((k, json.dumps(v)) for k, v in r["options"].items() if not budget(v)))
         curves.setdefault((r["method"], variant), []).append(r)
     return list(curves.values())
 
