@@ -29,7 +29,9 @@ def model_dirs(tmp_path_factory):
 def one_line_error(capsys, *parts):
     err = capsys.readouterr().err
     # (transformers draws a "Loading weights" progress bar while loading a model)
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    # (and torch.compile's imports warn of deprecations, printed under pytest's warning filters)
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line
+             and "is deprecated" not in line]
     assert len(lines) == 1 and lines[0].startswith("fastalign ") and "Traceback" not in err, err
     for part in parts:
         assert part in err, err
@@ -233,3 +235,10 @@ def test_eval_resume_with_another_grid_is_refused(model_dirs, tmp_path, capsys):
     assert (out / "results.jsonl").read_text() == before
     assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume")) == 0  # the same grid resumes
     assert (out / "results.jsonl").read_text().count("\n") == before.count("\n")
+    # the tokenizer, the device and the compiled path are settings too: each changes tokens or times
+    for extra, name in [(["--tokenizer", str(model_dirs[0])], "tokenizers"), (["--device", "cpu"], "device"),
+                        (["--compile"], "compile")]:
+        capsys.readouterr()
+        assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume", *extra)) == 2
+        one_line_error(capsys, f"holds a run with other settings (differs in: {name})")
+        assert (out / "results.jsonl").read_text() == before
