@@ -132,6 +132,8 @@ def test_checker_on_hand_made_solutions():
     assert aw.check_steps(q, "4 * 2 = 8 ; 3 + 8 = 11 ;", True) == [True, True, False]  # no answer
     assert aw.check_steps(q, "4 * 2 = 8 ; 3 +", False) == [True]  # the step being written is not checked
     assert aw.check_steps(q, "4 * = 8 ; 3 + 8 = 11 ; answer 11", True) == [False, False, False]
+    for final in ("+ 11", "11 11", "= 11", "q 11"):  # a final segment is right only as "answer N"
+        assert aw.check_steps(q, f"4 * 2 = 8 ; 3 + 8 = 11 ; {final}", True) == [True, True, False]
     assert aw.parse_question("q : 3 + 4 * 2 =") == q and aw.parse_question("review : the pasta") is None
 
 

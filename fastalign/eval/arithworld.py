@@ -178,7 +178,7 @@ def check_steps(expression: list, response: str, finished: bool) -> list[bool]:
                     state[i - 1: i + 2] = [c]  # later steps go on from the written result
             checks.append(ok)
         else:  # the final answer
-            checks.append(len(words) == 2 and len(state) == 1 and words[1] == str(state[0]))
+            checks.append(words == [ANSWER, str(state[0])] and len(state) == 1)
     return checks
 
 
