@@ -13,6 +13,7 @@ import torch
 import fastalign
 from fastalign.eval import arithworld as aw
 from fastalign.eval.arithworld import DATA_DIR, load_arith_world
+from fastalign.errors import InputError
 from fastalign.methods.answers import EXTRACTORS
 
 MANIFEST = json.loads((DATA_DIR / "manifest.json").read_text())
@@ -233,3 +234,7 @@ def test_gold_specs_pick_their_own_world(world):
     from fastalign.eval.toyworld import load_toy_world
 
     assert toy(p, r, [prompt] * 2, [right, "answer 12"], [{}, {}]) == load_toy_world().gold_reward(p, r).tolist()
+    # a policy with another tokenizer: its ids were read as the world's words, and every answer judged wrong
+    for spec, other in [("arith", load_toy_world().tokenizer), ("toy", world.tokenizer)]:
+        with pytest.raises(InputError, match=f"the '{spec}' gold reward reads the {spec} world's tokens"):
+            GoldReward.from_spec(spec, other)

@@ -63,8 +63,9 @@ def test_cli_errors_are_one_line(model_dirs, tmp_path, capsys):
 
 def test_eval_grid_with_an_empty_value_is_an_error(model_dirs, tmp_path, capsys):
     lm, rm = model_dirs
-    assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", "toy", "--gold", "toy",
-                     "--grid", "bon:n=", "--out-dir", str(tmp_path)]) == 2
+    # (a text gold: the toy world's gold reads the toy world's tokens, which this target's tokenizer is not)
+    assert cli.main(["eval", "--target", str(lm), "--reward", str(rm), "--prompts", "toy",
+                     "--gold", "test_resume:gold_length", "--grid", "bon:n=", "--out-dir", str(tmp_path)]) == 2
     one_line_error(capsys, "grid entry 'bon:n=': expected key=value[,value...]")
 
 

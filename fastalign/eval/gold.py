@@ -41,6 +41,16 @@ class GoldReward:
         return cls(lambda p, r, pt, ct, rec: rm.score(p, r), name)
 
     @classmethod
+    def from_world(cls, world, name: str, policy_tokenizer=None) -> GoldReward:
+        """A world's gold reward, which reads the world's token ids: refused for a policy whose tokenizer is not
+        the world's (its ids would be read as other words, and every output judged wrong without a word)."""
+        if policy_tokenizer is not None and policy_tokenizer.get_vocab() != world.tokenizer.get_vocab():
+            raise InputError(f"the {name!r} gold reward reads the {name} world's tokens, and the target's "
+                             f"tokenizer is another ({len(policy_tokenizer)} tokens, the world's "
+                             f"{len(world.tokenizer)}); judge another model's outputs with a text reward")
+        return cls.from_reward(world.gold_reward, name)
+
+    @classmethod
     def from_text_fn(cls, fn, name: str) -> GoldReward:
         """From ``fn(prompts: list[str], completions: list[str]) -> N floats``: the caller's code, so an
         exception it raises is an ``InputError`` naming the gold reward (``text_rewards.call_text_reward``)."""
@@ -57,10 +67,10 @@ class GoldReward:
         anything else: an HF reward model name or path."""
         if spec == "toy":
             world = world if hasattr(world, "aligned_draft") else load_world("toy").source  # not another world's
-            return cls.from_reward(world.gold_reward, "toy", policy_tokenizer=policy_tokenizer)
+            return cls.from_world(world, "toy", policy_tokenizer)
         if spec == "arith":  # the answer checker: 1 if the final answer is the problem's true value
             world = world if hasattr(world, "step_reward") else load_world("arith").source
-            return cls.from_reward(world.gold_reward, "arith", policy_tokenizer=policy_tokenizer)
+            return cls.from_world(world, "arith", policy_tokenizer)
         if spec in EXTRACTORS:
             extract = EXTRACTORS[spec]
 
