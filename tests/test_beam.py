@@ -134,6 +134,19 @@ def test_aggregations():
     assert aggregate_step("last", 0.9, 0.3) == 0.3
     assert aggregate_step("min", 0.2, 0.3) == 0.2
     assert aggregate_step("prod", 0.5, 0.4) == pytest.approx(0.2)
+    assert aggregate_step("min", -1.0, -2.0) == -2.0 and aggregate_step("last", -1.0, -2.0) == -2.0
+
+
+def test_a_product_of_negative_step_scores_is_an_input_error(peaky):
+    """Under "prod", -1 * -2 = 2 ranked two wrong steps above a sound beam's 0 (the arith world's step reward
+    is <= 0)."""
+    for previous in (None, 0.5):
+        with pytest.raises(fastalign.InputError, match="aggregate='prod' needs step scores >= 0, got -0.5"):
+            aggregate_step("prod", previous, -0.5)
+    negative = lambda prompts, responses: torch.full((len(responses),), -1.0)  # noqa: E731
+    with pytest.raises(fastalign.InputError, match="needs step scores >= 0, got -1"):
+        decode(peaky, reward=negative, prompts=[[1, 2]], beams=2, width=2, max_step_tokens=1, aggregate="prod",
+               max_new_tokens=4)
 
 
 def test_a_product_that_overflows_is_an_input_error(peaky):

@@ -76,6 +76,9 @@ AGGREGATIONS = ("last", "min", "prod")
 
 def aggregate_step(rule: str, previous: float | None, score: float) -> float:
     """A beam's aggregated score after a step with score ``score``; ``previous`` is None before its first step."""
+    if rule == "prod" and score < 0:  # -1 * -2 = 2 would rank two wrong steps above a sound beam's 0
+        raise InputError(f"beam: aggregate='prod' needs step scores >= 0, got {score:g}; use aggregate='last' or "
+                         "'min', or a reward in [0, 1]")
     if previous is None or rule == "last":
         return score
     if rule == "min":
