@@ -201,14 +201,17 @@ def check_token_rows(name: str, rows, vocab_size: int | None = None, model: str 
     return [_token_ids(i, r, vocab_size, model, label, allow_empty) for i, r in enumerate(rows)]
 
 
-def check_positions(needed: int, limit, model: str = "the model", what: str = "a sequence") -> None:
+def check_positions(needed: int, limit, model: str = "the model", what: str = "a sequence", why: str = "") -> None:
     """``needed`` positions fit in a context of ``limit`` (``None`` or not positive: unknown, not checked).
-    ``model`` and ``what`` name the model and the sequence in the message."""
+    ``model`` and ``what`` name the model and the sequence in the message; ``why`` says where the limit comes
+    from, when not from the model's positions."""
     if is_int(limit) and limit > 0 and needed > limit:
-        raise InputError(f"{what} needs {needed} positions, more than the context length of {model} ({limit})")
+        raise InputError(f"{what} needs {needed} positions, more than the context length of {model} ({limit}"
+                         f"{': ' + why if why else ''})")
 
 
-def check_context_length(prompts: list[list[int]], max_new_tokens, limit, model: str = "the model") -> None:
+def check_context_length(prompts: list[list[int]], max_new_tokens, limit, model: str = "the model",
+                         why: str = "") -> None:
     """Every prompt plus its ``max_new_tokens`` (an int, or one per prompt) fits in ``limit`` positions; the
     message names the prompt that needs the most (the first such)."""
     budgets = [max_new_tokens] * len(prompts) if is_int(max_new_tokens) else list(max_new_tokens)
@@ -217,13 +220,14 @@ def check_context_length(prompts: list[list[int]], max_new_tokens, limit, model:
         return
     worst = max(range(len(needs)), key=needs.__getitem__)
     check_positions(needs[worst], limit, model,
-                    f"prompt {worst} has {len(prompts[worst])} tokens; with max_new_tokens={budgets[worst]} it")
+                    f"prompt {worst} has {len(prompts[worst])} tokens; with max_new_tokens={budgets[worst]} it", why)
 
 
 def check_context_lengths(models: dict, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Every model (``role -> model`` with a ``context_length``) holds the longest prompt plus ``max_new_tokens``."""
     for role, model in models.items():
-        check_context_length(prompts, max_new_tokens, getattr(model, "context_length", None), f"the {role} model")
+        check_context_length(prompts, max_new_tokens, getattr(model, "context_length", None), f"the {role} model",
+                             getattr(model, "context_why", ""))
 
 
 def check_rows(given: int, cached: int) -> None:

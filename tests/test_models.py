@@ -142,6 +142,54 @@ def test_reward_keep_branches_reuses_scored_slots(arch, layer):
         rm.keep_branches([0, 0, 0])
 
 
+def tiny_sliding_lm(window: int, context: int = 64):
+    """A tiny Gemma 3 text model: a sliding-window layer of ``window`` tokens, then a full-attention one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=window,
+                              max_position_embeddings=context, layer_types=["sliding_attention", "full_attention"],
+                              pad_token_id=0, bos_token_id=0, eos_token_id=63, initializer_range=0.05)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_sliding_window_layers_are_exact_within_the_window_and_refused_beyond(layer):
+    """Sliding-window layers run as full attention (a 4-D mask), exact while a row fits in the window. The eager
+    store gave chains a 2-D mask, from which transformers slid the window over cache columns, dead slots
+    included: 0.17 off a full recompute at 6 tokens in 10 columns; and beyond the window nothing refused."""
+    model = tiny_sliding_lm(window=6)
+    lm = wrap(model, layer)
+    assert lm.context_length == 6
+    rows = [[5, 9], [3, 17, 22, 8, 41]]
+    lm.prefill(rows)
+    lm.extend(torch.tensor([[7], [11]]), live=torch.tensor([[False], [True]]))  # a dead slot in row 0
+    rows[1].append(11)
+    for token in (20, 21, 22, 23):  # row 0 grows to 6 tokens over 10 columns; row 1 rides along, dead
+        logits = lm.extend(torch.tensor([[token], [token]]), live=torch.tensor([[True], [False]]))
+        rows[0].append(token)
+        with torch.no_grad():
+            full = model(torch.tensor([rows[0]])).logits[0, -1]
+        torch.testing.assert_close(logits[0, -1], full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match=r"context length of the model \(6: the window of its sliding-window"):
+        wrap(model, layer).prefill([[1, 2, 3, 4]], max_new_tokens=3)
+    assert CausalLM(tiny_sliding_lm(window=100, context=64)).context_length == 64  # a window past the context
+
+
+def test_alibi_models_are_refused():
+    """MPT took its ALiBi distances from cache columns (4e-2 off a full recompute with padding, silently); Bloom
+    and Falcon with alibi=True failed on a 4-D mask with a raw ValueError."""
+    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM, MptConfig, MptForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)
+    for model in (BloomForCausalLM(BloomConfig(**small)), MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=1,
+                                                                                   vocab_size=64)),
+                  FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=4, alibi=True))):
+        with pytest.raises(InputError, match="ALiBi attention biases are not supported"):
+            CausalLM(model)
+
+
 def test_callable_reward_and_bad_input():
     rm = RewardModel(lambda p, r: torch.tensor([float(sum(x)) for x in r]))
     rm.prefill([[1], [2]], [[3], []])

@@ -21,8 +21,9 @@ Where the keys and values live is the model's *store*, chosen by composition: th
 (``fastalign.models.slots``: preallocated, with fixed-shape steps compiled by ``torch.compile``). Both give
 the same ``live`` mask the same meaning, so everything above is written once, here. Attention is given to
 the model as an explicit 4-D additive mask together with explicit position ids, which every causal LM of
-``transformers`` accepts (eager and SDPA attention). Models with sliding-window or recurrent layers are not
-supported.
+``transformers`` accepts (eager and SDPA attention). Sliding-window layers run as full attention, exact while a
+sequence fits in the window, so a model with them has the window as its context length (Gemma 3: 512);
+recurrent layers are not supported.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..kernels import check_finite
 from ..validation import check_context_length, check_positions, check_prompts
 from . import cpu_linear, native
@@ -56,6 +58,29 @@ def context_length_of(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def sliding_window_of(config) -> int | None:
+    """The window of a model's sliding-window layers (None: it has none). Such layers run here as full
+    attention, which is exact while a sequence fits in the window (``CachedModel`` caps the context there)."""
+    window = getattr(config, "sliding_window", None)
+    if not (isinstance(window, int) and window > 0) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)  # (without them, every layer slides: Mistral)
+    if layer_types and not any("sliding" in str(kind) or "chunked" in str(kind) for kind in layer_types):
+        return None
+    return window
+
+
+ALIBI_MODEL_TYPES = ("bloom", "mpt")  # (and falcon with alibi=True)
+
+
+def check_positions_supported(config) -> None:
+    """Refuse models whose attention takes ALiBi biases: they read distances from cache columns, not from the
+    position ids, so the padding and dead slots of a ragged cache would shift them (and a 4-D mask is refused)."""
+    if getattr(config, "model_type", None) in ALIBI_MODEL_TYPES or getattr(config, "alibi", False) is True:
+        raise InputError(f"{config.model_type} models with ALiBi attention biases are not supported: the cache's "
+                         "padding and dead slots would shift their distances")
 
 
 def cache_argument(model) -> str:
@@ -88,7 +113,13 @@ class CachedModel:
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        check_positions_supported(model.config)
         self.context_length = context_length_of(model.config)
+        self.sliding_window = sliding_window_of(model.config)
+        self.context_why = ""  # where context_length comes from, when not from the positions
+        if self.sliding_window is not None and (self.context_length or self.sliding_window) >= self.sliding_window:
+            self.context_length = self.sliding_window  # beyond it, full attention would not be the model's
+            self.context_why = "the window of its sliding-window layers, which run here as full attention"
         self.counters = ModelCounters()
         self._ones: dict[tuple[int, int], torch.Tensor] = {}  # _all_live's masks
         self.store = store if store is not None else RaggedStore()
@@ -98,7 +129,8 @@ class CachedModel:
     def _attach(self) -> None:
         """Bind the store to what runs: the backbone, or its copy with native linear layers (``cpu_linear``)."""
         self.backbone = cpu_linear.native_twin(self._given_backbone)
-        self.store.attach(self.backbone, cache_argument(self.backbone), self.device, self.dtype)
+        self.store.attach(self.backbone, cache_argument(self.backbone), self.device, self.dtype,
+                          sliding=self.sliding_window is not None)
 
     # ----------------------------------------------------------------- state
     @property
@@ -159,7 +191,7 @@ class CachedModel:
         # positions never exceed the slot count, so the exact (syncing) check is needed only near the limit
         near_limit = self.context_length is not None and self.live.shape[1] + T > self.context_length
         if near_limit:
-            check_positions(int((positions * new_live).max()) + 1, self.context_length)
+            check_positions(int((positions * new_live).max()) + 1, self.context_length, why=self.context_why)
             # a padding token's position (its row's length) may pass the limit; learned position tables (gpt2,
             # opt) would index out of range, so clamp it. After the check only padding can be clamped.
             positions = positions.clamp(max=self.context_length - 1)
@@ -292,7 +324,7 @@ class CausalLM(CachedModel):
     def prefill(self, prompts: list[list[int]], max_new_tokens: int = 0) -> torch.Tensor:
         """Start a new cache holding the (ragged) prompts; returns next-token logits ``[B, V]`` fp32."""
         prompts = check_prompts(prompts, vocab_size=self.vocab_size, model="model")
-        check_context_length(prompts, max_new_tokens, self.context_length)
+        check_context_length(prompts, max_new_tokens, self.context_length, why=self.context_why)
         self.reset()
         self.store.reserve(max_new_tokens)
         tokens, live = left_pad(prompts, device=self.device)

@@ -15,6 +15,14 @@ from ..validation import check_rows
 from . import native
 
 
+def chain_block(new_live: torch.Tensor) -> torch.Tensor:
+    """``[B, T, T]`` bool: each new token of a chain sees the live new tokens up to itself, and itself
+    (``new_live [B, T]``; a dead, padding token sees only itself)."""
+    T = new_live.shape[1]
+    block = torch.ones(new_live.shape[0], T, T, dtype=torch.bool, device=new_live.device).tril_()
+    return (block & new_live[:, None, :]) | torch.eye(T, dtype=torch.bool, device=new_live.device)
+
+
 class RaggedStore:
     """The eager storage of one model's cache (see the module docstring). ``attach`` binds it to a model."""
 
@@ -23,9 +31,13 @@ class RaggedStore:
         self.live = torch.zeros(0, 0, dtype=torch.bool)
         self.open_from = 0  # the first column of the open block (``fastalign.models.causal_lm``)
 
-    def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype) -> None:
-        """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``."""
+    def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype,
+               sliding: bool = False) -> None:
+        """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``. ``sliding``: the model has
+        sliding-window layers, so chains get a 4-D mask too (from a 2-D one, transformers would slide the window
+        over cache columns, dead slots included, not over the row's tokens)."""
         self.backbone, self.cache_arg, self.device, self.dtype = backbone, cache_arg, device, dtype
+        self.sliding = sliding
         self.live = self.live.to(device)
 
     def reserve(self, new_tokens: int) -> None:
@@ -64,6 +76,8 @@ class RaggedStore:
         ``padded``: whether ``new_live`` has dead entries. ``kwargs`` go to the model.
         """
         B, T = tokens.shape
+        if block is None and self.sliding:
+            block = chain_block(new_live)
         if block is None:  # a chain: causal over the live slots, which transformers builds from a 2-D mask
             mask = torch.cat([self.live, new_live], dim=1).long()
         else:

@@ -73,7 +73,7 @@ class RewardModel:
             self.lm = CachedModel(reward, new_store(), backbone=reward.base_model)
             self.scorer = CachedModel(reward, new_store(), backbone=reward.base_model)  # score(): no prefix
             self.scorer.counters = self.counters = self.lm.counters
-            self.context_length = self.lm.context_length
+            self.context_length, self.context_why = self.lm.context_length, self.lm.context_why
         self.step_tag = step_tag
         if step_tag is not None:
             if not (self.is_model and self.process and not self.retokenize):

@@ -68,6 +68,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..errors import InputError
 from ..validation import check_rows
 from . import native
+from .ragged import chain_block
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # beyond 64 rows: multiples of 64
 WIDTH_BUCKETS = (1, 2, 4, 8, 16)  # wider blocks run uncompiled at their own width
@@ -297,8 +298,10 @@ class SlotStore:
         self._compiled = False
         self.compilation = StepCompilation(compile=False)  # (attach decides)
 
-    def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype) -> None:
-        """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``; compile its step."""
+    def attach(self, backbone, cache_arg: str, device: torch.device, dtype: torch.dtype,
+               sliding: bool = False) -> None:
+        """Run ``backbone`` (which takes its cache as ``cache_arg``) on ``device``; compile its step. (``sliding``,
+        as for ``RaggedStore.attach``, changes nothing here: every step's mask is 4-D.)"""
         self.backbone, self.cache_arg, self.device, self.dtype = backbone, cache_arg, device, dtype
         self._live_buf = torch.zeros(0, 0, dtype=torch.bool, device=device)
         self.cache, self.rows, self.end, self.open_from = None, 0, 0, 0  # attached again: start afresh
@@ -431,8 +434,7 @@ class SlotStore:
             block = self._causal_block(R, width, B, T)
         else:
             if block is None:
-                block = torch.ones(B, T, T, dtype=torch.bool, device=dev).tril_() & new_live[:, None, :]
-                block |= torch.eye(T, dtype=torch.bool, device=dev)
+                block = chain_block(new_live)
             if (R, width) != (B, T):
                 padded = torch.eye(width, dtype=torch.bool, device=dev).repeat(R, 1, 1)
                 padded[:B, :T, :T] = block
