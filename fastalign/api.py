@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -127,10 +128,13 @@ class Engine:
                         "give the path of a model with its own tokenizer to re-tokenise"
                     raise InputError(f"vocabularies differ: the {role} model embeds {embedded} token ids, the "
                                      f"target emits up to {self.target.vocab_size}; {hint}")
-        end_of_turn = chat_prompts.end_of_turn_ids(self.tokenizer)
-        for lm in (self.target, self.draft, self.ref):
-            if isinstance(lm, (CausalLM, RemoteLM)) and end_of_turn:
+        end_of_turn = set(chat_prompts.end_of_turn_ids(self.tokenizer))
+        for role in ("target", "draft", "ref"):
+            lm = getattr(self, role)
+            if isinstance(lm, (CausalLM, RemoteLM)) and not end_of_turn <= lm.eos_token_ids:
+                lm = copy.copy(lm)  # a model the caller passed (a RemoteLM, a CausalLM) keeps its own stop tokens
                 lm.add_stop_tokens(end_of_turn)
+                setattr(self, role, lm)
 
     def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
         """Prompts as token-id lists, checked against the target's vocabulary: conversations (lists of

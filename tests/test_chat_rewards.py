@@ -66,6 +66,9 @@ def test_the_end_of_turn_token_is_found_and_ends_responses(world, chat_tokenizer
     assert end_of_turn_ids(world.tokenizer) == set()  # no template
     engine = fastalign.Engine(target=copy.deepcopy(world.target), tokenizer=chat_tokenizer)
     assert engine.target.eos_token_ids == {chat_tokenizer.eos_token_id, chat_tokenizer.pad_token_id}
+    held = fastalign.Engine(target=copy.deepcopy(world.target)).target  # a CausalLM the caller holds and passes
+    assert fastalign.Engine(target=held, tokenizer=chat_tokenizer).target.eos_token_ids == engine.target.eos_token_ids
+    assert held.eos_token_ids == {chat_tokenizer.eos_token_id}  # unchanged
     # a stop token ends a response in every method as EOS does: take "," (frequent in the toy language)
     comma = chat_tokenizer.convert_tokens_to_ids(",")
     engine.target.add_stop_tokens([comma])
@@ -89,8 +92,11 @@ def test_the_end_of_turn_token_ends_responses_of_a_remote_target(world):
     assert end_of_turn_ids(tokenizer) == {comma}
     prompts = ["the pasta", "the coffee", "our waiter", "my phone"] * 2
     with serving(world.target) as url:
-        engine = fastalign.Engine(target=RemoteLM(url), reward=world.reward, tokenizer=tokenizer)
+        remote = RemoteLM(url)
+        engine = fastalign.Engine(target=remote, reward=world.reward, tokenizer=tokenizer)
         assert comma in engine.target.eos_token_ids
+        # the caller's RemoteLM keeps its own stops: the engine's leaked into every later engine over it
+        assert comma not in remote.eos_token_ids and comma not in fastalign.Engine(target=remote).target.eos_token_ids
         for method, options in (("sample", {}), ("bon", {"n": 2}), ("smc", {"particles": 2, "segment_tokens": 4})):
             out = engine.decode(prompts, method=method, max_new_tokens=24, temperature=1.0, seed=0, chat=True,
                                 **options)
