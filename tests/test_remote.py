@@ -192,11 +192,68 @@ def test_vllm_needs_eos_ids_and_a_stop_at_another_token_is_an_error(stubs):
     with pytest.raises(fastalign.InputError, match="eos_token_ids"):
         RemoteLM(stubs(vllm_like).url)
     lm = RemoteLM(stubs(lambda p, b: vllm_like(p, b, stop_token=2)).url, eos_token_ids=[EOS])
-    with pytest.raises(RemoteError, match="not an EOS token"):
+    with pytest.raises(RemoteError, match="not at an EOS or stop token of this client"):
         lm.complete([[1]], [4])
     no_ids = stubs(lambda p, b: vllm_like(p, b) if p == "/v1/models" else (200, {"choices": [{"index": 0}]}))
     with pytest.raises(RemoteError, match="return_token_ids"):
         RemoteLM(no_ids.url, eos_token_ids=[EOS]).complete([[1]], [4])
+
+
+def answering(choice):
+    """A vLLM-like stub whose completions answer ``choice`` (a dict, or any JSON) for every sample."""
+    return lambda p, b: vllm_like(p, b) if p == "/v1/models" else (200, {"choices": [choice] * b["n"]})
+
+
+@pytest.mark.parametrize("choice", [{"token_ids": [], "finish_reason": "length"}, {"token_ids": [1]},
+                                    {"token_ids": [1], "finish_reason": "abort"}])
+def test_a_response_that_ends_short_of_max_tokens_without_eos_is_an_error(stubs, choice):
+    """A short answer with no EOS was accepted unless its finish reason said "stop": sample returned it as a
+    finished response, and smc and speculative_rejection asked again forever (thousands of requests a second)."""
+    lm = RemoteLM(stubs(answering(choice)).url, eos_token_ids=[EOS])
+    with pytest.raises(RemoteError, match=f"ended a response after {len(choice['token_ids'])} tokens, not at an EOS"):
+        lm.complete([[1]], [4])
+    for method, options in [("smc", {"particles": 2, "segment_tokens": 2}),
+                            ("speculative_rejection", {"n": 2, "round_tokens": 2})]:
+        errors = []
+
+        def run():
+            try:
+                fastalign.decode([[1, 2]], method=method, target=lm, reward=reward_fn, max_new_tokens=4, **options)
+            except RemoteError as e:
+                errors.append(e)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive() and len(errors) == 1, method
+
+
+@pytest.mark.parametrize("choices", [["oops"], {"0": {}}, [{"token_ids": ["a"]}], [{"token_ids": 7}],
+                                     [{"token_ids": "123"}], [{"token_ids": [1.7, 5]}], [{"token_ids": [True]}],
+                                     [{"token_ids": [-1, 5]}]])
+def test_a_malformed_completion_is_a_remote_error(stubs, choices):
+    """Raw AttributeError, ValueError and TypeError came out of these answers; "123" became [1, 2, 3], floats
+    were cut to ints and -1 reached the reward model as an IndexError."""
+    stub = stubs(lambda p, b: vllm_like(p, b) if p == "/v1/models" else (200, {"choices": choices}))
+    with pytest.raises(RemoteError, match="the server's (answer holds no list of choices|token_ids are not a list)"):
+        RemoteLM(stub.url, eos_token_ids=[EOS]).complete([[1]], [4])
+
+
+@pytest.mark.parametrize("listed", [{"data": [{"owned_by": "x"}]}, {"data": {"id": "m"}}, {"data": ["m"]}, ["m"]])
+def test_a_malformed_model_list_is_a_remote_error(stubs, listed):
+    stub = stubs(lambda p, b: (200, listed))
+    with pytest.raises(RemoteError, match="(model list without ids|not a JSON object)"):
+        RemoteLM(stub.url, eos_token_ids=[EOS])
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.0, True])
+def test_max_concurrency_and_retries_are_checked(server, value):
+    with pytest.raises(fastalign.InputError, match="max_concurrency must be an integer >= 1"):
+        RemoteLM(server, max_concurrency=value)
+    with pytest.raises(fastalign.InputError, match="max_concurrency must be an integer >= 1"):
+        RemoteReward(server, max_concurrency=value)
+    if value is True:
+        with pytest.raises(fastalign.InputError, match="retries must be an integer >= 0"):
+            RemoteLM(server, retries=value)
 
 
 def test_vllm_rewards_read_the_raw_score_of_prompt_plus_response(stubs):

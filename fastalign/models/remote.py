@@ -234,7 +234,7 @@ class ServerPool:
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls or [])
         if not urls or not all(isinstance(u, str) and u for u in urls):
             raise InputError(f"give a server base URL or a list of them, got {base_urls!r}")
-        if not (isinstance(retries, int) and retries >= 0) or not backoff >= 0 or not timeout > 0:
+        if type(retries) is not int or retries < 0 or not backoff >= 0 or not timeout > 0:
             raise InputError(f"retries must be an integer >= 0, backoff >= 0 and timeout > 0; got {retries!r}, "
                              f"{backoff!r}, {timeout!r}")
         check_float("connect_timeout", connect_timeout, low=0.0, low_open=True)
@@ -284,6 +284,9 @@ class ServerPool:
     def models(self, model: str | None) -> dict:
         """The ``/v1/models`` entry of ``model`` (the first listed when None) on the first server that answers."""
         listed = self.request("/v1/models", None, "listing the models (GET /v1/models)").get("data") or []
+        if not isinstance(listed, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                   for m in listed):
+            raise RemoteError(f"{self.urls[0]}/v1/models answered a model list without ids ({str(listed)[:80]})")
         entry = next((m for m in listed if model is None or m.get("id") == model), None)
         if entry is None:
             names = [m.get("id") for m in listed]
@@ -312,6 +315,13 @@ class ServerPool:
         return [r for r, _ in done]
 
 
+def check_concurrency(max_concurrency) -> int:
+    """``max_concurrency``, the requests in flight at once: an integer >= 1."""
+    if type(max_concurrency) is not int or max_concurrency < 1:
+        raise InputError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+    return max_concurrency
+
+
 class RemoteLM:
     """A target model served behind an OpenAI-compatible completions endpoint (see the module docstring).
 
@@ -326,7 +336,7 @@ class RemoteLM:
                  timeout: float = 600.0, max_concurrency: int = 64, retries: int = 3, backoff: float = 0.5,
                  connect_timeout: float = 10.0):
         self.pool = ServerPool(base_url, api_key, timeout, retries, backoff, connect_timeout)
-        self.max_concurrency = max_concurrency
+        self.max_concurrency = check_concurrency(max_concurrency)
         self.counters = ModelCounters()
         self._count_lock = threading.Lock()  # requests finish on several threads
         entry = self.pool.models(model)
@@ -389,24 +399,29 @@ class RemoteLM:
                    "return_token_ids": True}
         what = (f"completion request for {row} ({len(prompt)} prompt tokens, max_tokens {max_tokens}, n {n}, "
                 f"seed {seed})")
-        choices = sorted(self.pool.request("/v1/completions", payload, what).get("choices") or [],
-                         key=lambda c: c.get("index", 0))
+        choices = self.pool.request("/v1/completions", payload, what).get("choices")
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise RemoteError(f"{what}: the server's answer holds no list of choices ({str(choices)[:80]})")
         if len(choices) != n:
             raise RemoteError(f"{what}: the server answered {len(choices)} choices")
         out = []
-        for choice in choices:
+        for choice in sorted(choices, key=lambda c: c.get("index", 0)):
             tokens = choice.get("token_ids")
             if tokens is None:
                 raise RemoteError(f"{what}: the server returned no token ids; it must honour return_token_ids "
                                   "(vLLM >= 0.10.2, fastalign.serve)")
-            tokens = [int(t) for t in tokens][:max_tokens]
+            if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
+                raise RemoteError(f"{what}: the server's token_ids are not a list of token ids ({str(tokens)[:80]})")
+            tokens = tokens[:max_tokens]
             end = next((k for k, t in enumerate(tokens) if t in stops), None)
             if end is not None:
                 tokens = tokens[: end + 1]
-            elif choice.get("finish_reason") == "stop" and len(tokens) < max_tokens:
-                raise RemoteError(f"{what}: the server stopped at a token that is not an EOS token or a stop "
-                                  f"token of this client ({sorted(stops)}; stop reason {choice.get('stop_reason')!r}): "
-                                  "pass every EOS id in eos_token_ids, or start the server without extra stops")
+            elif len(tokens) < max_tokens:  # a response ends at a stop token or at max_tokens, nowhere else
+                raise RemoteError(f"{what}: the server ended a response after {len(tokens)} tokens, not at an EOS or "
+                                  f"stop token of this client ({sorted(stops)}; finish reason "
+                                  f"{choice.get('finish_reason')!r}, stop reason {choice.get('stop_reason')!r}): "
+                                  "pass every EOS id in eos_token_ids, or start the server without extra stops "
+                                  "or a lower cap of max_tokens")
             out.append(tokens)
         with self._count_lock:
             self.counters.calls += 1
@@ -439,7 +454,8 @@ class RemoteReward:
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.pool = ServerPool(base_url, api_key, timeout, retries, backoff, connect_timeout)
-        self.model, self.api, self.batch_size, self.max_concurrency = model, api, batch_size, max_concurrency
+        self.model, self.api, self.batch_size = model, api, batch_size
+        self.max_concurrency = check_concurrency(max_concurrency)
 
     def _resolve(self) -> None:
         if self.api == "auto" or (self.api == "vllm" and self.model is None):
