@@ -106,6 +106,9 @@ class Engine:
             with check.loading(role, spec):
                 setattr(self, role, build.causal_lm(spec, role=role) if spec is not None else None)
         if reward is not None:
+            if reward_tokenizer is not None and self.tokenizer is None:  # (it would be ignored: ids read as they are)
+                raise InputError("reward_tokenizer=... re-tokenises the policy's text for the reward, which needs the "
+                                 "policy's tokenizer: pass tokenizer=... (the target's)")
             with check.loading("reward tokenizer", reward_tokenizer):
                 reward_tokenizer = build.tokenizer(reward_tokenizer, role="reward tokenizer")
         with check.loading("reward", reward):

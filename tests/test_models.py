@@ -339,6 +339,9 @@ def test_reward_with_its_own_tokenizer_scores_re_tokenised_text():
     rewards = out.extra["rewards"][0]
     best = out.sequences[0]
     torch.testing.assert_close(rewards.max(), rm.score([policy_tok("w1 w2")["input_ids"]], [best])[0])
+    # without the policy's tokenizer nothing can be re-tokenised: the reward read the policy's ids as its own
+    with pytest.raises(InputError, match="reward_tokenizer=... re-tokenises .* pass tokenizer="):
+        fastalign.Engine(target=tiny_causal_lm(vocab_size=V), reward=model, reward_tokenizer=reward_tok)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
