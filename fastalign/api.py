@@ -186,7 +186,7 @@ class Engine:
                 options) -> DecodeOutput:
         self._prompt_ids = []
         spec = get_method(method)
-        check.check_method_options(method, spec.run, options)
+        options = check.check_method_options(method, spec.run, options)
         used = spec.models_for(self.models())  # names a missing model
         if isinstance(self.target, RemoteLM) and not spec.remote_target:
             raise InputError(f"method {method!r} needs per-token logits, so a local target (a model or a path); "
@@ -194,7 +194,7 @@ class Engine:
         for role in ("draft", "ref"):
             if isinstance(getattr(self, role), RemoteLM):
                 raise InputError(f"the {role} must be a local model (a model or a path), not a RemoteLM")
-        check.check_int("max_new_tokens", max_new_tokens, minimum=1)
+        max_new_tokens = check.check_int("max_new_tokens", max_new_tokens, minimum=1)
         temperature, top_k, top_p = spec.sampling_settings(temperature, top_k, top_p)
         check.check_sampling(temperature, top_k, top_p)
         prompt_ids = self._prompt_ids = self.encode(prompts, chat=chat)

@@ -276,11 +276,19 @@ def _non_finite(value) -> bool:
     return False
 
 
-def check_method_options(method: str, run, options: dict) -> None:
-    """Every option is one that ``run`` takes, of the type it declares, and finite where it is a number."""
+def check_method_options(method: str, run, options: dict) -> dict:
+    """Every option is one that ``run`` takes, of the type it declares, and finite where it is a number.
+    Returns the options with integers of any kind (NumPy's, within tuples too) as Python ints, which the
+    methods' own checks expect."""
+    def plain(value):
+        if is_int(value):
+            return int(value)
+        return tuple(map(plain, value)) if isinstance(value, tuple) else value
+
+    options = {name: plain(value) for name, value in options.items()}
     params = {name: p for name, p in inspect.signature(run).parameters.items() if name not in ("ctx", "prompts")}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
+        return options
     unknown = sorted(set(options) - set(params))
     if unknown:
         raise InputError(f"method {method!r} has no option {', '.join(map(repr, unknown))}; "
@@ -293,6 +301,7 @@ def check_method_options(method: str, run, options: dict) -> None:
             allowed = " or ".join(name for kind, name in _TYPE_NAMES.items() if kind in kinds)
             raise InputError(f"{method} option {name} must be {allowed}, got {_show(value)}")
     check_option_ranges(method, options)
+    return options
 
 
 # Finite numbers whose magnitude overflows the methods' float32 arithmetic (a raw overflow error, or special

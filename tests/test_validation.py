@@ -60,6 +60,20 @@ def test_good_prompt_forms_are_equivalent(models):
     assert fastalign.decode(torch.tensor([[1, 2]]), **kw).sequences == ref[:1]
 
 
+@pytest.mark.parametrize("method, options", [("sample", {}), ("bon", {"n": 3}), ("qalign", {"steps": 2}),
+                                             ("sd", {"num_draft_tokens": 2}),
+                                             ("sd", {"tree": "sampled", "branching": (2, 2)})])
+def test_numpy_integers_count_as_integers(models, method, options):
+    """max_new_tokens=np.int64(3) failed inside sample ("not iterable"); n=np.int64(3) was refused as "not an
+    integer >= 1, got np.int64(3)"; num_draft_tokens=np.int64(2) raised a raw AttributeError."""
+    kw = dict(target=models["target"], draft=models["draft"], reward=constant_reward([1.0, 2.0]), method=method,
+              seed=5)
+    numpy_options = {k: tuple(map(np.int64, v)) if isinstance(v, tuple) else v if isinstance(v, str) else np.int64(v)
+                     for k, v in options.items()}
+    ref = fastalign.decode([[1, 2], [3]], max_new_tokens=3, **options, **kw).sequences
+    assert fastalign.decode([[1, 2], [3]], max_new_tokens=np.int64(3), **numpy_options, **kw).sequences == ref
+
+
 # -------------------------------------------------------------------------------------- numbers
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=NAN), "temperature must be a finite number, got nan"),
