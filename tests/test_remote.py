@@ -227,15 +227,42 @@ def test_a_response_that_ends_short_of_max_tokens_without_eos_is_an_error(stubs,
         assert not thread.is_alive() and len(errors) == 1, method
 
 
-@pytest.mark.parametrize("choices", [["oops"], {"0": {}}, [{"token_ids": ["a"]}], [{"token_ids": 7}],
+@pytest.mark.parametrize("choices", [["oops"], {"0": {}}, [{"index": "0", "token_ids": [1, 5]}],
+                                     [{"token_ids": ["a"]}], [{"token_ids": 7}],
                                      [{"token_ids": "123"}], [{"token_ids": [1.7, 5]}], [{"token_ids": [True]}],
                                      [{"token_ids": [-1, 5]}]])
 def test_a_malformed_completion_is_a_remote_error(stubs, choices):
     """Raw AttributeError, ValueError and TypeError came out of these answers; "123" became [1, 2, 3], floats
     were cut to ints and -1 reached the reward model as an IndexError."""
     stub = stubs(lambda p, b: vllm_like(p, b) if p == "/v1/models" else (200, {"choices": choices}))
-    with pytest.raises(RemoteError, match="the server's (answer holds no list of choices|token_ids are not a list)"):
+    with pytest.raises(RemoteError, match="the server's (choices is not a list of objects|token_ids are not a list)"):
         RemoteLM(stub.url, eos_token_ids=[EOS]).complete([[1]], [4])
+
+
+@pytest.mark.parametrize("eos", ["12", [2.7], [True], [-1]])
+def test_malformed_eos_ids_are_refused(stubs, eos):
+    """"12" became {1, 2}, [2.7] {2} and [True] {1}, from the server's model list or from the caller."""
+    listing = stubs(lambda p, b: (200, {"data": [{"id": "m", "eos_token_ids": eos}]}))
+    with pytest.raises(RemoteError, match="the EOS token ids .* lists are not a list of token ids"):
+        RemoteLM(listing.url)
+    with pytest.raises(fastalign.InputError, match="eos_token_ids must be a token id or a list of them"):
+        RemoteLM(stubs(vllm_like).url, eos_token_ids=eos)
+
+
+@pytest.mark.parametrize("answer", [{"data": [{"index": 0, "probs": "9"}]}, {"data": [{"index": 0, "probs": [True]}]},
+                                    {"data": "ab"}, {"data": ["a"]}, {"data": [{"index": "0", "probs": [1.0]}]}])
+def test_malformed_vllm_scores_are_refused(stubs, answer):
+    stub = stubs(lambda p, b: vllm_like(p, b) if p == "/v1/models" else (200, answer))
+    with pytest.raises(RemoteError, match="(one score \\(a number\\) per pair|not a list of objects)"):
+        RemoteReward(stub.url, api="vllm")([[1]], [[2]])
+
+
+@pytest.mark.parametrize("rewards", ["1", [True], ["a"], [1.0, 2.0]])
+def test_malformed_fastalign_rewards_are_refused(stubs, rewards):
+    stub = stubs(lambda p, b: (200, {"data": [{"id": "m", "owned_by": "fastalign"}]}) if p == "/v1/models"
+                 else (200, {"rewards": rewards}))
+    with pytest.raises(RemoteError, match="one score \\(a number\\) per pair"):
+        RemoteReward(stub.url, api="fastalign")([[1]], [[2]])
 
 
 @pytest.mark.parametrize("listed", [{"data": [{"owned_by": "x"}]}, {"data": {"id": "m"}}, {"data": ["m"]}, ["m"]])
@@ -247,10 +274,12 @@ def test_a_malformed_model_list_is_a_remote_error(stubs, listed):
 
 @pytest.mark.parametrize("value", [0, -1, 2.0, True])
 def test_max_concurrency_and_retries_are_checked(server, value):
-    with pytest.raises(fastalign.InputError, match="max_concurrency must be an integer >= 1"):
+    with pytest.raises(fastalign.InputError, match="max_concurrency must be an integer"):
         RemoteLM(server, max_concurrency=value)
-    with pytest.raises(fastalign.InputError, match="max_concurrency must be an integer >= 1"):
+    with pytest.raises(fastalign.InputError, match="max_concurrency must be an integer"):
         RemoteReward(server, max_concurrency=value)
+    with pytest.raises(fastalign.InputError, match="batch_size must be an integer"):
+        RemoteReward(server, batch_size=value)
     if value is True:
         with pytest.raises(fastalign.InputError, match="retries must be an integer >= 0"):
             RemoteLM(server, retries=value)

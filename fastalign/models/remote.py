@@ -81,7 +81,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import InputError
-from ..validation import check_context_length, check_float, check_seed
+from ..validation import check_context_length, check_float, check_int, check_seed, is_int, is_real
 from .causal_lm import ModelCounters, eos_token_ids
 
 _GOLDEN = 0x9E3779B1
@@ -101,6 +101,20 @@ class RemoteError(RuntimeError):
         super().__init__(message)
         self.completed: list | None = None
         self.partial = None
+
+
+def _token_ids(value, what: str) -> list[int]:
+    """``value``, a server's token ids: a list of integers >= 0 (a string, floats or bools are not ids)."""
+    if not isinstance(value, list) or not all(is_int(t) and t >= 0 for t in value):
+        raise RemoteError(f"{what} are not a list of token ids ({str(value)[:80]})")
+    return [int(t) for t in value]
+
+
+def _indexed(value, what: str) -> list[dict]:
+    """``value``, a server's list of answers (choices, scores): objects in the order of their ``index``."""
+    if not isinstance(value, list) or not all(isinstance(d, dict) and is_int(d.get("index", 0)) for d in value):
+        raise RemoteError(f"{what} is not a list of objects with integer indices ({str(value)[:80]})")
+    return sorted(value, key=lambda d: d.get("index", 0))
 
 
 class _Transient(Exception):
@@ -234,7 +248,7 @@ class ServerPool:
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls or [])
         if not urls or not all(isinstance(u, str) and u for u in urls):
             raise InputError(f"give a server base URL or a list of them, got {base_urls!r}")
-        if type(retries) is not int or retries < 0 or not backoff >= 0 or not timeout > 0:
+        if not (is_int(retries) and retries >= 0) or not backoff >= 0 or not timeout > 0:
             raise InputError(f"retries must be an integer >= 0, backoff >= 0 and timeout > 0; got {retries!r}, "
                              f"{backoff!r}, {timeout!r}")
         check_float("connect_timeout", connect_timeout, low=0.0, low_open=True)
@@ -315,13 +329,6 @@ class ServerPool:
         return [r for r, _ in done]
 
 
-def check_concurrency(max_concurrency) -> int:
-    """``max_concurrency``, the requests in flight at once: an integer >= 1."""
-    if type(max_concurrency) is not int or max_concurrency < 1:
-        raise InputError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-    return max_concurrency
-
-
 class RemoteLM:
     """A target model served behind an OpenAI-compatible completions endpoint (see the module docstring).
 
@@ -336,7 +343,7 @@ class RemoteLM:
                  timeout: float = 600.0, max_concurrency: int = 64, retries: int = 3, backoff: float = 0.5,
                  connect_timeout: float = 10.0):
         self.pool = ServerPool(base_url, api_key, timeout, retries, backoff, connect_timeout)
-        self.max_concurrency = check_concurrency(max_concurrency)
+        self.max_concurrency = check_int("max_concurrency", max_concurrency, minimum=1)
         self.counters = ModelCounters()
         self._count_lock = threading.Lock()  # requests finish on several threads
         entry = self.pool.models(model)
@@ -344,12 +351,20 @@ class RemoteLM:
         # a server that says it is fastalign's takes one sample per request; vLLM (and others) take n
         self.samples_per_request = 1 if entry.get("owned_by") == "fastalign" else None
         self.context_length = entry.get("max_model_len")
-        if eos_token_ids is None:
-            eos_token_ids = entry.get("eos_token_ids")
-        if eos_token_ids is None:
-            raise InputError(f"the server does not list the EOS token ids of {self.model!r}: pass "
-                             "eos_token_ids=... (fastalign.models.remote.eos_token_ids_of(PATH) reads them from the model)")
-        self.eos_token_ids = {int(eos_token_ids)} if isinstance(eos_token_ids, int) else set(map(int, eos_token_ids))
+        if eos_token_ids is not None:
+            given = [eos_token_ids] if is_int(eos_token_ids) else eos_token_ids
+            if not isinstance(given, (list, tuple, set)) or not all(is_int(t) and t >= 0 for t in given):
+                raise InputError(f"eos_token_ids must be a token id or a list of them, got {eos_token_ids!r}")
+            eos_token_ids = list(given)
+        else:
+            listed = entry.get("eos_token_ids")
+            if listed is None:
+                raise InputError(f"the server does not list the EOS token ids of {self.model!r}: pass "
+                                 "eos_token_ids=... (fastalign.models.remote.eos_token_ids_of(PATH) reads them from "
+                                 "the model)")
+            eos_token_ids = _token_ids([listed] if is_int(listed) else listed,
+                                       f"the EOS token ids {self.pool.urls[0]}/v1/models lists")
+        self.eos_token_ids = {int(t) for t in eos_token_ids}
 
     def add_stop_tokens(self, ids) -> None:
         """Make ``ids`` end a response like EOS (e.g. a chat template's end-of-turn token): sent as stop tokens
@@ -399,20 +414,17 @@ class RemoteLM:
                    "return_token_ids": True}
         what = (f"completion request for {row} ({len(prompt)} prompt tokens, max_tokens {max_tokens}, n {n}, "
                 f"seed {seed})")
-        choices = self.pool.request("/v1/completions", payload, what).get("choices")
-        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-            raise RemoteError(f"{what}: the server's answer holds no list of choices ({str(choices)[:80]})")
+        choices = _indexed(self.pool.request("/v1/completions", payload, what).get("choices"),
+                           f"{what}: the server's choices")
         if len(choices) != n:
             raise RemoteError(f"{what}: the server answered {len(choices)} choices")
         out = []
-        for choice in sorted(choices, key=lambda c: c.get("index", 0)):
+        for choice in choices:
             tokens = choice.get("token_ids")
             if tokens is None:
                 raise RemoteError(f"{what}: the server returned no token ids; it must honour return_token_ids "
                                   "(vLLM >= 0.10.2, fastalign.serve)")
-            if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
-                raise RemoteError(f"{what}: the server's token_ids are not a list of token ids ({str(tokens)[:80]})")
-            tokens = tokens[:max_tokens]
+            tokens = _token_ids(tokens, f"{what}: the server's token_ids")[:max_tokens]
             end = next((k for k, t in enumerate(tokens) if t in stops), None)
             if end is not None:
                 tokens = tokens[: end + 1]
@@ -451,11 +463,10 @@ class RemoteReward:
         if not isinstance(process, bool):
             raise InputError(f"process must be True or False, got {process!r}")
         self.process = process
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, minimum=1)
         self.pool = ServerPool(base_url, api_key, timeout, retries, backoff, connect_timeout)
         self.model, self.api, self.batch_size = model, api, batch_size
-        self.max_concurrency = check_concurrency(max_concurrency)
+        self.max_concurrency = check_int("max_concurrency", max_concurrency, minimum=1)
 
     def _resolve(self) -> None:
         if self.api == "auto" or (self.api == "vllm" and self.model is None):
@@ -495,10 +506,11 @@ class RemoteReward:
                     raise RemoteError(f"{e} (a process reward model, *ForTokenClassification? pass "
                                       "RemoteReward(..., process=True))") from None
                 raise
-            data = sorted(answer.get("data") or [], key=lambda d: d.get("index", 0))
-            got = [d["probs"][0] for d in data] if all(d.get("probs") for d in data) else None
-        if got is None or len(got) != len(prompts):
-            raise RemoteError(f"{what}: the server must answer one score per pair, got {got!r:.200}")
+            data = _indexed(answer.get("data"), f"{what}: the server's data")
+            got = [d["probs"][0] for d in data] if all(isinstance(d.get("probs"), list) and d["probs"]
+                                                        for d in data) else None
+        if not isinstance(got, list) or len(got) != len(prompts) or not all(map(is_real, got)):
+            raise RemoteError(f"{what}: the server must answer one score (a number) per pair, got {got!r:.200}")
         return [float(r) for r in got]
 
     def _score_process(self, prompts, responses, what: str) -> list[float] | None:
@@ -506,8 +518,7 @@ class RemoteReward:
         task ``token_classify``, raw logits: the softmax is taken here in fp32, as ``RewardModel`` does)."""
         rows = [[int(t) for t in p] + [int(t) for t in r] for p, r in zip(prompts, responses)]
         payload = {"model": self.model, "input": rows, "task": "token_classify", "use_activation": False}
-        data = sorted(self.pool.request("/pooling", payload, what).get("data") or [],
-                      key=lambda d: d.get("index", 0))
+        data = _indexed(self.pool.request("/pooling", payload, what).get("data"), f"{what}: the server's data")
         if len(data) != len(rows):
             return None
         last = []
@@ -515,7 +526,7 @@ class RemoteReward:
             logits = d.get("data")
             # one row of logits per token, 2 labels (bad, good): anything else is not a PRM's answer
             if not (isinstance(logits, list) and len(logits) == len(row) and isinstance(logits[-1], list)
-                    and len(logits[-1]) == 2):
+                    and len(logits[-1]) == 2 and all(map(is_real, logits[-1]))):
                 raise RemoteError(f"{what}: /pooling must answer 2 logits (bad, good) for each of the {len(row)} "
                                   f"tokens of a row (a 2-label token-classification model), got {logits!r:.200}")
             last.append(logits[-1])
