@@ -76,8 +76,9 @@ def test_parse_grid():
     # each silently dropped or repeated budgets: n=2,4;n=8 gave n=8 twice, n=4,4 n=4 twice, n=2,,4 only 2 and 4
     with pytest.raises(InputError, match="gives 'n' twice"):
         parse_grid("bon:n=2,4;n=8")
-    with pytest.raises(InputError, match="repeats a value of 'n'"):
-        parse_grid("bon:n=4,4")
+    for repeated in ("bon:n=4,4", "bon:n=4,4.0"):
+        with pytest.raises(InputError, match="repeats a value of 'n'"):
+            parse_grid(repeated)
     with pytest.raises(InputError, match="expected key=value"):
         parse_grid("bon:n=2,,4")
 
@@ -89,6 +90,8 @@ def test_check_grid_refuses_a_repeated_budget_and_a_method_without_its_models():
     check_grid([("sample", {}), ("bon", {"n": 2}), ("bon", {"n": 4})], lambda method: engine)
     with pytest.raises(InputError, match="the grid gives bon at n=4 twice"):
         check_grid([("bon", {"n": 4}), ("sample", {}), ("bon", {"n": 4})], lambda method: engine)
+    with pytest.raises(InputError, match="twice"):  # the same budget, its options in another order
+        check_grid([("bon", {"n": 4, "select": "best"}), ("bon", {"select": "best", "n": 4})], lambda method: engine)
     with pytest.raises(InputError, match="'sd' needs a draft model"):
         check_grid([("sample", {}), ("sd", {})], lambda method: engine)
     with pytest.raises(InputError, match="cannot run here: no draft in this world"):
@@ -210,6 +213,10 @@ def test_plot_curves_run_through_numeric_budgets_tuples_included():
     rows = [row({"tree": "sampled", "branching": [2, 2]}), row({"tree": "sampled", "branching": [4, 2]}),
             row({"tree": "chain", "num_draft_tokens": 4}), row({"tree": "chain", "num_draft_tokens": 8})]
     # a branching sweep was one single-point curve per value
+    assert [[r["options"] for r in curve] for curve in _curves(rows)] == [[o["options"] for o in rows[:2]],
+                                                                         [o["options"] for o in rows[2:]]]
+    # delimiters (token ids) are a variant: one curve per set of delimiters, through its particle counts
+    rows = [{"method": "smc", "options": {"particles": n, "delimiters": d}} for d in ([13], [198]) for n in (4, 8)]
     assert [[r["options"] for r in curve] for curve in _curves(rows)] == [[o["options"] for o in rows[:2]],
                                                                          [o["options"] for o in rows[2:]]]
 

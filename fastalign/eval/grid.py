@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import json
 
 from ..errors import InputError
 from ..methods import get_method
@@ -78,7 +79,7 @@ def parse_grid(spec: str) -> list[tuple[str, dict]]:
         if key in axes:
             raise InputError(f"grid entry {spec!r} gives {key!r} twice; list its values once: {key}=v1,v2")
         values = [parse_value(v) for v in texts]
-        if len({budget_label({key: v}) for v in values}) < len(values):
+        if len({budget_key({key: v}) for v in values}) < len(values):
             raise InputError(f"grid entry {spec!r} repeats a value of {key!r}")
         axes[key] = values
     return [(method, dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
@@ -90,14 +91,22 @@ def check_grid(grid: list[tuple[str, dict]], engine_for, why_missing: dict | Non
     naming the model, or ``why_missing[method]`` where given: why the models are not there)."""
     seen = set()
     for method, options in grid:
-        label = budget_label(options)
-        if (method, label) in seen:
-            raise InputError(f"the grid gives {method} at {label} twice")
-        seen.add((method, label))
-        spec = get_method(method)
-        if why_missing and method in why_missing and not spec.runs_with(engine_for(method).models()):
+        if (method, budget_key(options)) in seen:
+            raise InputError(f"the grid gives {method} at {budget_label(options)} twice")
+        seen.add((method, budget_key(options)))
+        spec, models = get_method(method), engine_for(method).models()
+        if why_missing and method in why_missing and not spec.runs_with(models):
             raise InputError(f"method {method!r} cannot run here: {why_missing[method]}")
-        spec.models_for(engine_for(method).models())  # names a missing model
+        spec.models_for(models)  # names a missing model
+
+
+def budget_key(options: dict) -> str:
+    """What tells budgets apart: their options whatever their order, numbers whatever their spelling (4, 4.0)."""
+    def canonical(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+        return [canonical(v) for v in value] if isinstance(value, (list, tuple)) else value
+    return json.dumps(sorted((key, canonical(value)) for key, value in options.items()), default=repr)
 
 
 def budget_label(options: dict) -> str:

@@ -90,17 +90,17 @@ def summary_table(rows: list[dict]) -> str:
 def _curves(rows: list[dict]) -> list[list[dict]]:
     """The plot's curves, in the order first seen: the rows of one method with the same non-numeric options
     (``select``, ``answer_fn``, ``delimiters``, ...), so that a curve runs through budgets of one variant (bon's
-    majority vote and bon's best-of-n are two curves); numbers and tuples of numbers (``branching=(2,2)``) are
-    budgets."""
+    majority vote and bon's best-of-n are two curves); numbers, and the tree shapes ``branching`` (tuples of
+    numbers) are budgets. (``delimiters`` are tuples of numbers too, but a variant.)"""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    def budget(v):
-        return number(v) or (isinstance(v, (list, tuple)) and bool(v) and all(map(number, v)))
+    def budget(key, v):
+        return number(v) or (key == "branching" and isinstance(v, (list, tuple)) and all(map(number, v)))
 
     curves: dict[tuple, list[dict]] = {}
     for r in rows:
-        variant = tuple(sorted((k, json.dumps(v)) for k, v in r["options"].items() if not budget(v)))
+        variant = tuple(sorted((k, json.dumps(v)) for k, v in r["options"].items() if not budget(k, v)))
         curves.setdefault((r["method"], variant), []).append(r)
     return list(curves.values())
 
