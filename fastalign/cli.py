@@ -296,8 +296,11 @@ def cmd_eval(args) -> int:
     grid_setting = json.loads(json.dumps([[method, options] for method, options in grid]))
     settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
                 "grid": grid_setting, "models": {role: getattr(args, role) for role in ROLES},
-                "tokenizers": [args.tokenizer, args.reward_tokenizer], "device": args.device,
-                "compile": args.compile,  # each changes tokens, or the times a resumed summary mixes
+                # each changes tokens, or the times a resumed summary mixes; recorded when given, so that a run
+                # recorded before these were settings resumes with their defaults
+                **{key: value for key, value in [("tokenizers", [args.tokenizer, args.reward_tokenizer]),
+                                                 ("device", args.device), ("compile", args.compile)]
+                   if value not in (None, False, [None, None])},
                 "world": getattr(world, "name", None),
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling,
                 "batch_size": args.batch_size, "dtype": args.dtype, "chat": args.chat}
