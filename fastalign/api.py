@@ -105,6 +105,8 @@ class Engine:
         for role, spec in (("target", target), ("draft", draft), ("ref", ref)):
             with check.loading(role, spec):
                 setattr(self, role, build.causal_lm(spec, role=role) if spec is not None else None)
+        if reward is None and reward_tokenizer is not None:  # (the step reward never re-tokenises through it)
+            raise InputError("reward_tokenizer=... is the reward model's tokenizer, but no reward= is given")
         if reward is not None:
             if reward_tokenizer is not None and self.tokenizer is None:  # (it would be ignored: ids read as they are)
                 raise InputError("reward_tokenizer=... re-tokenises the policy's text for the reward, which needs the "
