@@ -121,6 +121,10 @@ def test_prompt_files(tmp_path):
     # a .txt file is text even when a line starts with {; a .jsonl error names the line in the file
     (tmp_path / "f.txt").write_text("{curly} review: the pasta\n")
     assert read_prompt_file(tmp_path / "f.txt") == [{"prompt": "{curly} review: the pasta"}]
+    for name in ("h.txt", "h.prompts"):  # a byte-order mark (Windows editors) is not part of the first prompt
+        (tmp_path / name).write_bytes("\ufeff".encode() + b'{"prompt": "x"}\r\n')
+    assert read_prompt_file(tmp_path / "h.txt") == [{"prompt": '{"prompt": "x"}'}]
+    assert read_prompt_file(tmp_path / "h.prompts") == [{"prompt": "x"}]  # sniffed as JSONL
     (tmp_path / "g.jsonl").write_text('{"prompt": "x"}\n\n\n{"prompt": "y"}\n{"prompt": 5}\n')
     with pytest.raises(InputError, match="line 5: expected an object"):
         read_prompt_file(tmp_path / "g.jsonl")
@@ -201,8 +205,8 @@ def test_summary_numbers_keep_their_size():
     from fastalign.eval.report import _fmt
 
     # 0.0004 s a prompt printed as 0, and -0.0004 as -0
-    assert [_fmt(v) for v in (0.0004, -0.0004, 0.00049, 0.0, 0.0123, 2.5, 1234.5678, 123456.0)] == [
-        "0.0004", "-0.0004", "0.00049", "0", "0.012", "2.5", "1234.568", "1.23e+05"]
+    assert [_fmt(v) for v in (0.0004, -0.0004, 0.00049, 0.0, -0.0, 0.0123, 2.5, 1234.5678, 123456.0)] == [
+        "0.0004", "-0.0004", "0.00049", "0", "0", "0.012", "2.5", "1234.568", "1.23e+05"]
 
 
 def test_plot_curves_run_through_numeric_budgets_tuples_included():

@@ -33,7 +33,7 @@ def read_prompt_file(path: str | os.PathLike, prompt_field: str = "prompt") -> l
     if not path.is_file():
         raise InputError(f"prompt file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # as written: no newline translation, a BOM dropped
     except UnicodeDecodeError as e:
         raise InputError(f"prompt file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     jsonl = {".jsonl": True, ".json": True, ".txt": False}.get(path.suffix)

@@ -67,7 +67,7 @@ def _fmt(value, digits: int = 3) -> str:
         return "-"
     if isinstance(value, float):  # significant digits where fixed ones would round to 0 or drop the size
         plain = 1e-2 <= abs(value) < 1e4
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if plain else f"{value:.{digits}g}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if plain else f"{value + 0.0:.{digits}g}"  # (-0 is 0)
     return str(value)
 
 

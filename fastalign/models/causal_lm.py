@@ -22,8 +22,8 @@ Where the keys and values live is the model's *store*, chosen by composition: th
 the same ``live`` mask the same meaning, so everything above is written once, here. Attention is given to
 the model as an explicit 4-D additive mask together with explicit position ids, which every causal LM of
 ``transformers`` accepts (eager and SDPA attention). Sliding-window layers run as full attention, exact while a
-sequence fits in the window, so a model with them has the window as its context length (Gemma 3: 512);
-recurrent layers are not supported.
+sequence fits in the window, so a model with them has the window as its context length (Gemma 3 270M: 512);
+recurrent layers and ALiBi biases are not supported.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def sliding_window_of(config) -> int | None:
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # (and falcon with alibi=True)
 
 
-def check_positions_supported(config) -> None:
+def refuse_alibi(config) -> None:
     """Refuse models whose attention takes ALiBi biases: they read distances from cache columns, not from the
     position ids, so the padding and dead slots of a ragged cache would shift them (and a 4-D mask is refused)."""
     if getattr(config, "model_type", None) in ALIBI_MODEL_TYPES or getattr(config, "alibi", False) is True:
@@ -113,7 +113,7 @@ class CachedModel:
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        check_positions_supported(model.config)
+        refuse_alibi(model.config)
         self.context_length = context_length_of(model.config)
         self.sliding_window = sliding_window_of(model.config)
         self.context_why = ""  # where context_length comes from, when not from the positions
