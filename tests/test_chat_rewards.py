@@ -38,6 +38,22 @@ def chat_tokenizer(world):
 
 
 # ------------------------------------------------------------------ chat
+def test_prompts_given_as_a_generator_or_an_array_read_as_the_list(world, chat_tokenizer):
+    """chat=True was ignored for prompts that were not a list or tuple (the template silently skipped), and
+    conversations in a generator were refused as "token ids must be integers"."""
+    import numpy as np
+
+    engine = fastalign.Engine(target=world.target, tokenizer=chat_tokenizer)
+    rendered = engine.encode(["the pasta"], chat=True)
+    assert rendered != engine.encode(["the pasta"])
+    assert engine.encode((p for p in ["the pasta"]), chat=True) == rendered
+    assert engine.encode(np.array(["the pasta"]), chat=True) == rendered
+    conversation = [{"role": "user", "content": "the pasta"}]
+    assert engine.encode(c for c in [conversation]) == engine.encode([conversation])
+    ids = [[1, 2, 3], [4, 5, 6]]
+    assert engine.encode(np.array(ids)) == engine.encode(torch.tensor(ids)) == engine.encode(r for r in ids) == ids
+
+
 def test_conversations_and_chat_strings_render_with_the_template(world, chat_tokenizer):
     engine = fastalign.Engine(target=world.target, tokenizer=chat_tokenizer)
     word = chat_tokenizer.convert_tokens_to_ids
