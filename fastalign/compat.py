@@ -44,38 +44,48 @@ import torch
 from .api import DecodeOutput, Engine
 from .errors import InputError
 from .models.loading import load_reward_model
+from .validation import check_int, loading
 
 _DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
 
-def _load(spec, auto_class: str, load_kwargs: dict):
-    """A model object from a name/path (or the object itself)."""
+def _load(spec, role: str, load_kwargs: dict):
+    """A causal LM from a name/path (or the object itself); a load failure names ``role`` and ``spec``."""
     if spec is None or not isinstance(spec, str):
         return spec
-    import transformers
+    from transformers import AutoModelForCausalLM
 
-    return getattr(transformers, auto_class).from_pretrained(spec, **load_kwargs)
+    with loading(role, spec):
+        return AutoModelForCausalLM.from_pretrained(spec, **load_kwargs)
 
 
-def _load_tokenizer(spec, load_kwargs: dict):
+def _load_reward(spec, load_kwargs: dict):
+    if spec is None or not isinstance(spec, str):
+        return spec
+    with loading("reward", spec):
+        return load_reward_model(spec, **load_kwargs)
+
+
+def _load_tokenizer(spec, role: str, load_kwargs: dict):
     if spec is None or not isinstance(spec, str):
         return spec
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec, **load_kwargs)
+    with loading(role, spec):
+        return AutoTokenizer.from_pretrained(spec, **load_kwargs)
 
 
 class _SeededCalls:
     """Per-call seeds ``seed, seed + 1, ...`` unless a call passes its own."""
 
     def __init__(self, seed: int | None):
-        self.seed, self.calls = seed, 0
+        self.seed, self.calls = check_int("seed", seed, 0, 2**64 - 1, optional=True), 0
 
     def next_seed(self, seed: int | None) -> int | None:
         self.calls += 1
         if seed is not None or self.seed is None:
             return seed
-        return self.seed + self.calls - 1
+        return (self.seed + self.calls - 1) % 2**64  # (the seeds decode takes)
 
 
 class RewardSampling(_SeededCalls):
@@ -97,15 +107,17 @@ class RewardSampling(_SeededCalls):
             raise InputError("RewardSampling needs tokenizer=... when llm_dir is a model object")
         load = dict(cache_dir=cache_dir, token=access_token, trust_remote_code=trust_remote_code)
         model_load = dict(load, dtype=_DTYPES[fp_bit], **({"device_map": device_map} if device_map else {}))
-        self.tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else llm_dir, load)
-        self.LLM = _load(llm_dir, "AutoModelForCausalLM", model_load)
-        self.RM = load_reward_model(rm_dir, **model_load) if isinstance(rm_dir, str) else rm_dir
-        self.draft = _load(draft_dir, "AutoModelForCausalLM", model_load)
-        self.draft_r = _load(draft_r_dir, "AutoModelForCausalLM", model_load)
+        self.tokenizer = _load_tokenizer(tokenizer if tokenizer is not None else llm_dir,
+                                         "tokenizer" if tokenizer is not None else "target", load)
+        self.LLM = _load(llm_dir, "target", model_load)
+        self.RM = _load_reward(rm_dir, model_load)
+        self.draft = _load(draft_dir, "draft", model_load)
+        self.draft_r = _load(draft_r_dir, "aligned draft", model_load)
         if rm_tokenizer is None and isinstance(rm_dir, str):
             rm_tokenizer = rm_dir
         self.engine = Engine(target=self.LLM, draft=self.draft_r, ref=self.draft, reward=self.RM,
-                             tokenizer=self.tokenizer, reward_tokenizer=_load_tokenizer(rm_tokenizer, load),
+                             tokenizer=self.tokenizer,
+                             reward_tokenizer=_load_tokenizer(rm_tokenizer, "reward tokenizer", load),
                              device=device)
         self.last_output: DecodeOutput | None = None
 
@@ -181,21 +193,13 @@ class QAlign(_SeededCalls):
         self.engine = Engine(target=model, reward=reward, tokenizer=tokenizer, reward_tokenizer=reward_tokenizer,
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
-    def _render(self, conversation) -> str:
-        if isinstance(conversation, str):
-            return conversation
-        tok = self.engine.tokenizer
-        if getattr(tok, "chat_template", None) is None:
-            raise InputError("chat conversations need a tokenizer with a chat template; pass prompt strings instead")
-        return tok.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
-
     def run(self, conversations, steps: int = 8, chains: int = 1, select: str = "last", answer_fn=None,
             seed: int | None = None, **options) -> QAlignOutput:
         """Run ``steps`` MCMC steps per chain; returns the trajectories (``state_path``) and final answers."""
         if isinstance(conversations, str) or (conversations and isinstance(conversations[0], dict)):
             conversations = [conversations]  # a single prompt or a single conversation
-        prompts = [self._render(c) for c in conversations]
-        out = self.engine.decode(prompts, method="qalign", max_new_tokens=self.max_new_tokens,
+        # conversations render through the engine (the template's own BOS, no second one; messages checked)
+        out = self.engine.decode(list(conversations), method="qalign", chat=False, max_new_tokens=self.max_new_tokens,
                                  temperature=self.temperature, seed=self.next_seed(seed), beta=self.beta,
                                  steps=steps, chains=chains, select=select, answer_fn=answer_fn, **options)
         return QAlignOutput(out.extra["state_path"], out.texts, out.sequences, out.stats, out)

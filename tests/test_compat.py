@@ -1,5 +1,7 @@
 """Drop-in classes (``RewardSampling``, ``QAlign``) give what ``fastalign.decode`` gives for the same seed."""
 
+import copy
+
 import pytest
 import torch
 
@@ -86,6 +88,18 @@ def test_reward_sampling_loads_by_path_and_checks_arguments(models, tmp_path):
         sampler.rm_score(["w1"])
     with pytest.raises(InputError, match="fp_bit=8"):
         RewardSampling(llm_dir=str(tmp_path / "lm"), fp_bit=8)
+    # missing models are named by role (a raw OSError from the Hub before), bad seeds at construction
+    for where, role in [(dict(llm_dir=str(tmp_path / "none")), "target"),
+                        (dict(llm_dir=str(tmp_path / "lm"), rm_dir=str(tmp_path / "none")), "reward"),
+                        (dict(llm_dir=str(tmp_path / "lm"), draft_dir=str(tmp_path / "none")), "draft")]:
+        with pytest.raises(InputError, match=f"cannot load the {role}"):
+            RewardSampling(**where, fp_bit=32)
+    for seed in ("a", [1, 2], -1, True, 2**64):
+        with pytest.raises(InputError, match="seed must be"):
+            RewardSampling(llm_dir=models["target"], tokenizer=models["tok"], seed=seed)
+    last = RewardSampling(llm_dir=models["target"], rm_dir=models["rm"], tokenizer=models["tok"], seed=2**64 - 1)
+    last.seg_rs_generate("w1", max_new_token=2)
+    last.seg_rs_generate("w1", max_new_token=2)  # the next seed wraps to 0 (it was 2**64, refused)
     with pytest.raises(InputError, match="tokenizer"):
         RewardSampling(llm_dir=models["target"])
     with pytest.raises(InputError, match="no trained reward head"):  # a causal LM as rm_dir: random rewards
@@ -110,3 +124,27 @@ def test_qalign_run_returns_the_state_path_of_decode(models):
     assert len(single.state_path) == 1
     with pytest.raises(InputError, match="chat template"):
         chain.run([[{"role": "user", "content": "w1"}]], steps=1)
+
+
+def test_qalign_renders_conversations_as_decode_does(models):
+    """QAlign rendered a conversation to text and tokenised it again, so a template that writes its own BOS got a
+    second one from the tokenizer (Llama 3, Gemma, Mistral templates): other prompts, other tokens than decode."""
+    pytest.importorskip("fastalign.methods.qalign")
+    from tokenizers import processors
+
+    tok = copy.deepcopy(models["tok"])
+    tok.bos_token = tok.convert_ids_to_tokens(1)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                                   special_tokens=[(tok.bos_token, 1)])
+    tok.chat_template = "{{ bos_token }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+    conversation = [{"role": "user", "content": "w2 w3"}]
+    chain = QAlign(models["target"], models["rm"], beta=0.5, tokenizer=tok, max_new_tokens=4)
+    result = chain.run([conversation], steps=2, seed=3)
+    engine = fastalign.Engine(target=models["target"], reward=models["rm"], tokenizer=tok)
+    assert engine.encode([conversation])[0].count(1) == 1  # one BOS
+    out = engine.decode([conversation], method="qalign", max_new_tokens=4, temperature=1.0, seed=3, beta=0.5,
+                        steps=2)
+    assert result.sequences == out.sequences
+    assert result.stats["target_tokens"] == out.stats["target_tokens"]  # the same prompt (a BOS more counted)
+    with pytest.raises(InputError, match="content"):  # a malformed message is named, as decode names it
+        chain.run([[{"role": "user"}]], steps=1)
