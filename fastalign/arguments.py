@@ -23,6 +23,11 @@ def positive_int(text: str) -> int:
     return _argument(text, int, lambda v: v >= 1, "a positive integer")
 
 
+def count(text: str) -> int:
+    """An integer >= 0 (how many to show)."""
+    return _argument(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (seconds)."""
     return _argument(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")

@@ -23,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .arguments import Parser, positive_int
+from .arguments import Parser, count, positive_int
 from .errors import InputError
 from .eval.grid import option_key, parse_value
 from .eval.worlds import NAMES as WORLDS
@@ -364,7 +364,8 @@ def cmd_demo(args) -> int:
     from .eval.demo import run_demo
 
     run_demo(methods=args.methods, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-             seed=args.seed, device=args.device, show=args.show, world=args.world, dtype=_torch_dtype(args.dtype))
+             seed=args.seed, device=args.device, show=args.show, world=args.world, dtype=_torch_dtype(args.dtype),
+             threads=args.threads)
     return 0
 
 
@@ -539,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=DTYPES, help="weights dtype of the world's models")
     d.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
                    help="CPU threads of torch (see docs/benchmarks.md, CPU threads)")
-    d.add_argument("--show", type=int, default=2, help="completions printed per method")
+    d.add_argument("--show", type=count, default=2, help="completions printed per method")
     d.set_defaults(func=cmd_demo)
 
     b = command("bench", help="run the benchmark scripts of a source checkout (bench/)",

@@ -298,6 +298,22 @@ def test_demo_on_the_toy_world(capsys):
     assert cli.main(["demo", "--methods", "sample", "bon", "--num-prompts", "2", "--max-new-tokens", "4"]) == 0
     shown = capsys.readouterr().out
     assert "| sample |" in shown and "| bon |" in shown
+    # --threads is the run's (the demo set one thread on the toy world whatever it said)
+    import torch
+
+    from fastalign.eval import demo
+
+    seen, run_method = [], demo._run_method
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo, "_run_method", lambda *a, **k: seen.append(torch.get_num_threads()) or run_method(*a, **k))
+        threads = torch.get_num_threads()
+        assert cli.main(["demo", "--methods", "sample", "--num-prompts", "1", "--max-new-tokens", "2",
+                         "--threads", "2"]) == 0
+    assert seen == [2]
+    torch.set_num_threads(threads)
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--show", "-1"])
+    assert "expected an integer >= 0, got -1" in capsys.readouterr().err
 
 
 def test_generate_sss_on_the_toy_world(capsys):

@@ -56,8 +56,11 @@ DEMO_SAMPLING = {"toy": {"temperature": 1.0}}
 
 
 def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int | None = None, seed: int = 0,
-             device=None, show: int = 2, file=None, world: str = "toy", dtype=None) -> list[dict]:
+             device=None, show: int = 2, file=None, world: str = "toy", dtype=None,
+             threads: int | None = None) -> list[dict]:
     """Run ``methods`` (labels of the world's settings; all by default) on ``world`` and print what they do.
+    ``threads``: torch's CPU threads during the run (None: one for the tiny toy and arith models on a CPU, else
+    as they are); restored afterwards.
 
     The prompts are the world's, cycled to ``num_prompts``. Returns one row per method: the ``COLUMNS`` plus
     ``texts`` (prompt and completion per prompt). Methods that cannot run on the world are listed, not run.
@@ -91,9 +94,11 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
     prompt_ids = engines[_engine_key("sample", loaded)].encode(prompts)
     gold = GoldReward.from_spec(loaded.gold, loaded.tokenizer, world=loaded.source)
 
-    threads = torch.get_num_threads()
-    if loaded.target.device.type == "cpu" and world in ("toy", "arith"):
-        torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronisation (10x slower when busy)
+    before = torch.get_num_threads()
+    if threads is None and loaded.target.device.type == "cpu" and world in ("toy", "arith"):
+        threads = 1  # tiny models: intra-op threads only add synchronisation (10x slower when busy)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         for engine in engines.values():  # warm-up, so that the first method's time is not the library's start
             engine.decode(prompt_ids[:1], method="sample", max_new_tokens=2, seed=seed)
@@ -102,7 +107,7 @@ def run_demo(methods=None, num_prompts: int | None = None, max_new_tokens: int |
                             file)
                 for label in methods]
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
     base = next((r for r in rows if r["method"] == "sample"), None)
     for row in rows:
