@@ -121,7 +121,14 @@ class RewardSampling(_SeededCalls):
                              device=device)
         self.last_output: DecodeOutput | None = None
 
-    def _decode(self, prompt, method: str, seed, **kwargs) -> tuple[list[list[int]], DecodeOutput]:
+    def _decode(self, prompt, method: str, seed, options: dict, **kwargs) -> tuple[list[list[int]], DecodeOutput]:
+        """``kwargs``: what the caller's function sets from its own arguments; ``options``: the caller's extras,
+        which may not set them again (a raw "multiple values" TypeError before)."""
+        clash = sorted(set(options) & set(kwargs))
+        if clash:
+            raise InputError(f"{', '.join(clash)}: set by this function's own arguments (e.g. beta is the "
+                             "temperature, topk the top-k, option the mode); pass them there")
+        kwargs.update(options)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.engine.encode(prompts)
         self.last_output = self.engine.decode(ids, method=method, seed=self.next_seed(seed), **kwargs)
@@ -135,9 +142,9 @@ class RewardSampling(_SeededCalls):
                         max_new_token: int = 128, debug: bool = False, *, seed: int | None = None, **options):
         """CARDS. Returns ``(texts, (reward, num_llm_call, num_rm_call))`` like the original; extra keyword
         ``options`` go to ``fastalign`` (e.g. ``parallel_candidates``, ``max_rejections``)."""
-        ids, out = self._decode(prompt, "cards", seed, max_new_tokens=max_new_token, temperature=beta, top_k=topk,
-                                mode=option, entropy_threshold=entropy_threshold, reward_threshold=reward_threshold,
-                                alpha=alpha, accept_beta=beta, **options)
+        ids, out = self._decode(prompt, "cards", seed, options, max_new_tokens=max_new_token, temperature=beta,
+                                top_k=topk, mode=option, entropy_threshold=entropy_threshold,
+                                reward_threshold=reward_threshold, alpha=alpha, accept_beta=beta)
         texts = self._full_texts(ids, out)
         reward = float(self.rm_score(texts).mean())
         if debug:
@@ -152,8 +159,8 @@ class RewardSampling(_SeededCalls):
         if not bonus_token:
             raise InputError("bonus_token=False is not supported: the token emitted at a rejection is needed for a "
                              "correct sampler; use variant='paper', bonus_on_full_accept=False for the published rule")
-        ids, out = self._decode(prompt, "sss", seed, max_new_tokens=max_new_token, temperature=beta, top_k=topk,
-                                num_draft_tokens=max_draft_token, lam=lam, variant=variant, **options)
+        ids, out = self._decode(prompt, "sss", seed, options, max_new_tokens=max_new_token, temperature=beta,
+                                top_k=topk, num_draft_tokens=max_draft_token, lam=lam, variant=variant)
         return self._full_texts(ids, out), (out.stats["target_calls"], 0)
 
     @torch.no_grad()

@@ -100,6 +100,9 @@ def test_reward_sampling_loads_by_path_and_checks_arguments(models, tmp_path):
     last = RewardSampling(llm_dir=models["target"], rm_dir=models["rm"], tokenizer=models["tok"], seed=2**64 - 1)
     last.seg_rs_generate("w1", max_new_token=2)
     last.seg_rs_generate("w1", max_new_token=2)  # the next seed wraps to 0 (it was 2**64, refused)
+    for extra in ({"temperature": 0.5}, {"mode": "hard"}, {"top_k": 3}):  # a raw "multiple values" TypeError
+        with pytest.raises(InputError, match=f"{next(iter(extra))}: set by this function's own arguments"):
+            last.seg_rs_generate("w1", max_new_token=2, **extra)
     with pytest.raises(InputError, match="tokenizer"):
         RewardSampling(llm_dir=models["target"])
     with pytest.raises(InputError, match="no trained reward head"):  # a causal LM as rm_dir: random rewards
