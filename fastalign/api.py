@@ -118,6 +118,8 @@ class Engine:
                 reward_tokenizer = build.tokenizer(reward_tokenizer, role="reward tokenizer")
         with check.loading("reward", reward):
             self.reward = build.reward(reward, reward_tokenizer, self.tokenizer) if reward is not None else None
+        if reward_tokenizer is not None and not self.reward.is_model:
+            raise InputError("reward_tokenizer=... is for a reward model; a callable or text reward never reads it")
         with check.loading("step_reward", step_reward):
             self.step_reward = build.reward(step_reward, None, self.tokenizer) if step_reward is not None else None
         for role in ("draft", "ref"):
