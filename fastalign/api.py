@@ -152,8 +152,9 @@ class Engine:
         (``chat``, default: the engine's) or the tokenizer, id lists as they are."""
         chat = self.chat if check.check_bool("chat", chat, optional=True) is None else chat
         vocab_size = getattr(self.target, "vocab_size", None)
-        if not isinstance(prompts, (list, tuple, str, bytes, dict, torch.Tensor)) and isinstance(prompts, Iterable):
-            prompts = list(prompts)  # a generator or an array of prompts: read as the list it holds (chat included)
+        if (isinstance(prompts, Iterable)  # a generator or an array of prompts: the list it holds (chat included)
+                and not isinstance(prompts, (list, tuple, str, bytes, dict, set, frozenset, torch.Tensor))):
+            prompts = list(prompts)
         if isinstance(prompts, (list, tuple)) and prompts and (
                 any(chat_prompts.is_conversation(p) for p in prompts)
                 or (chat and all(isinstance(p, str) for p in prompts))):

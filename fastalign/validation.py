@@ -130,7 +130,8 @@ def check_text(name: str, text: str) -> str:
 
 
 def _is_id_sequence(p) -> bool:
-    return isinstance(p, (list, tuple)) or (torch.is_tensor(p) and p.dim() == 1) or type(p).__name__ == "ndarray"
+    return (isinstance(p, (list, tuple)) or (torch.is_tensor(p) and p.dim() == 1)
+            or (type(p).__name__ == "ndarray" and p.ndim == 1))
 
 
 def _token_id(t, where: str, vocab_size: int | None, model: str) -> int:
@@ -162,7 +163,7 @@ def _token_ids(i: int, p, vocab_size: int | None, model: str, label: str = "prom
 def check_prompts(prompts, tokenizer=None, vocab_size: int | None = None, model: str = "target") -> list[list[int]]:
     """The prompts as token-id lists (strings through ``tokenizer``), every id checked against ``vocab_size``."""
     what = "prompts must be a list of strings or a list of token-id lists"
-    if prompts is None or isinstance(prompts, (str, bytes, dict)):
+    if prompts is None or isinstance(prompts, (str, bytes, dict, set, frozenset)):  # (a set has no order to answer in)
         raise InputError(f"{what}, got {_show(prompts)}")
     if torch.is_tensor(prompts) and prompts.dim() == 2:
         prompts = list(prompts)

@@ -47,6 +47,8 @@ def constant_reward(values):
     ([[1], None], "prompt 1 must be a string or a list of token ids, got None"),
     (torch.tensor([[1.0, 2.0]]), "prompt 0: token ids must be integers, got an array of torch.float32"),
     (torch.tensor([1, 2]), r"2-D \[prompts, tokens\]"),
+    ([np.array(3)], "prompt 0 must be a string or a list of token ids"),  # a raw TypeError before
+    ({"w1 w2", "w3"}, "prompts must be a list .* got "),  # a set: answered in an arbitrary order before
 ])
 def test_bad_prompts(models, prompts, match):
     with pytest.raises(fastalign.InputError, match=match):
