@@ -428,12 +428,14 @@ def check_rewards(values, prompts: list, what: str = "the reward") -> torch.Tens
             or values.shape[0] != n:
         raise InputError(f"{what} returned a {values.dtype} tensor of shape {list(values.shape)} for {n} "
                          f"(prompt, response) pairs; expected shape [{n}] (one real number per pair)")
-    values = values.reshape(n).float().cpu()
+    given, values = values.reshape(n).cpu(), values.reshape(n).float().cpu()
     bad = (~torch.isfinite(values)).nonzero()
     if bad.numel():
         row = int(bad[0])
-        raise NonFiniteReward(f"{what} is {float(values[row])} for prompt {_show(list(prompts[row]), 50)} "
-                              f"(row {row} of {n}); rewards must be finite numbers", list(prompts[row]))
+        shown = float(given[row])  # (as returned: a float64 1e300 is finite, and overflows float32)
+        why = "rewards must be finite float32 numbers" + (f" (|r| <= {REWARD_LIMIT:g})" if math.isfinite(shown) else "")
+        raise NonFiniteReward(f"{what} is {shown:g} for prompt {_show(list(prompts[row]), 50)} "
+                              f"(row {row} of {n}); {why}", list(prompts[row]))
     return values
 
 

@@ -227,6 +227,14 @@ def test_non_finite_rewards_never_hang_rs_or_cards(models, method, value):
                          max_new_tokens=4, reward_threshold=1.0, max_rejections=2, seed=0)
 
 
+def test_a_reward_past_float32_is_named_as_returned(models):
+    """A float64 reward of 1e300 was reported as "the reward is inf" (its float32 cast)."""
+    huge = lambda prompts, responses: torch.full((len(responses),), 1e300, dtype=torch.float64)  # noqa: E731
+    with pytest.raises(fastalign.InputError,
+                       match=r"the reward is 1e\+300 .* finite float32 numbers \(\|r\| <= 3.4e\+38"):
+        fastalign.decode([[1, 2]], method="bon", target=models["target"], reward=huge, max_new_tokens=2, n=2, seed=0)
+
+
 def test_a_reward_model_whose_head_outputs_nan_is_an_error_not_a_hang(models):
     reward = tiny_reward_model(vocab_size=V, hidden=16)
     with torch.no_grad():
