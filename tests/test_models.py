@@ -176,6 +176,23 @@ def test_sliding_window_layers_are_exact_within_the_window_and_refused_beyond(la
     assert CausalLM(tiny_sliding_lm(window=100, context=64)).context_length == 64  # a window past the context
 
 
+@pytest.mark.parametrize("size", [dict(), dict(vocab_size=300, hidden=256)], ids=["small", "native"])
+def test_a_model_cast_after_wrapping_is_followed(layer, size):
+    """A model cast after wrapping kept a store of the old dtype: fp32 -> fp64 gave logits 10 off with the
+    native copy (SDPA misreads an fp32 mask beside fp64 queries), bf16 -> fp32 an index_copy_ dtype error."""
+    model = tiny_causal_lm("llama", **{"vocab_size": 64, **size}, init_range=0.5)
+    for start, cast in [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)]:
+        model.to(start)
+        lm = wrap(model, layer)
+        lm.prefill([[1, 2, 3], [4, 5]])
+        lm.extend(torch.tensor([[6], [7]]), parents=torch.tensor([[-1], [-1]]))  # a tree block: a 4-D mask
+        model.to(cast)
+        logits = lm.prefill([[1, 2, 3], [4, 5]])
+        logits = lm.extend(torch.tensor([[6], [7]]), parents=torch.tensor([[-1], [-1]]))
+        torch.testing.assert_close(logits[0, -1], full_logits(model, [1, 2, 3, 6])[-1], atol=1e-4, rtol=1e-4)
+        assert lm.dtype == cast
+
+
 def test_alibi_models_are_refused():
     """MPT took its ALiBi distances from cache columns (4e-2 off a full recompute with padding, silently); Bloom
     and Falcon with alibi=True failed on a 4-D mask with a raw ValueError."""

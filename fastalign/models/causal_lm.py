@@ -105,7 +105,8 @@ class CachedModel:
     reward model runs its base model and reads the head itself). On a CPU in fp32 with one torch thread it runs as
     a copy sharing the weights whose large linear layers take calls of a few rows to the native loop
     (``fastalign.models.cpu_linear.native_twin``; remade at the next batch when the weights were replaced); the
-    model given is not modified.
+    model given is not modified. A model cast or moved after wrapping (``model.to(...)``) is followed from the
+    next batch on (``prefill``).
     """
 
     def __init__(self, model, store=None, backbone=None):
@@ -148,9 +149,20 @@ class CachedModel:
         return self.live.sum(1)
 
     def reset(self) -> None:
-        if not cpu_linear.twin_is_current(self.backbone, self._given_backbone):  # its weights were replaced
-            self._attach()
+        # (the model cast or moved since it was wrapped: a store of the old dtype read its float masks wrongly)
+        if self._follow_model() or not cpu_linear.twin_is_current(self.backbone, self._given_backbone):
+            self._attach()  # (or its weights were replaced)
         self.store.reset()
+
+    def _follow_model(self) -> bool:
+        """Whether the model was cast or moved since this layer last looked (``model.to(...)``); if so, this
+        layer now works in its new dtype and on its new device."""
+        param = next(self.model.parameters())
+        if (param.device, param.dtype) == (self.device, self.dtype):
+            return False
+        self.device, self.dtype = param.device, param.dtype
+        self._ones.clear()
+        return True
 
     @property
     def open_width(self) -> int:
@@ -314,6 +326,12 @@ class CausalLM(CachedModel):
         self.eos_token_ids = eos_token_ids(model)
         self.eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long, device=self.device)
         self._can_keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def _follow_model(self) -> bool:
+        moved = super()._follow_model()
+        if moved:
+            self.eos_tensor = self.eos_tensor.to(self.device)
+        return moved
 
     def add_stop_tokens(self, ids) -> None:
         """Make ``ids`` end a response like EOS (e.g. a chat template's end-of-turn token)."""
