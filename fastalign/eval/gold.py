@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..methods.answers import EXTRACTORS
 from ..models.builder import ModelBuilder
-from ..models.reward import RewardModel
+from ..models.reward import RewardModel, same_vocabulary
 from ..models.text_rewards import call_text_reward, text_reward_function
 from ..validation import check_scores, loading
 from .worlds import load_world
@@ -44,7 +44,7 @@ class GoldReward:
     def from_world(cls, world, name: str, policy_tokenizer=None) -> GoldReward:
         """A world's gold reward, which reads the world's token ids: refused for a policy whose tokenizer is not
         the world's (its ids would be read as other words, and every output judged wrong without a word)."""
-        if policy_tokenizer is not None and policy_tokenizer.get_vocab() != world.tokenizer.get_vocab():
+        if policy_tokenizer is not None and not same_vocabulary(policy_tokenizer, world.tokenizer):
             raise InputError(f"the {name!r} gold reward reads the {name} world's tokens, and the target's "
                              f"tokenizer is another ({len(policy_tokenizer)} tokens, the world's "
                              f"{len(world.tokenizer)}); judge another model's outputs with a text reward")

@@ -15,6 +15,11 @@ def is_process_reward_model(model) -> bool:
     return isinstance(model, torch.nn.Module) and type(model).__name__.endswith("ForTokenClassification")
 
 
+def same_vocabulary(tokenizer, other) -> bool:
+    """Whether two tokenizers give every token the same id (then token ids pass between them as they are)."""
+    return tokenizer.get_vocab() == other.get_vocab()
+
+
 class RewardModel:
     """A reward: an HF sequence-classification model (read at the last real token), a process reward model, or a
     callable.
@@ -52,7 +57,7 @@ class RewardModel:
         self.process = False
         self.retokenize = (
             self.is_model and tokenizer is not None and policy_tokenizer is not None
-            and tokenizer.get_vocab() != policy_tokenizer.get_vocab()
+            and not same_vocabulary(tokenizer, policy_tokenizer)
         )
         self.tokenizer, self.policy_tokenizer = tokenizer, policy_tokenizer
         if self.is_model:
