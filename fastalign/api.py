@@ -139,12 +139,14 @@ class Engine:
                     raise InputError(f"vocabularies differ: the {role} model embeds {embedded} token ids, the "
                                      f"target emits up to {self.target.vocab_size}; {hint}")
         end_of_turn = set(chat_prompts.end_of_turn_ids(self.tokenizer))
-        for role in ("target", "draft", "ref"):
+        copies = {}  # a model the caller passed (a RemoteLM, a CausalLM) keeps its own stop tokens; one copy of a
+        for role in ("target", "draft", "ref"):  # model given in two roles, so that it stays one model
             lm = getattr(self, role)
             if isinstance(lm, (CausalLM, RemoteLM)) and not end_of_turn <= lm.eos_token_ids:
-                lm = copy.copy(lm)  # a model the caller passed (a RemoteLM, a CausalLM) keeps its own stop tokens
-                lm.add_stop_tokens(end_of_turn)
-                setattr(self, role, lm)
+                if id(lm) not in copies:
+                    copies[id(lm)] = copy.copy(lm)
+                    copies[id(lm)].add_stop_tokens(end_of_turn)
+                setattr(self, role, copies[id(lm)])
 
     def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
         """Prompts as token-id lists, checked against the target's vocabulary: conversations (lists of

@@ -85,6 +85,8 @@ def test_the_end_of_turn_token_is_found_and_ends_responses(world, chat_tokenizer
     held = fastalign.Engine(target=copy.deepcopy(world.target)).target  # a CausalLM the caller holds and passes
     assert fastalign.Engine(target=held, tokenizer=chat_tokenizer).target.eos_token_ids == engine.target.eos_token_ids
     assert held.eos_token_ids == {chat_tokenizer.eos_token_id}  # unchanged
+    both = fastalign.Engine(target=held, draft=held, tokenizer=chat_tokenizer)
+    assert both.target is both.draft  # one model in two roles stays one (its calls counted once)
     # a stop token ends a response in every method as EOS does: take "," (frequent in the toy language)
     comma = chat_tokenizer.convert_tokens_to_ids(",")
     engine.target.add_stop_tokens([comma])
