@@ -20,6 +20,7 @@ from .models import chat as chat_prompts
 from .models.builder import ModelBuilder
 from .models.causal_lm import CausalLM
 from .models.remote import RemoteLM
+from .models.reward import RewardModel
 
 @dataclass
 class DecodeOutput:
@@ -111,15 +112,17 @@ class Engine:
         if reward is None and reward_tokenizer is not None:  # (the step reward never re-tokenises through it)
             raise InputError("reward_tokenizer=... is the reward model's tokenizer, but no reward= is given")
         if reward is not None:
-            if reward_tokenizer is not None and self.tokenizer is None:  # (it would be ignored: ids read as they are)
-                raise InputError("reward_tokenizer=... re-tokenises the policy's text for the reward, which needs the "
-                                 "policy's tokenizer: pass tokenizer=... (the target's)")
             with check.loading("reward tokenizer", reward_tokenizer):
                 reward_tokenizer = build.tokenizer(reward_tokenizer, role="reward tokenizer")
         with check.loading("reward", reward):
             self.reward = build.reward(reward, reward_tokenizer, self.tokenizer) if reward is not None else None
-        if reward_tokenizer is not None and not self.reward.is_model:
-            raise InputError("reward_tokenizer=... is for a reward model; a callable or text reward never reads it")
+        if reward_tokenizer is not None:  # each case below ignored it: the reward read the policy's ids as its own
+            if not self.reward.is_model or isinstance(reward, RewardModel):
+                raise InputError("reward_tokenizer=... is for a reward model given as a model or a path; a callable "
+                                 "or text reward never reads it, and a RewardModel carries its own tokenizers")
+            if self.tokenizer is None:
+                raise InputError("reward_tokenizer=... re-tokenises the policy's text for the reward, which needs the "
+                                 "policy's tokenizer: pass tokenizer=... (the target's)")
         with check.loading("step_reward", step_reward):
             self.step_reward = build.reward(step_reward, None, self.tokenizer) if step_reward is not None else None
         for role in ("draft", "ref"):
@@ -138,6 +141,14 @@ class Engine:
                         "give the path of a model with its own tokenizer to re-tokenise"
                     raise InputError(f"vocabularies differ: the {role} model embeds {embedded} token ids, the "
                                      f"target emits up to {self.target.vocab_size}; {hint}")
+        earlier = [self.target]
+        for role in ("draft", "ref"):  # one CausalLM in two roles would share one cache: each role gets its own
+            lm = getattr(self, role)
+            if isinstance(lm, CausalLM) and any(lm is m for m in earlier):
+                shared, lm = lm, CausalLM(lm.model, build.new_store())
+                lm.add_stop_tokens(shared.eos_token_ids)
+                setattr(self, role, lm)
+            earlier.append(lm)
         end_of_turn = set(chat_prompts.end_of_turn_ids(self.tokenizer))
         copies = {}  # a model the caller passed (a RemoteLM, a CausalLM) keeps its own stop tokens; one copy of a
         for role in ("target", "draft", "ref"):  # model given in two roles, so that it stays one model
@@ -155,7 +166,8 @@ class Engine:
         chat = self.chat if check.check_bool("chat", chat, optional=True) is None else chat
         vocab_size = getattr(self.target, "vocab_size", None)
         if (isinstance(prompts, Iterable)  # a generator or an array of prompts: the list it holds (chat included)
-                and not isinstance(prompts, (list, tuple, str, bytes, dict, set, frozenset, torch.Tensor))):
+                and not isinstance(prompts, (list, tuple, str, bytes, dict, set, frozenset, torch.Tensor))
+                and getattr(prompts, "ndim", 1) != 0):  # (a 0-d array is one value: check_prompts names it)
             prompts = list(prompts)
         if isinstance(prompts, (list, tuple)) and prompts and (
                 any(chat_prompts.is_conversation(p) for p in prompts)

@@ -296,11 +296,7 @@ def cmd_eval(args) -> int:
     grid_setting = json.loads(json.dumps([[method, options] for method, options in grid]))
     settings = {"prompts": source, "num_prompts": len(records), "split": args.split, "gold": gold.name,
                 "grid": grid_setting, "models": {role: getattr(args, role) for role in ROLES},
-                # each changes tokens, or the times a resumed summary mixes; recorded when given, so that a run
-                # recorded before these were settings resumes with their defaults
-                **{key: value for key, value in [("tokenizers", [args.tokenizer, args.reward_tokenizer]),
-                                                 ("device", args.device), ("compile", args.compile)]
-                   if value not in (None, False, [None, None])},
+                "tokenizers": [args.tokenizer, args.reward_tokenizer], "device": args.device, "compile": args.compile,
                 "world": getattr(world, "name", None),
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling,
                 "batch_size": args.batch_size, "dtype": args.dtype, "chat": args.chat}
@@ -334,6 +330,16 @@ def cmd_eval(args) -> int:
 
 
 EVAL_OUTPUTS = ("summary.md", "summary.json", "reward_vs_compute.png")
+# settings that came later, with the value a run recorded before them had: compared only where given
+LATER_SETTINGS = {"tokenizers": [None, None], "device": None, "compile": False}
+
+
+def _given(settings: dict | None) -> dict | None:
+    """``settings`` without the later settings at their defaults (``LATER_SETTINGS``), so that runs recorded
+    with or without them compare alike."""
+    if settings is None:
+        return None
+    return {k: v for k, v in settings.items() if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
 def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[dict], Path]:
@@ -348,7 +354,7 @@ def _start_eval_run(out_dir: Path, settings: dict, resume: bool) -> tuple[list[d
     done = []
     if resume and results.is_file():
         earlier = json.loads(run_file.read_text()) if run_file.is_file() else None
-        changed = changed_settings(earlier, settings)
+        changed = changed_settings(_given(earlier), _given(settings))
         if changed:
             raise InputError(f"--resume: {out_dir} holds a run with other settings (differs in: "
                              f"{', '.join(changed)}); use another --out-dir, or drop --resume to start over")

@@ -75,6 +75,16 @@ def _load_tokenizer(spec, role: str, load_kwargs: dict):
         return AutoTokenizer.from_pretrained(spec, **load_kwargs)
 
 
+def _extras(options: dict, own) -> dict:
+    """The caller's extra ``options``, which may not set what the compat function sets itself (``own``, and the
+    method and seed): a raw "multiple values" TypeError before."""
+    clash = sorted(set(options) & (set(own) | {"method", "seed"}))
+    if clash:
+        raise InputError(f"{', '.join(clash)}: set by this function's own arguments (e.g. beta is the "
+                         "temperature, topk the top-k, option the mode); pass them there")
+    return options
+
+
 class _SeededCalls:
     """Per-call seeds ``seed, seed + 1, ...`` unless a call passes its own."""
 
@@ -122,13 +132,8 @@ class RewardSampling(_SeededCalls):
         self.last_output: DecodeOutput | None = None
 
     def _decode(self, prompt, method: str, seed, options: dict, **kwargs) -> tuple[list[list[int]], DecodeOutput]:
-        """``kwargs``: what the caller's function sets from its own arguments; ``options``: the caller's extras,
-        which may not set them again (a raw "multiple values" TypeError before)."""
-        clash = sorted(set(options) & set(kwargs))
-        if clash:
-            raise InputError(f"{', '.join(clash)}: set by this function's own arguments (e.g. beta is the "
-                             "temperature, topk the top-k, option the mode); pass them there")
-        kwargs.update(options)
+        """``kwargs``: what the caller's function sets from its own arguments; ``options``: the caller's extras."""
+        kwargs.update(_extras(options, kwargs))
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.engine.encode(prompts)
         self.last_output = self.engine.decode(ids, method=method, seed=self.next_seed(seed), **kwargs)
@@ -205,8 +210,10 @@ class QAlign(_SeededCalls):
         """Run ``steps`` MCMC steps per chain; returns the trajectories (``state_path``) and final answers."""
         if isinstance(conversations, str) or (conversations and isinstance(conversations[0], dict)):
             conversations = [conversations]  # a single prompt or a single conversation
-        # conversations render through the engine (the template's own BOS, no second one; messages checked)
-        out = self.engine.decode(list(conversations), method="qalign", chat=False, max_new_tokens=self.max_new_tokens,
-                                 temperature=self.temperature, seed=self.next_seed(seed), beta=self.beta,
-                                 steps=steps, chains=chains, select=select, answer_fn=answer_fn, **options)
+        # conversations render through the engine (the template's own BOS, no second one; messages checked);
+        # chat=True renders prompt strings too
+        own = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, beta=self.beta, steps=steps,
+                   chains=chains, select=select, answer_fn=answer_fn, chat=options.pop("chat", False))
+        extras = _extras(options, own)  # (refused before a seed is used up)
+        out = self.engine.decode(list(conversations), method="qalign", seed=self.next_seed(seed), **own, **extras)
         return QAlignOutput(out.extra["state_path"], out.texts, out.sequences, out.stats, out)

@@ -86,7 +86,8 @@ def test_the_end_of_turn_token_is_found_and_ends_responses(world, chat_tokenizer
     assert fastalign.Engine(target=held, tokenizer=chat_tokenizer).target.eos_token_ids == engine.target.eos_token_ids
     assert held.eos_token_ids == {chat_tokenizer.eos_token_id}  # unchanged
     both = fastalign.Engine(target=held, draft=held, tokenizer=chat_tokenizer)
-    assert both.target is both.draft  # one model in two roles stays one (its calls counted once)
+    assert both.target.model is both.draft.model and both.draft.store is not both.target.store  # a cache each
+    assert both.draft.eos_token_ids == both.target.eos_token_ids
     # a stop token ends a response in every method as EOS does: take "," (frequent in the toy language)
     comma = chat_tokenizer.convert_tokens_to_ids(",")
     engine.target.add_stop_tokens([comma])

@@ -100,7 +100,7 @@ def test_reward_sampling_loads_by_path_and_checks_arguments(models, tmp_path):
     last = RewardSampling(llm_dir=models["target"], rm_dir=models["rm"], tokenizer=models["tok"], seed=2**64 - 1)
     last.seg_rs_generate("w1", max_new_token=2)
     last.seg_rs_generate("w1", max_new_token=2)  # the next seed wraps to 0 (it was 2**64, refused)
-    for extra in ({"temperature": 0.5}, {"mode": "hard"}, {"top_k": 3}):  # a raw "multiple values" TypeError
+    for extra in ({"temperature": 0.5}, {"mode": "hard"}, {"top_k": 3}, {"method": "bon"}):  # raw TypeErrors
         with pytest.raises(InputError, match=f"{next(iter(extra))}: set by this function's own arguments"):
             last.seg_rs_generate("w1", max_new_token=2, **extra)
     with pytest.raises(InputError, match="tokenizer"):
@@ -151,3 +151,9 @@ def test_qalign_renders_conversations_as_decode_does(models):
     assert result.stats["target_tokens"] == out.stats["target_tokens"]  # the same prompt (a BOS more counted)
     with pytest.raises(InputError, match="content"):  # a malformed message is named, as decode names it
         chain.run([[{"role": "user"}]], steps=1)
+    # chat=True renders prompt strings with the template, as before; what run sets itself is refused by name
+    rendered = chain.run(["w2 w3"], steps=2, seed=3, chat=True)
+    assert rendered.stats["target_tokens"] == result.stats["target_tokens"]
+    for extra in ({"temperature": 0.5}, {"beta": 2.0}, {"method": "bon"}, {"max_new_tokens": 3}):
+        with pytest.raises(InputError, match=f"{next(iter(extra))}: set by this function's own arguments"):
+            chain.run(["w2 w3"], steps=1, **extra)

@@ -76,6 +76,7 @@ def test_parse_grid():
     # each silently dropped or repeated budgets: n=2,4;n=8 gave n=8 twice, n=4,4 n=4 twice, n=2,,4 only 2 and 4
     with pytest.raises(InputError, match="gives 'n' twice"):
         parse_grid("bon:n=2,4;n=8")
+    assert len(parse_grid("bon:n=" + "9" * 400 + ",4")) == 2  # (a huge int is its own value, no OverflowError)
     for repeated in ("bon:n=4,4", "bon:n=4,4.0"):
         with pytest.raises(InputError, match="repeats a value of 'n'"):
             parse_grid(repeated)

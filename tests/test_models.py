@@ -359,10 +359,12 @@ def test_reward_with_its_own_tokenizer_scores_re_tokenised_text():
     # without the policy's tokenizer nothing can be re-tokenised: the reward read the policy's ids as its own
     with pytest.raises(InputError, match="reward_tokenizer=... re-tokenises .* pass tokenizer="):
         fastalign.Engine(target=tiny_causal_lm(vocab_size=V), reward=model, reward_tokenizer=reward_tok)
-    for text_or_callable in ("vader", lambda prompts, responses: torch.zeros(len(responses))):
-        with pytest.raises(InputError, match="a callable or text reward never reads it"):
-            fastalign.Engine(target=tiny_causal_lm(vocab_size=V), tokenizer=policy_tok, reward=text_or_callable,
-                             reward_tokenizer=reward_tok)
+    for ready in ("vader", lambda prompts, responses: torch.zeros(len(responses)), RewardModel(model)):
+        for policy in (policy_tok, None) if not isinstance(ready, str) else (policy_tok,):  # (a text reward
+            # without the policy's tokenizer is refused for that first); without it, this is the refusal to give
+            with pytest.raises(InputError, match="a callable or text reward never reads it, and a RewardModel"):
+                fastalign.Engine(target=tiny_causal_lm(vocab_size=V), tokenizer=policy, reward=ready,
+                                 reward_tokenizer=reward_tok)
     with pytest.raises(InputError, match="no reward= is given"):  # a step reward alone never reads it
         fastalign.Engine(target=tiny_causal_lm(vocab_size=V), tokenizer=policy_tok, step_reward=model,
                          reward_tokenizer=reward_tok)

@@ -244,5 +244,9 @@ def test_eval_resume_with_another_grid_is_refused(model_dirs, tmp_path, capsys):
         assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume", *extra)) == 2
         one_line_error(capsys, f"holds a run with other settings (differs in: {name})")
         assert (out / "results.jsonl").read_text() == before
-    assert not {"tokenizers", "device", "compile"} & set(json.loads((out / "run.json").read_text()))  # defaults:
-    # not recorded, so a run recorded before they were settings resumes
+    # a run recorded before these were settings (no keys), or with them at their defaults, resumes
+    recorded = json.loads((out / "run.json").read_text())
+    for written in ({k: v for k, v in recorded.items() if k not in ("tokenizers", "device", "compile")},
+                    {**recorded, "tokenizers": [None, None], "device": None, "compile": False}):
+        (out / "run.json").write_text(json.dumps(written))
+        assert cli.main(eval_args(model_dirs, tmp_path, out, "--resume")) == 0

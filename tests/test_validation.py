@@ -48,11 +48,27 @@ def constant_reward(values):
     (torch.tensor([[1.0, 2.0]]), "prompt 0: token ids must be integers, got an array of torch.float32"),
     (torch.tensor([1, 2]), r"2-D \[prompts, tokens\]"),
     ([np.array(3)], "prompt 0 must be a string or a list of token ids"),  # a raw TypeError before
+    (np.array("w1 w2"), "prompts must be a list .* got "),  # a 0-d array: one value, not a list of prompts
     ({"w1 w2", "w3"}, "prompts must be a list .* got "),  # a set: answered in an arbitrary order before
 ])
 def test_bad_prompts(models, prompts, match):
     with pytest.raises(fastalign.InputError, match=match):
         fastalign.decode(prompts, target=models["target"], max_new_tokens=2)
+
+
+def test_one_causal_lm_in_two_roles_gets_a_cache_per_role(toy):
+    """A CausalLM passed as target and draft shared one KV cache: sd's tokens differed from the same weights
+    wrapped twice for 11 of 20 seeds (toy world, 12 tokens)."""
+    engine, _ = toy
+    model = engine.target.model
+    held = fastalign.Engine(target=model).target  # a CausalLM the caller holds
+    prompts = [[1, 131, 86], [1, 5]]
+    for method, roles in [("sd", ("draft",)), ("sss", ("draft", "ref"))]:
+        shared = fastalign.Engine(target=held, **{role: held for role in roles})
+        apart = fastalign.Engine(target=model, **{role: model for role in roles})
+        for seed in range(4):
+            kw = dict(method=method, max_new_tokens=12, seed=seed, temperature=1.0)
+            assert shared.decode(prompts, **kw).sequences == apart.decode(prompts, **kw).sequences, (method, seed)
 
 
 def test_good_prompt_forms_are_equivalent(models):

@@ -103,7 +103,7 @@ def check_grid(grid: list[tuple[str, dict]], engine_for, why_missing: dict | Non
 def budget_key(options: dict) -> str:
     """What tells budgets apart: their options whatever their order, numbers whatever their spelling (4, 4.0)."""
     def canonical(value):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+        if isinstance(value, float) and value.is_integer():  # (4.0 is 4; an int stays as it is, however large)
             return int(value)
         return [canonical(v) for v in value] if isinstance(value, (list, tuple)) else value
     return json.dumps(sorted((key, canonical(value)) for key, value in options.items()), default=repr)
