@@ -150,14 +150,12 @@ class Engine:
                 setattr(self, role, lm)
             earlier.append(lm)
         end_of_turn = set(chat_prompts.end_of_turn_ids(self.tokenizer))
-        copies = {}  # a model the caller passed (a RemoteLM, a CausalLM) keeps its own stop tokens; one copy of a
-        for role in ("target", "draft", "ref"):  # model given in two roles, so that it stays one model
+        for role in ("target", "draft", "ref"):  # (each role's model is its own now)
             lm = getattr(self, role)
             if isinstance(lm, (CausalLM, RemoteLM)) and not end_of_turn <= lm.eos_token_ids:
-                if id(lm) not in copies:
-                    copies[id(lm)] = copy.copy(lm)
-                    copies[id(lm)].add_stop_tokens(end_of_turn)
-                setattr(self, role, copies[id(lm)])
+                lm = copy.copy(lm)  # a model the caller passed (a RemoteLM, a CausalLM) keeps its own stop tokens
+                lm.add_stop_tokens(end_of_turn)
+                setattr(self, role, lm)
 
     def encode(self, prompts, chat: bool | None = None) -> list[list[int]]:
         """Prompts as token-id lists, checked against the target's vocabulary: conversations (lists of

@@ -428,7 +428,8 @@ def check_rewards(values, prompts: list, what: str = "the reward") -> torch.Tens
             or values.shape[0] != n:
         raise InputError(f"{what} returned a {values.dtype} tensor of shape {list(values.shape)} for {n} "
                          f"(prompt, response) pairs; expected shape [{n}] (one real number per pair)")
-    given, values = values.reshape(n).cpu(), values.reshape(n).float().cpu()
+    given = values.reshape(n).cpu()  # one copy to the host
+    values = given.float()
     bad = (~torch.isfinite(values)).nonzero()
     if bad.numel():
         row = int(bad[0])
