@@ -40,3 +40,11 @@ def test_methods_with_rollback_and_expansion_run(engine, method, options):
     out = engine.decode(PROMPTS[:2], method=method, max_new_tokens=12, temperature=0.7, seed=0, **options)
     assert all(0 < len(s) <= 12 for s in out.sequences) and all(t.strip() for t in out.texts)
     assert out.stats["reward_calls"] > 0
+
+
+def test_the_sliding_window_is_the_context_length(engine):
+    """The sliding layers run as full attention, exact within the window (docs/internals.md, Limitations):
+    Gemma 3 270M's 512 of its 32k positions, and a longer request is refused by name."""
+    assert engine.target.sliding_window == 512 and engine.target.context_length == 512
+    with pytest.raises(fastalign.InputError, match=r"context length of the target model \(512: the window"):
+        engine.decode(PROMPTS[:1], method="sample", max_new_tokens=510, seed=0)
